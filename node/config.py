@@ -1,0 +1,225 @@
+"""Typed configuration: one YAML file, validated by pydantic, overridable from the environment.
+
+Relative paths (storage, SQLite database) are resolved against the directory of the config
+file, so `config.example.yaml` works from a fresh clone wherever the node is started from.
+Environment variables override any key: ``AINODE_NODE__PORT=11113`` sets ``node.port``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy.engine import make_url
+
+ENV_PREFIX = "AINODE_"
+ENV_SEPARATOR = "__"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names file, key path and line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1 to 16 printable characters, no backslash")
+    return value.strip()
+
+
+class NodeSettings(_Section):
+    """The node's own DICOM identity and listener."""
+
+    ae_title: str = "AINODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(16, ge=1)
+    accept_unknown_peers: bool = False
+    max_pdu_size: int = Field(
+        1_048_576, ge=0, description="maximum PDU we receive, bytes; 0 means unlimited"
+    )
+    receivers: int = Field(
+        1, ge=1, le=32, description="receiver processes sharing the port (SO_REUSEPORT)"
+    )
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class StorageSettings(_Section):
+    """Where received instances are kept."""
+
+    path: Path = Path("./var/storage")
+
+
+class DatabaseSettings(_Section):
+    """SQLAlchemy URL: SQLite by default, PostgreSQL for several hosts or heavy load."""
+
+    url: str = "sqlite:///./var/ainode.db"
+
+    @field_validator("url")
+    @classmethod
+    def _parseable(cls, value: str) -> str:
+        url = make_url(value)
+        if url.get_backend_name() not in {"sqlite", "postgresql"}:
+            raise ValueError("only sqlite and postgresql databases are supported")
+        return value
+
+
+class Peer(_Section):
+    """A known DICOM application entity: allowed to send, and a place to send results."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class CompletionSettings(_Section):
+    """When a series counts as complete."""
+
+    quiet_seconds: float = Field(
+        10.0, gt=0, description="no instance for this long and no open association: complete"
+    )
+    release_grace_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="after a clean association release, complete this soon instead",
+    )
+    check_interval_seconds: float = Field(0.25, gt=0, le=10)
+
+
+class LoggingSettings(_Section):
+    """Log level; logs never carry patient names or IDs."""
+
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+
+class Settings(_Section):
+    """The whole configuration file."""
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    peers: dict[str, Peer] = {}
+    completion: CompletionSettings = CompletionSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _someone_may_send(self) -> Settings:
+        if not self.peers and not self.node.accept_unknown_peers:
+            raise ValueError(
+                "no peers are configured and node.accept_unknown_peers is false: "
+                "no one could send to this node"
+            )
+        return self
+
+    def peer_by_ae_title(self, ae_title: str) -> Peer | None:
+        return next((p for p in self.peers.values() if p.ae_title == ae_title), None)
+
+    def find_peer(self, name_or_ae: str) -> Peer | None:
+        """A peer by its config name, else by its AE title."""
+        return self.peers.get(name_or_ae) or self.peer_by_ae_title(name_or_ae)
+
+
+def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, override from the environment, validate and resolve paths of a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+        root_node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of sections")
+    _apply_env_overrides(raw, os.environ if environ is None else environ)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc, root_node)) from exc
+    return _resolve_paths(settings, path.resolve().parent)
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR)
+        target = raw
+        for key in keys[:-1]:
+            child = target.get(key)
+            if not isinstance(child, dict):
+                child = target[key] = {}
+            target = child
+        target[keys[-1]] = yaml.safe_load(value) if value else value
+
+
+def _describe(path: Path, exc: ValidationError, root_node: yaml.Node | None) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        line = _line_of(root_node, loc)
+        where = f"{path}:{line}" if line else str(path)
+        lines.append(f"{where}: {'.'.join(loc)}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _line_of(node: yaml.Node | None, loc: list[str]) -> int | None:
+    """1-based line of the deepest part of `loc` present in the YAML tree."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        pair = next(((k, v) for k, v in node.value if str(k.value) == key), None)
+        if pair is None:
+            break
+        line = pair[0].start_mark.line + 1
+        node = pair[1]
+    return line
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    storage = settings.storage.path
+    if not storage.is_absolute():
+        storage = base / storage
+    url = make_url(settings.database.url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        db_path = Path(url.database)
+        if not db_path.is_absolute():
+            url = url.set(database=str(base / db_path))
+    return settings.model_copy(
+        update={
+            "storage": settings.storage.model_copy(update={"path": storage.resolve()}),
+            "database": settings.database.model_copy(
+                update={"url": url.render_as_string(hide_password=False)}
+            ),
+        }
+    )

@@ -1,0 +1,149 @@
+"""Tables: studies, series (one row per Series Instance UID, with its current revision),
+instances, and the associations that delivered them.
+
+Later stages (jobs, results, dispatches) add their tables by migration.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+AE = String(16)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SeriesState(enum.StrEnum):
+    """A series is receiving until its completion rule fires, then complete.
+
+    An instance arriving after completion opens the next revision (state back to receiving).
+    """
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_description: Mapped[str | None] = mapped_column(Text)
+    study_date: Mapped[str | None] = mapped_column(Text)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_state_last_received", "state", "last_received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
+    modality: Mapped[str | None] = mapped_column(Text)
+    sop_class_uid: Mapped[str | None] = mapped_column(Text)
+    body_part_examined: Mapped[str | None] = mapped_column(Text)
+    series_description: Mapped[str | None] = mapped_column(Text)
+    protocol_name: Mapped[str | None] = mapped_column(Text)
+    image_type: Mapped[str | None] = mapped_column(Text)
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    convolution_kernel: Mapped[str | None] = mapped_column(Text)
+    manufacturer: Mapped[str | None] = mapped_column(Text)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    calling_ae: Mapped[str | None] = mapped_column(AE)
+    called_ae: Mapped[str | None] = mapped_column(AE)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(Text)
+    transfer_syntax_uid: Mapped[str] = mapped_column(Text)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    revision: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(AE)
+    association_id: Mapped[str | None] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Association(Base):
+    """A DICOM association that was accepted; open while `closed_at` is null."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(AE)
+    called_ae: Mapped[str] = mapped_column(AE)
+    peer_address: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    released: Mapped[bool] = mapped_column(Boolean, default=False)
+    instances_received: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SeriesAssociation(Base):
+    """Which associations delivered instances of which series."""
+
+    __tablename__ = "series_associations"
+
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    )
+    association_id: Mapped[str] = mapped_column(
+        ForeignKey("associations.id", ondelete="CASCADE"), primary_key=True, index=True
+    )

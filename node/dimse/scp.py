@@ -1,0 +1,243 @@
+"""The storage SCP: accept associations from known peers, persist each instance durably,
+record it, and only then answer success.
+
+Bytes are stored exactly as received (no decode and re-encode): the file is the DICOM preamble,
+a file meta group the node writes, and the dataset as it came off the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from pydicom import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.config import NodeSettings, Settings
+from node.db.models import utcnow
+from node.dimse import status
+from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, WriteOutcome
+
+log = logging.getLogger(__name__)
+
+
+class _Listener(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with TCP_NODELAY and optional SO_REUSEPORT.
+
+    `block_on_close` is off: stopping must not wait for every association to end by itself.
+    """
+
+    block_on_close = False
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+@dataclass
+class _AssociationRecord:
+    id: str
+    calling_ae: str
+    called_ae: str
+    opened: float = field(default_factory=time.monotonic)
+    released: bool = False
+    instances: int = 0
+
+
+class StorageSCP:
+    """Verification and every Storage SOP class, in every transfer syntax pydicom knows."""
+
+    def __init__(self, settings: Settings, store: InstanceStore, catalog: Catalog) -> None:
+        self._settings = settings
+        self._store = store
+        self._catalog = catalog
+        self._ae = _make_ae(settings.node, settings)
+        self._server: _Listener | None = None
+        self._associations: dict[int, _AssociationRecord] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._stopping = False
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self, reuse_port: bool = False) -> None:
+        """Bind and serve in background threads."""
+        node = self._settings.node
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection_open),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_CONN_CLOSE, self._on_connection_close),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        _Listener.reuse_port = reuse_port
+        server = self._ae.make_server(
+            (node.host, node.port), evt_handlers=handlers, server_class=_Listener
+        )
+        thread = threading.Thread(target=server.serve_forever, name="scp-listener", daemon=True)
+        thread.start()
+        self._server = server
+        log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+
+    def stop(self, drain_seconds: float = 10.0) -> None:
+        """Refuse new associations, finish the instances being stored, abort the rest."""
+        with self._lock:
+            self._stopping = True
+        if self._server is not None:
+            self._server.shutdown()
+        deadline = time.monotonic() + drain_seconds
+        with self._idle:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+        time.sleep(0.2)  # let the last responses leave before aborting
+        for association in list(self._ae.active_associations):
+            association.abort()
+        self._ae.shutdown()
+        log.info("storage SCP stopped")
+
+    def _on_connection_open(self, event: evt.Event) -> None:
+        transport = event.assoc.dul.socket
+        if transport is not None and transport.socket is not None:
+            transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        record = _AssociationRecord(
+            id=uuid.uuid4().hex,
+            calling_ae=assoc.requestor.ae_title.strip(),
+            called_ae=assoc.acceptor.ae_title.strip(),
+        )
+        with self._lock:
+            self._associations[id(assoc)] = record
+        try:
+            self._catalog.open_association(
+                record.id, record.calling_ae, record.called_ae, assoc.requestor.address
+            )
+        except SQLAlchemyError:
+            log.exception("association %s from %s: cannot record it", record.id, record.calling_ae)
+        log.info(
+            "association %s accepted: %s -> %s from %s",
+            record.id,
+            record.calling_ae,
+            record.called_ae,
+            assoc.requestor.address,
+        )
+
+    def _on_released(self, event: evt.Event) -> None:
+        with self._lock:
+            record = self._associations.get(id(event.assoc))
+            if record is not None:
+                record.released = True
+
+    def _on_connection_close(self, event: evt.Event) -> None:
+        with self._lock:
+            record = self._associations.pop(id(event.assoc), None)
+        if record is None:
+            return
+        try:
+            self._catalog.close_association(record.id, record.released, record.instances)
+        except SQLAlchemyError:
+            log.exception("association %s: cannot record its end", record.id)
+        log.info(
+            "association %s %s after %.1f s: %d instances from %s",
+            record.id,
+            "released" if record.released else "aborted",
+            time.monotonic() - record.opened,
+            record.instances,
+            record.calling_ae,
+        )
+
+    def _on_c_store(self, event: evt.Event) -> int | Dataset:
+        with self._lock:
+            if self._stopping:
+                return _failure(status.OUT_OF_RESOURCES, "node is shutting down, send again later")
+            self._in_flight += 1
+            record = self._associations.get(id(event.assoc))
+        try:
+            return self._store_instance(event, record)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _store_instance(self, event: evt.Event, record: _AssociationRecord | None) -> int | Dataset:
+        request = event.request
+        association_id = record.id if record else "unknown"
+        try:
+            meta = InstanceMetadata.from_dataset(event.dataset)
+        except InvalidUID as exc:
+            log.warning("association %s: instance refused: %s", association_id, exc)
+            return _failure(status.INVALID_UID, str(exc))
+        except Exception as exc:  # pydicom raises many types on malformed input
+            log.warning("association %s: cannot parse dataset: %s", association_id, exc)
+            return _failure(status.CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}")
+        uid = meta.key.sop_instance_uid
+        if meta.sop_class_uid != request.AffectedSOPClassUID:
+            log.warning(
+                "association %s: %s: SOP Class differs from the request", association_id, uid
+            )
+            return _failure(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOPClassUID of the dataset differs from the Affected SOP Class UID",
+            )
+        encoded = event.encoded_dataset(include_meta=True)
+        try:
+            outcome = self._store.write(meta.key, (encoded,))
+        except (StorageFull, StorageError) as exc:
+            log.error("association %s: %s not stored: %s", association_id, uid, exc)
+            return _failure(status.OUT_OF_RESOURCES, str(exc))
+        receipt = Receipt(
+            association_id=association_id,
+            calling_ae=record.calling_ae if record else event.assoc.requestor.ae_title,
+            called_ae=record.called_ae if record else event.assoc.acceptor.ae_title,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            size_bytes=len(encoded),
+            received_at=utcnow(),
+        )
+        try:
+            self._catalog.record_instance(meta, receipt, outcome is not WriteOutcome.IDENTICAL)
+        except SQLAlchemyError as exc:
+            if outcome is WriteOutcome.CREATED:
+                self._store.remove(meta.key)
+            log.error("association %s: %s not recorded: %s", association_id, uid, exc)
+            return _failure(status.OUT_OF_RESOURCES, "database unavailable")
+        if record is not None:
+            record.instances += 1
+        log.debug("association %s: stored %s (%s)", association_id, uid, outcome.value)
+        return status.SUCCESS
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    response = Dataset()
+    response.Status = code
+    response.ErrorComment = comment[:64]
+    return response
+
+
+def _make_ae(node: NodeSettings, settings: Settings) -> AE:
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = node.max_pdu_size
+    ae.require_called_aet = False
+    if not node.accept_unknown_peers:
+        ae.require_calling_aet = [peer.ae_title for peer in settings.peers.values()]
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for context in StoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae

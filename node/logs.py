@@ -1,0 +1,16 @@
+"""Logging to stderr. Log lines carry UIDs and AE titles, never patient names or IDs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
+    # pynetdicom's own INFO/DEBUG output dumps whole datasets, patient data included.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -1,0 +1,135 @@
+"""What `ainode status` shows: studies, series with state and counts, open associations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db.models import Association, Series, Study
+
+
+class SeriesStatus(BaseModel):
+    series_instance_uid: str
+    study_instance_uid: str
+    state: str
+    revision: int
+    instances: int
+    modality: str | None
+    series_description: str | None
+    convolution_kernel: str | None
+    calling_ae: str | None
+    called_ae: str | None
+    first_received_at: datetime
+    last_received_at: datetime
+    completed_at: datetime | None
+
+
+class StudyStatus(BaseModel):
+    study_instance_uid: str
+    study_description: str | None
+    series: int
+    instances: int
+    last_received_at: datetime
+
+
+class AssociationStatus(BaseModel):
+    id: str
+    calling_ae: str
+    called_ae: str
+    opened_at: datetime
+
+
+class StatusReport(BaseModel):
+    """The JSON of `ainode status --json`."""
+
+    studies: list[StudyStatus]
+    series: list[SeriesStatus]
+    open_associations: list[AssociationStatus]
+
+
+def build_report(sessions: sessionmaker[Session]) -> StatusReport:
+    with sessions() as session:
+        series_rows = session.execute(
+            select(Series, Study.study_instance_uid)
+            .join(Study, Series.study_id == Study.id)
+            .order_by(Series.first_received_at)
+        ).all()
+        study_rows = session.execute(
+            select(
+                Study,
+                func.count(Series.id),
+                func.coalesce(func.sum(Series.instance_count), 0),
+            )
+            .outerjoin(Series, Series.study_id == Study.id)
+            .group_by(Study.id)
+            .order_by(Study.first_received_at)
+        ).all()
+        associations = session.execute(
+            select(Association).where(Association.closed_at.is_(None))
+        ).scalars()
+        return StatusReport(
+            studies=[
+                StudyStatus(
+                    study_instance_uid=study.study_instance_uid,
+                    study_description=study.study_description,
+                    series=series_count,
+                    instances=instance_count,
+                    last_received_at=study.last_received_at,
+                )
+                for study, series_count, instance_count in study_rows
+            ],
+            series=[_series_status(series, study_uid) for series, study_uid in series_rows],
+            open_associations=[
+                AssociationStatus(
+                    id=a.id,
+                    calling_ae=a.calling_ae,
+                    called_ae=a.called_ae,
+                    opened_at=a.opened_at,
+                )
+                for a in associations
+            ],
+        )
+
+
+def _series_status(series: Series, study_uid: str) -> SeriesStatus:
+    return SeriesStatus(
+        series_instance_uid=series.series_instance_uid,
+        study_instance_uid=study_uid,
+        state=series.state,
+        revision=series.revision,
+        instances=series.instance_count,
+        modality=series.modality,
+        series_description=series.series_description,
+        convolution_kernel=series.convolution_kernel,
+        calling_ae=series.calling_ae,
+        called_ae=series.called_ae,
+        first_received_at=series.first_received_at,
+        last_received_at=series.last_received_at,
+        completed_at=series.completed_at,
+    )
+
+
+def render_text(report: StatusReport) -> str:
+    """A plain table for people."""
+    lines = [f"{len(report.studies)} studies, {len(report.series)} series"]
+    for study in report.studies:
+        lines.append(
+            f"study {study.study_instance_uid}  {study.study_description or ''}".rstrip()
+            + f"  ({study.series} series, {study.instances} instances)"
+        )
+        for s in report.series:
+            if s.study_instance_uid != study.study_instance_uid:
+                continue
+            lines.append(
+                f"  series {s.series_instance_uid}  {s.modality or '-':<3} "
+                f"{s.state:<9} rev {s.revision}  {s.instances:>5} instances  "
+                f"from {s.calling_ae or '-'}  {s.series_description or ''}".rstrip()
+            )
+    if report.open_associations:
+        lines.append(f"{len(report.open_associations)} open associations")
+        for a in report.open_associations:
+            lines.append(f"  {a.id}  {a.calling_ae} -> {a.called_ae}  since {a.opened_at:%H:%M:%S}")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""Durable instance storage: temp file, fsync, atomic rename into
+``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.
+
+A file is either absent or complete: it is written under ``<root>/.incoming/`` on the same
+filesystem, flushed to disk, then renamed into place and its directory entry synced. UIDs
+are validated before they become path parts.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MAX_UID_LENGTH = 64
+INCOMING_DIR = ".incoming"
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a DICOM UID and must never become a path part."""
+
+
+class StorageFull(OSError):
+    """No space (or quota) left for a new instance."""
+
+
+class StorageError(OSError):
+    """The instance could not be written for another I/O reason."""
+
+
+def check_uid(value: object, keyword: str) -> str:
+    """Return `value` as a UID string, or raise :class:`InvalidUID` naming the attribute."""
+    text = str(value).strip("\0 ") if value is not None else ""
+    if not text:
+        raise InvalidUID(f"{keyword} is missing or empty")
+    if len(text) > MAX_UID_LENGTH or not _UID.match(text):
+        raise InvalidUID(f"{keyword} is not a valid UID: {text[:80]!r}")
+    return text
+
+
+class WriteOutcome(enum.Enum):
+    """What a write did to the store."""
+
+    CREATED = "created"
+    IDENTICAL = "identical"  # same bytes already stored: nothing written
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: the new copy wins
+
+
+@dataclass(frozen=True)
+class InstanceKey:
+    """The three UIDs that place an instance in the store (validated)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+
+    @classmethod
+    def validated(cls, study_uid: object, series_uid: object, sop_uid: object) -> InstanceKey:
+        return cls(
+            check_uid(study_uid, "StudyInstanceUID"),
+            check_uid(series_uid, "SeriesInstanceUID"),
+            check_uid(sop_uid, "SOPInstanceUID"),
+        )
+
+    @property
+    def relative_path(self) -> Path:
+        return Path(self.study_uid, self.series_uid, f"{self.sop_instance_uid}.dcm")
+
+
+class InstanceStore:
+    """The on-disk layout of received instances."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._incoming = root / INCOMING_DIR
+
+    def prepare(self) -> None:
+        """Create the root and clear temp files left by a crash (never acknowledged)."""
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        for leftover in self._incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path_of(self, key: InstanceKey) -> Path:
+        return self.root / key.relative_path
+
+    def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> WriteOutcome:
+        """Durably store an encoded file made of `chunks`; raise StorageFull or StorageError."""
+        final = self.path_of(key)
+        outcome = WriteOutcome.CREATED
+        if final.exists():
+            if _same_content(final, chunks):
+                return WriteOutcome.IDENTICAL
+            outcome = WriteOutcome.REPLACED
+        temp = self._incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            _write_synced(temp, chunks)
+            created_dirs = _make_dirs(final.parent, self.root)
+            os.replace(temp, final)
+            _fsync_dir(final.parent)
+            for directory in created_dirs:
+                _fsync_dir(directory.parent)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise _classify(exc) from exc
+        return outcome
+
+    def remove(self, key: InstanceKey) -> None:
+        """Remove a stored instance (used to undo a write the database refused)."""
+        self.path_of(key).unlink(missing_ok=True)
+
+
+def _same_content(path: Path, chunks: tuple[bytes, ...]) -> bool:
+    if path.stat().st_size != sum(len(c) for c in chunks):
+        return False
+    return path.read_bytes() == b"".join(chunks)
+
+
+def _write_synced(path: Path, chunks: tuple[bytes, ...]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(directory: Path, root: Path) -> list[Path]:
+    """Create `directory` and missing parents below `root`; return the ones created."""
+    missing = []
+    current = directory
+    while current != root and not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _classify(exc: OSError) -> OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(exc.errno, f"storage full: {exc.strerror}")
+    return StorageError(exc.errno, f"storage I/O error: {exc.strerror}")

@@ -1,0 +1,1 @@
+"""AI pipelines: each turns a complete CT series into structured results."""
