@@ -12,9 +12,8 @@ from datetime import datetime
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import (
     Association,
@@ -94,31 +93,59 @@ class Recorded:
 
 
 class Catalog:
-    """Database writes of the receive path: one short transaction per event."""
+    """Database writes of the receive path: one short Core transaction per event.
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
+    The hot path (a new instance of a series that is receiving) is three statements:
+    touch the series, insert the instance, count it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        # Built once: constructing statements per instance costs more than running them.
+        self._touch_series = (
+            update(Series)
+            .where(
+                Series.series_instance_uid == bindparam("b_series_uid"),
+                Series.state == SeriesState.RECEIVING,
+            )
+            .values(last_received_at=bindparam("b_now"))
+            .returning(Series.id, Series.revision)
+        )
+        self._insert_instance = (
+            dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id)
+        )
+        self._count_instance = (
+            update(Series)
+            .where(Series.id == bindparam("b_series_id"))
+            .values(instance_count=Series.instance_count + 1)
+        )
+        self._link = dialect.insert(SeriesAssociation).on_conflict_do_nothing()
+        self._insert_study = dialect.insert(Study).on_conflict_do_nothing()
+        self._insert_series = dialect.insert(Series).on_conflict_do_nothing()
 
     def open_association(
         self, association_id: str, calling_ae: str, called_ae: str, peer_address: str | None
     ) -> None:
-        with self._sessions.begin() as session:
-            session.add(
-                Association(
+        with self._engine.begin() as conn:
+            conn.execute(
+                insert(Association).values(
                     id=association_id,
                     calling_ae=calling_ae,
                     called_ae=called_ae,
                     peer_address=peer_address,
                     pid=os.getpid(),
                     opened_at=utcnow(),
+                    released=False,
+                    instances_received=0,
                 )
             )
 
     def close_association(self, association_id: str, released: bool, instances: int) -> None:
         """Mark an association closed; a clean release stamps the series it delivered."""
         now = utcnow()
-        with self._sessions.begin() as session:
-            session.execute(
+        with self._engine.begin() as conn:
+            conn.execute(
                 update(Association)
                 .where(Association.id == association_id)
                 .values(closed_at=now, released=released, instances_received=instances)
@@ -127,7 +154,7 @@ class Catalog:
                 delivered = select(SeriesAssociation.series_id).where(
                     SeriesAssociation.association_id == association_id
                 )
-                session.execute(
+                conn.execute(
                     update(Series)
                     .where(Series.id.in_(delivered), Series.state == SeriesState.RECEIVING)
                     .values(released_at=now)
@@ -138,132 +165,139 @@ class Catalog:
         statement = update(Association).where(Association.closed_at.is_(None))
         if pids is not None:
             statement = statement.where(Association.pid.in_(pids))
-        with self._sessions.begin() as session:
-            result = session.execute(statement.values(closed_at=utcnow(), released=False))
-            return result.rowcount
+        with self._engine.begin() as conn:
+            return conn.execute(statement.values(closed_at=utcnow(), released=False)).rowcount
 
     def record_instance(
-        self, meta: InstanceMetadata, receipt: Receipt, content_changed: bool
+        self, meta: InstanceMetadata, receipt: Receipt, content_changed: bool, link: bool
     ) -> Recorded:
         """Record a stored instance, its series and study, atomically.
 
-        `content_changed` is False when identical bytes were already stored: such a
-        re-send neither counts twice nor reopens a completed series.
+        `content_changed` is False when identical bytes were already stored: such a re-send
+        neither counts twice nor reopens a completed series. `link` records that this
+        association delivered the series (needed once per association and series).
         """
-        now = receipt.received_at
-        with self._sessions.begin() as session:
-            study_id = self._study_id(session, meta, now)
-            series = self._locked_series(session, meta, study_id, receipt, now)
-            opened = content_changed and series.state == SeriesState.COMPLETE
-            if opened:
-                series.revision += 1
-                series.state = SeriesState.RECEIVING
-                series.released_at = None
-                series.completed_at = None
-            existing = session.execute(
-                select(Instance).where(Instance.sop_instance_uid == meta.key.sop_instance_uid)
-            ).scalar_one_or_none()
-            if existing is None:
-                session.add(_new_instance(meta, receipt, series))
-            elif content_changed or existing.series_id != series.id:
-                existing.series_id = series.id
-                existing.path = str(meta.key.relative_path)
-                existing.size_bytes = receipt.size_bytes
-                existing.transfer_syntax_uid = receipt.transfer_syntax_uid
-                existing.revision = series.revision
-                existing.received_at = now
-            if series.state == SeriesState.RECEIVING:
-                series.last_received_at = now
-                _insert_ignore(
-                    session,
-                    SeriesAssociation,
-                    {"series_id": series.id, "association_id": receipt.association_id},
+        with self._engine.begin() as conn:
+            touched = conn.execute(
+                self._touch_series,
+                {"b_series_uid": meta.key.series_uid, "b_now": receipt.received_at},
+            ).first()
+            opened = False
+            if touched is None:
+                touched, opened = self._series_for_arrival(conn, meta, receipt, content_changed)
+                link = True
+            series_id, revision = touched
+            values = _instance_values(meta, receipt, series_id, revision)
+            inserted = conn.execute(self._insert_instance, values).first() is not None
+            if inserted:
+                conn.execute(self._count_instance, {"b_series_id": series_id})
+            elif content_changed:
+                self._replace_instance(conn, meta.key.sop_instance_uid, values)
+            if link:
+                conn.execute(
+                    self._link,
+                    {"series_id": series_id, "association_id": receipt.association_id},
                 )
-            session.flush()
-            series.instance_count = session.execute(
-                select(func.count()).where(Instance.series_id == series.id)
-            ).scalar_one()
-            return Recorded(series.id, series.revision, existing is None, opened)
+            return Recorded(series_id, revision, inserted, opened)
 
-    def _study_id(self, session: Session, meta: InstanceMetadata, now: datetime) -> int:
-        _insert_ignore(
-            session,
-            Study,
+    def _series_for_arrival(
+        self, conn: Connection, meta: InstanceMetadata, receipt: Receipt, content_changed: bool
+    ) -> tuple[tuple[int, int], bool]:
+        """The slow path: create study and series, or reopen a completed series."""
+        now = receipt.received_at
+        conn.execute(
+            self._insert_study,
             {
                 "study_instance_uid": meta.key.study_uid,
                 "study_description": meta.study_description,
                 "study_date": meta.study_date,
                 "first_received_at": now,
-                "last_received_at": now,
             },
         )
-        study_id = session.execute(
+        study_id = conn.execute(
             select(Study.id).where(Study.study_instance_uid == meta.key.study_uid)
         ).scalar_one()
-        session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
-        return study_id
-
-    def _locked_series(
-        self,
-        session: Session,
-        meta: InstanceMetadata,
-        study_id: int,
-        receipt: Receipt,
-        now: datetime,
-    ) -> Series:
-        _insert_ignore(
-            session,
-            Series,
+        conn.execute(
+            self._insert_series,
             {
                 "study_id": study_id,
                 "series_instance_uid": meta.key.series_uid,
                 "revision": 1,
                 "state": SeriesState.RECEIVING,
-                "modality": meta.modality,
-                "sop_class_uid": meta.sop_class_uid,
-                "body_part_examined": meta.body_part_examined,
-                "series_description": meta.series_description,
-                "protocol_name": meta.protocol_name,
-                "image_type": meta.image_type,
-                "slice_thickness": meta.slice_thickness,
-                "convolution_kernel": meta.convolution_kernel,
-                "manufacturer": meta.manufacturer,
-                "series_number": meta.series_number,
                 "instance_count": 0,
-                "calling_ae": receipt.calling_ae,
-                "called_ae": receipt.called_ae,
                 "first_received_at": now,
                 "last_received_at": now,
+                "calling_ae": receipt.calling_ae,
+                "called_ae": receipt.called_ae,
+                **_series_metadata(meta),
             },
         )
-        return session.execute(
-            select(Series)
+        series_id, revision, state = conn.execute(
+            select(Series.id, Series.revision, Series.state)
             .where(Series.series_instance_uid == meta.key.series_uid)
             .with_for_update()
+        ).one()
+        if state == SeriesState.RECEIVING or not content_changed:
+            return (series_id, revision), False
+        conn.execute(
+            update(Series)
+            .where(Series.id == series_id)
+            .values(
+                revision=revision + 1,
+                state=SeriesState.RECEIVING,
+                last_received_at=now,
+                released_at=None,
+                completed_at=None,
+            )
+        )
+        return (series_id, revision + 1), True
+
+    def _replace_instance(
+        self, conn: Connection, sop_instance_uid: str, values: dict[str, object]
+    ) -> None:
+        """New bytes under a known SOP Instance UID (possibly moved to another series)."""
+        previous_series = conn.execute(
+            select(Instance.series_id).where(Instance.sop_instance_uid == sop_instance_uid)
         ).scalar_one()
+        conn.execute(
+            update(Instance).where(Instance.sop_instance_uid == sop_instance_uid).values(values)
+        )
+        for affected in {previous_series, values["series_id"]}:
+            count = select(func.count()).where(Instance.series_id == affected).scalar_subquery()
+            conn.execute(update(Series).where(Series.id == affected).values(instance_count=count))
 
 
-def _new_instance(meta: InstanceMetadata, receipt: Receipt, series: Series) -> Instance:
-    return Instance(
-        series_id=series.id,
-        sop_instance_uid=meta.key.sop_instance_uid,
-        sop_class_uid=meta.sop_class_uid,
-        transfer_syntax_uid=receipt.transfer_syntax_uid,
-        instance_number=meta.instance_number,
-        path=str(meta.key.relative_path),
-        size_bytes=receipt.size_bytes,
-        revision=series.revision,
-        calling_ae=receipt.calling_ae,
-        association_id=receipt.association_id,
-        received_at=receipt.received_at,
-    )
+def _series_metadata(meta: InstanceMetadata) -> dict[str, object]:
+    return {
+        "modality": meta.modality,
+        "sop_class_uid": meta.sop_class_uid,
+        "body_part_examined": meta.body_part_examined,
+        "series_description": meta.series_description,
+        "protocol_name": meta.protocol_name,
+        "image_type": meta.image_type,
+        "slice_thickness": meta.slice_thickness,
+        "convolution_kernel": meta.convolution_kernel,
+        "manufacturer": meta.manufacturer,
+        "series_number": meta.series_number,
+    }
 
 
-def _insert_ignore(session: Session, model: type, values: dict[str, object]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING on SQLite and PostgreSQL."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing())
+def _instance_values(
+    meta: InstanceMetadata, receipt: Receipt, series_id: int, revision: int
+) -> dict[str, object]:
+    return {
+        "series_id": series_id,
+        "sop_instance_uid": meta.key.sop_instance_uid,
+        "sop_class_uid": meta.sop_class_uid,
+        "transfer_syntax_uid": receipt.transfer_syntax_uid,
+        "instance_number": meta.instance_number,
+        "path": str(meta.key.relative_path),
+        "size_bytes": receipt.size_bytes,
+        "revision": revision,
+        "calling_ae": receipt.calling_ae,
+        "association_id": receipt.association_id,
+        "received_at": receipt.received_at,
+    }
 
 
 def _as_text(value: object) -> str | None:

@@ -62,6 +62,7 @@ def build_report(sessions: sessionmaker[Session]) -> StatusReport:
                 Study,
                 func.count(Series.id),
                 func.coalesce(func.sum(Series.instance_count), 0),
+                func.max(Series.last_received_at),
             )
             .outerjoin(Series, Series.study_id == Study.id)
             .group_by(Study.id)
@@ -77,9 +78,9 @@ def build_report(sessions: sessionmaker[Session]) -> StatusReport:
                     study_description=study.study_description,
                     series=series_count,
                     instances=instance_count,
-                    last_received_at=study.last_received_at,
+                    last_received_at=last_received or study.first_received_at,
                 )
-                for study, series_count, instance_count in study_rows
+                for study, series_count, instance_count, last_received in study_rows
             ],
             series=[_series_status(series, study_uid) for series, study_uid in series_rows],
             open_associations=[

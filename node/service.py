@@ -34,7 +34,7 @@ class Receiver:
     def __init__(self, settings: Settings, reuse_port: bool) -> None:
         self.engine: Engine = make_engine(settings.database.url)
         self.sessions = make_session_factory(self.engine)
-        self.catalog = Catalog(self.sessions)
+        self.catalog = Catalog(self.engine)
         self.store = InstanceStore(settings.storage.path)
         self.scp = StorageSCP(settings, self.store, self.catalog)
         self._reuse_port = reuse_port

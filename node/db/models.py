@@ -68,7 +68,6 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(Text)
     study_date: Mapped[str | None] = mapped_column(Text)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 

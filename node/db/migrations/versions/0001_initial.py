@@ -37,7 +37,6 @@ def upgrade() -> None:
         sa.Column("study_description", sa.Text(), nullable=True),
         sa.Column("study_date", sa.Text(), nullable=True),
         sa.Column("first_received_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("last_received_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("study_instance_uid"),
     )

@@ -1,0 +1,14 @@
+.PHONY: install test lint bench
+
+install:
+	deploy/install.sh
+
+test:
+	deploy/install.sh --test && .venv/bin/python -m pytest -q
+
+lint:
+	.venv/bin/ruff check node pipelines tests bench
+	.venv/bin/ruff format --check node pipelines tests bench
+
+bench:
+	.venv/bin/python bench/ingest.py

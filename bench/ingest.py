@@ -1,0 +1,214 @@
+"""Ingest throughput: `ainode serve` against DCMTK storescp and Orthanc, same files, same run.
+
+Sends every DICOM file of ../shared/data with DCMTK storescu over loopback, with 1 and 4
+parallel associations, and prints images/s, MB/s and the ratio to storescp (medians).
+
+    python bench/ingest.py [--runs 7] [--receivers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+TOOLS = REPO.parent / "shared" / "tools"
+STORESCU = shutil.which("storescu", path="/usr/bin:/usr/local/bin") or "storescu"
+STORESCP = shutil.which("storescp", path="/usr/bin:/usr/local/bin") or "storescp"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    ae_title: str
+    reset: Callable[[], None]
+
+
+def dicom_files() -> list[Path]:
+    return sorted(p for p in DATA.rglob("*.dcm") if p.is_file())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def send(target: Target, files: list[Path], associations: int) -> float:
+    """Seconds to send `files` split over `associations` parallel storescu processes."""
+    chunks = [files[i::associations] for i in range(associations)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [STORESCU, "-aet", "BENCH", "-aec", target.ae_title, "-R", "-xs"]
+            + ["127.0.0.1", str(target.port)]
+            + [str(p) for p in chunk],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu to {target.name} failed: {err.decode()[-400:]}")
+    return time.perf_counter() - start
+
+
+@contextmanager
+def storescp(workdir: Path) -> Iterator[Target]:
+    port = free_port()
+    out = workdir / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [STORESCP, "-aet", "STORESCP", "+xa", "-od", str(out), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+
+        def reset() -> None:
+            for f in out.iterdir():
+                f.unlink()
+
+        yield Target("storescp", port, "STORESCP", reset)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextmanager
+def orthanc(workdir: Path) -> Iterator[Target]:
+    work = workdir / "orthanc"
+    subprocess.run(
+        [str(TOOLS / "orthanc-up"), "-p", "auto", "-H", "auto", "-a", "ORTHANC", str(work)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    env = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in (work / "orthanc.env").read_text().splitlines()
+        if "=" in line
+    )
+    env = {k: v.strip("'\"") for k, v in env.items()}
+    url = env["ORTHANC_URL"]
+    try:
+
+        def reset() -> None:
+            for patient in httpx.get(f"{url}/patients").json():
+                httpx.delete(f"{url}/patients/{patient}")
+
+        yield Target("orthanc", int(env["ORTHANC_DICOM_PORT"]), "ORTHANC", reset)
+    finally:
+        subprocess.run([str(TOOLS / "orthanc-down"), "--purge", str(work)], check=False)
+
+
+@contextmanager
+def ainode(workdir: Path, receivers: int) -> Iterator[Target]:
+    port = free_port()
+    home = workdir / f"ainode-{receivers}"
+    home.mkdir()
+    config = home / "config.yaml"
+    config.write_text(
+        f"node: {{ae_title: AINODE, host: 127.0.0.1, port: {port}, "
+        f"accept_unknown_peers: true, receivers: {receivers}}}\n"
+        "completion: {quiet_seconds: 2}\nlogging: {level: WARNING}\n"
+    )
+    state: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start() -> None:
+        shutil.rmtree(home / "var", ignore_errors=True)
+        state["proc"] = subprocess.Popen(
+            [sys.executable, "-m", "node", "serve", "--config", str(config)],
+            cwd=REPO,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(port)
+        time.sleep(0.5 * receivers)  # let every receiver process bind
+
+    def stop() -> None:
+        state["proc"].terminate()
+        state["proc"].wait(timeout=30)
+
+    def reset() -> None:
+        stop()
+        start()
+
+    start()
+    try:
+        yield Target(f"ainode x{receivers}", port, "AINODE", reset)
+    finally:
+        stop()
+
+
+def measure(target: Target, files: list[Path], associations: int, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        target.reset()
+        times.append(send(target, files, associations))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--receivers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no-orthanc", action="store_true")
+    args = parser.parse_args()
+    files = dicom_files()
+    if not files:
+        sys.exit(f"no DICOM files under {DATA}")
+    megabytes = sum(p.stat().st_size for p in files) / 1e6
+    print(f"{len(files)} files, {megabytes:.0f} MB, median of {args.runs} runs, loopback")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results: dict[tuple[str, int], float] = {}
+        peers = [lambda: storescp(work)]
+        if not args.no_orthanc:
+            peers.append(lambda: orthanc(work))
+        peers += [lambda n=n: ainode(work, n) for n in args.receivers]
+        for make in peers:
+            with make() as target:
+                for associations in (1, 4):
+                    seconds = measure(target, files, associations, args.runs)
+                    results[(target.name, associations)] = seconds
+        print(f"{'receiver':<14}{'assoc':>6}{'img/s':>9}{'MB/s':>8}{'x storescp':>12}")
+        for (name, associations), seconds in results.items():
+            reference = results[("storescp", associations)]
+            print(
+                f"{name:<14}{associations:>6}{len(files) / seconds:>9.0f}"
+                f"{megabytes / seconds:>8.1f}{reference / seconds:>12.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

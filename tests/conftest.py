@@ -1,0 +1,67 @@
+"""Shared fixtures: real data, the node as a process, PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.peers import DATA, NodeProcess, PostgresServer, free_port, node_settings
+
+REAL_SERIES = {
+    "covid": DATA / "covid-ct-md" / "covid" / "P001",
+    "cap": DATA / "covid-ct-md" / "cap" / "cap001",
+    "normal": DATA / "covid-ct-md" / "normal" / "normal001",
+    "lung-kernel": DATA / "lung-pet-ct-dx" / "A0001" / "series-2",
+    "body-kernel": DATA / "lung-pet-ct-dx" / "A0001" / "series-3",
+}
+
+
+@pytest.fixture(scope="session")
+def real_series() -> dict[str, list[Path]]:
+    """The five real CT series of ../shared/data, as sorted file lists (skip when absent)."""
+    if not all(path.is_dir() for path in REAL_SERIES.values()):
+        pytest.skip(f"real data not found under {DATA}")
+    return {name: sorted(path.glob("*.dcm")) for name, path in REAL_SERIES.items()}
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ainode.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start `ainode serve` processes; every one is stopped at teardown."""
+    started: list[NodeProcess] = []
+
+    def start(database_url: str | None = None, **overrides: Any) -> NodeProcess:
+        home = tmp_path / f"node{len(started)}"
+        home.mkdir()
+        url = database_url or f"sqlite:///{home / 'ainode.db'}"
+        node = NodeProcess(home, free_port(), node_settings(home, 0, url, **overrides))
+        node.settings["node"]["port"] = node.port
+        started.append(node)
+        return node.start()
+
+    yield start
+    for node in started:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop()

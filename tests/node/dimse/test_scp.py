@@ -1,0 +1,354 @@
+"""The storage SCP as a real server (`ainode serve`), fed by DCMTK storescu and pynetdicom."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage
+
+from tests.peers import DCMTK_ENV, NodeProcess, dcmtk, storescu, wait_until
+
+StartNode = Callable[..., NodeProcess]
+
+
+def assert_same_dataset(sent: Path, stored: Path) -> None:
+    """Element by element (DCMTK may re-encode sequence lengths in transit)."""
+    original = pydicom.dcmread(sent)
+    received = pydicom.dcmread(stored)
+    assert received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert received.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    assert list(received.keys()) == list(original.keys())
+    for element in original:
+        assert received[element.tag] == element, f"{sent.name}: {element.tag} differs"
+
+
+def stored_path(node: NodeProcess, source: Path) -> Path:
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    return node.storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+
+
+def series_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def ct_dataset(sop_uid: str, study_uid: str | None = None) -> Dataset:
+    """A small CT image that pynetdicom sends without checking its UIDs."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.PatientName = "Test^Phantom"
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = b"\0" * 8
+    return ds
+
+
+def send_with_pynetdicom(port: int, dataset: Dataset, folder: Path) -> int:
+    """C-STORE one dataset as TESTSCU from a file; the node's status code.
+
+    Sending a file makes pynetdicom take the command's Affected SOP Instance UID from the
+    file meta, as real senders do when the dataset's own UID is empty or broken.
+    """
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.preamble = b"\0" * 128
+    path = folder / "outgoing.dcm"
+    dataset.save_as(path, enforce_file_format=False)
+    saved = (_config.ENFORCE_UID_CONFORMANCE, _config.STORE_SEND_CHUNKED_DATASET)
+    # Chunked sending reads the command's UIDs from the file meta and sends the rest as is.
+    _config.ENFORCE_UID_CONFORMANCE, _config.STORE_SEND_CHUNKED_DATASET = False, True
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_established
+        try:
+            response = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+        return int(response.Status)
+    finally:
+        _config.ENFORCE_UID_CONFORMANCE, _config.STORE_SEND_CHUNKED_DATASET = saved
+
+
+@pytest.mark.slow
+def test_real_series_stored_exactly_and_complete_soon_after_release(
+    start_node: StartNode, real_series: dict[str, list[Path]], database_url: str
+) -> None:
+    node = start_node(database_url)
+    files = real_series["covid"] + real_series["lung-kernel"]  # JPEG Lossless + Implicit VR
+    storescu(node.port, files)
+    released = time.monotonic()
+    expected = {
+        series_uid(real_series["covid"][0]): 148,
+        series_uid(real_series["lung-kernel"][0]): 64,
+    }
+
+    def all_complete() -> bool:
+        series = node.series()
+        return all(series.get(uid, {}).get("state") == "complete" for uid in expected)
+
+    wait_until(all_complete, timeout=10, interval=0.05)
+    assert time.monotonic() - released < 2.0, "complete within 2 s of the release"
+    for path in files:
+        assert_same_dataset(path, stored_path(node, path))
+    status = node.status()
+    by_uid = {s["series_instance_uid"]: s for s in status["series"]}
+    for uid, count in expected.items():
+        assert by_uid[uid]["instances"] == count
+        assert by_uid[uid]["state"] == "complete"
+        assert by_uid[uid]["modality"] == "CT"
+        assert by_uid[uid]["calling_ae"] == "STORESCU"
+    assert not list((node.storage / ".incoming").iterdir())
+
+
+@pytest.mark.slow
+def test_four_parallel_associations_store_every_series(
+    start_node: StartNode, real_series: dict[str, list[Path]]
+) -> None:
+    node = start_node()
+    batches = [real_series[name] for name in ("covid", "cap", "normal", "body-kernel")]
+    errors: list[BaseException] = []
+
+    def send(files: list[Path]) -> None:
+        try:
+            storescu(node.port, files)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(files,)) for files in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    expected = {series_uid(files[0]): len(files) for files in batches}
+
+    def counts() -> dict[str, int] | None:
+        series = node.series()
+        done = all(series.get(uid, {}).get("state") == "complete" for uid in expected)
+        return {uid: series[uid]["instances"] for uid in expected} if done else None
+
+    assert wait_until(counts, timeout=15) == expected
+    for files in batches:
+        for path in files[:: max(1, len(files) // 10)]:
+            assert_same_dataset(path, stored_path(node, path))
+
+
+def test_unknown_calling_ae_is_rejected_at_association(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    node = start_node()
+    phantom = tmp_path / "one.dcm"
+    ct_dataset(generate_uid()).save_as(phantom, enforce_file_format=True)
+    result = storescu(node.port, [phantom], calling_ae="INTRUDER", check=False)
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stderr + result.stdout
+    echo = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "AINODE", "127.0.0.1", str(node.port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert echo.returncode != 0
+    assert node.series() == {}
+    known = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert known.returncode == 0, known.stderr
+
+
+@pytest.mark.parametrize(
+    ("sop_uid", "study_uid"),
+    [
+        ("", None),  # empty SOP Instance UID: real files like this exist
+        ("1.2.3.abc", None),
+        (None, "../../../../tmp/escape"),
+    ],
+)
+def test_invalid_uids_get_an_error_status_and_nothing_is_stored(
+    start_node: StartNode, sop_uid: str | None, study_uid: str | None, tmp_path: Path
+) -> None:
+    node = start_node()
+    dataset = ct_dataset(sop_uid if sop_uid is not None else generate_uid(), study_uid)
+    status = send_with_pynetdicom(node.port, dataset, tmp_path)
+    assert status == 0xC001
+    assert [p for p in node.storage.rglob("*") if p.is_file()] == []
+    assert not (node.storage.parent / "tmp").exists()
+    assert not Path("/tmp/escape").exists()
+    assert node.series() == {}
+    assert "instance refused" in node.log()
+
+
+def test_duplicate_instance_is_idempotent(
+    start_node: StartNode, real_series: dict[str, list[Path]]
+) -> None:
+    node = start_node()
+    files = real_series["lung-kernel"][:5]
+    storescu(node.port, files)
+    first = {p: stored_path(node, p).stat().st_mtime_ns for p in files}
+    storescu(node.port, files)
+    uid = series_uid(files[0])
+    series = wait_until(
+        lambda: node.series().get(uid, {}).get("state") == "complete" and node.series()[uid], 10
+    )
+    assert series["instances"] == 5
+    assert series["revision"] == 1
+    assert {p: stored_path(node, p).stat().st_mtime_ns for p in files} == first
+
+
+def test_changed_instance_after_completion_opens_a_revision(
+    start_node: StartNode, real_series: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    node = start_node()
+    files = real_series["lung-kernel"][:3]
+    storescu(node.port, files)
+    uid = series_uid(files[0])
+    wait_until(lambda: node.series().get(uid, {}).get("state") == "complete", 10)
+    late = pydicom.dcmread(real_series["lung-kernel"][3])
+    late.SeriesInstanceUID = uid
+    late_path = tmp_path / "late.dcm"
+    late.save_as(late_path)
+    storescu(node.port, [late_path])
+    series = wait_until(
+        lambda: (s := node.series()[uid])["state"] == "complete" and s["revision"] == 2 and s, 10
+    )
+    assert series["instances"] == 4
+
+
+@pytest.mark.slow
+def test_series_split_over_two_associations_is_one_series(
+    start_node: StartNode, real_series: dict[str, list[Path]]
+) -> None:
+    node = start_node(completion={"quiet_seconds": 10, "release_grace_seconds": 5})
+    files = real_series["lung-kernel"]
+    storescu(node.port, files[:30])
+    time.sleep(3)
+    storescu(node.port, files[30:])
+    uid = series_uid(files[0])
+    series = wait_until(lambda: (s := node.series()[uid])["state"] == "complete" and s, 15)
+    assert series["instances"] == 64
+    assert series["revision"] == 1
+    assert len(node.series()) == 1
+
+
+@pytest.fixture
+def tiny_storage(tmp_path: Path):
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def acknowledged(storescu_output: str) -> list[Path]:
+    """Files that `storescu -v` reports as stored with success, in sending order."""
+    done, current = [], None
+    for line in storescu_output.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = Path(line.removeprefix("I: Sending file: ").strip())
+        elif line.startswith("I: Received Store Response (Success") and current is not None:
+            done.append(current)
+    return done
+
+
+def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
+    start_node: StartNode, real_series: dict[str, list[Path]], tiny_storage: Path
+) -> None:
+    node = start_node(storage={"path": str(tiny_storage)})
+    files = real_series["lung-kernel"]  # ~520 KB each: a 4 MiB disk takes a few
+    result = storescu(node.port, files, check=False)
+    output = result.stdout + result.stderr
+    assert "Refused: OutOfResources" in output
+    stored = sorted(tiny_storage.rglob("*.dcm"))
+    assert 0 < len(stored) < len(files)
+    uid = series_uid(files[0])
+    assert node.series()[uid]["instances"] == len(stored)
+    by_name = {stored_path(node, f).name: f for f in files}
+    for path in stored:
+        assert_same_dataset(by_name[path.name], path)
+    assert not list((tiny_storage / ".incoming").iterdir())
+    assert "storage full" in node.log()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_transfer_keeps_every_acknowledged_instance(
+    start_node: StartNode, real_series: dict[str, list[Path]]
+) -> None:
+    node = start_node(completion={"quiet_seconds": 2, "release_grace_seconds": 1})
+    files = real_series["covid"] + real_series["cap"]
+    sender = subprocess.Popen(
+        [dcmtk("storescu"), "-v", "-aet", "STORESCU", "-aec", "AINODE", "-R", "-xs"]
+        + ["127.0.0.1", str(node.port)]
+        + [str(p) for p in files],
+        env=DCMTK_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_until(lambda: len(list(node.storage.rglob("*.dcm"))) >= 60, timeout=60, interval=0.01)
+    node.kill()
+    output, _ = sender.communicate(timeout=60)
+    acked = acknowledged(output)
+    assert 50 <= len(acked) < len(files)
+
+    node.start()
+    for path in acked:
+        assert_same_dataset(path, stored_path(node, path))
+    uid = series_uid(files[0])
+    series = wait_until(lambda: (s := node.series()[uid])["state"] == "complete" and s, 10)
+    assert series["instances"] >= min(len(acked), len(real_series["covid"]))
+    assert "closed 1 associations left open" in node.log()
+
+
+def test_sigterm_stops_cleanly(start_node: StartNode) -> None:
+    node = start_node()
+    assert node.stop(signal.SIGTERM) == 0
+    assert "node stopped" in node.log()
+    refused = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+    )
+    assert refused.returncode != 0
+
+
+def test_logs_carry_no_patient_identifiers(
+    start_node: StartNode, real_series: dict[str, list[Path]]
+) -> None:
+    node = start_node(logging={"level": "DEBUG"})
+    files = real_series["lung-kernel"][:3]
+    storescu(node.port, files)
+    uid = series_uid(files[0])
+    wait_until(lambda: node.series().get(uid, {}).get("state") == "complete", 10)
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    log = node.log()
+    assert uid in log
+    for identifier in (str(source.PatientName), str(source.PatientID)):
+        assert identifier and identifier not in log

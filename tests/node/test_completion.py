@@ -1,0 +1,139 @@
+"""Catalog and completion rules on a real database (SQLite and PostgreSQL), with explicit times."""
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from pydicom import Dataset
+from sqlalchemy import Engine
+
+from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.completion import SeriesCompletionTracker
+from node.config import CompletionSettings
+from node.db.engine import make_engine, make_session_factory
+from node.db.migrate import upgrade
+from node.db.models import utcnow
+from node.report import build_report
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=utcnow().tzinfo)
+SERIES = "1.2.826.0.1.3680043.10.1.2"
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def metadata(sop_suffix: int, series: str = SERIES) -> InstanceMetadata:
+    ds = Dataset()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.1"
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = f"{series}.{sop_suffix}"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = "1.25"
+    ds.ConvolutionKernel = "LUNG"
+    return InstanceMetadata.from_dataset(ds)
+
+
+def receive(catalog: Catalog, sop: int, association: str, at: datetime, changed: bool = True):
+    receipt = Receipt(association, "CT01", "AINODE", "1.2.840.10008.1.2.1", 100, at)
+    return catalog.record_instance(metadata(sop), receipt, content_changed=changed, link=True)
+
+
+def tracker(engine: Engine, quiet: float = 10, grace: float = 1) -> SeriesCompletionTracker:
+    settings = CompletionSettings(quiet_seconds=quiet, release_grace_seconds=grace)
+    return SeriesCompletionTracker(make_session_factory(engine), settings)
+
+
+def state(engine: Engine) -> dict:
+    report = build_report(make_session_factory(engine))
+    return report.series[0].model_dump()
+
+
+def test_metadata_keeps_routing_fields() -> None:
+    meta = metadata(1)
+    assert meta.image_type == "ORIGINAL\\PRIMARY\\AXIAL"
+    assert meta.slice_thickness == 1.25
+    assert meta.convolution_kernel == "LUNG"
+
+
+def test_quiet_period_completes_only_without_open_association(engine: Engine) -> None:
+    catalog = Catalog(engine)
+    catalog.open_association("a1", "CT01", "AINODE", "127.0.0.1")
+    for sop in range(1, 4):
+        receive(catalog, sop, "a1", T0)
+    sweep = tracker(engine).sweep
+    assert sweep(T0 + timedelta(seconds=60)) == []  # a1 still open: a sender may be slow
+    catalog.close_association("a1", released=False, instances=3)  # aborted: no early signal
+    assert sweep(T0 + timedelta(seconds=5)) == []
+    [done] = sweep(T0 + timedelta(seconds=10))
+    assert (done.revision, done.instance_count) == (1, 3)
+    assert state(engine)["state"] == "complete"
+
+
+def test_release_completes_after_the_grace_period(engine: Engine) -> None:
+    catalog = Catalog(engine)
+    catalog.open_association("a1", "CT01", "AINODE", None)
+    receive(catalog, 1, "a1", utcnow())
+    catalog.close_association("a1", released=True, instances=1)
+    released = utcnow()
+    sweep = tracker(engine, quiet=600, grace=1).sweep
+    assert sweep(released + timedelta(seconds=0.5)) == []
+    assert len(sweep(released + timedelta(seconds=1.01))) == 1
+
+
+def test_a_second_open_association_holds_completion(engine: Engine) -> None:
+    catalog = Catalog(engine)
+    for name in ("a1", "a2"):
+        catalog.open_association(name, "CT01", "AINODE", None)
+    receive(catalog, 1, "a1", utcnow())
+    receive(catalog, 2, "a2", utcnow())
+    catalog.close_association("a1", released=True, instances=1)
+    sweep = tracker(engine, quiet=600, grace=0).sweep
+    assert sweep(utcnow() + timedelta(seconds=5)) == []
+    catalog.close_association("a2", released=True, instances=1)
+    assert len(sweep(utcnow() + timedelta(seconds=0.01))) == 1
+
+
+def test_arrival_after_completion_opens_a_new_revision(engine: Engine) -> None:
+    catalog = Catalog(engine)
+    catalog.open_association("a1", "CT01", "AINODE", None)
+    receive(catalog, 1, "a1", T0)
+    receive(catalog, 2, "a1", T0)
+    catalog.close_association("a1", released=False, instances=2)
+    tracker(engine).sweep(T0 + timedelta(seconds=11))
+    catalog.open_association("a2", "CT01", "AINODE", None)
+    identical = receive(catalog, 1, "a2", T0 + timedelta(seconds=20), changed=False)
+    assert (identical.revision, identical.opened_revision, identical.new_instance) == (
+        1,
+        False,
+        False,
+    )
+    assert state(engine)["state"] == "complete"
+    late = receive(catalog, 3, "a2", T0 + timedelta(seconds=21))
+    assert (late.revision, late.opened_revision, late.new_instance) == (2, True, True)
+    series = state(engine)
+    assert (series["state"], series["revision"], series["instances"]) == ("receiving", 2, 3)
+
+
+def test_duplicate_counts_once(engine: Engine) -> None:
+    catalog = Catalog(engine)
+    catalog.open_association("a1", "CT01", "AINODE", None)
+    assert receive(catalog, 1, "a1", T0).new_instance
+    assert not receive(catalog, 1, "a1", T0, changed=False).new_instance
+    assert not receive(catalog, 1, "a1", T0, changed=True).new_instance
+    assert state(engine)["instances"] == 1
+
+
+def test_stale_associations_are_closed_at_start(engine: Engine) -> None:
+    catalog = Catalog(engine)
+    catalog.open_association("a1", "CT01", "AINODE", None)
+    receive(catalog, 1, "a1", T0)
+    assert tracker(engine).sweep(T0 + timedelta(seconds=60)) == []
+    assert catalog.close_stale_associations() == 1
+    assert len(tracker(engine).sweep(T0 + timedelta(seconds=60))) == 1

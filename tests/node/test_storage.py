@@ -1,0 +1,89 @@
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.storage import (
+    InstanceKey,
+    InstanceStore,
+    InvalidUID,
+    StorageFull,
+    WriteOutcome,
+    check_uid,
+)
+
+KEY = InstanceKey.validated("1.2.3", "1.2.3.4", "1.2.3.4.5")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", None, "../../etc", "1.2.3/../4", "1.2..3", ".1.2", "1.2.", "1.2.a", "1" * 65, "1.2 3"],
+)
+def test_invalid_uids_never_become_paths(value: object) -> None:
+    with pytest.raises(InvalidUID):
+        check_uid(value, "SOPInstanceUID")
+
+
+def test_valid_uid_keeps_its_text_and_strips_padding() -> None:
+    assert check_uid("1.2.840.10008.5.1.4.1.1.2\0", "SOPClassUID") == "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_write_places_exact_bytes_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    store.prepare()
+    assert store.write(KEY, (b"head", b"body")) is WriteOutcome.CREATED
+    assert (tmp_path / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm").read_bytes() == b"headbody"
+    assert list((tmp_path / ".incoming").iterdir()) == []
+
+
+def test_duplicate_is_idempotent_and_changed_content_replaces(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    store.prepare()
+    store.write(KEY, (b"one",))
+    before = os.stat(store.path_of(KEY)).st_ino
+    assert store.write(KEY, (b"one",)) is WriteOutcome.IDENTICAL
+    assert os.stat(store.path_of(KEY)).st_ino == before
+    assert store.write(KEY, (b"two",)) is WriteOutcome.REPLACED
+    assert store.path_of(KEY).read_bytes() == b"two"
+
+
+def test_prepare_clears_temp_files_left_by_a_crash(tmp_path: Path) -> None:
+    (tmp_path / ".incoming").mkdir()
+    (tmp_path / ".incoming" / "dead.part").write_bytes(b"half")
+    InstanceStore(tmp_path).prepare()
+    assert list((tmp_path / ".incoming").iterdir()) == []
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs (needs the right to mount; skipped otherwise)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_raises_storage_full_and_keeps_earlier_files(tiny_filesystem: Path) -> None:
+    store = InstanceStore(tiny_filesystem)
+    store.prepare()
+    block = os.urandom(200_000)
+    written = []
+    with pytest.raises(StorageFull):
+        for index in range(20):
+            key = InstanceKey.validated("1.2", "1.2.3", f"1.2.3.{index + 1}")
+            store.write(key, (block,))
+            written.append(key)
+    assert 0 < len(written) < 20
+    for key in written:
+        assert store.path_of(key).read_bytes() == block
+    assert list((tiny_filesystem / ".incoming").iterdir()) == []
+    stored = sorted(tiny_filesystem.rglob("*.dcm"))
+    assert len(stored) == len(written)

@@ -1,0 +1,213 @@
+"""Real peers for the tests: the node as a subprocess, DCMTK tools, a private PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def dcmtk(tool: str) -> str:
+    """Path of a DCMTK tool (the venv's pynetdicom ships a `storescu` of its own)."""
+    path = shutil.which(tool, path="/usr/bin:/usr/local/bin")
+    if path is None:
+        import pytest
+
+        pytest.skip(f"DCMTK {tool} is not installed")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def storescu(
+    port: int,
+    paths: list[Path],
+    calling_ae: str = "STORESCU",
+    called_ae: str = "AINODE",
+    check: bool = True,
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu in one association, proposing their own syntaxes."""
+    result = subprocess.run(
+        [dcmtk("storescu"), "-v", "-aet", calling_ae, "-aec", called_ae, "-R", "-xs", *extra]
+        + ["127.0.0.1", str(port)]
+        + [str(p) for p in paths],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
+    return result
+
+
+@dataclass
+class NodeProcess:
+    """`ainode serve` running as a real process on a private port and directory."""
+
+    home: Path
+    port: int
+    settings: dict[str, Any]
+    log_path: Path = field(init=False)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.log_path = self.home / "node.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "config.yaml"
+
+    @property
+    def storage(self) -> Path:
+        return Path(self.settings["storage"]["path"])
+
+    def start(self) -> NodeProcess:
+        self.config_path.write_text(yaml.safe_dump(self.settings))
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", "serve", "--config", str(self.config_path)],
+                cwd=self.home,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self._listening, timeout=60)
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "node", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """`ainode status --json`, parsed."""
+        import json
+
+        result = self.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def series(self) -> dict[str, dict[str, Any]]:
+        """Series by UID, read straight from the database (fast enough to poll)."""
+        from node.db.engine import make_engine, make_session_factory
+        from node.report import build_report
+
+        engine = make_engine(self.settings["database"]["url"])
+        try:
+            report = build_report(make_session_factory(engine))
+        finally:
+            engine.dispose()
+        return {s.series_instance_uid: s.model_dump() for s in report.series}
+
+
+def node_settings(home: Path, port: int, database_url: str, **overrides: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": port},
+        "storage": {"path": str(home / "storage")},
+        "database": {"url": database_url},
+        "peers": {
+            "modality": {"ae_title": "STORESCU", "host": "127.0.0.1", "port": 104},
+            "scu": {"ae_title": "TESTSCU", "host": "127.0.0.1", "port": 104},
+        },
+        "completion": {"quiet_seconds": 10, "release_grace_seconds": 1},
+        "logging": {"level": "INFO"},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(settings.get(section), dict):
+            settings[section].update(values)
+        else:
+            settings[section] = values
+    return settings
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on loopback, run as the `postgres` user."""
+
+    def __init__(self) -> None:
+        # Its own directory under /tmp: pytest's temp dirs are closed to other users.
+        self.root = Path(tempfile.mkdtemp(prefix="ainode-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *command: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> PostgresServer:
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._as_postgres("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self._as_postgres(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.root / "pg.log"), "-w", "-o",
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )  # fmt: skip
+        return self
+
+    def new_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self._as_postgres("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
