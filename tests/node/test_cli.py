@@ -1,0 +1,82 @@
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers import DCMTK_ENV, dcmtk, free_port, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ainode(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def storescp_peer() -> Iterator[int]:
+    """DCMTK storescp as a remote peer to echo."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "PACS", str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, timeout=10)
+    yield port
+    proc.terminate()
+    proc.wait()
+
+
+def write_config(tmp_path: Path, peer_port: int) -> Path:
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        f"peers:\n  pacs: {{ae_title: PACS, host: 127.0.0.1, port: {peer_port}}}\n"
+        f"database: {{url: 'sqlite:///{tmp_path}/db.sqlite'}}\n"
+    )
+    return config
+
+
+def test_config_check_accepts_the_example_and_rejects_with_line() -> None:
+    ok = ainode("config", "check", str(REPO / "config.example.yaml"))
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+
+
+def test_config_check_reports_file_line_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  port: 70000\n")
+    result = ainode("config", "check", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:2: node.port:" in result.stderr
+
+
+def test_echo_a_real_peer_and_a_dead_one(tmp_path: Path, storescp_peer: int) -> None:
+    config = write_config(tmp_path, storescp_peer)
+    result = ainode("echo", "--config", str(config), "pacs")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "status 0x0000" in result.stdout
+    dead = write_config(tmp_path, free_port())
+    result = ainode("echo", "--config", str(dead), "PACS")
+    assert result.returncode == 1
+    assert "association" in result.stdout
+    unknown = ainode("echo", "--config", str(config), "nobody")
+    assert unknown.returncode == 2
+    assert "unknown peer" in unknown.stderr
+
+
+def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 104)
+    result = ainode("status", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"studies": [], "series": [], "open_associations": []}
