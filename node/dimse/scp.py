@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
@@ -30,6 +31,7 @@ from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, W
 
 log = logging.getLogger(__name__)
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
 DUL_POLL_SECONDS = 0.0002
 """How long pynetdicom's DUL reactor sleeps between polls of an idle socket (its default, 1 ms,
 is paid several times per C-STORE round trip and halves single-association throughput)."""
@@ -192,7 +194,9 @@ class StorageSCP:
         request = event.request
         association_id = record.id if record else "unknown"
         try:
-            meta = InstanceMetadata.from_dataset(event.dataset)
+            dataset = event.dataset
+            _check_truncation(dataset, len(request.DataSet.getbuffer()))
+            meta = InstanceMetadata.from_dataset(dataset)
         except InvalidUID as exc:
             log.warning("association %s: instance refused: %s", association_id, exc)
             return _failure(status.INVALID_UID, str(exc))
@@ -240,6 +244,27 @@ class StorageSCP:
             record.instances += 1
         log.debug("association %s: stored %s (%s)", association_id, uid, outcome.value)
         return status.SUCCESS
+
+
+def _check_truncation(dataset: Dataset, size: int) -> None:
+    """Raise ValueError if an element's value or header was cut short.
+
+    pydicom reads a short value or a partial trailing header without complaint; a sender that
+    dropped bytes must not get a success status.
+    """
+    end = 0
+    for tag in sorted(dataset.keys()):
+        element = dataset.get_item(tag)
+        if not isinstance(element, RawDataElement) or element.length == UNDEFINED_LENGTH:
+            end = -1
+            continue
+        if element.value is not None and len(element.value) != element.length:
+            raise ValueError(
+                f"element {tag} is truncated ({len(element.value)} of {element.length} bytes)"
+            )
+        end = element.value_tell + element.length
+    if 0 <= end < size:
+        raise ValueError(f"{size - end} bytes after the last element")
 
 
 def _failure(code: int, comment: str) -> Dataset:

@@ -63,18 +63,22 @@ def ct_dataset(sop_uid: str, study_uid: str | None = None) -> Dataset:
 
 
 def send_with_pynetdicom(port: int, dataset: Dataset, folder: Path) -> int:
-    """C-STORE one dataset as TESTSCU from a file; the node's status code.
-
-    Sending a file makes pynetdicom take the command's Affected SOP Instance UID from the
-    file meta, as real senders do when the dataset's own UID is empty or broken.
-    """
+    """C-STORE one dataset whose own UIDs may be broken, as real senders do: the command's
+    Affected SOP Instance UID is valid, the dataset's is whatever it is."""
     dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     dataset.preamble = b"\0" * 128
     path = folder / "outgoing.dcm"
     dataset.save_as(path, enforce_file_format=False)
+    return send_raw_file(port, path)
+
+
+def send_raw_file(port: int, path: Path) -> int:
+    """C-STORE a file as TESTSCU without pynetdicom decoding it; the node's status code.
+
+    Chunked sending takes the command's UIDs from the file meta and streams the rest as is.
+    """
     saved = (_config.ENFORCE_UID_CONFORMANCE, _config.STORE_SEND_CHUNKED_DATASET)
-    # Chunked sending reads the command's UIDs from the file meta and sends the rest as is.
     _config.ENFORCE_UID_CONFORMANCE, _config.STORE_SEND_CHUNKED_DATASET = False, True
     try:
         ae = AE(ae_title="TESTSCU")
@@ -200,6 +204,21 @@ def test_invalid_uids_get_an_error_status_and_nothing_is_stored(
     assert not Path("/tmp/escape").exists()
     assert node.series() == {}
     assert "instance refused" in node.log()
+
+
+def test_unparseable_dataset_gets_cannot_understand(start_node: StartNode, tmp_path: Path) -> None:
+    node = start_node()
+    dataset = ct_dataset(generate_uid())
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.preamble = b"\0" * 128
+    path = tmp_path / "broken.dcm"
+    dataset.save_as(path, enforce_file_format=False)
+    # An element (0010,0010) claiming 4 GB of value: no parser can read past it.
+    path.write_bytes(path.read_bytes() + b"\x10\x00\x10\x00PN\xff\xff")
+    assert send_raw_file(node.port, path) == 0xC000
+    assert [p for p in node.storage.rglob("*") if p.is_file()] == []
+    assert "cannot parse dataset" in node.log()
 
 
 def test_duplicate_instance_is_idempotent(
