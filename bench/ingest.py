@@ -201,6 +201,7 @@ def main() -> None:
                 for associations in (1, 4):
                     seconds = measure(target, files, associations, args.runs)
                     results[(target.name, associations)] = seconds
+                    print(f"  {target.name}, {associations} assoc.: {seconds:.2f} s", flush=True)
         print(f"{'receiver':<14}{'assoc':>6}{'img/s':>9}{'MB/s':>8}{'x storescp':>12}")
         for (name, associations), seconds in results.items():
             reference = results[("storescp", associations)]

@@ -83,14 +83,19 @@ class NodeService:
 
     def stop(self) -> None:
         log.info("stopping: refusing new associations")
+        # Supervision first: it would take a receiver we stop for a crashed one and respawn it.
+        self._scheduler.shutdown(wait=True)
         for child in self._children:
-            if child.pid is not None and child.is_alive():
+            if child.is_alive():
                 child.terminate()  # SIGTERM: the child drains like this process
         if self._receiver is not None:
             self._receiver.stop()
         for child in self._children:
             child.join(timeout=15)
-        self._scheduler.shutdown(wait=True)
+            if child.is_alive():
+                log.error("receiver process %d did not stop; killing it", child.pid)
+                child.kill()
+                child.join()
         log.info("node stopped")
 
     def _start_child(self) -> BaseProcess:
