@@ -225,6 +225,7 @@ class Catalog:
                 "revision": 1,
                 "state": SeriesState.RECEIVING,
                 "instance_count": 0,
+                "routed_revision": 0,
                 "first_received_at": now,
                 "last_received_at": now,
                 "calling_ae": receipt.calling_ae,

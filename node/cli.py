@@ -15,6 +15,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+rules_app = typer.Typer(
+    help="Check routing rules and explain their decisions.", no_args_is_help=True
+)
+app.add_typer(rules_app, name="rules")
+jobs_app = typer.Typer(help="List, retry and cancel pipeline jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The node's YAML configuration file.")
@@ -56,15 +62,24 @@ def status(
     config: ConfigOption,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Studies, series with their state and instance counts, open associations."""
-    from node.db.engine import make_engine, make_session_factory
-    from node.db.migrate import upgrade
-    from node.report import build_report, render_text
+    """Studies, series with their state and counts, jobs, open associations, rules errors."""
+    from dataclasses import asdict
+
+    from node.report import JobStatus, RulesStatus, build_report, render_text
+    from node.routing.rules import RulesError, load_rules
 
     settings = _settings(config)
-    engine = make_engine(settings.database.url)
-    upgrade(engine)
-    report = build_report(make_session_factory(engine))
+    engine = _engine(settings)
+    report = build_report(_sessions(engine))
+    report.jobs = [JobStatus(**asdict(job)) for job in _queue(engine).list()]
+    rules_file = settings.routing.rules_file
+    error = None
+    if rules_file is not None:
+        try:
+            load_rules(rules_file, _pipeline_names(), {*settings.peers})
+        except RulesError as exc:
+            error = str(exc)
+    report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
     engine.dispose()
     typer.echo(report.model_dump_json(indent=2) if as_json else render_text(report))
 
@@ -86,3 +101,187 @@ def echo(
     result = send_echo(settings.node.ae_title, target)
     typer.echo(f"C-ECHO {target.ae_title}@{target.host}:{target.port}: {result.detail}")
     raise typer.Exit(0 if result.ok else 1)
+
+
+@rules_app.command("check")
+def rules_check(
+    file: Annotated[Path, typer.Argument(help="Rules file to check.")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Also check destinations against this config."),
+    ] = None,
+) -> None:
+    """Exit 0 if the rules are valid; else print FILE:LINE:COLUMN: message and exit 1."""
+    from node.routing.rules import RulesError, load_rules
+
+    destinations = {*_settings(config).peers} if config else None
+    try:
+        rules = load_rules(file, _pipeline_names(), destinations)
+    except RulesError as exc:
+        for problem in exc.problems:
+            typer.echo(problem.render(file))
+        raise typer.Exit(1) from exc
+    typer.echo(f"{file}: ok ({len(rules.rules)} rules)")
+
+
+@rules_app.command("explain")
+def rules_explain(
+    config: ConfigOption,
+    series_dir: Annotated[
+        Path | None, typer.Option("--series-dir", help="A folder of one series' DICOM files.")
+    ] = None,
+    series: Annotated[
+        str | None, typer.Option("--series", help="Series Instance UID of a stored series.")
+    ] = None,
+) -> None:
+    """Dry run: every rule, every condition with the actual value, and the jobs it would make."""
+    from node.routing.engine import SeriesFacts, route_series, route_study
+    from node.routing.rules import RulesError, load_rules
+
+    if (series_dir is None) == (series is None):
+        typer.echo("give exactly one of --series-dir or --series", err=True)
+        raise typer.Exit(2)
+    settings = _settings(config)
+    if settings.routing.rules_file is None:
+        typer.echo("the config names no routing.rules_file", err=True)
+        raise typer.Exit(2)
+    try:
+        rules = load_rules(settings.routing.rules_file, _pipeline_names(), {*settings.peers})
+    except RulesError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    if series_dir is not None:
+        files = sorted(p for p in series_dir.iterdir() if p.is_file() and _is_dicom(p))
+        if not files:
+            typer.echo(f"{series_dir}: no DICOM files", err=True)
+            raise typer.Exit(2)
+        import pydicom
+
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        context = {"calling_ae": None, "called_ae": None, "instance_count": len(files)}
+        facts = SeriesFacts.read(files[0], uid, context)
+    else:
+        facts = _stored_series_facts(settings, series or "")
+    requests, traces = route_series(rules, facts)
+    study_requests, study_traces = route_study(rules, [facts])
+    typer.echo(f"series {facts.series_instance_uid}")
+    for trace in traces + study_traces:
+        verdict = "MATCH" if trace.matched else "no match"
+        typer.echo(f"rule {trace.rule}: {verdict}" + (f" ({trace.note})" if trace.note else ""))
+        for condition in trace.conditions:
+            mark = "yes" if condition.matched else "no "
+            indent = "  " * (condition.depth + 1)
+            actual = (
+                ""
+                if condition.actual is None and condition.description in {"all", "any", "not"}
+                else f"  (actual: {condition.actual!r})"
+            )
+            typer.echo(f"{indent}[{mark}] {condition.description}{actual}")
+    typer.echo("jobs at series completion:" if requests else "jobs at series completion: none")
+    for request in requests:
+        typer.echo(
+            f"  {request.pipeline} -> {', '.join(request.destinations) or 'no destination'}"
+            f" (priority {request.priority.name.lower()}; rules {', '.join(request.rules)})"
+        )
+    for request in study_requests:
+        typer.echo(
+            f"  at study completion, if chosen: {request.pipeline}"
+            f" (rule {', '.join(request.rules)})"
+        )
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: ConfigOption,
+    state: Annotated[str | None, typer.Option("--state", help="Only jobs in this state.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Jobs, newest first."""
+    import json
+    from dataclasses import asdict
+
+    engine = _engine(_settings(config))
+    jobs = _queue(engine).list(state)
+    engine.dispose()
+    if as_json:
+        typer.echo(json.dumps([asdict(job) for job in jobs], indent=2, default=str))
+        return
+    for job in jobs:
+        error = f"  {job.error.splitlines()[0][:100]}" if job.error else ""
+        typer.echo(
+            f"{job.id:>6}  {job.pipeline:<16} {job.state:<9} attempts {job.attempts}  "
+            f"{job.series_instance_uid} rev {job.revision}{error}"
+        )
+
+
+@jobs_app.command("retry")
+def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
+    """Queue a job again with a fresh set of attempts."""
+    engine = _engine(_settings(config))
+    done = _queue(engine).retry(job_id)
+    engine.dispose()
+    typer.echo(f"job {job_id} queued again" if done else f"job {job_id}: not found or running")
+    raise typer.Exit(0 if done else 1)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
+    """Cancel a job that has not finished."""
+    engine = _engine(_settings(config))
+    done = _queue(engine).cancel(job_id)
+    engine.dispose()
+    typer.echo(f"job {job_id} cancelled" if done else f"job {job_id}: not found or finished")
+    raise typer.Exit(0 if done else 1)
+
+
+def _engine(settings: Settings):  # type: ignore[no-untyped-def]
+    from node.db.engine import make_engine
+    from node.db.migrate import upgrade
+
+    engine = make_engine(settings.database.url)
+    upgrade(engine)
+    return engine
+
+
+def _sessions(engine):  # type: ignore[no-untyped-def]
+    from node.db.engine import make_session_factory
+
+    return make_session_factory(engine)
+
+
+def _queue(engine):  # type: ignore[no-untyped-def]
+    from node.queue import JobQueue
+
+    return JobQueue(engine)
+
+
+def _pipeline_names() -> set[str]:
+    from pipelines.registry import available_pipelines
+
+    return set(available_pipelines())
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def _stored_series_facts(settings: Settings, uid: str):  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from node.db.models import Series
+    from node.queue import JobQueue
+    from node.routing.router import Router, RulesSource
+
+    engine = _engine(settings)
+    with engine.connect() as conn:
+        series_id = conn.execute(
+            select(Series.id).where(Series.series_instance_uid == uid)
+        ).scalar_one_or_none()
+    if series_id is None:
+        typer.echo(f"series {uid} is not stored on this node", err=True)
+        raise typer.Exit(2)
+    router = Router(engine, settings.storage.path, RulesSource(None, (), ()), JobQueue(engine))
+    facts = router.facts(series_id)
+    engine.dispose()
+    return facts

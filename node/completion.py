@@ -15,11 +15,11 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import CompletionSettings
-from node.db.models import Association, Series, SeriesAssociation, SeriesState, utcnow
+from node.db.models import Association, Series, SeriesAssociation, SeriesState, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +82,50 @@ class SeriesCompletionTracker:
                 series.instance_count,
             )
         return completed
+
+
+class StudyCompletionTracker:
+    """A study is complete when all its series are and none received anything for
+    `study_quiet_seconds`; a new arrival reopens it."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: CompletionSettings) -> None:
+        self._sessions = sessions
+        self._quiet = timedelta(seconds=settings.study_quiet_seconds)
+
+    def sweep(self, now: datetime | None = None) -> list[int]:
+        """Reopen studies with a receiving series; complete quiet ones; return their ids."""
+        now = now or utcnow()
+        receiving = exists().where(
+            Series.study_id == Study.id, Series.state == SeriesState.RECEIVING
+        )
+        last_arrival = (
+            select(func.max(Series.last_received_at))
+            .where(Series.study_id == Study.id)
+            .scalar_subquery()
+        )
+        with self._sessions.begin() as session:
+            session.execute(
+                update(Study)
+                .where(Study.state == SeriesState.COMPLETE, receiving)
+                .values(state=SeriesState.RECEIVING, completed_at=None)
+            )
+            due = (
+                session.execute(
+                    select(Study.id).where(
+                        Study.state == SeriesState.RECEIVING,
+                        ~receiving,
+                        last_arrival <= now - self._quiet,
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if due:
+                session.execute(
+                    update(Study)
+                    .where(Study.id.in_(due))
+                    .values(state=SeriesState.COMPLETE, completed_at=now)
+                )
+        for study_id in due:
+            log.info("study %d complete", study_id)
+        return list(due)

@@ -103,6 +103,26 @@ class CompletionSettings(_Section):
         description="after a clean association release, complete this soon instead",
     )
     check_interval_seconds: float = Field(0.25, gt=0, le=10)
+    study_quiet_seconds: float = Field(
+        30.0, gt=0, description="a study is complete when all its series are and it is this quiet"
+    )
+
+
+class RoutingSettings(_Section):
+    """Where the routing rules are (see node/routing/rules.py); none: store only."""
+
+    rules_file: Path | None = None
+
+
+class WorkerSettings(_Section):
+    """Worker processes that run pipelines, and how failed jobs retry."""
+
+    count: int = Field(1, ge=0, le=64)
+    lease_seconds: float = Field(30.0, gt=1)
+    poll_seconds: float = Field(0.1, gt=0, le=5)
+    max_attempts: int = Field(5, ge=1)
+    retry_base_seconds: float = Field(5.0, gt=0)
+    retry_max_seconds: float = Field(600.0, gt=0)
 
 
 class LoggingSettings(_Section):
@@ -127,6 +147,8 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     peers: dict[str, Peer] = {}
     completion: CompletionSettings = CompletionSettings()
+    routing: RoutingSettings = RoutingSettings()
+    workers: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
@@ -215,8 +237,12 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         db_path = Path(url.database)
         if not db_path.is_absolute():
             url = url.set(database=str(base / db_path))
+    rules_file = settings.routing.rules_file
+    if rules_file is not None and not rules_file.is_absolute():
+        rules_file = (base / rules_file).resolve()
     return settings.model_copy(
         update={
+            "routing": settings.routing.model_copy(update={"rules_file": rules_file}),
             "storage": settings.storage.model_copy(update={"path": storage.resolve()}),
             "database": settings.database.model_copy(
                 update={"url": url.render_as_string(hide_password=False)}

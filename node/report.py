@@ -42,12 +42,35 @@ class AssociationStatus(BaseModel):
     opened_at: datetime
 
 
+class JobStatus(BaseModel):
+    id: int
+    pipeline: str
+    series_instance_uid: str
+    revision: int
+    state: str
+    priority: int
+    attempts: int
+    error: str | None
+    destinations: list[str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: dict[str, object] | None
+
+
+class RulesStatus(BaseModel):
+    file: str | None
+    error: str | None
+
+
 class StatusReport(BaseModel):
     """The JSON of `ainode status --json`."""
 
     studies: list[StudyStatus]
     series: list[SeriesStatus]
     open_associations: list[AssociationStatus]
+    jobs: list[JobStatus] = []
+    rules: RulesStatus | None = None
 
 
 def build_report(sessions: sessionmaker[Session]) -> StatusReport:
@@ -129,6 +152,16 @@ def render_text(report: StatusReport) -> str:
                 f"{s.state:<9} rev {s.revision}  {s.instances:>5} instances  "
                 f"from {s.calling_ae or '-'}  {s.series_description or ''}".rstrip()
             )
+    for job in report.jobs:
+        lines.append(
+            f"job {job.id:>5}  {job.pipeline:<16} {job.state:<9} attempts {job.attempts}  "
+            f"series {job.series_instance_uid} rev {job.revision}"
+            + (f"  error: {job.error.splitlines()[0][:120]}" if job.error else "")
+        )
+    if report.rules is not None and report.rules.error:
+        lines.append(
+            f"routing rules INVALID (the node keeps the last good ones):\n{report.rules.error}"
+        )
     if report.open_associations:
         lines.append(f"{len(report.open_associations)} open associations")
         for a in report.open_associations:

@@ -11,19 +11,24 @@ import logging
 import multiprocessing
 import signal
 import threading
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
 from node.catalog import Catalog
-from node.completion import SeriesCompletionTracker
+from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import Settings
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.dimse.scp import StorageSCP
 from node.logs import configure_logging
+from node.queue import JobQueue
+from node.routing.router import Router, RulesSource
 from node.storage import InstanceStore
+from node.worker import retry_policy, run_worker_process
+from pipelines.registry import available_pipelines
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,7 @@ class NodeService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._spawn = multiprocessing.get_context("spawn")
-        self._children: list[BaseProcess] = []
+        self._children: list[tuple[Callable[..., None], tuple[object, ...], BaseProcess]] = []
         self._receiver: Receiver | None = None
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5}
@@ -66,58 +71,90 @@ class NodeService:
         engine.dispose()
         InstanceStore(settings.storage.path).prepare()
         several = settings.node.receivers > 1
-        self._receiver = Receiver(settings, reuse_port=several)
-        stale = self._receiver.catalog.close_stale_associations()
+        self._receiver = receiver = Receiver(settings, reuse_port=several)
+        stale = receiver.catalog.close_stale_associations()
         if stale:
             log.warning("closed %d associations left open by an earlier run", stale)
-        self._receiver.start()
+        receiver.start()
         for _ in range(settings.node.receivers - 1):
-            self._children.append(self._start_child())
-        tracker = SeriesCompletionTracker(self._receiver.sessions, settings.completion)
-        interval = settings.completion.check_interval_seconds
-        self._scheduler.add_job(tracker.sweep, "interval", seconds=interval, id="completion")
-        if several:
-            self._scheduler.add_job(self._supervise, "interval", seconds=1, id="supervise")
+            self._start_child(run_receiver_process, (settings,))
+        for index in range(settings.workers.count):
+            self._start_child(run_worker_process, (settings, index))
+        self._schedule(receiver)
         self._scheduler.start()
         log.info("node %s ready", settings.node.ae_title)
 
+    def _schedule(self, receiver: Receiver) -> None:
+        settings = self.settings
+        queue = JobQueue(receiver.engine, retry_policy(settings))
+        rules = RulesSource(settings.routing.rules_file, available_pipelines(), {*settings.peers})
+        rules.current()
+        if settings.routing.rules_file is None:
+            log.warning("no routing.rules_file: series are stored, not processed")
+        router = Router(receiver.engine, settings.storage.path, rules, queue)
+        series_tracker = SeriesCompletionTracker(receiver.sessions, settings.completion)
+        study_tracker = StudyCompletionTracker(receiver.sessions, settings.completion)
+
+        def complete_and_route() -> None:
+            series_tracker.sweep()
+            router.route_pending()
+
+        def complete_studies() -> None:
+            router.studies_completed(study_tracker.sweep())
+
+        interval = settings.completion.check_interval_seconds
+        add = self._scheduler.add_job
+        add(complete_and_route, "interval", seconds=interval, id="completion")
+        add(complete_studies, "interval", seconds=1, id="studies")
+        add(
+            queue.requeue_expired,
+            "interval",
+            seconds=settings.workers.lease_seconds / 3,
+            id="leases",
+        )
+        if self._children:
+            add(self._supervise, "interval", seconds=1, id="supervise")
+
     def stop(self) -> None:
         log.info("stopping: refusing new associations")
-        # Supervision first: it would take a receiver we stop for a crashed one and respawn it.
+        # Supervision first: it would take a child we stop for a crashed one and respawn it.
         self._scheduler.shutdown(wait=True)
-        for child in self._children:
+        for _, _, child in self._children:
             if child.is_alive():
-                child.terminate()  # SIGTERM: the child drains like this process
+                child.terminate()  # SIGTERM: receivers drain, workers finish their job
         if self._receiver is not None:
             self._receiver.stop()
-        for child in self._children:
-            child.join(timeout=15)
+        for _, _, child in self._children:
+            child.join(timeout=self.settings.workers.lease_seconds)
             if child.is_alive():
-                log.error("receiver process %d did not stop; killing it", child.pid)
+                log.error("process %d did not stop; killing it", child.pid)
                 child.kill()
                 child.join()
         log.info("node stopped")
 
-    def _start_child(self) -> BaseProcess:
-        child = self._spawn.Process(
-            target=run_receiver_process, args=(self.settings,), name="receiver", daemon=False
-        )
+    def _start_child(self, target: Callable[..., None], args: tuple[object, ...]) -> BaseProcess:
+        name = "receiver" if target is run_receiver_process else f"worker-{args[-1]}"
+        child = self._spawn.Process(target=target, args=args, name=name, daemon=False)
         child.start()
+        self._children.append((target, args, child))
         return child
 
     def _supervise(self) -> None:
         assert self._receiver is not None
-        for index, child in enumerate(self._children):
+        for entry in list(self._children):
+            target, args, child = entry
             if child.is_alive() or child.pid is None:
                 continue
             closed = self._receiver.catalog.close_stale_associations([child.pid])
             log.error(
-                "receiver process %d exited with %s; %d associations closed; restarting",
+                "%s process %d exited with %s; %d associations closed; restarting",
+                child.name,
                 child.pid,
                 child.exitcode,
                 closed,
             )
-            self._children[index] = self._start_child()
+            self._children.remove(entry)
+            self._start_child(target, args)
 
 
 def run_receiver_process(settings: Settings) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -68,6 +69,8 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(Text)
     study_date: Mapped[str | None] = mapped_column(Text)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -98,6 +101,7 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    routed_revision: Mapped[int] = mapped_column(Integer, default=0)
 
     study: Mapped[Study] = relationship(back_populates="series")
 
@@ -146,3 +150,46 @@ class SeriesAssociation(Base):
     association_id: Mapped[str] = mapped_column(
         ForeignKey("associations.id", ondelete="CASCADE"), primary_key=True, index=True
     )
+
+
+class JobState(enum.StrEnum):
+    """queued -> running -> succeeded | failed | retrying -> (running ...) | dead; cancelled."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+class Job(Base):
+    """One pipeline run for one series revision, with where its results go."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint(
+            "series_id", "revision", "pipeline", name="uq_job_series_revision_pipeline"
+        ),
+        Index("ix_jobs_claim", "state", "priority", "run_after"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
+    revision: Mapped[int] = mapped_column(Integer)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    destinations: Mapped[str] = mapped_column(Text, default="[]")
+    rules: Mapped[str] = mapped_column(Text, default="[]")
+    priority: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -80,4 +80,10 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
     config = write_config(tmp_path, 104)
     result = ainode("status", "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"studies": [], "series": [], "open_associations": []}
+    assert json.loads(result.stdout) == {
+        "studies": [],
+        "series": [],
+        "open_associations": [],
+        "jobs": [],
+        "rules": {"file": None, "error": None},
+    }

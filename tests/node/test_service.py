@@ -34,7 +34,7 @@ def receivers_up(node: NodeProcess, count: int) -> list[int] | None:
 def test_receivers_share_the_port_survive_a_crash_and_stop_together(
     start_node: Callable[..., NodeProcess], real_series: dict[str, list[Path]]
 ) -> None:
-    node = start_node(node={"receivers": 3})
+    node = start_node(node={"receivers": 3}, workers={"count": 0})
     [first, _] = wait_until(lambda: receivers_up(node, 2), timeout=30)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: "restarting" in node.log() and receivers_up(node, 2), timeout=30)

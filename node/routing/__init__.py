@@ -1,0 +1,1 @@
+"""Routing: YAML rules (rules.py) and their evaluation against series (engine.py)."""

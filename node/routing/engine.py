@@ -1,0 +1,295 @@
+"""Rule evaluation: which pipelines a completed series (or study) goes to, and why.
+
+Rules run in file order; every matching rule fires unless one says `stop`; a matching
+`discard` rule drops the series (no jobs at all). Jobs for the same pipeline are merged: one
+job per pipeline, with the union of destinations and the most urgent priority. `default`
+rules apply only when no other series rule matched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.multival import MultiValue
+
+from node.routing.rules import (
+    Combination,
+    Condition,
+    Expression,
+    Priority,
+    Rule,
+    RuleSet,
+    SeriesSelection,
+    Trigger,
+)
+
+EXCLUDED_IMAGE_TYPES = frozenset({"LOCALIZER", "DERIVED", "SECONDARY", "SCOUT", "PROJECTION"})
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    """What rules can test about one series: its stored attributes and how it arrived."""
+
+    series_instance_uid: str
+    attributes: Mapping[str, object]
+
+    def value(self, attribute: str) -> object:
+        return self.attributes.get(attribute)
+
+    @classmethod
+    def read(
+        cls, instance_path: Path, series_instance_uid: str, context: Mapping[str, object]
+    ) -> SeriesFacts:
+        """Facts from one stored instance's header plus the sending context."""
+        dataset = pydicom.dcmread(instance_path, stop_before_pixels=True)
+        attributes: dict[str, object] = {
+            element.keyword: element.value
+            for element in dataset
+            if element.keyword and element.VR != "SQ"
+        }
+        attributes.update(context)
+        return cls(series_instance_uid, attributes)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One pipeline run a routing decision asks for."""
+
+    series_instance_uid: str
+    pipeline: str
+    destinations: tuple[str, ...]
+    priority: Priority
+    rules: tuple[str, ...]
+
+
+@dataclass
+class ConditionTrace:
+    description: str
+    actual: object
+    matched: bool
+    depth: int
+
+
+@dataclass
+class RuleTrace:
+    rule: str
+    matched: bool
+    conditions: list[ConditionTrace] = field(default_factory=list)
+    note: str = ""
+
+
+def evaluate(
+    expression: Expression,
+    facts: SeriesFacts,
+    trace: list[ConditionTrace] | None = None,
+    depth: int = 0,
+) -> bool:
+    """True if `facts` satisfy `expression`; records every condition in `trace`."""
+    if isinstance(expression, Combination):
+        if trace is not None:
+            trace.append(ConditionTrace(expression.kind, None, False, depth))
+            entry = trace[-1]
+        results = [evaluate(child, facts, trace, depth + 1) for child in expression.children]
+        if expression.kind == "all":
+            matched = all(results)
+        elif expression.kind == "any":
+            matched = any(results)
+        else:
+            matched = not results[0]
+        if trace is not None:
+            entry.matched = matched
+        return matched
+    actual = facts.value(expression.attribute)
+    matched = _test(expression, actual)
+    if trace is not None:
+        trace.append(ConditionTrace(_describe(expression), _printable(actual), matched, depth))
+    return matched
+
+
+def route_series(rules: RuleSet, facts: SeriesFacts) -> tuple[list[JobRequest], list[RuleTrace]]:
+    """The jobs the series-trigger rules ask for, and a trace of every rule."""
+    fired: list[Rule] = []
+    traces: list[RuleTrace] = []
+    stopped = discarded = False
+    for rule in rules.rules:
+        if rule.trigger is not Trigger.SERIES or rule.default:
+            continue
+        trace = RuleTrace(rule.name, False)
+        traces.append(trace)
+        if stopped:
+            trace.note = "skipped: an earlier rule said stop"
+            continue
+        trace.matched = rule.match is not None and evaluate(rule.match, facts, trace.conditions)
+        if trace.matched:
+            fired.append(rule)
+            discarded = discarded or rule.discard
+            stopped = rule.stop or rule.discard
+    if not fired:
+        for rule in rules.default_rules:
+            traces.append(RuleTrace(rule.name, True, note="default: no other rule matched"))
+            fired.append(rule)
+            discarded = discarded or rule.discard
+    if discarded:
+        return [], traces
+    return merge(facts.series_instance_uid, fired), traces
+
+
+def merge(series_instance_uid: str, rules: Iterable[Rule]) -> list[JobRequest]:
+    """One job per pipeline: union of destinations, most urgent priority."""
+    merged: dict[str, JobRequest] = {}
+    for rule in rules:
+        for pipeline in rule.pipelines:
+            previous = merged.get(pipeline)
+            destinations = tuple(
+                dict.fromkeys((previous.destinations if previous else ()) + rule.destinations)
+            )
+            merged[pipeline] = JobRequest(
+                series_instance_uid,
+                pipeline,
+                destinations,
+                min(rule.priority, previous.priority) if previous else rule.priority,
+                (previous.rules if previous else ()) + (rule.name,),
+            )
+    return list(merged.values())
+
+
+def route_study(
+    rules: RuleSet, series: list[SeriesFacts]
+) -> tuple[list[JobRequest], list[RuleTrace]]:
+    """Jobs of the study-trigger rules: each picks the best matching series of the study."""
+    requests: list[JobRequest] = []
+    traces: list[RuleTrace] = []
+    for rule in rules.rules:
+        if rule.trigger is not Trigger.STUDY:
+            continue
+        candidates = [
+            facts
+            for facts in series
+            if (rule.match is None or evaluate(rule.match, facts))
+            and (rule.select.match is None or evaluate(rule.select.match, facts))
+        ]
+        best = select_series(rule.select, candidates)
+        traces.append(
+            RuleTrace(
+                rule.name,
+                best is not None,
+                note=f"selected {best.series_instance_uid}" if best else "no eligible series",
+            )
+        )
+        if best is not None and not rule.discard:
+            requests.extend(merge(best.series_instance_uid, [rule]))
+        if best is not None and rule.stop:
+            break
+    return requests, traces
+
+
+def select_series(selection: SeriesSelection, candidates: list[SeriesFacts]) -> SeriesFacts | None:
+    """The series a radiographer would pick: original axial images, no localizers or derived
+    images; then the preferred kernel, the thinnest slices, the most instances."""
+    eligible = [facts for facts in candidates if _is_primary_axial(facts)]
+    if not eligible:
+        return None
+
+    def rank(facts: SeriesFacts) -> tuple[int, float, int]:
+        kernel = _text(facts.value("ConvolutionKernel"))
+        preferred = bool(selection.prefer_kernel and selection.prefer_kernel.search(kernel))
+        thickness = _number(facts.value("SliceThickness"))
+        count = _number(facts.value("instance_count"))
+        return (
+            0 if preferred else 1,
+            thickness if thickness is not None else float("inf"),
+            -int(count or 0),
+        )
+
+    return min(eligible, key=rank)
+
+
+def _is_primary_axial(facts: SeriesFacts) -> bool:
+    image_type = {v.upper() for v in _values(facts.value("ImageType"))}
+    if image_type & EXCLUDED_IMAGE_TYPES:
+        return False
+    return "AXIAL" in image_type or not image_type
+
+
+def _test(condition: Condition, actual: object) -> bool:
+    op, operand = condition.operator, condition.operand
+    if op == "exists":
+        return _present(actual) is operand
+    if op == "missing":
+        return (not _present(actual)) is operand
+    if not _present(actual):
+        return False
+    if op in {"lt", "le", "gt", "ge", "between"}:
+        number = _number(actual)
+        if number is None:
+            return False
+        if op == "between":
+            low, high = operand  # type: ignore[misc]
+            return bool(low <= number <= high)
+        return {
+            "lt": number < operand,  # type: ignore[operator]
+            "le": number <= operand,  # type: ignore[operator]
+            "gt": number > operand,  # type: ignore[operator]
+            "ge": number >= operand,  # type: ignore[operator]
+        }[op]
+    fold = (lambda s: s) if condition.case_sensitive else str.casefold
+    if op == "regex":
+        flags = 0 if condition.case_sensitive else re.IGNORECASE
+        return re.search(str(operand), _text(actual), flags) is not None
+    if op in {"contains", "not_contains"}:
+        present = {fold(v) for v in _values(actual)}
+        wanted = {fold(str(v)) for v in operand}  # type: ignore[attr-defined]
+        return wanted <= present if op == "contains" else not (wanted & present)
+    if op == "one_of":
+        return any(_equal(actual, option, fold) for option in operand)  # type: ignore[attr-defined]
+    return _equal(actual, operand, fold)
+
+
+def _equal(actual: object, expected: object, fold: object) -> bool:
+    if isinstance(expected, int | float) and not isinstance(expected, bool):
+        number = _number(actual)
+        return number is not None and number == float(expected)
+    return fold(_text(actual)) == fold(str(expected))  # type: ignore[operator]
+
+
+def _describe(condition: Condition) -> str:
+    operand = condition.operand
+    if isinstance(operand, tuple):
+        operand = list(operand)
+    return f"{condition.attribute} {condition.operator} {operand!r}"
+
+
+def _values(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v).strip() for v in value]
+    return [str(value).strip()]
+
+
+def _text(value: object) -> str:
+    return "\\".join(_values(value))
+
+
+def _present(value: object) -> bool:
+    return any(_values(value))
+
+
+def _number(value: object) -> float | None:
+    values = _values(value)
+    try:
+        return float(values[0]) if values else None
+    except ValueError:
+        return None
+
+
+def _printable(value: object) -> object:
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    if value is None or isinstance(value, int | float | str):
+        return value
+    return str(value)

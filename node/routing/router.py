@@ -1,0 +1,146 @@
+"""Turns completed series and studies into jobs, with rules reloaded when their file changes.
+
+An invalid rules file never replaces the last good rules: the error is logged (and
+`ainode status` shows it by checking the file itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from pathlib import Path
+
+from sqlalchemy import Engine, select, update
+
+from node.db.models import Instance, Series, SeriesState
+from node.queue import JobQueue
+from node.routing.engine import SeriesFacts, route_series, route_study
+from node.routing.rules import RulesError, RuleSet, load_rules
+
+log = logging.getLogger(__name__)
+
+
+class RulesSource:
+    """The current rules of a file, reloaded on change; the last good ones on error."""
+
+    def __init__(
+        self, path: Path | None, pipelines: Collection[str], destinations: Collection[str]
+    ) -> None:
+        self.path = path
+        self._pipelines = pipelines
+        self._destinations = destinations
+        self._stamp: tuple[int, int] | None = None
+        self._rules = RuleSet(())
+        self.error: str | None = None
+
+    def current(self) -> RuleSet:
+        if self.path is None:
+            return self._rules
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError as exc:
+            self._record_error(f"{self.path}: cannot read: {exc.strerror}")
+            return self._rules
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._rules = load_rules(self.path, self._pipelines, self._destinations)
+            except RulesError as exc:
+                self._record_error(str(exc))
+            else:
+                self.error = None
+                log.info(
+                    "routing rules loaded: %d rules from %s", len(self._rules.rules), self.path
+                )
+        return self._rules
+
+    def _record_error(self, message: str) -> None:
+        if message != self.error:
+            log.error("routing rules not (re)loaded, keeping the last good ones:\n%s", message)
+        self.error = message
+
+
+class Router:
+    """Routes completed series (series rules) and studies (study rules) into the queue."""
+
+    def __init__(self, engine: Engine, storage: Path, rules: RulesSource, queue: JobQueue) -> None:
+        self._engine = engine
+        self._storage = storage
+        self._rules = rules
+        self._queue = queue
+
+    def facts(self, series_id: int) -> SeriesFacts:
+        """What the rules see of a series: one stored instance's header and its context."""
+        with self._engine.connect() as conn:
+            series = conn.execute(
+                select(
+                    Series.series_instance_uid,
+                    Series.calling_ae,
+                    Series.called_ae,
+                    Series.instance_count,
+                ).where(Series.id == series_id)
+            ).one()
+            path = conn.execute(
+                select(Instance.path)
+                .where(Instance.series_id == series_id)
+                .order_by(Instance.instance_number, Instance.id)
+                .limit(1)
+            ).scalar_one()
+        context = {
+            "calling_ae": series.calling_ae,
+            "called_ae": series.called_ae,
+            "instance_count": series.instance_count,
+        }
+        return SeriesFacts.read(self._storage / path, series.series_instance_uid, context)
+
+    def route_pending(self) -> int:
+        """Route every complete series revision not routed yet; return how many.
+
+        Marking a revision routed happens after its jobs exist, and creating jobs is
+        idempotent, so a crash in between loses nothing and duplicates nothing.
+        """
+        with self._engine.connect() as conn:
+            pending = conn.execute(
+                select(Series.id, Series.series_instance_uid, Series.revision).where(
+                    Series.state == SeriesState.COMPLETE,
+                    Series.routed_revision < Series.revision,
+                )
+            ).all()
+        if not pending:
+            return 0
+        rules = self._rules.current()
+        for series_id, uid, revision in pending:
+            requests, _ = route_series(rules, self.facts(series_id))
+            created = self._queue.enqueue(series_id, revision, requests)
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(Series).where(Series.id == series_id).values(routed_revision=revision)
+                )
+            pipelines = ", ".join(r.pipeline for r in requests) or "no pipeline"
+            log.info("series %s revision %d routed: %s, jobs %s", uid, revision, pipelines, created)
+        return len(pending)
+
+    def studies_completed(self, study_ids: list[int]) -> None:
+        rules = self._rules.current()
+        for study_id in study_ids:
+            with self._engine.connect() as conn:
+                members = conn.execute(
+                    select(Series.id, Series.revision).where(
+                        Series.study_id == study_id, Series.state == SeriesState.COMPLETE
+                    )
+                ).all()
+            candidates = [self.facts(series_id) for series_id, _ in members]
+            by_uid = {
+                f.series_instance_uid: ids for f, ids in zip(candidates, members, strict=True)
+            }
+            requests, _ = route_study(rules, candidates)
+            for request in requests:
+                series_id, revision = by_uid[request.series_instance_uid]
+                created = self._queue.enqueue(series_id, revision, [request])
+                log.info(
+                    "study rule %s picked series %s: jobs %s",
+                    ", ".join(request.rules),
+                    request.series_instance_uid,
+                    created,
+                )

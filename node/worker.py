@@ -1,0 +1,117 @@
+"""Worker processes: claim a job, run its pipeline on the stored series, record the outcome.
+
+Each worker is its own process (the GPU belongs to processes, not threads) and keeps its
+pipelines loaded between jobs. While a job runs, a thread renews its lease; a worker that
+dies stops renewing, and the scheduler puts the job back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+
+from sqlalchemy import select
+
+from node.config import Settings
+from node.db.engine import make_engine
+from node.db.models import Instance
+from node.logs import configure_logging
+from node.queue import ClaimedJob, JobQueue, RetryPolicy
+from pipelines.base import BadInput, Pipeline, SeriesInput
+from pipelines.registry import available_pipelines
+
+log = logging.getLogger(__name__)
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    workers = settings.workers
+    return RetryPolicy(workers.max_attempts, workers.retry_base_seconds, workers.retry_max_seconds)
+
+
+class Worker:
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.name = name
+        self._settings = settings
+        self._engine = make_engine(settings.database.url)
+        self.queue = JobQueue(self._engine, retry_policy(settings))
+        self._pipelines: dict[str, Pipeline] = available_pipelines()
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue had nothing runnable."""
+        lease = self._settings.workers.lease_seconds
+        job = self.queue.claim(self.name, lease)
+        if job is None:
+            return False
+        log.info(
+            "job %d: %s on series %s rev %d (attempt %d)",
+            job.id,
+            job.pipeline,
+            job.series_instance_uid,
+            job.revision,
+            job.attempt,
+        )
+        stop_renewing = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew, args=(job.id, stop_renewing), name="lease", daemon=True
+        )
+        renewer.start()
+        started = time.monotonic()
+        try:
+            result = self._execute(job)
+        except BadInput as exc:
+            state = self.queue.fail(job.id, self.name, f"bad input: {exc}", permanent=True)
+            log.warning("job %d failed (%s): %s", job.id, state, exc)
+        except Exception as exc:
+            detail = "".join(traceback.format_exception_only(exc)).strip()
+            state = self.queue.fail(job.id, self.name, detail, permanent=False)
+            log.warning("job %d error (%s): %s", job.id, state, detail)
+        else:
+            if self.queue.succeed(job.id, self.name, result):
+                log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
+            else:
+                log.warning("job %d finished after losing its lease; result dropped", job.id)
+        finally:
+            stop_renewing.set()
+            renewer.join()
+        return True
+
+    def run(self, stopping: threading.Event) -> None:
+        poll = self._settings.workers.poll_seconds
+        while not stopping.is_set():
+            if not self.run_once():
+                stopping.wait(poll)
+        self._engine.dispose()
+
+    def _execute(self, job: ClaimedJob) -> dict[str, object]:
+        pipeline = self._pipelines.get(job.pipeline)
+        if pipeline is None:
+            raise BadInput(f"pipeline {job.pipeline!r} is not installed on this node")
+        with self._engine.connect() as conn:
+            paths = conn.execute(
+                select(Instance.path).where(
+                    Instance.series_id == job.series_id, Instance.revision <= job.revision
+                )
+            ).scalars()
+            files = tuple(self._settings.storage.path / p for p in paths)
+        series = SeriesInput(job.series_instance_uid, job.revision, files)
+        return {"pipeline": pipeline.name, "version": pipeline.version, **pipeline.run(series)}
+
+    def _renew(self, job_id: int, stop: threading.Event) -> None:
+        lease = self._settings.workers.lease_seconds
+        while not stop.wait(lease / 3):
+            if not self.queue.renew(job_id, self.name, lease):
+                log.warning("job %d: lease lost (cancelled or expired)", job_id)
+                return
+
+
+def run_worker_process(settings: Settings, index: int) -> None:
+    """Entry point of a worker process: work until SIGTERM, finishing the job in hand."""
+    configure_logging(settings.logging.level)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Worker(settings, f"worker-{index}-{os.getpid()}").run(stopping)
