@@ -184,7 +184,7 @@ def parse_rules(
     parser = _Parser(pipelines, destinations)
     rules = parser.document(root)
     if parser.problems:
-        raise RulesError(path, parser.problems)
+        raise RulesError(path, sorted(parser.problems, key=lambda p: (p.line, p.column)))
     return RuleSet(tuple(rules))
 
 
@@ -253,9 +253,10 @@ class _Parser:
         rule = Rule(**{k: v for k, v in fields.items() if v is not None})  # type: ignore[arg-type]
         if rule.select != SeriesSelection() and rule.trigger is not Trigger.STUDY:
             self.problem(node, f"rule {rule.name!r}: 'select' needs 'trigger: study'")
-        if not rule.default and rule.match is None and rule.trigger is Trigger.SERIES:
+        given = {key.value for key, _ in node.value}
+        if not rule.default and "match" not in given and rule.trigger is Trigger.SERIES:
             self.problem(node, f"rule {rule.name!r}: needs 'match' (or 'default: true')")
-        if not (rule.pipelines or rule.discard):
+        if not ({"pipelines", "discard"} & given):
             self.problem(node, f"rule {rule.name!r}: give 'pipelines' or 'discard: true'")
         return rule
 
