@@ -65,6 +65,9 @@ class StorageSettings(_Section):
     """Where received instances are kept."""
 
     path: Path = Path("./var/storage")
+    retention_days: float | None = Field(
+        None, gt=0, description="delete studies this old once their jobs are done; none: keep"
+    )
 
 
 class DatabaseSettings(_Section):

@@ -22,9 +22,11 @@ from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import Settings
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
+from node.db.models import utcnow
 from node.dimse.scp import StorageSCP
 from node.logs import configure_logging
 from node.queue import JobQueue
+from node.retention import RetentionSweeper
 from node.routing.router import Router, RulesSource
 from node.storage import InstanceStore
 from node.worker import retry_policy, run_worker_process
@@ -112,6 +114,10 @@ class NodeService:
             seconds=settings.workers.lease_seconds / 3,
             id="leases",
         )
+        retention = settings.storage.retention_days
+        if retention is not None:
+            sweeper = RetentionSweeper(receiver.engine, settings.storage.path, retention)
+            add(sweeper.sweep, "interval", hours=1, id="retention", next_run_time=utcnow())
         if self._children:
             add(self._supervise, "interval", seconds=1, id="supervise")
 

@@ -1,0 +1,80 @@
+"""Routing, queue and workers inside a real `ainode serve`, fed by DCMTK storescu."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.peers import NodeProcess, storescu, wait_until
+
+ECHO_LUNG_KERNEL = """
+rules:
+  - name: lung-kernel
+    match: {Modality: CT, ConvolutionKernel: {regex: "^L$"}}
+    pipelines: [echo]
+    destinations: [origin]
+"""
+ECHO_BODY_KERNEL = ECHO_LUNG_KERNEL.replace('"^L$"', '"^B$"').replace("lung-kernel", "body")
+
+
+def uid_of(files: list[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def jobs_of(node: NodeProcess, series_uid: str) -> list[dict]:
+    return [j for j in node.status()["jobs"] if j["series_instance_uid"] == series_uid]
+
+
+def finished_job(node: NodeProcess, series_uid: str) -> dict | None:
+    jobs = jobs_of(node, series_uid)
+    return jobs[0] if jobs and jobs[0]["state"] == "succeeded" else None
+
+
+@pytest.mark.slow
+def test_routed_series_runs_its_pipeline_and_the_other_does_not(
+    start_node: Callable[..., NodeProcess], real_series: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ECHO_LUNG_KERNEL)
+    node = start_node(routing={"rules_file": str(rules)})
+    lung, body = real_series["lung-kernel"], real_series["body-kernel"]
+    storescu(node.port, lung + body)
+    job = wait_until(lambda: finished_job(node, uid_of(lung)), timeout=30, interval=0.5)
+    assert job["pipeline"] == "echo"
+    assert job["destinations"] == ["origin"]
+    assert job["result"]["instances"] == 64
+    assert job["result"]["slice_spacing_mm"] == 5.0
+    assert job["result"]["extent_mm"] == 315.0
+    assert jobs_of(node, uid_of(body)) == []
+    series = node.series()[uid_of(body)]
+    assert series["state"] == "complete"
+
+
+@pytest.mark.slow
+def test_rules_reload_on_change_and_a_broken_file_keeps_the_last_good_rules(
+    start_node: Callable[..., NodeProcess], real_series: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ECHO_LUNG_KERNEL)
+    node = start_node(routing={"rules_file": str(rules)})
+    lung, body = real_series["lung-kernel"], real_series["body-kernel"]
+
+    rules.write_text(ECHO_BODY_KERNEL)
+    storescu(node.port, body)
+    wait_until(lambda: finished_job(node, uid_of(body)), timeout=30, interval=0.5)
+
+    rules.write_text(ECHO_BODY_KERNEL + "  - name: broken\n    match: {Modalty: CT}\n")
+    time.sleep(0.5)
+    status = node.status()
+    assert "unknown DICOM keyword 'Modalty'" in status["rules"]["error"]
+    storescu(node.port, lung)
+    wait_until(lambda: node.series().get(uid_of(lung), {}).get("state") == "complete", 15)
+    time.sleep(1.5)  # routing runs on the next sweep
+    assert jobs_of(node, uid_of(lung)) == []  # the body-kernel rules are still in force
+    assert "keeping the last good ones" in node.log()
+    text = node.cli("status")
+    assert "routing rules INVALID" in text.stdout
