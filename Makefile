@@ -12,3 +12,4 @@ lint:
 
 bench:
 	.venv/bin/python bench/ingest.py
+	.venv/bin/python bench/jobs.py
