@@ -63,15 +63,13 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
-    from dataclasses import asdict
-
-    from node.report import JobStatus, RulesStatus, build_report, render_text
+    from node.report import RulesStatus, build_report, render_text
     from node.routing.rules import RulesError, load_rules
 
     settings = _settings(config)
     engine = _engine(settings)
     report = build_report(_sessions(engine))
-    report.jobs = [JobStatus(**asdict(job)) for job in _queue(engine).list()]
+    report.jobs = _queue(engine).list()
     rules_file = settings.routing.rules_file
     error = None
     if rules_file is not None:

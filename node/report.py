@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Association, Series, Study
+from node.queue import JobView
 
 
 class SeriesStatus(BaseModel):
@@ -42,22 +43,6 @@ class AssociationStatus(BaseModel):
     opened_at: datetime
 
 
-class JobStatus(BaseModel):
-    id: int
-    pipeline: str
-    series_instance_uid: str
-    revision: int
-    state: str
-    priority: int
-    attempts: int
-    error: str | None
-    destinations: list[str]
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    result: dict[str, object] | None
-
-
 class RulesStatus(BaseModel):
     file: str | None
     error: str | None
@@ -69,7 +54,7 @@ class StatusReport(BaseModel):
     studies: list[StudyStatus]
     series: list[SeriesStatus]
     open_associations: list[AssociationStatus]
-    jobs: list[JobStatus] = []
+    jobs: list[JobView] = []
     rules: RulesStatus | None = None
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
+from node.db.engine import make_engine
+from node.db.migrate import upgrade
 from tests.peers import DATA, NodeProcess, PostgresServer, free_port, node_settings
 
 REAL_SERIES = {
@@ -45,6 +48,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'ainode.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.new_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """A migrated database on each backend."""
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +54,30 @@ def test_routed_series_runs_its_pipeline_and_the_other_does_not(
     assert jobs_of(node, uid_of(body)) == []
     series = node.series()[uid_of(body)]
     assert series["state"] == "complete"
+
+    explain = node.cli("rules", "explain", "--series", uid_of(body))
+    assert explain.returncode == 0, explain.stderr
+    assert "[no ] ConvolutionKernel regex '^L$'  (actual: 'B')" in explain.stdout
+    assert "jobs at series completion: none" in explain.stdout
+
+    job_id = str(job["id"])
+    retried = subprocess.run(
+        [sys.executable, "-m", "node", "jobs", "retry", "--config", str(node.config_path), job_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert retried.returncode == 0, retried.stdout
+    rerun = wait_until(lambda: finished_job(node, uid_of(lung)), timeout=30, interval=0.5)
+    assert rerun["id"] == job["id"] and rerun["attempts"] == 1
+    cancelled = subprocess.run(
+        [sys.executable, "-m", "node", "jobs", "cancel", "--config", str(node.config_path), job_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cancelled.returncode == 1  # a finished job cannot be cancelled
+    assert "not found or finished" in cancelled.stdout
 
 
 @pytest.mark.slow

@@ -1,30 +1,19 @@
 """Catalog and completion rules on a real database (SQLite and PostgreSQL), with explicit times."""
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
-import pytest
 from pydicom import Dataset
 from sqlalchemy import Engine
 
 from node.catalog import Catalog, InstanceMetadata, Receipt
 from node.completion import SeriesCompletionTracker
 from node.config import CompletionSettings
-from node.db.engine import make_engine, make_session_factory
-from node.db.migrate import upgrade
+from node.db.engine import make_session_factory
 from node.db.models import utcnow
 from node.report import build_report
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=utcnow().tzinfo)
 SERIES = "1.2.826.0.1.3680043.10.1.2"
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def metadata(sop_suffix: int, series: str = SERIES) -> InstanceMetadata:

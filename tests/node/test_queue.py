@@ -6,7 +6,6 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,19 +13,10 @@ import pytest
 from sqlalchemy import Engine, insert, select
 
 from node.db.engine import make_engine
-from node.db.migrate import upgrade
 from node.db.models import Job, JobState, Series, Study, utcnow
 from node.queue import JobQueue, RetryPolicy
 from node.routing.engine import JobRequest
 from node.routing.rules import Priority
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def add_series(engine: Engine, count: int) -> list[int]:

@@ -1,30 +1,19 @@
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from pydicom import Dataset
 from sqlalchemy import Engine, select, update
 
 from node.catalog import Catalog, InstanceMetadata, Receipt
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import CompletionSettings
-from node.db.engine import make_engine, make_session_factory
-from node.db.migrate import upgrade
+from node.db.engine import make_session_factory
 from node.db.models import Instance, Job, Study, utcnow
 from node.queue import JobQueue
 from node.retention import RetentionSweeper
 from node.routing.engine import JobRequest
 from node.routing.rules import Priority
 from node.storage import InstanceStore
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 def receive_study(engine: Engine, store: InstanceStore, study_uid: str, at) -> int:

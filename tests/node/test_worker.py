@@ -1,0 +1,75 @@
+"""The worker's outcomes on a real database: success, error (retry), bad input (failed)."""
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.config import Settings
+from node.db.models import utcnow
+from node.queue import JobQueue
+from node.routing.engine import JobRequest
+from node.routing.rules import Priority
+from node.storage import InstanceStore
+from node.worker import Worker
+from pipelines.base import BadInput, SeriesInput
+
+
+class Exploding:
+    name, version = "explode", "0"
+
+    def run(self, series: SeriesInput) -> dict[str, object]:
+        raise RuntimeError("CUDA error: device-side assert")
+
+
+class Refusing:
+    name, version = "refuse", "0"
+
+    def run(self, series: SeriesInput) -> dict[str, object]:
+        raise BadInput("not a chest CT")
+
+
+@pytest.fixture
+def worker(engine: Engine, database_url: str, tmp_path: Path, real_series) -> Worker:
+    settings = Settings.model_validate(
+        {
+            "node": {"accept_unknown_peers": True},
+            "storage": {"path": str(tmp_path)},
+            "database": {"url": database_url},
+        }
+    )
+    store = InstanceStore(tmp_path)
+    store.prepare()
+    catalog = Catalog(engine)
+    catalog.open_association("a1", "CT", "AINODE", None)
+    import pydicom
+
+    for path in real_series["lung-kernel"][:3]:
+        meta = InstanceMetadata.from_dataset(pydicom.dcmread(path, stop_before_pixels=True))
+        data = path.read_bytes()
+        store.write(meta.key, (data,))
+        receipt = Receipt("a1", "CT", "AINODE", "1.2.840.10008.1.2", len(data), utcnow())
+        recorded = catalog.record_instance(meta, receipt, content_changed=True, link=True)
+    queue = JobQueue(engine)
+    for pipeline in ("echo", "explode", "refuse", "missing"):
+        request = JobRequest("x", pipeline, ("origin",), Priority.ROUTINE, ("r",))
+        queue.enqueue(recorded.series_id, 1, [request])
+    worker = Worker(settings, "test-worker")
+    worker._pipelines.update({"explode": Exploding(), "refuse": Refusing()})
+    return worker
+
+
+def test_worker_records_each_outcome(worker: Worker) -> None:
+    for _ in range(4):
+        assert worker.run_once()
+    assert not worker.run_once()
+    jobs = {job.pipeline: job for job in worker.queue.list()}
+    assert jobs["echo"].state == "succeeded"
+    assert jobs["echo"].result["instances"] == 3
+    assert jobs["explode"].state == "retrying"
+    assert "CUDA error" in jobs["explode"].error
+    assert jobs["refuse"].state == "failed"
+    assert jobs["refuse"].error == "bad input: not a chest CT"
+    assert jobs["missing"].state == "failed"
+    assert "not installed" in jobs["missing"].error
