@@ -198,6 +198,8 @@ def jobs_list(
     import json
     from dataclasses import asdict
 
+    from node.report import render_job
+
     engine = _engine(_settings(config))
     jobs = _queue(engine).list(state)
     engine.dispose()
@@ -205,11 +207,7 @@ def jobs_list(
         typer.echo(json.dumps([asdict(job) for job in jobs], indent=2, default=str))
         return
     for job in jobs:
-        error = f"  {job.error.splitlines()[0][:100]}" if job.error else ""
-        typer.echo(
-            f"{job.id:>6}  {job.pipeline:<16} {job.state:<9} attempts {job.attempts}  "
-            f"{job.series_instance_uid} rev {job.revision}{error}"
-        )
+        typer.echo(render_job(job))
 
 
 @jobs_app.command("retry")

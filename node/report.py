@@ -121,6 +121,15 @@ def _series_status(series: Series, study_uid: str) -> SeriesStatus:
     )
 
 
+def render_job(job: JobView) -> str:
+    """One line per job, for `ainode status` and `ainode jobs list`."""
+    error = f"  error: {job.error.splitlines()[0][:120]}" if job.error else ""
+    return (
+        f"job {job.id:>5}  {job.pipeline:<16} {job.state:<9} attempts {job.attempts}  "
+        f"series {job.series_instance_uid} rev {job.revision}{error}"
+    )
+
+
 def render_text(report: StatusReport) -> str:
     """A plain table for people."""
     lines = [f"{len(report.studies)} studies, {len(report.series)} series"]
@@ -137,12 +146,7 @@ def render_text(report: StatusReport) -> str:
                 f"{s.state:<9} rev {s.revision}  {s.instances:>5} instances  "
                 f"from {s.calling_ae or '-'}  {s.series_description or ''}".rstrip()
             )
-    for job in report.jobs:
-        lines.append(
-            f"job {job.id:>5}  {job.pipeline:<16} {job.state:<9} attempts {job.attempts}  "
-            f"series {job.series_instance_uid} rev {job.revision}"
-            + (f"  error: {job.error.splitlines()[0][:120]}" if job.error else "")
-        )
+    lines.extend(render_job(job) for job in report.jobs)
     if report.rules is not None and report.rules.error:
         lines.append(
             f"routing rules INVALID (the node keeps the last good ones):\n{report.rules.error}"
