@@ -1,4 +1,4 @@
-.PHONY: install test lint bench
+.PHONY: install test lint bench eval
 
 install:
 	deploy/install.sh
@@ -13,3 +13,7 @@ lint:
 bench:
 	.venv/bin/python bench/ingest.py
 	.venv/bin/python bench/jobs.py
+	.venv/bin/python bench/lung_quant.py
+
+eval:
+	.venv/bin/python bench/evaluate.py

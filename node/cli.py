@@ -63,21 +63,23 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
-    from node.report import RulesStatus, build_report, render_text
+    from node.report import RulesStatus, build_report, pipeline_statuses, render_text
     from node.routing.rules import RulesError, load_rules
 
     settings = _settings(config)
     engine = _engine(settings)
     report = build_report(_sessions(engine))
     report.jobs = _queue(engine).list()
+    pipelines = _pipelines(settings)
     rules_file = settings.routing.rules_file
     error = None
     if rules_file is not None:
         try:
-            load_rules(rules_file, _pipeline_names(), {*settings.peers})
+            load_rules(rules_file, set(pipelines), {*settings.peers})
         except RulesError as exc:
             error = str(exc)
     report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
+    report.pipelines = pipeline_statuses(pipelines)
     engine.dispose()
     typer.echo(report.model_dump_json(indent=2) if as_json else render_text(report))
 
@@ -112,9 +114,10 @@ def rules_check(
     """Exit 0 if the rules are valid; else print FILE:LINE:COLUMN: message and exit 1."""
     from node.routing.rules import RulesError, load_rules
 
-    destinations = {*_settings(config).peers} if config else None
+    settings = _settings(config) if config else None
+    destinations = {*settings.peers} if settings else None
     try:
-        rules = load_rules(file, _pipeline_names(), destinations)
+        rules = load_rules(file, set(_pipelines(settings)), destinations)
     except RulesError as exc:
         for problem in exc.problems:
             typer.echo(problem.render(file))
@@ -144,7 +147,8 @@ def rules_explain(
         typer.echo("the config names no routing.rules_file", err=True)
         raise typer.Exit(2)
     try:
-        rules = load_rules(settings.routing.rules_file, _pipeline_names(), {*settings.peers})
+        names = set(_pipelines(settings))
+        rules = load_rules(settings.routing.rules_file, names, {*settings.peers})
     except RulesError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
@@ -186,6 +190,73 @@ def rules_explain(
             f"  at study completion, if chosen: {request.pipeline}"
             f" (rule {', '.join(request.rules)})"
         )
+
+
+@app.command()
+def run(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name, e.g. lung-quant.")],
+    input_dir: Annotated[Path, typer.Option("--input", help="Folder of DICOM files.")],
+    output: Annotated[Path, typer.Option("--output", help="Folder for the results.")],
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cuda or cpu (default: from config).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Node config (pipelines and volume sections)."),
+    ] = None,
+) -> None:
+    """Run a pipeline offline on every series in a folder; write result.json per series."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from node.offline import find_series, run_series
+    from pipelines.settings import PipelineSettings
+
+    settings = _settings(config) if config else Settings(node={"accept_unknown_peers": True})
+    if device is not None:
+        if device not in ("auto", "cuda", "cpu"):
+            typer.echo(f"--device must be auto, cuda or cpu, not {device!r}", err=True)
+            raise typer.Exit(2)
+        configured = settings.pipelines.get(pipeline, PipelineSettings())
+        settings.pipelines[pipeline] = configured.model_copy(update={"device": device})
+    chosen = _pipelines(settings).get(pipeline)
+    if chosen is None:
+        typer.echo(f"unknown pipeline {pipeline!r}", err=True)
+        raise typer.Exit(2)
+    series = find_series(input_dir)
+    if not series:
+        typer.echo(f"no DICOM series under {input_dir}", err=True)
+        raise typer.Exit(2)
+    failed = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        for uid, files in series.items():
+            task = progress.add_task(f"{uid[-24:]} decode", total=len(files))
+            outcome = run_series(
+                chosen,
+                uid,
+                files,
+                output,
+                settings.volume.options(),
+                lambda done, total, task=task: progress.update(task, completed=done, total=total),
+                lambda name, task=task, uid=uid: progress.update(
+                    task, description=f"{uid[-24:]} {name}"
+                ),
+            )
+            progress.remove_task(task)
+            if outcome.error or outcome.result is None:
+                failed += 1
+                typer.echo(f"series {uid}: FAILED: {outcome.error}")
+                continue
+            seconds = sum(outcome.result.timings.values())
+            typer.echo(f"series {uid}: {outcome.files} files, {seconds:.1f} s -> {outcome.output}")
+            for region in outcome.result.regions:
+                values = ", ".join(
+                    f"{m.concept.meaning} {m.value:g} {m.unit.value}" for m in region.measurements
+                )
+                typer.echo(f"  {region.name}: {values}")
+            for finding in outcome.result.findings:
+                typer.echo(f"  {finding.concept.meaning}: p={finding.probability:.3f}")
+    raise typer.Exit(1 if failed else 0)
 
 
 @jobs_app.command("list")
@@ -251,10 +322,14 @@ def _queue(engine):  # type: ignore[no-untyped-def]
     return JobQueue(engine)
 
 
-def _pipeline_names() -> set[str]:
-    from pipelines.registry import available_pipelines
+def _pipelines(settings: Settings | None):  # type: ignore[no-untyped-def]
+    from pipelines.registry import build_pipelines
 
-    return set(available_pipelines())
+    try:
+        return build_pipelines(settings.pipelines if settings else None)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
 
 
 def _is_dicom(path: Path) -> bool:

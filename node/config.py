@@ -24,6 +24,8 @@ from pydantic import (
 )
 from sqlalchemy.engine import make_url
 
+from pipelines.settings import PipelineSettings, VolumeSettings
+
 ENV_PREFIX = "AINODE_"
 ENV_SEPARATOR = "__"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
@@ -152,6 +154,8 @@ class Settings(_Section):
     completion: CompletionSettings = CompletionSettings()
     routing: RoutingSettings = RoutingSettings()
     workers: WorkerSettings = WorkerSettings()
+    volume: VolumeSettings = VolumeSettings()
+    pipelines: dict[str, PipelineSettings] = {}
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
@@ -243,8 +247,12 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     rules_file = settings.routing.rules_file
     if rules_file is not None and not rules_file.is_absolute():
         rules_file = (base / rules_file).resolve()
+    pipelines = {
+        name: _with_model_path(pipeline, base) for name, pipeline in settings.pipelines.items()
+    }
     return settings.model_copy(
         update={
+            "pipelines": pipelines,
             "routing": settings.routing.model_copy(update={"rules_file": rules_file}),
             "storage": settings.storage.model_copy(update={"path": storage.resolve()}),
             "database": settings.database.model_copy(
@@ -252,3 +260,10 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             ),
         }
     )
+
+
+def _with_model_path(pipeline: PipelineSettings, base: Path) -> PipelineSettings:
+    if pipeline.model is None or pipeline.model.path.is_absolute():
+        return pipeline
+    model = pipeline.model.model_copy(update={"path": (base / pipeline.model.path).resolve()})
+    return pipeline.model_copy(update={"model": model})

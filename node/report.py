@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Association, Series, Study
 from node.queue import JobView
+from pipelines.base import Pipeline
 
 
 class SeriesStatus(BaseModel):
@@ -48,6 +49,13 @@ class RulesStatus(BaseModel):
     error: str | None
 
 
+class PipelineStatus(BaseModel):
+    name: str
+    version: str
+    available: bool
+    problem: str | None
+
+
 class StatusReport(BaseModel):
     """The JSON of `ainode status --json`."""
 
@@ -56,6 +64,7 @@ class StatusReport(BaseModel):
     open_associations: list[AssociationStatus]
     jobs: list[JobView] = []
     rules: RulesStatus | None = None
+    pipelines: list[PipelineStatus] = []
 
 
 def build_report(sessions: sessionmaker[Session]) -> StatusReport:
@@ -147,6 +156,9 @@ def render_text(report: StatusReport) -> str:
                 f"from {s.calling_ae or '-'}  {s.series_description or ''}".rstrip()
             )
     lines.extend(render_job(job) for job in report.jobs)
+    for pipeline in report.pipelines:
+        state = "ready" if pipeline.available else f"UNAVAILABLE: {pipeline.problem}"
+        lines.append(f"pipeline {pipeline.name} {pipeline.version}  {state}")
     if report.rules is not None and report.rules.error:
         lines.append(
             f"routing rules INVALID (the node keeps the last good ones):\n{report.rules.error}"
@@ -156,3 +168,15 @@ def render_text(report: StatusReport) -> str:
         for a in report.open_associations:
             lines.append(f"  {a.id}  {a.calling_ae} -> {a.called_ae}  since {a.opened_at:%H:%M:%S}")
     return "\n".join(lines)
+
+
+def pipeline_statuses(pipelines: dict[str, Pipeline]) -> list[PipelineStatus]:
+    statuses = []
+    for name, pipeline in sorted(pipelines.items()):
+        problem = pipeline.problem()
+        statuses.append(
+            PipelineStatus(
+                name=name, version=pipeline.version, available=problem is None, problem=problem
+            )
+        )
+    return statuses

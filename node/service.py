@@ -30,7 +30,7 @@ from node.retention import RetentionSweeper
 from node.routing.router import Router, RulesSource
 from node.storage import InstanceStore
 from node.worker import retry_policy, run_worker_process
-from pipelines.registry import available_pipelines
+from pipelines.registry import build_pipelines
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,12 @@ class NodeService:
     def _schedule(self, receiver: Receiver) -> None:
         settings = self.settings
         queue = JobQueue(receiver.engine, retry_policy(settings))
-        rules = RulesSource(settings.routing.rules_file, available_pipelines(), {*settings.peers})
+        pipelines = build_pipelines(settings.pipelines)
+        for name, pipeline in sorted(pipelines.items()):
+            problem = pipeline.problem()
+            if problem:
+                log.warning("pipeline %s is unavailable: %s", name, problem)
+        rules = RulesSource(settings.routing.rules_file, set(pipelines), {*settings.peers})
         rules.current()
         if settings.routing.rules_file is None:
             log.warning("no routing.rules_file: series are stored, not processed")

@@ -85,6 +85,15 @@ class InstanceStore:
         for leftover in self._incoming.iterdir():
             leftover.unlink(missing_ok=True)
 
+    def results_of(self, study_uid: str, series_uid: str, revision: int, pipeline: str) -> Path:
+        """Where a pipeline's result for a series revision lives (beside the study's files, so
+        retention removes both together)."""
+        study = check_uid(study_uid, "StudyInstanceUID")
+        series = check_uid(series_uid, "SeriesInstanceUID")
+        if not pipeline.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"pipeline name {pipeline!r} cannot be a folder name")
+        return self.root / study / "results" / series / f"r{revision}-{pipeline}"
+
     def path_of(self, key: InstanceKey) -> Path:
         return self.root / key.relative_path
 

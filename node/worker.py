@@ -21,8 +21,10 @@ from node.db.engine import make_engine
 from node.db.models import Instance
 from node.logs import configure_logging
 from node.queue import ClaimedJob, JobQueue, RetryPolicy
-from pipelines.base import BadInput, Pipeline, SeriesInput
-from pipelines.registry import available_pipelines
+from node.storage import InstanceStore
+from pipelines.base import BadInput, Pipeline, Unavailable
+from pipelines.registry import build_pipelines
+from pipelines.volume import load_volume
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ class Worker:
         self._settings = settings
         self._engine = make_engine(settings.database.url)
         self.queue = JobQueue(self._engine, retry_policy(settings))
-        self._pipelines: dict[str, Pipeline] = available_pipelines()
+        self._store = InstanceStore(settings.storage.path)
+        self._pipelines: dict[str, Pipeline] = build_pipelines(settings.pipelines)
 
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue had nothing runnable."""
@@ -65,6 +68,10 @@ class Worker:
         except BadInput as exc:
             state = self.queue.fail(job.id, self.name, f"bad input: {exc}", permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, exc)
+        except Unavailable as exc:
+            detail = f"pipeline {job.pipeline} unavailable: {exc}"
+            state = self.queue.fail(job.id, self.name, detail, permanent=True)
+            log.warning("job %d failed (%s): %s", job.id, state, detail)
         except Exception as exc:
             detail = "".join(traceback.format_exception_only(exc)).strip()
             state = self.queue.fail(job.id, self.name, detail, permanent=False)
@@ -90,15 +97,28 @@ class Worker:
         pipeline = self._pipelines.get(job.pipeline)
         if pipeline is None:
             raise BadInput(f"pipeline {job.pipeline!r} is not installed on this node")
+        problem = pipeline.problem()
+        if problem:
+            raise Unavailable(problem)
         with self._engine.connect() as conn:
             paths = conn.execute(
                 select(Instance.path).where(
                     Instance.series_id == job.series_id, Instance.revision <= job.revision
                 )
             ).scalars()
-            files = tuple(self._settings.storage.path / p for p in paths)
-        series = SeriesInput(job.series_instance_uid, job.revision, files)
-        return {"pipeline": pipeline.name, "version": pipeline.version, **pipeline.run(series)}
+            files = [self._settings.storage.path / p for p in paths]
+        if not files:
+            raise BadInput("the series has no stored instances")
+        clock = time.perf_counter()
+        volume = load_volume(files, self._settings.volume.options(), pipeline.requirements)
+        loaded = time.perf_counter() - clock
+        result = pipeline.run(volume)
+        result.timings = {"load": loaded, **result.timings}
+        folder = self._store.results_of(
+            volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
+        )
+        result.save(folder)
+        return {**result.as_json(), "output": str(folder), "dropped": list(volume.dropped)}
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
         lease = self._settings.workers.lease_seconds

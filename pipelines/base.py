@@ -1,29 +1,51 @@
-"""What every pipeline is: a name, a version, and `run(series) -> result`."""
+"""What every pipeline is: a name, a version, its requirements, and `run(volume) -> result`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from pipelines.result import PipelineResult
+    from pipelines.volume import Volume
+
+
+DevicePreference = Literal["auto", "cuda", "cpu"]
 
 
 class BadInput(Exception):
     """The series cannot be processed by this pipeline; retrying will not help."""
 
 
-@dataclass(frozen=True)
-class SeriesInput:
-    """A complete series revision as stored by the node."""
+class Unavailable(Exception):
+    """The pipeline cannot run on this node (missing or corrupt model); no job can succeed."""
 
-    series_instance_uid: str
-    revision: int
-    files: tuple[Path, ...]
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a series must be for a pipeline to accept it, checked on headers before decoding."""
+
+    modalities: tuple[str, ...] = ("CT",)
+    min_slices: int = 3
+    max_slice_thickness_mm: float | None = None
+    body_parts: tuple[str, ...] = ()
+    min_coverage_mm: float | None = None
+
+
+Stage = Callable[[str], None]
+"""Called with the name of each stage a pipeline enters (for progress bars and timings)."""
 
 
 class Pipeline(Protocol):
     name: str
     version: str
+    requirements: Requirements
 
-    def run(self, series: SeriesInput) -> dict[str, object]:
-        """Process the series; raise BadInput for input it cannot handle."""
+    def problem(self) -> str | None:
+        """Why the pipeline cannot run here (e.g. its weights are missing), else None."""
+        ...
+
+    def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
+        """Process the volume; raise BadInput for input it cannot handle."""
         ...

@@ -1,38 +1,35 @@
-"""`echo`: records the series geometry and instance count (no AI). Lets routing, the queue
-and the workers be exercised end to end."""
+"""`echo`: loads the volume and reports its geometry, no AI. A quick end-to-end check of
+receiving, routing, the queue and volume loading."""
 
 from __future__ import annotations
 
-import numpy as np
-import pydicom
+from pipelines import codes
+from pipelines.base import Requirements, Stage
+from pipelines.result import Measurement, PipelineResult, Region
+from pipelines.volume import Volume
 
-from pipelines.base import BadInput, SeriesInput
+SLICES = codes.private("SLICES", "Number of slices")
+SLICE_SPACING = codes.private("SLICESPACING", "Slice spacing")
+EXTENT = codes.private("EXTENT", "Scan length along the slice normal")
+NO_UNIT = codes.Code("1", "UCUM", "no units")
 
 
 class EchoPipeline:
     name = "echo"
     version = "1.0"
+    requirements = Requirements(modalities=("CT",), min_slices=3)
 
-    def run(self, series: SeriesInput) -> dict[str, object]:
-        if not series.files:
-            raise BadInput("the series has no stored instances")
-        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
-        first = headers[0]
-        result: dict[str, object] = {
-            "series_instance_uid": series.series_instance_uid,
-            "revision": series.revision,
-            "instances": len(headers),
-            "modality": str(first.get("Modality", "")),
-            "rows": int(first.get("Rows", 0)),
-            "columns": int(first.get("Columns", 0)),
-        }
-        if "PixelSpacing" in first:
-            result["pixel_spacing_mm"] = [float(v) for v in first.PixelSpacing]
-        positions = [h.ImagePositionPatient for h in headers if "ImagePositionPatient" in h]
-        if "ImageOrientationPatient" in first and len(positions) == len(headers):
-            row, column = np.asarray(first.ImageOrientationPatient, dtype=float).reshape(2, 3)
-            along = np.sort(np.asarray(positions, dtype=float) @ np.cross(row, column))
-            result["extent_mm"] = round(float(along[-1] - along[0]), 3)
-            if len(along) > 1:
-                result["slice_spacing_mm"] = round(float(np.median(np.diff(along))), 3)
-        return result
+    def problem(self) -> str | None:
+        return None
+
+    def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
+        slices = volume.voxels.shape[0]
+        spacing = volume.spacing[0]
+        geometry = (
+            Measurement(SLICES, float(slices), NO_UNIT),
+            Measurement(SLICE_SPACING, round(spacing, 3), codes.MILLIMETER),
+            Measurement(EXTENT, round(spacing * (slices - 1), 3), codes.MILLIMETER),
+        )
+        return PipelineResult(
+            self.name, self.version, regions=[Region("Scan", codes.CHEST, geometry)]
+        )

@@ -48,9 +48,10 @@ def test_routed_series_runs_its_pipeline_and_the_other_does_not(
     job = wait_until(lambda: finished_job(node, uid_of(lung)), timeout=30, interval=0.5)
     assert job["pipeline"] == "echo"
     assert job["destinations"] == ["origin"]
-    assert job["result"]["instances"] == 64
-    assert job["result"]["slice_spacing_mm"] == 5.0
-    assert job["result"]["extent_mm"] == 315.0
+    geometry = {
+        m["concept"]["value"]: m["value"] for m in job["result"]["regions"][0]["measurements"]
+    }
+    assert geometry == {"SLICES": 64.0, "SLICESPACING": 5.0, "EXTENT": 315.0}
     assert jobs_of(node, uid_of(body)) == []
     series = node.series()[uid_of(body)]
     assert series["state"] == "complete"

@@ -86,4 +86,66 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
         "open_associations": [],
         "jobs": [],
         "rules": {"file": None, "error": None},
+        "pipelines": [
+            {"name": "echo", "version": "1.0", "available": True, "problem": None},
+            {"name": "lung-quant", "version": "1.0", "available": True, "problem": None},
+        ],
     }
+
+
+def test_run_writes_a_result_per_series_and_reports_failures(
+    tmp_path: Path, real_series: dict[str, list[Path]]
+) -> None:
+    import shutil
+
+    inputs = tmp_path / "in"
+    for index, path in enumerate(real_series["lung-kernel"]):
+        (inputs / "deep" / "folder").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, inputs / "deep" / "folder" / f"x{index}")
+    (inputs / "notes.txt").write_text("not DICOM")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "run",
+            "lung-quant",
+            "--input",
+            str(inputs),
+            "--output",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Both lungs: Volume" in result.stdout
+    (folder,) = (tmp_path / "out").iterdir()
+    written = json.loads((folder / "result.json").read_text())
+    assert written["pipeline"] == "lung-quant" and (folder / "masks.npz").is_file()
+
+    short = tmp_path / "short"
+    short.mkdir()
+    for path in real_series["lung-kernel"][:5]:
+        shutil.copyfile(path, short / path.name)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "run",
+            "lung-quant",
+            "--input",
+            str(short),
+            "--output",
+            str(tmp_path / "out2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 1
+    assert "FAILED: 5 slices; this pipeline needs at least 20" in refused.stdout

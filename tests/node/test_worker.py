@@ -13,21 +13,33 @@ from node.routing.engine import JobRequest
 from node.routing.rules import Priority
 from node.storage import InstanceStore
 from node.worker import Worker
-from pipelines.base import BadInput, SeriesInput
+from pipelines.base import BadInput, Requirements
+from pipelines.echo import EXTENT, SLICES
+from pipelines.volume import Volume
 
 
 class Exploding:
-    name, version = "explode", "0"
+    name, version, requirements = "explode", "0", Requirements()
 
-    def run(self, series: SeriesInput) -> dict[str, object]:
+    def problem(self) -> None:
+        return None
+
+    def run(self, volume: Volume, stage=None):
         raise RuntimeError("CUDA error: device-side assert")
 
 
-class Refusing:
-    name, version = "refuse", "0"
+class Refusing(Exploding):
+    name = "refuse"
 
-    def run(self, series: SeriesInput) -> dict[str, object]:
+    def run(self, volume: Volume, stage=None):
         raise BadInput("not a chest CT")
+
+
+class WithoutWeights(Exploding):
+    name = "no-weights"
+
+    def problem(self) -> str:
+        return "model not found at /models/x"
 
 
 @pytest.fixture
@@ -52,21 +64,31 @@ def worker(engine: Engine, database_url: str, tmp_path: Path, real_series) -> Wo
         receipt = Receipt("a1", "CT", "AINODE", "1.2.840.10008.1.2", len(data), utcnow())
         recorded = catalog.record_instance(meta, receipt, content_changed=True, link=True)
     queue = JobQueue(engine)
-    for pipeline in ("echo", "explode", "refuse", "missing"):
+    for pipeline in ("echo", "explode", "refuse", "missing", "no-weights"):
         request = JobRequest("x", pipeline, ("origin",), Priority.ROUTINE, ("r",))
         queue.enqueue(recorded.series_id, 1, [request])
     worker = Worker(settings, "test-worker")
-    worker._pipelines.update({"explode": Exploding(), "refuse": Refusing()})
+    worker._pipelines.update(
+        {"explode": Exploding(), "refuse": Refusing(), "no-weights": WithoutWeights()}
+    )
     return worker
 
 
 def test_worker_records_each_outcome(worker: Worker) -> None:
-    for _ in range(4):
+    for _ in range(5):
         assert worker.run_once()
     assert not worker.run_once()
     jobs = {job.pipeline: job for job in worker.queue.list()}
     assert jobs["echo"].state == "succeeded"
-    assert jobs["echo"].result["instances"] == 3
+    geometry = {
+        m["concept"]["value"]: m["value"] for m in jobs["echo"].result["regions"][0]["measurements"]
+    }
+    assert geometry == {SLICES.value: 3.0, "SLICESPACING": 5.0, EXTENT.value: 10.0}
+    assert (Path(jobs["echo"].result["output"]) / "result.json").is_file()
+    assert jobs["no-weights"].state == "failed"
+    assert (
+        jobs["no-weights"].error == "pipeline no-weights unavailable: model not found at /models/x"
+    )
     assert jobs["explode"].state == "retrying"
     assert "CUDA error" in jobs["explode"].error
     assert jobs["refuse"].state == "failed"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from node.routing.rules import Priority, RulesError, Trigger, load_rules, parse_rules
+from node.routing.rules import Priority, RulesError, load_rules, parse_rules
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -21,8 +21,8 @@ def check(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 def test_the_shipped_example_is_valid() -> None:
     result = check(REPO / "rules.example.yaml", "--config", str(REPO / "config.example.yaml"))
     assert result.returncode == 0, result.stdout
-    rules = load_rules(REPO / "rules.example.yaml", {"echo"}, {"pacs"})
-    assert [r.trigger for r in rules.rules].count(Trigger.STUDY) == 1
+    rules = load_rules(REPO / "rules.example.yaml", {"lung-quant"}, {"pacs"})
+    assert [r.pipelines for r in rules.rules if not r.discard] == [("lung-quant",)]
     assert rules.default_rules[0].discard
 
 

@@ -1,0 +1,60 @@
+"""Every coded concept the pipelines report, in one place (SNOMED CT, DICOM, UCUM).
+
+A private scheme (`99AINODE`) is used only where no standard code exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Code:
+    value: str
+    scheme: str
+    meaning: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"value": self.value, "scheme": self.scheme, "meaning": self.meaning}
+
+
+def sct(value: str, meaning: str) -> Code:
+    return Code(value, "SCT", meaning)
+
+
+def dcm(value: str, meaning: str) -> Code:
+    return Code(value, "DCM", meaning)
+
+
+def private(value: str, meaning: str) -> Code:
+    return Code(value, "99AINODE", meaning)
+
+
+# Segment categories (CID 7150)
+ANATOMICAL_STRUCTURE = sct("91723000", "Anatomical Structure")
+MORPHOLOGICALLY_ALTERED_STRUCTURE = sct("49755003", "Morphologically Altered Structure")
+TISSUE = sct("85756007", "Tissue")
+
+# Anatomy (CID 7166 / 4)
+LUNG = sct("39607008", "Lung")
+LEFT_LUNG = sct("44029006", "Left lung")
+RIGHT_LUNG = sct("3341006", "Right lung")
+CHEST = sct("51185008", "Chest")
+
+# Morphology
+PULMONARY_EMPHYSEMA = sct("87433001", "Pulmonary emphysema")
+ABNORMAL_OPACITY = dcm("112033", "Abnormal opacity")
+
+# Measurements (CID 6141 and friends)
+VOLUME = sct("118565006", "Volume")
+MEAN_ATTENUATION = dcm("112181", "Mean Attenuation Coefficient")
+PERC15 = private("PERC15", "15th percentile of lung attenuation")
+LAA950 = private("LAA950", "Lung volume below -950 HU")
+HIGH_ATTENUATION = private("HAA", "Lung volume from -700 to -100 HU, vessels excluded")
+
+# Units (UCUM)
+MILLILITER = Code("mL", "UCUM", "milliliter")
+HOUNSFIELD_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+PERCENT = Code("%", "UCUM", "Percent")
+MILLIMETER = Code("mm", "UCUM", "millimeter")
+SQUARE_CENTIMETER = Code("cm2", "UCUM", "square centimeter")

@@ -1,0 +1,35 @@
+"""Where a pipeline runs: `auto` takes the GPU when there is one, else the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from pipelines.base import DevicePreference
+
+
+def resolve_device(preference: DevicePreference) -> torch.device:
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' is configured but no CUDA GPU is available")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def inference_mode(device: torch.device) -> Iterator[None]:
+    """No autograd; mixed precision (AMP) on the GPU."""
+    with torch.inference_mode():
+        if device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                yield
+        else:
+            yield
+
+
+def release(device: torch.device) -> None:
+    """Give cached GPU memory back after a job."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

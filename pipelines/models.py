@@ -1,0 +1,106 @@
+"""Model sources: a MONAI bundle directory or a TorchScript file, checked and loaded once.
+
+A bundle is `configs/metadata.json`, `configs/inference.json` (with `network_def`, and
+usually `preprocessing`, `inferer` and `postprocessing`) and `models/model.ts` or
+`models/model.pt`. Nothing is ever downloaded: a model is where the config says, or the
+pipeline is unavailable with a message saying what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from pipelines.base import Unavailable
+
+BUNDLE_CONFIGS = ("configs/metadata.json", "configs/inference.json")
+BUNDLE_WEIGHTS = ("models/model.ts", "models/model.pt")
+
+
+@dataclass
+class LoadedModel:
+    network: torch.nn.Module
+    device: torch.device
+    bundle: ConfigParser | None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    sha256: str | None = None
+
+    @property
+    def is_bundle(self) -> bool:
+        return self.path.is_dir()
+
+    def weights(self) -> Path:
+        if not self.is_bundle:
+            return self.path
+        return next(
+            (self.path / name for name in BUNDLE_WEIGHTS if (self.path / name).is_file()),
+            self.path / BUNDLE_WEIGHTS[0],
+        )
+
+    def problem(self) -> str | None:
+        """What is missing (cheap: no hashing, no loading), else None."""
+        if not self.path.exists():
+            return f"model not found at {self.path}"
+        if self.is_bundle:
+            missing = [n for n in BUNDLE_CONFIGS if not (self.path / n).is_file()]
+            if not self.weights().is_file():
+                missing.append(" or ".join(BUNDLE_WEIGHTS))
+            if missing:
+                return f"bundle {self.path} lacks {', '.join(missing)}"
+        return None
+
+    def digest(self) -> str:
+        sha = hashlib.sha256()
+        with self.weights().open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                sha.update(chunk)
+        return sha.hexdigest()
+
+    def verify(self) -> str | None:
+        """`problem()`, then the SHA-256 of the weights when the config gives one."""
+        problem = self.problem()
+        if problem is None and self.sha256 and self.digest() != self.sha256.lower():
+            problem = f"{self.weights()} does not match its configured sha256"
+        return problem
+
+    def metadata(self) -> dict[str, object]:
+        if not self.is_bundle or not (self.path / BUNDLE_CONFIGS[0]).is_file():
+            return {}
+        return json.loads((self.path / BUNDLE_CONFIGS[0]).read_text(encoding="utf-8"))
+
+    def bundle_config(self) -> ConfigParser | None:
+        if not self.is_bundle:
+            return None
+        parser = ConfigParser()
+        parser.read_config(str(self.path / BUNDLE_CONFIGS[1]))
+        parser["bundle_root"] = str(self.path)
+        return parser
+
+    def load(self, device: torch.device) -> LoadedModel:
+        """Check and load the network onto `device`; raise Unavailable with the reason."""
+        problem = self.verify()
+        if problem:
+            raise Unavailable(problem)
+        weights = self.weights()
+        parser = self.bundle_config()
+        try:
+            if weights.suffix == ".ts" or parser is None:
+                network = torch.jit.load(str(weights), map_location=device)
+            else:
+                network = parser.get_parsed_content("network_def", instantiate=True)
+                state = torch.load(weights, map_location=device, weights_only=True)
+                if isinstance(state, dict) and "model" in state:
+                    state = state["model"]
+                network.load_state_dict(state)
+        except Exception as exc:
+            raise Unavailable(f"cannot load {weights}: {exc}") from exc
+        return LoadedModel(network.to(device).eval(), device, parser)

@@ -1,0 +1,66 @@
+"""Binary morphology on boolean torch tensors (CPU or GPU), connected components (SciPy, CPU).
+
+Structuring elements are boxes given as radii in voxels per axis (slice, row, column).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+Radii = tuple[int, int, int]
+
+IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def dilate(mask: torch.Tensor, radii: Radii) -> torch.Tensor:
+    """Box dilation as repeated one-voxel shifts along each axis (cheap on CPU and GPU)."""
+    out = mask.clone()
+    for axis, radius in enumerate(radii):
+        for _ in range(radius):
+            grown = out.clone()
+            length = out.shape[axis]
+            grown.narrow(axis, 1, length - 1).logical_or_(out.narrow(axis, 0, length - 1))
+            grown.narrow(axis, 0, length - 1).logical_or_(out.narrow(axis, 1, length - 1))
+            out = grown
+    return out
+
+
+def erode(mask: torch.Tensor, radii: Radii) -> torch.Tensor:
+    return ~dilate(~mask, radii)
+
+
+def opening(mask: torch.Tensor, radii: Radii) -> torch.Tensor:
+    return dilate(erode(mask, radii), radii)
+
+
+def closing(mask: torch.Tensor, radii: Radii) -> torch.Tensor:
+    """Closing that treats outside the volume as background (no shrinking at the borders)."""
+    pad = [r for radius in reversed(radii) for r in (radius, radius)]
+    padded = F.pad(mask, pad)
+    closed = erode(dilate(padded, radii), radii)
+    z, y, x = radii
+    return closed[z : z + mask.shape[0], y : y + mask.shape[1], x : x + mask.shape[2]]
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Fill enclosed holes slice by slice (holes in a chest are 2-D: the lungs in the thorax)."""
+    return ndimage.binary_fill_holes(mask, structure=IN_PLANE)
+
+
+def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label 6-connected components; returns the labels and each component's voxel count."""
+    labels, count = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    return labels, sizes
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, sizes = components(mask)
+    if sizes.max(initial=0) == 0:
+        return np.zeros_like(mask)
+    return labels == int(np.argmax(sizes))

@@ -1,0 +1,67 @@
+"""lung-quant end to end: DCMTK sends a real series to `ainode serve`, the rules route it, a
+worker runs the pipeline, and the result is stored and shown by `status` and `jobs list`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.e2e.test_routing import finished_job, uid_of
+from tests.peers import NodeProcess, storescu, wait_until
+
+LUNG_QUANT_FOR_CT = """
+rules:
+  - name: chest-ct
+    match: {Modality: CT}
+    pipelines: [lung-quant]
+    destinations: [origin]
+"""
+
+
+@pytest.mark.slow
+def test_a_routed_series_is_quantified_by_the_service(
+    start_node: Callable[..., NodeProcess], real_series: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(LUNG_QUANT_FOR_CT)
+    model = tmp_path / "missing-model"
+    node = start_node(
+        routing={"rules_file": str(rules)},
+        pipelines={"lobes": {"type": "bundle-segmentation", "model": {"path": str(model)}}},
+    )
+    files = real_series["body-kernel"]
+    storescu(node.port, files)
+    job = wait_until(lambda: finished_job(node, uid_of(files)), timeout=90, interval=0.5)
+    assert job["pipeline"] == "lung-quant" and job["state"] == "succeeded"
+    regions = {r["name"]: r for r in job["result"]["regions"]}
+    volume = {m["concept"]["meaning"]: m["value"] for m in regions["Both lungs"]["measurements"]}
+    assert 4000 < volume["Volume"] < 7000
+    assert [s["label"] for s in job["result"]["segments"]] == [
+        "Left lung",
+        "Right lung",
+        "Low attenuation area",
+        "High attenuation area",
+    ]
+    output = Path(job["result"]["output"])
+    assert output.is_relative_to(node.storage)
+    masks = np.load(output / "masks.npz")
+    assert np.unpackbits(masks["Left lung"], axis=-1).shape == (64, 512, 512)
+    assert json.loads((output / "result.json").read_text())["regions"] == job["result"]["regions"]
+
+    status = node.status()
+    pipelines = {p["name"]: p for p in status["pipelines"]}
+    assert pipelines["lung-quant"]["available"] is True
+    assert pipelines["lobes"] == {
+        "name": "lobes",
+        "version": "1.0",
+        "available": False,
+        "problem": f"model not found at {model}",
+    }
+    listed = node.cli("jobs", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["result"]["regions"] == job["result"]["regions"]
+    assert "pipeline lobes is unavailable" in node.log()
