@@ -68,7 +68,8 @@ def stacked_series(target: Path, source: Path, slices: int) -> Path:
     headers = sorted(
         (pydicom.dcmread(f) for f in files), key=lambda ds: float(ds.ImagePositionPatient[2])
     )
-    step = float(headers[1].ImagePositionPatient[2]) - float(headers[0].ImagePositionPatient[2])
+    first = float(headers[0].ImagePositionPatient[2])
+    step = float(headers[1].ImagePositionPatient[2]) - first
     series_uid = generate_uid()
     target.mkdir(parents=True, exist_ok=True)
     for k in range(slices):
@@ -77,7 +78,7 @@ def stacked_series(target: Path, source: Path, slices: int) -> Path:
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         x, y, _ = ds.ImagePositionPatient
-        ds.ImagePositionPatient = [x, y, float(headers[0].ImagePositionPatient[2]) + k * step]
+        ds.ImagePositionPatient = [x, y, first + k * step]
         ds.save_as(target / f"{k:04d}.dcm")
     return target
 

@@ -50,6 +50,8 @@ LAA_HU = -950
 HAA_RANGE_HU = (-700, -100)
 VESSEL_HU = -300
 MIN_LUNG_ML = 100.0
+SLAB = 48  # slices processed at a time at full resolution
+HISTOGRAM_MIN, HISTOGRAM_MAX = -1024, 3071
 TRACHEA_MAX_ML = 120.0
 
 LEFT = Segment("Left lung", codes.ANATOMICAL_STRUCTURE, codes.LEFT_LUNG, None, (80, 160, 255))
@@ -175,19 +177,34 @@ def segment_lungs(hu: torch.Tensor, volume: Volume) -> tuple[torch.Tensor, torch
         filled &= body & ~airways & ~torch.from_numpy(other).to(hu.device)
         lungs.append(_upsample(filled, grid.factor, full_shape))
     left_full, right_full = lungs
-    return left_full & ~right_full, right_full & ~left_full
+    overlap = left_full & right_full
+    left_full &= ~overlap
+    right_full &= ~overlap
+    return left_full, right_full
 
 
 def high_attenuation(hu: torch.Tensor, lungs: torch.Tensor, grid: WorkingGrid) -> torch.Tensor:
     """Lung from -700 to -100 HU that is not a vessel, a vessel's partial-volume rim or the
-    lung's own boundary voxels (partial volume with chest wall and diaphragm)."""
+    lung's own boundary voxels (partial volume with chest wall and diaphragm). Computed a slab
+    of slices at a time (with one slice of overlap) to bound memory."""
+    out = torch.zeros_like(lungs)
+    for start in range(0, hu.shape[0], SLAB):
+        low, high = max(0, start - 1), min(hu.shape[0], start + SLAB + 1)
+        slab = _high_attenuation_slab(hu[low:high], lungs[low:high], grid)
+        out[start : start + SLAB] = slab[start - low : start - low + SLAB]
+    return out
+
+
+def _high_attenuation_slab(
+    hu: torch.Tensor, lungs: torch.Tensor, grid: WorkingGrid
+) -> torch.Tensor:
     low, high = HAA_RANGE_HU
     candidate = lungs & (hu >= low) & (hu <= high) & erode(lungs, (1, 1, 1))
     full = (0, max(1, grid.factor // 2), max(1, grid.factor // 2))
     dense = lungs & (hu > VESSEL_HU)
     thin_dense = dense & ~opening(dense, (0, 2 * full[1], 2 * full[2]))
-    vessels = dilate(thin_dense, full)
-    return opening(candidate & ~vessels, full)
+    candidate &= ~dilate(thin_dense, full)
+    return opening(candidate, full)
 
 
 def _airways(
@@ -323,17 +340,26 @@ def _smooth_in_plane(hu: torch.Tensor) -> torch.Tensor:
 
 
 def _downsample(hu: torch.Tensor, factor: int) -> torch.Tensor:
-    values = hu.float()[:, None]
-    if factor > 1:
-        values = F.avg_pool2d(values, factor, ceil_mode=True)
-    return values[:, 0]
+    """Mean HU over factor x factor pixels, a slab of slices at a time."""
+    slabs = []
+    for start in range(0, hu.shape[0], SLAB):
+        values = hu[start : start + SLAB, None].float()
+        if factor > 1:
+            values = F.avg_pool2d(values, factor, ceil_mode=True)
+        slabs.append(values[:, 0])
+    return torch.cat(slabs)
 
 
 def _upsample(mask: torch.Tensor, factor: int, shape: torch.Size) -> torch.Tensor:
+    """Bilinear upsampling of a coarse mask to the full grid, a slab of slices at a time."""
     if factor == 1:
         return mask
-    smooth = F.interpolate(mask[:, None].float(), scale_factor=factor, mode="bilinear")
-    return smooth[:, 0, : shape[1], : shape[2]] >= 0.5
+    out = torch.empty(shape, dtype=torch.bool, device=mask.device)
+    for start in range(0, shape[0], SLAB):
+        slab = mask[start : start + SLAB, None].float()
+        smooth = F.interpolate(slab, scale_factor=factor, mode="bilinear")
+        out[start : start + SLAB] = smooth[:, 0, : shape[1], : shape[2]] >= 0.5
+    return out
 
 
 def _region(
@@ -345,20 +371,19 @@ def _region(
     volume: Volume,
     segment: str | None,
 ) -> Region:
-    voxels = int(torch.count_nonzero(mask))
+    histogram = _histogram(hu, mask)
+    voxels = int(histogram.sum())
     if voxels == 0:
         raise BadInput(f"{name.lower()}: empty after segmentation")
-    values = hu[mask].float()
-    perc15 = float(torch.quantile(values[:: max(1, voxels // 2_000_000)], 0.15))
+    values = torch.arange(HISTOGRAM_MIN, HISTOGRAM_MIN + len(histogram), dtype=torch.float64)
+    mean = float((histogram * values).sum()) / voxels
+    perc15 = float(values[int(torch.searchsorted(histogram.cumsum(0), 0.15 * voxels))])
+    below = int(histogram[: LAA_HU - HISTOGRAM_MIN].sum())
     measurements = (
         Measurement(codes.VOLUME, round(voxels * volume.voxel_volume_ml, 1), codes.MILLILITER),
-        Measurement(codes.MEAN_ATTENUATION, round(float(values.mean()), 1), codes.HOUNSFIELD_UNIT),
+        Measurement(codes.MEAN_ATTENUATION, round(mean, 1), codes.HOUNSFIELD_UNIT),
         Measurement(codes.PERC15, round(perc15, 1), codes.HOUNSFIELD_UNIT),
-        Measurement(
-            codes.LAA950,
-            round(100.0 * int(torch.count_nonzero(values < LAA_HU)) / voxels, 2),
-            codes.PERCENT,
-        ),
+        Measurement(codes.LAA950, round(100.0 * below / voxels, 2), codes.PERCENT),
         Measurement(
             codes.HIGH_ATTENUATION,
             round(100.0 * int(torch.count_nonzero(high & mask)) / voxels, 2),
@@ -368,12 +393,33 @@ def _region(
     return Region(name, site, measurements, segment)
 
 
+def _histogram(hu: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Counts of HU (rounded, from -1024 to 3071) inside `mask`, slab by slab."""
+    bins = HISTOGRAM_MAX - HISTOGRAM_MIN + 1
+    counts = torch.zeros(bins, dtype=torch.float64, device=hu.device)
+    for start in range(0, hu.shape[0], SLAB):
+        inside = hu[start : start + SLAB][mask[start : start + SLAB]]
+        index = (inside.float().round().long() - HISTOGRAM_MIN).clamp(0, bins - 1)
+        counts += torch.bincount(index, minlength=bins).double()
+    return counts.cpu()
+
+
+def _count_per_slice(mask: torch.Tensor) -> torch.Tensor:
+    """True voxels per slice (slab by slab: a reduction over a whole volume upcasts it)."""
+    return torch.cat(
+        [
+            torch.count_nonzero(mask[start : start + SLAB], dim=(1, 2))
+            for start in range(0, mask.shape[0], SLAB)
+        ]
+    ).double()
+
+
 def _slice_profiles(
     lungs: torch.Tensor, high: torch.Tensor, volume: Volume
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """High-attenuation lung per slice: as % of the slice's lung, and as area in cm²."""
-    lung_per_slice = lungs.sum(dim=(1, 2)).double()
-    high_per_slice = (high & lungs).sum(dim=(1, 2)).double()
+    lung_per_slice = _count_per_slice(lungs)
+    high_per_slice = _count_per_slice(high & lungs)
     percent = torch.where(
         lung_per_slice > 0, 100.0 * high_per_slice / lung_per_slice.clamp(min=1), 0.0
     )
