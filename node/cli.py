@@ -241,6 +241,7 @@ def run(
                 lambda name, task=task, uid=uid: progress.update(
                     task, description=f"{uid[-24:]} {name}"
                 ),
+                settings.node.ae_title,
             )
             progress.remove_task(task)
             if outcome.error or outcome.result is None:

@@ -1,7 +1,8 @@
 """`ainode run`: a pipeline on a folder of DICOM files, without the service.
 
 Files are grouped by series; each series is loaded, checked and processed exactly as a
-worker would, and its result written to `OUTPUT/<SeriesInstanceUID>/`.
+worker would, and its result written to `OUTPUT/<SeriesInstanceUID>/`: result.json, masks.npz,
+and the DICOM objects (seg.dcm, sr.dcm).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from node.results.encode import encode_result
+from node.results.identity import ResultIdentity
 from pipelines.base import BadInput, Pipeline, Unavailable
 from pipelines.result import PipelineResult
 from pipelines.volume import Progress, VolumeOptions, load_volume
@@ -50,6 +53,7 @@ def run_series(
     options: VolumeOptions,
     decoded: Progress,
     stage: Callable[[str], None],
+    station: str = "AINODE",
 ) -> OfflineRun:
     run = OfflineRun(uid, len(files))
     try:
@@ -66,6 +70,11 @@ def run_series(
         return run
     result.timings = {"load": loaded, **result.timings}
     run.output = output / uid
+    stage("encode")
+    identity = ResultIdentity(pipeline.name, pipeline.version, uid, 1, station)
+    clock = time.perf_counter()
+    encode_result(result, volume, identity, run.output)
+    result.timings["encoding"] = time.perf_counter() - clock
     result.save(run.output)
     run.result = result
     return run

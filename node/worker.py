@@ -21,6 +21,8 @@ from node.db.engine import make_engine
 from node.db.models import Instance
 from node.logs import configure_logging
 from node.queue import ClaimedJob, JobQueue, RetryPolicy
+from node.results.encode import encode_result
+from node.results.identity import ResultIdentity
 from node.storage import InstanceStore
 from pipelines.base import BadInput, Pipeline, Unavailable
 from pipelines.registry import build_pipelines
@@ -117,8 +119,23 @@ class Worker:
         folder = self._store.results_of(
             volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
         )
+        identity = ResultIdentity(
+            pipeline.name,
+            pipeline.version,
+            job.series_instance_uid,
+            job.revision,
+            self._settings.node.ae_title,
+        )
+        clock = time.perf_counter()
+        objects = encode_result(result, volume, identity, folder)
+        result.timings["encoding"] = time.perf_counter() - clock
         result.save(folder)
-        return {**result.as_json(), "output": str(folder), "dropped": list(volume.dropped)}
+        return {
+            **result.as_json(),
+            "output": str(folder),
+            "objects": [path.name for path in objects],
+            "dropped": list(volume.dropped),
+        }
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
         lease = self._settings.workers.lease_seconds

@@ -62,7 +62,7 @@ def _base(geometry: Geometry, study: str, series: str, sop_class: str) -> Datase
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
     ds.Modality = "CT"
     ds.PatientName, ds.PatientID = "Phantom^Test", "PHANTOM1"
-    ds.FrameOfReferenceUID = generate_uid()
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study, "frame-of-reference"])
     ds.Rows, ds.Columns = geometry.rows, geometry.columns
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from tests.e2e.test_routing import finished_job, uid_of
@@ -51,6 +52,9 @@ def test_a_routed_series_is_quantified_by_the_service(
     masks = np.load(output / "masks.npz")
     assert np.unpackbits(masks["Left lung"], axis=-1).shape == (64, 512, 512)
     assert json.loads((output / "result.json").read_text())["regions"] == job["result"]["regions"]
+    assert job["result"]["objects"] == ["seg.dcm", "sr.dcm"]
+    seg = pydicom.dcmread(output / "seg.dcm", stop_before_pixels=True)
+    assert seg.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
 
     status = node.status()
     pipelines = {p["name"]: p for p in status["pipelines"]}

@@ -126,6 +126,7 @@ def test_run_writes_a_result_per_series_and_reports_failures(
     (folder,) = (tmp_path / "out").iterdir()
     written = json.loads((folder / "result.json").read_text())
     assert written["pipeline"] == "lung-quant" and (folder / "masks.npz").is_file()
+    assert (folder / "seg.dcm").is_file() and (folder / "sr.dcm").is_file()
 
     short = tmp_path / "short"
     short.mkdir()

@@ -1,0 +1,44 @@
+"""Encode a pipeline result for one series revision: SEG (when there are masks) and SR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from node.results.identity import ResultIdentity, with_type2_attributes
+from node.results.seg import build_segmentation
+from node.results.sr import build_report
+from pipelines.result import PipelineResult
+from pipelines.volume import Volume
+
+SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
+
+
+def source_headers(volume: Volume) -> list[Dataset]:
+    """The source images' headers in volume order (one per file for multi-frame images)."""
+    headers: dict[Path, Dataset] = {}
+    for source in volume.sources:
+        if source.path not in headers:
+            ds = pydicom.dcmread(source.path, stop_before_pixels=True)
+            headers[source.path] = with_type2_attributes(ds)
+    return list(headers.values())
+
+
+def encode_result(
+    result: PipelineResult, volume: Volume, identity: ResultIdentity, folder: Path
+) -> list[Path]:
+    """Write seg.dcm and sr.dcm to `folder`; returns the files written."""
+    sources = source_headers(volume)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    segmentation = None
+    if result.masks:
+        segmentation = build_segmentation(result, volume, sources, identity)
+        segmentation.save_as(folder / SEG_FILE, enforce_file_format=True)
+        written.append(folder / SEG_FILE)
+    report = build_report(result, sources, segmentation, identity)
+    report.save_as(folder / SR_FILE, enforce_file_format=True)
+    written.append(folder / SR_FILE)
+    return written

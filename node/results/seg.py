@@ -1,0 +1,84 @@
+"""A pipeline's masks as one BINARY DICOM Segmentation over the source series."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code as DicomCode
+
+from node.results.identity import MANUFACTURER, NOT_FOR_DIAGNOSIS, ResultIdentity
+from pipelines.codes import Code
+from pipelines.result import Mask, PipelineResult
+from pipelines.volume import Volume
+
+SEG_SERIES_NUMBER = 9001
+
+
+def dicom_code(code: Code) -> DicomCode:
+    return DicomCode(code.value, code.scheme, code.meaning)
+
+
+def cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
+    return hd.color.CIELabColor.from_rgb(*rgb)
+
+
+def segment_numbers(result: PipelineResult) -> dict[str, int]:
+    """Segment number of each mask, by segment label (1-based, in result order)."""
+    return {mask.segment.label: number for number, mask in enumerate(result.masks, start=1)}
+
+
+def build_segmentation(
+    result: PipelineResult, volume: Volume, sources: list[Dataset], identity: ResultIdentity
+) -> hd.seg.Segmentation:
+    """One frame per source slice and segment, empty frames kept (viewers place frames by
+    their source image; omitting empty ones misplaces segments in some of them)."""
+    frames = _frames_in_source_order(result.masks, volume, sources)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=mask.segment.label,
+            segmented_property_category=dicom_code(mask.segment.category),
+            segmented_property_type=dicom_code(mask.segment.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identity.algorithm(),
+            tracking_uid=identity.uid(f"segment-{number}"),
+            tracking_id=mask.segment.label,
+            anatomic_regions=(
+                [dicom_code(mask.segment.anatomic_region)] if mask.segment.anatomic_region else None
+            ),
+            display_color=cielab(mask.segment.color_rgb),
+        )
+        for number, mask in enumerate(result.masks, start=1)
+    ]
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=identity.uid("seg-series"),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=identity.uid("seg"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=identity.pipeline,
+        software_versions=identity.version,
+        device_serial_number=identity.station,
+        content_description=NOT_FOR_DIAGNOSIS,
+        content_label=identity.pipeline.upper().replace("-", "_")[:16],
+        series_description=identity.series_description,
+        omit_empty_frames=False,
+        contributing_equipment=[identity.contributing_equipment()],
+    )
+
+
+def _frames_in_source_order(
+    masks: list[Mask], volume: Volume, sources: list[Dataset]
+) -> np.ndarray:
+    """(frames, rows, columns, segments) in the order highdicom pairs frames with sources:
+    one frame per single-frame source, or the frames of one multi-frame source in file order."""
+    stacked = np.stack([mask.array for mask in masks], axis=-1)
+    if len(sources) == len(volume.sources):
+        return stacked
+    order = np.argsort([s.frame_number or 0 for s in volume.sources])
+    return stacked[order]

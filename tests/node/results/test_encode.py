@@ -1,0 +1,119 @@
+"""SEG and SR of a real lung-quant result: valid (dciodvfy), readable (dsrdump), in the source
+study, referencing the right source slices, carrying the pipeline's values, stable UIDs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from node.results.encode import encode_result
+from node.results.identity import ResultIdentity
+from pipelines.echo import EchoPipeline
+from pipelines.lung_quant import LungQuantPipeline
+from pipelines.volume import load_volume
+from tests.phantoms import Geometry, chest, write_series
+
+
+def validate(path: Path) -> str:
+    """dciodvfy's report; the test fails on any error line."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    report = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+    output = report.stdout + report.stderr
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert not errors, "\n".join(errors)
+    return output
+
+
+@pytest.fixture(scope="module")
+def encoded(real_series, tmp_path_factory: pytest.TempPathFactory):
+    volume = load_volume(real_series["body-kernel"])
+    result = LungQuantPipeline("cpu").run(volume)
+    identity = ResultIdentity("lung-quant", "1.0", volume.series_instance_uid, 1, "AINODE")
+    folder = tmp_path_factory.mktemp("encoded")
+    seg_path, sr_path = encode_result(result, volume, identity, folder)
+    return volume, result, identity, pydicom.dcmread(seg_path), pydicom.dcmread(sr_path)
+
+
+def test_both_objects_pass_dciodvfy(encoded, tmp_path: Path) -> None:
+    *_, seg, sr = encoded
+    for name, ds in (("seg.dcm", seg), ("sr.dcm", sr)):
+        ds.save_as(tmp_path / name)
+        validate(tmp_path / name)
+
+
+def test_seg_frames_reference_the_source_slices_in_order(encoded) -> None:
+    volume, result, _, seg, _ = encoded
+    assert seg.StudyInstanceUID == volume.study_instance_uid
+    assert seg.SeriesDescription == "AI: lung-quant 1.0"
+    assert seg.SegmentationType == "BINARY"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [m.segment.label for m in result.masks]
+    assert all("RecommendedDisplayCIELabValue" in s for s in seg.SegmentSequence)
+    assert seg.NumberOfFrames == 4 * len(volume.sources)  # empty frames kept
+    parsed = hd.seg.Segmentation.from_dataset(seg)
+    for segment_number, mask in enumerate(result.masks, start=1):
+        uids = [s.sop_instance_uid for s in volume.sources]
+        pixels = parsed.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[segment_number]
+        )
+        assert (pixels[..., 0] > 0).sum() == mask.array.sum()
+        assert ((pixels[..., 0] > 0) == mask.array).all()
+    ours = [e for e in seg.ContributingEquipmentSequence if e.Manufacturer == "ainode"]
+    assert [(e.ManufacturerModelName, e.SoftwareVersions) for e in ours] == [("lung-quant", "1.0")]
+
+
+def test_sr_holds_the_pipelines_values_and_dsrdump_reads_it(encoded, tmp_path: Path) -> None:
+    volume, result, _, seg, sr = encoded
+    assert sr.StudyInstanceUID == volume.study_instance_uid
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    assert {str(g.tracking_identifier) for g in groups} == {"Left lung", "Right lung"}
+    for group in groups:
+        region = result.region(str(group.tracking_identifier))
+        values = {m.name.value: m.value for m in group.get_measurements()}
+        assert values == {m.concept.value: pytest.approx(m.value) for m in region.measurements}
+        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    if shutil.which("dsrdump") is None:
+        pytest.skip("dsrdump (DCMTK) is not installed")
+    tree = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, check=True)
+    assert "Imaging Measurement Report" in tree.stdout
+    assert "Tracking Identifier" in tree.stdout and '"Both lungs"' in tree.stdout
+
+
+def test_uids_are_stable_per_series_revision_pipeline_and_version(encoded) -> None:
+    volume, _, identity, seg, sr = encoded
+    assert seg.SOPInstanceUID == identity.uid("seg") and sr.SOPInstanceUID == identity.uid("sr")
+    again = ResultIdentity("lung-quant", "1.0", volume.series_instance_uid, 1, "OTHER")
+    assert again.uid("seg") == seg.SOPInstanceUID
+    revised = ResultIdentity("lung-quant", "1.0", volume.series_instance_uid, 2, "AINODE")
+    assert revised.uid("seg") != seg.SOPInstanceUID
+
+
+def test_type2_attributes_the_source_lacks_are_written_empty(tmp_path: Path) -> None:
+    geometry = Geometry(
+        rows=130,
+        columns=165,
+        pixel_spacing=(2.0, 2.0),
+        origin=(-164.0, -130.0, -100.0),
+        slice_step=5.0,
+        slices=47,
+    )
+    volume = load_volume(write_series(tmp_path / "src", geometry, chest((65, 0, 0), (-65, 0, 0))))
+    assert "PatientBirthDate" not in pydicom.dcmread(volume.sources[0].path)
+    identity = ResultIdentity("lung-quant", "1.0", volume.series_instance_uid, 1, "AINODE")
+    files = encode_result(LungQuantPipeline("cpu").run(volume), volume, identity, tmp_path / "o")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID"):
+            assert keyword in ds and ds[keyword].value in ("", None)
+        validate(path)
+    echo = EchoPipeline().run(volume)
+    (sr_path,) = encode_result(echo, volume, identity, tmp_path / "echo")
+    validate(sr_path)
