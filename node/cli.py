@@ -63,6 +63,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
+    from node.dispatch.dispatcher import list_dispatches
     from node.report import RulesStatus, build_report, pipeline_statuses, render_text
     from node.routing.rules import RulesError, load_rules
 
@@ -75,11 +76,12 @@ def status(
     error = None
     if rules_file is not None:
         try:
-            load_rules(rules_file, set(pipelines), {*settings.peers})
+            load_rules(rules_file, set(pipelines), settings.destination_names())
         except RulesError as exc:
             error = str(exc)
     report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
     report.pipelines = pipeline_statuses(pipelines)
+    report.dispatches = list_dispatches(engine)
     engine.dispose()
     typer.echo(report.model_dump_json(indent=2) if as_json else render_text(report))
 
@@ -115,7 +117,7 @@ def rules_check(
     from node.routing.rules import RulesError, load_rules
 
     settings = _settings(config) if config else None
-    destinations = {*settings.peers} if settings else None
+    destinations = settings.destination_names() if settings else None
     try:
         rules = load_rules(file, set(_pipelines(settings)), destinations)
     except RulesError as exc:
@@ -148,7 +150,7 @@ def rules_explain(
         raise typer.Exit(2)
     try:
         names = set(_pipelines(settings))
-        rules = load_rules(settings.routing.rules_file, names, {*settings.peers})
+        rules = load_rules(settings.routing.rules_file, names, settings.destination_names())
     except RulesError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc

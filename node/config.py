@@ -86,14 +86,44 @@ class DatabaseSettings(_Section):
         return value
 
 
+class TlsSettings(_Section):
+    """TLS for DIMSE to a peer: the CA that signs it and, for mutual TLS, our certificate."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
 class Peer(_Section):
     """A known DICOM application entity: allowed to send, and a place to send results."""
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: TlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DicomWebDestination(_Section):
+    """A STOW-RS endpoint results can be sent to (a DICOMweb base URL)."""
+
+    url: str = Field(pattern=r"^https?://")
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    verify_tls: bool = True
+    ca_file: Path | None = None
+
+
+class DispatchSettings(_Section):
+    """How results are sent, and retried when a destination refuses or is down."""
+
+    max_attempts: int = Field(default=8, ge=1)
+    retry_base_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
 
 
 class CompletionSettings(_Section):
@@ -151,11 +181,13 @@ class Settings(_Section):
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
     peers: dict[str, Peer] = {}
+    dicomweb: dict[str, DicomWebDestination] = {}
     completion: CompletionSettings = CompletionSettings()
     routing: RoutingSettings = RoutingSettings()
     workers: WorkerSettings = WorkerSettings()
     volume: VolumeSettings = VolumeSettings()
     pipelines: dict[str, PipelineSettings] = {}
+    dispatch: DispatchSettings = DispatchSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
@@ -166,6 +198,10 @@ class Settings(_Section):
                 "no one could send to this node"
             )
         return self
+
+    def destination_names(self) -> set[str]:
+        """Names rules may send results to (besides `origin`)."""
+        return {*self.peers, *self.dicomweb}
 
     def peer_by_ae_title(self, ae_title: str) -> Peer | None:
         return next((p for p in self.peers.values() if p.ae_title == ae_title), None)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from node.db.models import Job, JobState, Series, utcnow
+from node.dispatch.records import create_dispatches
 from node.routing.engine import JobRequest
 
 CLAIMABLE = (JobState.QUEUED, JobState.RETRYING)
@@ -162,19 +165,32 @@ class JobQueue:
                 ).rowcount
             )
 
-    def succeed(self, job_id: int, owner: str, result: dict[str, object]) -> bool:
+    def succeed(
+        self,
+        job_id: int,
+        owner: str,
+        result: dict[str, object],
+        objects: Sequence[Path] = (),
+        dispatch_attempts: int = 8,
+    ) -> bool:
+        """Record the result and, in the same transaction, queue sending `objects` to the
+        job's destinations. False when the job was no longer ours (lease lost)."""
         with self._engine.begin() as conn:
-            return bool(
-                conn.execute(
-                    self._owned(job_id, owner).values(
-                        state=JobState.SUCCEEDED,
-                        result=json.dumps(result),
-                        finished_at=utcnow(),
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
-                ).rowcount
-            )
+            owned = conn.execute(
+                self._owned(job_id, owner).values(
+                    state=JobState.SUCCEEDED,
+                    result=json.dumps(result),
+                    finished_at=utcnow(),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+            if owned:
+                destinations = json.loads(
+                    conn.execute(select(Job.destinations).where(Job.id == job_id)).scalar_one()
+                )
+                create_dispatches(conn, job_id, destinations, objects, dispatch_attempts)
+            return bool(owned)
 
     def fail(self, job_id: int, owner: str, error: str, permanent: bool) -> str | None:
         """Record a failure; returns the new state (failed, retrying or dead)."""

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Association, Series, Study
+from node.dispatch.dispatcher import DispatchView
 from node.queue import JobView
 from pipelines.base import Pipeline
 
@@ -65,6 +66,7 @@ class StatusReport(BaseModel):
     jobs: list[JobView] = []
     rules: RulesStatus | None = None
     pipelines: list[PipelineStatus] = []
+    dispatches: list[DispatchView] = []
 
 
 def build_report(sessions: sessionmaker[Session]) -> StatusReport:
@@ -156,6 +158,12 @@ def render_text(report: StatusReport) -> str:
                 f"from {s.calling_ae or '-'}  {s.series_description or ''}".rstrip()
             )
     lines.extend(render_job(job) for job in report.jobs)
+    for d in report.dispatches:
+        problem = f"  error: {d.error.splitlines()[0][:120]}" if d.error else ""
+        lines.append(
+            f"dispatch {d.id:>5}  job {d.job_id} -> {d.destination:<12} {d.state:<9} "
+            f"attempts {d.attempts}  {d.status or ''}{problem}".rstrip()
+        )
     for pipeline in report.pipelines:
         state = "ready" if pipeline.available else f"UNAVAILABLE: {pipeline.problem}"
         lines.append(f"pipeline {pipeline.name} {pipeline.version}  {state}")

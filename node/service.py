@@ -24,6 +24,7 @@ from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import utcnow
 from node.dimse.scp import StorageSCP
+from node.dispatch.dispatcher import Dispatcher
 from node.logs import configure_logging
 from node.queue import JobQueue
 from node.retention import RetentionSweeper
@@ -62,6 +63,7 @@ class NodeService:
         self._spawn = multiprocessing.get_context("spawn")
         self._children: list[tuple[Callable[..., None], tuple[object, ...], BaseProcess]] = []
         self._receiver: Receiver | None = None
+        self._dispatcher: Dispatcher | None = None
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5}
         )
@@ -94,7 +96,9 @@ class NodeService:
             problem = pipeline.problem()
             if problem:
                 log.warning("pipeline %s is unavailable: %s", name, problem)
-        rules = RulesSource(settings.routing.rules_file, set(pipelines), {*settings.peers})
+        rules = RulesSource(
+            settings.routing.rules_file, set(pipelines), settings.destination_names()
+        )
         rules.current()
         if settings.routing.rules_file is None:
             log.warning("no routing.rules_file: series are stored, not processed")
@@ -123,6 +127,11 @@ class NodeService:
         if retention is not None:
             sweeper = RetentionSweeper(receiver.engine, settings.storage.path, retention)
             add(sweeper.sweep, "interval", hours=1, id="retention", next_run_time=utcnow())
+        self._dispatcher = dispatcher = Dispatcher(receiver.engine, settings)
+        interrupted = dispatcher.requeue_interrupted()
+        if interrupted:
+            log.warning("%d dispatches interrupted by an earlier stop go out again", interrupted)
+        add(dispatcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="dispatch")
         if self._children:
             add(self._supervise, "interval", seconds=1, id="supervise")
 
@@ -130,6 +139,8 @@ class NodeService:
         log.info("stopping: refusing new associations")
         # Supervision first: it would take a child we stop for a crashed one and respawn it.
         self._scheduler.shutdown(wait=True)
+        if self._dispatcher is not None:
+            self._dispatcher.close()
         for _, _, child in self._children:
             if child.is_alive():
                 child.terminate()  # SIGTERM: receivers drain, workers finish their job

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -66,7 +67,7 @@ class Worker:
         renewer.start()
         started = time.monotonic()
         try:
-            result = self._execute(job)
+            result, objects = self._execute(job)
         except BadInput as exc:
             state = self.queue.fail(job.id, self.name, f"bad input: {exc}", permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, exc)
@@ -79,7 +80,8 @@ class Worker:
             state = self.queue.fail(job.id, self.name, detail, permanent=False)
             log.warning("job %d error (%s): %s", job.id, state, detail)
         else:
-            if self.queue.succeed(job.id, self.name, result):
+            attempts = self._settings.dispatch.max_attempts
+            if self.queue.succeed(job.id, self.name, result, objects, attempts):
                 log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
             else:
                 log.warning("job %d finished after losing its lease; result dropped", job.id)
@@ -95,7 +97,8 @@ class Worker:
                 stopping.wait(poll)
         self._engine.dispose()
 
-    def _execute(self, job: ClaimedJob) -> dict[str, object]:
+    def _execute(self, job: ClaimedJob) -> tuple[dict[str, object], list[Path]]:
+        """Run the job's pipeline; its summary for the job record and the DICOM objects."""
         pipeline = self._pipelines.get(job.pipeline)
         if pipeline is None:
             raise BadInput(f"pipeline {job.pipeline!r} is not installed on this node")
@@ -130,12 +133,13 @@ class Worker:
         objects = encode_result(result, volume, identity, folder)
         result.timings["encoding"] = time.perf_counter() - clock
         result.save(folder)
-        return {
+        summary = {
             **result.as_json(),
             "output": str(folder),
             "objects": [path.name for path in objects],
             "dropped": list(volume.dropped),
         }
+        return summary, objects
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
         lease = self._settings.workers.lease_seconds

@@ -13,7 +13,14 @@ from sqlalchemy import Engine
 
 from node.db.engine import make_engine
 from node.db.migrate import upgrade
-from tests.peers import DATA, NodeProcess, PostgresServer, free_port, node_settings
+from tests.peers import (
+    DATA,
+    NodeProcess,
+    OrthancServer,
+    PostgresServer,
+    free_port,
+    node_settings,
+)
 
 REAL_SERIES = {
     "covid": DATA / "covid-ct-md" / "covid" / "P001",
@@ -64,11 +71,13 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     """Start `ainode serve` processes; every one is stopped at teardown."""
     started: list[NodeProcess] = []
 
-    def start(database_url: str | None = None, **overrides: Any) -> NodeProcess:
+    def start(
+        database_url: str | None = None, port: int | None = None, **overrides: Any
+    ) -> NodeProcess:
         home = tmp_path / f"node{len(started)}"
         home.mkdir()
         url = database_url or f"sqlite:///{home / 'ainode.db'}"
-        node = NodeProcess(home, free_port(), node_settings(home, 0, url, **overrides))
+        node = NodeProcess(home, port or free_port(), node_settings(home, 0, url, **overrides))
         node.settings["node"]["port"] = node.port
         started.append(node)
         return node.start()
@@ -77,3 +86,13 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     for node in started:
         if node.proc is not None and node.proc.poll() is None:
             node.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    """A private Orthanc that knows a node on `orthanc.node_port` as modality AINODE."""
+    if shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").exists():
+        pytest.skip("Orthanc is not installed")
+    server = OrthancServer(tmp_path / "orthanc", free_port()).start()
+    yield server
+    server.stop()

@@ -211,3 +211,79 @@ class PostgresServer:
     def stop(self) -> None:
         self._as_postgres("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+TOOLS = REPO.parent / "shared" / "tools"
+
+
+class OrthancServer:
+    """A private Orthanc (the PACS) via ../shared/tools/orthanc-up, knowing the node as a
+    modality so it can send studies to it (`POST /modalities/AINODE/store`)."""
+
+    def __init__(self, workdir: Path, node_port: int) -> None:
+        self.workdir = workdir
+        self.node_port = node_port
+        self.env: dict[str, str] = {}
+
+    @property
+    def url(self) -> str:
+        return self.env["ORTHANC_URL"]
+
+    @property
+    def dicomweb_url(self) -> str:
+        return self.env["ORTHANC_DICOMWEB_URL"]
+
+    @property
+    def dicom_port(self) -> int:
+        return int(self.env["ORTHANC_DICOM_PORT"])
+
+    def start(self, ports: tuple[str, str] = ("auto", "auto")) -> OrthancServer:
+        dicom, http = ports
+        subprocess.run(
+            [
+                str(TOOLS / "orthanc-up"),
+                "-p",
+                dicom,
+                "-H",
+                http,
+                "-a",
+                "ORTHANC",
+                "-m",
+                f"AINODE@127.0.0.1:{self.node_port}",
+                str(self.workdir),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        for line in (self.workdir / "orthanc.env").read_text().splitlines():
+            key, _, value = line.partition("=")
+            self.env[key] = value.strip("'\"")
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(
+            [str(TOOLS / "orthanc-down"), str(self.workdir)], capture_output=True, timeout=120
+        )
+
+    def get(self, path: str) -> Any:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, payload: Any) -> Any:
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(payload).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read() or b"null")

@@ -1,13 +1,20 @@
-"""The node as a DIMSE client: C-ECHO to configured peers (C-STORE of results comes later)."""
+"""The node as a DIMSE client: C-ECHO and C-STORE to configured peers."""
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from pynetdicom import AE
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification
 
 from node.config import Peer
+
+SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB007, 0xB006}
 
 
 @dataclass(frozen=True)
@@ -19,15 +26,42 @@ class EchoResult:
     detail: str
 
 
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of sending files: ok when every one was stored (success or warning)."""
+
+    ok: bool
+    detail: str
+
+
+def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    if peer.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(peer.tls.ca_file))
+    if peer.tls.cert_file is not None:
+        key = str(peer.tls.key_file) if peer.tls.key_file else None
+        context.load_cert_chain(str(peer.tls.cert_file), key)
+    return context, peer.host
+
+
+def _associate(ae: AE, peer: Peer) -> tuple[Association | None, str]:
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls_args(peer))
+    if assoc.is_established:
+        return assoc, ""
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if assoc.is_rejected:
+        return None, f"association rejected by {where}"
+    return None, f"no association with {where} (down, unreachable or aborted)"
+
+
 def echo(local_ae_title: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
     """Open an association to `peer`, send C-ECHO, release."""
     ae = AE(ae_title=local_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        return EchoResult(False, None, f"association {reason}: {peer.host}:{peer.port}")
+    assoc, problem = _associate(ae, peer)
+    if assoc is None:
+        return EchoResult(False, None, problem)
     try:
         response = assoc.send_c_echo()
     finally:
@@ -36,3 +70,41 @@ def echo(local_ae_title: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
     if code is None:
         return EchoResult(False, None, "no response to C-ECHO")
     return EchoResult(code == 0, code, f"status 0x{code:04X}")
+
+
+def store(
+    local_ae_title: str, peer: Peer, files: Sequence[Path], timeout: float = 30.0
+) -> StoreResult:
+    """C-STORE every file in one association. Each SOP class is proposed in the file's own
+    transfer syntax and in Explicit VR Little Endian, so a peer that refuses the first still
+    gets the objects."""
+    datasets = [pydicom.dcmread(path) for path in files]
+    ae = AE(ae_title=local_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        syntaxes = {
+            str(ds.file_meta.TransferSyntaxUID) for ds in datasets if ds.SOPClassUID == sop_class
+        }
+        ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian}))
+    assoc, problem = _associate(ae, peer)
+    if assoc is None:
+        return StoreResult(False, problem)
+    stored, failures = 0, []
+    try:
+        for ds in datasets:
+            response = assoc.send_c_store(ds)
+            code = int(response.Status) if "Status" in response else None
+            if code in SUCCESS_OR_WARNING:
+                stored += 1
+                continue
+            comment = str(response.get("ErrorComment", "")).strip()
+            status = "no response" if code is None else f"status 0x{code:04X}"
+            failures.append(f"{ds.SOPInstanceUID}: {status}{f' ({comment})' if comment else ''}")
+            if code is None:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if failures:
+        return StoreResult(False, f"{stored} of {len(datasets)} stored; " + "; ".join(failures))
+    return StoreResult(True, f"{stored} of {len(datasets)} stored")

@@ -90,6 +90,7 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
             {"name": "echo", "version": "1.0", "available": True, "problem": None},
             {"name": "lung-quant", "version": "1.0", "available": True, "problem": None},
         ],
+        "dispatches": [],
     }
 
 

@@ -1,0 +1,1 @@
+"""Sending result objects to their destinations: DIMSE C-STORE or DICOMweb STOW-RS."""

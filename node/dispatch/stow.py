@@ -1,0 +1,49 @@
+"""STOW-RS of result objects to a DICOMweb server (dicomweb-client)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from node.config import DicomWebDestination
+from node.dimse.scu import StoreResult
+
+
+def _session(destination: DicomWebDestination) -> requests.Session:
+    session = requests.Session()
+    session.verify = str(destination.ca_file) if destination.ca_file else destination.verify_tls
+    if destination.token:
+        session.headers["Authorization"] = f"Bearer {destination.token}"
+    elif destination.username is not None:
+        session.auth = (destination.username, destination.password or "")
+    return session
+
+
+def stow(destination: DicomWebDestination, files: Sequence[Path], timeout: float) -> StoreResult:
+    """Store the files in one STOW-RS request; ok only when the server lists each as stored
+    (some servers answer 200 with a FailedSOPSequence)."""
+    datasets = [pydicom.dcmread(path) for path in files]
+    client = DICOMwebClient(
+        url=destination.url.rstrip("/"), session=_session(destination), timeout=timeout
+    )
+    client.set_http_retry_params(retry=False)
+    try:
+        response = client.store_instances(datasets)
+    except requests.RequestException as exc:
+        return StoreResult(False, f"STOW-RS to {destination.url} failed: {exc}")
+    stored = {
+        str(item.ReferencedSOPInstanceUID) for item in response.get("ReferencedSOPSequence", [])
+    }
+    failed = [
+        f"{item.ReferencedSOPInstanceUID}: failure reason {item.get('FailureReason', '?')}"
+        for item in response.get("FailedSOPSequence", [])
+    ]
+    missing = [str(ds.SOPInstanceUID) for ds in datasets if str(ds.SOPInstanceUID) not in stored]
+    if failed or missing:
+        detail = "; ".join(failed) or f"not acknowledged: {', '.join(missing)}"
+        return StoreResult(False, f"{len(stored)} of {len(datasets)} stored; {detail}")
+    return StoreResult(True, f"{len(stored)} of {len(datasets)} stored")

@@ -1,0 +1,163 @@
+"""Results back to a real PACS: Orthanc sends a real study to `ainode serve`, lung-quant runs,
+and the SR and SEG arrive in Orthanc, in the same study, by C-STORE or STOW-RS; a PACS that is
+down gets them once it is back; nothing is duplicated."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from tests.e2e.test_routing import uid_of
+from tests.peers import NodeProcess, OrthancServer, free_port, storescu, wait_until
+
+RULES = """
+rules:
+  - name: chest-ct
+    match: {Modality: CT}
+    pipelines: [lung-quant]
+    destinations: [DESTINATIONS]
+"""
+
+
+def start_node_for(
+    start_node: Callable[..., NodeProcess],
+    orthanc: OrthancServer,
+    tmp_path: Path,
+    destinations: str,
+) -> NodeProcess:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("DESTINATIONS", destinations))
+    return start_node(
+        port=orthanc.node_port,
+        routing={"rules_file": str(rules)},
+        peers={
+            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+            "offline": {"ae_title": "GONE", "host": "127.0.0.1", "port": free_port()},
+        },
+        dicomweb={"pacs-web": {"url": orthanc.dicomweb_url}},
+        dispatch={"retry_base_seconds": 1, "retry_max_seconds": 2},
+    )
+
+
+def upload_and_send(orthanc: OrthancServer, files: list[Path]) -> str:
+    """Store the series in Orthanc, then have Orthanc send its study to the node."""
+    storescu(orthanc.dicom_port, files, calling_ae="TESTSCU", called_ae="ORTHANC")
+    (study,) = orthanc.get("/studies")
+    orthanc.post("/modalities/AINODE/store", {"Resources": [study], "Synchronous": True})
+    return study
+
+
+def series_by_modality(orthanc: OrthancServer, study: str) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for series in orthanc.get(f"/studies/{study}/series"):
+        found.setdefault(series["MainDicomTags"]["Modality"], []).append(series)
+    return found
+
+
+def results_in(orthanc: OrthancServer, study: str) -> dict[str, list[dict]] | None:
+    found = series_by_modality(orthanc, study)
+    return found if "SR" in found and "SEG" in found else None
+
+
+def instance_file(orthanc: OrthancServer, series: dict, folder: Path) -> Path:
+    (instance,) = series["Instances"]
+    path = folder / f"{instance}.dcm"
+    path.write_bytes(orthanc.get(f"/instances/{instance}/file"))
+    return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    report = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+    return [
+        line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")
+    ]
+
+
+@pytest.mark.slow
+def test_results_arrive_in_the_same_study_by_c_store(
+    start_node, orthanc: OrthancServer, real_series, tmp_path: Path
+) -> None:
+    node = start_node_for(start_node, orthanc, tmp_path, "origin, offline")
+    files = real_series["body-kernel"]
+    study = upload_and_send(orthanc, files)
+    found = wait_until(lambda: results_in(orthanc, study), timeout=120, interval=1)
+    assert len(found["SR"]) == 1 and len(found["SEG"]) == 1
+
+    sr_path = instance_file(orthanc, found["SR"][0], tmp_path)
+    seg_path = instance_file(orthanc, found["SEG"][0], tmp_path)
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(seg_path) == []
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    sr, seg = pydicom.dcmread(sr_path), pydicom.dcmread(seg_path)
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID == source.StudyInstanceUID
+
+    (job,) = [j for j in node.status()["jobs"] if j["series_instance_uid"] == uid_of(files)]
+    expected = {
+        r["name"]: {m["concept"]["value"]: m["value"] for m in r["measurements"]}
+        for r in job["result"]["regions"]
+    }
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    for group in report.content.get_volumetric_roi_measurement_groups():
+        values = {m.name.value: m.value for m in group.get_measurements()}
+        assert values == pytest.approx(expected[str(group.tracking_identifier)])
+    source_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    referenced = {
+        str(item.ReferencedSOPInstanceUID)
+        for frame in seg.PerFrameFunctionalGroupsSequence
+        for item in frame.DerivationImageSequence[0].SourceImageSequence
+    }
+    assert referenced == source_uids
+
+    # one destination down never holds back another
+    dispatches = {d["destination"]: d for d in node.status()["dispatches"]}
+    assert dispatches["origin"]["state"] == "succeeded"
+    assert dispatches["origin"]["status"] == "2 of 2 stored"
+    assert dispatches["offline"]["state"] in ("retrying", "running")
+
+    # the same study sent again, and the job run again: still one SR and one SEG
+    orthanc.post("/modalities/AINODE/store", {"Resources": [study], "Synchronous": True})
+    assert node.cli("jobs", "retry", str(job["id"])).returncode == 0
+
+    def resent() -> bool:
+        origin = next(d for d in node.status()["dispatches"] if d["destination"] == "origin")
+        first = dispatches["origin"]["finished_at"]
+        return origin["state"] == "succeeded" and origin["finished_at"] != first
+
+    wait_until(resent, timeout=120, interval=1)
+    offline = next(d for d in node.status()["dispatches"] if d["destination"] == "offline")
+    assert "no association with GONE@127.0.0.1" in offline["error"]
+    again = series_by_modality(orthanc, study)
+    assert len(again["SR"]) == 1 and len(again["SEG"]) == 1
+    assert len(again["SR"][0]["Instances"]) == 1 and len(again["SEG"][0]["Instances"]) == 1
+
+
+@pytest.mark.slow
+def test_stow_rs_to_a_pacs_that_was_down_delivers_once_it_is_back(
+    start_node, orthanc: OrthancServer, real_series, tmp_path: Path
+) -> None:
+    node = start_node_for(start_node, orthanc, tmp_path, "pacs-web")
+    files = real_series["lung-kernel"]
+    storescu(orthanc.dicom_port, files, calling_ae="TESTSCU", called_ae="ORTHANC")
+    (study,) = orthanc.get("/studies")
+    ports = (str(orthanc.dicom_port), orthanc.env["ORTHANC_HTTP_PORT"])
+    orthanc.post("/modalities/AINODE/store", {"Resources": [study], "Synchronous": True})
+    orthanc.stop()
+
+    def failed_once() -> bool:
+        dispatches = node.status()["dispatches"]
+        return bool(dispatches) and dispatches[0]["state"] == "retrying"
+
+    wait_until(failed_once, timeout=120, interval=1)
+    assert "STOW-RS" in node.status()["dispatches"][0]["error"]
+    orthanc.start(ports)
+    found = wait_until(lambda: results_in(orthanc, study), timeout=60, interval=1)
+    assert len(found["SR"]) == 1 and len(found["SEG"]) == 1
+    (dispatch,) = node.status()["dispatches"]
+    assert dispatch["state"] == "succeeded" and dispatch["attempts"] >= 2
+    assert dispatch["status"] == "2 of 2 stored"
