@@ -24,14 +24,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-SERIES = {
-    "covid P001": DATA / "covid-ct-md/covid/P001",
-    "cap cap001": DATA / "covid-ct-md/cap/cap001",
-    "normal001": DATA / "covid-ct-md/normal/normal001",
-    "A0001 lung kernel": DATA / "lung-pet-ct-dx/A0001/series-2",
-    "A0001 body kernel": DATA / "lung-pet-ct-dx/A0001/series-3",
-}
+from tests.peers import DATA, REAL_SERIES
 
 
 def one(folder: Path, device: str) -> dict[str, float]:
@@ -95,9 +88,9 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"no data at {DATA}")
     with tempfile.TemporaryDirectory() as tmp:
-        cases = dict(SERIES)
+        cases = dict(REAL_SERIES)
         cases["600 slices (P001 x4)"] = stacked_series(
-            Path(tmp) / "s600", SERIES["covid P001"], 600
+            Path(tmp) / "s600", REAL_SERIES["covid"], 600
         )
         print(f"lung-quant, device {args.device}, medians of {args.runs} runs")
         print(

@@ -2,7 +2,8 @@
 # Install ainode on Debian 12: system packages, a virtual environment in ./.venv, the node.
 #   deploy/install.sh          the node (CPU build of torch)
 #   deploy/install.sh --test   the node, its test extras, and the test peers
-#                              (DCMTK, dicom3tools, Orthanc, PostgreSQL)
+#                              (DCMTK, dicom3tools, Orthanc, PostgreSQL, and Chromium,
+#                              nginx and npm for the OHIF viewer check)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,9 @@ with_tests=false
 sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 packages=(python3 python3-venv python3-dev gcc dcmtk)
-$with_tests && packages+=(dicom3tools orthanc orthanc-dicomweb postgresql curl)
+$with_tests && packages+=(dicom3tools orthanc orthanc-dicomweb postgresql curl chromium nginx-light)
+# npm fetches the OHIF build once for the viewer check; a node.js installed otherwise may ship it.
+$with_tests && ! command -v npm >/dev/null && packages+=(npm)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

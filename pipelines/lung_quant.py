@@ -63,6 +63,7 @@ LOW = Segment(
     codes.LUNG,
     (40, 220, 220),
 )
+SPANS_BOTH = (LEFT.label, RIGHT.label)
 HIGH = Segment(
     "High attenuation area",
     codes.MORPHOLOGICALLY_ALTERED_STRUCTURE,
@@ -137,7 +138,7 @@ class LungQuantPipeline:
         regions = [
             _region("Left lung", codes.LEFT_LUNG, hu, left, high, volume, LEFT.label),
             _region("Right lung", codes.RIGHT_LUNG, hu, right, high, volume, RIGHT.label),
-            _region("Both lungs", codes.LUNG, hu, lungs, high, volume, None),
+            _region("Both lungs", codes.LUNG, hu, lungs, high, volume, None, SPANS_BOTH),
         ]
         percent, area = _slice_profiles(lungs, high, volume)
         masks = [
@@ -370,6 +371,7 @@ def _region(
     high: torch.Tensor,
     volume: Volume,
     segment: str | None,
+    spans: tuple[str, ...] = (),
 ) -> Region:
     histogram = _histogram(hu, mask)
     voxels = int(histogram.sum())
@@ -390,7 +392,7 @@ def _region(
             codes.PERCENT,
         ),
     )
-    return Region(name, site, measurements, segment)
+    return Region(name, site, measurements, segment, spans)
 
 
 def _histogram(hu: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -57,12 +57,14 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Region:
-    """One measurement group: a region (with its segment when there is a mask) and its values."""
+    """One measurement group: a region (with its segment when there is a mask) and its values.
+    `spans` names the masks a region without its own segment covers (e.g. both lungs)."""
 
     name: str
     finding_site: Code
     measurements: tuple[Measurement, ...]
     segment: str | None = None
+    spans: tuple[str, ...] = ()
 
     def value(self, concept: Code) -> float:
         return next(m.value for m in self.measurements if m.concept == concept)
@@ -135,6 +137,12 @@ class PipelineResult:
 
     def mask(self, label: str) -> Mask:
         return next(m for m in self.masks if m.segment.label == label)
+
+    def region_mask(self, region: Region) -> np.ndarray | None:
+        """The voxels of a region: its segment's mask, or the union of the masks it spans."""
+        labels = (region.segment,) if region.segment else region.spans
+        arrays = [self.mask(label).array for label in labels]
+        return np.logical_or.reduce(arrays) if arrays else None
 
     def as_json(self) -> dict[str, object]:
         """Everything but the voxels: what the job records and `ainode run` writes."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,20 +17,13 @@ from node.db.engine import make_engine
 from node.db.migrate import upgrade
 from tests.peers import (
     DATA,
+    REAL_SERIES,
     NodeProcess,
     OrthancServer,
     PostgresServer,
     free_port,
     node_settings,
 )
-
-REAL_SERIES = {
-    "covid": DATA / "covid-ct-md" / "covid" / "P001",
-    "cap": DATA / "covid-ct-md" / "cap" / "cap001",
-    "normal": DATA / "covid-ct-md" / "normal" / "normal001",
-    "lung-kernel": DATA / "lung-pet-ct-dx" / "A0001" / "series-2",
-    "body-kernel": DATA / "lung-pet-ct-dx" / "A0001" / "series-3",
-}
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +91,39 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
     server = OrthancServer(tmp_path / "orthanc", free_port()).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def ohif(orthanc, tmp_path: Path) -> Iterator[str]:
+    """The OHIF viewer (../shared/tools/ohif-up) against `orthanc`; yields its URL."""
+    from tests.peers import TOOLS
+
+    missing = [tool for tool in ("chromium", "nginx") if shutil.which(tool) is None]
+    if missing or not (TOOLS / "ohif-up").exists():
+        pytest.skip(f"viewer check needs {', '.join(missing) or 'shared/tools'}")
+    cache = Path(os.environ.get("OHIF_CACHE", Path.home() / ".cache" / "ainode" / "ohif"))
+    cache.mkdir(parents=True, exist_ok=True)
+    workdir = tmp_path / "ohif"
+    started = subprocess.run(
+        [
+            str(TOOLS / "ohif-up"),
+            "-P",
+            "auto",
+            "--cache",
+            str(cache),
+            str(workdir),
+            orthanc.dicomweb_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if started.returncode != 0:
+        pytest.skip(f"OHIF could not be served: {started.stderr[-500:]}")
+    env = dict(
+        line.split("=", 1)
+        for line in (workdir / "ohif.env").read_text().splitlines()
+        if "=" in line
+    )
+    yield env["OHIF_URL"].strip("'\"")
+    subprocess.run([str(TOOLS / "ohif-down"), str(workdir)], capture_output=True, timeout=120)

@@ -19,6 +19,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
+REAL_SERIES = {
+    "covid": DATA / "covid-ct-md" / "covid" / "P001",
+    "cap": DATA / "covid-ct-md" / "cap" / "cap001",
+    "normal": DATA / "covid-ct-md" / "normal" / "normal001",
+    "lung-kernel": DATA / "lung-pet-ct-dx" / "A0001" / "series-2",
+    "body-kernel": DATA / "lung-pet-ct-dx" / "A0001" / "series-3",
+}
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 

@@ -137,6 +137,18 @@ def write_enhanced(path: Path, geometry: Geometry, hu: HuFunction) -> Path:
     return path
 
 
+def chest_geometry() -> Geometry:
+    """A 330 x 260 x 230 mm field of view at 2 x 2 x 5 mm: room for `chest()`."""
+    return Geometry(
+        rows=130,
+        columns=165,
+        pixel_spacing=(2.0, 2.0),
+        origin=(-164.0, -130.0, -100.0),
+        slice_step=5.0,
+        slices=47,
+    )
+
+
 def chest(
     left_center: Sequence[float] = (60, 0, 0), right_center: Sequence[float] = (-60, 0, 0)
 ) -> HuFunction:

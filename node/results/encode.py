@@ -38,7 +38,7 @@ def encode_result(
         segmentation = build_segmentation(result, volume, sources, identity)
         segmentation.save_as(folder / SEG_FILE, enforce_file_format=True)
         written.append(folder / SEG_FILE)
-    report = build_report(result, sources, segmentation, identity)
+    report = build_report(result, volume, sources, segmentation, identity)
     report.save_as(folder / SR_FILE, enforce_file_format=True)
     written.append(folder / SR_FILE)
     return written

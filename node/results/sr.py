@@ -8,22 +8,22 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as DicomCode
 
 from node.results.identity import MANUFACTURER, ResultIdentity
+from node.results.outline import Outline, representative_outline, source_of
 from node.results.seg import dicom_code, segment_numbers
 from pipelines.result import Finding, PipelineResult, Region
+from pipelines.volume import Volume
 
 SR_SERIES_NUMBER = 9002
 CT_CHEST = DicomCode("24627-2", "LN", "CT Chest")
 PROBABILITY = DicomCode("122157", "DCM", "Probability")
 NO_UNITS = DicomCode("1", "UCUM", "no units")
 
-Group = (
-    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    | hd.sr.MeasurementsAndQualitativeEvaluations
-)
+Group = hd.sr.MeasurementsAndQualitativeEvaluations
 
 
 def build_report(
     result: PipelineResult,
+    volume: Volume,
     sources: list[Dataset],
     segmentation: hd.seg.Segmentation | None,
     identity: ResultIdentity,
@@ -38,7 +38,7 @@ def build_report(
         ),
     )
     groups: list[Group] = [
-        _region_group(region, result, segmentation, sources, identity) for region in result.regions
+        _region_group(region, result, volume, segmentation, identity) for region in result.regions
     ]
     groups += [_finding_group(finding, identity) for finding in result.findings]
     report = hd.sr.MeasurementReport(
@@ -73,43 +73,73 @@ def _algorithm(identity: ResultIdentity) -> hd.sr.AlgorithmIdentification:
 def _region_group(
     region: Region,
     result: PipelineResult,
+    volume: Volume,
     segmentation: hd.seg.Segmentation | None,
-    sources: list[Dataset],
     identity: ResultIdentity,
 ) -> Group:
-    measurements = [
-        hd.sr.Measurement(
-            name=dicom_code(m.concept),
-            value=m.value,
-            unit=dicom_code(m.unit),
-            algorithm_id=_algorithm(identity),
-        )
-        for m in region.measurements
+    """A region's measurements (TID 1501). The first is INFERRED FROM the region's outline on
+    its largest slice, which viewers draw, and from its SEG segment's frames.
+
+    Not a TID 1411 volumetric group: those cannot carry a SCOORD, and OHIF 3.13 fails to open
+    an SR with any group that has none."""
+    mask = result.region_mask(region)
+    outline = representative_outline(mask) if mask is not None else None
+    first = hd.sr.Measurement(
+        name=dicom_code(region.measurements[0].concept),
+        value=region.measurements[0].value,
+        unit=dicom_code(region.measurements[0].unit),
+        referenced_coordinates=_coordinates(outline, volume),
+        referenced_images=_segment_frames(region, result, segmentation),
+    )
+    rest = [
+        hd.sr.Measurement(name=dicom_code(m.concept), value=m.value, unit=dicom_code(m.unit))
+        for m in region.measurements[1:]
     ]
-    sites = [hd.sr.FindingSite(anatomic_location=dicom_code(region.finding_site))]
-    tracking = _tracking(identity, region.name)
-    if region.segment is not None and segmentation is not None:
-        segment = hd.sr.ReferencedSegment(
-            sop_class_uid=segmentation.SOPClassUID,
-            sop_instance_uid=segmentation.SOPInstanceUID,
-            segment_number=segment_numbers(result)[region.segment],
-            source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID),
-        )
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_segment=segment,
-            finding_type=dicom_code(region.finding_site),
-            algorithm_id=_algorithm(identity),
-            finding_sites=sites,
-            measurements=measurements,
-        )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
+        tracking_identifier=_tracking(identity, region.name),
         finding_type=dicom_code(region.finding_site),
         algorithm_id=_algorithm(identity),
-        finding_sites=sites,
-        measurements=measurements,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=dicom_code(region.finding_site))],
+        measurements=[first, *rest],
     )
+
+
+def _segment_frames(
+    region: Region, result: PipelineResult, segmentation: hd.seg.Segmentation | None
+) -> list[hd.sr.SourceImageForMeasurement] | None:
+    """The SEG frames of the segments a region is measured on."""
+    if segmentation is None:
+        return None
+    numbers = segment_numbers(result)
+    wanted = {numbers[label] for label in ((region.segment,) if region.segment else region.spans)}
+    frames = [
+        index
+        for index, item in enumerate(segmentation.PerFrameFunctionalGroupsSequence, start=1)
+        if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber in wanted
+    ]
+    if not frames:
+        return None
+    return [
+        hd.sr.SourceImageForMeasurement(
+            segmentation.SOPClassUID, segmentation.SOPInstanceUID, frames
+        )
+    ]
+
+
+def _coordinates(
+    outline: Outline | None, volume: Volume
+) -> list[hd.sr.CoordinatesForMeasurement] | None:
+    if outline is None:
+        return None
+    sop_class, sop_instance, frame = source_of(volume, outline.slice_index)
+    image = hd.sr.SourceImageForRegion(sop_class, sop_instance, [frame] if frame else None)
+    return [
+        hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline.points,
+            source_image=image,
+        )
+    ]
 
 
 def _finding_group(finding: Finding, identity: ResultIdentity) -> Group:
@@ -126,12 +156,7 @@ def _finding_group(finding: Finding, identity: ResultIdentity) -> Group:
             )
         ],
         measurements=[
-            hd.sr.Measurement(
-                name=PROBABILITY,
-                value=round(finding.probability, 4),
-                unit=NO_UNITS,
-                algorithm_id=_algorithm(identity),
-            )
+            hd.sr.Measurement(name=PROBABILITY, value=round(finding.probability, 4), unit=NO_UNITS)
         ],
     )
 

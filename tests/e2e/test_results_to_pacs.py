@@ -103,7 +103,7 @@ def test_results_arrive_in_the_same_study_by_c_store(
         for r in job["result"]["regions"]
     }
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    for group in report.content.get_volumetric_roi_measurement_groups():
+    for group in report.content.get_image_measurement_groups():
         values = {m.name.value: m.value for m in group.get_measurements()}
         assert values == pytest.approx(expected[str(group.tracking_identifier)])
     source_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
@@ -161,3 +161,36 @@ def test_stow_rs_to_a_pacs_that_was_down_delivers_once_it_is_back(
     (dispatch,) = node.status()["dispatches"]
     assert dispatch["state"] == "succeeded" and dispatch["attempts"] >= 2
     assert dispatch["status"] == "2 of 2 stored"
+
+
+def viewer_shot(ohif_url: str, study_uid: str, out: Path, *options: str) -> str:
+    """Open the study in OHIF (headless Chromium); return the console log. Fails the test when
+    the viewer did not render or reported an error."""
+    from tests.peers import TOOLS
+
+    shot = subprocess.run(
+        [str(TOOLS / "viewer-shot"), *options, "--yes", ohif_url, study_uid, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    console = Path(f"{out}.console.txt").read_text(errors="replace")
+    assert shot.returncode == 0, shot.stdout + shot.stderr
+    assert "Error Boundary" not in console and "Something went wrong" not in console, console
+    return console
+
+
+@pytest.mark.slow
+def test_the_radiologist_sees_the_seg_overlay_and_the_sr_outline_in_ohif(
+    start_node, orthanc: OrthancServer, ohif: str, real_series, tmp_path: Path
+) -> None:
+    start_node_for(start_node, orthanc, tmp_path, "origin")
+    files = real_series["lung-kernel"]
+    study = upload_and_send(orthanc, files)
+    wait_until(lambda: results_in(orthanc, study), timeout=120, interval=1)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    shots = Path(__file__).resolve().parents[2] / "var" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    viewer_shot(ohif, study_uid, shots / "seg.png", "--seg", "--slice", "40")
+    console = viewer_shot(ohif, study_uid, shots / "sr.png", "--sr")
+    assert "No spatial coordinates" not in console

@@ -13,22 +13,11 @@ from pipelines.base import BadInput
 from pipelines.lung_quant import LungQuantPipeline
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume, load_volume
-from tests.phantoms import Geometry, chest, write_series
+from tests.phantoms import chest, chest_geometry, write_series
 
 ELLIPSOID_ML = 4 / 3 * np.pi * 50 * 70 * 90 / 1000
 GGO_ML = 4 / 3 * np.pi * 15**3 / 1000
 SLICE_LABELS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "covid-ct-md"
-
-
-def chest_geometry() -> Geometry:
-    return Geometry(
-        rows=130,
-        columns=165,
-        pixel_spacing=(2.0, 2.0),
-        origin=(-164.0, -130.0, -100.0),
-        slice_step=5.0,
-        slices=47,
-    )
 
 
 def with_ground_glass(hu):

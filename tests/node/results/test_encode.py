@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 
@@ -16,7 +17,7 @@ from node.results.identity import ResultIdentity
 from pipelines.echo import EchoPipeline
 from pipelines.lung_quant import LungQuantPipeline
 from pipelines.volume import load_volume
-from tests.phantoms import Geometry, chest, write_series
+from tests.phantoms import chest, chest_geometry, write_series
 
 
 def validate(path: Path) -> str:
@@ -71,13 +72,30 @@ def test_sr_holds_the_pipelines_values_and_dsrdump_reads_it(encoded, tmp_path: P
     volume, result, _, seg, sr = encoded
     assert sr.StudyInstanceUID == volume.study_instance_uid
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    groups = report.content.get_volumetric_roi_measurement_groups()
-    assert {str(g.tracking_identifier) for g in groups} == {"Left lung", "Right lung"}
+    groups = report.content.get_image_measurement_groups()
+    assert [str(g.tracking_identifier) for g in groups] == [r.name for r in result.regions]
     for group in groups:
         region = result.region(str(group.tracking_identifier))
         values = {m.name.value: m.value for m in group.get_measurements()}
         assert values == {m.concept.value: pytest.approx(m.value) for m in region.measurements}
-        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        # the first measurement is inferred from the region's SEG frames and from its outline
+        first = group.get_measurements()[0]
+        (seg_frames,) = first.referenced_images
+        assert seg_frames.referenced_sop_instance_uid == seg.SOPInstanceUID
+        (outline,) = first.referenced_coordinates
+        (image,) = outline.ContentSequence
+        index = [s.sop_instance_uid for s in volume.sources].index(
+            image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        )
+        mask = result.region_mask(region)
+        assert mask[index].sum() == mask.sum(axis=(1, 2)).max()  # the largest slice
+        points = np.asarray(outline.GraphicData).reshape(-1, 2)
+        columns, rows = points[:, 0].astype(int), points[:, 1].astype(int)
+        near = [
+            mask[index, max(0, r - 1) : r + 2, max(0, c - 1) : c + 2].any()
+            for c, r in zip(columns, rows, strict=True)
+        ]
+        assert all(near)  # the outline runs along the mask's border
     path = tmp_path / "sr.dcm"
     sr.save_as(path)
     if shutil.which("dsrdump") is None:
@@ -97,14 +115,7 @@ def test_uids_are_stable_per_series_revision_pipeline_and_version(encoded) -> No
 
 
 def test_type2_attributes_the_source_lacks_are_written_empty(tmp_path: Path) -> None:
-    geometry = Geometry(
-        rows=130,
-        columns=165,
-        pixel_spacing=(2.0, 2.0),
-        origin=(-164.0, -130.0, -100.0),
-        slice_step=5.0,
-        slices=47,
-    )
+    geometry = chest_geometry()
     volume = load_volume(write_series(tmp_path / "src", geometry, chest((65, 0, 0), (-65, 0, 0))))
     assert "PatientBirthDate" not in pydicom.dcmread(volume.sources[0].path)
     identity = ResultIdentity("lung-quant", "1.0", volume.series_instance_uid, 1, "AINODE")

@@ -1,0 +1,128 @@
+"""End-to-end latency: a modality (DCMTK storescu) sends a real series to `ainode serve`, and
+the SR of lung-quant is stored in the PACS (Orthanc). Measured from the moment storescu has
+sent the last instance and released the association, to the moment Orthanc lists the SR.
+
+    python bench/latency.py [--runs 3]
+
+Prints, per real series, the median of `--runs` and its breakdown from the node's own
+records: completion wait (last instance -> series complete), queue (complete -> job start),
+load (decode), segmentation, measurement, encoding (SEG + SR), sending (job end -> dispatch
+stored), and the rest (polling, bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pydicom  # noqa: E402
+
+from tests.peers import (  # noqa: E402
+    DATA,
+    REAL_SERIES,
+    NodeProcess,
+    OrthancServer,
+    free_port,
+    node_settings,
+    storescu,
+    wait_until,
+)
+
+RULES = """
+rules:
+  - name: chest-ct
+    match: {Modality: CT}
+    pipelines: [lung-quant]
+    destinations: [pacs]
+"""
+STAGES = ("completion", "queue", "load", "segmentation", "measurement", "encoding", "sending")
+
+
+def seconds(later: str, earlier: str) -> float:
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+def one_run(home: Path, files: list[Path]) -> dict[str, float]:
+    home.mkdir(parents=True)
+    node_port = free_port()
+    orthanc = OrthancServer(home / "orthanc", node_port).start()
+    rules = home / "rules.yaml"
+    rules.write_text(RULES)
+    settings = node_settings(
+        home,
+        node_port,
+        f"sqlite:///{home / 'ainode.db'}",
+        routing={"rules_file": str(rules)},
+        peers={
+            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+            "modality": {"ae_title": "STORESCU", "host": "127.0.0.1", "port": 104},
+        },
+        logging={"level": "WARNING"},
+    )
+    node = NodeProcess(home, node_port, settings).start()
+    try:
+        storescu(node_port, files)
+        sent = time.perf_counter()
+        series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+        def sr_stored() -> bool:
+            studies = orthanc.get("/studies")
+            return bool(studies) and any(
+                s["MainDicomTags"].get("Modality") == "SR"
+                for s in orthanc.get(f"/studies/{studies[0]}/series")
+            )
+
+        wait_until(sr_stored, timeout=300, interval=0.05)
+        total = time.perf_counter() - sent
+        status = node.status()
+    finally:
+        node.stop()
+        orthanc.stop()
+    (series,) = [s for s in status["series"] if s["series_instance_uid"] == series_uid]
+    (job,) = status["jobs"]
+    (dispatch,) = status["dispatches"]
+    timings = job["result"]["timings_s"]
+    stages = {
+        "completion": seconds(series["completed_at"], series["last_received_at"]),
+        "queue": seconds(job["started_at"], series["completed_at"]),
+        "load": timings["load"],
+        "segmentation": timings["segmentation"],
+        "measurement": timings["measurement"],
+        "encoding": timings["encoding"],
+        "sending": seconds(dispatch["finished_at"], job["finished_at"]),
+    }
+    return {"total": total, **stages}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"no data at {DATA}")
+    print(f"send -> SR stored in Orthanc, lung-quant on the CPU, medians of {args.runs} runs (s)")
+    print(f"{'series':<18} {'slices':>6} {'total':>6} " + " ".join(f"{s:>12}" for s in STAGES))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, folder in REAL_SERIES.items():
+            files = sorted(folder.glob("*.dcm"))
+            runs = [
+                one_run(Path(tmp) / f"{name}-{i}".replace(" ", "_"), files)
+                for i in range(args.runs)
+            ]
+            medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(
+                f"{name:<18} {len(files):>6} {medians['total']:>6.2f} "
+                + " ".join(f"{medians[s]:>12.2f}" for s in STAGES)
+            )
+
+
+if __name__ == "__main__":
+    main()
