@@ -101,6 +101,7 @@ class Peer(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: TlsSettings | None = None
+    key_images: bool = False  # also send Secondary Capture key images of each result
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -114,6 +115,7 @@ class DicomWebDestination(_Section):
     token: str | None = None
     verify_tls: bool = True
     ca_file: Path | None = None
+    key_images: bool = False
 
 
 class DispatchSettings(_Section):

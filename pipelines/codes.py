@@ -58,3 +58,12 @@ HOUNSFIELD_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 PERCENT = Code("%", "UCUM", "Percent")
 MILLIMETER = Code("mm", "UCUM", "millimeter")
 SQUARE_CENTIMETER = Code("cm2", "UCUM", "square centimeter")
+
+# Short labels for images with burnt-in text (key images)
+SHORT_NAMES = {
+    VOLUME: "vol",
+    MEAN_ATTENUATION: "MLD",
+    PERC15: "Perc15",
+    LAA950: "LAA-950",
+    HIGH_ATTENUATION: "HAA",
+}

@@ -20,6 +20,7 @@ from node.db.models import Dispatch, Job, JobState, Series, utcnow
 from node.dimse.scu import StoreResult, store
 from node.dispatch.stow import stow
 from node.queue import RetryPolicy
+from node.results.encode import is_key_image
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,12 @@ class Dispatcher:
             return self._dimse(settings.peers[destination], timeout), ""
         if destination in settings.dicomweb:
             web: DicomWebDestination = settings.dicomweb[destination]
-            return (lambda files: stow(web, files, timeout)), ""
+            return (lambda files: stow(web, _wanted(files, web.key_images), timeout)), ""
         return None, f"destination {destination!r} is not configured"
 
     def _dimse(self, peer: Peer, timeout: float) -> Sender:
         ae_title = self._settings.node.ae_title
-        return lambda files: store(ae_title, peer, files, timeout)
+        return lambda files: store(ae_title, peer, _wanted(files, peer.key_images), timeout)
 
     def _finish(self, dispatch_id: int, state: str, status: str | None, error: str | None) -> None:
         with self._engine.begin() as conn:
@@ -197,3 +198,8 @@ class Dispatcher:
                 .where(Dispatch.id == dispatch_id)
                 .values(state=state, status=status, error=error, finished_at=utcnow())
             )
+
+
+def _wanted(files: Sequence[Path], key_images: bool) -> list[Path]:
+    """The result objects a destination receives: key images only where it asked for them."""
+    return [path for path in files if key_images or not is_key_image(path)]

@@ -1,4 +1,5 @@
-"""Encode a pipeline result for one series revision: SEG (when there are masks) and SR."""
+"""Encode a pipeline result for one series revision: SEG (when there are masks), SR, and
+key images (sent only to destinations that ask for them)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.results.identity import ResultIdentity, with_type2_attributes
+from node.results.key_images import build_key_images
 from node.results.seg import build_segmentation
 from node.results.sr import build_report
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume
 
 SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
+KEY_IMAGE_PREFIX = "key-image-"
 
 
 def source_headers(volume: Volume) -> list[Dataset]:
@@ -29,7 +32,7 @@ def source_headers(volume: Volume) -> list[Dataset]:
 def encode_result(
     result: PipelineResult, volume: Volume, identity: ResultIdentity, folder: Path
 ) -> list[Path]:
-    """Write seg.dcm and sr.dcm to `folder`; returns the files written."""
+    """Write seg.dcm, sr.dcm and key-image-N.dcm to `folder`; returns the files written."""
     sources = source_headers(volume)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -41,4 +44,12 @@ def encode_result(
     report = build_report(result, volume, sources, segmentation, identity)
     report.save_as(folder / SR_FILE, enforce_file_format=True)
     written.append(folder / SR_FILE)
+    for number, image in enumerate(build_key_images(result, volume, sources, identity), 1):
+        path = folder / f"{KEY_IMAGE_PREFIX}{number}.dcm"
+        image.save_as(path, enforce_file_format=True)
+        written.append(path)
     return written
+
+
+def is_key_image(path: Path) -> bool:
+    return path.name.startswith(KEY_IMAGE_PREFIX)

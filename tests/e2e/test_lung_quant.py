@@ -52,7 +52,13 @@ def test_a_routed_series_is_quantified_by_the_service(
     masks = np.load(output / "masks.npz")
     assert np.unpackbits(masks["Left lung"], axis=-1).shape == (64, 512, 512)
     assert json.loads((output / "result.json").read_text())["regions"] == job["result"]["regions"]
-    assert job["result"]["objects"] == ["seg.dcm", "sr.dcm"]
+    assert job["result"]["objects"] == [
+        "seg.dcm",
+        "sr.dcm",
+        "key-image-1.dcm",
+        "key-image-2.dcm",
+        "key-image-3.dcm",
+    ]
     seg = pydicom.dcmread(output / "seg.dcm", stop_before_pixels=True)
     assert seg.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
 

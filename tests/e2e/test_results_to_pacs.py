@@ -40,7 +40,7 @@ def start_node_for(
             "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
             "offline": {"ae_title": "GONE", "host": "127.0.0.1", "port": free_port()},
         },
-        dicomweb={"pacs-web": {"url": orthanc.dicomweb_url}},
+        dicomweb={"pacs-web": {"url": orthanc.dicomweb_url, "key_images": True}},
         dispatch={"retry_base_seconds": 1, "retry_max_seconds": 2},
     )
 
@@ -88,6 +88,7 @@ def test_results_arrive_in_the_same_study_by_c_store(
     study = upload_and_send(orthanc, files)
     found = wait_until(lambda: results_in(orthanc, study), timeout=120, interval=1)
     assert len(found["SR"]) == 1 and len(found["SEG"]) == 1
+    assert "OT" not in found  # no key images: this destination did not ask for them
 
     sr_path = instance_file(orthanc, found["SR"][0], tmp_path)
     seg_path = instance_file(orthanc, found["SEG"][0], tmp_path)
@@ -160,7 +161,9 @@ def test_stow_rs_to_a_pacs_that_was_down_delivers_once_it_is_back(
     assert len(found["SR"]) == 1 and len(found["SEG"]) == 1
     (dispatch,) = node.status()["dispatches"]
     assert dispatch["state"] == "succeeded" and dispatch["attempts"] >= 2
-    assert dispatch["status"] == "2 of 2 stored"
+    assert dispatch["status"] == "5 of 5 stored"  # this destination asked for key images
+    (key_images,) = series_by_modality(orthanc, study)["OT"]
+    assert len(key_images["Instances"]) == 3
 
 
 def viewer_shot(ohif_url: str, study_uid: str, out: Path, *options: str) -> str:

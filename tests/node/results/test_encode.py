@@ -37,7 +37,8 @@ def encoded(real_series, tmp_path_factory: pytest.TempPathFactory):
     result = LungQuantPipeline("cpu").run(volume)
     identity = ResultIdentity("lung-quant", "1.0", volume.series_instance_uid, 1, "AINODE")
     folder = tmp_path_factory.mktemp("encoded")
-    seg_path, sr_path = encode_result(result, volume, identity, folder)
+    seg_path, sr_path, *key_images = encode_result(result, volume, identity, folder)
+    assert [p.name for p in key_images] == [f"key-image-{n}.dcm" for n in (1, 2, 3)]
     return volume, result, identity, pydicom.dcmread(seg_path), pydicom.dcmread(sr_path)
 
 
@@ -128,3 +129,22 @@ def test_type2_attributes_the_source_lacks_are_written_empty(tmp_path: Path) -> 
     echo = EchoPipeline().run(volume)
     (sr_path,) = encode_result(echo, volume, identity, tmp_path / "echo")
     validate(sr_path)
+
+
+def test_key_images_are_valid_secondary_captures_in_the_source_study(
+    encoded, tmp_path: Path
+) -> None:
+    volume, result, identity, *_ = encoded
+    files = encode_result(result, volume, identity, tmp_path)
+    images = [pydicom.dcmread(p) for p in files if p.name.startswith("key-image-")]
+    assert len(images) == 3
+    for image in images:
+        validate(image.filename)
+        assert image.StudyInstanceUID == volume.study_instance_uid
+        assert image.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert image.SeriesDescription == "AI: lung-quant 1.0 key images"
+        assert image.PhotometricInterpretation == "RGB" and image.pixel_array.shape == (512, 512, 3)
+    # the masks are drawn: lung pixels are tinted, not gray
+    pixels = images[1].pixel_array.astype(int)
+    tinted = np.abs(pixels[..., 0] - pixels[..., 2]) > 30
+    assert tinted.sum() > 10_000
