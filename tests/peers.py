@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,32 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+@contextmanager
+def storescp(port: int, output: Path | None = None, *tls: str) -> Iterator[subprocess.Popen[bytes]]:
+    """DCMTK storescp as AE PACS on `port`, storing into `output` (default: its cwd)."""
+    where = ()
+    if output is not None:
+        output.mkdir(exist_ok=True)
+        where = ("-od", str(output))
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "PACS", *where, *tls, str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, timeout=10)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def storescu(

@@ -1,5 +1,4 @@
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -7,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import DCMTK_ENV, dcmtk, free_port, wait_until
+from tests.peers import free_port, storescp
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,24 +18,11 @@ def ainode(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def storescp_peer() -> Iterator[int]:
+def storescp_peer(tmp_path: Path) -> Iterator[int]:
     """DCMTK storescp as a remote peer to echo."""
     port = free_port()
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "-aet", "PACS", str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, timeout=10)
-    yield port
-    proc.terminate()
-    proc.wait()
+    with storescp(port, tmp_path / "received"):
+        yield port
 
 
 def write_config(tmp_path: Path, peer_port: int) -> Path:

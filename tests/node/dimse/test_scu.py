@@ -4,10 +4,7 @@ certificate cannot be verified."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -15,7 +12,7 @@ import pytest
 
 from node.config import Peer
 from node.dimse.scu import store
-from tests.peers import DCMTK_ENV, dcmtk, free_port, wait_until
+from tests.peers import free_port, storescp
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
@@ -76,28 +73,6 @@ def make_certificates(folder: Path) -> dict[str, Path]:
         "server.pem",
     )
     return files
-
-
-@contextmanager
-def storescp(port: int, output: Path, *tls: str) -> Iterator[subprocess.Popen[bytes]]:
-    output.mkdir(exist_ok=True)
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), "-aet", "PACS", "-od", str(output), *tls, str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, timeout=10)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 @pytest.fixture
