@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage import measure
 
+from pipelines.result import Detection
 from pipelines.volume import Volume
 
 TOLERANCE_PIXELS = 1.0
@@ -48,3 +49,37 @@ def source_of(volume: Volume, slice_index: int) -> tuple[str, str, int | None]:
     """(SOP Class UID, SOP Instance UID, frame number) of a slice of the volume."""
     source = volume.sources[slice_index]
     return source.sop_class_uid, source.sop_instance_uid, source.frame_number
+
+
+@dataclass(frozen=True)
+class DetectionBox:
+    slice_index: int
+    points: np.ndarray  # closed rectangle, (column, row) image coordinates
+    long_axis_mm: float  # the box's longer in-plane side
+
+
+def detection_box(detection: Detection, volume: Volume) -> DetectionBox:
+    """A patient-space box as a rectangle on the source slice through its centre."""
+    low, high = np.asarray(detection.box_min), np.asarray(detection.box_max)
+    corners = np.array(
+        [
+            [x, y, z, 1.0]
+            for x in (low[0], high[0])
+            for y in (low[1], high[1])
+            for z in (low[2], high[2])
+        ]
+    )
+    indices = (np.linalg.inv(volume.affine) @ corners.T).T[:, :3]  # (slice, row, column)
+    last = volume.voxels.shape[0] - 1
+    slice_index = int(np.clip(round(float(indices[:, 0].mean())), 0, last))
+    row0, row1 = indices[:, 1].min(), indices[:, 1].max()
+    col0, col1 = indices[:, 2].min(), indices[:, 2].max()
+    rectangle = (
+        np.array(
+            [[col0, row0], [col1, row0], [col1, row1], [col0, row1], [col0, row0]], dtype=np.float32
+        )
+        + 0.5
+    )
+    _, row_mm, column_mm = volume.spacing
+    long_axis = float(max((row1 - row0) * row_mm, (col1 - col0) * column_mm))
+    return DetectionBox(slice_index, rectangle, long_axis)

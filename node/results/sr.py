@@ -8,9 +8,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as DicomCode
 
 from node.results.identity import MANUFACTURER, ResultIdentity
-from node.results.outline import Outline, representative_outline, source_of
+from node.results.outline import Outline, detection_box, representative_outline, source_of
 from node.results.seg import dicom_code, segment_numbers
-from pipelines.result import Finding, PipelineResult, Region
+from pipelines.codes import MILLIMETER
+from pipelines.result import Detection, Finding, PipelineResult, Region
 from pipelines.volume import Volume
 
 SR_SERIES_NUMBER = 9002
@@ -18,7 +19,11 @@ CT_CHEST = DicomCode("24627-2", "LN", "CT Chest")
 PROBABILITY = DicomCode("122157", "DCM", "Probability")
 NO_UNITS = DicomCode("1", "UCUM", "no units")
 
-Group = hd.sr.MeasurementsAndQualitativeEvaluations
+Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
+LONG_AXIS = DicomCode("103339001", "SCT", "Long Axis")
 
 
 def build_report(
@@ -41,6 +46,10 @@ def build_report(
         _region_group(region, result, volume, segmentation, identity) for region in result.regions
     ]
     groups += [_finding_group(finding, identity) for finding in result.findings]
+    groups += [
+        _detection_group(number, detection, volume, identity)
+        for number, detection in enumerate(result.detections, start=1)
+    ]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=CT_CHEST,
@@ -167,3 +176,31 @@ def _reference(dataset: Dataset) -> Dataset:
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
         setattr(reference, keyword, getattr(dataset, keyword))
     return reference
+
+
+def _detection_group(
+    number: int, detection: Detection, volume: Volume, identity: ResultIdentity
+) -> Group:
+    """A detected object as a planar ROI (TID 1410): its box, as a closed POLYLINE on the
+    source slice through the box centre, with its score and in-plane long axis."""
+    box = detection_box(detection, volume)
+    sop_class, sop_instance, frame = source_of(volume, box.slice_index)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=box.points,
+        source_image=hd.sr.SourceImageForRegion(
+            sop_class, sop_instance, [frame] if frame else None
+        ),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(identity, f"{detection.label.meaning} {number}"),
+        referenced_region=region,
+        finding_type=dicom_code(detection.label),
+        algorithm_id=_algorithm(identity),
+        measurements=[
+            hd.sr.Measurement(
+                name=LONG_AXIS, value=round(box.long_axis_mm, 1), unit=dicom_code(MILLIMETER)
+            ),
+            hd.sr.Measurement(name=PROBABILITY, value=round(detection.score, 4), unit=NO_UNITS),
+        ],
+    )

@@ -148,3 +148,33 @@ def test_key_images_are_valid_secondary_captures_in_the_source_study(
     pixels = images[1].pixel_array.astype(int)
     tinted = np.abs(pixels[..., 0] - pixels[..., 2]) > 30
     assert tinted.sum() > 10_000
+
+
+def test_a_detection_is_a_box_on_the_slice_through_its_centre(tmp_path: Path) -> None:
+    from pipelines import codes
+    from pipelines.result import Detection, PipelineResult
+
+    geometry = chest_geometry()
+    geometry.positions.reverse()  # files written head first; the volume still ascends
+    volume = load_volume(write_series(tmp_path / "src", geometry, chest((65, 0, 0), (-65, 0, 0))))
+    nodule = codes.sct("27925004", "Nodule")
+    box_min, box_max = (50.0, -10.0, -12.0), (70.0, 14.0, 8.0)  # LPS mm, centre z = -2
+    result = PipelineResult(
+        "nodule-test", "0.1", detections=[Detection(nodule, 0.87, box_min, box_max)]
+    )
+    identity = ResultIdentity("nodule-test", "0.1", volume.series_instance_uid, 1, "AINODE")
+    (sr_path,) = encode_result(result, volume, identity, tmp_path / "out")
+    validate(sr_path)
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+    (group,) = report.content.get_planar_roi_measurement_groups()
+    values = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert values == {"Long Axis": pytest.approx(24.0, abs=2.1), "Probability": 0.87}
+    region = group.roi
+    uid = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    index = [s.sop_instance_uid for s in volume.sources].index(uid)
+    assert volume.to_patient((index, 0, 0))[2] == pytest.approx(-2.0, abs=2.5)
+    corners = np.asarray(region.GraphicData).reshape(-1, 2)
+    for column, row in corners[:4]:
+        x, y, _ = volume.to_patient((index, row - 0.5, column - 0.5))
+        assert x == pytest.approx(50.0, abs=0.1) or x == pytest.approx(70.0, abs=0.1)
+        assert y == pytest.approx(-10.0, abs=0.1) or y == pytest.approx(14.0, abs=0.1)
