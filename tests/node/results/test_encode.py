@@ -178,3 +178,27 @@ def test_a_detection_is_a_box_on_the_slice_through_its_centre(tmp_path: Path) ->
         x, y, _ = volume.to_patient((index, row - 0.5, column - 0.5))
         assert x == pytest.approx(50.0, abs=0.1) or x == pytest.approx(70.0, abs=0.1)
         assert y == pytest.approx(-10.0, abs=0.1) or y == pytest.approx(14.0, abs=0.1)
+
+
+def test_findings_are_present_or_absent_with_their_probability(tmp_path: Path) -> None:
+    from pipelines import codes
+    from pipelines.result import Finding, PipelineResult
+
+    volume = load_volume(write_series(tmp_path / "src", chest_geometry(), chest()))
+    emphysema, effusion = codes.PULMONARY_EMPHYSEMA, codes.sct("60046008", "Pleural effusion")
+    result = PipelineResult(
+        "findings-test",
+        "0.1",
+        findings=[Finding(emphysema, 0.91, True), Finding(effusion, 0.04, False)],
+    )
+    identity = ResultIdentity("findings-test", "0.1", volume.series_instance_uid, 1, "AINODE")
+    (sr_path,) = encode_result(result, volume, identity, tmp_path / "out")
+    validate(sr_path)
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+    groups = report.content.get_image_measurement_groups()
+    seen = {}
+    for group in groups:
+        (evaluation,) = group.get_qualitative_evaluations()
+        (probability,) = group.get_measurements()
+        seen[evaluation.name.meaning] = (evaluation.value.meaning, probability.value)
+    assert seen == {"Pulmonary emphysema": ("Present", 0.91), "Pleural effusion": ("Absent", 0.04)}
