@@ -2,12 +2,11 @@
 
 Files are grouped by series; each series is loaded, checked and processed exactly as a
 worker would, and its result written to `OUTPUT/<SeriesInstanceUID>/`: result.json, masks.npz,
-and the DICOM objects (seg.dcm, sr.dcm).
+and the DICOM objects (seg.dcm, sr.dcm, key images).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,10 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from node.results.encode import encode_result
-from node.results.identity import ResultIdentity
+from node.inference import process_series
 from pipelines.base import BadInput, Pipeline, Unavailable
 from pipelines.result import PipelineResult
-from pipelines.volume import Progress, VolumeOptions, load_volume
+from pipelines.volume import Progress, VolumeOptions
 
 
 @dataclass
@@ -57,24 +55,11 @@ def run_series(
 ) -> OfflineRun:
     run = OfflineRun(uid, len(files))
     try:
-        problem = pipeline.problem()
-        if problem:
-            raise Unavailable(problem)
-        stage("decode")
-        clock = time.perf_counter()
-        volume = load_volume(files, options, pipeline.requirements, decoded)
-        loaded = time.perf_counter() - clock
-        result = pipeline.run(volume, stage)
+        done = process_series(
+            pipeline, files, options, 1, station, lambda volume: output / uid, decoded, stage
+        )
     except (BadInput, Unavailable) as exc:
         run.error = str(exc)
         return run
-    result.timings = {"load": loaded, **result.timings}
-    run.output = output / uid
-    stage("encode")
-    identity = ResultIdentity(pipeline.name, pipeline.version, uid, 1, station)
-    clock = time.perf_counter()
-    encode_result(result, volume, identity, run.output)
-    result.timings["encoding"] = time.perf_counter() - clock
-    result.save(run.output)
-    run.result = result
+    run.output, run.result = done.folder, done.result
     return run

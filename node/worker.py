@@ -20,14 +20,12 @@ from sqlalchemy import select
 from node.config import Settings
 from node.db.engine import make_engine
 from node.db.models import Instance
+from node.inference import process_series
 from node.logs import configure_logging
 from node.queue import ClaimedJob, JobQueue, RetryPolicy
-from node.results.encode import encode_result
-from node.results.identity import ResultIdentity
 from node.storage import InstanceStore
 from pipelines.base import BadInput, Pipeline, Unavailable
 from pipelines.registry import build_pipelines
-from pipelines.volume import load_volume
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +100,6 @@ class Worker:
         pipeline = self._pipelines.get(job.pipeline)
         if pipeline is None:
             raise BadInput(f"pipeline {job.pipeline!r} is not installed on this node")
-        problem = pipeline.problem()
-        if problem:
-            raise Unavailable(problem)
         with self._engine.connect() as conn:
             paths = conn.execute(
                 select(Instance.path).where(
@@ -112,34 +107,23 @@ class Worker:
                 )
             ).scalars()
             files = [self._settings.storage.path / p for p in paths]
-        if not files:
-            raise BadInput("the series has no stored instances")
-        clock = time.perf_counter()
-        volume = load_volume(files, self._settings.volume.options(), pipeline.requirements)
-        loaded = time.perf_counter() - clock
-        result = pipeline.run(volume)
-        result.timings = {"load": loaded, **result.timings}
-        folder = self._store.results_of(
-            volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
-        )
-        identity = ResultIdentity(
-            pipeline.name,
-            pipeline.version,
-            job.series_instance_uid,
+        done = process_series(
+            pipeline,
+            files,
+            self._settings.volume.options(),
             job.revision,
             self._settings.node.ae_title,
+            lambda volume: self._store.results_of(
+                volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
+            ),
         )
-        clock = time.perf_counter()
-        objects = encode_result(result, volume, identity, folder)
-        result.timings["encoding"] = time.perf_counter() - clock
-        result.save(folder)
         summary = {
-            **result.as_json(),
-            "output": str(folder),
-            "objects": [path.name for path in objects],
-            "dropped": list(volume.dropped),
+            **done.result.as_json(),
+            "output": str(done.folder),
+            "objects": [path.name for path in done.objects],
+            "dropped": list(done.volume.dropped),
         }
-        return summary, objects
+        return summary, done.objects
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
         lease = self._settings.workers.lease_seconds

@@ -1,0 +1,59 @@
+"""One pipeline run on one series: check, load, infer, encode, save. The worker and
+`ainode run` both go through here, so a result is the same whichever way it was made."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.results.encode import encode_result
+from node.results.identity import ResultIdentity
+from pipelines.base import BadInput, Pipeline, Stage, Unavailable
+from pipelines.result import PipelineResult
+from pipelines.volume import Progress, Volume, VolumeOptions, load_volume
+
+
+@dataclass
+class Processed:
+    volume: Volume
+    result: PipelineResult
+    folder: Path
+    objects: list[Path]
+
+
+def process_series(
+    pipeline: Pipeline,
+    files: Sequence[Path],
+    options: VolumeOptions,
+    revision: int,
+    station: str,
+    folder_for: Callable[[Volume], Path],
+    decoded: Progress | None = None,
+    stage: Stage | None = None,
+) -> Processed:
+    """Run `pipeline` on the series in `files` and write its result (result.json, masks.npz,
+    SEG, SR, key images) to `folder_for(volume)`. Raises BadInput or Unavailable."""
+    stage = stage or (lambda _: None)
+    problem = pipeline.problem()
+    if problem:
+        raise Unavailable(problem)
+    if not files:
+        raise BadInput("the series has no stored instances")
+    stage("decode")
+    clock = time.perf_counter()
+    volume = load_volume(files, options, pipeline.requirements, decoded)
+    loaded = time.perf_counter() - clock
+    result = pipeline.run(volume, stage)
+    result.timings = {"load": loaded, **result.timings}
+    stage("encode")
+    folder = folder_for(volume)
+    identity = ResultIdentity(
+        pipeline.name, pipeline.version, volume.series_instance_uid, revision, station
+    )
+    clock = time.perf_counter()
+    objects = encode_result(result, volume, identity, folder)
+    result.timings["encoding"] = time.perf_counter() - clock
+    result.save(folder)
+    return Processed(volume, result, folder, objects)
