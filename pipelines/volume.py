@@ -94,6 +94,8 @@ class Volume:
     study_instance_uid: str
     series_instance_uid: str
     dropped: tuple[str, ...] = ()
+    file_headers: tuple[Dataset, ...] = ()
+    """The source files' headers (no pixel data), in volume order, one per file."""
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -131,16 +133,17 @@ def load_volume(
         _check_requirements(kept, requirements)
     ordered, affine, shifts = _geometry(kept, options)
     voxels = _decode(ordered, shifts, options.decode_threads, progress)
-    first = datasets[ordered[0].source.path]
+    file_headers = tuple(datasets[path] for path in dict.fromkeys(h.source.path for h in ordered))
     return Volume(
         voxels=voxels,
         affine=affine,
         sources=tuple(h.source for h in ordered),
         modality=ordered[0].modality,
         slice_thickness=ordered[0].slice_thickness,
-        study_instance_uid=str(first.StudyInstanceUID),
-        series_instance_uid=str(first.SeriesInstanceUID),
+        study_instance_uid=str(file_headers[0].StudyInstanceUID),
+        series_instance_uid=str(file_headers[0].SeriesInstanceUID),
         dropped=tuple(dropped),
+        file_headers=file_headers,
     )
 
 
@@ -161,14 +164,14 @@ def _frame_headers(path: Path, ds: Dataset) -> list[FrameHeader]:
         FrameHeader(
             source=SourceFrame(path, str(ds.SOPInstanceUID), sop_class),
             modality=str(ds.get("Modality", "")),
-            image_type=tuple(str(v).upper() for v in ds.get("ImageType", ())),
+            image_type=_image_type(ds.get("ImageType", ())),
             position=np.asarray(ds.get("ImagePositionPatient", [0, 0, 0]), dtype=float),
             orientation=np.asarray(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float),
             pixel_spacing=_pair(ds.get("PixelSpacing", [1, 1])),
             rows=int(ds.Rows),
             columns=int(ds.Columns),
-            slope=float(ds.get("RescaleSlope", 1) or 1),
-            intercept=float(ds.get("RescaleIntercept", 0) or 0),
+            slope=_slope(ds),
+            intercept=_intercept(ds),
             slice_thickness=_float_or_none(ds.get("SliceThickness")),
             body_part=str(ds.get("BodyPartExamined", "") or "").upper(),
         )
@@ -178,7 +181,7 @@ def _frame_headers(path: Path, ds: Dataset) -> list[FrameHeader]:
 def _multiframe_headers(path: Path, ds: Dataset) -> list[FrameHeader]:
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
-    image_type = tuple(str(v).upper() for v in ds.get("ImageType", ()))
+    image_type = _image_type(ds.get("ImageType", ()))
     headers = []
     for number, groups in enumerate(per_frame, start=1):
 
@@ -201,7 +204,7 @@ def _multiframe_headers(path: Path, ds: Dataset) -> list[FrameHeader]:
             FrameHeader(
                 source=SourceFrame(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), number),
                 modality=str(ds.get("Modality", "")),
-                image_type=tuple(str(v).upper() for v in frame_type.FrameType)
+                image_type=_image_type(frame_type.FrameType)
                 if frame_type is not None and "FrameType" in frame_type
                 else image_type,
                 position=np.asarray(position.ImagePositionPatient, dtype=float),
@@ -209,8 +212,8 @@ def _multiframe_headers(path: Path, ds: Dataset) -> list[FrameHeader]:
                 pixel_spacing=_pair(measures.PixelSpacing),
                 rows=int(ds.Rows),
                 columns=int(ds.Columns),
-                slope=float(rescale.get("RescaleSlope", 1) or 1),
-                intercept=float(rescale.get("RescaleIntercept", 0) or 0),
+                slope=_slope(rescale),
+                intercept=_intercept(rescale),
                 slice_thickness=_float_or_none(measures.get("SliceThickness")),
                 body_part=str(ds.get("BodyPartExamined", "") or "").upper(),
             )
@@ -397,6 +400,19 @@ def _shift(frame: np.ndarray, shift: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     return ndimage.shift(frame, shift, order=1, mode="constant", cval=AIR_HU)
+
+
+def _image_type(values: Sequence[object]) -> tuple[str, ...]:
+    return tuple(str(v).upper() for v in values)
+
+
+def _slope(item: Dataset) -> float:
+    """Rescale Slope of an image or a Pixel Value Transformation item (absent or empty: 1)."""
+    return float(item.get("RescaleSlope", 1) or 1)
+
+
+def _intercept(item: Dataset) -> float:
+    return float(item.get("RescaleIntercept", 0) or 0)
 
 
 def _pair(value: Sequence[float]) -> tuple[float, float]:

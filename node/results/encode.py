@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from node.results.identity import ResultIdentity, with_type2_attributes
@@ -20,13 +19,9 @@ KEY_IMAGE_PREFIX = "key-image-"
 
 
 def source_headers(volume: Volume) -> list[Dataset]:
-    """The source images' headers in volume order (one per file for multi-frame images)."""
-    headers: dict[Path, Dataset] = {}
-    for source in volume.sources:
-        if source.path not in headers:
-            ds = pydicom.dcmread(source.path, stop_before_pixels=True)
-            headers[source.path] = with_type2_attributes(ds)
-    return list(headers.values())
+    """The source images' headers in volume order (one per file for multi-frame images),
+    with the Type 2 attributes derived objects must carry."""
+    return [with_type2_attributes(ds) for ds in volume.file_headers]
 
 
 def encode_result(
