@@ -66,6 +66,18 @@ def list_dispatches(engine: Engine, limit: int = 200) -> list[DispatchView]:
         ]
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A dispatch taken for sending: what, where to, and its attempt count."""
+
+    id: int
+    destination: str
+    files: list[Path]
+    calling_ae: str | None
+    attempts: int
+    max_attempts: int
+
+
 class Dispatcher:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
@@ -95,7 +107,7 @@ class Dispatcher:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def _claim_due(self) -> list[tuple[int, str, list[Path], str | None, int]]:
+    def _claim_due(self) -> list[Claim]:
         now = utcnow()
         claimed = []
         with self._engine.begin() as conn:
@@ -108,7 +120,7 @@ class Dispatcher:
                 .limit(16)
             ).all()
             for dispatch_id, destination, objects, calling_ae in due:
-                attempts = conn.execute(
+                counts = conn.execute(
                     update(Dispatch)
                     .where(Dispatch.id == dispatch_id, Dispatch.state.in_(DUE))
                     .values(
@@ -116,33 +128,29 @@ class Dispatcher:
                         attempts=Dispatch.attempts + 1,
                         started_at=now,
                     )
-                    .returning(Dispatch.attempts)
-                ).scalar_one_or_none()
-                if attempts is not None:
+                    .returning(Dispatch.attempts, Dispatch.max_attempts)
+                ).first()
+                if counts is not None:
                     paths = [Path(p) for p in json.loads(objects)]
-                    claimed.append((dispatch_id, destination, paths, calling_ae, attempts))
+                    claimed.append(Claim(dispatch_id, destination, paths, calling_ae, *counts))
         return claimed
 
-    def _send(self, claim: tuple[int, str, list[Path], str | None, int]) -> None:
-        dispatch_id, destination, files, calling_ae, attempts = claim
-        sender, problem = self._sender(destination, calling_ae)
+    def _send(self, claim: Claim) -> None:
+        dispatch_id, destination, attempts = claim.id, claim.destination, claim.attempts
+        sender, problem = self._sender(destination, claim.calling_ae)
         if sender is None:
             self._finish(dispatch_id, JobState.FAILED, None, problem)
             log.warning("dispatch %d to %s failed: %s", dispatch_id, destination, problem)
             return
         try:
-            outcome = sender(files)
+            outcome = sender(claim.files)
         except Exception as exc:  # a sender bug or an unreadable file: record, retry
             outcome = StoreResult(False, f"{type(exc).__name__}: {exc}")
         if outcome.ok:
             self._finish(dispatch_id, JobState.SUCCEEDED, outcome.detail, None)
             log.info("dispatch %d to %s: %s", dispatch_id, destination, outcome.detail)
             return
-        with self._engine.connect() as conn:
-            max_attempts = conn.execute(
-                select(Dispatch.max_attempts).where(Dispatch.id == dispatch_id)
-            ).scalar_one()
-        if attempts >= max_attempts:
+        if attempts >= claim.max_attempts:
             self._finish(dispatch_id, JobState.DEAD, None, outcome.detail)
             log.error(
                 "dispatch %d to %s dead after %d attempts: %s",
