@@ -138,7 +138,7 @@ class BundleSegmentationPipeline:
         config["preprocessing"]["transforms"] = _without(
             config["preprocessing"]["transforms"], IO_TRANSFORMS
         )
-        parser["image"] = None
+        parser.ref_resolver.reset()  # forget what was parsed before the edit
         preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
         inferer = (
             parser.get_parsed_content("inferer", instantiate=True)
