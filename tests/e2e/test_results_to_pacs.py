@@ -143,11 +143,8 @@ def test_stow_rs_to_a_pacs_that_was_down_delivers_once_it_is_back(
     start_node, orthanc: OrthancServer, real_series, tmp_path: Path
 ) -> None:
     node = start_node_for(start_node, orthanc, tmp_path, "pacs-web")
-    files = real_series["lung-kernel"]
-    storescu(orthanc.dicom_port, files, calling_ae="TESTSCU", called_ae="ORTHANC")
-    (study,) = orthanc.get("/studies")
+    study = upload_and_send(orthanc, real_series["lung-kernel"])
     ports = (str(orthanc.dicom_port), orthanc.env["ORTHANC_HTTP_PORT"])
-    orthanc.post("/modalities/AINODE/store", {"Resources": [study], "Synchronous": True})
     orthanc.stop()
 
     def failed_once() -> bool:

@@ -90,23 +90,15 @@ def test_run_writes_a_result_per_series_and_reports_failures(
         (inputs / "deep" / "folder").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, inputs / "deep" / "folder" / f"x{index}")
     (inputs / "notes.txt").write_text("not DICOM")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "run",
-            "lung-quant",
-            "--input",
-            str(inputs),
-            "--output",
-            str(tmp_path / "out"),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = ainode(
+        "run",
+        "lung-quant",
+        "--input",
+        str(inputs),
+        "--output",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
     )
     assert result.returncode == 0, result.stderr
     assert "Both lungs: Volume" in result.stdout
@@ -119,21 +111,6 @@ def test_run_writes_a_result_per_series_and_reports_failures(
     short.mkdir()
     for path in real_series["lung-kernel"][:5]:
         shutil.copyfile(path, short / path.name)
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "run",
-            "lung-quant",
-            "--input",
-            str(short),
-            "--output",
-            str(tmp_path / "out2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    refused = ainode("run", "lung-quant", "--input", str(short), "--output", str(tmp_path / "out2"))
     assert refused.returncode == 1
     assert "FAILED: 5 slices; this pipeline needs at least 20" in refused.stdout
