@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -35,6 +37,23 @@ class Requirements:
 
 Stage = Callable[[str], None]
 """Called with the name of each stage a pipeline enters (for progress bars and timings)."""
+
+
+@dataclass
+class StageTimer:
+    """Announces each stage to a `Stage` callback and records how long it took."""
+
+    stage: Stage
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, key: str, label: str | None = None) -> Iterator[None]:
+        self.stage(label or key)
+        clock = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = time.perf_counter() - clock
 
 
 class Pipeline(Protocol):

@@ -8,49 +8,25 @@ inverted back onto the series' own grid, so masks line up with the source slices
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import Any
-
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    Invertd,
-    Orientationd,
-    ScaleIntensityRanged,
-    Spacingd,
-)
+from monai.transforms import Compose, Invertd
 
 from pipelines import codes
-from pipelines.base import Requirements, Stage, Unavailable
-from pipelines.device import inference_mode, release, resolve_device
-from pipelines.models import LoadedModel, ModelSource
+from pipelines.base import Stage, StageTimer
+from pipelines.device import inference_mode
+from pipelines.model_pipeline import ModelPipeline
+from pipelines.models import LoadedModel
+from pipelines.preprocessing import bundle_part, preprocessing_for, to_meta_tensor
 from pipelines.result import Mask, Measurement, PipelineResult, Region, Segment
-from pipelines.settings import PipelineSettings, PreprocessingSettings
+from pipelines.settings import PipelineSettings
 from pipelines.volume import Volume
 
-log = logging.getLogger(__name__)
 
-IO_TRANSFORMS = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
-SAVE_TRANSFORMS = ("SaveImage", "SaveImaged")
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class BundleSegmentationPipeline:
-    requirements = Requirements(modalities=("CT",), min_slices=3)
-
+class BundleSegmentationPipeline(ModelPipeline):
     def __init__(self, name: str, settings: PipelineSettings) -> None:
-        self.name = name
-        self.settings = settings
-        self.source = (
-            ModelSource(settings.model.path, settings.model.sha256) if settings.model else None
-        )
-        version = self.source.metadata().get("version") if self.source else None
-        self.version = str(version or "1.0")
+        super().__init__(name, settings)
         self.segments = {
             value: Segment(
                 label.name,
@@ -61,55 +37,39 @@ class BundleSegmentationPipeline:
             )
             for value, label in sorted(settings.labels.items())
         }
-        self._loaded: dict[str, LoadedModel] = {}
 
     def problem(self) -> str | None:
-        if self.source is None:
-            return f"no model configured (pipelines.{self.name}.model.path)"
-        problem = self.source.problem()
+        problem = super().problem()
         if problem is None and not self.segments:
             problem = f"no label table configured (pipelines.{self.name}.labels)"
         return problem
 
-    def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
-        stage = stage or (lambda _: None)
-        device = resolve_device(self.settings.device)
-        try:
-            return self._run(volume, device, stage)
-        except torch.cuda.OutOfMemoryError:
-            log.warning("%s: GPU out of memory; running this series on the CPU", self.name)
-            release(device)
-            return self._run(volume, torch.device("cpu"), stage)
-        finally:
-            release(device)
-
-    def model(self, device: torch.device) -> LoadedModel:
-        """The network on `device`, loaded once per worker process."""
-        if str(device) not in self._loaded:
-            problem = self.problem()
-            if problem or self.source is None:
-                raise Unavailable(problem or "no model")
-            self._loaded[str(device)] = self.source.load(device)
-        return self._loaded[str(device)]
-
-    def _run(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        stage("load model")
-        model = self.model(device)
-        preprocessing, inferer, postprocessing = self._transforms(model)
-        timings["model"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        stage("preprocess")
-        data = preprocessing({"image": to_meta_tensor(volume)})
-        timings["preprocessing"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        stage("inference")
-        with inference_mode(device):
+    def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
+        timed = StageTimer(stage)
+        with timed("model", "load model"):
+            model = self.model(device)
+            preprocessing, inferer, postprocessing = self._transforms(model)
+        with timed("preprocessing", "preprocess"):
+            data = preprocessing({"image": to_meta_tensor(volume)})
+        with timed("inference"), inference_mode(device):
             prediction = inferer(data["image"][None].to(device), model.network)[0]
-        timings["inference"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        stage("postprocess")
+        with timed("postprocessing", "postprocess"):
+            result = self._labels_back(
+                volume, model, data, prediction, preprocessing, postprocessing
+            )
+        result.timings = timed.timings
+        return result
+
+    def _labels_back(
+        self,
+        volume: Volume,
+        model: LoadedModel,
+        data: dict,
+        prediction: torch.Tensor,
+        preprocessing: Compose,
+        postprocessing: Compose | None,
+    ) -> PipelineResult:
+        """The prediction as a label map on the series grid, then masks and volumes."""
         data["pred"] = prediction.float().cpu()
         data["image"] = data["image"].cpu()
         if postprocessing is not None:
@@ -125,33 +85,22 @@ class BundleSegmentationPipeline:
                 f"the model's output {label_volume.shape} does not map back onto the series "
                 f"grid {volume.voxels.shape}"
             )
-        result = self._result(label_volume, volume)
-        timings["postprocessing"] = time.perf_counter() - clock
-        result.timings = timings
-        return result
+        return self._result(label_volume, volume)
 
     def _transforms(self, model: LoadedModel) -> tuple[Compose, Inferer, Compose | None]:
         parser = model.bundle
-        if parser is None or "preprocessing" not in parser.get():
-            return _configured(self.settings.preprocessing or PreprocessingSettings())
-        config = parser.get()
-        config["preprocessing"]["transforms"] = _without(
-            config["preprocessing"]["transforms"], IO_TRANSFORMS
+        prep = self.preprocessing_settings
+        configured_inferer = SlidingWindowInferer(
+            roi_size=prep.roi_size,
+            sw_batch_size=prep.sw_batch_size,
+            overlap=prep.overlap,
+            mode="gaussian",
         )
-        parser.ref_resolver.reset()  # forget what was parsed before the edit
-        preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
-        inferer = (
-            parser.get_parsed_content("inferer", instantiate=True)
-            if "inferer" in config
-            else _configured(self.settings.preprocessing or PreprocessingSettings())[1]
+        return (
+            preprocessing_for(parser, prep),
+            bundle_part(parser, "inferer") or configured_inferer,
+            bundle_part(parser, "postprocessing"),
         )
-        postprocessing = None
-        if "postprocessing" in config:
-            config["postprocessing"]["transforms"] = _without(
-                config["postprocessing"]["transforms"], SAVE_TRANSFORMS
-            )
-            postprocessing = parser.get_parsed_content("postprocessing", instantiate=True)
-        return preprocessing, inferer, postprocessing
 
     def _result(self, labels: np.ndarray, volume: Volume) -> PipelineResult:
         masks, regions = [], []
@@ -168,35 +117,6 @@ class BundleSegmentationPipeline:
                 )
             )
         return PipelineResult(self.name, self.version, masks=masks, regions=regions)
-
-
-def to_meta_tensor(volume: Volume) -> MetaTensor:
-    """The volume as MONAI expects it: channel first, axes (column, row, slice), RAS affine."""
-    array = np.ascontiguousarray(volume.voxels.transpose(2, 1, 0), dtype=np.float32)[None]
-    affine = LPS_TO_RAS @ volume.affine[:, [2, 1, 0, 3]]
-    return MetaTensor(torch.from_numpy(array), affine=torch.from_numpy(affine))
-
-
-def _configured(settings: PreprocessingSettings) -> tuple[Compose, Inferer, None]:
-    transforms: list[Any] = [Orientationd("image", axcodes=settings.orientation)]
-    if settings.spacing_mm:
-        transforms.append(Spacingd("image", pixdim=settings.spacing_mm, mode="bilinear"))
-    low, high = settings.intensity_range
-    transforms += [
-        ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-        EnsureTyped("image"),
-    ]
-    inferer = SlidingWindowInferer(
-        roi_size=settings.roi_size,
-        sw_batch_size=settings.sw_batch_size,
-        overlap=settings.overlap,
-        mode="gaussian",
-    )
-    return Compose(transforms), inferer, None
-
-
-def _without(transforms: list[dict[str, Any]], names: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [t for t in transforms if str(t.get("_target_", "")).split(".")[-1] not in names]
 
 
 def _has_inverse(model: LoadedModel) -> bool:

@@ -67,3 +67,27 @@ SHORT_NAMES = {
     LAA950: "LAA-950",
     HIGH_ATTENUATION: "HAA",
 }
+
+# Whole-scan findings: CT-RATE's 18 labels (thoracic-findings)
+MEDICAL_MATERIAL = private("MEDMAT", "Medical material")
+ARTERIAL_WALL_CALCIFICATION = private("ARTCALC", "Arterial wall calcification")
+CARDIOMEGALY = sct("287272002", "Cardiomegaly")
+PERICARDIAL_EFFUSION = sct("373945007", "Pericardial effusion")
+CORONARY_CALCIFICATION = private("CORCALC", "Coronary artery wall calcification")
+HIATAL_HERNIA = sct("84089009", "Hiatal hernia")
+LYMPHADENOPATHY = sct("30746006", "Lymphadenopathy")
+ATELECTASIS = sct("46621007", "Atelectasis")
+NODULE = sct("27925004", "Nodule")
+FIBROSIS = sct("112674009", "Fibrosis")
+PLEURAL_EFFUSION = sct("60046008", "Pleural effusion")
+MOSAIC_PATTERN = dcm("112130", "Mosaic pattern")
+PERIBRONCHIAL_THICKENING = private("PERIBRON", "Peribronchial thickening")
+CONSOLIDATION = sct("95436008", "Lung consolidation")
+BRONCHIECTASIS = sct("12295008", "Bronchiectasis")
+SEPTAL_THICKENING = private("ILSEPT", "Interlobular septal thickening")
+
+# Triage (covid-triage, the COVID-CT-MD classes)
+COVID_19 = sct("840539006", "COVID-19")  # the full meaning exceeds LO (64)
+COMMUNITY_ACQUIRED_PNEUMONIA = sct("385093006", "Community acquired pneumonia")
+NORMAL = sct("17621005", "Normal")
+CUBIC_MILLIMETER = Code("mm3", "UCUM", "cubic millimeter")

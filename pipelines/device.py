@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
 from pipelines.base import DevicePreference
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def resolve_device(preference: DevicePreference) -> torch.device:
@@ -33,3 +38,16 @@ def release(device: torch.device) -> None:
     """Give cached GPU memory back after a job."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def run_on(preference: DevicePreference, name: str, work: Callable[[torch.device], T]) -> T:
+    """`work(device)` on the preferred device; a GPU out-of-memory error reruns it on the CPU."""
+    device = resolve_device(preference)
+    try:
+        return work(device)
+    except torch.cuda.OutOfMemoryError:
+        log.warning("%s: GPU out of memory; running this series on the CPU", name)
+        release(device)
+        return work(torch.device("cpu"))
+    finally:
+        release(device)

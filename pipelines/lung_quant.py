@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pipelines import codes
 from pipelines.base import BadInput, DevicePreference, Requirements, Stage
-from pipelines.device import release, resolve_device
+from pipelines.device import run_on
 from pipelines.morphology import (
     closing,
     components,
@@ -113,15 +113,11 @@ class LungQuantPipeline:
         return None
 
     def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
-        device = resolve_device(self.device_preference)
-        try:
-            return self._run(volume, device, stage or (lambda _: None))
-        except torch.cuda.OutOfMemoryError:
-            log.warning("lung-quant: GPU out of memory; running this series on the CPU")
-            release(device)
-            return self._run(volume, torch.device("cpu"), stage or (lambda _: None))
-        finally:
-            release(device)
+        return run_on(
+            self.device_preference,
+            self.name,
+            lambda device: self._run(volume, device, stage or (lambda _: None)),
+        )
 
     def _run(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
         timings: dict[str, float] = {}

@@ -2,24 +2,32 @@
 
 A bundle is `configs/metadata.json`, `configs/inference.json` (with `network_def`, and
 usually `preprocessing`, `inferer` and `postprocessing`) and `models/model.ts` or
-`models/model.pt`. Nothing is ever downloaded: a model is where the config says, or the
-pipeline is unavailable with a message saying what is missing.
+`models/model.pt`. A bare `.pt` state dict needs its network from config (`network:`); any
+other file is TorchScript. Nothing is ever downloaded: a model is where the config says, or
+the pipeline is unavailable with a message saying what is missing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
 
+import pipelines
 from pipelines.base import Unavailable
 
 BUNDLE_CONFIGS = ("configs/metadata.json", "configs/inference.json")
 BUNDLE_WEIGHTS = ("models/model.ts", "models/model.pt")
+STATE_DICT_SUFFIXES = (".pt", ".pth")
+
+Prepare = Callable[[ConfigParser], None]
+"""Adjusts a bundle's config before its network is built."""
 
 
 @dataclass
@@ -33,6 +41,15 @@ class LoadedModel:
 class ModelSource:
     path: Path
     sha256: str | None = None
+    network: dict[str, Any] | None = None  # {"_target_": ..., **args} for a bare state dict
+
+    @property
+    def kind(self) -> str:
+        if self.is_bundle:
+            return "MONAI bundle"
+        if self.path.suffix in STATE_DICT_SUFFIXES:
+            return "state dict"
+        return "TorchScript"
 
     @property
     def is_bundle(self) -> bool:
@@ -56,6 +73,8 @@ class ModelSource:
                 missing.append(" or ".join(BUNDLE_WEIGHTS))
             if missing:
                 return f"bundle {self.path} lacks {', '.join(missing)}"
+        elif self.kind == "state dict" and self.network is None:
+            return f"{self.path} is a state dict: configure its network (network.target)"
         return None
 
     def digest(self) -> str:
@@ -80,12 +99,12 @@ class ModelSource:
     def bundle_config(self) -> ConfigParser | None:
         if not self.is_bundle:
             return None
-        parser = ConfigParser()
+        parser = ConfigParser(globals={"pipelines": pipelines})  # our stand-ins, by module
         parser.read_config(str(self.path / BUNDLE_CONFIGS[1]))
         parser["bundle_root"] = str(self.path)
         return parser
 
-    def load(self, device: torch.device) -> LoadedModel:
+    def load(self, device: torch.device, prepare: Prepare | None = None) -> LoadedModel:
         """Check and load the network onto `device`; raise Unavailable with the reason."""
         problem = self.verify()
         if problem:
@@ -93,14 +112,21 @@ class ModelSource:
         weights = self.weights()
         parser = self.bundle_config()
         try:
-            if weights.suffix == ".ts" or parser is None:
+            if parser is not None and prepare is not None:
+                prepare(parser)
+            if weights.suffix not in STATE_DICT_SUFFIXES:
                 network = torch.jit.load(str(weights), map_location=device)
             else:
-                network = parser.get_parsed_content("network_def", instantiate=True)
-                state = torch.load(weights, map_location=device, weights_only=True)
-                if isinstance(state, dict) and "model" in state:
-                    state = state["model"]
-                network.load_state_dict(state)
+                definition = parser or ConfigParser({"network_def": self.network})
+                network = definition.get_parsed_content("network_def", instantiate=True)
+                network.load_state_dict(_state_dict(weights, device))
         except Exception as exc:
             raise Unavailable(f"cannot load {weights}: {exc}") from exc
         return LoadedModel(network.to(device).eval(), device, parser)
+
+
+def _state_dict(weights: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    state = torch.load(weights, map_location=device, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    return state

@@ -14,8 +14,11 @@ from importlib.metadata import entry_points
 
 from pipelines.base import Pipeline
 from pipelines.bundle_segmentation import BundleSegmentationPipeline
+from pipelines.classification import CovidTriagePipeline, ThoracicFindingsPipeline
 from pipelines.echo import EchoPipeline
+from pipelines.embedding import CTEmbeddingPipeline
 from pipelines.lung_quant import LungQuantPipeline
+from pipelines.nodule_detection import NoduleDetectionPipeline
 from pipelines.settings import PipelineSettings
 
 ENTRY_POINT_GROUP = "ainode.pipelines"
@@ -26,8 +29,19 @@ BUILT_IN: dict[str, Factory] = {
     "echo": lambda name, settings: EchoPipeline(),
     "lung-quant": lambda name, settings: LungQuantPipeline(settings.device),
     "bundle-segmentation": BundleSegmentationPipeline,
+    "thoracic-findings": ThoracicFindingsPipeline,
+    "covid-triage": CovidTriagePipeline,
+    "nodule-detection": NoduleDetectionPipeline,
+    "ct-embedding": CTEmbeddingPipeline,
 }
-NEEDS_CONFIG = {"bundle-segmentation"}
+NEEDS_CONFIG = {
+    "bundle-segmentation",
+    "thoracic-findings",
+    "covid-triage",
+    "nodule-detection",
+    "ct-embedding",
+}
+"""Pipelines with a model: they exist once `pipelines:` configures them."""
 
 
 def pipeline_types() -> dict[str, Factory]:

@@ -17,6 +17,7 @@ from pipelines.codes import Code
 
 RESULT_FILE = "result.json"
 MASKS_FILE = "masks.npz"
+EMBEDDING_FILE = "embedding.npy"
 
 
 @dataclass(frozen=True)
@@ -80,28 +81,39 @@ class Region:
 
 @dataclass(frozen=True)
 class Finding:
-    """A classifier's output for one label: its probability and the decision at its threshold."""
+    """A classifier's output for one label: its probability and the decision at its threshold.
+    `normal` marks the label that means nothing was found (it never makes a study positive)."""
 
     concept: Code
     probability: float
     present: bool
+    normal: bool = False
 
     def as_json(self) -> dict[str, object]:
         return {
             "concept": self.concept.as_json(),
             "probability": self.probability,
             "present": self.present,
+            "normal": self.normal,
         }
 
 
 @dataclass(frozen=True)
 class Detection:
-    """A detected object: its box in patient coordinates (mm) and its score."""
+    """A detected object: its box in patient coordinates (mm) and its score; optionally where
+    it lies, its own segment (a mask of that label) and further measurements."""
 
     label: Code
     score: float
     box_min: tuple[float, float, float]
     box_max: tuple[float, float, float]
+    finding_site: Code | None = None
+    segment: str | None = None
+    measurements: tuple[Measurement, ...] = ()
+
+    @property
+    def center(self) -> tuple[float, float, float]:
+        return tuple((a + b) / 2 for a, b in zip(self.box_min, self.box_max, strict=True))
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -109,6 +121,10 @@ class Detection:
             "score": self.score,
             "box_min_mm": list(self.box_min),
             "box_max_mm": list(self.box_max),
+            "center_mm": [round(v, 2) for v in self.center],
+            "finding_site": self.finding_site.as_json() if self.finding_site else None,
+            "segment": self.segment,
+            "measurements": [m.as_json() for m in self.measurements],
         }
 
 
@@ -130,7 +146,18 @@ class PipelineResult:
     findings: list[Finding] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)
     profiles: list[SliceProfile] = field(default_factory=list)
+    embedding: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def positive(self) -> bool:
+        """Something was found: a finding other than normal, or a detection."""
+        return bool(self.detections) or any(f.present and not f.normal for f in self.findings)
+
+    @property
+    def reportable(self) -> bool:
+        """Whether there is anything for an SR (an embedding alone is not)."""
+        return bool(self.masks or self.regions or self.findings or self.detections)
 
     def region(self, name: str) -> Region:
         return next(r for r in self.regions if r.name == name)
@@ -160,13 +187,17 @@ class PipelineResult:
                 {"name": p.name, "unit": p.unit.value, "values": list(p.values)}
                 for p in self.profiles
             ],
+            "embedding_dim": None if self.embedding is None else int(self.embedding.size),
+            "positive": self.positive,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
     def save(self, folder: Path) -> None:
-        """Write result.json and, when there are masks, masks.npz (bit-packed) to `folder`."""
+        """Write result.json, masks.npz (bit-packed) and embedding.npy when there are any."""
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RESULT_FILE).write_text(json.dumps(self.as_json(), indent=1), encoding="utf-8")
+        if self.embedding is not None:
+            np.save(folder / EMBEDDING_FILE, self.embedding.astype(np.float32))
         if self.masks:
             np.savez_compressed(
                 folder / MASKS_FILE,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.base import DevicePreference
 from pipelines.codes import Code
+from pipelines.models import ModelSource
 from pipelines.volume import VolumeOptions
 
 
@@ -41,15 +42,55 @@ class ModelSettings(_Strict):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
 
+class NetworkSettings(_Strict):
+    """The network for weights saved as a bare state dict (`model.pt` without a bundle):
+    a class by dotted path or MONAI name and its arguments, e.g.
+    `{target: DenseNet121, args: {spatial_dims: 3, in_channels: 1, out_channels: 18}}`."""
+
+    target: str
+    args: dict[str, Any] = {}
+
+
 class PreprocessingSettings(_Strict):
-    """Preprocessing for a TorchScript model that comes without a bundle config."""
+    """Preprocessing for a model that comes without a bundle config.
+
+    `crop` cuts the volume to the lungs (or the body) first, `spatial_size` then pads or
+    crops (with `spacing_mm`) or resizes (without) to the network's fixed input size."""
 
     orientation: str = "RAS"
     spacing_mm: tuple[float, float, float] | None = None
     intensity_range: tuple[float, float] = (-1024.0, 300.0)
+    crop: Literal["none", "body", "lungs"] = "none"
+    crop_margin_mm: float = Field(default=10.0, ge=0)
+    spatial_size: tuple[int, int, int] | None = None
     roi_size: tuple[int, int, int] = (96, 96, 96)
     overlap: float = Field(default=0.25, ge=0, lt=1)
     sw_batch_size: int = Field(default=1, ge=1)
+
+
+class ClassSettings(_Strict):
+    """One output of a classifier, in the network's output order: its concept and the
+    probability at which it is called present. `negative` marks the class that means
+    "nothing found" (e.g. normal), which never makes a study positive."""
+
+    code: CodeSettings
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    negative: bool = False
+
+
+class DetectionSettings(_Strict):
+    """RetinaNet detection. `threshold` is the operating point reported to the PACS; the
+    bundle's 0.02 (`candidate_threshold`) only selects candidates before NMS."""
+
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    candidate_threshold: float = Field(default=0.02, ge=0, le=1)
+    nms_threshold: float = Field(default=0.22, gt=0, le=1)
+    max_detections: int = Field(default=20, ge=1)
+    roi_size: tuple[int, int, int] | None = None
+    anchor_shapes: list[tuple[int, int, int]] = [(6, 8, 4), (8, 6, 5), (10, 10, 6)]
+    feature_map_scales: list[int] = [1, 2, 4]
+    solid_hu: float = -500.0
+    lung_side: bool = True
 
 
 class PipelineSettings(_Strict):
@@ -58,8 +99,17 @@ class PipelineSettings(_Strict):
     type: str | None = None
     device: DevicePreference = "auto"
     model: ModelSettings | None = None
+    network: NetworkSettings | None = None
     labels: dict[int, LabelSettings] = {}
+    classes: list[ClassSettings] | None = None
     preprocessing: PreprocessingSettings | None = None
+    detection: DetectionSettings = DetectionSettings()
+
+    def model_source(self) -> ModelSource | None:
+        if self.model is None:
+            return None
+        network = {"_target_": self.network.target, **self.network.args} if self.network else None
+        return ModelSource(self.model.path, self.model.sha256, network)
 
 
 class VolumeSettings(_Strict):

@@ -27,7 +27,8 @@ def source_headers(volume: Volume) -> list[Dataset]:
 def encode_result(
     result: PipelineResult, volume: Volume, identity: ResultIdentity, folder: Path
 ) -> list[Path]:
-    """Write seg.dcm, sr.dcm and key-image-N.dcm to `folder`; returns the files written."""
+    """Write seg.dcm, sr.dcm and key-image-N.dcm to `folder` (each when there is something
+    for it); returns the files written."""
     sources = source_headers(volume)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -36,9 +37,10 @@ def encode_result(
         segmentation = build_segmentation(result, volume, sources, identity)
         segmentation.save_as(folder / SEG_FILE, enforce_file_format=True)
         written.append(folder / SEG_FILE)
-    report = build_report(result, volume, sources, segmentation, identity)
-    report.save_as(folder / SR_FILE, enforce_file_format=True)
-    written.append(folder / SR_FILE)
+    if result.reportable:
+        report = build_report(result, volume, sources, segmentation, identity)
+        report.save_as(folder / SR_FILE, enforce_file_format=True)
+        written.append(folder / SR_FILE)
     for number, image in enumerate(build_key_images(result, volume, sources, identity), 1):
         path = folder / f"{KEY_IMAGE_PREFIX}{number}.dcm"
         image.save_as(path, enforce_file_format=True)

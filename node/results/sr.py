@@ -47,7 +47,7 @@ def build_report(
     ]
     groups += [_finding_group(finding, identity) for finding in result.findings]
     groups += [
-        _detection_group(number, detection, volume, identity)
+        _detection_group(number, detection, result, volume, segmentation, identity)
         for number, detection in enumerate(result.detections, start=1)
     ]
     report = hd.sr.MeasurementReport(
@@ -121,6 +121,15 @@ def _segment_frames(
         return None
     numbers = segment_numbers(result)
     wanted = {numbers[label] for label in ((region.segment,) if region.segment else region.spans)}
+    return _frames_of(segmentation, wanted)
+
+
+def _frames_of(
+    segmentation: hd.seg.Segmentation | None, wanted: set[int]
+) -> list[hd.sr.SourceImageForMeasurement] | None:
+    """A reference to the SEG frames of the segments numbered `wanted`."""
+    if segmentation is None:
+        return None
     frames = [
         index
         for index, item in enumerate(segmentation.PerFrameFunctionalGroupsSequence, start=1)
@@ -179,10 +188,16 @@ def _reference(dataset: Dataset) -> Dataset:
 
 
 def _detection_group(
-    number: int, detection: Detection, volume: Volume, identity: ResultIdentity
+    number: int,
+    detection: Detection,
+    result: PipelineResult,
+    volume: Volume,
+    segmentation: hd.seg.Segmentation | None,
+    identity: ResultIdentity,
 ) -> Group:
     """A detected object as a planar ROI (TID 1410): its box, as a closed POLYLINE on the
-    source slice through the box centre, with its score and in-plane long axis."""
+    source slice through the box centre, with its score, in-plane long axis, side and its
+    further measurements (the first of those INFERRED FROM its SEG segment's frames)."""
     box = detection_box(detection, volume)
     sop_class, sop_instance, frame = source_of(volume, box.slice_index)
     region = hd.sr.ImageRegion(
@@ -192,15 +207,32 @@ def _detection_group(
             sop_class, sop_instance, [frame] if frame else None
         ),
     )
+    frames = (
+        _frames_of(segmentation, {segment_numbers(result)[detection.segment]})
+        if detection.segment
+        else None
+    )
+    extra = [
+        hd.sr.Measurement(
+            name=dicom_code(m.concept),
+            value=m.value,
+            unit=dicom_code(m.unit),
+            referenced_images=frames if index == 0 else None,
+        )
+        for index, m in enumerate(detection.measurements)
+    ]
+    site = detection.finding_site
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(identity, f"{detection.label.meaning} {number}"),
         referenced_region=region,
         finding_type=dicom_code(detection.label),
         algorithm_id=_algorithm(identity),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=dicom_code(site))] if site else None,
         measurements=[
             hd.sr.Measurement(
                 name=LONG_AXIS, value=round(box.long_axis_mm, 1), unit=dicom_code(MILLIMETER)
             ),
             hd.sr.Measurement(name=PROBABILITY, value=round(detection.score, 4), unit=NO_UNITS),
+            *extra,
         ],
     )
