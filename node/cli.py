@@ -21,6 +21,10 @@ rules_app = typer.Typer(
 app.add_typer(rules_app, name="rules")
 jobs_app = typer.Typer(help="List, retry and cancel pipeline jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+models_app = typer.Typer(
+    help="Configured models: where they are and whether they load.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The node's YAML configuration file.")
@@ -302,6 +306,72 @@ def jobs_cancel(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) 
     engine.dispose()
     typer.echo(f"job {job_id} cancelled" if done else f"job {job_id}: not found or finished")
     raise typer.Exit(0 if done else 1)
+
+
+@models_app.command("list")
+def models_list(
+    config: ConfigOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Every configured model: pipeline, source, path, configured SHA-256, device, problem."""
+    _models(config, as_json, verify=False)
+
+
+@models_app.command("verify")
+def models_verify(
+    config: ConfigOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Hash and load every configured model on its device; exit 1 if any fails."""
+    _models(config, as_json, verify=True)
+
+
+def _models(config: Path, as_json: bool, verify: bool) -> None:
+    import json
+
+    from node.model_check import model_reports, render_models
+
+    settings = _settings(config)
+    reports = model_reports(_pipelines(settings), settings.pipelines, verify)
+    if as_json:
+        typer.echo(json.dumps({"models": [r.model_dump() for r in reports]}, indent=2))
+    else:
+        typer.echo(render_models(reports))
+    raise typer.Exit(1 if any(r.problem for r in reports) else 0)
+
+
+@app.command()
+def similar(
+    config: ConfigOption,
+    series_uid: Annotated[str, typer.Argument(help="Series Instance UID of the query scan.")],
+    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many to list.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The earlier series most similar to this one (cosine of their ct-embedding vectors)."""
+    import json
+    from dataclasses import asdict
+
+    from node.embeddings import NoEmbedding, most_similar
+
+    engine = _engine(_settings(config))
+    try:
+        found = most_similar(engine, series_uid, top)
+    except NoEmbedding as exc:
+        typer.echo(f"{exc}: route it to a ct-embedding pipeline first", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"series_instance_uid": series_uid, "similar": [asdict(f) for f in found]}, indent=2
+            )
+        )
+        return
+    if not found:
+        typer.echo("no other series has an embedding yet")
+    for f in found:
+        typer.echo(f"{f.similarity:.4f}  {f.series_instance_uid}  {f.series_description or ''}")
 
 
 def _engine(settings: Settings):  # type: ignore[no-untyped-def]

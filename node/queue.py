@@ -10,19 +10,24 @@ cannot fix go straight to `failed`.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, select, update
+import numpy as np
+from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from node.db.models import Job, JobState, Series, utcnow
 from node.dispatch.records import create_dispatches
+from node.embeddings import store_embedding
 from node.routing.engine import JobRequest
+
+log = logging.getLogger(__name__)
 
 CLAIMABLE = (JobState.QUEUED, JobState.RETRYING)
 FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED)
@@ -93,6 +98,11 @@ class JobQueue:
                         "destinations": json.dumps(list(request.destinations)),
                         "rules": json.dumps(list(request.rules)),
                         "priority": int(request.priority),
+                        "priority_if_positive": (
+                            None
+                            if request.priority_if_positive is None
+                            else int(request.priority_if_positive)
+                        ),
                         "state": JobState.QUEUED,
                         "attempts": 0,
                         "max_attempts": self.policy.max_attempts,
@@ -172,9 +182,12 @@ class JobQueue:
         result: dict[str, object],
         objects: Sequence[Path] = (),
         dispatch_attempts: int = 8,
+        embedding: np.ndarray | None = None,
     ) -> bool:
         """Record the result and, in the same transaction, queue sending `objects` to the
-        job's destinations. False when the job was no longer ours (lease lost)."""
+        job's destinations and store its embedding. A positive result of a job whose rules
+        say `priority_if_positive` raises its dispatches and the study's waiting jobs to
+        that priority. False when the job was no longer ours (lease lost)."""
         with self._engine.begin() as conn:
             owned = conn.execute(
                 self._owned(job_id, owner).values(
@@ -185,12 +198,34 @@ class JobQueue:
                     lease_expires_at=None,
                 )
             ).rowcount
-            if owned:
-                destinations = json.loads(
-                    conn.execute(select(Job.destinations).where(Job.id == job_id)).scalar_one()
-                )
-                create_dispatches(conn, job_id, destinations, objects, dispatch_attempts)
-            return bool(owned)
+            if not owned:
+                return False
+            job = conn.execute(select(Job).where(Job.id == job_id)).mappings().one()
+            priority = job["priority"]
+            escalation = job["priority_if_positive"]
+            if result.get("positive") and escalation is not None and escalation < priority:
+                priority = escalation
+                self._escalate_study(conn, job["series_id"], escalation)
+                log.info("job %d: positive result; study raised to priority %d", job_id, priority)
+            create_dispatches(
+                conn, job_id, json.loads(job["destinations"]), objects, dispatch_attempts, priority
+            )
+            if embedding is not None:
+                store_embedding(conn, job, result, embedding)
+            return True
+
+    def _escalate_study(self, conn: Connection, series_id: int, priority: int) -> None:
+        """Waiting jobs of the study of `series_id` run at `priority` (if more urgent)."""
+        study = select(Series.study_id).where(Series.id == series_id).scalar_subquery()
+        conn.execute(
+            update(Job)
+            .where(
+                Job.series_id.in_(select(Series.id).where(Series.study_id == study)),
+                Job.state.in_((JobState.QUEUED, JobState.RETRYING)),
+                Job.priority > priority,
+            )
+            .values(priority=priority)
+        )
 
     def fail(self, job_id: int, owner: str, error: str, permanent: bool) -> str | None:
         """Record a failure; returns the new state (failed, retrying or dead)."""

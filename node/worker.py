@@ -15,6 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import select
 
 from node.config import Settings
@@ -65,7 +66,7 @@ class Worker:
         renewer.start()
         started = time.monotonic()
         try:
-            result, objects = self._execute(job)
+            result, objects, embedding = self._execute(job)
         except BadInput as exc:
             state = self.queue.fail(job.id, self.name, f"bad input: {exc}", permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, exc)
@@ -79,7 +80,7 @@ class Worker:
             log.warning("job %d error (%s): %s", job.id, state, detail)
         else:
             attempts = self._settings.dispatch.max_attempts
-            if self.queue.succeed(job.id, self.name, result, objects, attempts):
+            if self.queue.succeed(job.id, self.name, result, objects, attempts, embedding):
                 log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
             else:
                 log.warning("job %d finished after losing its lease; result dropped", job.id)
@@ -95,8 +96,9 @@ class Worker:
                 stopping.wait(poll)
         self._engine.dispose()
 
-    def _execute(self, job: ClaimedJob) -> tuple[dict[str, object], list[Path]]:
-        """Run the job's pipeline; its summary for the job record and the DICOM objects."""
+    def _execute(self, job: ClaimedJob) -> tuple[dict[str, object], list[Path], np.ndarray | None]:
+        """Run the job's pipeline: its summary for the job record, the DICOM objects to
+        send and the series embedding, if the pipeline makes one."""
         pipeline = self._pipelines.get(job.pipeline)
         if pipeline is None:
             raise BadInput(f"pipeline {job.pipeline!r} is not installed on this node")
@@ -123,7 +125,7 @@ class Worker:
             "objects": [path.name for path in done.objects],
             "dropped": list(done.volume.dropped),
         }
-        return summary, done.objects
+        return summary, done.objects, done.result.embedding
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
         lease = self._settings.workers.lease_seconds

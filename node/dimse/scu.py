@@ -73,11 +73,15 @@ def echo(local_ae_title: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
 
 
 def store(
-    local_ae_title: str, peer: Peer, files: Sequence[Path], timeout: float = 30.0
+    local_ae_title: str,
+    peer: Peer,
+    files: Sequence[Path],
+    timeout: float = 30.0,
+    priority: int = 0,
 ) -> StoreResult:
     """C-STORE every file in one association. Each SOP class is proposed in the file's own
     transfer syntax and in Explicit VR Little Endian, so a peer that refuses the first still
-    gets the objects."""
+    gets the objects. `priority` is the request's Priority (0 medium, 1 high, 2 low)."""
     datasets = [pydicom.dcmread(path) for path in files]
     ae = AE(ae_title=local_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -92,7 +96,7 @@ def store(
     stored, failures = 0, []
     try:
         for ds in datasets:
-            response = assoc.send_c_store(ds)
+            response = assoc.send_c_store(ds, priority=priority)
             code = int(response.Status) if "Status" in response else None
             if code in SUCCESS_OR_WARNING:
                 stored += 1

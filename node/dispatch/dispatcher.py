@@ -21,10 +21,12 @@ from node.dimse.scu import StoreResult, store
 from node.dispatch.stow import stow
 from node.queue import RetryPolicy
 from node.results.encode import is_key_image
+from node.routing.rules import Priority
 
 log = logging.getLogger(__name__)
 
 ORIGIN = "origin"
+C_STORE_MEDIUM, C_STORE_HIGH = 0, 1  # the C-STORE request's Priority (PS3.7 9.1.1.1)
 DUE = (JobState.QUEUED, JobState.RETRYING)
 Sender = Callable[[Sequence[Path]], StoreResult]
 
@@ -74,6 +76,7 @@ class Claim:
     destination: str
     files: list[Path]
     calling_ae: str | None
+    priority: int
     attempts: int
     max_attempts: int
 
@@ -112,14 +115,20 @@ class Dispatcher:
         claimed = []
         with self._engine.begin() as conn:
             due = conn.execute(
-                select(Dispatch.id, Dispatch.destination, Dispatch.objects, Series.calling_ae)
+                select(
+                    Dispatch.id,
+                    Dispatch.destination,
+                    Dispatch.objects,
+                    Series.calling_ae,
+                    Dispatch.priority,
+                )
                 .join(Job, Job.id == Dispatch.job_id)
                 .join(Series, Series.id == Job.series_id)
                 .where(Dispatch.state.in_(DUE), Dispatch.run_after <= now)
-                .order_by(Dispatch.run_after)
+                .order_by(Dispatch.priority, Dispatch.run_after)
                 .limit(16)
             ).all()
-            for dispatch_id, destination, objects, calling_ae in due:
+            for dispatch_id, destination, objects, calling_ae, priority in due:
                 counts = conn.execute(
                     update(Dispatch)
                     .where(Dispatch.id == dispatch_id, Dispatch.state.in_(DUE))
@@ -132,12 +141,14 @@ class Dispatcher:
                 ).first()
                 if counts is not None:
                     paths = [Path(p) for p in json.loads(objects)]
-                    claimed.append(Claim(dispatch_id, destination, paths, calling_ae, *counts))
+                    claimed.append(
+                        Claim(dispatch_id, destination, paths, calling_ae, priority, *counts)
+                    )
         return claimed
 
     def _send(self, claim: Claim) -> None:
         dispatch_id, destination, attempts = claim.id, claim.destination, claim.attempts
-        sender, problem = self._sender(destination, claim.calling_ae)
+        sender, problem = self._sender(destination, claim.calling_ae, claim.priority)
         if sender is None:
             self._finish(dispatch_id, JobState.FAILED, None, problem)
             log.warning("dispatch %d to %s failed: %s", dispatch_id, destination, problem)
@@ -180,24 +191,29 @@ class Dispatcher:
             outcome.detail,
         )
 
-    def _sender(self, destination: str, calling_ae: str | None) -> tuple[Sender | None, str]:
+    def _sender(
+        self, destination: str, calling_ae: str | None, priority: int
+    ) -> tuple[Sender | None, str]:
         settings = self._settings
         timeout = settings.dispatch.timeout_seconds
         if destination == ORIGIN:
             peer = settings.peer_by_ae_title(calling_ae or "")
             if peer is None:
                 return None, f"origin {calling_ae!r} is not a configured peer: no address"
-            return self._dimse(peer, timeout), ""
+            return self._dimse(peer, timeout, priority), ""
         if destination in settings.peers:
-            return self._dimse(settings.peers[destination], timeout), ""
+            return self._dimse(settings.peers[destination], timeout, priority), ""
         if destination in settings.dicomweb:
             web: DicomWebDestination = settings.dicomweb[destination]
             return (lambda files: stow(web, _wanted(files, web.key_images), timeout)), ""
         return None, f"destination {destination!r} is not configured"
 
-    def _dimse(self, peer: Peer, timeout: float) -> Sender:
+    def _dimse(self, peer: Peer, timeout: float, priority: int) -> Sender:
         ae_title = self._settings.node.ae_title
-        return lambda files: store(ae_title, peer, _wanted(files, peer.key_images), timeout)
+        dimse_priority = C_STORE_HIGH if priority == Priority.STAT else C_STORE_MEDIUM
+        return lambda files: store(
+            ae_title, peer, _wanted(files, peer.key_images), timeout, dimse_priority
+        )
 
     def _finish(self, dispatch_id: int, state: str, status: str | None, error: str | None) -> None:
         with self._engine.begin() as conn:

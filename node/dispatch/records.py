@@ -18,6 +18,7 @@ def create_dispatches(
     destinations: Sequence[str],
     objects: Sequence[Path],
     max_attempts: int,
+    priority: int = 1,
 ) -> None:
     """Queue the sending of `objects` to each destination (again, if the job ran before)."""
     if not objects or not destinations:
@@ -32,6 +33,7 @@ def create_dispatches(
             "state": JobState.QUEUED,
             "attempts": 0,
             "max_attempts": max_attempts,
+            "priority": priority,
             "run_after": now,
             "created_at": now,
         }
@@ -46,6 +48,7 @@ def create_dispatches(
                 "state": JobState.QUEUED,
                 "attempts": 0,
                 "max_attempts": max_attempts,
+                "priority": priority,
                 "status": None,
                 "error": None,
                 "run_after": now,

@@ -64,6 +64,7 @@ class JobRequest:
     destinations: tuple[str, ...]
     priority: Priority
     rules: tuple[str, ...]
+    priority_if_positive: Priority | None = None
 
 
 @dataclass
@@ -153,8 +154,16 @@ def merge(series_instance_uid: str, rules: Iterable[Rule]) -> list[JobRequest]:
                 destinations,
                 min(rule.priority, previous.priority) if previous else rule.priority,
                 (previous.rules if previous else ()) + (rule.name,),
+                _most_urgent(
+                    rule.priority_if_positive, previous.priority_if_positive if previous else None
+                ),
             )
     return list(merged.values())
+
+
+def _most_urgent(*priorities: Priority | None) -> Priority | None:
+    given = [p for p in priorities if p is not None]
+    return min(given) if given else None
 
 
 def route_study(

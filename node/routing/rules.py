@@ -56,6 +56,7 @@ RULE_KEYS = frozenset(
         "pipelines",
         "destinations",
         "priority",
+        "priority_if_positive",
         "discard",
         "stop",
         "trigger",
@@ -117,6 +118,7 @@ class Rule:
     pipelines: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
     priority: Priority = Priority.ROUTINE
+    priority_if_positive: Priority | None = None
     discard: bool = False
     stop: bool = False
     trigger: Trigger = Trigger.SERIES
@@ -239,8 +241,8 @@ class _Parser:
                 fields["destinations"] = self.names(
                     value, self.destinations, "destination", {ORIGIN}
                 )
-            elif name == "priority":
-                fields["priority"] = self.choice(value, Priority, "priority")
+            elif name in {"priority", "priority_if_positive"}:
+                fields[name] = self.choice(value, Priority, "priority")
             elif name == "trigger":
                 fields["trigger"] = self.choice(value, Trigger, "trigger")
             elif name in {"discard", "stop", "default"}:

@@ -159,3 +159,19 @@ def test_explain_prints_each_condition_with_its_actual_value(real_series, tmp_pa
     assert "[no ] ConvolutionKernel regex '^l$|lung'  (actual: 'B')" in out
     assert "[yes] SliceThickness le 5.0  (actual: '5.00')" in out
     assert "jobs at series completion: none" in out
+
+
+def test_priority_if_positive_merges_to_the_most_urgent() -> None:
+    ruleset = rules(
+        """
+rules:
+  - {name: a, match: {Modality: CT}, pipelines: [echo, other], priority_if_positive: routine}
+  - {name: b, match: {Modality: CT}, pipelines: [echo], priority_if_positive: stat}
+"""
+    )
+    jobs, _ = route_series(ruleset, SeriesFacts("1.1", {"Modality": "CT"}))
+    escalation = {j.pipeline: j.priority_if_positive for j in jobs}
+    assert escalation == {"echo": Priority.STAT, "other": Priority.ROUTINE}
+    without = rules("rules:\n  - {name: a, match: {Modality: CT}, pipelines: [other]}\n")
+    [job] = route_series(without, SeriesFacts("1.1", {"Modality": "CT"}))[0]
+    assert job.priority_if_positive is None

@@ -1,0 +1,71 @@
+"""What a job's success leaves in the database besides its result: a positive triage
+raises the study's waiting jobs and its own dispatches to the rule's priority; embeddings
+are stored per series and searched by cosine similarity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, select
+
+from node.db.models import Dispatch, Job
+from node.embeddings import NoEmbedding, most_similar
+from node.queue import JobQueue
+from node.routing.engine import JobRequest
+from node.routing.rules import Priority
+from tests.node.test_queue import add_series
+
+
+def triage_then_quant(engine: Engine, positive: bool) -> tuple[int, int, list[int]]:
+    """Series 1 gets a triage job that escalates to stat; both series get a lung-quant job."""
+    triage_series, other_series = add_series(engine, 2)
+    queue = JobQueue(engine)
+    queue.enqueue(
+        triage_series,
+        1,
+        [JobRequest("x", "covid-triage", ("origin",), Priority.ROUTINE, ("r",), Priority.STAT)],
+    )
+    waiting = [
+        queue.enqueue(
+            series, 1, [JobRequest("x", "lung-quant", ("origin",), Priority.LOW, ("r",))]
+        )[0]
+        for series in (triage_series, other_series)
+    ]
+    job = queue.claim("w", 30)
+    assert job is not None and job.pipeline == "covid-triage"
+    assert queue.succeed(job.id, "w", {"positive": positive}, [Path("/tmp/sr.dcm")])
+    return job.id, triage_series, waiting
+
+
+@pytest.mark.parametrize("positive", [True, False])
+def test_a_positive_result_makes_the_study_stat(engine: Engine, positive: bool) -> None:
+    job_id, _, waiting = triage_then_quant(engine, positive)
+    with engine.connect() as conn:
+        priorities = conn.execute(select(Job.priority).where(Job.id.in_(waiting))).scalars()
+        dispatch = conn.execute(select(Dispatch.priority).where(Dispatch.job_id == job_id)).scalar()
+    expected = Priority.STAT if positive else Priority.LOW
+    assert list(priorities) == [expected, expected]
+    assert dispatch == (Priority.STAT if positive else Priority.ROUTINE)
+
+
+def test_similar_series_by_cosine(engine: Engine) -> None:
+    series = add_series(engine, 4)
+    queue = JobQueue(engine)
+    vectors = [
+        np.array([1, 0, 0]),
+        np.array([0.9, 0.1, 0]),
+        np.array([0, 1, 0]),
+        np.array([-1, 0, 0]),
+    ]
+    for series_id, vector in zip(series, vectors, strict=True):
+        queue.enqueue(series_id, 1, [JobRequest("x", "ct-embedding", (), Priority.ROUTINE, ("r",))])
+        job = queue.claim("w", 30)
+        unit = (vector / np.linalg.norm(vector)).astype(np.float32)
+        assert queue.succeed(job.id, "w", {"version": "1.0"}, [], embedding=unit)
+    found = most_similar(engine, "1.2.3.1", top=2)
+    assert [f.series_instance_uid for f in found] == ["1.2.3.2", "1.2.3.3"]
+    assert found[0].similarity == pytest.approx(0.9 / np.linalg.norm([0.9, 0.1]), abs=1e-4)
+    with pytest.raises(NoEmbedding):
+        most_similar(engine, "9.9.9")
