@@ -14,6 +14,9 @@ bench:
 	.venv/bin/python bench/ingest.py
 	.venv/bin/python bench/jobs.py
 	.venv/bin/python bench/lung_quant.py
+	.venv/bin/python bench/latency.py
+	.venv/bin/python bench/pipelines.py
 
 eval:
 	.venv/bin/python bench/evaluate.py
+	.venv/bin/python bench/evaluate_models.py --config config.example.yaml

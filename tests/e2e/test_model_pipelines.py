@@ -1,0 +1,181 @@
+"""The model pipelines end to end: Orthanc sends a real study to `ainode serve`, which runs
+covid-triage, thoracic-findings, nodule-detection and ct-embedding with small models of the
+real architectures; the SRs and the nodule SEG arrive in Orthanc's study, dciodvfy-clean,
+with the values the jobs recorded; the embeddings make `ainode similar` answer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+import torch
+
+from tests.e2e.test_results_to_pacs import (
+    dciodvfy_errors,
+    series_by_modality,
+    upload_and_send,
+)
+from tests.e2e.test_routing import uid_of
+from tests.models import (
+    ENCODER_ARGS,
+    blob_detector_bundle,
+    densenet_findings_bundle,
+    fixed_classifier,
+)
+from tests.peers import OrthancServer, wait_until
+
+PIPELINES = ("covid-triage", "thoracic-findings", "nodule-detection", "ct-embedding")
+RULES = """
+rules:
+  - name: chest-ct
+    match: {Modality: CT}
+    pipelines: [covid-triage, thoracic-findings, nodule-detection, ct-embedding]
+    destinations: [origin]
+    priority_if_positive: stat
+"""
+SMALL_INPUT = {"spacing_mm": [4.0, 4.0, 5.0], "crop": "lungs", "spatial_size": [48, 40, 40]}
+
+
+def pipeline_config(models: Path) -> dict[str, object]:
+    triage = models / "triage.pt"
+    torch.save(fixed_classifier([2.0, 0.5, -1.0]).state_dict(), triage)
+    encoder = models / "ct-fm.pt"
+    torch.manual_seed(1)
+    from monai.networks.nets.segresnet_ds import SegResEncoder
+
+    torch.save(SegResEncoder(spatial_dims=3, **ENCODER_ARGS).state_dict(), encoder)
+    encoder_args = {"out_channels": 3, **ENCODER_ARGS}
+    return {
+        "covid-triage": {
+            "device": "cpu",
+            "model": {"path": str(triage)},
+            "network": {"target": "pipelines.networks.EncoderClassifier", "args": encoder_args},
+            "preprocessing": SMALL_INPUT,
+        },
+        "thoracic-findings": {
+            "device": "cpu",
+            "model": {"path": str(densenet_findings_bundle(models / "findings"))},
+        },
+        "nodule-detection": {
+            "device": "cpu",
+            "model": {"path": str(blob_detector_bundle(models / "nodules", 7.0, 2.0))},
+            "detection": {"threshold": 0.3, "max_detections": 3},
+        },
+        "ct-embedding": {
+            "device": "cpu",
+            "model": {"path": str(encoder)},
+            "network": {
+                "target": "monai.networks.nets.segresnet_ds.SegResEncoder",
+                "args": {"spatial_dims": 3, **ENCODER_ARGS},
+            },
+            "preprocessing": {
+                "orientation": "SPL",
+                "intensity_range": [-1024, 2048],
+                "spacing_mm": [6.0, 6.0, 6.0],
+            },
+        },
+    }
+
+
+def by_pipeline(orthanc: OrthancServer, study: str, modality: str) -> dict[str, dict]:
+    """The result series of one modality in the study, by the pipeline that made them."""
+    return {
+        s["MainDicomTags"]["SeriesDescription"].split()[1]: s
+        for s in series_by_modality(orthanc, study).get(modality, [])
+    }
+
+
+@pytest.mark.slow
+def test_model_pipelines_report_to_the_pacs(
+    start_node, orthanc: OrthancServer, real_series, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    node = start_node(
+        port=orthanc.node_port,
+        routing={"rules_file": str(rules)},
+        peers={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        pipelines=pipeline_config(models),
+    )
+    lung, body = real_series["lung-kernel"], real_series["body-kernel"]
+    study = upload_and_send(orthanc, lung + body)
+
+    def reported() -> bool:
+        jobs = node.status()["jobs"]
+        done = [j for j in jobs if j["state"] in ("succeeded", "failed", "dead")]
+        return len(done) == 2 * len(PIPELINES) and len(by_pipeline(orthanc, study, "SR")) == 3
+
+    wait_until(reported, timeout=600, interval=2)
+    jobs = {(j["pipeline"], j["series_instance_uid"]): j for j in node.status()["jobs"]}
+    assert all(j["state"] == "succeeded" for j in jobs.values()), [
+        (k, j["error"]) for k, j in jobs.items() if j["state"] != "succeeded"
+    ]
+    srs = by_pipeline(orthanc, study, "SR")
+    assert set(srs) == {"covid-triage", "thoracic-findings", "nodule-detection"}
+    assert "ct-embedding" not in by_pipeline(orthanc, study, "SEG")
+    segs = by_pipeline(orthanc, study, "SEG")
+    assert set(segs) == {"nodule-detection"}
+
+    files = {}
+    for name, series in [*srs.items(), ("nodule-seg", segs["nodule-detection"])]:
+        paths = []
+        for instance in series["Instances"]:
+            path = tmp_path / f"{instance}.dcm"
+            path.write_bytes(orthanc.get(f"/instances/{instance}/file"))
+            paths.append(path)
+        files[name] = paths
+        if shutil.which("dciodvfy"):
+            for path in paths:
+                assert dciodvfy_errors(path) == [], (name, path)
+
+    # the triage SR holds the job's three probabilities, and COVID-19 is the decision
+    lung_uid = uid_of(lung)
+    for path in files["covid-triage"]:
+        sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+        source = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        job = jobs[("covid-triage", source.SeriesInstanceUID)]
+        expected = {f["concept"]["meaning"]: f for f in job["result"]["findings"]}
+        groups = sr.content.get_image_measurement_groups()
+        assert len(groups) == 3
+        for group in groups:
+            finding = expected[str(group.tracking_identifier)]
+            (probability,) = group.get_measurements()
+            assert probability.value == pytest.approx(finding["probability"], abs=1e-4)
+            (evaluation,) = group.get_qualitative_evaluations()
+            assert (evaluation.value.meaning == "Present") == finding["present"]
+        assert expected["COVID-19"]["present"]
+        assert job["result"]["positive"]
+
+    # the detection SR: a box per nodule, with the job's score, long axis, side and volume
+    for path in files["nodule-detection"]:
+        dataset = pydicom.dcmread(path)
+        series_uid = dataset.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        report = hd.sr.Comprehensive3DSR.from_dataset(dataset)
+        groups = report.content.get_planar_roi_measurement_groups()
+        job = next(
+            j
+            for (p, uid), j in jobs.items()
+            if p == "nodule-detection" and uid in {s.SeriesInstanceUID for s in series_uid}
+        )
+        detections = job["result"]["detections"]
+        assert len(groups) == len(detections) > 0
+        for group, detection in zip(groups, detections, strict=True):
+            values = {m.name.meaning: m.value for m in group.get_measurements()}
+            assert values["Probability"] == pytest.approx(detection["score"], abs=1e-4)
+            assert values["Volume"] == pytest.approx(detection["measurements"][0]["value"])
+            assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    seg = pydicom.dcmread(files["nodule-seg"][0])
+    assert seg.SegmentSequence[0].SegmentLabel == "Nodule 1"
+
+    # the embeddings: one per series, and each kernel finds the other as the most similar
+    embedded = node.cli("similar", lung_uid, "--json")
+    assert embedded.returncode == 0, embedded.stderr
+    (nearest,) = json.loads(embedded.stdout)["similar"]
+    assert nearest["series_instance_uid"] == uid_of(body)
+    assert jobs[("ct-embedding", lung_uid)]["result"]["embedding_dim"] == 16
