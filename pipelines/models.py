@@ -99,7 +99,7 @@ class ModelSource:
     def bundle_config(self) -> ConfigParser | None:
         if not self.is_bundle:
             return None
-        parser = ConfigParser(globals={"pipelines": pipelines})  # our stand-ins, by module
+        parser = _parser()
         parser.read_config(str(self.path / BUNDLE_CONFIGS[1]))
         parser["bundle_root"] = str(self.path)
         return parser
@@ -117,12 +117,17 @@ class ModelSource:
             if weights.suffix not in STATE_DICT_SUFFIXES:
                 network = torch.jit.load(str(weights), map_location=device)
             else:
-                definition = parser or ConfigParser({"network_def": self.network})
+                definition = parser or _parser({"network_def": self.network})
                 network = definition.get_parsed_content("network_def", instantiate=True)
                 network.load_state_dict(_state_dict(weights, device))
         except Exception as exc:
             raise Unavailable(f"cannot load {weights}: {exc}") from exc
         return LoadedModel(network.to(device).eval(), device, parser)
+
+
+def _parser(config: dict[str, Any] | None = None) -> ConfigParser:
+    """A MONAI config parser whose expressions can also name our modules (`pipelines.`)."""
+    return ConfigParser(config, globals={"pipelines": pipelines})
 
 
 def _state_dict(weights: Path, device: torch.device) -> dict[str, torch.Tensor]:

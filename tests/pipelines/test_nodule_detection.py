@@ -174,3 +174,48 @@ def test_a_ball_inserted_in_a_real_scan_is_found_where_it_was_put(bundle: Path, 
     ]
     assert hits, f"no detection on the ball at {center}"
     assert hits[0].finding_site == codes.RIGHT_LUNG
+
+
+def test_a_state_dict_with_its_network_in_config(tmp_path: Path, phantom: Volume) -> None:
+    """The blob detector as a bare state dict: the network named in config, with our
+    torchvision-free feature extractor in its expression."""
+    import torch
+
+    from tests.models import blob_detector
+
+    weights = tmp_path / "retinanet.pt"
+    diameter = 2 * BALL_RADIUS / SPACING_MM
+    torch.save(blob_detector(diameter).state_dict(), weights)
+    extractor = (
+        "$pipelines.detection_network.resnet_fpn_feature_extractor("
+        "monai.networks.nets.resnet.ResNet(block='basic',layers=[1,1,1,1],"
+        "block_inplanes=[8,16,32,64],spatial_dims=3,n_input_channels=1,"
+        "conv1_t_size=[11,11,11],conv1_t_stride=[1,1,1]),3,False,[1,2],fpn_channels=16)"
+    )
+    settings = PipelineSettings.model_validate(
+        {
+            "type": "nodule-detection",
+            "device": "cpu",
+            "model": {"path": str(weights)},
+            "network": {
+                "target": "monai.apps.detection.networks.retinanet_network.RetinaNet",
+                "args": {
+                    "spatial_dims": 3,
+                    "num_classes": 1,
+                    "num_anchors": 1,
+                    "size_divisible": [8, 8, 8],
+                    "feature_extractor": extractor,
+                },
+            },
+            "preprocessing": {"spacing_mm": [SPACING_MM] * 3, "roi_size": [96, 96, 64]},
+            "detection": {
+                "threshold": 0.5,
+                "anchor_shapes": [[7, 7, 7]],
+                "feature_map_scales": [1, 1, 1],
+            },
+        }
+    )
+    result = NoduleDetectionPipeline("nodule-detection", settings).run(phantom)
+    assert result.detections
+    center = np.asarray(result.detections[0].center)
+    assert np.linalg.norm(center - BALL_CENTER) < BALL_RADIUS / 2
