@@ -19,10 +19,11 @@ ALPHA = 0.35
 FRACTIONS = (0.3, 0.5, 0.7)
 
 
-def key_slices(result: PipelineResult, count: int = len(FRACTIONS)) -> list[int]:
-    """Slices at 30, 50 and 70 % of the extent of the masks (the whole volume if none)."""
+def key_slices(result: PipelineResult, slices: int, count: int = len(FRACTIONS)) -> list[int]:
+    """Slices at 30, 50 and 70 % of the extent of the masks; for whole-scan findings without
+    masks, the middle slice (the findings written on it are what a viewer can show of them)."""
     if not result.masks:
-        return []
+        return [slices // 2] if result.findings else []
     covered = np.flatnonzero(np.logical_or.reduce([m.array.any(axis=(1, 2)) for m in result.masks]))
     if covered.size == 0:
         return []
@@ -48,7 +49,8 @@ def render(result: PipelineResult, volume: Volume, index: int) -> np.ndarray:
         )
         lines.append(f"{region.name}: {values}")
     for finding in result.findings:
-        lines.append(f"{finding.concept.meaning}: p={finding.probability:.2f}")
+        called = "PRESENT" if finding.present else "absent"
+        lines.append(f"{finding.concept.meaning}: {called} (p={finding.probability:.2f})")
     draw.multiline_text((6, 6), "\n".join(lines), fill=(255, 255, 0), spacing=2)
     return np.asarray(image)
 
@@ -59,7 +61,7 @@ def build_key_images(
     if len(sources) != len(volume.sources):
         return []  # multi-frame sources: no single-slice reference dataset to copy from
     images = []
-    for number, index in enumerate(key_slices(result), start=1):
+    for number, index in enumerate(key_slices(result, len(volume.sources)), start=1):
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=sources[index],
             pixel_array=render(result, volume, index),

@@ -17,6 +17,7 @@ from pipelines.volume import Volume
 SR_SERIES_NUMBER = 9002
 CT_CHEST = DicomCode("24627-2", "LN", "CT Chest")
 PROBABILITY = DicomCode("122157", "DCM", "Probability")
+QUALITATIVE_EVALUATIONS = DicomCode("C0034375", "UMLS", "Qualitative Evaluations")
 NO_UNITS = DicomCode("1", "UCUM", "no units")
 
 Group = (
@@ -45,7 +46,6 @@ def build_report(
     groups: list[Group] = [
         _region_group(region, result, volume, segmentation, identity) for region in result.regions
     ]
-    groups += [_finding_group(finding, identity) for finding in result.findings]
     groups += [
         _detection_group(number, detection, result, volume, segmentation, identity)
         for number, detection in enumerate(result.detections, start=1)
@@ -53,9 +53,16 @@ def build_report(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=CT_CHEST,
-        imaging_measurements=groups,
+        imaging_measurements=groups or [_tracking_only(identity)],
         referenced_images=sources,
     )
+    root = report[0]
+    if not groups:  # highdicom wants a group; TID 1500 does not (row 6 is optional)
+        root.ContentSequence = [
+            item for item in root.ContentSequence if item.name != codes.DCM.ImagingMeasurements
+        ]
+    if result.findings:
+        root.ContentSequence.append(_qualitative_evaluations(result.findings))
     evidence = [*sources, _reference(segmentation)] if segmentation is not None else sources
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -160,23 +167,38 @@ def _coordinates(
     ]
 
 
-def _finding_group(finding: Finding, identity: ResultIdentity) -> Group:
-    """A classifier's finding: present/absent at its threshold, with the probability."""
-    concept = dicom_code(finding.concept)
+def _tracking_only(identity: ResultIdentity) -> Group:
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(identity, finding.concept.meaning),
-        finding_type=concept,
-        algorithm_id=_algorithm(identity),
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=concept,
-                value=codes.SCT.Present if finding.present else codes.SCT.Absent,
-            )
-        ],
-        measurements=[
-            hd.sr.Measurement(name=PROBABILITY, value=round(finding.probability, 4), unit=NO_UNITS)
-        ],
+        tracking_identifier=_tracking(identity, "none")
     )
+
+
+def _qualitative_evaluations(findings: list[Finding]) -> hd.sr.ContainerContentItem:
+    """Whole-scan findings in TID 1500's Qualitative Evaluations container: each finding
+    present or absent at its threshold, with its probability as a property.
+
+    Not measurement groups: a finding of the whole scan has no place on an image, and OHIF
+    (3.13) fails to open a report with a group that has no spatial coordinates."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = []
+    for finding in findings:
+        item = hd.sr.CodeContentItem(
+            name=dicom_code(finding.concept),
+            value=codes.SCT.Present if finding.present else codes.SCT.Absent,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        item.ContentSequence = [
+            hd.sr.NumContentItem(
+                name=PROBABILITY,
+                value=round(finding.probability, 4),
+                unit=NO_UNITS,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+            )
+        ]
+        container.ContentSequence.append(item)
+    return container
 
 
 def _reference(dataset: Dataset) -> Dataset:

@@ -26,6 +26,7 @@ from tests.models import (
     densenet_findings_bundle,
     fixed_classifier,
 )
+from tests.node.results.test_encode import qualitative_evaluations
 from tests.peers import OrthancServer, wait_until
 
 PIPELINES = ("covid-triage", "thoracic-findings", "nodule-detection", "ct-embedding")
@@ -141,14 +142,11 @@ def test_model_pipelines_report_to_the_pacs(
         source = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
         job = jobs[("covid-triage", source.SeriesInstanceUID)]
         expected = {f["concept"]["meaning"]: f for f in job["result"]["findings"]}
-        groups = sr.content.get_image_measurement_groups()
-        assert len(groups) == 3
-        for group in groups:
-            finding = expected[str(group.tracking_identifier)]
-            (probability,) = group.get_measurements()
-            assert probability.value == pytest.approx(finding["probability"], abs=1e-4)
-            (evaluation,) = group.get_qualitative_evaluations()
-            assert (evaluation.value.meaning == "Present") == finding["present"]
+        found = qualitative_evaluations(sr)
+        assert found.keys() == expected.keys()
+        for meaning, (value, probability) in found.items():
+            assert probability == pytest.approx(expected[meaning]["probability"], abs=1e-4)
+            assert (value == "Present") == expected[meaning]["present"]
         assert expected["COVID-19"]["present"]
         assert job["result"]["positive"]
 
@@ -179,3 +177,58 @@ def test_model_pipelines_report_to_the_pacs(
     (nearest,) = json.loads(embedded.stdout)["similar"]
     assert nearest["series_instance_uid"] == uid_of(body)
     assert jobs[("ct-embedding", lung_uid)]["result"]["embedding_dim"] == 16
+
+
+@pytest.mark.slow
+def test_the_radiologist_sees_the_nodules_and_the_triage_in_ohif(
+    start_node, orthanc: OrthancServer, ohif: str, real_series, tmp_path: Path
+) -> None:
+    from tests.e2e.test_results_to_pacs import viewer_shot
+
+    models = tmp_path / "models"
+    models.mkdir()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("thoracic-findings, ", "").replace(", ct-embedding", ""))
+    config = pipeline_config(models)
+    start_node(
+        port=orthanc.node_port,
+        routing={"rules_file": str(rules)},
+        peers={
+            "pacs": {
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "key_images": True,
+            }
+        },
+        pipelines={k: config[k] for k in ("covid-triage", "nodule-detection")},
+    )
+    files = real_series["lung-kernel"]
+    study = upload_and_send(orthanc, files)
+    wait_until(lambda: len(by_pipeline(orthanc, study, "SR")) == 2, timeout=300, interval=2)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    shots = Path(__file__).resolve().parents[2] / "var" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    series_uid = {
+        name: s["MainDicomTags"]["SeriesInstanceUID"]
+        for name, s in by_pipeline(orthanc, study, "SR").items()
+    }
+    seg_uid = by_pipeline(orthanc, study, "SEG")["nodule-detection"]["MainDicomTags"][
+        "SeriesInstanceUID"
+    ]
+    viewer_shot(ohif, study_uid, shots / "nodules-seg.png", "--series", seg_uid)
+    viewer_shot(
+        ohif,
+        study_uid,
+        shots / "nodules-sr.png",
+        "--series",
+        series_uid["nodule-detection"],
+    )
+    # OHIF 3.13 cannot open a measurement report without drawable measurements (it fails
+    # on the triage SR, standard as it is): the triage reaches the radiologist as a key image
+    key_images = {
+        s["MainDicomTags"]["SeriesDescription"].split()[1]: s
+        for s in series_by_modality(orthanc, study)["OT"]
+    }
+    triage_image = key_images["covid-triage"]["MainDicomTags"]["SeriesInstanceUID"]
+    viewer_shot(ohif, study_uid, shots / "triage-key-image.png", "--series", triage_image)

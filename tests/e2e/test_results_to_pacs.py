@@ -174,8 +174,9 @@ def viewer_shot(ohif_url: str, study_uid: str, out: Path, *options: str) -> str:
         text=True,
         timeout=300,
     )
-    console = Path(f"{out}.console.txt").read_text(errors="replace")
-    assert shot.returncode == 0, shot.stdout + shot.stderr
+    log = Path(f"{out}.console.txt")
+    console = log.read_text(errors="replace") if log.exists() else ""
+    assert shot.returncode == 0, shot.stdout + shot.stderr + console
     assert "Error Boundary" not in console and "Something went wrong" not in console, console
     return console
 

@@ -192,13 +192,33 @@ def test_findings_are_present_or_absent_with_their_probability(tmp_path: Path) -
         findings=[Finding(emphysema, 0.91, True), Finding(effusion, 0.04, False)],
     )
     identity = ResultIdentity("findings-test", "0.1", volume.series_instance_uid, 1, "AINODE")
-    (sr_path,) = encode_result(result, volume, identity, tmp_path / "out")
+    sr_path, key_image = encode_result(result, volume, identity, tmp_path / "out")
     validate(sr_path)
+    validate(key_image)  # the findings written on a slice, for viewers that show no SR
+    image = pydicom.dcmread(key_image)
+    assert image.StudyInstanceUID == pydicom.dcmread(sr_path).StudyInstanceUID
+    red, green, blue = np.moveaxis(image.pixel_array.astype(int), -1, 0)
+    yellow = (red > 180) & (green > 180) & (blue < 100)
+    assert yellow[:40].sum() > 50  # the text lines at the top
     report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
-    groups = report.content.get_image_measurement_groups()
-    seen = {}
-    for group in groups:
-        (evaluation,) = group.get_qualitative_evaluations()
-        (probability,) = group.get_measurements()
-        seen[evaluation.name.meaning] = (evaluation.value.meaning, probability.value)
-    assert seen == {"Pulmonary emphysema": ("Present", 0.91), "Pleural effusion": ("Absent", 0.04)}
+    assert report.content.get_image_measurement_groups() == []  # none: nothing on an image
+    assert qualitative_evaluations(report) == {
+        "Pulmonary emphysema": ("Present", 0.91),
+        "Pleural effusion": ("Absent", 0.04),
+    }
+
+
+def qualitative_evaluations(report: hd.sr.Comprehensive3DSR) -> dict[str, tuple[str, float]]:
+    """TID 1500's Qualitative Evaluations: finding -> (Present or Absent, probability)."""
+    (container,) = [
+        item
+        for item in report.content[0].ContentSequence
+        if item.name.meaning == "Qualitative Evaluations"
+    ]
+    return {
+        item.name.meaning: (
+            item.value.meaning,
+            float(item.ContentSequence[0].MeasuredValueSequence[0].NumericValue),
+        )
+        for item in container.ContentSequence
+    }
