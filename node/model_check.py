@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from pipelines.base import Pipeline, Unavailable
 from pipelines.device import resolve_device
+from pipelines.model_pipeline import ModelPipeline
 from pipelines.settings import PipelineSettings
 
 
@@ -36,7 +37,7 @@ def model_reports(
     reports = []
     for name, settings in sorted(configured.items()):
         pipeline = pipelines[name]
-        source = getattr(pipeline, "source", None)
+        source = pipeline.source if isinstance(pipeline, ModelPipeline) else None
         if source is None and settings.model is None:
             continue
         try:
@@ -55,17 +56,18 @@ def model_reports(
             problem=problem,
         )
         if verify and source is not None and problem is None:
-            _verify(report, pipeline, source)
+            _verify(report, pipeline)
         reports.append(report)
     return reports
 
 
-def _verify(report: ModelReport, pipeline: Pipeline, source: object) -> None:
+def _verify(report: ModelReport, pipeline: ModelPipeline) -> None:
     import torch
 
-    report.sha256 = source.digest()  # type: ignore[attr-defined]
+    assert pipeline.source is not None
+    report.sha256 = pipeline.source.digest()
     try:
-        pipeline.model(torch.device(report.device))  # type: ignore[attr-defined]
+        pipeline.model(torch.device(report.device))
     except Unavailable as exc:
         report.loads, report.problem = False, str(exc)
     else:

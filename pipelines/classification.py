@@ -19,7 +19,6 @@ from pipelines import codes
 from pipelines.base import Requirements, Stage, StageTimer
 from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
-from pipelines.preprocessing import crop_box, preprocessing_for, to_meta_tensor
 from pipelines.result import Finding, PipelineResult
 from pipelines.settings import (
     ClassSettings,
@@ -83,7 +82,7 @@ class ScanClassifierPipeline(ModelPipeline):
         with timed("model", "load model"):
             model = self.model(device)
         with timed("preprocessing", "preprocess"):
-            image = self.preprocess(volume, model.bundle)
+            image = torch.as_tensor(self.preprocess(volume, model)["image"])
         with timed("inference"), inference_mode(device):
             logits = first_tensor(model.network(image[None].to(device))).float().cpu().flatten()
         if logits.numel() != len(self.classes):
@@ -94,11 +93,6 @@ class ScanClassifierPipeline(ModelPipeline):
         return PipelineResult(
             self.name, self.version, findings=self.findings(logits), timings=timed.timings
         )
-
-    def preprocess(self, volume: Volume, bundle: object) -> torch.Tensor:
-        box = crop_box(volume, self.preprocessing_settings)
-        transform = preprocessing_for(bundle, self.preprocessing_settings)
-        return torch.as_tensor(transform({"image": to_meta_tensor(volume, box)})["image"])
 
     def findings(self, logits: torch.Tensor) -> list[Finding]:
         if self.activation == "softmax":

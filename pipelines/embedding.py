@@ -15,7 +15,6 @@ from pipelines.base import Requirements, Stage, StageTimer
 from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
 from pipelines.networks import CT_FM_ENCODER, pooled_features
-from pipelines.preprocessing import crop_box, preprocessing_for, to_meta_tensor
 from pipelines.result import PipelineResult
 from pipelines.settings import NetworkSettings, PipelineSettings, PreprocessingSettings
 from pipelines.volume import Volume
@@ -41,9 +40,7 @@ class CTEmbeddingPipeline(ModelPipeline):
         with timed("model", "load model"):
             model = self.model(device)
         with timed("preprocessing", "preprocess"):
-            prep = self.preprocessing_settings
-            transform = preprocessing_for(model.bundle, prep)
-            data = transform({"image": to_meta_tensor(volume, crop_box(volume, prep))})
+            data = self.preprocess(volume, model)
             if model.bundle is None:
                 data = CropForegroundd("image", source_key="image")(data)
             image = torch.as_tensor(data["image"])

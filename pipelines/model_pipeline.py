@@ -3,13 +3,15 @@ and device, and falling back to the CPU when the GPU runs out of memory."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.bundle import ConfigParser
 
 from pipelines.base import Requirements, Stage, Unavailable
 from pipelines.device import run_on
 from pipelines.models import LoadedModel
-from pipelines.preprocessing import strip_io
+from pipelines.preprocessing import crop_box, preprocessing_for, strip_io, to_meta_tensor
 from pipelines.result import PipelineResult
 from pipelines.settings import PipelineSettings, PreprocessingSettings
 from pipelines.volume import Volume
@@ -45,6 +47,13 @@ class ModelPipeline:
                 raise Unavailable(problem or "no model")
             self._loaded[str(device)] = self.source.load(device, self.prepare)
         return self._loaded[str(device)]
+
+    def preprocess(self, volume: Volume, model: LoadedModel) -> dict[str, Any]:
+        """`{"image": ...}`: the volume, cropped as configured, through the bundle's
+        preprocessing or the configured one."""
+        settings = self.preprocessing_settings
+        transform = preprocessing_for(model.bundle, settings)
+        return transform({"image": to_meta_tensor(volume, crop_box(volume, settings))})
 
     def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
         return run_on(

@@ -24,9 +24,10 @@ from pipelines import codes
 from pipelines.base import BadInput, Requirements, Stage, StageTimer
 from pipelines.detection_network import MONAI_EXTRACTOR, OUR_EXTRACTOR
 from pipelines.device import inference_mode
+from pipelines.lung_quant import segment_lungs
 from pipelines.model_pipeline import ModelPipeline
 from pipelines.models import LoadedModel
-from pipelines.preprocessing import LPS_TO_RAS, preprocessing_for, strip_io, to_meta_tensor
+from pipelines.preprocessing import LPS_TO_RAS, strip_io
 from pipelines.result import Detection, Mask, Measurement, PipelineResult, Segment
 from pipelines.settings import PreprocessingSettings
 from pipelines.volume import Volume
@@ -62,8 +63,7 @@ class NoduleDetectionPipeline(ModelPipeline):
             model = self.model(device)
             detector = self.detector(model)
         with timed("preprocessing", "preprocess"):
-            transform = preprocessing_for(model.bundle, self.preprocessing_settings)
-            image = transform({"image": to_meta_tensor(volume)})["image"]
+            image = self.preprocess(volume, model)["image"]
         with timed("inference"), inference_mode(device):
             found = detector([image.as_tensor().to(device)], use_inferer=True)[0]
         with timed("measurement", "measure"):
@@ -145,20 +145,19 @@ class NoduleDetectionPipeline(ModelPipeline):
         self, volume: Volume, boxes: list[tuple[np.ndarray, np.ndarray]]
     ) -> list[codes.Code | None]:
         """Left or right lung for each box centre, from lung-quant's lung masks."""
-        from pipelines.lung_quant import segment_lungs
-
         try:
-            left, right = segment_lungs(torch.from_numpy(volume.voxels), volume)
+            left, right = (
+                m.numpy() for m in segment_lungs(torch.from_numpy(volume.voxels), volume)
+            )
         except BadInput as exc:
             log.info("%s: no lung masks for the nodules' side: %s", self.name, exc)
             return [None] * len(boxes)
         inverse = np.linalg.inv(volume.affine)
+        last = np.array(volume.voxels.shape) - 1
         sides: list[codes.Code | None] = []
         for low, high in boxes:
             index = np.round(inverse @ np.append((low + high) / 2, 1.0))[:3].astype(int)
-            index = np.clip(index, 0, np.array(volume.voxels.shape) - 1)
-            nearest = _nearest_lung(index, left.numpy(), right.numpy())
-            sides.append(nearest)
+            sides.append(_nearest_lung(np.clip(index, 0, last), left, right))
         return sides
 
 

@@ -21,6 +21,7 @@ from monai.transforms import (
 )
 
 from pipelines.base import BadInput
+from pipelines.lung_quant import segment_lungs
 from pipelines.settings import PreprocessingSettings
 from pipelines.volume import Volume
 
@@ -46,8 +47,6 @@ def to_meta_tensor(volume: Volume, box: Box | None = None) -> MetaTensor:
 
 def lung_box(volume: Volume, margin_mm: float) -> Box:
     """The voxels around both lungs (lung-quant's segmentation), with a margin."""
-    from pipelines.lung_quant import segment_lungs  # torch morphology; only when cropping
-
     left, right = segment_lungs(torch.from_numpy(volume.voxels), volume)
     lungs = (left | right).numpy()
     if not lungs.any():

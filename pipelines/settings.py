@@ -54,13 +54,13 @@ class NetworkSettings(_Strict):
 class PreprocessingSettings(_Strict):
     """Preprocessing for a model that comes without a bundle config.
 
-    `crop` cuts the volume to the lungs (or the body) first, `spatial_size` then pads or
-    crops (with `spacing_mm`) or resizes (without) to the network's fixed input size."""
+    `crop: lungs` cuts the volume to the lungs (lung-quant's masks) first; `spatial_size`
+    then pads or crops (with `spacing_mm`) or resizes (without) to the network's input size."""
 
     orientation: str = "RAS"
     spacing_mm: tuple[float, float, float] | None = None
     intensity_range: tuple[float, float] = (-1024.0, 300.0)
-    crop: Literal["none", "body", "lungs"] = "none"
+    crop: Literal["none", "lungs"] = "none"
     crop_margin_mm: float = Field(default=10.0, ge=0)
     spatial_size: tuple[int, int, int] | None = None
     roi_size: tuple[int, int, int] = (96, 96, 96)
