@@ -2,6 +2,8 @@
 
 Sends every DICOM file of ../shared/data with DCMTK storescu over loopback, with 1 and 4
 parallel associations, and prints images/s, MB/s and the ratio to storescp (medians).
+The node flushes every file before it answers; storescp never does, Orthanc only as
+"orthanc sync" (SyncStorageArea), which is the like-for-like peer.
 
     python bench/ingest.py [--runs 7] [--receivers 1 2]
 """
@@ -60,6 +62,33 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def cpu_ticks(pid: int) -> int:
+    """CPU time of `pid` and its children, in clock ticks (Linux /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat.parent.name == str(pid) or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def wait_until_settled(pid: int, timeout: float = 120.0) -> None:
+    """Until the process tree of `pid` is idle (under 5 % of a core for half a second)."""
+    deadline = time.monotonic() + timeout
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    before = cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = cpu_ticks(pid)
+        if after - before < 0.05 * 0.5 * ticks_per_second:
+            return
+        before = after
+    raise RuntimeError(f"process {pid} still busy after {timeout} s")
+
+
 def send(target: Target, files: list[Path], associations: int) -> float:
     """Seconds to send `files` split over `associations` parallel storescu processes."""
     chunks = [files[i::associations] for i in range(associations)]
@@ -107,10 +136,12 @@ def storescp(workdir: Path) -> Iterator[Target]:
 
 
 @contextmanager
-def orthanc(workdir: Path) -> Iterator[Target]:
-    work = workdir / "orthanc"
+def orthanc(workdir: Path, sync_storage: bool) -> Iterator[Target]:
+    """Orthanc as orthanc-up makes it; `sync_storage` flushes each file as the node does."""
+    work = workdir / ("orthanc-sync" if sync_storage else "orthanc")
     subprocess.run(
-        [str(TOOLS / "orthanc-up"), "-p", "auto", "-H", "auto", "-a", "ORTHANC", str(work)],
+        [str(TOOLS / "orthanc-up"), "-p", "auto", "-H", "auto", "-a", "ORTHANC", str(work)]
+        + (["--sync-storage"] if sync_storage else []),
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -127,7 +158,8 @@ def orthanc(workdir: Path) -> Iterator[Target]:
             for patient in httpx.get(f"{url}/patients").json():
                 httpx.delete(f"{url}/patients/{patient}")
 
-        yield Target("orthanc", int(env["ORTHANC_DICOM_PORT"]), "ORTHANC", reset)
+        name = "orthanc sync" if sync_storage else "orthanc"
+        yield Target(name, int(env["ORTHANC_DICOM_PORT"]), "ORTHANC", reset)
     finally:
         subprocess.run([str(TOOLS / "orthanc-down"), "--purge", str(work)], check=False)
 
@@ -149,11 +181,11 @@ def ainode(workdir: Path, receivers: int) -> Iterator[Target]:
         shutil.rmtree(home / "var", ignore_errors=True)
         state["proc"] = subprocess.Popen(
             [sys.executable, "-m", "node", "serve", "--config", str(config)],
-            cwd=REPO,
+            cwd=home,
             stderr=subprocess.DEVNULL,
         )
         wait_for_port(port)
-        time.sleep(0.5 * receivers)  # let every receiver process bind
+        wait_until_settled(state["proc"].pid)  # every receiver bound, every worker loaded
 
     def stop() -> None:
         state["proc"].terminate()
@@ -194,7 +226,7 @@ def main() -> None:
         results: dict[tuple[str, int], float] = {}
         peers = [lambda: storescp(work)]
         if not args.no_orthanc:
-            peers.append(lambda: orthanc(work))
+            peers += [lambda: orthanc(work, False), lambda: orthanc(work, True)]
         peers += [lambda n=n: ainode(work, n) for n in args.receivers]
         for make in peers:
             with make() as target:

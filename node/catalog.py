@@ -7,14 +7,16 @@ delivered them. Series completion reads what the catalog writes; it never reache
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from node.db.group_commit import GroupCommit
 from node.db.models import (
     Association,
     Instance,
@@ -26,48 +28,62 @@ from node.db.models import (
 )
 from node.storage import InstanceKey
 
+STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
+SOP_CLASS_UID, SOP_INSTANCE_UID, INSTANCE_NUMBER = 0x00080016, 0x00080018, 0x00200013
+
 
 @dataclass(frozen=True)
 class InstanceMetadata:
-    """What the catalog keeps of one received instance (no patient identifiers)."""
+    """What the catalog keeps of one received instance (no patient identifiers).
+
+    The UIDs, SOP Class and Instance Number are read for every instance, from the raw
+    values; the study's and series' descriptive attributes only when a series is created.
+    """
 
     key: InstanceKey
     sop_class_uid: str
     instance_number: int | None
-    modality: str | None
-    body_part_examined: str | None
-    study_description: str | None
-    study_date: str | None
-    series_description: str | None
-    protocol_name: str | None
-    image_type: str | None
-    slice_thickness: float | None
-    convolution_kernel: str | None
-    manufacturer: str | None
-    series_number: int | None
+    dataset: Dataset = field(repr=False, compare=False)
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceMetadata:
         """Read the metadata of `ds`; raises InvalidUID for a UID that cannot be stored."""
         key = InstanceKey.validated(
-            ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID")
+            _raw_text(ds, STUDY_INSTANCE_UID),
+            _raw_text(ds, SERIES_INSTANCE_UID),
+            _raw_text(ds, SOP_INSTANCE_UID),
         )
         return cls(
             key=key,
-            sop_class_uid=str(ds.get("SOPClassUID", "")),
-            instance_number=_as_int(ds.get("InstanceNumber")),
-            modality=_as_text(ds.get("Modality")),
-            body_part_examined=_as_text(ds.get("BodyPartExamined")),
-            study_description=_as_text(ds.get("StudyDescription")),
-            study_date=_as_text(ds.get("StudyDate")),
-            series_description=_as_text(ds.get("SeriesDescription")),
-            protocol_name=_as_text(ds.get("ProtocolName")),
-            image_type=_as_text(ds.get("ImageType")),
-            slice_thickness=_as_float(ds.get("SliceThickness")),
-            convolution_kernel=_as_text(ds.get("ConvolutionKernel")),
-            manufacturer=_as_text(ds.get("Manufacturer")),
-            series_number=_as_int(ds.get("SeriesNumber")),
+            sop_class_uid=_raw_text(ds, SOP_CLASS_UID) or "",
+            instance_number=_as_int(_raw_text(ds, INSTANCE_NUMBER)),
+            dataset=ds,
         )
+
+    @cached_property
+    def study_fields(self) -> dict[str, object]:
+        ds = self.dataset
+        return {
+            "study_description": _as_text(ds.get("StudyDescription")),
+            "study_date": _as_text(ds.get("StudyDate")),
+        }
+
+    @cached_property
+    def series_fields(self) -> dict[str, object]:
+        """What routing rules match on, besides the calling and called AE."""
+        ds = self.dataset
+        return {
+            "modality": _as_text(ds.get("Modality")),
+            "sop_class_uid": self.sop_class_uid,
+            "body_part_examined": _as_text(ds.get("BodyPartExamined")),
+            "series_description": _as_text(ds.get("SeriesDescription")),
+            "protocol_name": _as_text(ds.get("ProtocolName")),
+            "image_type": _as_text(ds.get("ImageType")),
+            "slice_thickness": _as_float(ds.get("SliceThickness")),
+            "convolution_kernel": _as_text(ds.get("ConvolutionKernel")),
+            "manufacturer": _as_text(ds.get("Manufacturer")),
+            "series_number": _as_int(ds.get("SeriesNumber")),
+        }
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,7 @@ class Catalog:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._group = GroupCommit(engine)
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
         # Built once: constructing statements per instance costs more than running them.
         self._touch_series = (
@@ -127,38 +144,42 @@ class Catalog:
     def open_association(
         self, association_id: str, calling_ae: str, called_ae: str, peer_address: str | None
     ) -> None:
-        with self._engine.begin() as conn:
-            conn.execute(
-                insert(Association).values(
-                    id=association_id,
-                    calling_ae=calling_ae,
-                    called_ae=called_ae,
-                    peer_address=peer_address,
-                    pid=os.getpid(),
-                    opened_at=utcnow(),
-                    released=False,
-                    instances_received=0,
-                )
-            )
+        statement = insert(Association).values(
+            id=association_id,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            peer_address=peer_address,
+            pid=os.getpid(),
+            opened_at=utcnow(),
+            released=False,
+            instances_received=0,
+        )
+        self._group.run(lambda conn: conn.execute(statement))
 
     def close_association(self, association_id: str, released: bool, instances: int) -> None:
         """Mark an association closed; a clean release stamps the series it delivered."""
+        self._group.run(
+            lambda conn: self._close_association(conn, association_id, released, instances)
+        )
+
+    def _close_association(
+        self, conn: Connection, association_id: str, released: bool, instances: int
+    ) -> None:
         now = utcnow()
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(Association)
-                .where(Association.id == association_id)
-                .values(closed_at=now, released=released, instances_received=instances)
+        conn.execute(
+            update(Association)
+            .where(Association.id == association_id)
+            .values(closed_at=now, released=released, instances_received=instances)
+        )
+        if released:
+            delivered = select(SeriesAssociation.series_id).where(
+                SeriesAssociation.association_id == association_id
             )
-            if released:
-                delivered = select(SeriesAssociation.series_id).where(
-                    SeriesAssociation.association_id == association_id
-                )
-                conn.execute(
-                    update(Series)
-                    .where(Series.id.in_(delivered), Series.state == SeriesState.RECEIVING)
-                    .values(released_at=now)
-                )
+            conn.execute(
+                update(Series)
+                .where(Series.id.in_(delivered), Series.state == SeriesState.RECEIVING)
+                .values(released_at=now)
+            )
 
     def close_stale_associations(self, pids: list[int] | None = None) -> int:
         """Close associations left open by processes that died (all, or those of `pids`)."""
@@ -169,36 +190,52 @@ class Catalog:
             return conn.execute(statement.values(closed_at=utcnow(), released=False)).rowcount
 
     def record_instance(
-        self, meta: InstanceMetadata, receipt: Receipt, content_changed: bool, link: bool
+        self,
+        meta: InstanceMetadata,
+        receipt: Receipt,
+        content_changed: bool,
+        link: bool,
     ) -> Recorded:
         """Record a stored instance, its series and study, atomically.
 
         `content_changed` is False when identical bytes were already stored: such a re-send
         neither counts twice nor reopens a completed series. `link` records that this
         association delivered the series (needed once per association and series).
+        Concurrent calls share a transaction (see `GroupCommit`).
         """
-        with self._engine.begin() as conn:
-            touched = conn.execute(
-                self._touch_series,
-                {"b_series_uid": meta.key.series_uid, "b_now": receipt.received_at},
-            ).first()
-            opened = False
-            if touched is None:
-                touched, opened = self._series_for_arrival(conn, meta, receipt, content_changed)
-                link = True
-            series_id, revision = touched
-            values = _instance_values(meta, receipt, series_id, revision)
-            inserted = conn.execute(self._insert_instance, values).first() is not None
-            if inserted:
-                conn.execute(self._count_instance, {"b_series_id": series_id})
-            elif content_changed:
-                self._replace_instance(conn, meta.key.sop_instance_uid, values)
-            if link:
-                conn.execute(
-                    self._link,
-                    {"series_id": series_id, "association_id": receipt.association_id},
-                )
-            return Recorded(series_id, revision, inserted, opened)
+        return self._group.run(
+            lambda conn: self._record_instance(conn, meta, receipt, content_changed, link)
+        )
+
+    def _record_instance(
+        self,
+        conn: Connection,
+        meta: InstanceMetadata,
+        receipt: Receipt,
+        content_changed: bool,
+        link: bool,
+    ) -> Recorded:
+        touched = conn.execute(
+            self._touch_series,
+            {"b_series_uid": meta.key.series_uid, "b_now": receipt.received_at},
+        ).first()
+        opened = False
+        if touched is None:
+            touched, opened = self._series_for_arrival(conn, meta, receipt, content_changed)
+            link = True
+        series_id, revision = touched
+        values = _instance_values(meta, receipt, series_id, revision)
+        inserted = conn.execute(self._insert_instance, values).first() is not None
+        if inserted:
+            conn.execute(self._count_instance, {"b_series_id": series_id})
+        elif content_changed:
+            self._replace_instance(conn, meta.key.sop_instance_uid, values)
+        if link:
+            conn.execute(
+                self._link,
+                {"series_id": series_id, "association_id": receipt.association_id},
+            )
+        return Recorded(series_id, revision, inserted, opened)
 
     def _series_for_arrival(
         self, conn: Connection, meta: InstanceMetadata, receipt: Receipt, content_changed: bool
@@ -209,8 +246,7 @@ class Catalog:
             self._insert_study,
             {
                 "study_instance_uid": meta.key.study_uid,
-                "study_description": meta.study_description,
-                "study_date": meta.study_date,
+                **meta.study_fields,
                 "first_received_at": now,
             },
         )
@@ -230,7 +266,7 @@ class Catalog:
                 "last_received_at": now,
                 "calling_ae": receipt.calling_ae,
                 "called_ae": receipt.called_ae,
-                **_series_metadata(meta),
+                **meta.series_fields,
             },
         )
         series_id, revision, state = conn.execute(
@@ -268,21 +304,6 @@ class Catalog:
             conn.execute(update(Series).where(Series.id == affected).values(instance_count=count))
 
 
-def _series_metadata(meta: InstanceMetadata) -> dict[str, object]:
-    return {
-        "modality": meta.modality,
-        "sop_class_uid": meta.sop_class_uid,
-        "body_part_examined": meta.body_part_examined,
-        "series_description": meta.series_description,
-        "protocol_name": meta.protocol_name,
-        "image_type": meta.image_type,
-        "slice_thickness": meta.slice_thickness,
-        "convolution_kernel": meta.convolution_kernel,
-        "manufacturer": meta.manufacturer,
-        "series_number": meta.series_number,
-    }
-
-
 def _instance_values(
     meta: InstanceMetadata, receipt: Receipt, series_id: int, revision: int
 ) -> dict[str, object]:
@@ -299,6 +320,18 @@ def _instance_values(
         "association_id": receipt.association_id,
         "received_at": receipt.received_at,
     }
+
+
+def _raw_text(ds: Dataset, tag: int) -> str | None:
+    """A UI or IS value as text, straight from its raw bytes (both are ASCII in every
+    character set, so pydicom's conversion and validation can be skipped)."""
+    element = ds.get_item(tag)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip("\0 ")
+    return None if value is None else str(value).strip("\0 ")
 
 
 def _as_text(value: object) -> str | None:

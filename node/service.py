@@ -15,18 +15,15 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Engine
 
-from node.catalog import Catalog
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import Settings
-from node.db.engine import make_engine, make_session_factory
+from node.db.engine import make_engine
 from node.db.migrate import upgrade
 from node.db.models import utcnow
-from node.dimse.scp import StorageSCP
 from node.dispatch.dispatcher import Dispatcher
-from node.logs import configure_logging
 from node.queue import JobQueue
+from node.receiver import Receiver, run_receiver_process
 from node.retention import RetentionSweeper
 from node.routing.router import Router, RulesSource
 from node.storage import InstanceStore
@@ -34,25 +31,6 @@ from node.worker import retry_policy, run_worker_process
 from pipelines.registry import build_pipelines
 
 log = logging.getLogger(__name__)
-
-
-class Receiver:
-    """One storage SCP with its own database engine (one per process)."""
-
-    def __init__(self, settings: Settings, reuse_port: bool) -> None:
-        self.engine: Engine = make_engine(settings.database.url)
-        self.sessions = make_session_factory(self.engine)
-        self.catalog = Catalog(self.engine)
-        self.store = InstanceStore(settings.storage.path)
-        self.scp = StorageSCP(settings, self.store, self.catalog)
-        self._reuse_port = reuse_port
-
-    def start(self) -> None:
-        self.scp.start(reuse_port=self._reuse_port)
-
-    def stop(self) -> None:
-        self.scp.stop()
-        self.engine.dispose()
 
 
 class NodeService:
@@ -177,18 +155,6 @@ class NodeService:
             )
             self._children.remove(entry)
             self._start_child(target, args)
-
-
-def run_receiver_process(settings: Settings) -> None:
-    """Entry point of an extra receiver process: serve until SIGTERM."""
-    configure_logging(settings.logging.level)
-    receiver = Receiver(settings, reuse_port=True)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    receiver.start()
-    stopping.wait()
-    receiver.stop()
 
 
 def serve(settings: Settings) -> None:

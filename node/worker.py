@@ -22,6 +22,7 @@ from node.config import Settings
 from node.db.engine import make_engine
 from node.db.models import Instance
 from node.inference import process_series
+from node.lifecycle import stop_when_parent_exits
 from node.logs import configure_logging
 from node.queue import ClaimedJob, JobQueue, RetryPolicy
 from node.storage import InstanceStore
@@ -141,4 +142,5 @@ def run_worker_process(settings: Settings, index: int) -> None:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_when_parent_exits(stopping)
     Worker(settings, f"worker-{index}-{os.getpid()}").run(stopping)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.base import DevicePreference
 from pipelines.codes import Code
-from pipelines.models import ModelSource
 from pipelines.volume import VolumeOptions
+
+if TYPE_CHECKING:  # loading models needs torch; reading the config must not
+    from pipelines.models import ModelSource
 
 
 class _Strict(BaseModel):
@@ -106,6 +108,8 @@ class PipelineSettings(_Strict):
     detection: DetectionSettings = DetectionSettings()
 
     def model_source(self) -> ModelSource | None:
+        from pipelines.models import ModelSource
+
         if self.model is None:
             return None
         network = {"_target_": self.network.target, **self.network.args} if self.network else None

@@ -156,6 +156,19 @@ class NodeProcess:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def children(self) -> list[int]:
+        """PIDs of the node's child processes (receivers, workers), read from /proc."""
+        assert self.proc is not None
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == self.proc.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -63,3 +64,15 @@ def test_receivers_share_the_port_survive_a_crash_and_stop_together(
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+
+
+def test_a_receiver_process_loads_no_model_library() -> None:
+    """Receivers and config checks start in a fraction of a second: no torch, no MONAI."""
+    probe = (
+        "import sys, node.receiver, node.config; "
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -332,10 +332,14 @@ def test_sigkill_mid_transfer_keeps_every_acknowledged_instance(
         text=True,
     )
     wait_until(lambda: len(list(node.storage.rglob("*.dcm"))) >= 60, timeout=60, interval=0.01)
+    children = node.children()
+    assert children, "the node runs its worker in a child process"
     node.kill()
     output, _ = sender.communicate(timeout=60)
     acked = acknowledged(output)
     assert 50 <= len(acked) < len(files)
+    # Orphaned children stop by themselves; none goes on beside the restarted node.
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=30)
 
     node.start()
     for path in acked:

@@ -1,0 +1,51 @@
+"""A receiver: one storage SCP with its own database engine, one per process.
+
+Kept apart from the service so that a receiver process imports no pipeline (no torch).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from sqlalchemy import Engine
+
+from node.catalog import Catalog
+from node.config import Settings
+from node.db.engine import make_engine, make_session_factory
+from node.dimse.scp import StorageSCP
+from node.lifecycle import stop_when_parent_exits
+from node.logs import configure_logging
+from node.storage import InstanceStore
+
+
+class Receiver:
+    """One storage SCP with its own database engine (one per process)."""
+
+    def __init__(self, settings: Settings, reuse_port: bool) -> None:
+        self.engine: Engine = make_engine(settings.database.url)
+        self.sessions = make_session_factory(self.engine)
+        self.catalog = Catalog(self.engine)
+        self.store = InstanceStore(settings.storage.path)
+        self.scp = StorageSCP(settings, self.store, self.catalog)
+        self._reuse_port = reuse_port
+
+    def start(self) -> None:
+        self.scp.start(reuse_port=self._reuse_port)
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.engine.dispose()
+
+
+def run_receiver_process(settings: Settings) -> None:
+    """Entry point of an extra receiver process: serve until SIGTERM."""
+    configure_logging(settings.logging.level)
+    receiver = Receiver(settings, reuse_port=True)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    stop_when_parent_exits(stopping)
+    receiver.start()
+    stopping.wait()
+    receiver.stop()
