@@ -109,10 +109,11 @@ class Recorded:
 
 
 class Catalog:
-    """Database writes of the receive path: one short Core transaction per event.
+    """Database writes of the receive path: short Core transactions, shared by instances
+    that arrive together (`GroupCommit`).
 
-    The hot path (a new instance of a series that is receiving) is three statements:
-    touch the series, insert the instance, count it.
+    The hot path (a new instance of a series that is receiving) is two statements: touch the
+    series and count the instance in, insert the instance. A duplicate is counted out again.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -126,7 +127,7 @@ class Catalog:
                 Series.series_instance_uid == bindparam("b_series_uid"),
                 Series.state == SeriesState.RECEIVING,
             )
-            .values(last_received_at=bindparam("b_now"))
+            .values(last_received_at=bindparam("b_now"), instance_count=Series.instance_count + 1)
             .returning(Series.id, Series.revision)
         )
         self._insert_instance = (
@@ -135,7 +136,7 @@ class Catalog:
         self._count_instance = (
             update(Series)
             .where(Series.id == bindparam("b_series_id"))
-            .values(instance_count=Series.instance_count + 1)
+            .values(instance_count=Series.instance_count + bindparam("b_delta"))
         )
         self._link = dialect.insert(SeriesAssociation).on_conflict_do_nothing()
         self._insert_study = dialect.insert(Study).on_conflict_do_nothing()
@@ -220,16 +221,18 @@ class Catalog:
             {"b_series_uid": meta.key.series_uid, "b_now": receipt.received_at},
         ).first()
         opened = False
+        counted = touched is not None  # the touch counts the instance in, on the hot path
         if touched is None:
             touched, opened = self._series_for_arrival(conn, meta, receipt, content_changed)
             link = True
         series_id, revision = touched
         values = _instance_values(meta, receipt, series_id, revision)
         inserted = conn.execute(self._insert_instance, values).first() is not None
-        if inserted:
-            conn.execute(self._count_instance, {"b_series_id": series_id})
-        elif content_changed:
-            self._replace_instance(conn, meta.key.sop_instance_uid, values)
+        if not inserted and content_changed:
+            self._replace_instance(conn, meta.key.sop_instance_uid, values)  # recounts
+        elif inserted != counted:
+            delta = 1 if inserted else -1
+            conn.execute(self._count_instance, {"b_series_id": series_id, "b_delta": delta})
         if link:
             conn.execute(
                 self._link,
