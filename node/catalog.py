@@ -191,11 +191,7 @@ class Catalog:
             return conn.execute(statement.values(closed_at=utcnow(), released=False)).rowcount
 
     def record_instance(
-        self,
-        meta: InstanceMetadata,
-        receipt: Receipt,
-        content_changed: bool,
-        link: bool,
+        self, meta: InstanceMetadata, receipt: Receipt, content_changed: bool, link: bool
     ) -> Recorded:
         """Record a stored instance, its series and study, atomically.
 

@@ -220,7 +220,8 @@ class _Connection(socketserver.BaseRequestHandler):
             self.server.services.closed(association)
 
     def abort(self, reason: int) -> None:
-        """Send an A-ABORT (service provider) and close the connection; a blocked read ends."""
+        """Send an A-ABORT (from the service provider when `reason` is given, else from the
+        service user) and close the connection; a blocked read ends."""
         source = 0x02 if reason else 0x00
         with contextlib.suppress(OSError):
             self._send(bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, source, reason]))

@@ -125,9 +125,7 @@ class StorageSCP:
 
     def closed(self, association: Association) -> None:
         with self._lock:
-            delivery = self._deliveries.pop(association.id, None)
-        if delivery is None:
-            return
+            delivery = self._deliveries.pop(association.id)
         try:
             self._catalog.close_association(
                 association.id, association.released, delivery.instances
@@ -148,7 +146,7 @@ class StorageSCP:
             if self._stopping:
                 return Reply(status.OUT_OF_RESOURCES, "node is shutting down, send again later")
             self._in_flight += 1
-            delivery = self._deliveries.get(association.id)
+            delivery = self._deliveries[association.id]
         try:
             return self._store_instance(association, delivery, request, dataset)
         finally:
@@ -159,7 +157,7 @@ class StorageSCP:
     def _store_instance(
         self,
         association: Association,
-        delivery: _Delivery | None,
+        delivery: _Delivery,
         request: StoreRequest,
         dataset: bytes,
     ) -> Reply:
@@ -195,22 +193,20 @@ class StorageSCP:
             size_bytes=len(header) + len(dataset),
             received_at=utcnow(),
         )
-        linked = delivery.series_linked if delivery else set()
         try:
             self._catalog.record_instance(
                 meta,
                 receipt,
                 content_changed=outcome is not WriteOutcome.IDENTICAL,
-                link=meta.key.series_uid not in linked,
+                link=meta.key.series_uid not in delivery.series_linked,
             )
         except SQLAlchemyError as exc:
             if outcome is WriteOutcome.CREATED:
                 self._store.remove(meta.key)
             log.error("association %s: %s not recorded: %s", association_id, uid, exc)
             return Reply(status.OUT_OF_RESOURCES, "database unavailable")
-        linked.add(meta.key.series_uid)
-        if delivery is not None:
-            delivery.instances += 1
+        delivery.series_linked.add(meta.key.series_uid)
+        delivery.instances += 1
         log.debug("association %s: stored %s (%s)", association_id, uid, outcome.value)
         return Reply(status.SUCCESS)
 
