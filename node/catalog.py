@@ -7,6 +7,7 @@ delivered them. Series completion reads what the catalog writes; it never reache
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -26,10 +27,21 @@ from node.db.models import (
     Study,
     utcnow,
 )
+from node.db.prepared import PreparedStatement
 from node.storage import InstanceKey
 
 STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
 SOP_CLASS_UID, SOP_INSTANCE_UID, INSTANCE_NUMBER = 0x00080016, 0x00080018, 0x00200013
+
+
+HOT_TAGS = (
+    STUDY_INSTANCE_UID,
+    SERIES_INSTANCE_UID,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    INSTANCE_NUMBER,
+)
+"""What the catalog reads of every instance; the rest only when a series is created."""
 
 
 @dataclass(frozen=True)
@@ -37,28 +49,47 @@ class InstanceMetadata:
     """What the catalog keeps of one received instance (no patient identifiers).
 
     The UIDs, SOP Class and Instance Number are read for every instance, from the raw
-    values; the study's and series' descriptive attributes only when a series is created.
+    values; the study's and series' descriptive attributes only when a series is created,
+    from the dataset `load_dataset` returns.
     """
 
     key: InstanceKey
     sop_class_uid: str
     instance_number: int | None
-    dataset: Dataset = field(repr=False, compare=False)
+    load_dataset: Callable[[], Dataset] = field(repr=False, compare=False)
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceMetadata:
         """Read the metadata of `ds`; raises InvalidUID for a UID that cannot be stored."""
+        return cls.from_values({tag: _raw_text(ds, tag) for tag in HOT_TAGS}, lambda: ds)
+
+    @classmethod
+    def from_raw(
+        cls, values: Mapping[int, bytes], load_dataset: Callable[[], Dataset]
+    ) -> InstanceMetadata:
+        """From the raw values of `HOT_TAGS` (those absent from the dataset left out)."""
+        texts = {tag: _ascii(value) for tag, value in values.items()}
+        return cls.from_values(texts, load_dataset)
+
+    @classmethod
+    def from_values(
+        cls, texts: Mapping[int, str | None], load_dataset: Callable[[], Dataset]
+    ) -> InstanceMetadata:
         key = InstanceKey.validated(
-            _raw_text(ds, STUDY_INSTANCE_UID),
-            _raw_text(ds, SERIES_INSTANCE_UID),
-            _raw_text(ds, SOP_INSTANCE_UID),
+            texts.get(STUDY_INSTANCE_UID),
+            texts.get(SERIES_INSTANCE_UID),
+            texts.get(SOP_INSTANCE_UID),
         )
         return cls(
             key=key,
-            sop_class_uid=_raw_text(ds, SOP_CLASS_UID) or "",
-            instance_number=_as_int(_raw_text(ds, INSTANCE_NUMBER)),
-            dataset=ds,
+            sop_class_uid=texts.get(SOP_CLASS_UID) or "",
+            instance_number=_as_int(texts.get(INSTANCE_NUMBER)),
+            load_dataset=load_dataset,
         )
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        return self.load_dataset()
 
     @cached_property
     def study_fields(self) -> dict[str, object]:
@@ -120,25 +151,34 @@ class Catalog:
         self._engine = engine
         self._group = GroupCommit(engine)
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        # Built once: constructing statements per instance costs more than running them.
-        self._touch_series = (
+        # Compiled once: building and compiling statements per instance costs more than
+        # running them, and the hot four run on the DBAPI connection (`PreparedStatement`).
+        self._touch_series = PreparedStatement(
             update(Series)
             .where(
                 Series.series_instance_uid == bindparam("b_series_uid"),
                 Series.state == SeriesState.RECEIVING,
             )
             .values(last_received_at=bindparam("b_now"), instance_count=Series.instance_count + 1)
-            .returning(Series.id, Series.revision)
+            .returning(Series.id, Series.revision),
+            engine.dialect,
         )
-        self._insert_instance = (
-            dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id)
+        self._insert_instance = PreparedStatement(
+            dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id),
+            engine.dialect,
+            column_keys=INSTANCE_COLUMNS,
         )
-        self._count_instance = (
+        self._count_instance = PreparedStatement(
             update(Series)
             .where(Series.id == bindparam("b_series_id"))
-            .values(instance_count=Series.instance_count + bindparam("b_delta"))
+            .values(instance_count=Series.instance_count + bindparam("b_delta")),
+            engine.dialect,
         )
-        self._link = dialect.insert(SeriesAssociation).on_conflict_do_nothing()
+        self._link = PreparedStatement(
+            dialect.insert(SeriesAssociation).on_conflict_do_nothing(),
+            engine.dialect,
+            column_keys=("series_id", "association_id"),
+        )
         self._insert_study = dialect.insert(Study).on_conflict_do_nothing()
         self._insert_series = dialect.insert(Series).on_conflict_do_nothing()
 
@@ -212,10 +252,9 @@ class Catalog:
         content_changed: bool,
         link: bool,
     ) -> Recorded:
-        touched = conn.execute(
-            self._touch_series,
-            {"b_series_uid": meta.key.series_uid, "b_now": receipt.received_at},
-        ).first()
+        touched = self._touch_series.first(
+            conn, {"b_series_uid": meta.key.series_uid, "b_now": receipt.received_at}
+        )
         opened = False
         counted = touched is not None  # the touch counts the instance in, on the hot path
         if touched is None:
@@ -223,16 +262,15 @@ class Catalog:
             link = True
         series_id, revision = touched
         values = _instance_values(meta, receipt, series_id, revision)
-        inserted = conn.execute(self._insert_instance, values).first() is not None
+        inserted = self._insert_instance.first(conn, values) is not None
         if not inserted and content_changed:
             self._replace_instance(conn, meta.key.sop_instance_uid, values)  # recounts
         elif inserted != counted:
             delta = 1 if inserted else -1
-            conn.execute(self._count_instance, {"b_series_id": series_id, "b_delta": delta})
+            self._count_instance.first(conn, {"b_series_id": series_id, "b_delta": delta})
         if link:
-            conn.execute(
-                self._link,
-                {"series_id": series_id, "association_id": receipt.association_id},
+            self._link.first(
+                conn, {"series_id": series_id, "association_id": receipt.association_id}
             )
         return Recorded(series_id, revision, inserted, opened)
 
@@ -303,6 +341,22 @@ class Catalog:
             conn.execute(update(Series).where(Series.id == affected).values(instance_count=count))
 
 
+INSTANCE_COLUMNS = (
+    "series_id",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "instance_number",
+    "path",
+    "size_bytes",
+    "revision",
+    "calling_ae",
+    "association_id",
+    "received_at",
+)
+"""The columns the receive path fills in an instance row (`_instance_values`)."""
+
+
 def _instance_values(
     meta: InstanceMetadata, receipt: Receipt, series_id: int, revision: int
 ) -> dict[str, object]:
@@ -329,8 +383,12 @@ def _raw_text(ds: Dataset, tag: int) -> str | None:
         return None
     value = element.value
     if isinstance(value, bytes):
-        return value.decode("ascii", "replace").strip("\0 ")
+        return _ascii(value)
     return None if value is None else str(value).strip("\0 ")
+
+
+def _ascii(value: bytes) -> str:
+    return value.decode("ascii", "replace").strip("\0 ")
 
 
 def _as_text(value: object) -> str | None:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 from node.catalog import Catalog
 from node.config import Settings
-from node.db.engine import make_engine, make_session_factory
+from node.db.engine import make_engine
 from node.dimse.scp import StorageSCP
 from node.lifecycle import stop_when_parent_exits
 from node.logs import configure_logging
@@ -20,11 +20,15 @@ from node.storage import InstanceStore
 
 
 class Receiver:
-    """One storage SCP with its own database engine (one per process)."""
+    """One storage SCP with its own database engine (one per process).
+
+    Its commits are not flushed one by one (`make_engine(flush_commits=False)`): each instance
+    file is, before it is acknowledged, and `node.recovery` re-records the files whose rows a
+    power loss took back.
+    """
 
     def __init__(self, settings: Settings, reuse_port: bool) -> None:
-        self.engine: Engine = make_engine(settings.database.url)
-        self.sessions = make_session_factory(self.engine)
+        self.engine: Engine = make_engine(settings.database.url, flush_commits=False)
         self.catalog = Catalog(self.engine)
         self.store = InstanceStore(settings.storage.path)
         self.scp = StorageSCP(settings, self.store, self.catalog)

@@ -1,8 +1,9 @@
 """`ainode serve`: the receiver processes, the completion sweep, clean start and stop.
 
-Start-up migrates the database, clears temp files and closes associations left open by a
-crash. `node.receivers` processes share the DICOM port (SO_REUSEPORT); the first one is this
-process, which also runs the periodic work and restarts a receiver that dies.
+Start-up migrates the database, clears temp files, closes associations left open by a crash
+and, after an operating-system restart, re-records instances a power loss took from the
+database (`node.recovery`). `node.receivers` processes share the DICOM port (SO_REUSEPORT); the
+first one is this process, which also runs the periodic work and restarts a receiver that dies.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
 
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import Settings
-from node.db.engine import make_engine
+from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import utcnow
 from node.dispatch.dispatcher import Dispatcher
 from node.queue import JobQueue
 from node.receiver import Receiver, run_receiver_process
+from node.recovery import recover_after_restart
 from node.retention import RetentionSweeper
 from node.routing.router import Router, RulesSource
 from node.storage import InstanceStore
@@ -40,6 +43,7 @@ class NodeService:
         self.settings = settings
         self._spawn = multiprocessing.get_context("spawn")
         self._children: list[tuple[Callable[..., None], tuple[object, ...], BaseProcess]] = []
+        self._engine: Engine | None = None
         self._receiver: Receiver | None = None
         self._dispatcher: Dispatcher | None = None
         self._scheduler = BackgroundScheduler(
@@ -48,27 +52,28 @@ class NodeService:
 
     def start(self) -> None:
         settings = self.settings
-        engine = make_engine(settings.database.url)
+        self._engine = engine = make_engine(settings.database.url)
         upgrade(engine)
-        engine.dispose()
-        InstanceStore(settings.storage.path).prepare()
+        store = InstanceStore(settings.storage.path)
+        store.prepare()
         several = settings.node.receivers > 1
         self._receiver = receiver = Receiver(settings, reuse_port=several)
         stale = receiver.catalog.close_stale_associations()
         if stale:
             log.warning("closed %d associations left open by an earlier run", stale)
+        recover_after_restart(engine, store, receiver.catalog, settings.node.ae_title)
         receiver.start()
         for _ in range(settings.node.receivers - 1):
             self._start_child(run_receiver_process, (settings,))
         for index in range(settings.workers.count):
             self._start_child(run_worker_process, (settings, index))
-        self._schedule(receiver)
+        self._schedule(engine)
         self._scheduler.start()
         log.info("node %s ready", settings.node.ae_title)
 
-    def _schedule(self, receiver: Receiver) -> None:
+    def _schedule(self, engine: Engine) -> None:
         settings = self.settings
-        queue = JobQueue(receiver.engine, retry_policy(settings))
+        queue = JobQueue(engine, retry_policy(settings))
         pipelines = build_pipelines(settings.pipelines)
         for name, pipeline in sorted(pipelines.items()):
             problem = pipeline.problem()
@@ -80,9 +85,10 @@ class NodeService:
         rules.current()
         if settings.routing.rules_file is None:
             log.warning("no routing.rules_file: series are stored, not processed")
-        router = Router(receiver.engine, settings.storage.path, rules, queue)
-        series_tracker = SeriesCompletionTracker(receiver.sessions, settings.completion)
-        study_tracker = StudyCompletionTracker(receiver.sessions, settings.completion)
+        router = Router(engine, settings.storage.path, rules, queue)
+        sessions = make_session_factory(engine)
+        series_tracker = SeriesCompletionTracker(sessions, settings.completion)
+        study_tracker = StudyCompletionTracker(sessions, settings.completion)
 
         def complete_and_route() -> None:
             series_tracker.sweep()
@@ -103,9 +109,9 @@ class NodeService:
         )
         retention = settings.storage.retention_days
         if retention is not None:
-            sweeper = RetentionSweeper(receiver.engine, settings.storage.path, retention)
+            sweeper = RetentionSweeper(engine, settings.storage.path, retention)
             add(sweeper.sweep, "interval", hours=1, id="retention", next_run_time=utcnow())
-        self._dispatcher = dispatcher = Dispatcher(receiver.engine, settings)
+        self._dispatcher = dispatcher = Dispatcher(engine, settings)
         interrupted = dispatcher.requeue_interrupted()
         if interrupted:
             log.warning("%d dispatches interrupted by an earlier stop go out again", interrupted)
@@ -130,6 +136,8 @@ class NodeService:
                 log.error("process %d did not stop; killing it", child.pid)
                 child.kill()
                 child.join()
+        if self._engine is not None:
+            self._engine.dispose()
         log.info("node stopped")
 
     def _start_child(self, target: Callable[..., None], args: tuple[object, ...]) -> BaseProcess:

@@ -4,6 +4,9 @@
 A file is either absent or complete: it is written under ``<root>/.incoming/`` on the same
 filesystem, flushed to disk, then renamed into place and its directory entry synced. UIDs
 are validated before they become path parts.
+
+Instances stored at the same time by several associations mostly land in one series folder:
+one directory flush then covers all of their renames (`DirectorySync`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import enum
 import errno
 import os
 import re
+import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -78,6 +83,7 @@ class InstanceStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._incoming = root / INCOMING_DIR
+        self._directories = DirectorySync()
 
     def prepare(self) -> None:
         """Create the root and clear temp files left by a crash (never acknowledged)."""
@@ -97,6 +103,15 @@ class InstanceStore:
     def path_of(self, key: InstanceKey) -> Path:
         return self.root / key.relative_path
 
+    def series_files(self) -> Iterator[list[Path]]:
+        """The stored instance files, one list per series folder (results and temp files
+        are not instances)."""
+        for study in _uid_folders(self.root):
+            for series in _uid_folders(study):
+                files = [p for p in series.iterdir() if p.suffix == ".dcm" and _UID.match(p.stem)]
+                if files:
+                    yield files
+
     def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> WriteOutcome:
         """Durably store an encoded file made of `chunks`; raise StorageFull or StorageError."""
         final = self.path_of(key)
@@ -110,9 +125,7 @@ class InstanceStore:
             _write_synced(temp, chunks)
             created_dirs = _make_dirs(final.parent, self.root)
             os.replace(temp, final)
-            _fsync_dir(final.parent)
-            for directory in created_dirs:
-                _fsync_dir(directory.parent)
+            self._directories.sync(final.parent, *(d.parent for d in created_dirs))
         except OSError as exc:
             temp.unlink(missing_ok=True)
             raise _classify(exc) from exc
@@ -121,6 +134,60 @@ class InstanceStore:
     def remove(self, key: InstanceKey) -> None:
         """Remove a stored instance (used to undo a write the database refused)."""
         self.path_of(key).unlink(missing_ok=True)
+
+
+@dataclass
+class _Flush:
+    """One round of directory flushes, and what failed in it."""
+
+    directories: set[Path] = field(default_factory=set)
+    finished: bool = False
+    errors: dict[Path, OSError] = field(default_factory=dict)
+
+
+class DirectorySync:
+    """Directory flushes shared by concurrent writers (group commit for renames).
+
+    A caller's renames are durable once a flush of their directories has *started* after
+    them. Callers that arrive while a round of flushes runs join the next round; when the
+    running one ends, the first of them runs it, flushing each queued directory once, for
+    all. A caller fails only if one of its own directories could not be flushed.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._next = _Flush()
+        self._flushing = False
+
+    def sync(self, *directories: Path) -> None:
+        with self._condition:
+            flush = self._next
+            flush.directories.update(directories)
+            while self._flushing and not flush.finished:
+                self._condition.wait()
+            leading = not flush.finished
+            if leading:
+                self._flushing = True
+                self._next = _Flush()
+        if leading:
+            try:
+                for directory in flush.directories:
+                    try:
+                        _fsync_dir(directory)
+                    except OSError as exc:
+                        flush.errors[directory] = exc
+            finally:
+                with self._condition:
+                    flush.finished = True
+                    self._flushing = False
+                    self._condition.notify_all()
+        for directory in directories:
+            if directory in flush.errors:
+                raise flush.errors[directory]
+
+
+def _uid_folders(parent: Path) -> Iterator[Path]:
+    return (p for p in parent.iterdir() if _UID.match(p.name) and p.is_dir())
 
 
 def _same_content(path: Path, chunks: tuple[bytes, ...]) -> bool:

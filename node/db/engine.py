@@ -1,5 +1,11 @@
 """Engine and session factory: SQLite in WAL mode with immediate write transactions,
-PostgreSQL by URL."""
+PostgreSQL by URL.
+
+A SQLite commit is flushed to disk before it returns (`synchronous=FULL`), except on the receive
+path's engine (`flush_commits=False`, `synchronous=NORMAL`): there a commit survives a crash of
+the node but not a power loss, and the instance files, flushed before each acknowledgement, are
+the record the catalog is rebuilt from after one (`node.recovery`).
+"""
 
 from __future__ import annotations
 
@@ -12,26 +18,27 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE."""
+def make_engine(url: str, flush_commits: bool = True) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE, and
+    `flush_commits=False` leaves the disk flush to WAL checkpoints."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, "FULL" if flush_commits else "NORMAL")
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
         # Let SQLAlchemy's "begin" event open transactions itself (pysqlite defers BEGIN).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()

@@ -21,7 +21,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.catalog import HOT_TAGS, Catalog, InstanceMetadata, Receipt
 from node.config import Settings
 from node.db.models import utcnow
 from node.dimse import status
@@ -33,6 +33,7 @@ from node.dimse.acceptor import (
     Reply,
     StoreRequest,
 )
+from node.dimse.scan import scan_dataset
 from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, WriteOutcome
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class StorageSCP:
     ) -> Reply:
         association_id = association.id
         try:
-            meta = InstanceMetadata.from_dataset(parse(dataset, request.transfer_syntax))
+            meta = read_metadata(dataset, request.transfer_syntax)
         except InvalidUID as exc:
             log.warning("association %s: instance refused: %s", association_id, exc)
             return Reply(status.INVALID_UID, str(exc))
@@ -211,14 +212,43 @@ class StorageSCP:
         return Reply(status.SUCCESS)
 
 
-def parse(encoded: bytes, transfer_syntax: UID) -> Dataset:
-    """The dataset as sent, its values left raw; ValueError if it was cut short."""
+def read_metadata(encoded: bytes, transfer_syntax: UID) -> InstanceMetadata:
+    """What the catalog needs of an instance; raises if its dataset cannot be parsed.
+
+    `scan_dataset` reads it from a whole little-endian stream without building a dataset;
+    pydicom parses it only when a series is created, or judges a stream the scan refused.
+    """
     if transfer_syntax.is_deflated:
         encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
+    if transfer_syntax.is_little_endian:
+        try:
+            values = scan_dataset(encoded, transfer_syntax.is_implicit_VR, HOT_TAGS)
+        except ValueError:
+            pass
+        else:
+            return InstanceMetadata.from_raw(
+                values, lambda: _parse_for_series(encoded, transfer_syntax)
+            )
+    return InstanceMetadata.from_dataset(parse(encoded, transfer_syntax))
+
+
+def _parse_for_series(inflated: bytes, transfer_syntax: UID) -> Dataset:
+    """The dataset whose attributes describe a new series; empty (and logged) in the unlikely
+    case that pydicom refuses a stream the scan accepted: the instance is stored regardless."""
+    try:
+        return parse(inflated, transfer_syntax)
+    except Exception as exc:  # pydicom raises many types on malformed input
+        log.warning("series attributes unreadable, left empty: %s", exc)
+        return Dataset()
+
+
+def parse(inflated: bytes, transfer_syntax: UID) -> Dataset:
+    """The dataset as sent (deflate undone), its values left raw; ValueError if it was cut
+    short."""
     dataset = read_dataset(
-        BytesIO(encoded), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+        BytesIO(inflated), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
     )
-    _check_truncation(dataset, len(encoded))
+    _check_truncation(dataset, len(inflated))
     return dataset
 
 

@@ -1,11 +1,13 @@
 import os
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from node.storage import (
+    DirectorySync,
     InstanceKey,
     InstanceStore,
     InvalidUID,
@@ -87,3 +89,34 @@ def test_full_disk_raises_storage_full_and_keeps_earlier_files(tiny_filesystem: 
     assert list((tiny_filesystem / ".incoming").iterdir()) == []
     stored = sorted(tiny_filesystem.rglob("*.dcm"))
     assert len(stored) == len(written)
+
+
+def test_concurrent_writers_into_one_series_all_land(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    store.prepare()
+    keys = [InstanceKey.validated("1.2.3", "1.2.3.4", f"1.2.3.4.{n}") for n in range(160)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(
+            pool.map(lambda key: store.write(key, (key.sop_instance_uid.encode(),)), keys)
+        )
+    assert outcomes == [WriteOutcome.CREATED] * len(keys)
+    for key in keys:
+        assert store.path_of(key).read_bytes() == key.sop_instance_uid.encode()
+
+
+def test_a_directory_that_cannot_be_flushed_fails_only_its_own_writers(tmp_path: Path) -> None:
+    sync = DirectorySync()
+    present, gone = tmp_path / "present", tmp_path / "gone"
+    present.mkdir()
+
+    def flush(directory: Path) -> str:
+        try:
+            sync.sync(directory)
+        except FileNotFoundError:
+            return "failed"
+        return "flushed"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(flush, [present, gone] * 100))
+    assert results == ["flushed", "failed"] * 100
+    sync.sync(present)  # a failed round leaves nothing behind for the next

@@ -1,0 +1,138 @@
+"""After an operating-system restart, re-record instances whose database rows a power loss took.
+
+The receive path flushes every instance file and its directory entry before it answers success,
+but not each SQLite commit (`make_engine(flush_commits=False)`): a commit survives a crash of
+the node, while the last ones before a power loss may roll back. The files are the record. On
+start, when the machine has booted since the node last checked (its boot id differs from the
+one kept beside the database), every stored file without a row is recorded again, as if
+delivered by one released association, so its series completes and is routed as usual.
+
+PostgreSQL flushes every commit itself; only SQLite databases are checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Engine, select
+
+from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.db.models import Instance
+from node.storage import InstanceStore, InvalidUID
+
+log = logging.getLogger(__name__)
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+RECOVERY_AE = "RECOVERY"
+_QUERY_CHUNK = 500
+
+
+def recover_after_restart(
+    engine: Engine, store: InstanceStore, catalog: Catalog, node_ae: str
+) -> int | None:
+    """Re-record unrecorded files if the machine restarted since the last check; return how
+    many were recorded, or None when no check was needed."""
+    marker = boot_marker(engine)
+    if marker is None:
+        return None
+    boot = current_boot_id()
+    if boot is not None and marker.exists() and marker.read_text().strip() == boot:
+        return None
+    recorded = rerecord_unrecorded(engine, store, catalog, node_ae)
+    if boot is not None:
+        marker.write_text(boot + "\n")
+    return recorded
+
+
+def boot_marker(engine: Engine) -> Path | None:
+    """Where the boot id of the last check is kept: beside a SQLite database file."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(f"{database}.boot-id")
+
+
+def current_boot_id() -> str | None:
+    """This boot's id (Linux), or None where the system does not say."""
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def rerecord_unrecorded(
+    engine: Engine, store: InstanceStore, catalog: Catalog, node_ae: str
+) -> int:
+    """Record every stored instance file that has no row; return how many were."""
+    started = time.monotonic()
+    association_id = uuid.uuid4().hex
+    opened = False
+    checked = recorded = 0
+    for series_files in store.series_files():
+        missing = _unrecorded(engine, series_files)
+        checked += len(series_files)
+        for path in missing:
+            loaded = _load(store, path)
+            if loaded is None:
+                continue
+            if not opened:
+                catalog.open_association(association_id, RECOVERY_AE, node_ae, None)
+                opened = True
+            meta, calling_ae, transfer_syntax = loaded
+            stat = path.stat()
+            receipt = Receipt(
+                association_id=association_id,
+                calling_ae=calling_ae,
+                called_ae=node_ae,
+                transfer_syntax_uid=transfer_syntax,
+                size_bytes=stat.st_size,
+                received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
+            )
+            catalog.record_instance(meta, receipt, content_changed=True, link=True)
+            recorded += 1
+    if opened:
+        catalog.close_association(association_id, released=True, instances=recorded)
+    log.log(
+        logging.WARNING if recorded else logging.INFO,
+        "restart check: %d stored instances, %d re-recorded from their files (%.1f s)",
+        checked,
+        recorded,
+        time.monotonic() - started,
+    )
+    return recorded
+
+
+def _unrecorded(engine: Engine, files: list[Path]) -> list[Path]:
+    """The files of one series whose SOP Instance UID has no row."""
+    by_uid = {path.stem: path for path in files}
+    uids = list(by_uid)
+    known: set[str] = set()
+    with engine.connect() as conn:
+        for start in range(0, len(uids), _QUERY_CHUNK):
+            chunk = uids[start : start + _QUERY_CHUNK]
+            query = select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))
+            known.update(conn.scalars(query))
+    return [path for uid, path in by_uid.items() if uid not in known]
+
+
+def _load(store: InstanceStore, path: Path) -> tuple[InstanceMetadata, str, str] | None:
+    """The metadata, sender and transfer syntax of a stored file, or None (logged) if it
+    cannot be re-recorded."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        meta = InstanceMetadata.from_dataset(ds)
+    except (InvalidDicomError, InvalidUID, OSError, ValueError) as exc:
+        log.error("restart check: %s cannot be re-recorded: %s", path, exc)
+        return None
+    if store.path_of(meta.key) != path:
+        log.error("restart check: %s holds instance %s of another series", path, meta.key)
+        return None
+    file_meta = ds.file_meta
+    calling_ae = str(file_meta.get("SourceApplicationEntityTitle", "") or RECOVERY_AE).strip()
+    return meta, calling_ae, str(file_meta.get("TransferSyntaxUID", ""))
