@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import itertools
 import os
 import re
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LENGTH = 64
 INCOMING_DIR = ".incoming"
+KNOWN_FOLDERS = 1024  # series folders remembered, to skip checking that they exist
 
 
 class InvalidUID(ValueError):
@@ -84,6 +86,9 @@ class InstanceStore:
         self.root = root
         self._incoming = root / INCOMING_DIR
         self._directories = DirectorySync()
+        self._known_folders: set[Path] = set()  # series folders this process made or found
+        self._temp_prefix = uuid.uuid4().hex[:12]  # temp names unique across processes
+        self._temp_numbers = itertools.count()
 
     def prepare(self) -> None:
         """Create the root and clear temp files left by a crash (never acknowledged)."""
@@ -120,16 +125,32 @@ class InstanceStore:
             if _same_content(final, chunks):
                 return WriteOutcome.IDENTICAL
             outcome = WriteOutcome.REPLACED
-        temp = self._incoming / f"{uuid.uuid4().hex}.part"
+        temp = self._incoming / f"{self._temp_prefix}-{next(self._temp_numbers)}.part"
         try:
             _write_synced(temp, chunks)
-            created_dirs = _make_dirs(final.parent, self.root)
-            os.replace(temp, final)
+            created_dirs = self._move_into_place(temp, final)
             self._directories.sync(final.parent, *(d.parent for d in created_dirs))
         except OSError as exc:
             temp.unlink(missing_ok=True)
             raise _classify(exc) from exc
         return outcome
+
+    def _move_into_place(self, temp: Path, final: Path) -> list[Path]:
+        """Rename `temp` to `final`, first creating the folders this process has not seen
+        (or that retention removed since); return the folders created."""
+        folder = final.parent
+        if folder in self._known_folders:
+            try:
+                os.replace(temp, final)
+                return []
+            except FileNotFoundError:
+                self._known_folders.discard(folder)
+        created = _make_dirs(folder, self.root)
+        os.replace(temp, final)
+        if len(self._known_folders) >= KNOWN_FOLDERS:
+            self._known_folders.clear()
+        self._known_folders.add(folder)
+        return created
 
     def remove(self, key: InstanceKey) -> None:
         """Remove a stored instance (used to undo a write the database refused)."""

@@ -1,9 +1,10 @@
 """Group commit: write units from many threads share one transaction, and so one commit.
 
-A commit costs a disk flush (SQLite `synchronous=FULL`, PostgreSQL's WAL flush). Units that
-arrive while a transaction commits wait for it, then the first of them commits all of them
-together: with four associations storing in parallel, one flush acknowledges up to four
-instances, and one alone is never delayed. A unit that fails is retried alone, so it fails
+A commit costs a disk flush (PostgreSQL's WAL flush, SQLite `synchronous=FULL`) or at least
+the write lock and a WAL append (SQLite `synchronous=NORMAL`). Units that arrive while a
+transaction commits wait for it, then the first of them commits all of them together: with
+four associations storing in parallel, one commit acknowledges up to four instances, and one
+alone is never delayed. A unit that fails is retried alone, so it fails
 only itself.
 
 Processes writing one SQLite file also take an exclusive `flock` on a file beside it: a process

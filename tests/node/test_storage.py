@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -120,3 +121,14 @@ def test_a_directory_that_cannot_be_flushed_fails_only_its_own_writers(tmp_path:
         results = list(pool.map(flush, [present, gone] * 100))
     assert results == ["flushed", "failed"] * 100
     sync.sync(present)  # a failed round leaves nothing behind for the next
+
+
+def test_a_series_folder_removed_behind_the_store_is_made_again(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    store.prepare()
+    store.write(KEY, (b"first",))
+    shutil.rmtree(tmp_path / KEY.study_uid)  # as retention does
+    second = InstanceKey.validated(KEY.study_uid, KEY.series_uid, "1.2.3.4.6")
+    assert store.write(second, (b"second",)) is WriteOutcome.CREATED
+    assert store.path_of(second).read_bytes() == b"second"
+    assert list((tmp_path / ".incoming").iterdir()) == []
