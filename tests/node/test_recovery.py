@@ -119,7 +119,9 @@ def test_node_restarted_after_a_power_loss_completes_every_stored_series(
 ) -> None:
     """Rows of the last commits are gone (as a power loss leaves a SQLite database in
     `synchronous=NORMAL`); the files are there. The restarted node records them again."""
-    node = start_node(completion={"quiet_seconds": 2, "release_grace_seconds": 1})
+    node = start_node(
+        completion={"quiet_seconds": 2, "release_grace_seconds": 1}, workers={"count": 0}
+    )
     covid, cap = real_series["covid"], real_series["cap"]
     storescu(node.port, covid + cap)
     uids = {
