@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, select
 
 from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.db.engine import sqlite_file
 from node.db.models import Instance
 from node.storage import InstanceStore, InvalidUID
 
@@ -52,10 +53,8 @@ def recover_after_restart(
 
 def boot_marker(engine: Engine) -> Path | None:
     """Where the boot id of the last check is kept: beside a SQLite database file."""
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        return None
-    return Path(f"{database}.boot-id")
+    database = sqlite_file(engine.url)
+    return None if database is None else Path(f"{database}.boot-id")
 
 
 def current_boot_id() -> str | None:

@@ -4,8 +4,7 @@ A commit costs a disk flush (PostgreSQL's WAL flush, SQLite `synchronous=FULL`) 
 the write lock and a WAL append (SQLite `synchronous=NORMAL`). Units that arrive while a
 transaction commits wait for it, then the first of them commits all of them together: with
 four associations storing in parallel, one commit acknowledges up to four instances, and one
-alone is never delayed. A unit that fails is retried alone, so it fails
-only itself.
+alone is never delayed. A unit that fails is retried alone, so it fails only itself.
 
 Processes writing one SQLite file also take an exclusive `flock` on a file beside it: a process
 waiting for it sleeps in the kernel and wakes as it is released, where SQLite's busy handler
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from sqlalchemy import Connection, Engine
+
+from node.db.engine import sqlite_file
 
 T = TypeVar("T")
 
@@ -49,7 +50,8 @@ class GroupCommit:
         self._condition = threading.Condition()
         self._pending: list[_Unit[object]] = []
         self._leading = False
-        self._lock_path = _sqlite_lock_path(engine)
+        database = sqlite_file(engine.url)
+        self._lock_path = None if database is None else Path(f"{database}.writer-lock")
 
     def run(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in a committed transaction; raise what it raised."""
@@ -97,10 +99,3 @@ class GroupCommit:
             yield
         finally:
             os.close(fd)  # releases the lock
-
-
-def _sqlite_lock_path(engine: Engine) -> Path | None:
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        return None
-    return Path(f"{database}.writer-lock")
