@@ -82,7 +82,7 @@ def _skip_item(encoded: bytes, position: int, implicit_vr: bool) -> int:
             return position + 8
         _, start, length, undefined_content = _element(encoded, position, implicit_vr)
         if length == UNDEFINED_LENGTH:
-            position = _skip_sequence(encoded, start, implicit_vr or undefined_content)
+            position = _skip_sequence(encoded, start, undefined_content)
         else:
             position = start + length
 
