@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from node.config import ConfigError, Settings, load_settings
 from node.logs import configure_logging
+
+if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads no torch
+    from sqlalchemy import Engine
+
+    from node.queue import JobQueue
+    from node.routing.engine import SeriesFacts
+    from pipelines.base import Pipeline
 
 app = typer.Typer(
     help="Chest-CT AI node: DICOM in, AI results back to the PACS.", no_args_is_help=True
@@ -67,13 +74,14 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
+    from node.db.engine import make_session_factory
     from node.dispatch.dispatcher import list_dispatches
     from node.report import RulesStatus, build_report, pipeline_statuses, render_text
     from node.routing.rules import RulesError, load_rules
 
     settings = _settings(config)
     engine = _engine(settings)
-    report = build_report(_sessions(engine))
+    report = build_report(make_session_factory(engine))
     report.jobs = _queue(engine).list()
     pipelines = _pipelines(settings)
     rules_file = settings.routing.rules_file
@@ -374,28 +382,28 @@ def similar(
         typer.echo(f"{f.similarity:.4f}  {f.series_instance_uid}  {f.series_description or ''}")
 
 
-def _engine(settings: Settings):  # type: ignore[no-untyped-def]
+def _engine(settings: Settings) -> Engine:
+    """The node's database, at the current schema (exit 2 with the reason otherwise)."""
     from node.db.engine import make_engine
-    from node.db.migrate import upgrade
+    from node.db.migrate import SchemaNotCurrent, require_current
 
     engine = make_engine(settings.database.url)
-    upgrade(engine)
+    try:
+        require_current(engine)
+    except SchemaNotCurrent as exc:
+        engine.dispose()
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
     return engine
 
 
-def _sessions(engine):  # type: ignore[no-untyped-def]
-    from node.db.engine import make_session_factory
-
-    return make_session_factory(engine)
-
-
-def _queue(engine):  # type: ignore[no-untyped-def]
+def _queue(engine: Engine) -> JobQueue:
     from node.queue import JobQueue
 
     return JobQueue(engine)
 
 
-def _pipelines(settings: Settings | None):  # type: ignore[no-untyped-def]
+def _pipelines(settings: Settings | None) -> dict[str, Pipeline]:
     from pipelines.registry import build_pipelines
 
     try:
@@ -410,12 +418,11 @@ def _is_dicom(path: Path) -> bool:
         return f.read(132)[128:] == b"DICM"
 
 
-def _stored_series_facts(settings: Settings, uid: str):  # type: ignore[no-untyped-def]
+def _stored_series_facts(settings: Settings, uid: str) -> SeriesFacts:
     from sqlalchemy import select
 
     from node.db.models import Series
-    from node.queue import JobQueue
-    from node.routing.router import Router, RulesSource
+    from node.routing.router import stored_series_facts
 
     engine = _engine(settings)
     with engine.connect() as conn:
@@ -425,7 +432,6 @@ def _stored_series_facts(settings: Settings, uid: str):  # type: ignore[no-untyp
     if series_id is None:
         typer.echo(f"series {uid} is not stored on this node", err=True)
         raise typer.Exit(2)
-    router = Router(engine, settings.storage.path, RulesSource(None, (), ()), JobQueue(engine))
-    facts = router.facts(series_id)
+    facts = stored_series_facts(engine, settings.storage.path, series_id)
     engine.dispose()
     return facts

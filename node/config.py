@@ -28,6 +28,8 @@ from pipelines.settings import PipelineSettings, VolumeSettings
 
 ENV_PREFIX = "AINODE_"
 ENV_SEPARATOR = "__"
+ORIGIN = "origin"
+"""The destination that means the peer that sent the series."""
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
 
@@ -204,6 +206,18 @@ class Settings(_Section):
     def destination_names(self) -> set[str]:
         """Names rules may send results to (besides `origin`)."""
         return {*self.peers, *self.dicomweb}
+
+    def destination(self, name: str, origin_ae: str | None) -> Peer | DicomWebDestination | str:
+        """Where results named `name` go (`origin`: the peer whose AE title is `origin_ae`),
+        or why they cannot go there."""
+        if name == ORIGIN:
+            peer = self.peer_by_ae_title(origin_ae or "")
+            return peer or f"origin {origin_ae!r} is not a configured peer: no address"
+        return (
+            self.peers.get(name)
+            or self.dicomweb.get(name)
+            or f"destination {name!r} is not configured"
+        )
 
     def peer_by_ae_title(self, ae_title: str) -> Peer | None:
         return next((p for p in self.peers.values() if p.ae_title == ae_title), None)

@@ -1,17 +1,14 @@
-"""Series embeddings (from `ct-embedding`): stored with the job's success, and searched by
-cosine similarity for `ainode similar`."""
+"""Series embeddings (from `ct-embedding`, stored by `node.outcome`), searched by cosine
+similarity for `ainode similar`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, select
 
-from node.db.models import Embedding, Series, Study, utcnow
+from node.db.models import Embedding, Series, Study
 
 
 @dataclass(frozen=True)
@@ -23,30 +20,6 @@ class SimilarSeries:
     similarity: float
     series_description: str | None
     received_at: str
-
-
-def store_embedding(
-    conn: Connection, job: Mapping[str, Any], result: Mapping[str, object], vector: np.ndarray
-) -> None:
-    """Keep the series' embedding from this pipeline (a later revision replaces it)."""
-    data = np.asarray(vector, dtype=np.float32)
-    row = {
-        "series_id": job["series_id"],
-        "revision": job["revision"],
-        "pipeline": job["pipeline"],
-        "model_version": str(result.get("version", "")),
-        "dimensions": int(data.size),
-        "vector": data.tobytes(),
-        "created_at": utcnow(),
-    }
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    insert = dialect.insert(Embedding).values(row)
-    conn.execute(
-        insert.on_conflict_do_update(
-            index_elements=["series_id", "pipeline"],
-            set_={k: insert.excluded[k] for k in row if k not in ("series_id", "pipeline")},
-        )
-    )
 
 
 class NoEmbedding(LookupError):

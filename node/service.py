@@ -116,6 +116,7 @@ class NodeService:
         if interrupted:
             log.warning("%d dispatches interrupted by an earlier stop go out again", interrupted)
         add(dispatcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="dispatch")
+        add(dispatcher.queue.requeue_expired, "interval", seconds=60, id="dispatch-leases")
         if self._children:
             add(self._supervise, "interval", seconds=1, id="supervise")
 

@@ -13,18 +13,19 @@ import signal
 import threading
 import time
 import traceback
-from pathlib import Path
+from collections.abc import Mapping
 
-import numpy as np
 from sqlalchemy import select
 
 from node.config import Settings
 from node.db.engine import make_engine
 from node.db.models import Instance
-from node.inference import process_series
+from node.inference import Processed, process_series
+from node.leased import RetryPolicy
 from node.lifecycle import stop_when_parent_exits
 from node.logs import configure_logging
-from node.queue import ClaimedJob, JobQueue, RetryPolicy
+from node.outcome import JobOutcome, OutcomeRecorder, ResultSummary
+from node.queue import ClaimedJob, JobQueue
 from node.storage import InstanceStore
 from pipelines.base import BadInput, Pipeline, Unavailable
 from pipelines.registry import build_pipelines
@@ -38,13 +39,16 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 class Worker:
-    def __init__(self, settings: Settings, name: str) -> None:
+    """Runs jobs with `pipelines` (name -> pipeline, loaded once per process)."""
+
+    def __init__(self, settings: Settings, name: str, pipelines: Mapping[str, Pipeline]) -> None:
         self.name = name
         self._settings = settings
         self._engine = make_engine(settings.database.url)
         self.queue = JobQueue(self._engine, retry_policy(settings))
+        self._outcomes = OutcomeRecorder(self._engine, settings.dispatch.max_attempts)
         self._store = InstanceStore(settings.storage.path)
-        self._pipelines: dict[str, Pipeline] = build_pipelines(settings.pipelines)
+        self._pipelines = pipelines
 
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue had nothing runnable."""
@@ -67,7 +71,7 @@ class Worker:
         renewer.start()
         started = time.monotonic()
         try:
-            result, objects, embedding = self._execute(job)
+            done = self._execute(job)
         except BadInput as exc:
             state = self.queue.fail(job.id, self.name, f"bad input: {exc}", permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, exc)
@@ -80,8 +84,10 @@ class Worker:
             state = self.queue.fail(job.id, self.name, detail, permanent=False)
             log.warning("job %d error (%s): %s", job.id, state, detail)
         else:
-            attempts = self._settings.dispatch.max_attempts
-            if self.queue.succeed(job.id, self.name, result, objects, attempts, embedding):
+            outcome = JobOutcome(
+                job.id, self.name, summarize(done), done.objects, done.result.embedding
+            )
+            if self._outcomes.record(outcome):
                 log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
             else:
                 log.warning("job %d finished after losing its lease; result dropped", job.id)
@@ -97,9 +103,8 @@ class Worker:
                 stopping.wait(poll)
         self._engine.dispose()
 
-    def _execute(self, job: ClaimedJob) -> tuple[dict[str, object], list[Path], np.ndarray | None]:
-        """Run the job's pipeline: its summary for the job record, the DICOM objects to
-        send and the series embedding, if the pipeline makes one."""
+    def _execute(self, job: ClaimedJob) -> Processed:
+        """Run the job's pipeline on the stored instances of its series revision."""
         pipeline = self._pipelines.get(job.pipeline)
         if pipeline is None:
             raise BadInput(f"pipeline {job.pipeline!r} is not installed on this node")
@@ -110,7 +115,7 @@ class Worker:
                 )
             ).scalars()
             files = [self._settings.storage.path / p for p in paths]
-        done = process_series(
+        return process_series(
             pipeline,
             files,
             self._settings.volume.options(),
@@ -120,13 +125,6 @@ class Worker:
                 volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
             ),
         )
-        summary = {
-            **done.result.as_json(),
-            "output": str(done.folder),
-            "objects": [path.name for path in done.objects],
-            "dropped": list(done.volume.dropped),
-        }
-        return summary, done.objects, done.result.embedding
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
         lease = self._settings.workers.lease_seconds
@@ -136,6 +134,18 @@ class Worker:
                 return
 
 
+def summarize(done: Processed) -> ResultSummary:
+    """What the job records of its result."""
+    return ResultSummary.model_validate(
+        {
+            **done.result.as_json(),
+            "output": str(done.folder),
+            "objects": [path.name for path in done.objects],
+            "dropped": list(done.volume.dropped),
+        }
+    )
+
+
 def run_worker_process(settings: Settings, index: int) -> None:
     """Entry point of a worker process: work until SIGTERM, finishing the job in hand."""
     configure_logging(settings.logging.level)
@@ -143,4 +153,5 @@ def run_worker_process(settings: Settings, index: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop_when_parent_exits(stopping)
-    Worker(settings, f"worker-{index}-{os.getpid()}").run(stopping)
+    pipelines = build_pipelines(settings.pipelines)
+    Worker(settings, f"worker-{index}-{os.getpid()}", pipelines).run(stopping)

@@ -1,4 +1,5 @@
-"""Bring a database to the newest schema with Alembic (run at start-up, idempotent)."""
+"""Bring a database to the newest schema with Alembic (`ainode serve` at start-up,
+idempotent), or check that it is there (every other command)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -21,3 +24,25 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine) -> None:
     """Apply every migration not yet applied."""
     command.upgrade(alembic_config(engine), "head")
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database is not at the newest migration (only `ainode serve` migrates)."""
+
+
+def require_current(engine: Engine) -> None:
+    """Raise SchemaNotCurrent unless every migration has been applied: commands that only
+    read or edit rows never change the schema."""
+    with engine.connect() as conn:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    heads = set(ScriptDirectory.from_config(alembic_config(engine)).get_heads())
+    if current == heads:
+        return
+    if not current:
+        raise SchemaNotCurrent(
+            "the database has no tables yet: `ainode serve` creates them at its first start"
+        )
+    raise SchemaNotCurrent(
+        f"the database schema is at {', '.join(sorted(current))}, this version needs "
+        f"{', '.join(sorted(heads))}: start `ainode serve` once to migrate it"
+    )

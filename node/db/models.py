@@ -1,13 +1,14 @@
 """Tables: studies, series (one row per Series Instance UID, with its current revision),
-instances, and the associations that delivered them.
-
-Later stages (jobs, results, dispatches) add their tables by migration.
+instances and the associations that delivered them (written by `node.catalog`); jobs
+(`node.queue`, `node.outcome`), dispatches (`node.outcome`, `node.dispatch`) and embeddings
+(`node.outcome`, read by `node.embeddings`). Alembic migrations create them.
 """
 
 from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -23,9 +24,11 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
+E = TypeVar("E", bound=enum.StrEnum)
 AE = String(16)
 
 
@@ -39,13 +42,31 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         return value.astimezone(UTC).replace(tzinfo=None)
 
-    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
-        return value.replace(tzinfo=UTC) if value is not None else None
+    def process_result_value(self, value: object | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if isinstance(value, datetime) else None
+
+
+class StateText(TypeDecorator[E]):
+    """A state enum stored as its text value (a plain VARCHAR: no database enum type to
+    migrate when a state is added), read back as the enum."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, states: type[E]) -> None:
+        super().__init__()
+        self.states = states
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.states(value).value
+
+    def process_result_value(self, value: object | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.states(value)
 
 
 class Base(DeclarativeBase):
@@ -70,7 +91,9 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(Text)
     study_date: Mapped[str | None] = mapped_column(Text)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
+    state: Mapped[SeriesState] = mapped_column(
+        StateText(SeriesState), default=SeriesState.RECEIVING
+    )
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -84,7 +107,9 @@ class Series(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
     series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     revision: Mapped[int] = mapped_column(Integer, default=1)
-    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
+    state: Mapped[SeriesState] = mapped_column(
+        StateText(SeriesState), default=SeriesState.RECEIVING
+    )
     modality: Mapped[str | None] = mapped_column(Text)
     sop_class_uid: Mapped[str | None] = mapped_column(Text)
     body_part_examined: Mapped[str | None] = mapped_column(Text)
@@ -153,8 +178,9 @@ class SeriesAssociation(Base):
     )
 
 
-class JobState(enum.StrEnum):
-    """queued -> running -> succeeded | failed | retrying -> (running ...) | dead; cancelled."""
+class WorkState(enum.StrEnum):
+    """States of leased work (jobs, dispatches): queued -> running -> succeeded | failed |
+    retrying -> (running ...) | dead; cancelled. See `node.leased`."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -165,8 +191,28 @@ class JobState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
-class Job(Base):
-    """One pipeline run for one series revision, with where its results go."""
+class LeasedWork:
+    """The columns every row of a leased queue has (`node.leased.LeasedQueue`)."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    state: Mapped[WorkState] = mapped_column(StateText(WorkState), default=WorkState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Job(LeasedWork, Base):
+    """One pipeline run for one series revision, with where its results go.
+
+    `destinations` and `rules` are JSON lists of names; `result` is the JSON of its
+    `node.outcome.ResultSummary`."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -176,29 +222,17 @@ class Job(Base):
         Index("ix_jobs_claim", "state", "priority", "run_after"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
     revision: Mapped[int] = mapped_column(Integer)
     pipeline: Mapped[str] = mapped_column(String(64))
     destinations: Mapped[str] = mapped_column(Text, default="[]")
     rules: Mapped[str] = mapped_column(Text, default="[]")
-    priority: Mapped[int] = mapped_column(Integer, default=1)
     priority_if_positive: Mapped[int | None] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
-    error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[str | None] = mapped_column(Text)
-    lease_owner: Mapped[str | None] = mapped_column(String(64))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
-    run_after: Mapped[datetime] = mapped_column(UTCDateTime)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class Dispatch(Base):
-    """Sending one job's result objects to one destination; states as for jobs."""
+class Dispatch(LeasedWork, Base):
+    """Sending one job's result objects (a JSON list of paths) to one destination."""
 
     __tablename__ = "dispatches"
     __table_args__ = (
@@ -206,20 +240,10 @@ class Dispatch(Base):
         Index("ix_dispatches_due", "state", "run_after"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     destination: Mapped[str] = mapped_column(String(64))
     objects: Mapped[str] = mapped_column(Text, default="[]")
-    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    max_attempts: Mapped[int] = mapped_column(Integer, default=8)
     status: Mapped[str | None] = mapped_column(Text)
-    error: Mapped[str | None] = mapped_column(Text)
-    run_after: Mapped[datetime] = mapped_column(UTCDateTime)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Embedding(Base):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,14 @@ from pynetdicom.sop_class import Verification
 from node.config import Peer
 
 SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB007, 0xB006}
+
+
+class CStorePriority(enum.IntEnum):
+    """The C-STORE request's Priority (PS3.7 9.1.1.1)."""
+
+    MEDIUM = 0
+    HIGH = 1
+    LOW = 2
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,11 @@ def store(
     peer: Peer,
     files: Sequence[Path],
     timeout: float = 30.0,
-    priority: int = 0,
+    priority: CStorePriority = CStorePriority.MEDIUM,
 ) -> StoreResult:
     """C-STORE every file in one association. Each SOP class is proposed in the file's own
     transfer syntax and in Explicit VR Little Endian, so a peer that refuses the first still
-    gets the objects. `priority` is the request's Priority (0 medium, 1 high, 2 low)."""
+    gets the objects."""
     datasets = [pydicom.dcmread(path) for path in files]
     ae = AE(ae_title=local_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout

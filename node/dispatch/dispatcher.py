@@ -7,28 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select
 
-from node.config import DicomWebDestination, Peer, Settings
-from node.db.models import Dispatch, Job, JobState, Series, utcnow
-from node.dimse.scu import StoreResult, store
-from node.dispatch.stow import stow
-from node.queue import RetryPolicy
-from node.results.encode import is_key_image
-from node.routing.rules import Priority
+from node.config import Settings
+from node.db.models import Dispatch, Job, Series, WorkState
+from node.dimse.scu import StoreResult
+from node.dispatch.senders import Delivery, send
+from node.leased import Lease, LeasedQueue, RetryPolicy
 
 log = logging.getLogger(__name__)
 
-ORIGIN = "origin"
-C_STORE_MEDIUM, C_STORE_HIGH = 0, 1  # the C-STORE request's Priority (PS3.7 9.1.1.1)
-DUE = (JobState.QUEUED, JobState.RETRYING)
-Sender = Callable[[Sequence[Path]], StoreResult]
+BATCH = 16
+"""Dispatches claimed per round (sent in parallel, up to `SENDING_THREADS` at once)."""
+SENDING_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class DispatchView:
     id: int
     job_id: int
     destination: str
-    state: str
+    state: WorkState
     attempts: int
     status: str | None
     error: str | None
@@ -70,36 +67,35 @@ def list_dispatches(engine: Engine, limit: int = 200) -> list[DispatchView]:
 
 @dataclass(frozen=True)
 class Claim:
-    """A dispatch taken for sending: what, where to, and its attempt count."""
+    """A dispatch taken for sending: what, where to, and its lease."""
 
-    id: int
+    lease: Lease
     destination: str
     files: list[Path]
     calling_ae: str | None
     priority: int
-    attempts: int
-    max_attempts: int
 
 
 class Dispatcher:
+    """Claims due dispatches from the leased queue and sends them; one per node."""
+
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
         self._settings = settings
         dispatch = settings.dispatch
-        self.policy = RetryPolicy(
+        policy = RetryPolicy(
             dispatch.max_attempts, dispatch.retry_base_seconds, dispatch.retry_max_seconds
         )
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dispatch")
+        self.queue = LeasedQueue(engine, Dispatch, policy)
+        self._owner = f"dispatcher-{os.getpid()}"
+        # A lease long enough for one association per object at the network timeout.
+        self._lease_seconds = max(60.0, dispatch.timeout_seconds * 20)
+        self._pool = ThreadPoolExecutor(max_workers=SENDING_THREADS, thread_name_prefix="dispatch")
 
     def requeue_interrupted(self) -> int:
         """Dispatches left running by a stopped node go out again (UIDs are stable, so a
         resend replaces, never duplicates)."""
-        with self._engine.begin() as conn:
-            return conn.execute(
-                update(Dispatch)
-                .where(Dispatch.state == JobState.RUNNING)
-                .values(state=JobState.RETRYING, run_after=utcnow())
-            ).rowcount
+        return self.queue.requeue_running()
 
     def run_due(self) -> int:
         """Send every dispatch that is due, destinations in parallel; returns how many ran."""
@@ -111,10 +107,11 @@ class Dispatcher:
         self._pool.shutdown(wait=True)
 
     def _claim_due(self) -> list[Claim]:
-        now = utcnow()
-        claimed = []
         with self._engine.begin() as conn:
-            due = conn.execute(
+            leases = self.queue.claim(conn, self._owner, self._lease_seconds, limit=BATCH)
+            if not leases:
+                return []
+            rows = conn.execute(
                 select(
                     Dispatch.id,
                     Dispatch.destination,
@@ -124,106 +121,58 @@ class Dispatcher:
                 )
                 .join(Job, Job.id == Dispatch.job_id)
                 .join(Series, Series.id == Job.series_id)
-                .where(Dispatch.state.in_(DUE), Dispatch.run_after <= now)
-                .order_by(Dispatch.priority, Dispatch.run_after)
-                .limit(16)
+                .where(Dispatch.id.in_([lease.id for lease in leases]))
             ).all()
-            for dispatch_id, destination, objects, calling_ae, priority in due:
-                counts = conn.execute(
-                    update(Dispatch)
-                    .where(Dispatch.id == dispatch_id, Dispatch.state.in_(DUE))
-                    .values(
-                        state=JobState.RUNNING,
-                        attempts=Dispatch.attempts + 1,
-                        started_at=now,
-                    )
-                    .returning(Dispatch.attempts, Dispatch.max_attempts)
-                ).first()
-                if counts is not None:
-                    paths = [Path(p) for p in json.loads(objects)]
-                    claimed.append(
-                        Claim(dispatch_id, destination, paths, calling_ae, priority, *counts)
-                    )
-        return claimed
+        by_id = {row.id: row for row in rows}
+        return [
+            Claim(
+                lease,
+                by_id[lease.id].destination,
+                [Path(p) for p in json.loads(by_id[lease.id].objects)],
+                by_id[lease.id].calling_ae,
+                by_id[lease.id].priority,
+            )
+            for lease in leases
+        ]
 
     def _send(self, claim: Claim) -> None:
-        dispatch_id, destination, attempts = claim.id, claim.destination, claim.attempts
-        sender, problem = self._sender(destination, claim.calling_ae, claim.priority)
-        if sender is None:
-            self._finish(dispatch_id, JobState.FAILED, None, problem)
-            log.warning("dispatch %d to %s failed: %s", dispatch_id, destination, problem)
+        dispatch_id, destination = claim.lease.id, claim.destination
+        target = self._settings.destination(destination, claim.calling_ae)
+        if isinstance(target, str):
+            self.queue.fail(dispatch_id, self._owner, target, permanent=True)
+            log.warning("dispatch %d to %s failed: %s", dispatch_id, destination, target)
             return
+        delivery = Delivery(
+            claim.files,
+            claim.priority,
+            self._settings.node.ae_title,
+            self._settings.dispatch.timeout_seconds,
+        )
         try:
-            outcome = sender(claim.files)
+            outcome = send(target, delivery)
         except Exception as exc:  # a sender bug or an unreadable file: record, retry
             outcome = StoreResult(False, f"{type(exc).__name__}: {exc}")
         if outcome.ok:
-            self._finish(dispatch_id, JobState.SUCCEEDED, outcome.detail, None)
+            with self._engine.begin() as conn:
+                self.queue.succeed(conn, dispatch_id, self._owner, status=outcome.detail)
             log.info("dispatch %d to %s: %s", dispatch_id, destination, outcome.detail)
             return
-        if attempts >= claim.max_attempts:
-            self._finish(dispatch_id, JobState.DEAD, None, outcome.detail)
+        state = self.queue.fail(dispatch_id, self._owner, outcome.detail, permanent=False)
+        if state == WorkState.DEAD:
             log.error(
                 "dispatch %d to %s dead after %d attempts: %s",
                 dispatch_id,
                 destination,
-                attempts,
+                claim.lease.attempt,
                 outcome.detail,
             )
-            return
-        delay = self.policy.delay(attempts)
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(Dispatch)
-                .where(Dispatch.id == dispatch_id)
-                .values(
-                    state=JobState.RETRYING,
-                    error=outcome.detail,
-                    run_after=utcnow() + timedelta(seconds=delay),
-                )
+        else:
+            log.warning(
+                "dispatch %d to %s failed (attempt %d of %d, %s): %s",
+                dispatch_id,
+                destination,
+                claim.lease.attempt,
+                claim.lease.max_attempts,
+                state,
+                outcome.detail,
             )
-        log.warning(
-            "dispatch %d to %s failed (attempt %d, next in %.0f s): %s",
-            dispatch_id,
-            destination,
-            attempts,
-            delay,
-            outcome.detail,
-        )
-
-    def _sender(
-        self, destination: str, calling_ae: str | None, priority: int
-    ) -> tuple[Sender | None, str]:
-        settings = self._settings
-        timeout = settings.dispatch.timeout_seconds
-        if destination == ORIGIN:
-            peer = settings.peer_by_ae_title(calling_ae or "")
-            if peer is None:
-                return None, f"origin {calling_ae!r} is not a configured peer: no address"
-            return self._dimse(peer, timeout, priority), ""
-        if destination in settings.peers:
-            return self._dimse(settings.peers[destination], timeout, priority), ""
-        if destination in settings.dicomweb:
-            web: DicomWebDestination = settings.dicomweb[destination]
-            return (lambda files: stow(web, _wanted(files, web.key_images), timeout)), ""
-        return None, f"destination {destination!r} is not configured"
-
-    def _dimse(self, peer: Peer, timeout: float, priority: int) -> Sender:
-        ae_title = self._settings.node.ae_title
-        dimse_priority = C_STORE_HIGH if priority == Priority.STAT else C_STORE_MEDIUM
-        return lambda files: store(
-            ae_title, peer, _wanted(files, peer.key_images), timeout, dimse_priority
-        )
-
-    def _finish(self, dispatch_id: int, state: str, status: str | None, error: str | None) -> None:
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(Dispatch)
-                .where(Dispatch.id == dispatch_id)
-                .values(state=state, status=status, error=error, finished_at=utcnow())
-            )
-
-
-def _wanted(files: Sequence[Path], key_images: bool) -> list[Path]:
-    """The result objects a destination receives: key images only where it asked for them."""
-    return [path for path in files if key_images or not is_key_image(path)]

@@ -7,15 +7,13 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from node.results.files import SEG_FILE, SR_FILE, key_image_file
 from node.results.identity import ResultIdentity, with_type2_attributes
 from node.results.key_images import build_key_images
 from node.results.seg import build_segmentation
 from node.results.sr import build_report
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume
-
-SEG_FILE, SR_FILE = "seg.dcm", "sr.dcm"
-KEY_IMAGE_PREFIX = "key-image-"
 
 
 def source_headers(volume: Volume) -> list[Dataset]:
@@ -42,11 +40,7 @@ def encode_result(
         report.save_as(folder / SR_FILE, enforce_file_format=True)
         written.append(folder / SR_FILE)
     for number, image in enumerate(build_key_images(result, volume, sources, identity), 1):
-        path = folder / f"{KEY_IMAGE_PREFIX}{number}.dcm"
+        path = folder / key_image_file(number)
         image.save_as(path, enforce_file_format=True)
         written.append(path)
     return written
-
-
-def is_key_image(path: Path) -> bool:
-    return path.name.startswith(KEY_IMAGE_PREFIX)

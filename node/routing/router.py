@@ -71,28 +71,7 @@ class Router:
         self._queue = queue
 
     def facts(self, series_id: int) -> SeriesFacts:
-        """What the rules see of a series: one stored instance's header and its context."""
-        with self._engine.connect() as conn:
-            series = conn.execute(
-                select(
-                    Series.series_instance_uid,
-                    Series.calling_ae,
-                    Series.called_ae,
-                    Series.instance_count,
-                ).where(Series.id == series_id)
-            ).one()
-            path = conn.execute(
-                select(Instance.path)
-                .where(Instance.series_id == series_id)
-                .order_by(Instance.instance_number, Instance.id)
-                .limit(1)
-            ).scalar_one()
-        context = {
-            "calling_ae": series.calling_ae,
-            "called_ae": series.called_ae,
-            "instance_count": series.instance_count,
-        }
-        return SeriesFacts.read(self._storage / path, series.series_instance_uid, context)
+        return stored_series_facts(self._engine, self._storage, series_id)
 
     def route_pending(self) -> int:
         """Route every complete series revision not routed yet; return how many.
@@ -144,3 +123,28 @@ class Router:
                     request.series_instance_uid,
                     created,
                 )
+
+
+def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> SeriesFacts:
+    """What the rules see of a stored series: one instance's header and its context."""
+    with engine.connect() as conn:
+        series = conn.execute(
+            select(
+                Series.series_instance_uid,
+                Series.calling_ae,
+                Series.called_ae,
+                Series.instance_count,
+            ).where(Series.id == series_id)
+        ).one()
+        path = conn.execute(
+            select(Instance.path)
+            .where(Instance.series_id == series_id)
+            .order_by(Instance.instance_number, Instance.id)
+            .limit(1)
+        ).scalar_one()
+    context = {
+        "calling_ae": series.calling_ae,
+        "called_ae": series.called_ae,
+        "instance_count": series.instance_count,
+    }
+    return SeriesFacts.read(storage / path, series.series_instance_uid, context)

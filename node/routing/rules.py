@@ -31,6 +31,8 @@ from pathlib import Path
 import yaml
 from pydicom.datadict import tag_for_keyword
 
+from node.config import ORIGIN
+
 CONTEXT_KEYS = frozenset({"calling_ae", "called_ae", "instance_count"})
 COMBINATORS = frozenset({"all", "any", "not"})
 OPERATORS = frozenset(
@@ -65,7 +67,6 @@ RULE_KEYS = frozenset(
     }
 )
 SELECT_KEYS = frozenset({"match", "prefer_kernel"})
-ORIGIN = "origin"
 
 
 class Priority(enum.IntEnum):

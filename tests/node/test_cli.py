@@ -5,7 +5,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect
 
+from node.db.engine import make_engine
+from node.db.migrate import upgrade
 from tests.peers import free_port, storescp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,8 +65,22 @@ def test_echo_a_real_peer_and_a_dead_one(tmp_path: Path, storescp_peer: int) -> 
     assert "unknown peer" in unknown.stderr
 
 
+def test_read_commands_never_migrate(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 104)
+    for command in (("status",), ("jobs", "list"), ("similar", "1.2.3")):
+        result = ainode(*command, "--config", str(config))
+        assert result.returncode == 2
+        assert "no tables yet: `ainode serve` creates them" in result.stderr
+    engine = make_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    assert inspect(engine).get_table_names() == []
+    engine.dispose()
+
+
 def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
     config = write_config(tmp_path, 104)
+    engine = make_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    upgrade(engine)  # as `ainode serve` does at its start
+    engine.dispose()
     result = ainode("status", "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {

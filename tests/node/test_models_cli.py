@@ -17,7 +17,7 @@ from node.routing.engine import JobRequest
 from node.routing.rules import Priority
 from tests.models import fixed_classifier
 from tests.node.test_cli import ainode
-from tests.node.test_queue import add_series
+from tests.rows import add_series, finish
 
 NETWORK = (
     "network: {target: pipelines.networks.EncoderClassifier, "
@@ -84,7 +84,7 @@ def test_similar_lists_the_closest_series(tmp_path: Path) -> None:
     for series_id, vector in zip(add_series(engine, 3), np.eye(3) + 0.1, strict=True):
         queue.enqueue(series_id, 1, [JobRequest("x", "ct-embedding", (), Priority.ROUTINE, ())])
         job = queue.claim("w", 30)
-        queue.succeed(job.id, "w", {}, [], embedding=vector / np.linalg.norm(vector))
+        assert finish(engine, job.id, embedding=vector / np.linalg.norm(vector))
     engine.dispose()
     found = ainode("similar", "--config", str(config), "1.2.3.1", "--top", "1", "--json")
     assert found.returncode == 0, found.stderr

@@ -10,38 +10,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, select
 
 from node.db.engine import make_engine
-from node.db.models import Job, JobState, Series, Study, utcnow
-from node.queue import JobQueue, RetryPolicy
+from node.db.models import Job, WorkState, utcnow
+from node.leased import RetryPolicy
+from node.queue import JobQueue
 from node.routing.engine import JobRequest
 from node.routing.rules import Priority
-
-
-def add_series(engine: Engine, count: int) -> list[int]:
-    now = utcnow()
-    with engine.begin() as conn:
-        study = conn.execute(
-            insert(Study)
-            .values(study_instance_uid="1.2.3", first_received_at=now)
-            .returning(Study.id)
-        ).scalar_one()
-        return [
-            conn.execute(
-                insert(Series)
-                .values(
-                    study_id=study,
-                    series_instance_uid=f"1.2.3.{i + 1}",
-                    first_received_at=now,
-                    last_received_at=now,
-                    instance_count=1,
-                    routed_revision=0,
-                )
-                .returning(Series.id)
-            ).scalar_one()
-            for i in range(count)
-        ]
+from tests.rows import add_series, finish
 
 
 def request(pipeline: str = "echo", priority: Priority = Priority.ROUTINE) -> JobRequest:
@@ -61,7 +38,7 @@ def work(url: str, name: str, out: str, stop_after_idle: float) -> None:
                 continue
             log.write(f"{job.id}\n")
             log.flush()
-            assert queue.succeed(job.id, name, {"worker": name})
+            assert finish(engine, job.id, name)
             idle_since = time.monotonic()
     engine.dispose()
 
@@ -96,7 +73,7 @@ def test_500_jobs_4_worker_processes_each_job_runs_once(
     assert len(set(ran)) == 500
     assert sum(1 for out in outputs if out.exists() and out.read_text()) >= 2
     states = {job.state for job in queue.list(limit=1000)}
-    assert states == {JobState.SUCCEEDED}
+    assert states == {WorkState.SUCCEEDED}
 
 
 def test_enqueue_is_idempotent_per_revision_and_pipeline(engine: Engine) -> None:
@@ -127,21 +104,21 @@ def test_killed_worker_job_runs_again_after_lease_and_nothing_is_lost(
     doomed = multiprocessing.get_context("spawn").Process(target=hang, args=(database_url,))
     doomed.start()
     deadline = time.monotonic() + 60
-    while not any(j.state == JobState.RUNNING for j in queue.list()):
+    while not any(j.state == WorkState.RUNNING for j in queue.list()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.join()
     other = queue.claim("survivor", 30)
-    assert other is not None and queue.succeed(other.id, "survivor", {})
+    assert other is not None and finish(engine, other.id, "survivor")
     assert queue.claim("survivor", 30) is None  # the lost job is still leased
     assert queue.requeue_expired() == 0
     time.sleep(2.1)
     assert queue.requeue_expired() == 1
     again = queue.claim("survivor", 30)
     assert again is not None and again.attempt == 2
-    assert queue.succeed(again.id, "survivor", {})
-    assert {j.state for j in queue.list()} == {JobState.SUCCEEDED}
+    assert finish(engine, again.id, "survivor")
+    assert {j.state for j in queue.list()} == {WorkState.SUCCEEDED}
 
 
 def test_failures_retry_with_growing_delays_then_die(engine: Engine) -> None:
@@ -159,10 +136,10 @@ def test_failures_retry_with_growing_delays_then_die(engine: Engine) -> None:
         with engine.connect() as conn:
             run_after = conn.execute(select(Job.run_after).where(Job.id == job_id)).scalar_one()
         if attempt < 4:
-            assert state == JobState.RETRYING
+            assert state == WorkState.RETRYING
             delays.append((run_after - failed_at).total_seconds())
         else:
-            assert state == JobState.DEAD
+            assert state == WorkState.DEAD
     assert 7.5 <= delays[0] <= 12.5 and 15 <= delays[1] <= 25 and 30 <= delays[2] <= 50
     [view] = queue.list()
     assert (view.state, view.attempts, view.error) == ("dead", 4, "boom 4")
@@ -177,11 +154,11 @@ def test_bad_input_fails_at_once_and_cancel_stops_a_running_job(engine: Engine) 
     [cancelled] = queue.enqueue(second, 1, [request()])
     job = queue.claim("w", 30)
     assert job is not None and job.id == bad
-    assert queue.fail(bad, "w", "not a CT", permanent=True) == JobState.FAILED
+    assert queue.fail(bad, "w", "not a CT", permanent=True) == WorkState.FAILED
     running = queue.claim("w", 30)
     assert running is not None and running.id == cancelled
     assert queue.cancel(cancelled)
     assert not queue.renew(cancelled, "w", 30)
-    assert not queue.succeed(cancelled, "w", {})
+    assert not finish(engine, cancelled, "w")
     states = {view.id: view.state for view in queue.list()}
     assert states == {bad: "failed", cancelled: "cancelled"}

@@ -15,6 +15,7 @@ from node.storage import InstanceStore
 from node.worker import Worker
 from pipelines.base import BadInput, Requirements
 from pipelines.echo import EXTENT, SLICES
+from pipelines.registry import build_pipelines
 from pipelines.volume import Volume
 
 
@@ -67,11 +68,13 @@ def worker(engine: Engine, database_url: str, tmp_path: Path, real_series) -> Wo
     for pipeline in ("echo", "explode", "refuse", "missing", "no-weights"):
         request = JobRequest("x", pipeline, ("origin",), Priority.ROUTINE, ("r",))
         queue.enqueue(recorded.series_id, 1, [request])
-    worker = Worker(settings, "test-worker")
-    worker._pipelines.update(
-        {"explode": Exploding(), "refuse": Refusing(), "no-weights": WithoutWeights()}
-    )
-    return worker
+    pipelines = {
+        **build_pipelines(None),
+        "explode": Exploding(),
+        "refuse": Refusing(),
+        "no-weights": WithoutWeights(),
+    }
+    return Worker(settings, "test-worker", pipelines)
 
 
 def test_worker_records_each_outcome(worker: Worker) -> None:

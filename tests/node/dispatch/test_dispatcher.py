@@ -17,6 +17,7 @@ from node.queue import JobQueue
 from node.routing.engine import JobRequest
 from node.routing.rules import Priority
 from tests.peers import free_port, storescp
+from tests.rows import finish
 
 
 def succeeded_job(engine: Engine, destinations: tuple[str, ...], files: list[Path]) -> None:
@@ -32,7 +33,7 @@ def succeeded_job(engine: Engine, destinations: tuple[str, ...], files: list[Pat
     )
     job = queue.claim("w", 30)
     assert job is not None
-    assert queue.succeed(job.id, "w", {}, files, dispatch_attempts=2)
+    assert finish(engine, job.id, objects=tuple(files), dispatch_attempts=2)
 
 
 def settings(peer_port: int, known_origin: bool) -> Settings:

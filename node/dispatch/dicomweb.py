@@ -1,4 +1,4 @@
-"""STOW-RS of result objects to a DICOMweb server (dicomweb-client)."""
+"""Sending to a DICOMweb server: STOW-RS of result objects (dicomweb-client)."""
 
 from __future__ import annotations
 

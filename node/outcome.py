@@ -1,0 +1,213 @@
+"""A job's success, written in one transaction: its result summary, the dispatches of its
+result objects, the escalation a positive result asks for, and its embedding.
+
+The worker hands over a typed `JobOutcome`; the dispatcher and `ainode similar` later read the
+rows written here. Nothing else creates dispatches or embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from node.db.models import Dispatch, Embedding, Job, Series, WorkState, utcnow
+from node.leased import DUE, LeasedQueue, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+class ResultSummary(BaseModel):
+    """What a job records of its result (`result` in `ainode jobs list --json`): the
+    pipeline's result without voxels, where it was written and what was encoded."""
+
+    pipeline: str
+    version: str
+    positive: bool
+    segments: list[dict[str, object]] = []
+    regions: list[dict[str, object]] = []
+    findings: list[dict[str, object]] = []
+    detections: list[dict[str, object]] = []
+    profiles: list[dict[str, object]] = []
+    embedding_dim: int | None = None
+    timings_s: dict[str, float] = {}
+    output: str = ""
+    objects: list[str] = []
+    dropped: list[str] = []
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A finished job as the worker hands it over."""
+
+    job_id: int
+    owner: str
+    summary: ResultSummary
+    objects: Sequence[Path] = ()
+    embedding: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """The job row's fields the outcome needs."""
+
+    series_id: int
+    revision: int
+    pipeline: str
+    destinations: list[str]
+    priority: int
+    priority_if_positive: int | None
+
+
+class OutcomeRecorder:
+    """Writes job successes; `dispatch_attempts` is each new dispatch's `max_attempts`."""
+
+    def __init__(self, engine: Engine, dispatch_attempts: int = 8) -> None:
+        self._engine = engine
+        self._jobs = LeasedQueue(engine, Job, RetryPolicy())
+        self._dispatch_attempts = dispatch_attempts
+
+    def record(self, outcome: JobOutcome) -> bool:
+        """Record the success and its consequences; False (nothing written) when the job was
+        no longer the worker's (lease lost, cancelled)."""
+        summary = outcome.summary
+        with self._engine.begin() as conn:
+            owned = self._jobs.succeed(
+                conn, outcome.job_id, outcome.owner, result=summary.model_dump_json()
+            )
+            if not owned:
+                return False
+            job = _finished_job(conn, outcome.job_id)
+            priority = job.priority
+            escalation = job.priority_if_positive
+            if summary.positive and escalation is not None and escalation < priority:
+                priority = escalation
+                _escalate_study(conn, job.series_id, escalation)
+                log.info(
+                    "job %d: positive result; study raised to priority %d", outcome.job_id, priority
+                )
+            create_dispatches(
+                conn,
+                outcome.job_id,
+                job.destinations,
+                outcome.objects,
+                self._dispatch_attempts,
+                priority,
+            )
+            if outcome.embedding is not None:
+                store_embedding(conn, job, summary.version, outcome.embedding)
+        return True
+
+
+def _finished_job(conn: Connection, job_id: int) -> FinishedJob:
+    row = conn.execute(
+        select(
+            Job.series_id,
+            Job.revision,
+            Job.pipeline,
+            Job.destinations,
+            Job.priority,
+            Job.priority_if_positive,
+        ).where(Job.id == job_id)
+    ).one()
+    return FinishedJob(
+        row.series_id,
+        row.revision,
+        row.pipeline,
+        json.loads(row.destinations),
+        row.priority,
+        row.priority_if_positive,
+    )
+
+
+def _escalate_study(conn: Connection, series_id: int, priority: int) -> None:
+    """Waiting jobs of the study of `series_id` run at `priority` (if more urgent)."""
+    study = select(Series.study_id).where(Series.id == series_id).scalar_subquery()
+    conn.execute(
+        update(Job)
+        .where(
+            Job.series_id.in_(select(Series.id).where(Series.study_id == study)),
+            Job.state.in_(DUE),
+            Job.priority > priority,
+        )
+        .values(priority=priority)
+    )
+
+
+def create_dispatches(
+    conn: Connection,
+    job_id: int,
+    destinations: Sequence[str],
+    objects: Sequence[Path],
+    max_attempts: int,
+    priority: int,
+) -> None:
+    """Queue the sending of `objects` to each destination (again, if the job ran before)."""
+    if not objects or not destinations:
+        return
+    now = utcnow()
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    rows = [
+        {
+            "job_id": job_id,
+            "destination": destination,
+            "objects": json.dumps([str(p) for p in objects]),
+            "state": WorkState.QUEUED,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "priority": priority,
+            "run_after": now,
+            "created_at": now,
+        }
+        for destination in dict.fromkeys(destinations)
+    ]
+    insert = dialect.insert(Dispatch).values(rows)
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["job_id", "destination"],
+            set_={
+                "objects": insert.excluded.objects,
+                "state": WorkState.QUEUED,
+                "attempts": 0,
+                "max_attempts": max_attempts,
+                "priority": priority,
+                "status": None,
+                "error": None,
+                "run_after": now,
+                "finished_at": None,
+                "lease_owner": None,
+                "lease_expires_at": None,
+            },
+        )
+    )
+
+
+def store_embedding(
+    conn: Connection, job: FinishedJob, model_version: str, vector: np.ndarray
+) -> None:
+    """Keep the series' embedding from this pipeline (a later revision replaces it)."""
+    data = np.asarray(vector, dtype=np.float32)
+    row = {
+        "series_id": job.series_id,
+        "revision": job.revision,
+        "pipeline": job.pipeline,
+        "model_version": model_version,
+        "dimensions": int(data.size),
+        "vector": data.tobytes(),
+        "created_at": utcnow(),
+    }
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(Embedding).values(row)
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["series_id", "pipeline"],
+            set_={k: insert.excluded[k] for k in row if k not in ("series_id", "pipeline")},
+        )
+    )
