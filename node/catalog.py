@@ -7,13 +7,9 @@ delivered them. Series completion reads what the catalog writes; it never reache
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
 
-from pydicom import Dataset
-from pydicom.multival import MultiValue
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -28,93 +24,7 @@ from node.db.models import (
     utcnow,
 )
 from node.db.prepared import PreparedStatement
-from node.storage import InstanceKey
-
-STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
-SOP_CLASS_UID, SOP_INSTANCE_UID, INSTANCE_NUMBER = 0x00080016, 0x00080018, 0x00200013
-
-
-HOT_TAGS = (
-    STUDY_INSTANCE_UID,
-    SERIES_INSTANCE_UID,
-    SOP_CLASS_UID,
-    SOP_INSTANCE_UID,
-    INSTANCE_NUMBER,
-)
-"""What the catalog reads of every instance; the rest only when a series is created."""
-
-
-@dataclass(frozen=True)
-class InstanceMetadata:
-    """What the catalog keeps of one received instance (no patient identifiers).
-
-    The UIDs, SOP Class and Instance Number are read for every instance, from the raw
-    values; the study's and series' descriptive attributes only when a series is created,
-    from the dataset `load_dataset` returns.
-    """
-
-    key: InstanceKey
-    sop_class_uid: str
-    instance_number: int | None
-    load_dataset: Callable[[], Dataset] = field(repr=False, compare=False)
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> InstanceMetadata:
-        """Read the metadata of `ds`; raises InvalidUID for a UID that cannot be stored."""
-        return cls.from_values({tag: _raw_text(ds, tag) for tag in HOT_TAGS}, lambda: ds)
-
-    @classmethod
-    def from_raw(
-        cls, values: Mapping[int, bytes], load_dataset: Callable[[], Dataset]
-    ) -> InstanceMetadata:
-        """From the raw values of `HOT_TAGS` (those absent from the dataset left out)."""
-        texts = {tag: _ascii(value) for tag, value in values.items()}
-        return cls.from_values(texts, load_dataset)
-
-    @classmethod
-    def from_values(
-        cls, texts: Mapping[int, str | None], load_dataset: Callable[[], Dataset]
-    ) -> InstanceMetadata:
-        key = InstanceKey.validated(
-            texts.get(STUDY_INSTANCE_UID),
-            texts.get(SERIES_INSTANCE_UID),
-            texts.get(SOP_INSTANCE_UID),
-        )
-        return cls(
-            key=key,
-            sop_class_uid=texts.get(SOP_CLASS_UID) or "",
-            instance_number=_as_int(texts.get(INSTANCE_NUMBER)),
-            load_dataset=load_dataset,
-        )
-
-    @cached_property
-    def dataset(self) -> Dataset:
-        return self.load_dataset()
-
-    @cached_property
-    def study_fields(self) -> dict[str, object]:
-        ds = self.dataset
-        return {
-            "study_description": _as_text(ds.get("StudyDescription")),
-            "study_date": _as_text(ds.get("StudyDate")),
-        }
-
-    @cached_property
-    def series_fields(self) -> dict[str, object]:
-        """What routing rules match on, besides the calling and called AE."""
-        ds = self.dataset
-        return {
-            "modality": _as_text(ds.get("Modality")),
-            "sop_class_uid": self.sop_class_uid,
-            "body_part_examined": _as_text(ds.get("BodyPartExamined")),
-            "series_description": _as_text(ds.get("SeriesDescription")),
-            "protocol_name": _as_text(ds.get("ProtocolName")),
-            "image_type": _as_text(ds.get("ImageType")),
-            "slice_thickness": _as_float(ds.get("SliceThickness")),
-            "convolution_kernel": _as_text(ds.get("ConvolutionKernel")),
-            "manufacturer": _as_text(ds.get("Manufacturer")),
-            "series_number": _as_int(ds.get("SeriesNumber")),
-        }
+from node.ingest.metadata import InstanceMetadata
 
 
 @dataclass(frozen=True)
@@ -373,43 +283,3 @@ def _instance_values(
         "association_id": receipt.association_id,
         "received_at": receipt.received_at,
     }
-
-
-def _raw_text(ds: Dataset, tag: int) -> str | None:
-    """A UI or IS value as text, straight from its raw bytes (both are ASCII in every
-    character set, so pydicom's conversion and validation can be skipped)."""
-    element = ds.get_item(tag)
-    if element is None:
-        return None
-    value = element.value
-    if isinstance(value, bytes):
-        return _ascii(value)
-    return None if value is None else str(value).strip("\0 ")
-
-
-def _ascii(value: bytes) -> str:
-    return value.decode("ascii", "replace").strip("\0 ")
-
-
-def _as_text(value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, MultiValue | list | tuple):
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    return text.strip() or None
-
-
-def _as_float(value: object) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _as_int(value: object) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return None

@@ -22,9 +22,10 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, select
 
-from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.catalog import Catalog, Receipt
 from node.db.engine import sqlite_file
 from node.db.models import Instance
+from node.ingest.metadata import InstanceMetadata
 from node.storage import InstanceStore, InvalidUID
 
 log = logging.getLogger(__name__)

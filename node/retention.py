@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import Engine, and_, delete, exists, select
 
 from node.db.models import Association, Job, Series, SeriesState, Study, utcnow
-from node.queue import FINISHED
+from node.leased import FINISHED
 
 log = logging.getLogger(__name__)
 

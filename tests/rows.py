@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from pydicom import Dataset
 from sqlalchemy import Engine, insert
 
+from node.catalog import Catalog, Receipt, Recorded
 from node.db.models import Series, Study, utcnow
+from node.ingest.metadata import InstanceMetadata
 from node.outcome import JobOutcome, OutcomeRecorder, ResultSummary
 
 
@@ -49,3 +53,28 @@ def finish(
     summary = ResultSummary(pipeline="p", version="1.0", positive=positive)
     outcome = JobOutcome(job_id, owner, summary, objects, embedding)
     return OutcomeRecorder(engine, dispatch_attempts).record(outcome)
+
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=utcnow().tzinfo)
+SERIES = "1.2.826.0.1.3680043.10.1.2"
+
+
+def metadata(sop_suffix: int, series: str = SERIES, sop_uid: str | None = None) -> InstanceMetadata:
+    """A CT instance of `series` (its SOP Instance UID: `sop_uid`, or the series' + suffix)."""
+    ds = Dataset()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.1"
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = sop_uid or f"{series}.{sop_suffix}"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = "1.25"
+    ds.ConvolutionKernel = "LUNG"
+    return InstanceMetadata.from_dataset(ds)
+
+
+def receive(
+    catalog: Catalog, sop: int, association: str, at: datetime, changed: bool = True
+) -> Recorded:
+    receipt = Receipt(association, "CT01", "AINODE", "1.2.840.10008.1.2.1", 100, at)
+    return catalog.record_instance(metadata(sop), receipt, content_changed=changed, link=True)

@@ -19,10 +19,9 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from typing import Protocol
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -40,11 +39,10 @@ from pynetdicom.presentation import (
 )
 from pynetdicom.sop_class import Verification
 
+from node.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 log = logging.getLogger(__name__)
 
-IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["ainode"])
-"""Stable, under pydicom's UID root (no organisation root of our own)."""
-IMPLEMENTATION_VERSION_NAME = f"AINODE_{version('ainode')}"[:16]
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 ASSOCIATION_TIMEOUT_SECONDS = 30.0
 """How long a new connection may take to send its A-ASSOCIATE-RQ."""

@@ -8,32 +8,24 @@ a file meta group the node writes, and the dataset as it came off the wire.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
-from io import BytesIO
 
-from pydicom import Dataset
-from pydicom.dataelem import RawDataElement
-from pydicom.filereader import read_dataset
-from pydicom.uid import UID
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.catalog import HOT_TAGS, Catalog, InstanceMetadata, Receipt
+from node.catalog import Catalog, Receipt
 from node.config import Settings
 from node.db.models import utcnow
 from node.dimse import status
 from node.dimse.acceptor import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
     Acceptor,
     Association,
     Reply,
     StoreRequest,
 )
-from node.dimse.scan import scan_dataset
+from node.ingest.metadata import read_metadata
+from node.ingest.part10 import file_meta
 from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, WriteOutcome
 
 log = logging.getLogger(__name__)
@@ -210,99 +202,3 @@ class StorageSCP:
         delivery.instances += 1
         log.debug("association %s: stored %s (%s)", association_id, uid, outcome.value)
         return Reply(status.SUCCESS)
-
-
-def read_metadata(encoded: bytes, transfer_syntax: UID) -> InstanceMetadata:
-    """What the catalog needs of an instance; raises if its dataset cannot be parsed.
-
-    `scan_dataset` reads it from a whole little-endian stream without building a dataset;
-    pydicom parses it only when a series is created, or judges a stream the scan refused.
-    """
-    if transfer_syntax.is_deflated:
-        encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
-    if transfer_syntax.is_little_endian:
-        try:
-            values = scan_dataset(encoded, transfer_syntax.is_implicit_VR, HOT_TAGS)
-        except ValueError:
-            pass
-        else:
-            return InstanceMetadata.from_raw(
-                values, lambda: _parse_for_series(encoded, transfer_syntax)
-            )
-    return InstanceMetadata.from_dataset(parse(encoded, transfer_syntax))
-
-
-def _parse_for_series(inflated: bytes, transfer_syntax: UID) -> Dataset:
-    """The dataset whose attributes describe a new series; empty (and logged) in the unlikely
-    case that pydicom refuses a stream the scan accepted: the instance is stored regardless."""
-    try:
-        return parse(inflated, transfer_syntax)
-    except Exception as exc:  # pydicom raises many types on malformed input
-        log.warning("series attributes unreadable, left empty: %s", exc)
-        return Dataset()
-
-
-def parse(inflated: bytes, transfer_syntax: UID) -> Dataset:
-    """The dataset as sent (deflate undone), its values left raw; ValueError if it was cut
-    short."""
-    dataset = read_dataset(
-        BytesIO(inflated), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
-    )
-    _check_truncation(dataset, len(inflated))
-    return dataset
-
-
-def file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
-) -> bytes:
-    """The DICOM preamble, prefix and File Meta Information group (PS3.10 7.1).
-
-    Encoded directly: pydicom's FileMetaDataset validates each element on assignment and cost
-    a tenth of the receive path.
-    """
-    body = b"".join(
-        (
-            _explicit_element(0x0001, b"OB", b"\0\1"),
-            _explicit_element(0x0002, b"UI", _even(sop_class_uid.encode(), b"\0")),
-            _explicit_element(0x0003, b"UI", _even(sop_instance_uid.encode(), b"\0")),
-            _explicit_element(0x0010, b"UI", _even(transfer_syntax.encode(), b"\0")),
-            _explicit_element(0x0012, b"UI", _even(IMPLEMENTATION_CLASS_UID.encode(), b"\0")),
-            _explicit_element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME.encode(), b" ")),
-            _explicit_element(0x0016, b"AE", _even(source_ae.encode("ascii", "replace"), b" ")),
-        )
-    )
-    group_length = _explicit_element(0x0000, b"UL", struct.pack("<I", len(body)))
-    return b"\0" * 128 + b"DICM" + group_length + body
-
-
-def _explicit_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """A group 0002 element in Explicit VR Little Endian."""
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-def _even(value: bytes, pad: bytes) -> bytes:
-    return value + pad if len(value) % 2 else value
-
-
-def _check_truncation(dataset: Dataset, size: int) -> None:
-    """Raise ValueError if the last element's value or header was cut short.
-
-    pydicom reads a short value or a partial trailing header without complaint; a sender that
-    dropped bytes must not get a success status. Elements are read in stream order, so a
-    stream cut short ends inside the last element read: only that one needs checking.
-    """
-    if not len(dataset):
-        return
-    tag = next(reversed(dataset.keys()))
-    element = dataset.get_item(tag)
-    if not isinstance(element, RawDataElement) or element.length == UNDEFINED_LENGTH:
-        return
-    if element.value is not None and len(element.value) != element.length:
-        raise ValueError(
-            f"element {tag} is truncated ({len(element.value)} of {element.length} bytes)"
-        )
-    end = element.value_tell + element.length
-    if end < size:
-        raise ValueError(f"{size - end} bytes after the last element")

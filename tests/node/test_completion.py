@@ -1,41 +1,16 @@
-"""Catalog and completion rules on a real database (SQLite and PostgreSQL), with explicit times."""
+"""Series completion rules on a real database (SQLite and PostgreSQL), with explicit times."""
 
-from datetime import datetime, timedelta
-from io import BytesIO
+from datetime import timedelta
 
-from pydicom import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
 from sqlalchemy import Engine
 
-from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.catalog import Catalog
 from node.completion import SeriesCompletionTracker
 from node.config import CompletionSettings
 from node.db.engine import make_session_factory
 from node.db.models import utcnow
 from node.report import build_report
-
-T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=utcnow().tzinfo)
-SERIES = "1.2.826.0.1.3680043.10.1.2"
-
-
-def metadata(sop_suffix: int, series: str = SERIES) -> InstanceMetadata:
-    ds = Dataset()
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.1"
-    ds.SeriesInstanceUID = series
-    ds.SOPInstanceUID = f"{series}.{sop_suffix}"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    ds.Modality = "CT"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SliceThickness = "1.25"
-    ds.ConvolutionKernel = "LUNG"
-    return InstanceMetadata.from_dataset(ds)
-
-
-def receive(catalog: Catalog, sop: int, association: str, at: datetime, changed: bool = True):
-    receipt = Receipt(association, "CT01", "AINODE", "1.2.840.10008.1.2.1", 100, at)
-    return catalog.record_instance(metadata(sop), receipt, content_changed=changed, link=True)
+from tests.rows import T0, receive
 
 
 def tracker(engine: Engine, quiet: float = 10, grace: float = 1) -> SeriesCompletionTracker:
@@ -46,28 +21,6 @@ def tracker(engine: Engine, quiet: float = 10, grace: float = 1) -> SeriesComple
 def state(engine: Engine) -> dict:
     report = build_report(make_session_factory(engine))
     return report.series[0].model_dump()
-
-
-def test_metadata_keeps_routing_fields() -> None:
-    meta = metadata(1)
-    assert meta.series_fields["image_type"] == "ORIGINAL\\PRIMARY\\AXIAL"
-    assert meta.series_fields["slice_thickness"] == 1.25
-    assert meta.series_fields["convolution_kernel"] == "LUNG"
-
-
-def test_metadata_reads_raw_values_as_the_wire_has_them() -> None:
-    ds = metadata(7).dataset
-    ds.InstanceNumber = "12 "
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, True
-    write_dataset(fp, ds)
-    raw = read_dataset(BytesIO(fp.getvalue()), is_implicit_VR=True, is_little_endian=True)
-
-    meta = InstanceMetadata.from_dataset(raw)
-    assert meta.key == metadata(7).key
-    assert meta.instance_number == 12
-    assert meta.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
-    assert meta.series_fields["modality"] == "CT"
 
 
 def test_quiet_period_completes_only_without_open_association(engine: Engine) -> None:
@@ -127,15 +80,6 @@ def test_arrival_after_completion_opens_a_new_revision(engine: Engine) -> None:
     assert (late.revision, late.opened_revision, late.new_instance) == (2, True, True)
     series = state(engine)
     assert (series["state"], series["revision"], series["instances"]) == ("receiving", 2, 3)
-
-
-def test_duplicate_counts_once(engine: Engine) -> None:
-    catalog = Catalog(engine)
-    catalog.open_association("a1", "CT01", "AINODE", None)
-    assert receive(catalog, 1, "a1", T0).new_instance
-    assert not receive(catalog, 1, "a1", T0, changed=False).new_instance
-    assert not receive(catalog, 1, "a1", T0, changed=True).new_instance
-    assert state(engine)["instances"] == 1
 
 
 def test_stale_associations_are_closed_at_start(engine: Engine) -> None:

@@ -14,8 +14,9 @@ import pydicom
 import pytest
 from sqlalchemy import Engine, func, select
 
-from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.catalog import Catalog, Receipt
 from node.db.models import Association, Instance, Series, utcnow
+from node.ingest.metadata import InstanceMetadata
 from node.recovery import boot_marker, current_boot_id, recover_after_restart, rerecord_unrecorded
 from node.storage import InstanceKey, InstanceStore
 from tests.peers import NodeProcess, storescu, wait_until

@@ -4,11 +4,12 @@ from pathlib import Path
 from pydicom import Dataset
 from sqlalchemy import Engine, select, update
 
-from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.catalog import Catalog, Receipt
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import CompletionSettings
 from node.db.engine import make_session_factory
 from node.db.models import Instance, Job, Study, utcnow
+from node.ingest.metadata import InstanceMetadata
 from node.queue import JobQueue
 from node.retention import RetentionSweeper
 from node.routing.engine import JobRequest

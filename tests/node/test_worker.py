@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.catalog import Catalog, Receipt
 from node.config import Settings
 from node.db.models import utcnow
+from node.ingest.metadata import InstanceMetadata
 from node.queue import JobQueue
 from node.routing.engine import JobRequest
 from node.routing.rules import Priority

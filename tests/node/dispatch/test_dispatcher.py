@@ -9,10 +9,11 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import Engine
 
-from node.catalog import Catalog, InstanceMetadata, Receipt
+from node.catalog import Catalog, Receipt
 from node.config import Settings
 from node.db.models import utcnow
 from node.dispatch.dispatcher import Dispatcher, list_dispatches
+from node.ingest.metadata import InstanceMetadata
 from node.queue import JobQueue
 from node.routing.engine import JobRequest
 from node.routing.rules import Priority

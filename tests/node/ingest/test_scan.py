@@ -19,9 +19,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from node.catalog import HOT_TAGS
-from node.dimse.scan import scan_dataset
-from node.dimse.scp import parse, read_metadata
+from node.ingest.metadata import HOT_TAGS, parse, read_metadata
+from node.ingest.scan import scan_dataset
 
 SOP_INSTANCE_UID = 0x00080018
 

@@ -1,0 +1,216 @@
+"""Bytes -> `InstanceMetadata`: what the catalog keeps of a received instance, read from the
+dataset as it arrived (C-STORE now, STOW-RS later), or from a stored file.
+
+`scan_dataset` reads the hot values from a whole little-endian stream without building a
+dataset; pydicom parses a dataset only when a series is created, or to judge a stream the scan
+refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from io import BytesIO
+
+from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from node.ingest.scan import scan_dataset
+from node.storage import InstanceKey
+
+log = logging.getLogger(__name__)
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
+SOP_CLASS_UID, SOP_INSTANCE_UID, INSTANCE_NUMBER = 0x00080016, 0x00080018, 0x00200013
+
+
+HOT_TAGS = (
+    STUDY_INSTANCE_UID,
+    SERIES_INSTANCE_UID,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    INSTANCE_NUMBER,
+)
+"""What the catalog reads of every instance; the rest only when a series is created."""
+
+
+@dataclass(frozen=True)
+class InstanceMetadata:
+    """What the catalog keeps of one received instance (no patient identifiers).
+
+    The UIDs, SOP Class and Instance Number are read for every instance, from the raw
+    values; the study's and series' descriptive attributes only when a series is created,
+    from the dataset `load_dataset` returns.
+    """
+
+    key: InstanceKey
+    sop_class_uid: str
+    instance_number: int | None
+    load_dataset: Callable[[], Dataset] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> InstanceMetadata:
+        """Read the metadata of `ds`; raises InvalidUID for a UID that cannot be stored."""
+        return cls.from_values({tag: _raw_text(ds, tag) for tag in HOT_TAGS}, lambda: ds)
+
+    @classmethod
+    def from_raw(
+        cls, values: Mapping[int, bytes], load_dataset: Callable[[], Dataset]
+    ) -> InstanceMetadata:
+        """From the raw values of `HOT_TAGS` (those absent from the dataset left out)."""
+        texts = {tag: _ascii(value) for tag, value in values.items()}
+        return cls.from_values(texts, load_dataset)
+
+    @classmethod
+    def from_values(
+        cls, texts: Mapping[int, str | None], load_dataset: Callable[[], Dataset]
+    ) -> InstanceMetadata:
+        key = InstanceKey.validated(
+            texts.get(STUDY_INSTANCE_UID),
+            texts.get(SERIES_INSTANCE_UID),
+            texts.get(SOP_INSTANCE_UID),
+        )
+        return cls(
+            key=key,
+            sop_class_uid=texts.get(SOP_CLASS_UID) or "",
+            instance_number=_as_int(texts.get(INSTANCE_NUMBER)),
+            load_dataset=load_dataset,
+        )
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        return self.load_dataset()
+
+    @cached_property
+    def study_fields(self) -> dict[str, object]:
+        ds = self.dataset
+        return {
+            "study_description": _as_text(ds.get("StudyDescription")),
+            "study_date": _as_text(ds.get("StudyDate")),
+        }
+
+    @cached_property
+    def series_fields(self) -> dict[str, object]:
+        """What routing rules match on, besides the calling and called AE."""
+        ds = self.dataset
+        return {
+            "modality": _as_text(ds.get("Modality")),
+            "sop_class_uid": self.sop_class_uid,
+            "body_part_examined": _as_text(ds.get("BodyPartExamined")),
+            "series_description": _as_text(ds.get("SeriesDescription")),
+            "protocol_name": _as_text(ds.get("ProtocolName")),
+            "image_type": _as_text(ds.get("ImageType")),
+            "slice_thickness": _as_float(ds.get("SliceThickness")),
+            "convolution_kernel": _as_text(ds.get("ConvolutionKernel")),
+            "manufacturer": _as_text(ds.get("Manufacturer")),
+            "series_number": _as_int(ds.get("SeriesNumber")),
+        }
+
+
+def read_metadata(encoded: bytes, transfer_syntax: UID) -> InstanceMetadata:
+    """What the catalog needs of an instance; raises if its dataset cannot be parsed.
+
+    `scan_dataset` reads it from a whole little-endian stream without building a dataset;
+    pydicom parses it only when a series is created, or judges a stream the scan refused.
+    """
+    if transfer_syntax.is_deflated:
+        encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
+    if transfer_syntax.is_little_endian:
+        try:
+            values = scan_dataset(encoded, transfer_syntax.is_implicit_VR, HOT_TAGS)
+        except ValueError:
+            pass
+        else:
+            return InstanceMetadata.from_raw(
+                values, lambda: _parse_for_series(encoded, transfer_syntax)
+            )
+    return InstanceMetadata.from_dataset(parse(encoded, transfer_syntax))
+
+
+def _parse_for_series(inflated: bytes, transfer_syntax: UID) -> Dataset:
+    """The dataset whose attributes describe a new series; empty (and logged) in the unlikely
+    case that pydicom refuses a stream the scan accepted: the instance is stored regardless."""
+    try:
+        return parse(inflated, transfer_syntax)
+    except Exception as exc:  # pydicom raises many types on malformed input
+        log.warning("series attributes unreadable, left empty: %s", exc)
+        return Dataset()
+
+
+def parse(inflated: bytes, transfer_syntax: UID) -> Dataset:
+    """The dataset as sent (deflate undone), its values left raw; ValueError if it was cut
+    short."""
+    dataset = read_dataset(
+        BytesIO(inflated), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+    )
+    _check_truncation(dataset, len(inflated))
+    return dataset
+
+
+def _check_truncation(dataset: Dataset, size: int) -> None:
+    """Raise ValueError if the last element's value or header was cut short.
+
+    pydicom reads a short value or a partial trailing header without complaint; a sender that
+    dropped bytes must not get a success status. Elements are read in stream order, so a
+    stream cut short ends inside the last element read: only that one needs checking.
+    """
+    if not len(dataset):
+        return
+    tag = next(reversed(dataset.keys()))
+    element = dataset.get_item(tag)
+    if not isinstance(element, RawDataElement) or element.length == UNDEFINED_LENGTH:
+        return
+    if element.value is not None and len(element.value) != element.length:
+        raise ValueError(
+            f"element {tag} is truncated ({len(element.value)} of {element.length} bytes)"
+        )
+    end = element.value_tell + element.length
+    if end < size:
+        raise ValueError(f"{size - end} bytes after the last element")
+
+
+def _raw_text(ds: Dataset, tag: int) -> str | None:
+    """A UI or IS value as text, straight from its raw bytes (both are ASCII in every
+    character set, so pydicom's conversion and validation can be skipped)."""
+    element = ds.get_item(tag)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        return _ascii(value)
+    return None if value is None else str(value).strip("\0 ")
+
+
+def _ascii(value: bytes) -> str:
+    return value.decode("ascii", "replace").strip("\0 ")
+
+
+def _as_text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.strip() or None
+
+
+def _as_float(value: object) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_int(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
