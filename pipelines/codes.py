@@ -1,4 +1,5 @@
-"""Every coded concept the pipelines report, in one place (SNOMED CT, DICOM, UCUM).
+"""Every coded concept the node reports, in one place: what the pipelines find and measure,
+and what the SR, SEG and key images are built with (SNOMED CT, DICOM, LOINC, UMLS, UCUM).
 
 A private scheme (`99AINODE`) is used only where no standard code exists.
 """
@@ -6,6 +7,8 @@ A private scheme (`99AINODE`) is used only where no standard code exists.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from pydicom.sr.coding import Code as DicomCode
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,10 @@ class Code:
 
     def as_json(self) -> dict[str, str]:
         return {"value": self.value, "scheme": self.scheme, "meaning": self.meaning}
+
+    def as_dicom(self) -> DicomCode:
+        """As pydicom and highdicom take a coded concept."""
+        return DicomCode(self.value, self.scheme, self.meaning)
 
 
 def sct(value: str, meaning: str) -> Code:
@@ -53,6 +60,7 @@ LAA950 = private("LAA950", "Lung volume below -950 HU")
 HIGH_ATTENUATION = private("HAA", "Lung volume from -700 to -100 HU, vessels excluded")
 
 # Units (UCUM)
+NO_UNITS = Code("1", "UCUM", "no units")
 MILLILITER = Code("mL", "UCUM", "milliliter")
 HOUNSFIELD_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 PERCENT = Code("%", "UCUM", "Percent")
@@ -91,3 +99,22 @@ COVID_19 = sct("840539006", "COVID-19")  # the full meaning exceeds LO (64)
 COMMUNITY_ACQUIRED_PNEUMONIA = sct("385093006", "Community acquired pneumonia")
 NORMAL = sct("17621005", "Normal")
 CUBIC_MILLIMETER = Code("mm3", "UCUM", "cubic millimeter")
+
+# Scan geometry (echo)
+SLICES = private("SLICES", "Number of slices")
+SLICE_SPACING = private("SLICESPACING", "Slice spacing")
+EXTENT = private("EXTENT", "Scan length along the slice normal")
+
+# Detections (TID 1410 rows)
+LONG_AXIS = sct("103339001", "Long Axis")
+PROBABILITY = dcm("122157", "Probability")
+
+# Report structure (TID 1500, its observer and equipment)
+CT_CHEST = Code("24627-2", "LN", "CT Chest")
+IMAGING_MEASUREMENTS = dcm("126010", "Imaging Measurements")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+PRESENT = sct("52101004", "Present")
+ABSENT = sct("272519000", "Absent")
+DEVICE_OBSERVER = dcm("121007", "Device")
+ARTIFICIAL_INTELLIGENCE = dcm("123110", "Artificial Intelligence")
+PROCESSING_EQUIPMENT = dcm("109102", "Processing Equipment")

@@ -8,11 +8,6 @@ from pipelines.base import Requirements, Stage
 from pipelines.result import Measurement, PipelineResult, Region
 from pipelines.volume import Volume
 
-SLICES = codes.private("SLICES", "Number of slices")
-SLICE_SPACING = codes.private("SLICESPACING", "Slice spacing")
-EXTENT = codes.private("EXTENT", "Scan length along the slice normal")
-NO_UNIT = codes.Code("1", "UCUM", "no units")
-
 
 class EchoPipeline:
     name = "echo"
@@ -26,9 +21,9 @@ class EchoPipeline:
         slices = volume.voxels.shape[0]
         spacing = volume.spacing[0]
         geometry = (
-            Measurement(SLICES, float(slices), NO_UNIT),
-            Measurement(SLICE_SPACING, round(spacing, 3), codes.MILLIMETER),
-            Measurement(EXTENT, round(spacing * (slices - 1), 3), codes.MILLIMETER),
+            Measurement(codes.SLICES, float(slices), codes.NO_UNITS),
+            Measurement(codes.SLICE_SPACING, round(spacing, 3), codes.MILLIMETER),
+            Measurement(codes.EXTENT, round(spacing * (slices - 1), 3), codes.MILLIMETER),
         )
         return PipelineResult(
             self.name, self.version, regions=[Region("Scan", codes.CHEST, geometry)]

@@ -165,6 +165,10 @@ class PipelineResult:
     def mask(self, label: str) -> Mask:
         return next(m for m in self.masks if m.segment.label == label)
 
+    def segment_number(self, label: str) -> int:
+        """The SEG segment number of a mask (1-based, in result order)."""
+        return next(n for n, m in enumerate(self.masks, start=1) if m.segment.label == label)
+
     def region_mask(self, region: Region) -> np.ndarray | None:
         """The voxels of a region: its segment's mask, or the union of the masks it spans."""
         labels = (region.segment,) if region.segment else region.spans

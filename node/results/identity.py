@@ -7,8 +7,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+
+from pipelines import codes
 
 MANUFACTURER = "ainode"
 NOT_FOR_DIAGNOSIS = "Research use only, not for diagnostic use"
@@ -54,13 +55,15 @@ class ResultIdentity:
 
     def algorithm(self) -> hd.AlgorithmIdentificationSequence:
         return hd.AlgorithmIdentificationSequence(
-            name=self.pipeline, version=self.version, family=codes.cid7162.ArtificialIntelligence
+            name=self.pipeline,
+            version=self.version,
+            family=codes.ARTIFICIAL_INTELLIGENCE.as_dicom(),
         )
 
     def contributing_equipment(self) -> hd.ContributingEquipment:
         return hd.ContributingEquipment(
             manufacturer=MANUFACTURER,
-            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            purpose_of_reference=codes.PROCESSING_EQUIPMENT.as_dicom(),
             manufacturer_model_name=self.pipeline,
             software_versions=self.version,
             station_name=self.station,

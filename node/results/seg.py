@@ -5,27 +5,16 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code as DicomCode
 
 from node.results.identity import MANUFACTURER, NOT_FOR_DIAGNOSIS, ResultIdentity
-from pipelines.codes import Code
 from pipelines.result import Mask, PipelineResult
 from pipelines.volume import Volume
 
 SEG_SERIES_NUMBER = 9001
 
 
-def dicom_code(code: Code) -> DicomCode:
-    return DicomCode(code.value, code.scheme, code.meaning)
-
-
 def cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
     return hd.color.CIELabColor.from_rgb(*rgb)
-
-
-def segment_numbers(result: PipelineResult) -> dict[str, int]:
-    """Segment number of each mask, by segment label (1-based, in result order)."""
-    return {mask.segment.label: number for number, mask in enumerate(result.masks, start=1)}
 
 
 def build_segmentation(
@@ -38,14 +27,14 @@ def build_segmentation(
         hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=mask.segment.label,
-            segmented_property_category=dicom_code(mask.segment.category),
-            segmented_property_type=dicom_code(mask.segment.type),
+            segmented_property_category=mask.segment.category.as_dicom(),
+            segmented_property_type=mask.segment.type.as_dicom(),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identity.algorithm(),
             tracking_uid=identity.uid(f"segment-{number}"),
             tracking_id=mask.segment.label,
             anatomic_regions=(
-                [dicom_code(mask.segment.anatomic_region)] if mask.segment.anatomic_region else None
+                [mask.segment.anatomic_region.as_dicom()] if mask.segment.anatomic_region else None
             ),
             display_color=cielab(mask.segment.color_rgb),
         )

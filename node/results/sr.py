@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code as DicomCode
 
 from node.results.identity import MANUFACTURER, ResultIdentity
 from node.results.outline import Outline, detection_box, representative_outline, source_of
-from node.results.seg import dicom_code, segment_numbers
-from pipelines.codes import MILLIMETER
+from pipelines import codes
 from pipelines.result import Detection, Finding, PipelineResult, Region
 from pipelines.volume import Volume
 
 SR_SERIES_NUMBER = 9002
-CT_CHEST = DicomCode("24627-2", "LN", "CT Chest")
-PROBABILITY = DicomCode("122157", "DCM", "Probability")
-QUALITATIVE_EVALUATIONS = DicomCode("C0034375", "UMLS", "Qualitative Evaluations")
-NO_UNITS = DicomCode("1", "UCUM", "no units")
 
 Group = (
     hd.sr.MeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
-LONG_AXIS = DicomCode("103339001", "SCT", "Long Axis")
 
 
 def build_report(
@@ -35,7 +27,7 @@ def build_report(
     identity: ResultIdentity,
 ) -> hd.sr.Comprehensive3DSR:
     device = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
+        observer_type=codes.DEVICE_OBSERVER.as_dicom(),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=identity.uid("device"),
             name=identity.station,
@@ -50,19 +42,13 @@ def build_report(
         _detection_group(number, detection, result, volume, segmentation, identity)
         for number, detection in enumerate(result.detections, start=1)
     ]
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device),
-        procedure_reported=CT_CHEST,
-        imaging_measurements=groups or [_tracking_only(identity)],
-        referenced_images=sources,
+    report = measurement_report(
+        hd.sr.ObservationContext(observer_device_context=device),
+        groups,
+        result.findings,
+        sources,
+        _tracking_only(identity),
     )
-    root = report[0]
-    if not groups:  # highdicom wants a group; TID 1500 does not (row 6 is optional)
-        root.ContentSequence = [
-            item for item in root.ContentSequence if item.name != codes.DCM.ImagingMeasurements
-        ]
-    if result.findings:
-        root.ContentSequence.append(_qualitative_evaluations(result.findings))
     evidence = [*sources, _reference(segmentation)] if segmentation is not None else sources
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -76,6 +62,39 @@ def build_report(
         series_description=identity.series_description,
         contributing_equipment=[identity.contributing_equipment()],
     )
+
+
+def measurement_report(
+    context: hd.sr.ObservationContext,
+    groups: list[Group],
+    findings: list[Finding],
+    sources: list[Dataset],
+    placeholder: Group,
+) -> hd.sr.MeasurementReport:
+    """TID 1500 by highdicom's MeasurementReport, plus the two things highdicom (0.28) cannot
+    express and TID 1500 allows: no Imaging Measurements container at all (a classifier's
+    report has no group), and a Qualitative Evaluations container (whole-scan findings).
+
+    Without groups, highdicom builds the report around `placeholder` and its container is left
+    out; the root's content is then rebuilt as a highdicom ContentSequence, which validates
+    each item. `tests/node/results/test_sr.py` pins highdicom's behaviour: when it accepts no
+    groups or takes evaluations, this helper goes.
+    """
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=codes.CT_CHEST.as_dicom(),
+        imaging_measurements=groups or [placeholder],
+        referenced_images=sources,
+    )
+    if groups and not findings:
+        return report
+    root = report[0]
+    measurements = codes.IMAGING_MEASUREMENTS.as_dicom()
+    items = [item for item in root.ContentSequence if groups or item.name != measurements]
+    if findings:
+        items.append(_qualitative_evaluations(findings))
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    return report
 
 
 def _tracking(identity: ResultIdentity, name: str) -> hd.sr.TrackingIdentifier:
@@ -101,21 +120,21 @@ def _region_group(
     mask = result.region_mask(region)
     outline = representative_outline(mask) if mask is not None else None
     first = hd.sr.Measurement(
-        name=dicom_code(region.measurements[0].concept),
+        name=region.measurements[0].concept.as_dicom(),
         value=region.measurements[0].value,
-        unit=dicom_code(region.measurements[0].unit),
+        unit=region.measurements[0].unit.as_dicom(),
         referenced_coordinates=_coordinates(outline, volume),
         referenced_images=_segment_frames(region, result, segmentation),
     )
     rest = [
-        hd.sr.Measurement(name=dicom_code(m.concept), value=m.value, unit=dicom_code(m.unit))
+        hd.sr.Measurement(name=m.concept.as_dicom(), value=m.value, unit=m.unit.as_dicom())
         for m in region.measurements[1:]
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(identity, region.name),
-        finding_type=dicom_code(region.finding_site),
+        finding_type=region.finding_site.as_dicom(),
         algorithm_id=_algorithm(identity),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=dicom_code(region.finding_site))],
+        finding_sites=[hd.sr.FindingSite(anatomic_location=region.finding_site.as_dicom())],
         measurements=[first, *rest],
     )
 
@@ -126,8 +145,8 @@ def _segment_frames(
     """The SEG frames of the segments a region is measured on."""
     if segmentation is None:
         return None
-    numbers = segment_numbers(result)
-    wanted = {numbers[label] for label in ((region.segment,) if region.segment else region.spans)}
+    labels = (region.segment,) if region.segment else region.spans
+    wanted = {result.segment_number(label) for label in labels}
     return _frames_of(segmentation, wanted)
 
 
@@ -179,25 +198,26 @@ def _qualitative_evaluations(findings: list[Finding]) -> hd.sr.ContainerContentI
 
     Not measurement groups: a finding of the whole scan has no place on an image, and OHIF
     (3.13) fails to open a report with a group that has no spatial coordinates."""
-    container = hd.sr.ContainerContentItem(
-        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    container.ContentSequence = []
+    evaluations = []
     for finding in findings:
         item = hd.sr.CodeContentItem(
-            name=dicom_code(finding.concept),
-            value=codes.SCT.Present if finding.present else codes.SCT.Absent,
+            name=finding.concept.as_dicom(),
+            value=(codes.PRESENT if finding.present else codes.ABSENT).as_dicom(),
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
-        item.ContentSequence = [
-            hd.sr.NumContentItem(
-                name=PROBABILITY,
-                value=round(finding.probability, 4),
-                unit=NO_UNITS,
-                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
-            )
-        ]
-        container.ContentSequence.append(item)
+        probability = hd.sr.NumContentItem(
+            name=codes.PROBABILITY.as_dicom(),
+            value=round(finding.probability, 4),
+            unit=codes.NO_UNITS.as_dicom(),
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+        )
+        item.ContentSequence = hd.sr.ContentSequence([probability])
+        evaluations.append(item)
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS.as_dicom(),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(evaluations)
     return container
 
 
@@ -230,15 +250,15 @@ def _detection_group(
         ),
     )
     frames = (
-        _frames_of(segmentation, {segment_numbers(result)[detection.segment]})
+        _frames_of(segmentation, {result.segment_number(detection.segment)})
         if detection.segment
         else None
     )
     extra = [
         hd.sr.Measurement(
-            name=dicom_code(m.concept),
+            name=m.concept.as_dicom(),
             value=m.value,
-            unit=dicom_code(m.unit),
+            unit=m.unit.as_dicom(),
             referenced_images=frames if index == 0 else None,
         )
         for index, m in enumerate(detection.measurements)
@@ -247,14 +267,20 @@ def _detection_group(
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(identity, f"{detection.label.meaning} {number}"),
         referenced_region=region,
-        finding_type=dicom_code(detection.label),
+        finding_type=detection.label.as_dicom(),
         algorithm_id=_algorithm(identity),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=dicom_code(site))] if site else None,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=site.as_dicom())] if site else None,
         measurements=[
             hd.sr.Measurement(
-                name=LONG_AXIS, value=round(box.long_axis_mm, 1), unit=dicom_code(MILLIMETER)
+                name=codes.LONG_AXIS.as_dicom(),
+                value=round(box.long_axis_mm, 1),
+                unit=codes.MILLIMETER.as_dicom(),
             ),
-            hd.sr.Measurement(name=PROBABILITY, value=round(detection.score, 4), unit=NO_UNITS),
+            hd.sr.Measurement(
+                name=codes.PROBABILITY.as_dicom(),
+                value=round(detection.score, 4),
+                unit=codes.NO_UNITS.as_dicom(),
+            ),
             *extra,
         ],
     )

@@ -14,8 +14,8 @@ import pydicom
 import pytest
 import torch
 
+from tests.dicom_checks import dciodvfy_errors, qualitative_evaluations
 from tests.e2e.test_results_to_pacs import (
-    dciodvfy_errors,
     series_by_modality,
     upload_and_send,
 )
@@ -26,7 +26,6 @@ from tests.models import (
     densenet_findings_bundle,
     fixed_classifier,
 )
-from tests.node.results.test_encode import qualitative_evaluations
 from tests.peers import OrthancServer, wait_until
 
 PIPELINES = ("covid-triage", "thoracic-findings", "nodule-detection", "ct-embedding")

@@ -13,6 +13,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
+from tests.dicom_checks import dciodvfy_errors
 from tests.e2e.test_routing import uid_of
 from tests.peers import NodeProcess, OrthancServer, free_port, storescu, wait_until
 
@@ -70,13 +71,6 @@ def instance_file(orthanc: OrthancServer, series: dict, folder: Path) -> Path:
     path = folder / f"{instance}.dcm"
     path.write_bytes(orthanc.get(f"/instances/{instance}/file"))
     return path
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    report = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
-    return [
-        line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")
-    ]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from node.routing.rules import Priority
 from node.storage import InstanceStore
 from node.worker import Worker
 from pipelines.base import BadInput, Requirements
-from pipelines.echo import EXTENT, SLICES
+from pipelines.codes import EXTENT, SLICES
 from pipelines.registry import build_pipelines
 from pipelines.volume import Volume
 

@@ -1,0 +1,41 @@
+"""What a reader of the node's objects checks: dciodvfy (dicom3tools) finds no error, and
+what an SR's Qualitative Evaluations say."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    report = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+    output = report.stdout + report.stderr
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+def validate(path: Path) -> None:
+    """Fail on any dciodvfy error; skip where dicom3tools is not installed."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    errors = dciodvfy_errors(path)
+    assert not errors, "\n".join(errors)
+
+
+def qualitative_evaluations(report: hd.sr.Comprehensive3DSR) -> dict[str, tuple[str, float]]:
+    """TID 1500's Qualitative Evaluations: finding -> (Present or Absent, probability)."""
+    (container,) = [
+        item
+        for item in report.content[0].ContentSequence
+        if item.name.meaning == "Qualitative Evaluations"
+    ]
+    return {
+        item.name.meaning: (
+            item.value.meaning,
+            float(item.ContentSequence[0].MeasuredValueSequence[0].NumericValue),
+        )
+        for item in container.ContentSequence
+    }
