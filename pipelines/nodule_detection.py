@@ -21,10 +21,10 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.bundle import ConfigParser
 
 from pipelines import codes
+from pipelines.anatomy.lungs import segment_lungs
 from pipelines.base import BadInput, Requirements, Stage, StageTimer
 from pipelines.detection_network import MONAI_EXTRACTOR, OUR_EXTRACTOR
 from pipelines.device import inference_mode
-from pipelines.lung_quant import segment_lungs
 from pipelines.model_pipeline import ModelPipeline
 from pipelines.models import LoadedModel
 from pipelines.preprocessing import LPS_TO_RAS, strip_io
@@ -152,11 +152,10 @@ class NoduleDetectionPipeline(ModelPipeline):
         except BadInput as exc:
             log.info("%s: no lung masks for the nodules' side: %s", self.name, exc)
             return [None] * len(boxes)
-        inverse = np.linalg.inv(volume.affine)
         last = np.array(volume.voxels.shape) - 1
         sides: list[codes.Code | None] = []
         for low, high in boxes:
-            index = np.round(inverse @ np.append((low + high) / 2, 1.0))[:3].astype(int)
+            index = np.round(volume.to_voxel((low + high) / 2)).astype(int)
             sides.append(_nearest_lung(np.clip(index, 0, last), left, right))
         return sides
 
@@ -172,16 +171,7 @@ def patient_box(box: np.ndarray, ras_affine: np.ndarray) -> tuple[np.ndarray, np
 
 def nodule_mask(volume: Volume, low: np.ndarray, high: np.ndarray, solid_hu: float) -> np.ndarray:
     """Voxels inside the ellipsoid inscribed in the box that are denser than `solid_hu`."""
-    inverse = np.linalg.inv(volume.affine)
-    corners = np.array(
-        [
-            [x, y, z, 1.0]
-            for x in (low[0], high[0])
-            for y in (low[1], high[1])
-            for z in (low[2], high[2])
-        ]
-    )
-    indices = (inverse @ corners.T).T[:, :3]
+    indices = volume.box_corners(low, high)
     shape = np.array(volume.voxels.shape)
     start = np.clip(np.floor(indices.min(axis=0)).astype(int), 0, shape)
     stop = np.clip(np.ceil(indices.max(axis=0)).astype(int) + 1, 0, shape)
@@ -192,7 +182,7 @@ def nodule_mask(volume: Volume, low: np.ndarray, high: np.ndarray, solid_hu: flo
         np.meshgrid(*(np.arange(a, b) for a, b in zip(start, stop, strict=True)), indexing="ij"),
         axis=-1,
     )
-    points = grid @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+    points = volume.to_patient(grid)
     center, radii = (low + high) / 2, np.maximum((high - low) / 2, 1e-3)
     inside = (((points - center) / radii) ** 2).sum(axis=-1) <= 1.0
     region = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))

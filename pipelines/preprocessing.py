@@ -20,8 +20,8 @@ from monai.transforms import (
     Spacingd,
 )
 
+from pipelines.anatomy.lungs import segment_lungs
 from pipelines.base import BadInput
-from pipelines.lung_quant import segment_lungs
 from pipelines.settings import PreprocessingSettings
 from pipelines.volume import Volume
 

@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 import pydicom
+from numpy.typing import ArrayLike
 from pydicom.dataset import Dataset
 
 from pipelines.base import BadInput, Requirements
@@ -106,9 +107,23 @@ class Volume:
     def voxel_volume_ml(self) -> float:
         return math.prod(self.spacing) / 1000.0
 
-    def to_patient(self, index: Sequence[float]) -> np.ndarray:
-        """Voxel (slice, row, column) to patient LPS coordinates in mm."""
-        return (self.affine @ np.append(np.asarray(index, dtype=float), 1.0))[:3]
+    def to_patient(self, index: ArrayLike) -> np.ndarray:
+        """Voxel indices (slice, row, column), shape (..., 3), to patient LPS coordinates in
+        mm, same shape."""
+        return np.asarray(index, dtype=float) @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def to_voxel(self, point: ArrayLike) -> np.ndarray:
+        """Patient LPS coordinates in mm, shape (..., 3), to continuous voxel indices (slice,
+        row, column), same shape: the inverse of `to_patient`."""
+        inverse = np.linalg.inv(self.affine)
+        return np.asarray(point, dtype=float) @ inverse[:3, :3].T + inverse[:3, 3]
+
+    def box_corners(self, low: ArrayLike, high: ArrayLike) -> np.ndarray:
+        """The eight corners of a patient-space box (LPS mm, min and max corners) as
+        continuous voxel indices, shape (8, 3)."""
+        (x0, y0, z0), (x1, y1, z1) = np.asarray(low, float), np.asarray(high, float)
+        corners = [[x, y, z] for x in (x0, x1) for y in (y0, y1) for z in (z0, z1)]
+        return self.to_voxel(corners)
 
 
 def load_volume(

@@ -60,16 +60,7 @@ class DetectionBox:
 
 def detection_box(detection: Detection, volume: Volume) -> DetectionBox:
     """A patient-space box as a rectangle on the source slice through its centre."""
-    low, high = np.asarray(detection.box_min), np.asarray(detection.box_max)
-    corners = np.array(
-        [
-            [x, y, z, 1.0]
-            for x in (low[0], high[0])
-            for y in (low[1], high[1])
-            for z in (low[2], high[2])
-        ]
-    )
-    indices = (np.linalg.inv(volume.affine) @ corners.T).T[:, :3]  # (slice, row, column)
+    indices = volume.box_corners(detection.box_min, detection.box_max)  # (slice, row, column)
     last = volume.voxels.shape[0] - 1
     slice_index = int(np.clip(round(float(indices[:, 0].mean())), 0, last))
     row0, row1 = indices[:, 1].min(), indices[:, 1].max()

@@ -149,7 +149,7 @@ def test_a_ball_inserted_in_a_real_scan_is_found_where_it_was_put(bundle: Path, 
     middle of its right lung: a detection lands on it, on its side."""
     import torch
 
-    from pipelines.lung_quant import segment_lungs
+    from pipelines.anatomy.lungs import segment_lungs
 
     volume = load_volume(real_series["normal"])
     _, right = segment_lungs(torch.from_numpy(volume.voxels), volume)

@@ -41,6 +41,20 @@ def test_a_rotated_descending_stack_lands_in_patient_space(tmp_path: Path) -> No
     assert volume.to_patient(center) == pytest.approx((0.0, 2.0, -5.0), abs=1.0)
 
 
+def test_patient_and_voxel_coordinates_convert_both_ways(tmp_path: Path) -> None:
+    geometry = Geometry(orientation=(0, 1, 0, 0, 0, -1), origin=(40.0, -20.0, 30.0))
+    volume = load_volume(write_series(tmp_path, geometry, BALL))
+    indices = np.array([[0, 0, 0], [3, 7, 11], [5.5, 2.25, 9.0]])
+    points = volume.to_patient(indices)
+    assert points.shape == (3, 3)
+    assert volume.to_voxel(points) == pytest.approx(indices)
+    assert volume.to_patient(indices[1]) == pytest.approx(points[1])
+    corners = volume.box_corners(points.min(axis=0), points.max(axis=0))
+    assert corners.shape == (8, 3)
+    assert corners.min(axis=0) == pytest.approx(indices.min(axis=0))
+    assert corners.max(axis=0) == pytest.approx(indices.max(axis=0))
+
+
 def test_rescale_slope_and_intercept_give_hounsfield_units(tmp_path: Path) -> None:
     files = write_series(tmp_path, Geometry(), BALL, slope=0.5, intercept=-1000.0)
     volume = load_volume(files)
