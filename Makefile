@@ -1,14 +1,18 @@
-.PHONY: install test lint bench eval
+.PHONY: install test test-fast lint bench eval
 
 install:
 	deploy/install.sh
 
 test:
-	deploy/install.sh --test && .venv/bin/python -m pytest -q
+	deploy/install.sh --test && .venv/bin/python -m pytest -q -n auto
+
+test-fast:
+	.venv/bin/python -m pytest -q -m "not slow" -n auto
 
 lint:
 	.venv/bin/ruff check node pipelines tests bench
 	.venv/bin/ruff format --check node pipelines tests bench
+	.venv/bin/python -m mypy
 
 bench:
 	.venv/bin/python bench/ingest.py

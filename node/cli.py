@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,6 +12,7 @@ from node.config import ConfigError, Settings, load_settings
 from node.logs import configure_logging
 
 if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads no torch
+    from rich.progress import Progress, TaskID
     from sqlalchemy import Engine
 
     from node.queue import JobQueue
@@ -251,10 +253,8 @@ def run(
                 files,
                 output,
                 settings.volume.options(),
-                lambda done, total, task=task: progress.update(task, completed=done, total=total),
-                lambda name, task=task, uid=uid: progress.update(
-                    task, description=f"{uid[-24:]} {name}"
-                ),
+                partial(_decoded, progress, task),
+                partial(_staged, progress, task, uid),
                 settings.node.ae_title,
             )
             progress.remove_task(task)
@@ -380,6 +380,14 @@ def similar(
         typer.echo("no other series has an embedding yet")
     for f in found:
         typer.echo(f"{f.similarity:.4f}  {f.series_instance_uid}  {f.series_description or ''}")
+
+
+def _decoded(progress: Progress, task: TaskID, done: int, total: int) -> None:
+    progress.update(task, completed=done, total=total)
+
+
+def _staged(progress: Progress, task: TaskID, series_uid: str, stage: str) -> None:
+    progress.update(task, description=f"{series_uid[-24:]} {stage}")
 
 
 def _engine(settings: Settings) -> Engine:

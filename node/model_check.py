@@ -40,6 +40,7 @@ def model_reports(
         source = pipeline.source if isinstance(pipeline, ModelPipeline) else None
         if source is None and settings.model is None:
             continue
+        problem: str | None
         try:
             device = str(resolve_device(settings.device))
         except RuntimeError as exc:
@@ -55,7 +56,7 @@ def model_reports(
             device=device,
             problem=problem,
         )
-        if verify and source is not None and problem is None:
+        if verify and isinstance(pipeline, ModelPipeline) and problem is None:
             _verify(report, pipeline)
         reports.append(report)
     return reports

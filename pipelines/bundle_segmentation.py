@@ -8,6 +8,9 @@ inverted back onto the series' own grid, so masks line up with the source slices
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from typing import Any
+
 import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
@@ -64,7 +67,7 @@ class BundleSegmentationPipeline(ModelPipeline):
         self,
         volume: Volume,
         model: LoadedModel,
-        data: dict,
+        data: dict[str, Any],
         prediction: torch.Tensor,
         preprocessing: Compose,
         postprocessing: Compose | None,
@@ -77,8 +80,9 @@ class BundleSegmentationPipeline(ModelPipeline):
         labels = _label_map(data["pred"], activated=postprocessing is not None)
         if not _has_inverse(model):
             data["pred"] = labels
-            data = Invertd("pred", preprocessing, "image", nearest_interp=True)(data)
-            labels = data["pred"]
+            invert = Invertd("pred", preprocessing, "image", nearest_interp=True)
+            keyed: dict[Hashable, Any] = {key: value for key, value in data.items()}
+            labels = invert(keyed)["pred"]
         label_volume = np.asarray(labels)[0].transpose(2, 1, 0).round().astype(np.int32)
         if label_volume.shape != volume.voxels.shape:
             raise RuntimeError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.transforms import CropForegroundd
+from monai.transforms import CropForeground
 
 from pipelines.base import Requirements, Stage, StageTimer
 from pipelines.device import inference_mode
@@ -40,10 +40,10 @@ class CTEmbeddingPipeline(ModelPipeline):
         with timed("model", "load model"):
             model = self.model(device)
         with timed("preprocessing", "preprocess"):
-            data = self.preprocess(volume, model)
+            image = self.preprocess(volume, model)["image"]
             if model.bundle is None:
-                data = CropForegroundd("image", source_key="image")(data)
-            image = torch.as_tensor(data["image"])
+                image = CropForeground()(image)
+            image = torch.as_tensor(image)
         with timed("inference"), inference_mode(device):
             features = pooled_features(model.network(image[None].to(device)))
         vector = features.float().cpu().numpy().reshape(-1)

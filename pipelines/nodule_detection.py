@@ -13,6 +13,7 @@ and its side from lung-quant's lung masks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -97,8 +98,8 @@ class NoduleDetectionPipeline(ModelPipeline):
                 Detection(
                     codes.NODULE,
                     round(float(scores[i]), 4),
-                    tuple(round(float(v), 2) for v in low),
-                    tuple(round(float(v), 2) for v in high),
+                    _rounded_point(low),
+                    _rounded_point(high),
                     finding_site=side,
                     segment=label,
                     measurements=(Measurement(codes.VOLUME, volume_mm3, codes.CUBIC_MILLIMETER),),
@@ -190,6 +191,11 @@ def nodule_mask(volume: Volume, low: np.ndarray, high: np.ndarray, solid_hu: flo
     return mask
 
 
+def _rounded_point(point: np.ndarray) -> tuple[float, float, float]:
+    x, y, z = (round(float(v), 2) for v in point)
+    return x, y, z
+
+
 def nodule_segment(label: str) -> Segment:
     return Segment(
         label, codes.MORPHOLOGICALLY_ALTERED_STRUCTURE, codes.NODULE, codes.LUNG, NODULE_COLOR
@@ -207,8 +213,14 @@ def _nearest_lung(index: np.ndarray, left: np.ndarray, right: np.ndarray) -> cod
     return None
 
 
-def _size_divisible(model: LoadedModel, parser: ConfigParser | None) -> object:
+def _size_divisible(model: LoadedModel, parser: ConfigParser | None) -> int | Sequence[int]:
+    """What the network's input sizes must be multiples of (its own attribute, else the
+    bundle's network definition, else 1)."""
     divisible = getattr(model.network, "size_divisible", None)
     if divisible is None and parser is not None:
         divisible = parser.get().get("network_def", {}).get("size_divisible")
-    return divisible or 1
+    if isinstance(divisible, int):
+        return divisible
+    if isinstance(divisible, Sequence) and all(isinstance(v, int) for v in divisible):
+        return tuple(divisible)
+    return 1

@@ -57,7 +57,8 @@ def lung_box(volume: Volume, margin_mm: float) -> Box:
         present = np.flatnonzero(lungs.any(axis=other))
         margin = int(np.ceil(margin_mm / spacing))
         box.append(slice(max(0, present[0] - margin), present[-1] + 1 + margin))
-    return tuple(box)
+    slices, rows, columns = box
+    return slices, rows, columns
 
 
 def crop_box(volume: Volume, settings: PreprocessingSettings) -> Box | None:

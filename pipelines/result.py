@@ -113,7 +113,8 @@ class Detection:
 
     @property
     def center(self) -> tuple[float, float, float]:
-        return tuple((a + b) / 2 for a, b in zip(self.box_min, self.box_max, strict=True))
+        (x0, y0, z0), (x1, y1, z1) = self.box_min, self.box_max
+        return (x0 + x1) / 2, (y0 + y1) / 2, (z0 + z1) / 2
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -203,7 +204,5 @@ class PipelineResult:
         if self.embedding is not None:
             np.save(folder / EMBEDDING_FILE, self.embedding.astype(np.float32))
         if self.masks:
-            np.savez_compressed(
-                folder / MASKS_FILE,
-                **{m.segment.label: np.packbits(m.array, axis=-1) for m in self.masks},
-            )
+            packed = {m.segment.label: np.packbits(m.array, axis=-1) for m in self.masks}
+            np.savez_compressed(folder / MASKS_FILE, allow_pickle=False, **packed)

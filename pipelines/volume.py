@@ -101,7 +101,8 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (slice, row, column) in mm."""
-        return tuple(float(np.linalg.norm(self.affine[:3, axis])) for axis in range(3))
+        slices, rows, columns = (float(np.linalg.norm(self.affine[:3, axis])) for axis in range(3))
+        return slices, rows, columns
 
     @property
     def voxel_volume_ml(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -104,20 +105,22 @@ def ohif(orthanc, tmp_path: Path) -> Iterator[str]:
     cache = Path(os.environ.get("OHIF_CACHE", Path.home() / ".cache" / "ainode" / "ohif"))
     cache.mkdir(parents=True, exist_ok=True)
     workdir = tmp_path / "ohif"
-    started = subprocess.run(
-        [
-            str(TOOLS / "ohif-up"),
-            "-P",
-            "auto",
-            "--cache",
-            str(cache),
-            str(workdir),
-            orthanc.dicomweb_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with (cache / ".lock").open("w") as lock:  # test processes share the cache (pytest -n)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = subprocess.run(
+            [
+                str(TOOLS / "ohif-up"),
+                "-P",
+                "auto",
+                "--cache",
+                str(cache),
+                str(workdir),
+                orthanc.dicomweb_url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     if started.returncode != 0:
         pytest.skip(f"OHIF could not be served: {started.stderr[-500:]}")
     env = dict(

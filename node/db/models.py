@@ -65,7 +65,7 @@ class StateText(TypeDecorator[E]):
     def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
         return None if value is None else self.states(value).value
 
-    def process_result_value(self, value: object | None, dialect: Dialect) -> E | None:
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
         return None if value is None else self.states(value)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 
 class PreparedStatement:
@@ -28,6 +29,7 @@ class PreparedStatement:
         compiled = statement.compile(
             dialect=dialect, column_keys=list(column_keys) if column_keys else None
         )
+        assert isinstance(compiled, SQLCompiler)
         self.sql = compiled.string
         self._compiled = compiled
         self._accepted = frozenset(compiled.binds)
@@ -42,7 +44,7 @@ class PreparedStatement:
         """Run in `connection`'s transaction; the first row it returns, if any."""
         if not values.keys() <= self._accepted:
             raise KeyError(f"not parameters of this statement: {set(values) - self._accepted}")
-        params = self._compiled.construct_params(dict(values))
+        params = dict(self._compiled.construct_params(dict(values)))
         for name, process in self._processors.items():
             if name in params:
                 params[name] = process(params[name])

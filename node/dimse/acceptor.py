@@ -37,8 +37,8 @@ from pynetdicom.presentation import (
     build_context,
     negotiate_as_acceptor,
 )
-from pynetdicom.sop_class import Verification
 
+from node.dimse.status import VERIFICATION
 from node.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,11 @@ class Services(Protocol):
 
 def supported_contexts() -> list[PresentationContext]:
     """Verification and every Storage SOP class, in every transfer syntax pydicom knows."""
-    return [build_context(Verification, ALL_TRANSFER_SYNTAXES)] + [
-        build_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        for context in StoragePresentationContexts
+    storage = [context.abstract_syntax for context in StoragePresentationContexts]
+    return [
+        build_context(abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for abstract_syntax in (VERIFICATION, *storage)
+        if abstract_syntax is not None
     ]
 
 
@@ -261,12 +263,14 @@ class _Connection(socketserver.BaseRequestHandler):
         roles = {
             item.sop_class_uid: (item.scu_role, item.scp_role)
             for item in request.user_information
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
         }
         results, role_replies = negotiate_as_acceptor(
             request.presentation_context_definition_list, self.server.contexts, roles
         )
-        association.contexts = {cx.context_id: cx for cx in results if cx.result == 0}
+        association.contexts = {
+            cx.context_id: cx for cx in results if cx.result == 0 and cx.context_id is not None
+        }
         maximum = MaximumLengthNotification()
         maximum.maximum_length_received = self.server.max_pdu_size
         implementation = ImplementationClassUIDNotification()
@@ -350,9 +354,9 @@ class _Connection(socketserver.BaseRequestHandler):
     ) -> Reply:
         field_ = _as_us(command, 0x00000100)
         context = association.contexts[context_id]
-        if field_ == C_ECHO_RQ and context.abstract_syntax == Verification:
+        if field_ == C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
             return Reply(0x0000)
-        if field_ != C_STORE_RQ or context.abstract_syntax == Verification:
+        if field_ != C_STORE_RQ or context.abstract_syntax == VERIFICATION:
             return Reply(UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are served")
         if dataset is None:
             return Reply(0xC000, "C-STORE-RQ without a dataset")

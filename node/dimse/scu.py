@@ -11,9 +11,9 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, Association
-from pynetdicom.sop_class import Verification
 
 from node.config import Peer
+from node.dimse.status import VERIFICATION
 
 SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB007, 0xB006}
 
@@ -67,7 +67,7 @@ def echo(local_ae_title: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
     """Open an association to `peer`, send C-ECHO, release."""
     ae = AE(ae_title=local_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc, problem = _associate(ae, peer)
     if assoc is None:
         return EchoResult(False, None, problem)

@@ -1,4 +1,10 @@
-"""C-STORE response statuses the node answers (PS3.4 B.2.3, PS3.7 C)."""
+"""DIMSE constants the node uses: the SOP class it verifies with, and the C-STORE response
+statuses it answers (PS3.4 B.2.3, PS3.7 C)."""
+
+from pydicom.uid import UID
+
+VERIFICATION = UID("1.2.840.10008.1.1")
+"""The Verification SOP Class (C-ECHO)."""
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -163,7 +163,7 @@ def _check_truncation(dataset: Dataset, size: int) -> None:
     """
     if not len(dataset):
         return
-    tag = next(reversed(dataset.keys()))
+    tag = list(dataset.keys())[-1]
     element = dataset.get_item(tag)
     if not isinstance(element, RawDataElement) or element.length == UNDEFINED_LENGTH:
         return

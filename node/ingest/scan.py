@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Collection
+from typing import Any
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -87,7 +88,7 @@ def _skip_item(encoded: bytes, position: int, implicit_vr: bool) -> int:
             position = start + length
 
 
-def _unpack(layout: struct.Struct, encoded: bytes, position: int) -> tuple:
+def _unpack(layout: struct.Struct, encoded: bytes, position: int) -> tuple[Any, ...]:
     if position + layout.size > len(encoded):
         raise ValueError(f"stream ends inside an element header at byte {position}")
     return layout.unpack_from(encoded, position)

@@ -27,7 +27,7 @@ def build_report(
     identity: ResultIdentity,
 ) -> hd.sr.Comprehensive3DSR:
     device = hd.sr.ObserverContext(
-        observer_type=codes.DEVICE_OBSERVER.as_dicom(),
+        observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER.as_dicom()),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=identity.uid("device"),
             name=identity.station,

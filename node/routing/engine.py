@@ -8,8 +8,9 @@ rules apply only when no other series rule matched.
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from node.routing.rules import (
     Combination,
     Condition,
     Expression,
+    Operand,
+    Operator,
     Priority,
     Rule,
     RuleSet,
+    Scalar,
     SeriesSelection,
     Trigger,
 )
@@ -224,52 +228,65 @@ def _is_primary_axial(facts: SeriesFacts) -> bool:
     return "AXIAL" in image_type or not image_type
 
 
+COMPARISONS: dict[Operator, Callable[[float, float], bool]] = {
+    Operator.LT: operator.lt,
+    Operator.LE: operator.le,
+    Operator.GT: operator.gt,
+    Operator.GE: operator.ge,
+}
+
+
 def _test(condition: Condition, actual: object) -> bool:
     op, operand = condition.operator, condition.operand
-    if op == "exists":
+    if op is Operator.EXISTS:
         return _present(actual) is operand
-    if op == "missing":
+    if op is Operator.MISSING:
         return (not _present(actual)) is operand
     if not _present(actual):
         return False
-    if op in {"lt", "le", "gt", "ge", "between"}:
+    if op in COMPARISONS or op is Operator.BETWEEN:
         number = _number(actual)
         if number is None:
             return False
-        if op == "between":
-            low, high = operand  # type: ignore[misc]
-            return bool(low <= number <= high)
-        return {
-            "lt": number < operand,  # type: ignore[operator]
-            "le": number <= operand,  # type: ignore[operator]
-            "gt": number > operand,  # type: ignore[operator]
-            "ge": number >= operand,  # type: ignore[operator]
-        }[op]
-    fold = (lambda s: s) if condition.case_sensitive else str.casefold
-    if op == "regex":
+        if op is Operator.BETWEEN:
+            low, high = (_limit(bound) for bound in _options(operand))
+            return low <= number <= high
+        return COMPARISONS[op](number, _limit(operand))
+    fold: Callable[[str], str] = (lambda s: s) if condition.case_sensitive else str.casefold
+    if op is Operator.REGEX:
         flags = 0 if condition.case_sensitive else re.IGNORECASE
         return re.search(str(operand), _text(actual), flags) is not None
-    if op in {"contains", "not_contains"}:
+    if op in {Operator.CONTAINS, Operator.NOT_CONTAINS}:
         present = {fold(v) for v in _values(actual)}
-        wanted = {fold(str(v)) for v in operand}  # type: ignore[attr-defined]
-        return wanted <= present if op == "contains" else not (wanted & present)
-    if op == "one_of":
-        return any(_equal(actual, option, fold) for option in operand)  # type: ignore[attr-defined]
+        wanted = {fold(str(v)) for v in _options(operand)}
+        return wanted <= present if op is Operator.CONTAINS else not (wanted & present)
+    if op is Operator.ONE_OF:
+        return any(_equal(actual, option, fold) for option in _options(operand))
     return _equal(actual, operand, fold)
 
 
-def _equal(actual: object, expected: object, fold: object) -> bool:
+def _limit(operand: Operand) -> float:
+    """A comparison's number (the rules check made sure it is one)."""
+    if isinstance(operand, int | float):
+        return float(operand)
+    raise TypeError(f"not a number: {operand!r}")
+
+
+def _options(operand: Operand) -> tuple[Scalar, ...]:
+    return operand if isinstance(operand, tuple) else (operand,)
+
+
+def _equal(actual: object, expected: Operand, fold: Callable[[str], str]) -> bool:
     if isinstance(expected, int | float) and not isinstance(expected, bool):
         number = _number(actual)
         return number is not None and number == float(expected)
-    return fold(_text(actual)) == fold(str(expected))  # type: ignore[operator]
+    return fold(_text(actual)) == fold(str(expected))
 
 
 def _describe(condition: Condition) -> str:
     operand = condition.operand
-    if isinstance(operand, tuple):
-        operand = list(operand)
-    return f"{condition.attribute} {condition.operator} {operand!r}"
+    shown = list(operand) if isinstance(operand, tuple) else operand
+    return f"{condition.attribute} {condition.operator} {shown!r}"
 
 
 def _values(value: object) -> list[str]:

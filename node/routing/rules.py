@@ -35,22 +35,30 @@ from node.config import ORIGIN
 
 CONTEXT_KEYS = frozenset({"calling_ae", "called_ae", "instance_count"})
 COMBINATORS = frozenset({"all", "any", "not"})
-OPERATORS = frozenset(
-    {
-        "equals",
-        "one_of",
-        "regex",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "between",
-        "exists",
-        "missing",
-        "contains",
-        "not_contains",
-    }
-)
+
+
+class Operator(enum.StrEnum):
+    """How a condition tests an attribute."""
+
+    EQUALS = "equals"
+    ONE_OF = "one_of"
+    REGEX = "regex"
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    BETWEEN = "between"
+    EXISTS = "exists"
+    MISSING = "missing"
+    CONTAINS = "contains"
+    NOT_CONTAINS = "not_contains"
+
+
+OPERATORS = frozenset(Operator)
+Scalar = str | int | float | bool | None
+Operand = Scalar | tuple[Scalar, ...]
+"""A number (lt le gt ge), (low, high) (between), a pattern (regex), a flag (exists missing),
+values (one_of contains not_contains) or a value (equals)."""
 RULE_KEYS = frozenset(
     {
         "name",
@@ -87,8 +95,8 @@ class Condition:
     """One test of one attribute: `operator` applied to `operand`."""
 
     attribute: str
-    operator: str
-    operand: object
+    operator: Operator
+    operand: Operand
     case_sensitive: bool = False
     line: int = 0
 
@@ -294,9 +302,9 @@ class _Parser:
     def condition(self, attribute: str, node: yaml.Node) -> Expression | None:
         line = node.start_mark.line + 1
         if isinstance(node, yaml.ScalarNode):
-            return Condition(attribute, "equals", _scalar(node), line=line)
+            return Condition(attribute, Operator.EQUALS, _scalar(node), line=line)
         if isinstance(node, yaml.SequenceNode):
-            return Condition(attribute, "one_of", self.scalars(node), line=line)
+            return Condition(attribute, Operator.ONE_OF, tuple(self.scalars(node)), line=line)
         ops = {str(k.value): (k, v) for k, v in node.value}
         case_node = ops.pop("case_sensitive", None)
         case_sensitive = bool(self.boolean(case_node[1])) if case_node else False
@@ -306,18 +314,19 @@ class _Parser:
                 self.problem(key, f"unknown operator {op!r} for {attribute}")
                 valid = False
                 continue
-            operand = self.operand(op, value)
-            if operand is _INVALID:
+            operand = self.operand(Operator(op), value)
+            if isinstance(operand, Invalid):
                 valid = False
             else:
-                conditions.append(Condition(attribute, op, operand, case_sensitive, line))
+                condition = Condition(attribute, Operator(op), operand, case_sensitive, line)
+                conditions.append(condition)
         if valid and not conditions:
             self.problem(node, f"no operator given for {attribute}")
         if not valid or not conditions:
             return None
         return conditions[0] if len(conditions) == 1 else Combination("all", tuple(conditions))
 
-    def operand(self, op: str, node: yaml.Node) -> object:
+    def operand(self, op: Operator, node: yaml.Node) -> Operand | Invalid:
         if op in {"lt", "le", "gt", "ge"}:
             value = _scalar(node)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -329,7 +338,9 @@ class _Parser:
             if len(values) != 2 or not all(isinstance(v, int | float) for v in values):
                 self.problem(node, "'between' takes [low, high]")
                 return _INVALID
-            return (float(values[0]), float(values[1]))  # type: ignore[arg-type]
+            low, high = values
+            assert isinstance(low, int | float) and isinstance(high, int | float)
+            return (float(low), float(high))
         if op == "regex":
             pattern = _scalar(node)
             try:
@@ -401,7 +412,7 @@ class _Parser:
             return None
         return str(node.value)
 
-    def scalars(self, node: yaml.SequenceNode) -> list[object]:
+    def scalars(self, node: yaml.SequenceNode) -> list[Scalar]:
         values = []
         for item in node.value:
             if not isinstance(item, yaml.ScalarNode):
@@ -411,11 +422,17 @@ class _Parser:
         return values
 
 
-_INVALID = object()
+class Invalid:
+    """An operand that could not be read (its problem is already recorded)."""
 
 
-def _scalar(node: yaml.Node) -> object:
-    """The Python value of a scalar node, typed as YAML would type it."""
+_INVALID = Invalid()
+
+
+def _scalar(node: yaml.Node) -> Scalar:
+    """The Python value of a scalar node, typed as YAML would type it (a date or anything
+    else YAML reads as neither text nor number stays text)."""
     if not isinstance(node, yaml.ScalarNode):
         return None
-    return yaml.safe_load(yaml.serialize(node))
+    value = yaml.safe_load(yaml.serialize(node))
+    return value if value is None or isinstance(value, str | int | float) else str(node.value)

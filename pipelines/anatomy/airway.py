@@ -29,10 +29,10 @@ def segment_airway(
     hu = smooth_in_plane(coarse).cpu().numpy()
     inside = air.cpu().numpy()
     z, region = seed
-    seed = (z, *np.unravel_index(np.argmin(np.where(region, hu[z], np.inf)), region.shape))
+    row, column = np.unravel_index(np.argmin(np.where(region, hu[z], np.inf)), region.shape)
     for threshold in range(-900, -1010, -10):
         labels, _ = components(inside & (hu < threshold))
-        label = labels[seed]
+        label = labels[z, row, column]
         if label == 0:
             continue
         grown = labels == label
