@@ -225,14 +225,14 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from node.offline import find_series, run_series
-    from pipelines.settings import PipelineSettings
+    from pipelines.settings import settings_class
 
     settings = _settings(config) if config else Settings(node={"accept_unknown_peers": True})
     if device is not None:
         if device not in ("auto", "cuda", "cpu"):
             typer.echo(f"--device must be auto, cuda or cpu, not {device!r}", err=True)
             raise typer.Exit(2)
-        configured = settings.pipelines.get(pipeline, PipelineSettings())
+        configured = settings.pipelines.get(pipeline) or settings_class(pipeline)(type=pipeline)
         settings.pipelines[pipeline] = configured.model_copy(update={"device": device})
     chosen = _pipelines(settings).get(pipeline)
     if chosen is None:

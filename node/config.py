@@ -24,7 +24,7 @@ from pydantic import (
 )
 from sqlalchemy.engine import make_url
 
-from pipelines.settings import PipelineSettings, VolumeSettings
+from pipelines.settings import TAGS, AnyPipelineSettings, PipelineSettings, VolumeSettings
 
 ENV_PREFIX = "AINODE_"
 ENV_SEPARATOR = "__"
@@ -190,9 +190,22 @@ class Settings(_Section):
     routing: RoutingSettings = RoutingSettings()
     workers: WorkerSettings = WorkerSettings()
     volume: VolumeSettings = VolumeSettings()
-    pipelines: dict[str, PipelineSettings] = {}
+    pipelines: dict[str, AnyPipelineSettings] = {}
     dispatch: DispatchSettings = DispatchSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _type_defaults_to_the_name(cls, value: object) -> object:
+        """A pipeline without `type` is of the type its name says (`lung-quant: {}`)."""
+        if not isinstance(value, Mapping):
+            return value
+        return {
+            name: {"type": name, **entry}
+            if isinstance(entry, Mapping) and entry.get("type") is None
+            else entry
+            for name, entry in value.items()
+        }
 
     @model_validator(mode="after")
     def _someone_may_send(self) -> Settings:
@@ -265,8 +278,11 @@ def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> Non
 
 def _describe(path: Path, exc: ValidationError, root_node: yaml.Node | None) -> str:
     lines = [f"{path}: invalid configuration"]
+    tags = set(TAGS.values())
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
+        if loc[:1] == ["pipelines"] and len(loc) > 2 and loc[2] in tags:
+            del loc[2]  # the settings class a pipeline's type chose
         line = _line_of(root_node, loc)
         where = f"{path}:{line}" if line else str(path)
         lines.append(f"{where}: {'.'.join(loc)}: {error['msg']}")

@@ -23,13 +23,14 @@ from pipelines.model_pipeline import ModelPipeline
 from pipelines.models import LoadedModel
 from pipelines.preprocessing import bundle_part, preprocessing_for, to_meta_tensor
 from pipelines.result import Mask, Measurement, PipelineResult, Region, Segment
-from pipelines.settings import PipelineSettings
+from pipelines.settings import PipelineSettings, SegmentationSettings
 from pipelines.volume import Volume
 
 
 class BundleSegmentationPipeline(ModelPipeline):
     def __init__(self, name: str, settings: PipelineSettings) -> None:
         super().__init__(name, settings)
+        labels = settings.labels if isinstance(settings, SegmentationSettings) else {}
         self.segments = {
             value: Segment(
                 label.name,
@@ -38,7 +39,7 @@ class BundleSegmentationPipeline(ModelPipeline):
                 None,
                 label.color,
             )
-            for value, label in sorted(settings.labels.items())
+            for value, label in sorted(labels.items())
         }
 
     def problem(self) -> str | None:

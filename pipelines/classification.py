@@ -21,6 +21,7 @@ from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
 from pipelines.result import Finding, PipelineResult
 from pipelines.settings import (
+    ClassifierSettings,
     ClassSettings,
     CodeSettings,
     PipelineSettings,
@@ -75,7 +76,8 @@ class ScanClassifierPipeline(ModelPipeline):
 
     def __init__(self, name: str, settings: PipelineSettings) -> None:
         super().__init__(name, settings)
-        self.classes = settings.classes or self.default_classes
+        configured = settings.classes if isinstance(settings, ClassifierSettings) else None
+        self.classes = configured or self.default_classes
 
     def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
         timed = StageTimer(stage)

@@ -30,7 +30,12 @@ from pipelines.model_pipeline import ModelPipeline
 from pipelines.models import LoadedModel
 from pipelines.preprocessing import LPS_TO_RAS, strip_io
 from pipelines.result import Detection, Mask, Measurement, PipelineResult, Segment
-from pipelines.settings import PreprocessingSettings
+from pipelines.settings import (
+    DetectionSettings,
+    DetectorSettings,
+    PipelineSettings,
+    PreprocessingSettings,
+)
 from pipelines.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,12 @@ class NoduleDetectionPipeline(ModelPipeline):
         intensity_range=(-1024.0, 300.0),
         roi_size=(512, 512, 192),
     )
+
+    def __init__(self, name: str, settings: PipelineSettings) -> None:
+        super().__init__(name, settings)
+        self.detection = (
+            settings.detection if isinstance(settings, DetectorSettings) else DetectionSettings()
+        )
 
     def prepare(self, parser: ConfigParser) -> None:
         """The bundle as a node runs it: resampling on (its default assumes LUNA16 data
@@ -80,7 +91,7 @@ class NoduleDetectionPipeline(ModelPipeline):
         ras_affine: np.ndarray,
     ) -> PipelineResult:
         """The detections above the operating threshold, each with its segment and side."""
-        settings = self.settings.detection
+        settings = self.detection
         scores = found[detector.pred_score_key].float().cpu().numpy()
         boxes = found[detector.target_box_key].float().cpu().numpy()
         keep = np.flatnonzero(scores >= settings.threshold)[: settings.max_detections]
@@ -108,7 +119,7 @@ class NoduleDetectionPipeline(ModelPipeline):
         return result
 
     def detector(self, model: LoadedModel) -> RetinaNetDetector:
-        settings = self.settings.detection
+        settings = self.detection
         parser = model.bundle
         if parser is not None and "anchor_generator" in parser.get():
             anchors = parser.get_parsed_content("anchor_generator", instantiate=True)

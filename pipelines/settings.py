@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from pipelines.base import DevicePreference
 from pipelines.codes import Code
@@ -96,16 +97,14 @@ class DetectionSettings(_Strict):
 
 
 class PipelineSettings(_Strict):
-    """One configured pipeline; `type` names the implementation (default: the key itself)."""
+    """One configured pipeline; `type` names the implementation (default: the key itself).
+    What every type takes; a type with more has its own subclass (`SETTINGS_OF_TYPE`)."""
 
     type: str | None = None
     device: DevicePreference = "auto"
     model: ModelSettings | None = None
     network: NetworkSettings | None = None
-    labels: dict[int, LabelSettings] = {}
-    classes: list[ClassSettings] | None = None
     preprocessing: PreprocessingSettings | None = None
-    detection: DetectionSettings = DetectionSettings()
 
     def model_source(self) -> ModelSource | None:
         from pipelines.models import ModelSource
@@ -114,6 +113,60 @@ class PipelineSettings(_Strict):
             return None
         network = {"_target_": self.network.target, **self.network.args} if self.network else None
         return ModelSource(self.model.path, self.model.sha256, network)
+
+
+class SegmentationSettings(PipelineSettings):
+    """`bundle-segmentation`: the model's label values and their segments."""
+
+    labels: dict[int, LabelSettings] = {}
+
+
+class ClassifierSettings(PipelineSettings):
+    """`thoracic-findings`, `covid-triage`: the classes in the network's output order
+    (default: the type's own)."""
+
+    classes: list[ClassSettings] | None = None
+
+
+class DetectorSettings(PipelineSettings):
+    """`nodule-detection`: the detector's operating point and anchors."""
+
+    detection: DetectionSettings = DetectionSettings()
+
+
+SETTINGS_OF_TYPE: dict[str, type[PipelineSettings]] = {
+    "bundle-segmentation": SegmentationSettings,
+    "thoracic-findings": ClassifierSettings,
+    "covid-triage": ClassifierSettings,
+    "nodule-detection": DetectorSettings,
+}
+"""Pipeline types whose settings have more than `PipelineSettings`; the rest take that."""
+TAGS: dict[type[PipelineSettings], str] = {
+    PipelineSettings: "common",
+    SegmentationSettings: "segmentation",
+    ClassifierSettings: "classifier",
+    DetectorSettings: "detector",
+}
+
+
+def settings_class(pipeline_type: str) -> type[PipelineSettings]:
+    return SETTINGS_OF_TYPE.get(pipeline_type, PipelineSettings)
+
+
+def _tag(raw: object) -> str:
+    kind = raw.get("type") if isinstance(raw, Mapping) else getattr(raw, "type", None)
+    return TAGS[settings_class(str(kind))]
+
+
+AnyPipelineSettings = Annotated[
+    Annotated[PipelineSettings, Tag(TAGS[PipelineSettings])]
+    | Annotated[SegmentationSettings, Tag(TAGS[SegmentationSettings])]
+    | Annotated[ClassifierSettings, Tag(TAGS[ClassifierSettings])]
+    | Annotated[DetectorSettings, Tag(TAGS[DetectorSettings])],
+    Discriminator(_tag),
+]
+"""A `pipelines:` entry, validated as its type's settings (the type filled in from the key
+by `node.config.Settings` when it is not given)."""
 
 
 class VolumeSettings(_Strict):

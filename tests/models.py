@@ -13,10 +13,14 @@ import numpy as np
 import torch
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.networks.nets.resnet import ResNet
+from pydantic import TypeAdapter
 
 from pipelines.detection_network import resnet_fpn_feature_extractor
 from pipelines.networks import EncoderClassifier
+from pipelines.settings import AnyPipelineSettings, PipelineSettings
 
+PIPELINE_SETTINGS: TypeAdapter[PipelineSettings] = TypeAdapter(AnyPipelineSettings)
+"""Validates a `pipelines:` entry (with its `type`) as the node's config does."""
 ENCODER_ARGS = {"in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 1]}
 
 

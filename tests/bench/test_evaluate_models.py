@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -16,6 +17,7 @@ from tests.models import blob_detector_bundle, fixed_classifier
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_the_model_evaluation_prints_its_table(real_series, tmp_path: Path) -> None:
     triage = tmp_path / "triage.pt"
     torch.save(fixed_classifier([0.1, 0.2, 1.0]).state_dict(), triage)

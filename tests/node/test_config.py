@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from node.config import ConfigError, load_settings
+from pipelines.settings import ClassifierSettings, SegmentationSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,3 +80,33 @@ def test_ae_title_is_checked(tmp_path: Path) -> None:
     config.write_text("node: {ae_title: 'WAY_TOO_LONG_AE_TITLE', accept_unknown_peers: true}\n")
     with pytest.raises(ConfigError, match=r"node\.ae_title"):
         load_settings(config, environ={})
+
+
+def test_each_pipeline_type_takes_its_own_settings(tmp_path: Path) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        "node: {accept_unknown_peers: true}\n"
+        "pipelines:\n"
+        "  covid-triage:\n"
+        "    classes: [{code: {value: '17621005', meaning: Normal}, negative: true}]\n"
+        "  lobes:\n"
+        "    type: bundle-segmentation\n"
+        "    labels: {1: {name: Lobe, type: {value: '44714003', meaning: Left upper lobe}}}\n"
+    )
+    settings = load_settings(config, environ={})
+    triage, lobes = settings.pipelines["covid-triage"], settings.pipelines["lobes"]
+    assert isinstance(triage, ClassifierSettings) and triage.type == "covid-triage"
+    assert triage.classes is not None and triage.classes[0].negative
+    assert isinstance(lobes, SegmentationSettings) and lobes.labels[1].name == "Lobe"
+    config.write_text(
+        "node: {accept_unknown_peers: true}\n"
+        "pipelines:\n"
+        "  lung-quant:\n"
+        "    device: cpu\n"
+        "    labels: {1: {name: Lung, type: {value: '39607008', meaning: Lung}}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ={})
+    assert f"{config}:5: pipelines.lung-quant.labels: Extra inputs are not permitted" in str(
+        caught.value
+    )

@@ -19,6 +19,7 @@ from pipelines.bundle_segmentation import BundleSegmentationPipeline
 from pipelines.registry import build_pipelines
 from pipelines.settings import PipelineSettings
 from pipelines.volume import load_volume
+from tests.models import PIPELINE_SETTINGS
 from tests.phantoms import Geometry, sphere, write_series
 
 CENTER, RADIUS = (6.0, -4.0, 3.0), 11.0
@@ -113,7 +114,7 @@ def make_bundle(root: Path, weights: str = "pt", inverse: bool = True) -> Path:
 
 
 def settings(model: Path, sha256: str | None = None, **extra) -> PipelineSettings:
-    return PipelineSettings.model_validate(
+    return PIPELINE_SETTINGS.validate_python(
         {
             "type": "bundle-segmentation",
             "device": "cpu",

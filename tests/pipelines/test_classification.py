@@ -13,10 +13,10 @@ from pipelines import codes
 from pipelines.base import Unavailable
 from pipelines.classification import CT_RATE_FINDINGS
 from pipelines.registry import build_pipelines
-from pipelines.settings import PipelineSettings
 from pipelines.volume import Volume, load_volume
 from tests.models import (
     ENCODER_ARGS,
+    PIPELINE_SETTINGS,
     MeanIntensityClassifier,
     densenet_findings_bundle,
     fixed_classifier,
@@ -37,7 +37,7 @@ def chest_volume(tmp_path_factory: pytest.TempPathFactory) -> Volume:
 
 
 def pipeline(name: str, kind: str, model: Path, **extra):
-    settings = PipelineSettings.model_validate(
+    settings = PIPELINE_SETTINGS.validate_python(
         {"type": kind, "device": "cpu", "model": {"path": str(model)}, **extra}
     )
     return build_pipelines({name: settings})[name]

@@ -11,9 +11,8 @@ from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from pipelines.registry import build_pipelines
 from pipelines.result import EMBEDDING_FILE
-from pipelines.settings import PipelineSettings
 from pipelines.volume import load_volume
-from tests.models import ENCODER_ARGS
+from tests.models import ENCODER_ARGS, PIPELINE_SETTINGS
 from tests.phantoms import chest, chest_geometry, write_series
 
 SMALL = {"spacing_mm": [6.0, 6.0, 6.0], "orientation": "SPL", "intensity_range": [-1024, 2048]}
@@ -28,7 +27,7 @@ def encoder_model(folder: Path) -> Path:
 
 
 def embedder(model: Path):
-    settings = PipelineSettings.model_validate(
+    settings = PIPELINE_SETTINGS.validate_python(
         {
             "type": "ct-embedding",
             "device": "cpu",
@@ -61,7 +60,7 @@ def test_an_embedding_is_a_unit_vector_that_tells_scans_apart(tmp_path: Path) ->
 
 
 def test_the_default_network_is_ct_fm(tmp_path: Path) -> None:
-    settings = PipelineSettings.model_validate(
+    settings = PIPELINE_SETTINGS.validate_python(
         {"type": "ct-embedding", "model": {"path": str(tmp_path / "ct_fm.pt")}}
     )
     pipeline = build_pipelines({"ct-embedding": settings})["ct-embedding"]

@@ -17,7 +17,7 @@ from pipelines.nodule_detection import NoduleDetectionPipeline
 from pipelines.registry import build_pipelines
 from pipelines.settings import PipelineSettings
 from pipelines.volume import Volume, load_volume
-from tests.models import blob_detector_bundle
+from tests.models import PIPELINE_SETTINGS, blob_detector_bundle
 from tests.phantoms import Geometry, chest, write_series
 
 SPACING_MM = 2.0
@@ -35,7 +35,7 @@ def with_ball(hu, center=BALL_CENTER, radius=BALL_RADIUS, inside=30.0):
 
 
 def settings(bundle: Path, **detection) -> PipelineSettings:
-    return PipelineSettings.model_validate(
+    return PIPELINE_SETTINGS.validate_python(
         {
             "type": "nodule-detection",
             "device": "cpu",
@@ -192,7 +192,7 @@ def test_a_state_dict_with_its_network_in_config(tmp_path: Path, phantom: Volume
         "block_inplanes=[8,16,32,64],spatial_dims=3,n_input_channels=1,"
         "conv1_t_size=[11,11,11],conv1_t_stride=[1,1,1]),3,False,[1,2],fpn_channels=16)"
     )
-    settings = PipelineSettings.model_validate(
+    settings = PIPELINE_SETTINGS.validate_python(
         {
             "type": "nodule-detection",
             "device": "cpu",
