@@ -7,7 +7,6 @@ rows written here. Nothing else creates dispatches or embeddings.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,7 +120,7 @@ def _finished_job(conn: Connection, job_id: int) -> FinishedJob:
         row.series_id,
         row.revision,
         row.pipeline,
-        json.loads(row.destinations),
+        row.destinations,
         row.priority,
         row.priority_if_positive,
     )
@@ -158,7 +157,7 @@ def create_dispatches(
         {
             "job_id": job_id,
             "destination": destination,
-            "objects": json.dumps([str(p) for p in objects]),
+            "objects": [str(p) for p in objects],
             "state": WorkState.QUEUED,
             "attempts": 0,
             "max_attempts": max_attempts,

@@ -69,8 +69,8 @@ class JobQueue:
                         "series_id": series_id,
                         "revision": revision,
                         "pipeline": request.pipeline,
-                        "destinations": json.dumps(list(request.destinations)),
-                        "rules": json.dumps(list(request.rules)),
+                        "destinations": request.destinations,
+                        "rules": request.rules,
                         "priority": int(request.priority),
                         "priority_if_positive": (
                             None
@@ -113,7 +113,7 @@ class JobQueue:
             series_uid,
             revision,
             pipeline,
-            tuple(json.loads(destinations)),
+            tuple(destinations),
             lease.attempt,
         )
 
@@ -165,7 +165,7 @@ def _view(job: Job, series_uid: str) -> JobView:
         priority=job.priority,
         attempts=job.attempts,
         error=job.error,
-        destinations=json.loads(job.destinations),
+        destinations=job.destinations,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

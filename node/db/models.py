@@ -7,6 +7,8 @@ instances and the associations that delivered them (written by `node.catalog`); 
 from __future__ import annotations
 
 import enum
+import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -67,6 +69,19 @@ class StateText(TypeDecorator[E]):
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
         return None if value is None else self.states(value)
+
+
+class TextList(TypeDecorator[list[str]]):
+    """A list of names or paths, stored as a JSON array in a TEXT column."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Sequence[str] | None, dialect: Dialect) -> str | None:
+        return None if value is None else json.dumps([str(item) for item in value])
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> list[str] | None:
+        return None if value is None else [str(item) for item in json.loads(value)]
 
 
 class Base(DeclarativeBase):
@@ -211,8 +226,7 @@ class LeasedWork:
 class Job(LeasedWork, Base):
     """One pipeline run for one series revision, with where its results go.
 
-    `destinations` and `rules` are JSON lists of names; `result` is the JSON of its
-    `node.outcome.ResultSummary`."""
+    `result` is the JSON of its `node.outcome.ResultSummary`."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -225,14 +239,14 @@ class Job(LeasedWork, Base):
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
     revision: Mapped[int] = mapped_column(Integer)
     pipeline: Mapped[str] = mapped_column(String(64))
-    destinations: Mapped[str] = mapped_column(Text, default="[]")
-    rules: Mapped[str] = mapped_column(Text, default="[]")
+    destinations: Mapped[list[str]] = mapped_column(TextList, default=list)
+    rules: Mapped[list[str]] = mapped_column(TextList, default=list)
     priority_if_positive: Mapped[int | None] = mapped_column(Integer)
     result: Mapped[str | None] = mapped_column(Text)
 
 
 class Dispatch(LeasedWork, Base):
-    """Sending one job's result objects (a JSON list of paths) to one destination."""
+    """Sending one job's result objects (their paths) to one destination."""
 
     __tablename__ = "dispatches"
     __table_args__ = (
@@ -242,7 +256,7 @@ class Dispatch(LeasedWork, Base):
 
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     destination: Mapped[str] = mapped_column(String(64))
-    objects: Mapped[str] = mapped_column(Text, default="[]")
+    objects: Mapped[list[str]] = mapped_column(TextList, default=list)
     status: Mapped[str | None] = mapped_column(Text)
 
 

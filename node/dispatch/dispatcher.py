@@ -5,7 +5,6 @@ between the worker and the sender; destinations are independent of one another.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +56,7 @@ def list_dispatches(engine: Engine, limit: int = 200) -> list[DispatchView]:
                 attempts=row["attempts"],
                 status=row["status"],
                 error=row["error"],
-                objects=json.loads(row["objects"]),
+                objects=row["objects"],
                 created_at=row["created_at"],
                 finished_at=row["finished_at"],
             )
@@ -128,7 +127,7 @@ class Dispatcher:
             Claim(
                 lease,
                 by_id[lease.id].destination,
-                [Path(p) for p in json.loads(by_id[lease.id].objects)],
+                [Path(p) for p in by_id[lease.id].objects],
                 by_id[lease.id].calling_ae,
                 by_id[lease.id].priority,
             )
