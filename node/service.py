@@ -31,7 +31,7 @@ from node.retention import RetentionSweeper
 from node.routing.router import Router, RulesSource
 from node.storage import InstanceStore
 from node.worker import retry_policy, run_worker_process
-from pipelines.registry import build_pipelines
+from pipelines.registry import pipeline_names
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,10 @@ class NodeService:
     def _schedule(self, engine: Engine) -> None:
         settings = self.settings
         queue = JobQueue(engine, retry_policy(settings))
-        pipelines = build_pipelines(settings.pipelines)
-        for name, pipeline in sorted(pipelines.items()):
-            problem = pipeline.problem()
-            if problem:
-                log.warning("pipeline %s is unavailable: %s", name, problem)
         rules = RulesSource(
-            settings.routing.rules_file, set(pipelines), settings.destination_names()
+            settings.routing.rules_file,
+            pipeline_names(settings.pipelines),
+            settings.destination_names(),
         )
         rules.current()
         if settings.routing.rules_file is None:

@@ -154,4 +154,9 @@ def run_worker_process(settings: Settings, index: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop_when_parent_exits(stopping)
     pipelines = build_pipelines(settings.pipelines)
+    if index == 0:
+        for name, pipeline in sorted(pipelines.items()):
+            problem = pipeline.problem()
+            if problem:
+                log.warning("pipeline %s is unavailable: %s", name, problem)
     Worker(settings, f"worker-{index}-{os.getpid()}", pipelines).run(stopping)

@@ -19,6 +19,7 @@ from pipelines.base import BadInput, DevicePreference, Requirements, Stage
 from pipelines.device import run_on
 from pipelines.morphology import dilate, erode, opening
 from pipelines.result import Mask, Measurement, PipelineResult, Region, Segment, SliceProfile
+from pipelines.settings import PipelineSettings
 from pipelines.volume import Volume
 
 LAA_HU = -950
@@ -58,6 +59,11 @@ class LungQuantPipeline:
 
     def __init__(self, device: DevicePreference = "auto") -> None:
         self.device_preference = device
+
+    @classmethod
+    def configured(cls, name: str, settings: PipelineSettings) -> LungQuantPipeline:
+        """As the registry builds it: only the device is configurable."""
+        return cls(settings.device)
 
     def problem(self) -> str | None:
         return None

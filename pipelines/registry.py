@@ -1,6 +1,9 @@
 """Pipelines by name: the built-in ones, those configured in `pipelines:`, and those sites add
 through the `ainode.pipelines` entry point group.
 
+Implementations are imported only when a pipeline is built (in a worker, or `ainode run`):
+naming the pipelines a node has, which routing needs, imports no torch.
+
 An entry point names a class; it is built as `cls(name, settings)` when it accepts
 configuration, else `cls()`. It must have `name`, `version`, `requirements`, `problem()` and
 `run(volume, stage)` (see pipelines/base.py).
@@ -8,32 +11,29 @@ configuration, else `cls()`. It must have `name`, `version`, `requirements`, `pr
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
 from pipelines.base import Pipeline
-from pipelines.bundle_segmentation import BundleSegmentationPipeline
-from pipelines.classification import CovidTriagePipeline, ThoracicFindingsPipeline
-from pipelines.echo import EchoPipeline
-from pipelines.embedding import CTEmbeddingPipeline
-from pipelines.lung_quant import LungQuantPipeline
-from pipelines.nodule_detection import NoduleDetectionPipeline
 from pipelines.settings import PipelineSettings
 
 ENTRY_POINT_GROUP = "ainode.pipelines"
 
 Factory = Callable[[str, PipelineSettings], Pipeline]
 
-BUILT_IN: dict[str, Factory] = {
-    "echo": lambda name, settings: EchoPipeline(),
-    "lung-quant": lambda name, settings: LungQuantPipeline(settings.device),
-    "bundle-segmentation": BundleSegmentationPipeline,
-    "thoracic-findings": ThoracicFindingsPipeline,
-    "covid-triage": CovidTriagePipeline,
-    "nodule-detection": NoduleDetectionPipeline,
-    "ct-embedding": CTEmbeddingPipeline,
+BUILT_IN = {
+    "echo": "pipelines.echo:EchoPipeline",
+    "lung-quant": "pipelines.lung_quant:LungQuantPipeline.configured",
+    "bundle-segmentation": "pipelines.bundle_segmentation:BundleSegmentationPipeline",
+    "thoracic-findings": "pipelines.classification:ThoracicFindingsPipeline",
+    "covid-triage": "pipelines.classification:CovidTriagePipeline",
+    "nodule-detection": "pipelines.nodule_detection:NoduleDetectionPipeline",
+    "ct-embedding": "pipelines.embedding:CTEmbeddingPipeline",
 }
+"""Type name -> `module:attribute` of the implementation (a class, or a factory taking the
+pipeline's name and settings)."""
 NEEDS_CONFIG = {
     "bundle-segmentation",
     "thoracic-findings",
@@ -44,12 +44,18 @@ NEEDS_CONFIG = {
 """Pipelines with a model: they exist once `pipelines:` configures them."""
 
 
-def pipeline_types() -> dict[str, Factory]:
-    """Every implementation this node has: built in, then entry points."""
-    found = dict(BUILT_IN)
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        found[entry.name] = _factory(entry.load())
-    return found
+def type_names() -> set[str]:
+    """Every pipeline type this node has, built in or added by an entry point."""
+    return set(BUILT_IN) | {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def pipeline_names(configured: Mapping[str, PipelineSettings] | None = None) -> set[str]:
+    """The names jobs can use, as `build_pipelines` would build them; raises ValueError for a
+    configured pipeline of an unknown type."""
+    types = type_names()
+    for name, settings in (configured or {}).items():
+        _check_type(name, settings.type or name, types)
+    return {name for name in types if name not in NEEDS_CONFIG} | set(configured or {})
 
 
 def build_pipelines(
@@ -57,24 +63,42 @@ def build_pipelines(
 ) -> dict[str, Pipeline]:
     """The pipelines jobs can name: every type that needs no configuration, plus each entry of
     `configured` (its `type`, default its own name)."""
-    types = pipeline_types()
+    types = type_names()
     pipelines: dict[str, Pipeline] = {
-        name: factory(name, PipelineSettings())
-        for name, factory in types.items()
+        name: _factory(name)(name, PipelineSettings())
+        for name in sorted(types)
         if name not in NEEDS_CONFIG
     }
     for name, settings in (configured or {}).items():
         kind = settings.type or name
-        if kind not in types:
-            raise ValueError(
-                f"pipelines.{name}: unknown pipeline type {kind!r} "
-                f"(known: {', '.join(sorted(types))})"
-            )
-        pipelines[name] = types[kind](name, settings)
+        _check_type(name, kind, types)
+        pipelines[name] = _factory(kind)(name, settings)
     return pipelines
 
 
-def _factory(cls: type) -> Factory:
-    if len(inspect.signature(cls).parameters) >= 2:
-        return cls
-    return lambda name, settings: cls()
+def _check_type(name: str, kind: str, types: set[str]) -> None:
+    if kind not in types:
+        raise ValueError(
+            f"pipelines.{name}: unknown pipeline type {kind!r} (known: {', '.join(sorted(types))})"
+        )
+
+
+def _factory(kind: str) -> Factory:
+    implementation = _load(kind)
+    if len(inspect.signature(implementation).parameters) >= 2:
+        return implementation
+    return lambda name, settings: implementation()
+
+
+def _load(kind: str) -> Callable[..., Pipeline]:
+    if kind not in BUILT_IN:
+        (entry,) = entry_points(group=ENTRY_POINT_GROUP, name=kind)
+        loaded: Callable[..., Pipeline] = entry.load()
+        return loaded
+    module, _, path = BUILT_IN[kind].partition(":")
+    found: object = importlib.import_module(module)
+    for attribute in path.split("."):
+        found = getattr(found, attribute)
+    if not callable(found):
+        raise TypeError(f"{BUILT_IN[kind]} is not callable")
+    return found
