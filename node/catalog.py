@@ -28,6 +28,16 @@ from node.ingest.metadata import InstanceMetadata
 
 
 @dataclass(frozen=True)
+class AssociationRecord:
+    """An association as the catalog keeps it (written with its first instance)."""
+
+    id: str
+    calling_ae: str
+    called_ae: str
+    peer_address: str | None
+
+
+@dataclass(frozen=True)
 class Receipt:
     """How an instance reached the node."""
 
@@ -95,17 +105,8 @@ class Catalog:
     def open_association(
         self, association_id: str, calling_ae: str, called_ae: str, peer_address: str | None
     ) -> None:
-        statement = insert(Association).values(
-            id=association_id,
-            calling_ae=calling_ae,
-            called_ae=called_ae,
-            peer_address=peer_address,
-            pid=os.getpid(),
-            opened_at=utcnow(),
-            released=False,
-            instances_received=0,
-        )
-        self._group.run(lambda conn: conn.execute(statement))
+        record = AssociationRecord(association_id, calling_ae, called_ae, peer_address)
+        self._group.run(lambda conn: _insert_association(conn, record))
 
     def close_association(self, association_id: str, released: bool, instances: int) -> None:
         """Mark an association closed; a clean release stamps the series it delivered."""
@@ -141,18 +142,28 @@ class Catalog:
             return conn.execute(statement.values(closed_at=utcnow(), released=False)).rowcount
 
     def record_instance(
-        self, meta: InstanceMetadata, receipt: Receipt, content_changed: bool, link: bool
+        self,
+        meta: InstanceMetadata,
+        receipt: Receipt,
+        content_changed: bool,
+        link: bool,
+        opening: AssociationRecord | None = None,
     ) -> Recorded:
-        """Record a stored instance, its series and study, atomically.
+        """Record a stored instance, its series and study, atomically (and `opening`, the
+        association that delivered it, when this is its first instance).
 
         `content_changed` is False when identical bytes were already stored: such a re-send
         neither counts twice nor reopens a completed series. `link` records that this
         association delivered the series (needed once per association and series).
         Concurrent calls share a transaction (see `GroupCommit`).
         """
-        return self._group.run(
-            lambda conn: self._record_instance(conn, meta, receipt, content_changed, link)
-        )
+
+        def work(conn: Connection) -> Recorded:
+            if opening is not None:
+                _insert_association(conn, opening)
+            return self._record_instance(conn, meta, receipt, content_changed, link)
+
+        return self._group.run(work)
 
     def _record_instance(
         self,
@@ -249,6 +260,21 @@ class Catalog:
         for affected in {previous_series, values["series_id"]}:
             count = select(func.count()).where(Instance.series_id == affected).scalar_subquery()
             conn.execute(update(Series).where(Series.id == affected).values(instance_count=count))
+
+
+def _insert_association(conn: Connection, record: AssociationRecord) -> None:
+    conn.execute(
+        insert(Association).values(
+            id=record.id,
+            calling_ae=record.calling_ae,
+            called_ae=record.called_ae,
+            peer_address=record.peer_address,
+            pid=os.getpid(),
+            opened_at=utcnow(),
+            released=False,
+            instances_received=0,
+        )
+    )
 
 
 INSTANCE_COLUMNS = (

@@ -47,19 +47,52 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
+class InboundTlsSettings(_Section):
+    """TLS on the node's DICOM port(s): its certificate and key, and the CA that signs the
+    client certificates it accepts."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _a_ca_to_check_clients(self) -> InboundTlsSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA of the clients)")
+        return self
+
+
 class NodeSettings(_Section):
-    """The node's own DICOM identity and listener."""
+    """The node's own DICOM identity and listener, and what one peer may take of it."""
 
     ae_title: str = "AINODE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(16, ge=1)
+    max_pending_connections: int = Field(
+        32, ge=1, description="connections still negotiating an association"
+    )
     accept_unknown_peers: bool = False
+    check_peer_address: bool = Field(
+        True, description="a listed AE title is admitted only from its peer's host"
+    )
     max_pdu_size: int = Field(
-        1_048_576, ge=0, description="maximum PDU we receive, bytes; 0 means unlimited"
+        1_048_576, ge=0, description="maximum PDU we receive, bytes; 0: the node's 4 MiB ceiling"
+    )
+    max_instance_mb: int = Field(4096, ge=1, description="largest dataset accepted, MiB")
+    association_timeout_seconds: float = Field(
+        30.0, gt=0, description="ARTIM: the whole A-ASSOCIATE-RQ must arrive within this"
+    )
+    network_timeout_seconds: float = Field(
+        60.0, gt=0, description="each PDU must arrive whole within this"
     )
     receivers: int = Field(
         1, ge=1, le=32, description="receiver processes sharing the port (SO_REUSEPORT)"
+    )
+    tls: InboundTlsSettings | None = None
+    tls_port: int | None = Field(
+        None, ge=1, le=65535, description="TLS on this second port; without it, on `port`"
     )
 
     _ae = field_validator("ae_title")(_check_ae_title)
@@ -71,6 +104,9 @@ class StorageSettings(_Section):
     path: Path = Path("./var/storage")
     retention_days: float | None = Field(
         None, gt=0, description="delete studies this old once their jobs are done; none: keep"
+    )
+    min_free_mb: float = Field(
+        100.0, ge=0, description="below this, associations are refused and C-STORE answers A700"
     )
 
 
@@ -318,9 +354,20 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     pipelines = {
         name: _with_model_path(pipeline, base) for name, pipeline in settings.pipelines.items()
     }
+    node = settings.node
+    if node.tls is not None:
+        tls = node.tls.model_copy(
+            update={
+                key: _under(base, value)
+                for key, value in node.tls.model_dump().items()
+                if isinstance(value, Path)
+            }
+        )
+        node = node.model_copy(update={"tls": tls})
     return settings.model_copy(
         update={
             "pipelines": pipelines,
+            "node": node,
             "routing": settings.routing.model_copy(update={"rules_file": rules_file}),
             "storage": settings.storage.model_copy(update={"path": storage.resolve()}),
             "database": settings.database.model_copy(
@@ -328,6 +375,10 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             ),
         }
     )
+
+
+def _under(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
 
 
 def _with_model_path(pipeline: PipelineSettings, base: Path) -> PipelineSettings:

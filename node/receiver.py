@@ -18,6 +18,9 @@ from node.lifecycle import stop_when_parent_exits
 from node.logs import configure_logging
 from node.storage import InstanceStore
 
+RECEIVE_BUSY_TIMEOUT_SECONDS = 5.0
+"""A locked database answers A700 after this, well within a sender's own timeout."""
+
 
 class Receiver:
     """One storage SCP with its own database engine (one per process).
@@ -28,7 +31,9 @@ class Receiver:
     """
 
     def __init__(self, settings: Settings, reuse_port: bool) -> None:
-        self.engine: Engine = make_engine(settings.database.url, flush_commits=False)
+        self.engine: Engine = make_engine(
+            settings.database.url, flush_commits=False, busy_timeout=RECEIVE_BUSY_TIMEOUT_SECONDS
+        )
         self.catalog = Catalog(self.engine)
         self.store = InstanceStore(settings.storage.path)
         self.scp = StorageSCP(settings, self.store, self.catalog)

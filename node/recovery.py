@@ -1,13 +1,14 @@
-"""After an operating-system restart, re-record instances whose database rows a power loss took.
+"""After an unclean stop or an operating-system restart, re-record stored instances that have
+no database row.
 
-The receive path flushes every instance file and its directory entry before it answers success,
-but not each SQLite commit (`make_engine(flush_commits=False)`): a commit survives a crash of
-the node, while the last ones before a power loss may roll back. The files are the record. On
-start, when the machine has booted since the node last checked (its boot id differs from the
+The receive path flushes every instance file and its directory entry before it answers success.
+A file whose row is missing is one of two kinds: written but not yet recorded when the node
+was killed (never acknowledged, but whole), or recorded by a SQLite commit that a power loss
+rolled back (`make_engine(flush_commits=False)`: a commit survives a crash of the node, not a
+power loss). The files are the record. On start after an unclean stop (on any database), or
+when the machine has booted since the node last checked (SQLite: its boot id differs from the
 one kept beside the database), every stored file without a row is recorded again, as if
 delivered by one released association, so its series completes and is routed as usual.
-
-PostgreSQL flushes every commit itself; only SQLite databases are checked.
 """
 
 from __future__ import annotations
@@ -36,18 +37,20 @@ _QUERY_CHUNK = 500
 
 
 def recover_after_restart(
-    engine: Engine, store: InstanceStore, catalog: Catalog, node_ae: str
+    engine: Engine, store: InstanceStore, catalog: Catalog, node_ae: str, unclean: bool = False
 ) -> int | None:
-    """Re-record unrecorded files if the machine restarted since the last check; return how
-    many were recorded, or None when no check was needed."""
+    """Re-record unrecorded files after an `unclean` stop, or if the machine restarted since
+    the last check of a SQLite catalog; return how many were recorded, or None when no check
+    was needed."""
     marker = boot_marker(engine)
-    if marker is None:
-        return None
     boot = current_boot_id()
-    if boot is not None and marker.exists() and marker.read_text().strip() == boot:
+    rebooted = marker is not None and not (
+        boot is not None and marker.exists() and marker.read_text().strip() == boot
+    )
+    if not (unclean or rebooted):
         return None
     recorded = rerecord_unrecorded(engine, store, catalog, node_ae)
-    if boot is not None:
+    if marker is not None and boot is not None:
         marker.write_text(boot + "\n")
     return recorded
 

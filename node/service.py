@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class NodeService:
         self._engine: Engine | None = None
         self._receiver: Receiver | None = None
         self._dispatcher: Dispatcher | None = None
+        self._store: InstanceStore | None = None
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5}
         )
@@ -54,14 +56,17 @@ class NodeService:
         settings = self.settings
         self._engine = engine = make_engine(settings.database.url)
         upgrade(engine)
-        store = InstanceStore(settings.storage.path)
+        self._store = store = InstanceStore(settings.storage.path)
         store.prepare()
+        unclean = store.mark_running()
+        if unclean:
+            log.warning("the node did not stop cleanly last time: checking the stored files")
         several = settings.node.receivers > 1
         self._receiver = receiver = Receiver(settings, reuse_port=several)
         stale = receiver.catalog.close_stale_associations()
         if stale:
             log.warning("closed %d associations left open by an earlier run", stale)
-        recover_after_restart(engine, store, receiver.catalog, settings.node.ae_title)
+        recover_after_restart(engine, store, receiver.catalog, settings.node.ae_title, unclean)
         receiver.start()
         for _ in range(settings.node.receivers - 1):
             self._start_child(run_receiver_process, (settings,))
@@ -136,6 +141,8 @@ class NodeService:
                 child.join()
         if self._engine is not None:
             self._engine.dispose()
+        if self._store is not None:
+            self._store.mark_stopped()
         log.info("node stopped")
 
     def _start_child(self, target: Callable[..., None], args: tuple[object, ...]) -> BaseProcess:
@@ -152,19 +159,28 @@ class NodeService:
             if child.is_alive() or child.pid is None:
                 continue
             closed = self._receiver.catalog.close_stale_associations([child.pid])
+            temp = self._store.clear_temp_files_of(child.pid) if self._store else 0
             log.error(
-                "%s process %d exited with %s; %d associations closed; restarting",
+                "%s process %d exited with %s; %d associations closed, %d temp files removed; "
+                "restarting",
                 child.name,
                 child.pid,
                 child.exitcode,
                 closed,
+                temp,
             )
             self._children.remove(entry)
             self._start_child(target, args)
 
 
+PRIVATE_UMASK = 0o027
+"""Files the node writes (database, instances, results) are readable by its owner and group
+only: they hold study descriptions, dates and images."""
+
+
 def serve(settings: Settings) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT."""
+    os.umask(PRIVATE_UMASK)  # inherited by the receiver and worker processes
     service = NodeService(settings)
     stopping = threading.Event()
 

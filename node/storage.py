@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 MAX_UID_LENGTH = 64
 INCOMING_DIR = ".incoming"
+RUNNING_MARKER = ".running"
+"""Present while a node runs on the store: found at start, it tells of an unclean stop."""
 KNOWN_FOLDERS = 1024  # series folders remembered, to skip checking that they exist
 
 
@@ -45,7 +47,7 @@ def check_uid(value: object, keyword: str) -> str:
     text = str(value).strip("\0 ") if value is not None else ""
     if not text:
         raise InvalidUID(f"{keyword} is missing or empty")
-    if len(text) > MAX_UID_LENGTH or not _UID.match(text):
+    if len(text) > MAX_UID_LENGTH or not _UID.fullmatch(text):
         raise InvalidUID(f"{keyword} is not a valid UID: {text[:80]!r}")
     return text
 
@@ -87,7 +89,7 @@ class InstanceStore:
         self._incoming = root / INCOMING_DIR
         self._directories = DirectorySync()
         self._known_folders: set[Path] = set()  # series folders this process made or found
-        self._temp_prefix = uuid.uuid4().hex[:12]  # temp names unique across processes
+        self._temp_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # unique per process
         self._temp_numbers = itertools.count()
 
     def prepare(self) -> None:
@@ -95,6 +97,24 @@ class InstanceStore:
         self._incoming.mkdir(parents=True, exist_ok=True)
         for leftover in self._incoming.iterdir():
             leftover.unlink(missing_ok=True)
+
+    def clear_temp_files_of(self, pid: int) -> int:
+        """Remove the temp files a process that died left (never acknowledged)."""
+        leftovers = list(self._incoming.glob(f"{pid}-*"))
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        return len(leftovers)
+
+    def mark_running(self) -> bool:
+        """Note that a node runs on this store; True when the last one did not stop cleanly
+        (its note is still there)."""
+        marker = self.root / RUNNING_MARKER
+        unclean = marker.exists()
+        marker.write_text(f"{os.getpid()}\n")
+        return unclean
+
+    def mark_stopped(self) -> None:
+        (self.root / RUNNING_MARKER).unlink(missing_ok=True)
 
     def results_of(self, study_uid: str, series_uid: str, revision: int, pipeline: str) -> Path:
         """Where a pipeline's result for a series revision lives (beside the study's files, so
@@ -104,6 +124,11 @@ class InstanceStore:
         if not pipeline.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"pipeline name {pipeline!r} cannot be a folder name")
         return self.root / study / "results" / series / f"r{revision}-{pipeline}"
+
+    def free_mb(self) -> float:
+        """Space left to an unprivileged writer on the store's filesystem, in MB."""
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize / 1e6
 
     def path_of(self, key: InstanceKey) -> Path:
         return self.root / key.relative_path

@@ -15,21 +15,31 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_SECONDS = 30.0
 
 
-def make_engine(url: str, flush_commits: bool = True) -> Engine:
+def make_engine(
+    url: str, flush_commits: bool = True, busy_timeout: float = BUSY_TIMEOUT_SECONDS
+) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE, and
-    `flush_commits=False` leaves the disk flush to WAL checkpoints."""
+    `flush_commits=False` leaves the disk flush to WAL checkpoints. `busy_timeout` bounds how
+    long a statement waits for a lock (SQLite) or a connection (PostgreSQL)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = sqlite_file(parsed)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _configure_sqlite(engine, "FULL" if flush_commits else "NORMAL")
+        engine = create_engine(url, connect_args={"timeout": busy_timeout})
+        _configure_sqlite(engine, "FULL" if flush_commits else "NORMAL", busy_timeout)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        pool_timeout=busy_timeout,
+        connect_args={"connect_timeout": max(1, round(busy_timeout))},
+    )
 
 
 def sqlite_file(url: URL) -> Path | None:
@@ -39,7 +49,7 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(url.database)
 
 
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
         # Let SQLAlchemy's "begin" event open transactions itself (pysqlite defers BEGIN).
@@ -47,7 +57,7 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

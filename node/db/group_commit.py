@@ -4,7 +4,8 @@ A commit costs a disk flush (PostgreSQL's WAL flush, SQLite `synchronous=FULL`) 
 the write lock and a WAL append (SQLite `synchronous=NORMAL`). Units that arrive while a
 transaction commits wait for it, then the first of them commits all of them together: with
 four associations storing in parallel, one commit acknowledges up to four instances, and one
-alone is never delayed. A unit that fails is retried alone, so it fails only itself.
+alone is never delayed. A unit that fails is retried alone, so it fails only itself; when the
+database itself fails (locked, unreachable), every unit of the batch fails at once.
 
 Processes writing one SQLite file also take an exclusive `flock` on a file beside it: a process
 waiting for it sleeps in the kernel and wakes as it is released, where SQLite's busy handler
@@ -16,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+import psycopg
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from node.db.engine import sqlite_file
 
@@ -77,12 +81,13 @@ class GroupCommit:
             with self._writer_lock(), self._engine.begin() as connection:
                 results = [unit.work(connection) for unit in batch]
         except BaseException as exc:
-            if len(batch) > 1:
+            if len(batch) > 1 and not _database_unavailable(exc):
                 for unit in batch:
                     self._commit([unit])
                 return
-            batch[0].error = exc
-            batch[0].finished = True
+            for unit in batch:  # one unit's fault, or the database's: it fails them all
+                unit.error = exc
+                unit.finished = True
             return
         for unit, result in zip(batch, results, strict=True):
             unit.result = result
@@ -99,3 +104,12 @@ class GroupCommit:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+
+def _database_unavailable(exc: BaseException) -> bool:
+    """Locked, unreachable or out of space: a failure of the database, not of one unit, so
+    retrying the units one by one would only multiply the wait (statements on the DBAPI
+    cursor raise the driver's own errors)."""
+    return isinstance(
+        exc, OperationalError | InterfaceError | sqlite3.OperationalError | psycopg.OperationalError
+    )

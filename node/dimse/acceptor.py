@@ -6,6 +6,11 @@ C-ECHO command sets, read and answered straight from the socket. pynetdicom's ow
 two polling reactors per association (its DUL and its association loop), decodes every command
 set into a pydicom Dataset and deep-copies its 120 presentation contexts for each association;
 measured with `bench/ingest.py`, that kept the node at 0.13 x storescp, bound on the CPU.
+
+Every peer may be broken or hostile. What it sends is read against deadlines for whole PDUs
+(ARTIM for the A-ASSOCIATE-RQ, PS3.8 9.1.5; the network timeout after it), into buffers that
+grow only as bytes arrive; connections that have not associated yet are capped; anything it
+gets wrong ends in an A-ASSOCIATE-RJ or A-ABORT and one log line, and frees its slot.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import contextlib
 import logging
 import socket
 import socketserver
+import ssl
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,41 +45,74 @@ from pynetdicom.presentation import (
     negotiate_as_acceptor,
 )
 
-from node.dimse.status import VERIFICATION
+from node.dimse.protocol import (
+    APPLICATION_CONTEXT,
+    LOCAL_LIMIT_EXCEEDED,
+    NO_DATA_SET,
+    UNSUPPORTED_APPLICATION_CONTEXT,
+    VERIFICATION,
+    AbortReason,
+    AbortSource,
+    CommandField,
+    CommandTag,
+    PduType,
+    Rejection,
+    Status,
+)
 from node.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-ASSOCIATION_TIMEOUT_SECONDS = 30.0
-"""How long a new connection may take to send its A-ASSOCIATE-RQ."""
-NETWORK_TIMEOUT_SECONDS = 60.0
-"""How long an established association may stay silent before it is aborted."""
+PDU_CEILING = 4 << 20
+"""The largest PDU the node announces when `max_pdu_size` is 0 ("no limit" in PS3.8)."""
+MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+MAX_COMMAND_BYTES = 64 << 10
+FIRST_READ = 64 << 10
+READ_STEP = 1 << 20
+"""A PDU body is read into a buffer of `FIRST_READ` bytes that doubles as bytes arrive, by
+`READ_STEP` at most: what a peer announces costs nothing until it sends it."""
 
-_ASSOCIATE_RQ, _ASSOCIATE_RJ, _P_DATA, _RELEASE_RQ, _ABORT = 0x01, 0x03, 0x04, 0x05, 0x07
-_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 _PDU_HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 _ELEMENT_HEADER = struct.Struct("<HHI")
-_MAX_ASSOCIATE_RQ_BYTES = 1 << 20
-_NO_DATASET = 0x0101
-C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
-UNRECOGNIZED_OPERATION, PROCESSING_FAILURE = 0x0211, 0x0110
+_RELEASE_RP = _PDU_HEADER.pack(PduType.RELEASE_RP, 4) + b"\0\0\0\0"
+PDU_TYPES = frozenset(PduType)
 
-# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-# A-ABORT provider reasons, PS3.8 9.3.8
-ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x02, 0x06
+
+@dataclass(frozen=True)
+class Limits:
+    """What one peer may take of the node (`node.*` settings)."""
+
+    max_pdu_size: int = 16384
+    max_associations: int = 16
+    max_pending: int = 32
+    """Connections that have not finished association negotiation."""
+    max_dataset_bytes: int = 4 << 30
+    association_timeout: float = 30.0
+    """ARTIM: the whole A-ASSOCIATE-RQ must have arrived this long after the connection."""
+    network_timeout: float = 60.0
+    """Each PDU must have arrived whole this long after the node starts waiting for it."""
+
+    @property
+    def announced_pdu_size(self) -> int:
+        return self.max_pdu_size or PDU_CEILING
+
+    @property
+    def receive_limit(self) -> int:
+        """The largest PDU body accepted: what was announced, with room for a sloppy peer."""
+        return 2 * self.announced_pdu_size
 
 
 class ProtocolError(Exception):
     """The peer broke the upper-layer protocol; the association is aborted."""
 
-    def __init__(self, message: str, reason: int = ABORT_INVALID_PARAMETER) -> None:
+    def __init__(self, message: str, reason: AbortReason = AbortReason.INVALID_PDU_PARAMETER):
         super().__init__(message)
         self.reason = reason
+
+
+class Deadline(TimeoutError):
+    """A PDU did not arrive whole in time."""
 
 
 @dataclass
@@ -109,7 +149,7 @@ class Reply:
 class Services(Protocol):
     """What the acceptor asks of the node."""
 
-    def admit(self, calling_ae: str, called_ae: str) -> bool: ...
+    def admit(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None: ...
 
     def opened(self, association: Association) -> None: ...
 
@@ -129,7 +169,8 @@ def supported_contexts() -> list[PresentationContext]:
 
 
 class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """Listens, and serves each connection as one association in its own thread."""
+    """Listens, and serves each connection as one association in its own thread; with
+    `tls`, each connection is a TLS connection first."""
 
     daemon_threads = True
     block_on_close = False
@@ -139,17 +180,18 @@ class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self,
         address: tuple[str, int],
         services: Services,
-        max_pdu_size: int,
-        max_associations: int,
+        limits: Limits,
         reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.services = services
-        self.max_pdu_size = max_pdu_size
-        self.max_associations = max_associations
+        self.limits = limits
         self.contexts = supported_contexts()
         self.reuse_port = reuse_port
+        self.tls = tls
         self._lock = threading.Lock()
         self._open: dict[int, _Connection] = {}
+        self._pending = 0
         super().__init__(address, _Connection)
 
     def server_bind(self) -> None:
@@ -161,6 +203,37 @@ class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def port(self) -> int:
         return int(self.server_address[1])
 
+    @property
+    def open_associations(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    @property
+    def pending_connections(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        """Count a new connection in; close it at once past `max_pending` (it would only
+        hold a thread while it dawdles over its A-ASSOCIATE-RQ)."""
+        with self._lock:
+            if self._pending >= self.limits.max_pending:
+                admitted = False
+            else:
+                self._pending += 1
+                admitted = True
+        if not admitted:
+            log.warning(
+                "connection from %s closed: %d connections are still negotiating",
+                _address(client_address),
+                self.limits.max_pending,
+            )
+        return admitted
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Never a traceback for what a peer did (connections handle their own errors)."""
+        log.error("connection from %s failed in the listener", _address(client_address))
+
     def stop_listening(self) -> None:
         """Refuse new associations (the listening socket is closed)."""
         self.shutdown()
@@ -171,19 +244,22 @@ class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
         with self._lock:
             connections = list(self._open.values())
         for connection in connections:
-            connection.abort(reason=0)
+            connection.abort(AbortReason.NOT_SPECIFIED, AbortSource.SERVICE_USER)
 
-    def _register(self, connection: _Connection) -> bool:
-        """Count a new association in; False once `max_associations` are open."""
+    def _associated(self, connection: _Connection) -> bool:
+        """A negotiating connection becomes an association; False once `max_associations`
+        are open (it stays counted as negotiating until it ends)."""
         with self._lock:
-            if len(self._open) >= self.max_associations:
+            if len(self._open) >= self.limits.max_associations:
                 return False
+            self._pending -= 1
             self._open[id(connection)] = connection
             return True
 
-    def _unregister(self, connection: _Connection) -> None:
+    def _ended(self, connection: _Connection) -> None:
         with self._lock:
-            self._open.pop(id(connection), None)
+            if self._open.pop(id(connection), None) is None:
+                self._pending -= 1
 
 
 class _Connection(socketserver.BaseRequestHandler):
@@ -192,69 +268,96 @@ class _Connection(socketserver.BaseRequestHandler):
     server: Acceptor
     request: socket.socket
 
+    def finish(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):  # socketserver closes only the raw socket
+            with contextlib.suppress(OSError):
+                self.request.close()
+
     def setup(self) -> None:
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._send_lock = threading.Lock()
         self._peer_max_pdu = 0
+        self._address = _address(self.client_address)
 
     def handle(self) -> None:
-        address = f"{self.client_address[0]}:{self.client_address[1]}"
+        association = None
         try:
-            association = self._negotiate(address)
-        except (OSError, EOFError, ProtocolError) as exc:
-            self.server._unregister(self)
-            log.warning("connection from %s dropped before association: %s", address, exc)
-            return
-        if association is None:
-            return
-        try:
-            self.server.services.opened(association)
-            self._serve(association)
+            if self.server.tls is not None:
+                self._start_tls()
+            association = self._negotiate()
+            if association is not None:
+                self.server.services.opened(association)
+                self._serve(association)
         except ProtocolError as exc:
-            log.warning("association %s aborted: %s", association.id, exc)
+            self._log_end(association, f"aborted: {exc}")
             self.abort(exc.reason)
+        except Deadline as exc:
+            self._log_end(association, f"aborted: {exc}")
+            self.abort(AbortReason.NOT_SPECIFIED)
         except (OSError, EOFError) as exc:
-            log.info("association %s: connection lost: %s", association.id, exc)
+            self._log_end(association, f"connection lost: {exc}", level=logging.INFO)
+        except Exception as exc:  # whatever a peer's bytes provoke: one line, never a trace
+            self._log_end(association, f"aborted after {type(exc).__name__}: {exc}")
+            self.abort(AbortReason.NOT_SPECIFIED)
         finally:
-            self.server._unregister(self)
-            self.server.services.closed(association)
+            self.server._ended(self)
+            if association is not None:
+                self.server.services.closed(association)
 
-    def abort(self, reason: int) -> None:
-        """Send an A-ABORT (from the service provider when `reason` is given, else from the
-        service user) and close the connection; a blocked read ends."""
-        source = 0x02 if reason else 0x00
-        with contextlib.suppress(OSError):
-            self._send(bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, source, reason]))
-        with contextlib.suppress(OSError):
+    def abort(
+        self, reason: AbortReason, source: AbortSource = AbortSource.SERVICE_PROVIDER
+    ) -> None:
+        """Send an A-ABORT and close the connection; a blocked read ends."""
+        body = bytes([0, 0, source, reason if source == AbortSource.SERVICE_PROVIDER else 0])
+        with contextlib.suppress(OSError, ValueError):
+            self._send(_PDU_HEADER.pack(PduType.ABORT, len(body)) + body)
+        with contextlib.suppress(OSError, ValueError):
             self.request.shutdown(socket.SHUT_RDWR)
 
-    def _negotiate(self, address: str) -> Association | None:
-        self.request.settimeout(ASSOCIATION_TIMEOUT_SECONDS)
-        pdu_type, body = self._read_pdu(limit=_MAX_ASSOCIATE_RQ_BYTES)
-        if pdu_type != _ASSOCIATE_RQ:
-            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}")
-        pdu = A_ASSOCIATE_RQ()
-        pdu.decode(_PDU_HEADER.pack(pdu_type, len(body)) + bytes(body))
-        request = pdu.to_primitive()
+    def _log_end(
+        self, association: Association | None, what: str, level: int = logging.WARNING
+    ) -> None:
+        if association is None:
+            log.log(level, "connection from %s before association: %s", self._address, what)
+        else:
+            log.log(level, "association %s (%s): %s", association.id, association.calling_ae, what)
+
+    def _start_tls(self) -> None:
+        assert self.server.tls is not None
+        self.request.settimeout(self.server.limits.association_timeout)
+        try:
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+        except ssl.SSLError as exc:
+            raise OSError(f"TLS handshake failed: {exc.reason or exc}") from exc
+
+    def _negotiate(self) -> Association | None:
+        limits = self.server.limits
+        deadline = time.monotonic() + limits.association_timeout
+        pdu_type, body = self._read_pdu(MAX_ASSOCIATE_RQ_BYTES, deadline, "A-ASSOCIATE-RQ")
+        if pdu_type != PduType.ASSOCIATE_RQ:
+            raise ProtocolError(
+                f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", AbortReason.UNEXPECTED_PDU
+            )
+        request = _decode_associate_rq(body)
         calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
         rejection = None
         if request.application_context_name != APPLICATION_CONTEXT:
-            rejection = REJECT_APPLICATION_CONTEXT
-        elif not self.server.services.admit(calling, called):
-            rejection = REJECT_CALLING_AE
-        elif not self.server._register(self):
-            rejection = REJECT_LOCAL_LIMIT
+            rejection = UNSUPPORTED_APPLICATION_CONTEXT
+        else:
+            rejection = self.server.services.admit(calling, called, self._address)
+        if rejection is None and not self.server._associated(self):
+            rejection = LOCAL_LIMIT_EXCEEDED
         if rejection is not None:
             log.warning(
                 "association from %s (%s -> %s) rejected: %s",
-                address,
+                self._address,
                 calling,
                 called,
-                _REJECTION_REASONS[rejection],
+                rejection.meaning,
             )
-            self._reject(*rejection)
+            self._reject(rejection)
             return None
-        association = Association(calling, called, address)
+        association = Association(calling, called, self._address)
         self._peer_max_pdu = request.maximum_length_received or 0
         self._accept(request, association)
         return association
@@ -265,14 +368,17 @@ class _Connection(socketserver.BaseRequestHandler):
             for item in request.user_information
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
         }
-        results, role_replies = negotiate_as_acceptor(
-            request.presentation_context_definition_list, self.server.contexts, roles
-        )
+        proposed = request.presentation_context_definition_list
+        _check_contexts(proposed)
+        try:
+            results, role_replies = negotiate_as_acceptor(proposed, self.server.contexts, roles)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"presentation contexts cannot be negotiated: {exc}") from exc
         association.contexts = {
             cx.context_id: cx for cx in results if cx.result == 0 and cx.context_id is not None
         }
         maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = self.server.max_pdu_size
+        maximum.maximum_length_received = self.server.limits.announced_pdu_size
         implementation = ImplementationClassUIDNotification()
         implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         version = ImplementationVersionNameNotification()
@@ -289,16 +395,18 @@ class _Connection(socketserver.BaseRequestHandler):
         pdu.from_primitive(reply)
         self._send(pdu.encode())
 
-    def _reject(self, result: int, source: int, diagnostic: int) -> None:
+    def _reject(self, rejection: Rejection) -> None:
         reply = A_ASSOCIATE()
-        reply.result, reply.result_source, reply.diagnostic = result, source, diagnostic
+        reply.result = rejection.result
+        reply.result_source = rejection.source
+        reply.diagnostic = rejection.reason
         pdu = A_ASSOCIATE_RJ()
         pdu.from_primitive(reply)
         self._send(pdu.encode())
-        self.request.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            self.request.shutdown(socket.SHUT_WR)
 
     def _serve(self, association: Association) -> None:
-        self.request.settimeout(NETWORK_TIMEOUT_SECONDS)
         for context_id, command, dataset in self._messages(association):
             reply = self._dispatch(association, context_id, command, dataset)
             self._respond(context_id, command, reply)
@@ -308,42 +416,65 @@ class _Connection(socketserver.BaseRequestHandler):
         self, association: Association
     ) -> Iterator[tuple[int, dict[int, bytes], bytes | None]]:
         """Each complete DIMSE message: its context, command elements and dataset bytes."""
+        limits = self.server.limits
         command_parts: list[memoryview] = []
         dataset_parts: list[memoryview] = []
+        dataset_bytes = 0
         command: dict[int, bytes] | None = None
+        message_context: int | None = None
         while True:
-            pdu_type, body = self._read_pdu(limit=self._receive_limit())
-            if pdu_type == _RELEASE_RQ:
+            deadline = time.monotonic() + limits.network_timeout
+            pdu_type, body = self._read_pdu(limits.receive_limit, deadline, "PDU")
+            if pdu_type == PduType.RELEASE_RQ:
+                if command is not None or command_parts:
+                    raise ProtocolError("A-RELEASE-RQ inside a message", AbortReason.UNEXPECTED_PDU)
                 self._send(_RELEASE_RP)
                 return
-            if pdu_type == _ABORT:
+            if pdu_type == PduType.ABORT:
                 raise EOFError("aborted by the peer")
-            if pdu_type != _P_DATA:
-                raise ProtocolError(f"unexpected PDU type {pdu_type:#04x}", ABORT_UNEXPECTED_PDU)
+            if pdu_type != PduType.P_DATA_TF:
+                raise ProtocolError(
+                    f"unexpected PDU type {pdu_type:#04x}", AbortReason.UNEXPECTED_PDU
+                )
             for context_id, is_command, is_last, value in _pdvs(body):
                 if context_id not in association.contexts:
                     raise ProtocolError(f"presentation context {context_id} was not accepted")
+                if message_context is not None and context_id != message_context:
+                    raise ProtocolError(
+                        f"one message on two presentation contexts ({message_context}, "
+                        f"{context_id})"
+                    )
+                message_context = context_id
                 if is_command:
                     if command is not None:
                         raise ProtocolError("a command fragment arrived inside a dataset")
                     command_parts.append(value)
+                    if sum(len(part) for part in command_parts) > MAX_COMMAND_BYTES:
+                        raise ProtocolError("command set larger than 64 KiB")
                     if not is_last:
                         continue
                     command = _command_elements(b"".join(command_parts))
                     command_parts.clear()
-                    if _as_us(command, 0x00000800) != _NO_DATASET:
+                    if _as_us(command, CommandTag.COMMAND_DATA_SET_TYPE) != NO_DATA_SET:
                         continue
                     yield context_id, command, None
                 else:
                     if command is None:
                         raise ProtocolError("a dataset fragment arrived before its command")
                     dataset_parts.append(value)
+                    dataset_bytes += len(value)
+                    if dataset_bytes > limits.max_dataset_bytes:
+                        raise ProtocolError(
+                            f"dataset larger than {limits.max_dataset_bytes >> 20} MiB"
+                        )
                     if not is_last:
                         continue
                     dataset = b"".join(dataset_parts)
                     dataset_parts.clear()
+                    dataset_bytes = 0
                     yield context_id, command, dataset
                 command = None
+                message_context = None
 
     def _dispatch(
         self,
@@ -352,62 +483,82 @@ class _Connection(socketserver.BaseRequestHandler):
         command: dict[int, bytes],
         dataset: bytes | None,
     ) -> Reply:
-        field_ = _as_us(command, 0x00000100)
+        field_ = _as_us(command, CommandTag.COMMAND_FIELD)
         context = association.contexts[context_id]
-        if field_ == C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
-            return Reply(0x0000)
-        if field_ != C_STORE_RQ or context.abstract_syntax == VERIFICATION:
-            return Reply(UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are served")
+        if field_ == CommandField.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
+            return Reply(Status.SUCCESS)
+        if field_ != CommandField.C_STORE_RQ or context.abstract_syntax == VERIFICATION:
+            return Reply(Status.UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are served")
         if dataset is None:
-            return Reply(0xC000, "C-STORE-RQ without a dataset")
+            return Reply(Status.CANNOT_UNDERSTAND, "C-STORE-RQ without a dataset")
         request = StoreRequest(
-            message_id=_as_us(command, 0x00000110),
-            sop_class_uid=_as_uid(command, 0x00000002),
-            sop_instance_uid=_as_uid(command, 0x00001000),
+            message_id=_as_us(command, CommandTag.MESSAGE_ID),
+            sop_class_uid=_as_uid(command, CommandTag.AFFECTED_SOP_CLASS_UID),
+            sop_instance_uid=_as_uid(command, CommandTag.AFFECTED_SOP_INSTANCE_UID),
             transfer_syntax=UID(context.transfer_syntax[0]),
-            priority=_as_us(command, 0x00000700, default=0),
+            priority=_as_us(command, CommandTag.PRIORITY, default=0),
         )
+        if request.sop_class_uid != context.abstract_syntax:
+            return Reply(
+                Status.SOP_CLASS_NOT_SUPPORTED,
+                "Affected SOP Class UID differs from the presentation context's",
+            )
         try:
             return self.server.services.store(association, request, dataset)
         except Exception:  # a fault of ours must not take the association down with it
             log.exception("association %s: storing %s failed", association.id, request.message_id)
-            return Reply(PROCESSING_FAILURE, "processing failure in the receiver")
+            return Reply(Status.PROCESSING_FAILURE, "processing failure in the receiver")
 
     def _respond(self, context_id: int, command: dict[int, bytes], reply: Reply) -> None:
+        field_ = _as_us(command, CommandTag.COMMAND_FIELD) | CommandField.RESPONSE
         elements = [
-            (0x00000002, command.get(0x00000002, b"")),
-            (0x00000100, struct.pack("<H", _as_us(command, 0x00000100) | 0x8000)),
-            (0x00000120, command.get(0x00000110, b"\0\0")),
-            (0x00000800, struct.pack("<H", _NO_DATASET)),
-            (0x00000900, struct.pack("<H", reply.status)),
+            (
+                CommandTag.AFFECTED_SOP_CLASS_UID,
+                command.get(CommandTag.AFFECTED_SOP_CLASS_UID, b""),
+            ),
+            (CommandTag.COMMAND_FIELD, struct.pack("<H", field_)),
+            (CommandTag.MESSAGE_ID_BEING_RESPONDED_TO, command.get(CommandTag.MESSAGE_ID, b"\0\0")),
+            (CommandTag.COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
+            (CommandTag.STATUS, struct.pack("<H", reply.status)),
         ]
         if reply.comment:
-            elements.append((0x00000902, _padded(reply.comment[:64].encode("ascii", "replace"))))
-        if 0x00001000 in command:
-            elements.append((0x00001000, command[0x00001000]))
+            comment = _padded(reply.comment[:64].encode("ascii", "replace"))
+            elements.append((CommandTag.ERROR_COMMENT, comment))
+        if CommandTag.AFFECTED_SOP_INSTANCE_UID in command:
+            uid = command[CommandTag.AFFECTED_SOP_INSTANCE_UID]
+            elements.append((CommandTag.AFFECTED_SOP_INSTANCE_UID, uid))
         body = b"".join(_element(tag, value) for tag, value in elements)
-        encoded = _element(0x00000000, struct.pack("<I", len(body))) + body
+        encoded = _element(CommandTag.GROUP_LENGTH, struct.pack("<I", len(body))) + body
         self._send(_p_data(context_id, encoded, self._peer_max_pdu))
 
-    def _receive_limit(self) -> int:
-        """The largest PDU body accepted: what we negotiated, with room for a sloppy peer."""
-        maximum = self.server.max_pdu_size
-        return 2 * maximum if maximum else 0
-
-    def _read_pdu(self, limit: int) -> tuple[int, bytearray]:
-        header = self._read_exactly(6)
+    def _read_pdu(self, limit: int, deadline: float, what: str) -> tuple[int, bytearray]:
+        """One whole PDU, or Deadline if it has not all arrived by `deadline`."""
+        header = self._read_exactly(_PDU_HEADER.size, deadline, what)
         pdu_type, length = _PDU_HEADER.unpack(header)
-        if limit and length > limit:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the {limit} negotiated")
-        return pdu_type, self._read_exactly(length)
+        if pdu_type not in PDU_TYPES:
+            raise ProtocolError(f"unknown PDU type {pdu_type:#04x}", AbortReason.UNRECOGNIZED_PDU)
+        if length > limit:
+            raise ProtocolError(f"{what} of {length} bytes exceeds the {limit} accepted")
+        return pdu_type, self._read_exactly(length, deadline, what)
 
-    def _read_exactly(self, count: int) -> bytearray:
-        """`count` bytes straight into one buffer; EOFError if the peer closes first."""
-        buffer = bytearray(count)
-        view = memoryview(buffer)
+    def _read_exactly(self, count: int, deadline: float, what: str) -> bytearray:
+        """`count` bytes into a buffer that grows as they arrive."""
+        buffer = bytearray(min(count, FIRST_READ))
         received = 0
         while received < count:
-            read = self.request.recv_into(view[received:], count - received)
+            if received == len(buffer):
+                buffer.extend(bytes(min(count - received, len(buffer), READ_STEP)))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Deadline(f"{what} not received whole in time ({received} of {count} bytes)")
+            self.request.settimeout(remaining)
+            try:
+                with memoryview(buffer) as view:
+                    read = self.request.recv_into(view[received:], len(buffer) - received)
+            except TimeoutError as exc:
+                raise Deadline(
+                    f"{what} not received whole in time ({received} of {count} bytes)"
+                ) from exc
             if read == 0:
                 raise EOFError("connection closed by the peer")
             received += read
@@ -415,20 +566,48 @@ class _Connection(socketserver.BaseRequestHandler):
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
+            self.request.settimeout(self.server.limits.network_timeout)
             self.request.sendall(data)
 
 
-_REJECTION_REASONS = {
-    REJECT_CALLING_AE: "calling AE title not recognised",
-    REJECT_APPLICATION_CONTEXT: "application context name not supported",
-    REJECT_LOCAL_LIMIT: "local limit of associations exceeded",
-}
+def _decode_associate_rq(body: bytearray) -> A_ASSOCIATE:
+    """The A-ASSOCIATE-RQ as pynetdicom reads it; ProtocolError for anything malformed (its
+    decoder raises AssertionError, KeyError, struct.error, UnicodeDecodeError...)."""
+    pdu = A_ASSOCIATE_RQ()
+    try:
+        pdu.decode(_PDU_HEADER.pack(PduType.ASSOCIATE_RQ, len(body)) + bytes(body))
+        request = pdu.to_primitive()
+        request.calling_ae_title.strip()
+        request.called_ae_title.strip()
+    except Exception as exc:
+        detail = str(exc) or type(exc).__name__
+        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {detail}") from exc
+    return request
+
+
+def _check_contexts(proposed: list[PresentationContext]) -> None:
+    """Each proposed presentation context names one abstract syntax and a transfer syntax."""
+    if not proposed:
+        raise ProtocolError("A-ASSOCIATE-RQ proposes no presentation context")
+    for context in proposed:
+        if context.context_id is None or not context.abstract_syntax:
+            raise ProtocolError(f"presentation context {context.context_id} has no abstract syntax")
+        if not context.transfer_syntax:
+            raise ProtocolError(f"presentation context {context.context_id} has no transfer syntax")
+
+
+def _address(client_address: object) -> str:
+    if isinstance(client_address, tuple) and len(client_address) >= 2:
+        return f"{client_address[0]}:{client_address[1]}"
+    return str(client_address)
 
 
 def _pdvs(body: bytearray) -> Iterator[tuple[int, bool, bool, memoryview]]:
     """The presentation data values of a P-DATA-TF body: context, command?, last?, value."""
     view = memoryview(body)
     offset = 0
+    if not body:
+        raise ProtocolError("P-DATA-TF without presentation data values")
     while offset < len(body):
         if offset + 6 > len(body):
             raise ProtocolError("truncated presentation data value item")
@@ -449,7 +628,7 @@ def _p_data(context_id: int, message: bytes, peer_max_pdu: int) -> bytes:
         fragment = message[start : start + room]
         control = 0x01 | (0x02 if start + room >= len(message) else 0)
         pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
-        pdus.append(_PDU_HEADER.pack(_P_DATA, len(pdv)) + pdv)
+        pdus.append(_PDU_HEADER.pack(PduType.P_DATA_TF, len(pdv)) + pdv)
     return b"".join(pdus)
 
 
@@ -462,6 +641,8 @@ def _command_elements(data: bytes) -> dict[int, bytes]:
             raise ProtocolError("truncated command set")
         group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
         offset += 8
+        if group != 0x0000:
+            raise ProtocolError(f"command set holds element ({group:04X},{element:04X})")
         if offset + length > len(data):
             raise ProtocolError(f"command element ({group:04X},{element:04X}) is truncated")
         elements[(group << 16) | element] = data[offset : offset + length]

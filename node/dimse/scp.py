@@ -2,35 +2,43 @@
 record it, and only then answer success.
 
 Bytes are stored exactly as received (no decode and re-encode): the file is the DICOM preamble,
-a file meta group the node writes, and the dataset as it came off the wire.
+a file meta group the node writes, and the dataset as it came off the wire. An association is
+recorded with its first instance: a C-ECHO never needs the database, and a database that
+cannot be written answers A700 per instance, with nothing left behind.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from node.catalog import Catalog, Receipt
-from node.config import Settings
+from node.catalog import AssociationRecord, Catalog, Receipt
+from node.config import InboundTlsSettings, Peer, Settings
 from node.db.models import utcnow
-from node.dimse import status
-from node.dimse.acceptor import (
-    Acceptor,
-    Association,
-    Reply,
-    StoreRequest,
+from node.dimse.acceptor import Acceptor, Association, Limits, Reply, StoreRequest
+from node.dimse.protocol import (
+    CALLED_AE_NOT_RECOGNIZED,
+    CALLING_AE_NOT_RECOGNIZED,
+    TEMPORARILY_UNAVAILABLE,
+    Rejection,
+    Status,
 )
 from node.ingest.metadata import read_metadata
 from node.ingest.part10 import file_meta
-from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, WriteOutcome
+from node.storage import (
+    InstanceStore,
+    InvalidUID,
+    StorageError,
+    StorageFull,
+    WriteOutcome,
+)
 
 log = logging.getLogger(__name__)
-
-UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass
@@ -38,6 +46,7 @@ class _Delivery:
     """What one association delivered so far."""
 
     opened: float = field(default_factory=time.monotonic)
+    recorded: bool = False
     instances: int = 0
     series_linked: set[str] = field(default_factory=set)
 
@@ -49,8 +58,8 @@ class StorageSCP:
         self._settings = settings
         self._store = store
         self._catalog = catalog
-        self._known_peers = {peer.ae_title for peer in settings.peers.values()}
-        self._acceptor: Acceptor | None = None
+        self._peer_addresses = {peer.ae_title: _addresses(peer) for peer in settings.peers.values()}
+        self._acceptors: list[Acceptor] = []
         self._deliveries: dict[str, _Delivery] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -59,55 +68,84 @@ class StorageSCP:
 
     @property
     def port(self) -> int:
-        """The bound port (useful when configured as 0)."""
-        assert self._acceptor is not None
-        return self._acceptor.port
+        """The bound port of the first listener (useful when configured as 0)."""
+        return self._acceptors[0].port
+
+    @property
+    def acceptors(self) -> list[Acceptor]:
+        return list(self._acceptors)
 
     def start(self, reuse_port: bool = False) -> None:
-        """Bind and serve in background threads."""
+        """Bind and serve in background threads: `node.port`, and `node.tls_port` when TLS
+        has a port of its own (else TLS is on `node.port`)."""
         node = self._settings.node
-        acceptor = Acceptor(
-            (node.host, node.port),
-            self,
+        limits = Limits(
             max_pdu_size=node.max_pdu_size,
             max_associations=node.max_associations,
-            reuse_port=reuse_port,
+            max_pending=node.max_pending_connections,
+            max_dataset_bytes=node.max_instance_mb << 20,
+            association_timeout=node.association_timeout_seconds,
+            network_timeout=node.network_timeout_seconds,
         )
-        thread = threading.Thread(target=acceptor.serve_forever, name="scp-listener", daemon=True)
-        thread.start()
-        self._acceptor = acceptor
-        log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+        tls = _server_context(node.tls) if node.tls is not None else None
+        listeners = [(node.port, tls if node.tls_port is None else None)]
+        if tls is not None and node.tls_port is not None:
+            listeners.append((node.tls_port, tls))
+        for port, context in listeners:
+            acceptor = Acceptor((node.host, port), self, limits, reuse_port, context)
+            thread = threading.Thread(
+                target=acceptor.serve_forever, name="scp-listener", daemon=True
+            )
+            thread.start()
+            self._acceptors.append(acceptor)
+            log.info(
+                "listening as %s on %s:%d%s",
+                node.ae_title,
+                node.host,
+                acceptor.port,
+                " (TLS)" if context is not None else "",
+            )
 
     def stop(self, drain_seconds: float = 10.0) -> None:
         """Refuse new associations, finish the instances being stored, abort the rest."""
         with self._lock:
             self._stopping = True
-        if self._acceptor is None:
-            return
-        self._acceptor.stop_listening()
+        for acceptor in self._acceptors:
+            acceptor.stop_listening()
         deadline = time.monotonic() + drain_seconds
         with self._idle:
             while self._in_flight and time.monotonic() < deadline:
                 self._idle.wait(deadline - time.monotonic())
         time.sleep(0.2)  # let the last responses leave before aborting
-        self._acceptor.abort_all()
+        for acceptor in self._acceptors:
+            acceptor.abort_all()
         log.info("storage SCP stopped")
 
-    def admit(self, calling_ae: str, called_ae: str) -> bool:
-        """Known peers only, unless `node.accept_unknown_peers`."""
-        return self._settings.node.accept_unknown_peers or calling_ae in self._known_peers
+    def admit(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
+        """Addressed to this node, from a known peer on its own host (unless
+        `node.accept_unknown_peers`), while there is room to store."""
+        node = self._settings.node
+        if called_ae != node.ae_title:
+            return CALLED_AE_NOT_RECOGNIZED
+        if self._stopping or self._store_problem() is not None:
+            return TEMPORARILY_UNAVAILABLE
+        addresses = self._peer_addresses.get(calling_ae)
+        if addresses is None:
+            return None if node.accept_unknown_peers else CALLING_AE_NOT_RECOGNIZED
+        host = address.rsplit(":", 1)[0]
+        if node.check_peer_address and _normalized(host) not in addresses:
+            log.warning(
+                "%s connected from %s, but its peer entry's host resolves to %s",
+                calling_ae,
+                host,
+                ", ".join(sorted(addresses)) or "nothing",
+            )
+            return CALLING_AE_NOT_RECOGNIZED
+        return None
 
     def opened(self, association: Association) -> None:
         with self._lock:
             self._deliveries[association.id] = _Delivery()
-        try:
-            self._catalog.open_association(
-                association.id, association.calling_ae, association.called_ae, association.address
-            )
-        except SQLAlchemyError:
-            log.exception(
-                "association %s from %s: cannot record it", association.id, association.calling_ae
-            )
         log.info(
             "association %s accepted: %s -> %s from %s",
             association.id,
@@ -118,13 +156,16 @@ class StorageSCP:
 
     def closed(self, association: Association) -> None:
         with self._lock:
-            delivery = self._deliveries.pop(association.id)
-        try:
-            self._catalog.close_association(
-                association.id, association.released, delivery.instances
-            )
-        except SQLAlchemyError:
-            log.exception("association %s: cannot record its end", association.id)
+            delivery = self._deliveries.pop(association.id, None)
+        if delivery is None:
+            return
+        if delivery.recorded:
+            try:
+                self._catalog.close_association(
+                    association.id, association.released, delivery.instances
+                )
+            except Exception as exc:  # the database is down: completion waits for the restart
+                log.error("association %s: cannot record its end: %s", association.id, exc)
         log.info(
             "association %s %s after %.1f s: %d instances from %s",
             association.id,
@@ -137,7 +178,7 @@ class StorageSCP:
     def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply:
         with self._lock:
             if self._stopping:
-                return Reply(status.OUT_OF_RESOURCES, "node is shutting down, send again later")
+                return Reply(Status.OUT_OF_RESOURCES, "node is shutting down, send again later")
             self._in_flight += 1
             delivery = self._deliveries[association.id]
         try:
@@ -155,29 +196,29 @@ class StorageSCP:
         dataset: bytes,
     ) -> Reply:
         association_id = association.id
+        problem = self._store_problem()
+        if problem is not None:
+            log.error("association %s: instance refused: %s", association_id, problem)
+            return Reply(Status.OUT_OF_RESOURCES, problem)
         try:
             meta = read_metadata(dataset, request.transfer_syntax)
         except InvalidUID as exc:
             log.warning("association %s: instance refused: %s", association_id, exc)
-            return Reply(status.INVALID_UID, str(exc))
+            return Reply(Status.INVALID_UID, str(exc))
         except Exception as exc:  # pydicom raises many types on malformed input
-            log.warning("association %s: cannot parse dataset: %s", association_id, exc)
-            return Reply(status.CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}")
+            log.warning("association %s: dataset refused: %s", association_id, exc)
+            return Reply(Status.CANNOT_UNDERSTAND, str(exc))
         uid = meta.key.sop_instance_uid
-        if meta.sop_class_uid != request.sop_class_uid:
-            log.warning(
-                "association %s: %s: SOP Class differs from the request", association_id, uid
-            )
-            return Reply(
-                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                "SOPClassUID of the dataset differs from the Affected SOP Class UID",
-            )
+        mismatch = _mismatch(meta.sop_class_uid, uid, request)
+        if mismatch is not None:
+            log.warning("association %s: %s refused: %s", association_id, uid, mismatch)
+            return Reply(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, mismatch)
         header = file_meta(meta.sop_class_uid, uid, request.transfer_syntax, association.calling_ae)
         try:
             outcome = self._store.write(meta.key, (header, dataset))
         except (StorageFull, StorageError) as exc:
             log.error("association %s: %s not stored: %s", association_id, uid, exc)
-            return Reply(status.OUT_OF_RESOURCES, str(exc))
+            return Reply(Status.OUT_OF_RESOURCES, str(exc))
         receipt = Receipt(
             association_id=association_id,
             calling_ae=association.calling_ae,
@@ -186,19 +227,77 @@ class StorageSCP:
             size_bytes=len(header) + len(dataset),
             received_at=utcnow(),
         )
+        opening = None
+        if not delivery.recorded:
+            opening = AssociationRecord(
+                association_id, association.calling_ae, association.called_ae, association.address
+            )
         try:
             self._catalog.record_instance(
                 meta,
                 receipt,
                 content_changed=outcome is not WriteOutcome.IDENTICAL,
                 link=meta.key.series_uid not in delivery.series_linked,
+                opening=opening,
             )
-        except SQLAlchemyError as exc:
+        except Exception as exc:  # the database refused or is unreachable: nothing kept
             if outcome is WriteOutcome.CREATED:
                 self._store.remove(meta.key)
             log.error("association %s: %s not recorded: %s", association_id, uid, exc)
-            return Reply(status.OUT_OF_RESOURCES, "database unavailable")
+            return Reply(Status.OUT_OF_RESOURCES, "database unavailable, send again later")
+        delivery.recorded = True
         delivery.series_linked.add(meta.key.series_uid)
         delivery.instances += 1
         log.debug("association %s: stored %s (%s)", association_id, uid, outcome.value)
-        return Reply(status.SUCCESS)
+        return Reply(Status.SUCCESS)
+
+    def _store_problem(self) -> str | None:
+        """Why nothing can be stored now (the disk below `storage.min_free_mb`), or None."""
+        free_mb = self._store.free_mb()
+        minimum = self._settings.storage.min_free_mb
+        if free_mb < minimum:
+            return f"storage has {free_mb:.0f} MB free, below storage.min_free_mb ({minimum:.0f})"
+        return None
+
+
+def _mismatch(sop_class_uid: str, sop_instance_uid: str, request: StoreRequest) -> str | None:
+    """How the dataset contradicts its C-STORE-RQ, if it does."""
+    if sop_class_uid != request.sop_class_uid:
+        return "SOPClassUID of the dataset differs from the Affected SOP Class UID"
+    if sop_instance_uid != request.sop_instance_uid:
+        return "SOPInstanceUID of the dataset differs from the Affected SOP Instance UID"
+    return None
+
+
+def _addresses(peer: Peer) -> frozenset[str]:
+    """The addresses a peer's host resolves to (none, and a warning, if it does not)."""
+    try:
+        infos = socket.getaddrinfo(peer.host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        log.warning("peer %s: host %r does not resolve (%s)", peer.ae_title, peer.host, exc)
+        return frozenset()
+    return frozenset(_normalized(str(info[4][0])) for info in infos)
+
+
+def _normalized(host: str) -> str:
+    """An address as one spelling (an IPv4-mapped IPv6 address as IPv4)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _server_context(settings: InboundTlsSettings) -> ssl.SSLContext:
+    """TLS 1.2 or later; client certificates checked against `ca_file`, required when asked."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.cert_file, settings.key_file)
+    if settings.ca_file is not None:
+        context.load_verify_locations(settings.ca_file)
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if settings.require_client_cert else ssl.CERT_OPTIONAL
+        )
+    return context

@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, Association
 
 from node.config import Peer
-from node.dimse.status import VERIFICATION
+from node.dimse.protocol import VERIFICATION
 
 SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB007, 0xB006}
 

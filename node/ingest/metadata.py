@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
 SOP_CLASS_UID, SOP_INSTANCE_UID, INSTANCE_NUMBER = 0x00080016, 0x00080018, 0x00200013
+ROWS = 0x00280010
+FIRST_PIXEL_DATA_TAG = 0x7FE00008
+"""Float Pixel Data; Double Float (7FE0,0009) and Pixel Data (7FE0,0010) follow it."""
 
 
 HOT_TAGS = (
@@ -115,23 +118,27 @@ class InstanceMetadata:
 
 
 def read_metadata(encoded: bytes, transfer_syntax: UID) -> InstanceMetadata:
-    """What the catalog needs of an instance; raises if its dataset cannot be parsed.
+    """What the catalog needs of an instance; ValueError (or InvalidUID) if the dataset is
+    not whole, not in `transfer_syntax`, or an image without its pixel data.
 
-    `scan_dataset` reads it from a whole little-endian stream without building a dataset;
-    pydicom parses it only when a series is created, or judges a stream the scan refused.
+    A little-endian stream (deflated ones inflated first) is judged by `scan_dataset` alone,
+    which reads it without building a dataset: pydicom would read a stream cut inside its last
+    sequence delimiter, or in the other VR encoding, without complaint. pydicom parses a
+    dataset only when a series is created, and judges big-endian streams.
     """
     if transfer_syntax.is_deflated:
-        encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
-    if transfer_syntax.is_little_endian:
         try:
-            values = scan_dataset(encoded, transfer_syntax.is_implicit_VR, HOT_TAGS)
-        except ValueError:
-            pass
-        else:
-            return InstanceMetadata.from_raw(
-                values, lambda: _parse_for_series(encoded, transfer_syntax)
-            )
-    return InstanceMetadata.from_dataset(parse(encoded, transfer_syntax))
+            encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise ValueError(f"deflated dataset cannot be inflated: {exc}") from exc
+    if not transfer_syntax.is_little_endian:
+        return InstanceMetadata.from_dataset(parse(encoded, transfer_syntax))
+    scanned = scan_dataset(encoded, transfer_syntax.is_implicit_VR, (*HOT_TAGS, ROWS))
+    if ROWS in scanned.values and scanned.last_tag < FIRST_PIXEL_DATA_TAG:
+        raise ValueError("an image without its pixel data: the dataset ends before (7FE0,0010)")
+    return InstanceMetadata.from_raw(
+        scanned.values, lambda: _parse_for_series(encoded, transfer_syntax)
+    )
 
 
 def _parse_for_series(inflated: bytes, transfer_syntax: UID) -> Dataset:

@@ -4,15 +4,16 @@ The receive path needs five values of each instance and proof that the stream is
 a parsed dataset: pydicom's reader spends ~2.5 µs per element building one, a tenth of the
 time the node spends on an instance. The walk reads element headers only, skips values
 (nested sequences and encapsulated pixel data included) and returns the raw bytes of the
-tags asked for. Anything it does not accept raises `ValueError`; the caller then lets pydicom
-judge the stream.
+tags asked for. Anything it does not accept raises `ValueError`.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Collection
-from typing import Any
+from typing import Any, NamedTuple
+
+from pydicom.valuerep import VR
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -20,16 +21,27 @@ ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 )
+VRS = LONG_VRS | frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
 _HEADER = struct.Struct("<HHI")  # group, element, 4-byte length (implicit VR, items)
 _EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
 _LONG_LENGTH = struct.Struct("<I")
 
 
-def scan_dataset(encoded: bytes, implicit_vr: bool, wanted: Collection[int]) -> dict[int, bytes]:
+class Scanned(NamedTuple):
+    values: dict[int, bytes]
+    """The raw values of the wanted tags present."""
+    last_tag: int
+    """The last top-level tag of the dataset (0 when it is empty)."""
+
+
+def scan_dataset(encoded: bytes, implicit_vr: bool, wanted: Collection[int]) -> Scanned:
     """The raw values of the `wanted` top-level tags present in `encoded`; ValueError if the
-    stream is not a whole little-endian dataset."""
+    stream is not a whole little-endian dataset in the VR encoding given."""
     found: dict[int, bytes] = {}
     position, end = 0, len(encoded)
+    if implicit_vr and end >= 8 and bytes(encoded[4:6]) in VRS:
+        raise ValueError("explicit VR data on an implicit VR transfer syntax")
+    tag = 0
     while position < end:
         tag, start, length, undefined_content = _element(encoded, position, implicit_vr)
         if length == UNDEFINED_LENGTH:
@@ -40,7 +52,7 @@ def scan_dataset(encoded: bytes, implicit_vr: bool, wanted: Collection[int]) -> 
             raise ValueError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is truncated")
         if tag in wanted:
             found[tag] = encoded[start:position]
-    return found
+    return Scanned(found, tag)
 
 
 def _element(encoded: bytes, position: int, implicit_vr: bool) -> tuple[int, int, int, bool]:
@@ -55,7 +67,7 @@ def _element(encoded: bytes, position: int, implicit_vr: bool) -> tuple[int, int
     if vr in LONG_VRS:
         (length,) = _unpack(_LONG_LENGTH, encoded, position + 8)
         return group << 16 | element, position + 12, length, vr == b"UN"
-    if not vr.isalpha() or not vr.isupper():
+    if vr not in VRS:
         raise ValueError(f"unknown VR {vr!r} at byte {position}")
     return group << 16 | element, position + 8, length, False
 

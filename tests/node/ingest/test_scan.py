@@ -1,4 +1,5 @@
-"""`scan_dataset` against pydicom: the same values from real files, the same streams refused."""
+"""`scan_dataset` against pydicom: the same values from real files, the same streams refused;
+and `read_metadata` refuses what is not whole or not in its transfer syntax."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_real_files_give_pydicom_values(real_series: dict[str, list[Path]]) -> N
     files = [path for paths in real_series.values() for path in paths]
     for path in files:
         encoded, syntax = dataset_bytes(path)
-        scanned = scan_dataset(encoded, syntax.is_implicit_VR, HOT_TAGS)
+        scanned = scan_dataset(encoded, syntax.is_implicit_VR, HOT_TAGS).values
         parsed = parse(encoded, syntax)
         expected = {tag: parsed.get_item(tag).value for tag in HOT_TAGS if tag in parsed}
         assert scanned == expected, path.name
@@ -75,7 +76,7 @@ def test_real_files_give_pydicom_values(real_series: dict[str, list[Path]]) -> N
 def test_nested_undefined_lengths_are_skipped(implicit_vr: bool) -> None:
     ds = nested()
     encoded = encode(ds, implicit_vr)
-    assert scan_dataset(encoded, implicit_vr, HOT_TAGS) == {
+    assert scan_dataset(encoded, implicit_vr, HOT_TAGS).values == {
         0x00080016: b"1.2.840.10008.5.1.4.1.1.2\0",
         0x00080018: b"1.2.3.4.5.6.7\0",
         0x0020000D: b"1.2.3\0",
@@ -103,7 +104,7 @@ def test_undefined_length_un_and_encapsulated_pixel_data_are_skipped() -> None:
     )
     head = encode(nested(), implicit_vr=False)
     encoded = head + un + item + bytes.fromhex("feff dde0 00000000") + pixels
-    assert scan_dataset(encoded, False, [SOP_INSTANCE_UID]) == {
+    assert scan_dataset(encoded, False, [SOP_INSTANCE_UID]).values == {
         SOP_INSTANCE_UID: b"1.2.3.4.5.6.7\0"
     }
     with pytest.raises(ValueError):
@@ -123,7 +124,7 @@ def test_a_stream_cut_anywhere_but_between_elements_is_refused(implicit_vr: bool
     for cut in range(1, len(encoded) + 1):
         stream = encoded[:cut]
         try:
-            scanned = scan_dataset(stream, implicit_vr, HOT_TAGS)
+            scanned = scan_dataset(stream, implicit_vr, HOT_TAGS).values
         except ValueError:
             continue
         accepted.append(cut)
@@ -143,14 +144,14 @@ def test_deflated_stream_is_inflated_once() -> None:
     assert meta.dataset.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.5.6"
 
 
-def test_a_stream_the_scan_refuses_goes_to_pydicom() -> None:
-    """Some senders encode implicit VR under an explicit VR transfer syntax; pydicom notices
-    and reads it, the scan refuses it."""
-    implicit = encode(nested(), implicit_vr=True)
-    with pytest.raises(ValueError):
-        scan_dataset(implicit, False, HOT_TAGS)
-    meta = read_metadata(implicit, ExplicitVRLittleEndian)
-    assert meta.key.sop_instance_uid == "1.2.3.4.5.6.7" and meta.instance_number == 12
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_data_in_the_other_vr_encoding_is_refused(implicit_vr: bool) -> None:
+    """Some senders encode implicit VR under an explicit VR transfer syntax (or the reverse);
+    stored, the file would name the wrong transfer syntax."""
+    wrong = encode(nested(), implicit_vr=not implicit_vr)
+    syntax = ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian
+    with pytest.raises(ValueError, match="VR"):
+        read_metadata(wrong, syntax)
 
 
 def test_big_endian_goes_to_pydicom() -> None:
@@ -159,3 +160,26 @@ def test_big_endian_goes_to_pydicom() -> None:
     write_dataset(fp, nested())
     meta = read_metadata(fp.getvalue(), ExplicitVRBigEndian)
     assert meta.key.series_uid == "1.2.3.4" and meta.instance_number == 12
+
+
+def test_a_real_jpeg_instance_missing_its_last_bytes_is_refused(
+    real_series: dict[str, list[Path]],
+) -> None:
+    """The last 1-4 bytes of an encapsulated stream are the sequence delimiter's length."""
+    encoded, syntax = dataset_bytes(real_series["covid"][0])
+    assert syntax.is_compressed
+    assert read_metadata(encoded, syntax).key.sop_instance_uid
+    for missing in (1, 2, 3, 4, 8, 100, len(encoded) // 2):
+        with pytest.raises(ValueError):
+            read_metadata(encoded[:-missing], syntax)
+
+
+def test_an_image_cut_before_its_pixel_data_is_refused() -> None:
+    ds = nested()
+    ds.Rows, ds.Columns = 2, 2
+    cut = encode(ds, False)
+    ds.PixelData = b"\0" * 8
+    ds["PixelData"].VR = "OW"
+    assert read_metadata(encode(ds, False), ExplicitVRLittleEndian).instance_number == 12
+    with pytest.raises(ValueError, match="without its pixel data"):
+        read_metadata(cut, ExplicitVRLittleEndian)

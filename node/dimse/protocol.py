@@ -1,0 +1,109 @@
+"""The numbers of the DICOM protocol the node speaks, named once: upper-layer PDU types and
+their reject and abort codes (PS3.8 9.3), DIMSE command fields and statuses (PS3.7), and the
+SOP class it verifies with."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from pydicom.uid import UID
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = UID("1.2.840.10008.1.1")
+"""The Verification SOP Class (C-ECHO)."""
+
+
+class PduType(enum.IntEnum):
+    """PS3.8 9.3.1."""
+
+    ASSOCIATE_RQ = 0x01
+    ASSOCIATE_AC = 0x02
+    ASSOCIATE_RJ = 0x03
+    P_DATA_TF = 0x04
+    RELEASE_RQ = 0x05
+    RELEASE_RP = 0x06
+    ABORT = 0x07
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An A-ASSOCIATE-RJ's result, source and reason (PS3.8 9.3.4), and what it means."""
+
+    result: int
+    source: int
+    reason: int
+    meaning: str
+
+    @property
+    def transient(self) -> bool:
+        return self.result == 0x02
+
+
+NO_REASON = Rejection(0x01, 0x01, 0x01, "no reason given")
+UNSUPPORTED_APPLICATION_CONTEXT = Rejection(
+    0x01, 0x01, 0x02, "application context name not supported"
+)
+CALLING_AE_NOT_RECOGNIZED = Rejection(0x01, 0x01, 0x03, "calling AE title not recognised")
+CALLED_AE_NOT_RECOGNIZED = Rejection(0x01, 0x01, 0x07, "called AE title not recognised")
+TEMPORARILY_UNAVAILABLE = Rejection(0x02, 0x01, 0x01, "temporarily unable to accept")
+LOCAL_LIMIT_EXCEEDED = Rejection(0x02, 0x03, 0x02, "local limit of associations exceeded")
+
+
+class AbortReason(enum.IntEnum):
+    """A-ABORT reasons of the service provider (PS3.8 9.3.8)."""
+
+    NOT_SPECIFIED = 0x00
+    UNRECOGNIZED_PDU = 0x01
+    UNEXPECTED_PDU = 0x02
+    UNRECOGNIZED_PDU_PARAMETER = 0x04
+    UNEXPECTED_PDU_PARAMETER = 0x05
+    INVALID_PDU_PARAMETER = 0x06
+
+
+class AbortSource(enum.IntEnum):
+    SERVICE_USER = 0x00
+    SERVICE_PROVIDER = 0x02
+
+
+class CommandField(enum.IntEnum):
+    """PS3.7 E.1."""
+
+    C_STORE_RQ = 0x0001
+    C_ECHO_RQ = 0x0030
+    RESPONSE = 0x8000
+    """Set in the response to a request."""
+
+
+class CommandTag(enum.IntEnum):
+    """Command set elements (group 0000, PS3.7 E.1)."""
+
+    GROUP_LENGTH = 0x00000000
+    AFFECTED_SOP_CLASS_UID = 0x00000002
+    COMMAND_FIELD = 0x00000100
+    MESSAGE_ID = 0x00000110
+    MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
+    PRIORITY = 0x00000700
+    COMMAND_DATA_SET_TYPE = 0x00000800
+    STATUS = 0x00000900
+    ERROR_COMMENT = 0x00000902
+    AFFECTED_SOP_INSTANCE_UID = 0x00001000
+
+
+NO_DATA_SET = 0x0101
+"""Command Data Set Type: the message has no dataset."""
+
+
+class Status(enum.IntEnum):
+    """The statuses the node answers (PS3.4 B.2.3, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    UNRECOGNIZED_OPERATION = 0x0211
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    """The dataset cannot be parsed, or is not whole, or not in its context's syntax."""
+    INVALID_UID = 0xC001
+    """A study, series or SOP Instance UID is missing or not a UID (Cannot Understand range)."""
