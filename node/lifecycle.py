@@ -23,3 +23,11 @@ def stop_when_parent_exits(stopping: threading.Event) -> None:
         stopping.set()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def wait_for_stop(stopping: threading.Event) -> None:
+    """Block the main thread until `stopping` is set, waking every second: a signal the kernel
+    delivers to another thread runs its Python handler only when the main thread wakes, so an
+    untimed wait can leave a SIGTERM unanswered (seen: 30 s)."""
+    while not stopping.wait(1.0):
+        pass

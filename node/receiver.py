@@ -14,7 +14,7 @@ from node.catalog import Catalog
 from node.config import Settings
 from node.db.engine import make_engine
 from node.dimse.scp import StorageSCP
-from node.lifecycle import stop_when_parent_exits
+from node.lifecycle import stop_when_parent_exits, wait_for_stop
 from node.logs import configure_logging
 from node.storage import InstanceStore
 
@@ -56,5 +56,5 @@ def run_receiver_process(settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     stop_when_parent_exits(stopping)
     receiver.start()
-    stopping.wait()
+    wait_for_stop(stopping)
     receiver.stop()

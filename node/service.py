@@ -25,6 +25,7 @@ from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import utcnow
 from node.dispatch.dispatcher import Dispatcher
+from node.lifecycle import wait_for_stop
 from node.queue import JobQueue
 from node.receiver import Receiver, run_receiver_process
 from node.recovery import recover_after_restart
@@ -192,6 +193,6 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGINT, _request_stop)
     service.start()
     try:
-        stopping.wait()
+        wait_for_stop(stopping)
     finally:
         service.stop()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import Engine, select, update
 
 from node.db.models import Instance, Series, SeriesState
-from node.queue import JobQueue
-from node.routing.engine import SeriesFacts, route_series, route_study
+from node.routing.engine import JobRequest, SeriesFacts, route_series, route_study
 from node.routing.rules import RulesError, RuleSet, load_rules
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,17 @@ class RulesSource:
         self.error = message
 
 
-class Router:
-    """Routes completed series (series rules) and studies (study rules) into the queue."""
+class JobSink(Protocol):
+    """Where routing decisions go (`node.queue.JobQueue`): jobs created once per series
+    revision and pipeline; returns the ids of those new."""
 
-    def __init__(self, engine: Engine, storage: Path, rules: RulesSource, queue: JobQueue) -> None:
+    def enqueue(self, series_id: int, revision: int, requests: list[JobRequest]) -> list[int]: ...
+
+
+class Router:
+    """Routes completed series (series rules) and studies (study rules) to `queue`."""
+
+    def __init__(self, engine: Engine, storage: Path, rules: RulesSource, queue: JobSink) -> None:
         self._engine = engine
         self._storage = storage
         self._rules = rules
