@@ -16,7 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from node.dimse.acceptor import Acceptor, Association, Reply, StoreRequest
+from node.dimse.acceptor import Acceptor, Association, Limits, Reply, StoreRequest
+from node.dimse.protocol import CALLING_AE_NOT_RECOGNIZED, Rejection
 
 
 @dataclass
@@ -28,8 +29,8 @@ class Recorder:
     ended: list[Association] = field(default_factory=list)
     ended_event: threading.Event = field(default_factory=threading.Event)
 
-    def admit(self, calling_ae: str, called_ae: str) -> bool:
-        return calling_ae != "INTRUDER"
+    def admit(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
+        return CALLING_AE_NOT_RECOGNIZED if calling_ae == "INTRUDER" else None
 
     def opened(self, association: Association) -> None:
         pass
@@ -53,7 +54,8 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def acceptor(recorder: Recorder) -> Iterator[Acceptor]:
-    server = Acceptor(("127.0.0.1", 0), recorder, max_pdu_size=4096, max_associations=1)
+    limits = Limits(max_pdu_size=4096, max_associations=1, max_pending=4)
+    server = Acceptor(("127.0.0.1", 0), recorder, limits)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
