@@ -10,7 +10,8 @@ FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
-    # pynetdicom's own INFO/DEBUG output dumps whole datasets, patient data included.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom's own INFO/DEBUG output dumps whole datasets, patient data included, and its
+    # ERRORs come with tracebacks of what a peer sent: the node logs each outcome itself.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

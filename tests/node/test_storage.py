@@ -132,3 +132,12 @@ def test_a_series_folder_removed_behind_the_store_is_made_again(tmp_path: Path) 
     assert store.write(second, (b"second",)) is WriteOutcome.CREATED
     assert store.path_of(second).read_bytes() == b"second"
     assert list((tmp_path / ".incoming").iterdir()) == []
+
+
+@pytest.mark.parametrize("control", [chr(c) for c in (*range(0x20), 0x7F)])
+def test_a_uid_with_any_control_character_is_refused(control: str) -> None:
+    """Finding 5: "1.2.3.4\\n" once passed (`$` matches before a final newline)."""
+    ends = () if control == "\0" else (f"1.2.3.4{control}", f"{control}1.2.3")  # NUL: padding
+    for uid in (f"1.2{control}.3", *ends):
+        with pytest.raises(InvalidUID):
+            check_uid(uid, "StudyInstanceUID")

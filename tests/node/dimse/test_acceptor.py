@@ -1,10 +1,15 @@
 """The upper-layer acceptor against a real pynetdicom peer over loopback: fragmented PDUs,
-statuses with comments, the association limit, release, abort and garbage on the wire."""
+statuses with comments, the association limit, release, abort and garbage on the wire; and
+against hand-built hostile PDUs: malformed requests, lying lengths, trickles, split messages."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
+import time
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,6 +23,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.dimse.acceptor import Acceptor, Association, Limits, Reply, StoreRequest
 from node.dimse.protocol import CALLING_AE_NOT_RECOGNIZED, Rejection
+from tests import dicom_wire as wire
 
 
 @dataclass
@@ -163,3 +169,166 @@ def test_a_fault_in_the_node_fails_one_instance_not_the_association(
     assert assoc.send_c_store(ct_image(1024)).Status == 0x0000
     assoc.release()
     assert len(recorder.stored) == 2
+
+
+@pytest.fixture
+def hostile(recorder: Recorder) -> Iterator[Acceptor]:
+    """An acceptor with short deadlines, as a hospital would face a broken or hostile peer."""
+    limits = Limits(
+        max_pdu_size=0,
+        max_associations=1,
+        max_pending=8,
+        association_timeout=1.0,
+        network_timeout=1.0,
+    )
+    server = Acceptor(("127.0.0.1", 0), recorder, limits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.stop_listening()
+    server.abort_all()
+
+
+def exchange(port: int, *pdus: bytes) -> list[int]:
+    """Send `pdus`, then read what the node answers until it closes: the PDU types."""
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        for data in pdus:
+            with contextlib.suppress(OSError):
+                raw.sendall(data)
+        while (answer := wire.read_pdu(raw)) is not None:
+            answers.append(answer[0])
+    return answers
+
+
+def settled(acceptor: Acceptor) -> bool:
+    """No association and no negotiating connection left."""
+    deadline = time.monotonic() + 5
+    while acceptor.open_associations or acceptor.pending_connections:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def untraced(caplog: pytest.LogCaptureFixture) -> bool:
+    """No traceback from the node's own loggers (`configure_logging` quiets pynetdicom's)."""
+    return all(r.exc_info is None for r in caplog.records if r.name.startswith("node"))
+
+
+def test_a_context_without_abstract_syntax_never_locks_the_node_out(
+    hostile: Acceptor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 1: such an RQ used to raise inside the negotiation and keep its slot."""
+    broken = wire.presentation_context(1, None, [ExplicitVRLittleEndian])
+    for _ in range(10):
+        assert exchange(hostile.port, wire.associate_rq(contexts=[broken])) == [0x07]
+    assert settled(hostile)
+    assoc = associate(hostile.port)
+    assert assoc.is_established
+    assoc.release()
+    assert untraced(caplog)
+    assert "has no abstract syntax" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda rq: rq[:-3],  # cut inside the user information item
+        lambda rq: rq[:6] + rq[6:40] + b"\xff" * 40 + rq[80:],  # garbage AE titles and more
+        lambda rq: rq.replace(b"\x10\x00\x00\x15", b"\x10\x00\x00\x99"),  # item length lies
+        lambda rq: rq.replace(b"\x51\x00\x00\x04", b"\x51\x00\x00\x02"),  # short max length
+        lambda rq: rq.replace(b"\x50\x00", b"\x77\x00"),  # unknown item type
+        lambda rq: rq[:6] + b"\x00\x07" + rq[8:],  # protocol version 7
+    ],
+)
+def test_malformed_associate_requests_are_answered_not_traced(
+    hostile: Acceptor, caplog: pytest.LogCaptureFixture, mutate
+) -> None:
+    """Finding 2: each gets an A-ASSOCIATE-RJ or A-ABORT and one log line, no traceback."""
+    answers = exchange(hostile.port, mutate(wire.associate_rq()))
+    # an A-ABORT or an A-ASSOCIATE-RJ; or, where the request still reads as one, an
+    # A-ASSOCIATE-AC and, the peer saying nothing more, an A-ABORT at the network deadline
+    assert answers in ([0x07], [0x03], [0x02, 0x07]), answers
+    assert settled(hostile)
+    assert untraced(caplog)
+
+
+def test_an_announced_length_costs_nothing_until_it_is_sent(hostile: Acceptor) -> None:
+    """Finding 3: headers claiming huge PDUs are refused at once or cost only what arrives."""
+    assert exchange(hostile.port, struct.pack(">BxI", 0x01, 0xFFFFFFFF)) == [0x07]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    sockets = []
+    for _ in range(8):  # the negotiating connections allowed
+        raw = socket.create_connection(("127.0.0.1", hostile.port))
+        raw.sendall(struct.pack(">BxI", 0x01, 1 << 20))  # an RQ of 1 MiB announced, not sent
+        sockets.append(raw)
+    time.sleep(0.3)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    for raw in sockets:
+        raw.close()
+    assert grown < 2 << 20, f"{grown} bytes for 8 MiB announced"
+    assert settled(hostile)
+
+
+def test_connections_past_the_pending_cap_are_closed_at_once(hostile: Acceptor) -> None:
+    idle = [socket.create_connection(("127.0.0.1", hostile.port)) for _ in range(8)]
+    time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=5) as extra:
+        assert extra.recv(16) == b""  # closed without waiting for anything
+    for raw in idle:
+        raw.close()
+    assert settled(hostile)
+
+
+def test_a_trickling_peer_is_cut_off_at_the_pdu_deadline(hostile: Acceptor) -> None:
+    """Finding 3: the deadline is for the whole PDU, not for each byte."""
+    request = wire.associate_rq()
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=10) as raw:
+        started = time.monotonic()
+        sent = 0
+        with contextlib.suppress(OSError):
+            for byte in request:
+                raw.sendall(bytes([byte]))
+                sent += 1
+                time.sleep(0.2)
+        answer = wire.read_pdu(raw)
+    assert sent < len(request), "the whole RQ went through a byte every 0.2 s"
+    assert answer is None or answer[0] == 0x07
+    assert time.monotonic() - started < len(request) * 0.2
+    assert settled(hostile)
+
+
+def test_a_dataset_split_over_two_contexts_is_aborted(hostile: Acceptor) -> None:
+    contexts = [
+        wire.presentation_context(1, wire.CT_IMAGE_STORAGE, [ExplicitVRLittleEndian]),
+        wire.presentation_context(3, wire.MR_IMAGE_STORAGE, [ExplicitVRLittleEndian]),
+    ]
+    command = wire.c_store_rq(wire.CT_IMAGE_STORAGE, "1.2.3.4")
+    answers = exchange(
+        hostile.port,
+        wire.associate_rq(contexts=contexts),
+        wire.p_data(1, command, command=True),
+        wire.p_data(1, b"\x08\x00\x16\x00UI\x02\x001\x00", command=False, last=False),
+        wire.p_data(3, b"\x08\x00\x18\x00UI\x02\x001\x00", command=False),
+    )
+    assert answers == [0x02, 0x07]
+    assert settled(hostile)
+
+
+def test_an_affected_sop_class_not_of_its_context_is_refused(
+    hostile: Acceptor, recorder: Recorder
+) -> None:
+    """Finding 6: MR sent on a CT context."""
+    command = wire.c_store_rq(wire.MR_IMAGE_STORAGE, "1.2.3.4")
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=10) as raw:
+        raw.sendall(wire.associate_rq())
+        assert wire.read_pdu(raw)[0] == 0x02
+        raw.sendall(wire.p_data(1, command, command=True))
+        raw.sendall(wire.p_data(1, encoded(ct_image(256)), command=False))
+        pdu_type, body = wire.read_pdu(raw)
+        raw.sendall(wire.RELEASE_RQ)
+        assert wire.read_pdu(raw)[0] == 0x06
+    assert pdu_type == 0x04 and wire.status_of(body) == 0x0122
+    assert recorder.stored == []

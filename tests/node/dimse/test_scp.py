@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -348,7 +349,13 @@ def test_sigkill_mid_transfer_keeps_every_acknowledged_instance(
     uid = series_uid(files[0])
     series = wait_until(lambda: (s := node.series()[uid])["state"] == "complete" and s, 10)
     assert series["instances"] >= min(len(acked), len(real_series["covid"]))
-    assert "closed 1 associations left open" in node.log()
+    assert "did not stop cleanly" in node.log()
+    # Finding 8: whatever was written but not yet recorded when the node died is recorded
+    # now (the same boot: no reboot check), and no temp file is left.
+    on_disk = len(list(node.storage.glob("*/*/*.dcm")))
+    recorded = sum(series["instances"] for series in node.series().values())
+    assert on_disk == recorded
+    assert not list((node.storage / ".incoming").iterdir())
 
 
 def test_sigterm_stops_cleanly(start_node: StartNode) -> None:
@@ -376,3 +383,95 @@ def test_logs_carry_no_patient_identifiers(
     assert uid in log
     for identifier in (str(source.PatientName), str(source.PatientID)):
         assert identifier and identifier not in log
+
+
+def echo(
+    port: int, calling: str = "STORESCU", called: str = "AINODE"
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_called_ae_and_the_peers_address_are_checked(start_node: StartNode) -> None:
+    """Finding 6: an RQ for another AE title is rejected (reason 7); a listed AE title that
+    connects from elsewhere than its peer's host is rejected (reason 3), with a log line."""
+    node = start_node(
+        peers={
+            "modality": {"ae_title": "STORESCU", "host": "127.0.0.1", "port": 104},
+            "elsewhere": {"ae_title": "FARAWAY", "host": "192.0.2.1", "port": 104},
+        }
+    )
+    wrong_called = echo(node.port, called="NOTME")
+    assert wrong_called.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong_called.stdout + wrong_called.stderr
+    far = echo(node.port, calling="FARAWAY")
+    assert far.returncode != 0
+    assert "Calling AE Title Not Recognized" in far.stdout + far.stderr
+    assert "FARAWAY connected from 127.0.0.1, but its peer entry's host resolves to 192.0.2.1" in (
+        node.log()
+    )
+    assert echo(node.port).returncode == 0
+
+
+def test_a_dataset_that_contradicts_its_command_is_refused(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """Finding 6: the command's Affected SOP Instance UID is not the dataset's."""
+    node = start_node()
+    status = send_with_pynetdicom(node.port, ct_dataset(generate_uid()), tmp_path)
+    assert status == 0xA900
+    assert list(node.storage.rglob("*.dcm")) == []
+    assert "differs from the Affected SOP Instance UID" in node.log()
+
+
+def test_a_locked_database_answers_a700_fast_and_the_node_recovers(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """Finding 7: with the catalog locked by another process, C-ECHO still answers, each
+    C-STORE gets A700 within the receive path's busy timeout and leaves no file; once the
+    lock is gone, stores succeed again."""
+    node = start_node()
+    database = Path(node.settings["database"]["url"].removeprefix("sqlite:///"))
+    phantom = tmp_path / "one.dcm"
+    ct_dataset(generate_uid()).save_as(phantom, enforce_file_format=True)
+    holder = sqlite3.connect(database, timeout=0, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert echo(node.port).returncode == 0
+        refused = storescu(node.port, [phantom], check=False)
+        assert "Refused: OutOfResources" in refused.stdout + refused.stderr
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert list(node.storage.rglob("*.dcm")) == []
+    assert "not recorded" in node.log()
+    storescu(node.port, [phantom])
+    assert len(list(node.storage.rglob("*.dcm"))) == 1
+
+
+def test_below_the_disk_watermark_associations_are_refused(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    node = start_node(storage={"min_free_mb": 1e12})
+    refused = echo(node.port)
+    assert refused.returncode != 0
+    assert "Rejected Transient" in refused.stdout + refused.stderr
+
+
+def test_what_the_node_writes_is_private_to_its_owner_and_group(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """Finding 9: database, instance files and their folders are not readable by others."""
+    node = start_node()
+    phantom = tmp_path / "one.dcm"
+    ct_dataset(generate_uid()).save_as(phantom, enforce_file_format=True)
+    storescu(node.port, [phantom])
+    database = Path(node.settings["database"]["url"].removeprefix("sqlite:///"))
+    written = [database, *node.storage.rglob("*")]
+    assert len(written) > 4
+    for path in written:
+        assert path.stat().st_mode & 0o007 == 0, f"{path} is open to others"
