@@ -430,7 +430,7 @@ def _stored_series_facts(settings: Settings, uid: str) -> SeriesFacts:
     from sqlalchemy import select
 
     from node.db.models import Series
-    from node.routing.router import stored_series_facts
+    from node.routing.router import NoInstanceLeft, stored_series_facts
 
     engine = _engine(settings)
     with engine.connect() as conn:
@@ -440,6 +440,10 @@ def _stored_series_facts(settings: Settings, uid: str) -> SeriesFacts:
     if series_id is None:
         typer.echo(f"series {uid} is not stored on this node", err=True)
         raise typer.Exit(2)
-    facts = stored_series_facts(engine, settings.storage.path, series_id)
-    engine.dispose()
-    return facts
+    try:
+        return stored_series_facts(engine, settings.storage.path, series_id)
+    except NoInstanceLeft as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        engine.dispose()

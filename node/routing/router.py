@@ -11,6 +11,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, select, update
 
 from node.db.models import Instance, Series, SeriesState
@@ -77,8 +78,18 @@ class Router:
         self._rules = rules
         self._queue = queue
 
-    def facts(self, series_id: int) -> SeriesFacts:
-        return stored_series_facts(self._engine, self._storage, series_id)
+    def facts(self, series_id: int) -> SeriesFacts | None:
+        """The series' facts; None (and a log line) when it has no readable instance left:
+        its instances moved to another series, or its stored header cannot be read."""
+        try:
+            return stored_series_facts(self._engine, self._storage, series_id)
+        except NoInstanceLeft as exc:
+            log.info("series %d not routed: %s", series_id, exc)
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            log.warning(
+                "series %d not routed: its stored header cannot be read: %s", series_id, exc
+            )
+        return None
 
     def route_pending(self) -> int:
         """Route every complete series revision not routed yet; return how many.
@@ -97,7 +108,8 @@ class Router:
             return 0
         rules = self._rules.current()
         for series_id, uid, revision in pending:
-            requests, _ = route_series(rules, self.facts(series_id))
+            facts = self.facts(series_id)
+            requests = route_series(rules, facts)[0] if facts is not None else []
             created = self._queue.enqueue(series_id, revision, requests)
             with self._engine.begin() as conn:
                 conn.execute(
@@ -116,10 +128,11 @@ class Router:
                         Series.study_id == study_id, Series.state == SeriesState.COMPLETE
                     )
                 ).all()
-            candidates = [self.facts(series_id) for series_id, _ in members]
-            by_uid = {
-                f.series_instance_uid: ids for f, ids in zip(candidates, members, strict=True)
-            }
+            facts = [
+                (self.facts(series_id), (series_id, revision)) for series_id, revision in members
+            ]
+            candidates = [found for found, _ in facts if found is not None]
+            by_uid = {found.series_instance_uid: ids for found, ids in facts if found is not None}
             requests, _ = route_study(rules, candidates)
             for request in requests:
                 series_id, revision = by_uid[request.series_instance_uid]
@@ -130,6 +143,10 @@ class Router:
                     request.series_instance_uid,
                     created,
                 )
+
+
+class NoInstanceLeft(LookupError):
+    """The series has no instance (they moved to another series under the same UIDs)."""
 
 
 def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> SeriesFacts:
@@ -148,7 +165,9 @@ def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> Series
             .where(Instance.series_id == series_id)
             .order_by(Instance.instance_number, Instance.id)
             .limit(1)
-        ).scalar_one()
+        ).scalar_one_or_none()
+    if path is None:
+        raise NoInstanceLeft(f"series {series.series_instance_uid} has no instance left")
     context = {
         "calling_ae": series.calling_ae,
         "called_ae": series.called_ae,

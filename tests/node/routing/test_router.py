@@ -9,7 +9,7 @@ import pydicom
 from sqlalchemy import Engine, select, update
 
 from node.catalog import Catalog, Receipt
-from node.db.models import Job, Series, SeriesState, utcnow
+from node.db.models import Instance, Job, Series, SeriesState, utcnow
 from node.ingest.metadata import InstanceMetadata
 from node.queue import JobQueue
 from node.routing.router import Router, RulesSource
@@ -107,3 +107,19 @@ def test_a_broken_rules_file_keeps_the_last_good_rules(tmp_path: Path) -> None:
     rules_file.write_text(RULES.replace("thin-ct", "thin-chest-ct"))
     assert [rule.name for rule in source.current().rules] == ["thin-chest-ct", "best-of-study"]
     assert source.error is None
+
+
+def test_a_series_whose_instances_moved_away_is_routed_to_nothing(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Found by the fuzzer: new bytes under a known SOP Instance UID moved every instance of a
+    series into another one; the empty series completed and routing failed on it forever."""
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(RULES)
+    thin = store_series(engine, tmp_path / "store", thickness=1.0, slices=6)
+    with engine.begin() as conn:
+        conn.execute(Instance.__table__.delete().where(Instance.series_id == thin))
+    routing = router(engine, tmp_path / "store", rules_file)
+    assert routing.route_pending() == 1
+    assert routing.route_pending() == 0
+    assert jobs(engine) == []
