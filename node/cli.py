@@ -78,7 +78,13 @@ def status(
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
     from node.db.engine import make_session_factory
     from node.dispatch.dispatcher import list_dispatches
-    from node.report import RulesStatus, build_report, pipeline_statuses, render_text
+    from node.report import (
+        RulesStatus,
+        build_report,
+        disk_status,
+        pipeline_statuses,
+        render_text,
+    )
     from node.routing.rules import RulesError, load_rules
 
     settings = _settings(config)
@@ -96,6 +102,7 @@ def status(
     report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
     report.pipelines = pipeline_statuses(pipelines)
     report.dispatches = list_dispatches(engine)
+    report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
     engine.dispose()
     typer.echo(report.model_dump_json(indent=2) if as_json else render_text(report))
 

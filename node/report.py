@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db.models import Association, Series, Study
 from node.dispatch.dispatcher import DispatchView
 from node.queue import JobView
+from node.storage import InstanceStore
 from pipelines.base import Pipeline
 
 
@@ -57,6 +59,16 @@ class PipelineStatus(BaseModel):
     problem: str | None
 
 
+class DiskStatus(BaseModel):
+    """The store's filesystem against `storage.min_free_mb`: below it the node refuses
+    associations and answers C-STORE with A700."""
+
+    path: str
+    free_mb: float
+    min_free_mb: float
+    accepting: bool
+
+
 class StatusReport(BaseModel):
     """The JSON of `ainode status --json`."""
 
@@ -67,6 +79,17 @@ class StatusReport(BaseModel):
     rules: RulesStatus | None = None
     pipelines: list[PipelineStatus] = []
     dispatches: list[DispatchView] = []
+    disk: DiskStatus | None = None
+
+
+def disk_status(storage: Path, min_free_mb: float) -> DiskStatus:
+    free_mb = InstanceStore(storage).free_mb()
+    return DiskStatus(
+        path=str(storage),
+        free_mb=round(free_mb, 1),
+        min_free_mb=min_free_mb,
+        accepting=free_mb >= min_free_mb,
+    )
 
 
 def build_report(sessions: sessionmaker[Session]) -> StatusReport:
@@ -167,6 +190,12 @@ def render_text(report: StatusReport) -> str:
     for pipeline in report.pipelines:
         state = "ready" if pipeline.available else f"UNAVAILABLE: {pipeline.problem}"
         lines.append(f"pipeline {pipeline.name} {pipeline.version}  {state}")
+    disk = report.disk
+    if disk is not None and not disk.accepting:
+        lines.append(
+            f"disk: {disk.free_mb:.0f} MB free on {disk.path}, below storage.min_free_mb "
+            f"({disk.min_free_mb:.0f}): associations are refused"
+        )
     if report.rules is not None and report.rules.error:
         lines.append(
             f"routing rules INVALID (the node keeps the last good ones):\n{report.rules.error}"

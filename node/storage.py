@@ -126,8 +126,12 @@ class InstanceStore:
         return self.root / study / "results" / series / f"r{revision}-{pipeline}"
 
     def free_mb(self) -> float:
-        """Space left to an unprivileged writer on the store's filesystem, in MB."""
-        stats = os.statvfs(self.root)
+        """Space left to an unprivileged writer on the store's filesystem, in MB (on the
+        filesystem it will be made on, before it exists)."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        stats = os.statvfs(existing)
         return stats.f_bavail * stats.f_frsize / 1e6
 
     def path_of(self, key: InstanceKey) -> Path:

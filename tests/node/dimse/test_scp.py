@@ -460,6 +460,9 @@ def test_below_the_disk_watermark_associations_are_refused(
     refused = echo(node.port)
     assert refused.returncode != 0
     assert "Rejected Transient" in refused.stdout + refused.stderr
+    status = node.cli("status")
+    assert "below storage.min_free_mb" in status.stdout
+    assert node.status()["disk"]["accepting"] is False
 
 
 def test_what_the_node_writes_is_private_to_its_owner_and_group(
