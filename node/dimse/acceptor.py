@@ -191,7 +191,7 @@ class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.tls = tls
         self._lock = threading.Lock()
         self._open: dict[int, _Connection] = {}
-        self._pending = 0
+        self._pending: dict[int, socket.socket] = {}  # oldest first
         super().__init__(address, _Connection)
 
     def server_bind(self) -> None:
@@ -211,24 +211,27 @@ class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
     @property
     def pending_connections(self) -> int:
         with self._lock:
-            return self._pending
+            return len(self._pending)
 
     def verify_request(self, request: object, client_address: object) -> bool:
-        """Count a new connection in; close it at once past `max_pending` (it would only
-        hold a thread while it dawdles over its A-ASSOCIATE-RQ)."""
+        """Count a new connection in. Past `max_pending`, the connection that has been
+        negotiating longest is closed to make room: a sender sends its A-ASSOCIATE-RQ at once,
+        so the oldest is the one dawdling, and trickling peers only push each other out."""
+        assert isinstance(request, socket.socket)
         with self._lock:
-            if self._pending >= self.limits.max_pending:
-                admitted = False
-            else:
-                self._pending += 1
-                admitted = True
-        if not admitted:
+            oldest = None
+            if len(self._pending) >= self.limits.max_pending:
+                oldest = self._pending.pop(next(iter(self._pending)))
+            self._pending[id(request)] = request
+        if oldest is not None:
             log.warning(
-                "connection from %s closed: %d connections are still negotiating",
-                _address(client_address),
+                "connection from %s closed: the oldest of %d still negotiating",
+                _address(_peer_of(oldest)),
                 self.limits.max_pending,
             )
-        return admitted
+            with contextlib.suppress(OSError):
+                oldest.shutdown(socket.SHUT_RDWR)
+        return True
 
     def handle_error(self, request: object, client_address: object) -> None:
         """Never a traceback for what a peer did (connections handle their own errors)."""
@@ -252,14 +255,14 @@ class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
         with self._lock:
             if len(self._open) >= self.limits.max_associations:
                 return False
-            self._pending -= 1
-            self._open[id(connection)] = connection
+            self._pending.pop(connection.socket_id, None)
+            self._open[connection.socket_id] = connection
             return True
 
     def _ended(self, connection: _Connection) -> None:
         with self._lock:
-            if self._open.pop(id(connection), None) is None:
-                self._pending -= 1
+            self._pending.pop(connection.socket_id, None)
+            self._open.pop(connection.socket_id, None)
 
 
 class _Connection(socketserver.BaseRequestHandler):
@@ -274,6 +277,7 @@ class _Connection(socketserver.BaseRequestHandler):
                 self.request.close()
 
     def setup(self) -> None:
+        self.socket_id = id(self.request)  # the accepted socket's (TLS wraps it later)
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._send_lock = threading.Lock()
         self._peer_max_pdu = 0
@@ -594,6 +598,13 @@ def _check_contexts(proposed: list[PresentationContext]) -> None:
             raise ProtocolError(f"presentation context {context.context_id} has no abstract syntax")
         if not context.transfer_syntax:
             raise ProtocolError(f"presentation context {context.context_id} has no transfer syntax")
+
+
+def _peer_of(connection: socket.socket) -> object:
+    try:
+        return connection.getpeername()
+    except OSError:
+        return "a closed connection"
 
 
 def _address(client_address: object) -> str:

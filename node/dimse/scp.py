@@ -91,19 +91,22 @@ class StorageSCP:
         listeners = [(node.port, tls if node.tls_port is None else None)]
         if tls is not None and node.tls_port is not None:
             listeners.append((node.tls_port, tls))
-        for port, context in listeners:
-            acceptor = Acceptor((node.host, port), self, limits, reuse_port, context)
+        # Every port listens before any is served: a sender that finds one open finds all.
+        self._acceptors = [
+            Acceptor((node.host, port), self, limits, reuse_port, context)
+            for port, context in listeners
+        ]
+        for acceptor in self._acceptors:
             thread = threading.Thread(
                 target=acceptor.serve_forever, name="scp-listener", daemon=True
             )
             thread.start()
-            self._acceptors.append(acceptor)
             log.info(
                 "listening as %s on %s:%d%s",
                 node.ae_title,
                 node.host,
                 acceptor.port,
-                " (TLS)" if context is not None else "",
+                " (TLS)" if acceptor.tls is not None else "",
             )
 
     def stop(self, drain_seconds: float = 10.0) -> None:

@@ -272,11 +272,17 @@ def test_an_announced_length_costs_nothing_until_it_is_sent(hostile: Acceptor) -
     assert settled(hostile)
 
 
-def test_connections_past_the_pending_cap_are_closed_at_once(hostile: Acceptor) -> None:
-    idle = [socket.create_connection(("127.0.0.1", hostile.port)) for _ in range(8)]
+def test_past_the_pending_cap_the_longest_negotiating_connection_makes_room(
+    hostile: Acceptor,
+) -> None:
+    """Idle connections fill the cap; a real sender still associates, and the connection
+    that waited longest is the one closed."""
+    idle = [socket.create_connection(("127.0.0.1", hostile.port), timeout=5) for _ in range(8)]
     time.sleep(0.2)
-    with socket.create_connection(("127.0.0.1", hostile.port), timeout=5) as extra:
-        assert extra.recv(16) == b""  # closed without waiting for anything
+    assoc = associate(hostile.port)
+    assert assoc.is_established
+    assert idle[0].recv(16) == b""  # the oldest was closed
+    assoc.release()
     for raw in idle:
         raw.close()
     assert settled(hostile)
