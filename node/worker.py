@@ -147,13 +147,17 @@ def summarize(done: Processed) -> ResultSummary:
 
 
 def run_worker_process(settings: Settings, index: int) -> None:
-    """Entry point of a worker process: work until SIGTERM, finishing the job in hand."""
+    """Entry point of a worker process: work until SIGTERM, finishing the job in hand.
+
+    While it loads its pipelines (torch and the models: seconds, more under load) a SIGTERM
+    ends it at once: there is nothing in hand to finish yet."""
     configure_logging(settings.logging.level)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pipelines = build_pipelines(settings.pipelines)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop_when_parent_exits(stopping)
-    pipelines = build_pipelines(settings.pipelines)
     if index == 0:
         for name, pipeline in sorted(pipelines.items()):
             problem = pipeline.problem()

@@ -9,9 +9,10 @@ the record the catalog is rebuilt from after one (`node.recovery`).
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,7 +52,7 @@ def sqlite_file(url: URL) -> Path | None:
 
 def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
         # Let SQLAlchemy's "begin" event open transactions itself (pysqlite defers BEGIN).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -62,7 +63,7 @@ def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> 
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(connection):  # type: ignore[no-untyped-def]
+    def _on_begin(connection: Connection) -> None:
         # Take the write lock up front: several processes write, and a deferred
         # transaction that later upgrades to a writer can fail instead of waiting.
         connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -281,7 +281,8 @@ def test_past_the_pending_cap_the_longest_negotiating_connection_makes_room(
     time.sleep(0.2)
     assoc = associate(hostile.port)
     assert assoc.is_established
-    assert idle[0].recv(16) == b""  # the oldest was closed
+    closed = idle[0].recv(16)  # the oldest was closed (or aborted, had its ARTIM run out)
+    assert closed == b"" or closed.startswith(b"\x07")
     assoc.release()
     for raw in idle:
         raw.close()
