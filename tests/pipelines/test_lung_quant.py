@@ -96,6 +96,7 @@ def outside_air(volume: Volume) -> np.ndarray:
     return outside
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["covid", "cap", "normal", "lung-kernel", "body-kernel"])
 def test_real_lungs_are_what_a_radiologist_expects(real_results, name: str) -> None:
     volume, result = real_results[name]
@@ -135,6 +136,7 @@ def _central_air_column(volume: Volume, z: int) -> np.ndarray:
     return best
 
 
+@pytest.mark.slow
 def test_both_kernels_of_one_acquisition_give_the_same_lungs(real_results) -> None:
     (_, lung), (_, body) = real_results["lung-kernel"], real_results["body-kernel"]
     for label in ("Left lung", "Right lung"):
@@ -142,6 +144,7 @@ def test_both_kernels_of_one_acquisition_give_the_same_lungs(real_results) -> No
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.97
 
 
+@pytest.mark.slow
 def test_infected_lungs_have_more_high_attenuation_than_the_normal_one(real_results) -> None:
     haa = {
         n: r.region("Both lungs").value(codes.HIGH_ATTENUATION)
@@ -150,6 +153,7 @@ def test_infected_lungs_have_more_high_attenuation_than_the_normal_one(real_resu
     assert haa["covid"] > haa["normal"] and haa["cap"] > haa["normal"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "row"), [("covid", 0), ("cap", 55)])
 def test_high_attenuation_profile_ranks_infected_slices(real_results, name: str, row: int) -> None:
     from bench.evaluate import roc_auc, slice_labels

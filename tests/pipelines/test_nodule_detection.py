@@ -144,6 +144,7 @@ def _num(dataset, meaning: str) -> float | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_ball_inserted_in_a_real_scan_is_found_where_it_was_put(bundle: Path, real_series):
     """The normal COVID-CT-MD scan (real Siemens geometry) with a 14 mm ball put in the
     middle of its right lung: a detection lands on it, on its side."""
