@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -51,11 +52,16 @@ def _settings(path: Path) -> Settings:
 @app.command()
 def serve(config: ConfigOption) -> None:
     """Receive DICOM and run the node in the foreground until SIGTERM or Ctrl-C."""
+    from node.db.engine import DatabaseNotWritable
     from node.service import serve as run
 
     settings = _settings(config)
     configure_logging(settings.logging.level)
-    run(settings)
+    try:
+        run(settings)
+    except DatabaseNotWritable as exc:
+        logging.getLogger("node.service").error("not starting: %s", exc)
+        raise typer.Exit(1) from exc
 
 
 @config_app.command("check")

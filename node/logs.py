@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 
@@ -10,6 +11,10 @@ FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
+    # A fatal signal (SIGBUS from SQLite's shared memory when its files turn immutable,
+    # SIGSEGV in a native library) leaves "Fatal Python error" and the stacks in the log
+    # instead of a silent death.
+    faulthandler.enable()
     # pynetdicom's own INFO/DEBUG output dumps whole datasets, patient data included, and its
     # ERRORs come with tracebacks of what a peer sent: the node logs each outcome itself.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)

@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import Settings
-from node.db.engine import make_engine, make_session_factory
+from node.db.engine import check_writable, make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import utcnow
 from node.dispatch.dispatcher import Dispatcher
@@ -56,6 +56,7 @@ class NodeService:
     def start(self) -> None:
         settings = self.settings
         self._engine = engine = make_engine(settings.database.url)
+        check_writable(engine.url)
         upgrade(engine)
         self._store = store = InstanceStore(settings.storage.path)
         store.prepare()

@@ -9,6 +9,7 @@ the record the catalog is rebuilt from after one (`node.recovery`).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -41,6 +42,28 @@ def make_engine(
         pool_timeout=busy_timeout,
         connect_args={"connect_timeout": max(1, round(busy_timeout))},
     )
+
+
+class DatabaseNotWritable(OSError):
+    """A SQLite file the node must write cannot be opened for writing."""
+
+
+def check_writable(url: URL) -> None:
+    """Raise DatabaseNotWritable when a SQLite database file (or its WAL or shared-memory
+    file) cannot be opened for writing, e.g. made immutable: written to, its shared memory
+    would kill the process with SIGBUS."""
+    database = sqlite_file(url)
+    if database is None:
+        return
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        if not path.exists():
+            continue
+        try:
+            os.close(os.open(path, os.O_RDWR))
+        except OSError as exc:
+            raise DatabaseNotWritable(
+                f"{path} cannot be opened for writing: {exc.strerror} (immutable or read-only?)"
+            ) from exc
 
 
 def sqlite_file(url: URL) -> Path | None:

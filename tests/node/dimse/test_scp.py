@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -478,3 +479,41 @@ def test_what_the_node_writes_is_private_to_its_owner_and_group(
     assert len(written) > 4
     for path in written:
         assert path.stat().st_mode & 0o007 == 0, f"{path} is open to others"
+
+
+@pytest.mark.slow
+def test_immutable_database_files_are_named_not_a_silent_death(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """Finding 7: with its SQLite files made immutable, the next write's shared memory kills
+    the process with SIGBUS (nothing in Python can catch it): the log says so, a restart
+    refuses with the file named, and once the files are writable the node starts again."""
+    node = start_node(workers={"count": 0})
+    database = Path(node.settings["database"]["url"].removeprefix("sqlite:///"))
+    phantoms = []
+    for index in range(3):
+        phantom = tmp_path / f"{index}.dcm"
+        ct_dataset(generate_uid()).save_as(phantom, enforce_file_format=True)
+        phantoms.append(phantom)
+    storescu(node.port, phantoms[:1])
+    files = [str(p) for p in (database, Path(f"{database}-wal"), Path(f"{database}-shm"))]
+    if subprocess.run(["chattr", "+i", *files], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not allowed here")
+    try:
+        storescu(node.port, phantoms[1:2], check=False)
+        assert wait_until(lambda: node.proc.poll() is not None, timeout=30)
+        assert "Fatal Python error: Bus error" in node.log()
+        restarted = subprocess.run(
+            [sys.executable, "-m", "node", "serve", "--config", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert restarted.returncode == 1
+        assert f"not starting: {database}" in restarted.stderr
+        assert "cannot be opened for writing" in restarted.stderr
+    finally:
+        subprocess.run(["chattr", "-i", *files], capture_output=True)
+    node.start()
+    storescu(node.port, phantoms[2:])
+    assert len(list(node.storage.rglob("*.dcm"))) >= 2
