@@ -64,6 +64,13 @@ def ct_dataset(sop_uid: str, study_uid: str | None = None) -> Dataset:
     return ds
 
 
+def phantom_file(folder: Path, name: str = "one.dcm") -> Path:
+    """A small CT image written as a Part 10 file."""
+    path = folder / name
+    ct_dataset(generate_uid()).save_as(path, enforce_file_format=True)
+    return path
+
+
 def send_with_pynetdicom(port: int, dataset: Dataset, folder: Path) -> int:
     """C-STORE one dataset whose own UIDs may be broken, as real senders do: the command's
     Affected SOP Instance UID is valid, the dataset's is whatever it is."""
@@ -164,25 +171,13 @@ def test_unknown_calling_ae_is_rejected_at_association(
     start_node: StartNode, tmp_path: Path
 ) -> None:
     node = start_node()
-    phantom = tmp_path / "one.dcm"
-    ct_dataset(generate_uid()).save_as(phantom, enforce_file_format=True)
+    phantom = phantom_file(tmp_path)
     result = storescu(node.port, [phantom], calling_ae="INTRUDER", check=False)
     assert result.returncode != 0
     assert "Association Rejected" in result.stderr + result.stdout
-    echo = subprocess.run(
-        [dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "AINODE", "127.0.0.1", str(node.port)],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert echo.returncode != 0
+    assert echo(node.port, calling="INTRUDER").returncode != 0
     assert node.series() == {}
-    known = subprocess.run(
-        [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port)],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-    )
+    known = echo(node.port)
     assert known.returncode == 0, known.stderr
 
 
@@ -363,12 +358,7 @@ def test_sigterm_stops_cleanly(start_node: StartNode) -> None:
     node = start_node()
     assert node.stop(signal.SIGTERM) == 0
     assert "node stopped" in node.log()
-    refused = subprocess.run(
-        [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port)],
-        env=DCMTK_ENV,
-        capture_output=True,
-    )
-    assert refused.returncode != 0
+    assert echo(node.port).returncode != 0
 
 
 def test_logs_carry_no_patient_identifiers(
@@ -437,8 +427,7 @@ def test_a_locked_database_answers_a700_fast_and_the_node_recovers(
     lock is gone, stores succeed again."""
     node = start_node()
     database = Path(node.settings["database"]["url"].removeprefix("sqlite:///"))
-    phantom = tmp_path / "one.dcm"
-    ct_dataset(generate_uid()).save_as(phantom, enforce_file_format=True)
+    phantom = phantom_file(tmp_path)
     holder = sqlite3.connect(database, timeout=0, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
@@ -471,8 +460,7 @@ def test_what_the_node_writes_is_private_to_its_owner_and_group(
 ) -> None:
     """Finding 9: database, instance files and their folders are not readable by others."""
     node = start_node()
-    phantom = tmp_path / "one.dcm"
-    ct_dataset(generate_uid()).save_as(phantom, enforce_file_format=True)
+    phantom = phantom_file(tmp_path)
     storescu(node.port, [phantom])
     database = Path(node.settings["database"]["url"].removeprefix("sqlite:///"))
     written = [database, *node.storage.rglob("*")]

@@ -9,11 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.node.dimse.test_scp import StartNode, ct_dataset, echo
+from tests.node.dimse.test_scp import StartNode, echo, phantom_file
 from tests.peers import DCMTK_ENV, dcmtk, free_port
 
 
@@ -82,8 +81,7 @@ def test_tls_clients_of_the_nodes_ca_are_served_others_refused(
             "tls_port": tls_port,
         }
     )
-    phantom = tmp_path / "one.dcm"
-    ct_dataset(generate_uid()).save_as(phantom, enforce_file_format=True)
+    phantom = phantom_file(tmp_path)
 
     trusted = store_over_tls(
         tls_port, pki, phantom, "+tls", str(pki / "modality.key"), str(pki / "modality.crt")
