@@ -44,10 +44,6 @@ class Lease:
     attempt: int
     max_attempts: int
 
-    @property
-    def last_attempt(self) -> bool:
-        return self.attempt >= self.max_attempts
-
 
 class LeasedQueue:
     """Claim, renew, finish, retry and cancel rows of one table (`Job` or `Dispatch`)."""

@@ -40,7 +40,6 @@ class Rejection:
         return self.result == 0x02
 
 
-NO_REASON = Rejection(0x01, 0x01, 0x01, "no reason given")
 UNSUPPORTED_APPLICATION_CONTEXT = Rejection(
     0x01, 0x01, 0x02, "application context name not supported"
 )

@@ -71,10 +71,6 @@ class StorageSCP:
         """The bound port of the first listener (useful when configured as 0)."""
         return self._acceptors[0].port
 
-    @property
-    def acceptors(self) -> list[Acceptor]:
-        return list(self._acceptors)
-
     def start(self, reuse_port: bool = False) -> None:
         """Bind and serve in background threads: `node.port`, and `node.tls_port` when TLS
         has a port of its own (else TLS is on `node.port`)."""

@@ -56,7 +56,7 @@ def test_only_the_lease_holder_records_an_outcome(engine: Engine) -> None:
     assert queue.fail(row, "b", "not mine", permanent=False) is None
     with engine.begin() as conn:
         assert not queue.succeed(conn, row, "b", status="stolen")
-    assert not lease.last_attempt
+    assert (lease.attempt, lease.max_attempts) == (1, 2)
     assert queue.fail(row, "a", "PACS down", permanent=False) == WorkState.RETRYING
     with engine.connect() as conn:
         run_after, error = conn.execute(select(Dispatch.run_after, Dispatch.error)).one()
