@@ -136,6 +136,8 @@ class NodeProcess:
                 cwd=self.home,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # as a service manager runs it: signals sent to the
+                # test process's group (other tests' tools) do not reach it
             )
         wait_until(self._listening, timeout=60)
         return self
