@@ -79,7 +79,8 @@ def test_tls_clients_of_the_nodes_ca_are_served_others_refused(
                 "require_client_cert": True,
             },
             "tls_port": tls_port,
-        }
+        },
+        workers={"count": 0},
     )
     phantom = phantom_file(tmp_path)
 
