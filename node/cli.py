@@ -53,13 +53,14 @@ def _settings(path: Path) -> Settings:
 def serve(config: ConfigOption) -> None:
     """Receive DICOM and run the node in the foreground until SIGTERM or Ctrl-C."""
     from node.db.engine import DatabaseNotWritable
+    from node.dimse.scp import CannotListen
     from node.service import serve as run
 
     settings = _settings(config)
     configure_logging(settings.logging.level)
     try:
         run(settings)
-    except DatabaseNotWritable as exc:
+    except (DatabaseNotWritable, CannotListen) as exc:
         logging.getLogger("node.service").error("not starting: %s", exc)
         raise typer.Exit(1) from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,9 +42,24 @@ def dcmtk(tool: str) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free to listen on, below the kernel's ephemeral range: a port from that
+    range (what `bind(0)` hands out) can meanwhile become the source port of any outgoing
+    connection, and the node's bind then fails (seen in CI). Each xdist worker draws from
+    a band of its own."""
+    first_ephemeral = int(
+        Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+    )
+    low, band = 10000, 600
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    start = low + (worker * band) % max(first_ephemeral - low - band, band)
+    for port in random.sample(range(start, start + band), band):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + band}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
@@ -107,6 +123,11 @@ def storescu(
     return result
 
 
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @dataclass
 class NodeProcess:
     """`ainode serve` running as a real process on a private port and directory."""
@@ -146,8 +167,8 @@ class NodeProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        ports = [self.port, self.settings.get("node", {}).get("tls_port")]
+        return all(_accepts(port) for port in ports if port)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.proc is not None

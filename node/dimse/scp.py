@@ -89,7 +89,7 @@ class StorageSCP:
             listeners.append((node.tls_port, tls))
         # Every port listens before any is served: a sender that finds one open finds all.
         self._acceptors = [
-            Acceptor((node.host, port), self, limits, reuse_port, context)
+            _listen(node.host, port, self, limits, reuse_port, context)
             for port, context in listeners
         ]
         for acceptor in self._acceptors:
@@ -289,13 +289,35 @@ def _normalized(host: str) -> str:
     return str(address)
 
 
+class CannotListen(OSError):
+    """A configured port cannot be bound, or the TLS files cannot be loaded."""
+
+
+def _listen(
+    host: str,
+    port: int,
+    scp: StorageSCP,
+    limits: Limits,
+    reuse_port: bool,
+    context: ssl.SSLContext | None,
+) -> Acceptor:
+    try:
+        return Acceptor((host, port), scp, limits, reuse_port, context)
+    except OSError as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
 def _server_context(settings: InboundTlsSettings) -> ssl.SSLContext:
     """TLS 1.2 or later; client certificates checked against `ca_file`, required when asked."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.cert_file, settings.key_file)
+    try:
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+        if settings.ca_file is not None:
+            context.load_verify_locations(settings.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise CannotListen(f"node.tls: cannot load the certificate, key or CA: {exc}") from exc
     if settings.ca_file is not None:
-        context.load_verify_locations(settings.ca_file)
         context.verify_mode = (
             ssl.CERT_REQUIRED if settings.require_client_cert else ssl.CERT_OPTIONAL
         )

@@ -4,11 +4,14 @@ or with none when one is required, is refused; the plain port works as before.""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -109,3 +112,35 @@ def test_tls_clients_of_the_nodes_ca_are_served_others_refused(
     assoc.release()
 
     assert echo(node.port).returncode == 0  # the plain port is unchanged
+
+
+def test_a_port_in_use_or_unreadable_tls_files_refuse_start_with_the_reason(
+    start_node: StartNode, pki: Path
+) -> None:
+    """One line naming the port or the TLS files and exit status 1, no traceback."""
+    node = start_node(workers={"count": 0})
+    node.stop()
+
+    def serve() -> subprocess.CompletedProcess[str]:
+        node.config_path.write_text(yaml.safe_dump(node.settings))
+        return subprocess.run(
+            [sys.executable, "-m", "node", "serve", "--config", str(node.config_path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", node.port))
+        holder.listen()
+        busy = serve()
+    assert busy.returncode == 1, busy.stderr
+    assert f"not starting: cannot listen on 127.0.0.1:{node.port}" in busy.stderr
+    assert "Traceback" not in busy.stderr
+
+    node.settings["node"]["tls"] = {
+        "cert_file": str(pki / "missing.crt"),
+        "key_file": str(pki / "node.key"),
+    }
+    unreadable = serve()
+    assert unreadable.returncode == 1, unreadable.stderr
+    assert "not starting: node.tls: cannot load" in unreadable.stderr
+    assert "Traceback" not in unreadable.stderr
