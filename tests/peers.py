@@ -46,9 +46,7 @@ def free_port() -> int:
     range (what `bind(0)` hands out) can meanwhile become the source port of any outgoing
     connection, and the node's bind then fails (seen in CI). Each xdist worker draws from
     a band of its own."""
-    first_ephemeral = int(
-        Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
-    )
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     low, band = 10000, 600
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     start = low + (worker * band) % max(first_ephemeral - low - band, band)
