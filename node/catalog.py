@@ -20,6 +20,7 @@ from node.db.models import (
     Series,
     SeriesAssociation,
     SeriesState,
+    Source,
     Study,
     utcnow,
 )
@@ -35,6 +36,7 @@ class AssociationRecord:
     calling_ae: str
     called_ae: str
     peer_address: str | None
+    source: Source = Source.DIMSE
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Receipt:
     transfer_syntax_uid: str
     size_bytes: int
     received_at: datetime
+    source: Source = Source.DIMSE
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,7 @@ class Catalog:
                 "last_received_at": now,
                 "calling_ae": receipt.calling_ae,
                 "called_ae": receipt.called_ae,
+                "source": receipt.source,
                 **meta.series_fields,
             },
         )
@@ -269,6 +273,7 @@ def _insert_association(conn: Connection, record: AssociationRecord) -> None:
             calling_ae=record.calling_ae,
             called_ae=record.called_ae,
             peer_address=record.peer_address,
+            source=record.source,
             pid=os.getpid(),
             opened_at=utcnow(),
             released=False,

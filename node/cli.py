@@ -35,6 +35,8 @@ models_app = typer.Typer(
     help="Configured models: where they are and whether they load.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+token_app = typer.Typer(help="Bearer tokens for the HTTP server.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The node's YAML configuration file.")
@@ -53,7 +55,7 @@ def _settings(path: Path) -> Settings:
 def serve(config: ConfigOption) -> None:
     """Receive DICOM and run the node in the foreground until SIGTERM or Ctrl-C."""
     from node.db.engine import DatabaseNotWritable
-    from node.dimse.scp import CannotListen
+    from node.lifecycle import CannotListen
     from node.service import serve as run
 
     settings = _settings(config)
@@ -461,3 +463,28 @@ def _stored_series_facts(settings: Settings, uid: str) -> SeriesFacts:
         raise typer.Exit(2) from exc
     finally:
         engine.dispose()
+
+
+@token_app.command("new")
+def token_new(
+    name: Annotated[str, typer.Argument(help="Who holds it: a sender's name, a person.")],
+    role: Annotated[
+        list[str], typer.Option("--role", "-r", help="sender, reader, operator or admin.")
+    ],
+) -> None:
+    """Make a token: print it once, and the `http.auth.tokens` entry that stores its hash."""
+    import hashlib
+    import secrets
+
+    from node.config import Role, TokenSettings
+
+    try:
+        entry = TokenSettings(name=name, sha256="0" * 64, roles=[Role(r) for r in role])
+    except ValueError as exc:
+        typer.echo(f"not a token: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    token = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    typer.echo(f"token (shown once; give it to {entry.name}): {token}", err=True)
+    roles = ", ".join(r.value for r in entry.roles)
+    typer.echo(f"- {{name: {entry.name}, sha256: {digest}, roles: [{roles}]}}")

@@ -7,6 +7,7 @@ Environment variables override any key: ``AINODE_NODE__PORT=11113`` sets ``node.
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from collections.abc import Mapping
@@ -214,6 +215,77 @@ class LoggingSettings(_Section):
         return value
 
 
+class Role(enum.StrEnum):
+    """What an HTTP caller may do; each role also grants those it lists in `ROLE_GRANTS`."""
+
+    SENDER = "sender"
+    """Store instances (STOW-RS)."""
+    READER = "reader"
+    """Query and retrieve (QIDO-RS, WADO-RS), read the API."""
+    OPERATOR = "operator"
+    """Act on work: retry, cancel, re-send, fetch."""
+    ADMIN = "admin"
+    """Change the configuration: rules."""
+
+
+class TokenSettings(_Section):
+    """A bearer token, stored as the SHA-256 of the token (hex): `ainode token new` makes one."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._@-]{1,64}$")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    roles: list[Role] = Field(min_length=1)
+
+
+class JwtSettings(_Section):
+    """OAuth2/OIDC bearer JWTs, verified against the identity provider's keys (a JWKS file)."""
+
+    jwks_file: Path
+    issuer: str
+    audience: str
+    roles_claim: str = "roles"
+    name_claim: str = "preferred_username"
+    algorithms: list[str] = ["RS256", "ES256"]
+
+
+class AuthSettings(_Section):
+    """Who may call the HTTP server: tokens, JWTs, and the roles of anonymous callers."""
+
+    tokens: list[TokenSettings] = []
+    jwt: JwtSettings | None = None
+    anonymous: list[Role] = []
+
+    @field_validator("tokens")
+    @classmethod
+    def _names_are_unique(cls, tokens: list[TokenSettings]) -> list[TokenSettings]:
+        names = [token.name for token in tokens]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"token names must be unique: {', '.join(duplicates)}")
+        return tokens
+
+
+class HttpTlsSettings(_Section):
+    cert_file: Path
+    key_file: Path
+
+
+class HttpSettings(_Section):
+    """The node's HTTP server (DICOMweb), in a process of its own."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8042, ge=1, le=65535)
+    tls: HttpTlsSettings | None = None
+    max_request_mb: int = Field(
+        4096, ge=1, description="largest STOW-RS request body accepted, MiB"
+    )
+    auth: AuthSettings = AuthSettings()
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="the base URL clients reach the server at (RetrieveURL), if not the Host",
+    )
+
+
 class Settings(_Section):
     """The whole configuration file."""
 
@@ -229,6 +301,7 @@ class Settings(_Section):
     pipelines: dict[str, AnyPipelineSettings] = {}
     dispatch: DispatchSettings = DispatchSettings()
     logging: LoggingSettings = LoggingSettings()
+    http: HttpSettings | None = None
 
     @field_validator("pipelines", mode="before")
     @classmethod
@@ -257,11 +330,13 @@ class Settings(_Section):
         return {*self.peers, *self.dicomweb}
 
     def destination(self, name: str, origin_ae: str | None) -> Peer | DicomWebDestination | str:
-        """Where results named `name` go (`origin`: the peer whose AE title is `origin_ae`),
-        or why they cannot go there."""
+        """Where results named `name` go, or why they cannot go there. `origin` is the peer
+        whose AE title is `origin_ae`, or (for a DICOMweb sender) the `dicomweb` destination
+        named like the sender's token."""
         if name == ORIGIN:
-            peer = self.peer_by_ae_title(origin_ae or "")
-            return peer or f"origin {origin_ae!r} is not a configured peer: no address"
+            sender = origin_ae or ""
+            found = self.peer_by_ae_title(sender) or self.dicomweb.get(sender)
+            return found or f"origin {sender!r} is not a configured peer: no address"
         return (
             self.peers.get(name)
             or self.dicomweb.get(name)
@@ -364,10 +439,32 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             }
         )
         node = node.model_copy(update={"tls": tls})
+    http = settings.http
+    if http is not None:
+        http = http.model_copy(
+            update={
+                "tls": http.tls
+                and http.tls.model_copy(
+                    update={
+                        "cert_file": _under(base, http.tls.cert_file),
+                        "key_file": _under(base, http.tls.key_file),
+                    }
+                ),
+                "auth": http.auth.model_copy(
+                    update={
+                        "jwt": http.auth.jwt
+                        and http.auth.jwt.model_copy(
+                            update={"jwks_file": _under(base, http.auth.jwt.jwks_file)}
+                        )
+                    }
+                ),
+            }
+        )
     return settings.model_copy(
         update={
             "pipelines": pipelines,
             "node": node,
+            "http": http,
             "routing": settings.routing.model_copy(update={"rules_file": rules_file}),
             "storage": settings.storage.model_copy(update={"path": storage.resolve()}),
             "database": settings.database.model_copy(

@@ -1,4 +1,5 @@
-"""Child processes (receivers, workers) follow their parent: they stop when it is gone."""
+"""Child processes (receivers, workers, the HTTP server) follow their parent: they stop when
+it is gone. Start-up failures a child cannot report itself are found in the parent."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import multiprocessing.connection
 import threading
 
 log = logging.getLogger(__name__)
+
+
+class CannotListen(OSError):
+    """A configured port cannot be bound, or its TLS files cannot be loaded."""
 
 
 def stop_when_parent_exits(stopping: threading.Event) -> None:

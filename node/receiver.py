@@ -14,6 +14,7 @@ from node.catalog import Catalog
 from node.config import Settings
 from node.db.engine import make_engine
 from node.dimse.scp import StorageSCP
+from node.ingest.intake import Intake
 from node.lifecycle import stop_when_parent_exits, wait_for_stop
 from node.logs import configure_logging
 from node.storage import InstanceStore
@@ -36,7 +37,8 @@ class Receiver:
         )
         self.catalog = Catalog(self.engine)
         self.store = InstanceStore(settings.storage.path)
-        self.scp = StorageSCP(settings, self.store, self.catalog)
+        intake = Intake(self.store, self.catalog, settings.storage.min_free_mb)
+        self.scp = StorageSCP(settings, intake)
         self._reuse_port = reuse_port
 
     def start(self) -> None:

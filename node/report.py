@@ -27,6 +27,7 @@ class SeriesStatus(BaseModel):
     convolution_kernel: str | None
     calling_ae: str | None
     called_ae: str | None
+    source: str
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
@@ -149,6 +150,7 @@ def _series_status(series: Series, study_uid: str) -> SeriesStatus:
         convolution_kernel=series.convolution_kernel,
         calling_ae=series.calling_ae,
         called_ae=series.called_ae,
+        source=series.source,
         first_received_at=series.first_received_at,
         last_received_at=series.last_received_at,
         completed_at=series.completed_at,

@@ -1,4 +1,5 @@
-"""`ainode serve`: the receiver processes, the completion sweep, clean start and stop.
+"""`ainode serve`: the receiver processes, the HTTP server, the completion sweep, clean start
+and stop.
 
 Start-up migrates the database, clears temp files, closes associations left open by a crash
 and, after an operating-system restart, re-records instances a power loss took from the
@@ -14,6 +15,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -32,6 +34,7 @@ from node.recovery import recover_after_restart
 from node.retention import RetentionSweeper
 from node.routing.router import Router, RulesSource
 from node.storage import InstanceStore
+from node.web.server import listen, run_http_process
 from node.worker import retry_policy, run_worker_process
 from pipelines.registry import pipeline_names
 
@@ -44,7 +47,7 @@ class NodeService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._spawn = multiprocessing.get_context("spawn")
-        self._children: list[tuple[Callable[..., None], tuple[object, ...], BaseProcess]] = []
+        self._children: list[_Child] = []
         self._engine: Engine | None = None
         self._receiver: Receiver | None = None
         self._dispatcher: Dispatcher | None = None
@@ -70,10 +73,14 @@ class NodeService:
             log.warning("closed %d associations left open by an earlier run", stale)
         recover_after_restart(engine, store, receiver.catalog, settings.node.ae_title, unclean)
         receiver.start()
+        if settings.http is not None:
+            http_socket = listen(settings.http)
+            self._start_child("http", run_http_process, (settings, http_socket))
+            log.info("HTTP server on %s:%d", settings.http.host, settings.http.port)
         for _ in range(settings.node.receivers - 1):
-            self._start_child(run_receiver_process, (settings,))
+            self._start_child("receiver", run_receiver_process, (settings,))
         for index in range(settings.workers.count):
-            self._start_child(run_worker_process, (settings, index))
+            self._start_child(f"worker-{index}", run_worker_process, (settings, index))
         self._schedule(engine)
         self._scheduler.start()
         log.info("node %s ready", settings.node.ae_title)
@@ -130,49 +137,60 @@ class NodeService:
         self._scheduler.shutdown(wait=True)
         if self._dispatcher is not None:
             self._dispatcher.close()
-        for _, _, child in self._children:
-            if child.is_alive():
-                child.terminate()  # SIGTERM: receivers drain, workers finish their job
+        processes = [child.process for child in self._children]
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: receivers drain, workers finish their job
         if self._receiver is not None:
             self._receiver.stop()
-        for _, _, child in self._children:
-            child.join(timeout=self.settings.workers.lease_seconds)
-            if child.is_alive():
-                log.error("process %d did not stop; killing it", child.pid)
-                child.kill()
-                child.join()
+        for process in processes:
+            process.join(timeout=self.settings.workers.lease_seconds)
+            if process.is_alive():
+                log.error("process %d did not stop; killing it", process.pid)
+                process.kill()
+                process.join()
         if self._engine is not None:
             self._engine.dispose()
         if self._store is not None:
             self._store.mark_stopped()
         log.info("node stopped")
 
-    def _start_child(self, target: Callable[..., None], args: tuple[object, ...]) -> BaseProcess:
-        name = "receiver" if target is run_receiver_process else f"worker-{args[-1]}"
-        child = self._spawn.Process(target=target, args=args, name=name, daemon=False)
-        child.start()
-        self._children.append((target, args, child))
-        return child
+    def _start_child(
+        self, name: str, target: Callable[..., None], args: tuple[object, ...]
+    ) -> None:
+        process = self._spawn.Process(target=target, args=args, name=name, daemon=False)
+        process.start()
+        self._children.append(_Child(name, target, args, process))
 
     def _supervise(self) -> None:
         assert self._receiver is not None
-        for entry in list(self._children):
-            target, args, child = entry
-            if child.is_alive() or child.pid is None:
+        for child in list(self._children):
+            process = child.process
+            if process.is_alive() or process.pid is None:
                 continue
-            closed = self._receiver.catalog.close_stale_associations([child.pid])
-            temp = self._store.clear_temp_files_of(child.pid) if self._store else 0
+            closed = self._receiver.catalog.close_stale_associations([process.pid])
+            temp = self._store.clear_temp_files_of(process.pid) if self._store else 0
             log.error(
                 "%s process %d exited with %s; %d associations closed, %d temp files removed; "
                 "restarting",
                 child.name,
-                child.pid,
-                child.exitcode,
+                process.pid,
+                process.exitcode,
                 closed,
                 temp,
             )
-            self._children.remove(entry)
-            self._start_child(target, args)
+            self._children.remove(child)
+            self._start_child(child.name, child.target, child.args)
+
+
+@dataclass(frozen=True)
+class _Child:
+    """A child process, and how to start its successor."""
+
+    name: str
+    target: Callable[..., None]
+    args: tuple[object, ...]
+    process: BaseProcess
 
 
 PRIVATE_UMASK = 0o027

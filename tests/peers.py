@@ -165,7 +165,11 @@ class NodeProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-        ports = [self.port, self.settings.get("node", {}).get("tls_port")]
+        ports = [
+            self.port,
+            self.settings.get("node", {}).get("tls_port"),
+            (self.settings.get("http") or {}).get("port"),
+        ]
         return all(_accepts(port) for port in ports if port)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

@@ -32,6 +32,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 UID = String(64)
 E = TypeVar("E", bound=enum.StrEnum)
 AE = String(16)
+SENDER = String(64)
+"""A calling AE title, or the name of a DICOMweb sender (a token's or a JWT's subject)."""
+
+
+class Source(enum.StrEnum):
+    """How a series reached the node."""
+
+    DIMSE = "dimse"
+    DICOMWEB = "dicomweb"
+    NODE = "node"
+    """The node's own results (SR, SEG), kept beside the study they describe."""
 
 
 def utcnow() -> datetime:
@@ -105,6 +116,14 @@ class Study(Base):
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     study_description: Mapped[str | None] = mapped_column(Text)
     study_date: Mapped[str | None] = mapped_column(Text)
+    study_time: Mapped[str | None] = mapped_column(Text)
+    dicom_study_id: Mapped[str | None] = mapped_column(Text)
+    accession_number: Mapped[str | None] = mapped_column(Text)
+    referring_physician_name: Mapped[str | None] = mapped_column(Text)
+    patient_id: Mapped[str | None] = mapped_column(Text, index=True)
+    patient_name: Mapped[str | None] = mapped_column(Text)
+    patient_birth_date: Mapped[str | None] = mapped_column(Text)
+    patient_sex: Mapped[str | None] = mapped_column(Text)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     state: Mapped[SeriesState] = mapped_column(
         StateText(SeriesState), default=SeriesState.RECEIVING
@@ -136,8 +155,9 @@ class Series(Base):
     manufacturer: Mapped[str | None] = mapped_column(Text)
     series_number: Mapped[int | None] = mapped_column(Integer)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
-    calling_ae: Mapped[str | None] = mapped_column(AE)
+    calling_ae: Mapped[str | None] = mapped_column(SENDER)
     called_ae: Mapped[str | None] = mapped_column(AE)
+    source: Mapped[Source] = mapped_column(StateText(Source), server_default=Source.DIMSE.value)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -159,7 +179,7 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     revision: Mapped[int] = mapped_column(Integer)
-    calling_ae: Mapped[str | None] = mapped_column(AE)
+    calling_ae: Mapped[str | None] = mapped_column(SENDER)
     association_id: Mapped[str | None] = mapped_column(String(32))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -170,8 +190,9 @@ class Association(Base):
     __tablename__ = "associations"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    calling_ae: Mapped[str] = mapped_column(AE)
+    calling_ae: Mapped[str] = mapped_column(SENDER)
     called_ae: Mapped[str] = mapped_column(AE)
+    source: Mapped[Source] = mapped_column(StateText(Source), server_default=Source.DIMSE.value)
     peer_address: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int] = mapped_column(Integer)
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -57,9 +57,9 @@ from node.dimse.protocol import (
     CommandTag,
     PduType,
     Rejection,
-    Status,
 )
 from node.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.ingest.intake import Status
 
 log = logging.getLogger(__name__)
 

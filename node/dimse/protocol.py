@@ -91,18 +91,3 @@ class CommandTag(enum.IntEnum):
 
 NO_DATA_SET = 0x0101
 """Command Data Set Type: the message has no dataset."""
-
-
-class Status(enum.IntEnum):
-    """The statuses the node answers (PS3.4 B.2.3, PS3.7 C)."""
-
-    SUCCESS = 0x0000
-    PROCESSING_FAILURE = 0x0110
-    SOP_CLASS_NOT_SUPPORTED = 0x0122
-    UNRECOGNIZED_OPERATION = 0x0211
-    OUT_OF_RESOURCES = 0xA700
-    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-    CANNOT_UNDERSTAND = 0xC000
-    """The dataset cannot be parsed, or is not whole, or not in its context's syntax."""
-    INVALID_UID = 0xC001
-    """A study, series or SOP Instance UID is missing or not a UID (Cannot Understand range)."""

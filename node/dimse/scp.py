@@ -1,10 +1,9 @@
-"""The storage SCP: accept associations from known peers, persist each instance durably,
-record it, and only then answer success.
+"""The storage SCP: accept associations from known peers and hand each instance to the
+intake (`node.ingest.intake`), which stores and records it before the answer leaves.
 
-Bytes are stored exactly as received (no decode and re-encode): the file is the DICOM preamble,
-a file meta group the node writes, and the dataset as it came off the wire. An association is
-recorded with its first instance: a C-ECHO never needs the database, and a database that
-cannot be written answers A700 per instance, with nothing left behind.
+Bytes are stored exactly as received (no decode and re-encode). An association is recorded
+with its first instance: a C-ECHO never needs the database, and a database that cannot be
+written answers A700 per instance, with nothing left behind.
 """
 
 from __future__ import annotations
@@ -15,52 +14,32 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
 
-from node.catalog import AssociationRecord, Catalog, Receipt
 from node.config import InboundTlsSettings, Peer, Settings
-from node.db.models import utcnow
+from node.db.models import Source
 from node.dimse.acceptor import Acceptor, Association, Limits, Reply, StoreRequest
 from node.dimse.protocol import (
     CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,
     TEMPORARILY_UNAVAILABLE,
     Rejection,
-    Status,
 )
-from node.ingest.metadata import read_metadata
-from node.ingest.part10 import file_meta
-from node.storage import (
-    InstanceStore,
-    InvalidUID,
-    StorageError,
-    StorageFull,
-    WriteOutcome,
-)
+from node.ingest.intake import Answer, Delivery, Intake, Sender, Status
+from node.ingest.metadata import InstanceMetadata
+from node.lifecycle import CannotListen
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Delivery:
-    """What one association delivered so far."""
-
-    opened: float = field(default_factory=time.monotonic)
-    recorded: bool = False
-    instances: int = 0
-    series_linked: set[str] = field(default_factory=set)
 
 
 class StorageSCP:
     """Verification and every Storage SOP class, in every transfer syntax pydicom knows."""
 
-    def __init__(self, settings: Settings, store: InstanceStore, catalog: Catalog) -> None:
+    def __init__(self, settings: Settings, intake: Intake) -> None:
         self._settings = settings
-        self._store = store
-        self._catalog = catalog
+        self._intake = intake
         self._peer_addresses = {peer.ae_title: _addresses(peer) for peer in settings.peers.values()}
         self._acceptors: list[Acceptor] = []
-        self._deliveries: dict[str, _Delivery] = {}
+        self._deliveries: dict[str, Delivery] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
@@ -126,7 +105,7 @@ class StorageSCP:
         node = self._settings.node
         if called_ae != node.ae_title:
             return CALLED_AE_NOT_RECOGNIZED
-        if self._stopping or self._store_problem() is not None:
+        if self._stopping or self._intake.problem() is not None:
             return TEMPORARILY_UNAVAILABLE
         addresses = self._peer_addresses.get(calling_ae)
         if addresses is None:
@@ -143,8 +122,15 @@ class StorageSCP:
         return None
 
     def opened(self, association: Association) -> None:
+        sender = Sender(
+            association.id,
+            association.calling_ae,
+            association.called_ae,
+            association.address,
+            Source.DIMSE,
+        )
         with self._lock:
-            self._deliveries[association.id] = _Delivery()
+            self._deliveries[association.id] = Delivery(sender)
         log.info(
             "association %s accepted: %s -> %s from %s",
             association.id,
@@ -156,23 +142,8 @@ class StorageSCP:
     def closed(self, association: Association) -> None:
         with self._lock:
             delivery = self._deliveries.pop(association.id, None)
-        if delivery is None:
-            return
-        if delivery.recorded:
-            try:
-                self._catalog.close_association(
-                    association.id, association.released, delivery.instances
-                )
-            except Exception as exc:  # the database is down: completion waits for the restart
-                log.error("association %s: cannot record its end: %s", association.id, exc)
-        log.info(
-            "association %s %s after %.1f s: %d instances from %s",
-            association.id,
-            "released" if association.released else "aborted",
-            time.monotonic() - delivery.opened,
-            delivery.instances,
-            association.calling_ae,
-        )
+        if delivery is not None:
+            self._intake.close(delivery, association.released)
 
     def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply:
         with self._lock:
@@ -181,91 +152,28 @@ class StorageSCP:
             self._in_flight += 1
             delivery = self._deliveries[association.id]
         try:
-            return self._store_instance(association, delivery, request, dataset)
+            answer = self._intake.accept(
+                delivery,
+                dataset,
+                request.transfer_syntax,
+                lambda meta: _mismatch(meta, request),
+            )
+            return Reply(answer.status, answer.reason)
         finally:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
 
-    def _store_instance(
-        self,
-        association: Association,
-        delivery: _Delivery,
-        request: StoreRequest,
-        dataset: bytes,
-    ) -> Reply:
-        association_id = association.id
-        problem = self._store_problem()
-        if problem is not None:
-            log.error("association %s: instance refused: %s", association_id, problem)
-            return Reply(Status.OUT_OF_RESOURCES, problem)
-        try:
-            meta = read_metadata(dataset, request.transfer_syntax)
-        except InvalidUID as exc:
-            log.warning("association %s: instance refused: %s", association_id, exc)
-            return Reply(Status.INVALID_UID, str(exc))
-        except Exception as exc:  # pydicom raises many types on malformed input
-            log.warning("association %s: dataset refused: %s", association_id, exc)
-            return Reply(Status.CANNOT_UNDERSTAND, str(exc))
-        uid = meta.key.sop_instance_uid
-        mismatch = _mismatch(meta.sop_class_uid, uid, request)
-        if mismatch is not None:
-            log.warning("association %s: %s refused: %s", association_id, uid, mismatch)
-            return Reply(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, mismatch)
-        header = file_meta(meta.sop_class_uid, uid, request.transfer_syntax, association.calling_ae)
-        try:
-            outcome = self._store.write(meta.key, (header, dataset))
-        except (StorageFull, StorageError) as exc:
-            log.error("association %s: %s not stored: %s", association_id, uid, exc)
-            return Reply(Status.OUT_OF_RESOURCES, str(exc))
-        receipt = Receipt(
-            association_id=association_id,
-            calling_ae=association.calling_ae,
-            called_ae=association.called_ae,
-            transfer_syntax_uid=str(request.transfer_syntax),
-            size_bytes=len(header) + len(dataset),
-            received_at=utcnow(),
-        )
-        opening = None
-        if not delivery.recorded:
-            opening = AssociationRecord(
-                association_id, association.calling_ae, association.called_ae, association.address
-            )
-        try:
-            self._catalog.record_instance(
-                meta,
-                receipt,
-                content_changed=outcome is not WriteOutcome.IDENTICAL,
-                link=meta.key.series_uid not in delivery.series_linked,
-                opening=opening,
-            )
-        except Exception as exc:  # the database refused or is unreachable: nothing kept
-            if outcome is WriteOutcome.CREATED:
-                self._store.remove(meta.key)
-            log.error("association %s: %s not recorded: %s", association_id, uid, exc)
-            return Reply(Status.OUT_OF_RESOURCES, "database unavailable, send again later")
-        delivery.recorded = True
-        delivery.series_linked.add(meta.key.series_uid)
-        delivery.instances += 1
-        log.debug("association %s: stored %s (%s)", association_id, uid, outcome.value)
-        return Reply(Status.SUCCESS)
 
-    def _store_problem(self) -> str | None:
-        """Why nothing can be stored now (the disk below `storage.min_free_mb`), or None."""
-        free_mb = self._store.free_mb()
-        minimum = self._settings.storage.min_free_mb
-        if free_mb < minimum:
-            return f"storage has {free_mb:.0f} MB free, below storage.min_free_mb ({minimum:.0f})"
-        return None
-
-
-def _mismatch(sop_class_uid: str, sop_instance_uid: str, request: StoreRequest) -> str | None:
+def _mismatch(meta: InstanceMetadata, request: StoreRequest) -> Answer | None:
     """How the dataset contradicts its C-STORE-RQ, if it does."""
-    if sop_class_uid != request.sop_class_uid:
-        return "SOPClassUID of the dataset differs from the Affected SOP Class UID"
-    if sop_instance_uid != request.sop_instance_uid:
-        return "SOPInstanceUID of the dataset differs from the Affected SOP Instance UID"
-    return None
+    if meta.sop_class_uid != request.sop_class_uid:
+        reason = "SOPClassUID of the dataset differs from the Affected SOP Class UID"
+    elif meta.key.sop_instance_uid != request.sop_instance_uid:
+        reason = "SOPInstanceUID of the dataset differs from the Affected SOP Instance UID"
+    else:
+        return None
+    return Answer(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, reason)
 
 
 def _addresses(peer: Peer) -> frozenset[str]:
@@ -287,10 +195,6 @@ def _normalized(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
-
-
-class CannotListen(OSError):
-    """A configured port cannot be bound, or the TLS files cannot be loaded."""
 
 
 def _listen(

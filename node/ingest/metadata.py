@@ -44,9 +44,24 @@ HOT_TAGS = (
 """What the catalog reads of every instance; the rest only when a series is created."""
 
 
+STUDY_KEYWORDS = {
+    "study_description": "StudyDescription",
+    "study_date": "StudyDate",
+    "study_time": "StudyTime",
+    "dicom_study_id": "StudyID",
+    "accession_number": "AccessionNumber",
+    "referring_physician_name": "ReferringPhysicianName",
+    "patient_id": "PatientID",
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+}
+"""Study columns and the attributes they hold (QIDO-RS matches and returns them)."""
+
+
 @dataclass(frozen=True)
 class InstanceMetadata:
-    """What the catalog keeps of one received instance (no patient identifiers).
+    """What the catalog keeps of one received instance.
 
     The UIDs, SOP Class and Instance Number are read for every instance, from the raw
     values; the study's and series' descriptive attributes only when a series is created,
@@ -94,10 +109,7 @@ class InstanceMetadata:
     @cached_property
     def study_fields(self) -> dict[str, object]:
         ds = self.dataset
-        return {
-            "study_description": _as_text(ds.get("StudyDescription")),
-            "study_date": _as_text(ds.get("StudyDate")),
-        }
+        return {column: _as_text(ds.get(keyword)) for column, keyword in STUDY_KEYWORDS.items()}
 
     @cached_property
     def series_fields(self) -> dict[str, object]:

@@ -14,7 +14,7 @@ from typing import Protocol
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, select, update
 
-from node.db.models import Instance, Series, SeriesState
+from node.db.models import Instance, Series, SeriesState, Source
 from node.routing.engine import JobRequest, SeriesFacts, route_series, route_study
 from node.routing.rules import RulesError, RuleSet, load_rules
 
@@ -102,6 +102,7 @@ class Router:
                 select(Series.id, Series.series_instance_uid, Series.revision).where(
                     Series.state == SeriesState.COMPLETE,
                     Series.routed_revision < Series.revision,
+                    Series.source != Source.NODE,  # the node's own results
                 )
             ).all()
         if not pending:
@@ -125,7 +126,9 @@ class Router:
             with self._engine.connect() as conn:
                 members = conn.execute(
                     select(Series.id, Series.revision).where(
-                        Series.study_id == study_id, Series.state == SeriesState.COMPLETE
+                        Series.study_id == study_id,
+                        Series.state == SeriesState.COMPLETE,
+                        Series.source != Source.NODE,
                     )
                 ).all()
             facts = [
@@ -158,6 +161,7 @@ def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> Series
                 Series.calling_ae,
                 Series.called_ae,
                 Series.instance_count,
+                Series.source,
             ).where(Series.id == series_id)
         ).one()
         path = conn.execute(
@@ -172,5 +176,6 @@ def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> Series
         "calling_ae": series.calling_ae,
         "called_ae": series.called_ae,
         "instance_count": series.instance_count,
+        "source": series.source.value,
     }
     return SeriesFacts.read(storage / path, series.series_instance_uid, context)

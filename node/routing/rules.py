@@ -17,7 +17,8 @@ problem (`ainode rules check` prints them as FILE:LINE:COLUMN: message).
         discard: true
 
 A condition names a DICOM keyword (read from the stored instances) or a context key
-(`calling_ae`, `called_ae`, `instance_count`). A bare value means `equals`, a list `one_of`.
+(`calling_ae`: the AE title or the DICOMweb sender's name, `called_ae`, `instance_count`,
+`source`: dimse or dicomweb). A bare value means `equals`, a list `one_of`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pydicom.datadict import tag_for_keyword
 
 from node.config import ORIGIN
 
-CONTEXT_KEYS = frozenset({"calling_ae", "called_ae", "instance_count"})
+CONTEXT_KEYS = frozenset({"calling_ae", "called_ae", "instance_count", "source"})
 COMBINATORS = frozenset({"all", "any", "not"})
 
 

@@ -28,6 +28,6 @@ def test_require_current_names_what_is_missing(tmp_path) -> None:
     require_current(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0004'")
-    with pytest.raises(SchemaNotCurrent, match="at 0004, this version needs 0005"):
+    with pytest.raises(SchemaNotCurrent, match=r"at 0004, this version needs 0\d{3}:"):
         require_current(engine)
     engine.dispose()

@@ -220,9 +220,9 @@ def test_a_context_without_abstract_syntax_never_locks_the_node_out(
 ) -> None:
     """Finding 1: such an RQ used to raise inside the negotiation and keep its slot."""
     broken = wire.presentation_context(1, None, [ExplicitVRLittleEndian])
-    for _ in range(10):
+    for _ in range(10):  # one slot (max_associations=1): each must be given back
         assert exchange(hostile.port, wire.associate_rq(contexts=[broken])) == [0x07]
-    assert settled(hostile)
+        assert settled(hostile)
     assoc = associate(hostile.port)
     assert assoc.is_established
     assoc.release()

@@ -1,0 +1,195 @@
+"""One instance in, whatever the door (a C-STORE, a part of a STOW-RS request): read, checked,
+stored durably, recorded in the catalog, and only then answered.
+
+An exchange (a DIMSE association, a STOW-RS request) is recorded with its first instance and
+closed when it ends: a clean end is the release signal that series completion waits for.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydicom.uid import UID
+
+from node.catalog import AssociationRecord, Catalog, Receipt
+from node.db.models import Source, utcnow
+from node.ingest.metadata import InstanceMetadata, read_metadata
+from node.ingest.part10 import file_meta
+from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, WriteOutcome
+
+log = logging.getLogger(__name__)
+
+
+class Status(enum.IntEnum):
+    """The statuses the node answers, over DIMSE and as STOW-RS Failure Reasons
+    (PS3.4 B.2.3, PS3.7 C, PS3.18 I.2.2)."""
+
+    SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    UNRECOGNIZED_OPERATION = 0x0211
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    """The dataset cannot be parsed, or is not whole, or not in its context's syntax."""
+    INVALID_UID = 0xC001
+    """A study, series or SOP Instance UID is missing or not a UID (Cannot Understand range)."""
+    STUDY_MISMATCH = 0xC409
+    """STOW-RS to a study's URL with an instance of another study (Cannot Understand range,
+    the code dcm4chee-arc uses)."""
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who delivers in one exchange: a calling AE over DIMSE, a token's name over DICOMweb."""
+
+    exchange_id: str
+    calling_ae: str
+    called_ae: str
+    address: str | None
+    source: Source
+
+    @property
+    def label(self) -> str:
+        kind = "association" if self.source is Source.DIMSE else "request"
+        return f"{kind} {self.exchange_id}"
+
+
+@dataclass
+class Delivery:
+    """What one exchange delivered so far."""
+
+    sender: Sender
+    opened: float = field(default_factory=time.monotonic)
+    recorded: bool = False
+    instances: int = 0
+    series_linked: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The status of one instance, with why, and what was read of it (None if unreadable)."""
+
+    status: Status
+    reason: str | None = None
+    meta: InstanceMetadata | None = None
+
+
+Check = Callable[[InstanceMetadata], Answer | None]
+"""A door's own check of a readable instance (a refusal, or None to go on)."""
+
+
+class Intake:
+    """Stores and records instances for every door (`StorageSCP`, STOW-RS)."""
+
+    def __init__(self, store: InstanceStore, catalog: Catalog, min_free_mb: float) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._min_free_mb = min_free_mb
+
+    def problem(self) -> str | None:
+        """Why nothing can be stored now (the disk below `storage.min_free_mb`), or None."""
+        free_mb = self._store.free_mb()
+        if free_mb < self._min_free_mb:
+            return (
+                f"storage has {free_mb:.0f} MB free, "
+                f"below storage.min_free_mb ({self._min_free_mb:.0f})"
+            )
+        return None
+
+    def accept(
+        self,
+        delivery: Delivery,
+        dataset: bytes,
+        transfer_syntax: UID,
+        check: Check | None = None,
+    ) -> Answer:
+        """Store `dataset` (encoded in `transfer_syntax`, without file meta) as sent."""
+        label = delivery.sender.label
+        problem = self.problem()
+        if problem is not None:
+            log.error("%s: instance refused: %s", label, problem)
+            return Answer(Status.OUT_OF_RESOURCES, problem)
+        try:
+            meta = read_metadata(dataset, transfer_syntax)
+        except InvalidUID as exc:
+            log.warning("%s: instance refused: %s", label, exc)
+            return Answer(Status.INVALID_UID, str(exc))
+        except Exception as exc:  # pydicom raises many types on malformed input
+            log.warning("%s: dataset refused: %s", label, exc)
+            return Answer(Status.CANNOT_UNDERSTAND, str(exc))
+        refusal = check(meta) if check is not None else None
+        if refusal is not None:
+            log.warning("%s: %s refused: %s", label, meta.key.sop_instance_uid, refusal.reason)
+            return Answer(refusal.status, refusal.reason, meta)
+        return self._keep(delivery, meta, dataset, transfer_syntax)
+
+    def _keep(
+        self, delivery: Delivery, meta: InstanceMetadata, dataset: bytes, transfer_syntax: UID
+    ) -> Answer:
+        sender = delivery.sender
+        uid = meta.key.sop_instance_uid
+        header = file_meta(meta.sop_class_uid, uid, transfer_syntax, sender.calling_ae[:16])
+        try:
+            outcome = self._store.write(meta.key, (header, dataset))
+        except (StorageFull, StorageError) as exc:
+            log.error("%s: %s not stored: %s", sender.label, uid, exc)
+            return Answer(Status.OUT_OF_RESOURCES, str(exc), meta)
+        receipt = Receipt(
+            association_id=sender.exchange_id,
+            calling_ae=sender.calling_ae,
+            called_ae=sender.called_ae,
+            transfer_syntax_uid=str(transfer_syntax),
+            size_bytes=len(header) + len(dataset),
+            received_at=utcnow(),
+            source=sender.source,
+        )
+        opening = None
+        if not delivery.recorded:
+            opening = AssociationRecord(
+                sender.exchange_id,
+                sender.calling_ae,
+                sender.called_ae,
+                sender.address,
+                sender.source,
+            )
+        try:
+            self._catalog.record_instance(
+                meta,
+                receipt,
+                content_changed=outcome is not WriteOutcome.IDENTICAL,
+                link=meta.key.series_uid not in delivery.series_linked,
+                opening=opening,
+            )
+        except Exception as exc:  # the database refused or is unreachable: nothing kept
+            if outcome is WriteOutcome.CREATED:
+                self._store.remove(meta.key)
+            log.error("%s: %s not recorded: %s", sender.label, uid, exc)
+            return Answer(Status.OUT_OF_RESOURCES, "database unavailable, send again later", meta)
+        delivery.recorded = True
+        delivery.series_linked.add(meta.key.series_uid)
+        delivery.instances += 1
+        log.debug("%s: stored %s (%s)", sender.label, uid, outcome.value)
+        return Answer(Status.SUCCESS, meta=meta)
+
+    def close(self, delivery: Delivery, released: bool) -> None:
+        """Record the end of an exchange that delivered something (a clean end releases its
+        series for completion), and log it."""
+        sender = delivery.sender
+        if delivery.recorded:
+            try:
+                self._catalog.close_association(sender.exchange_id, released, delivery.instances)
+            except Exception as exc:  # the database is down: completion waits for the restart
+                log.error("%s: cannot record its end: %s", sender.label, exc)
+        log.info(
+            "%s %s after %.1f s: %d instances from %s",
+            sender.label,
+            "released" if released else "aborted",
+            time.monotonic() - delivery.opened,
+            delivery.instances,
+            sender.calling_ae,
+        )

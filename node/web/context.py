@@ -1,0 +1,60 @@
+"""What every request handler shares: settings, the intake, the database, the store, auth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy import Engine
+
+from node.config import HttpSettings, Role, Settings
+from node.ingest.intake import Intake
+from node.storage import InstanceStore
+from node.web.auth import Authenticator, NotAuthenticated, Principal
+
+
+@dataclass(frozen=True)
+class WebContext:
+    settings: Settings
+    engine: Engine
+    store: InstanceStore
+    intake: Intake
+    auth: Authenticator
+
+    @property
+    def http(self) -> HttpSettings:
+        assert self.settings.http is not None
+        return self.settings.http
+
+    def base_url(self, request: Request) -> str:
+        """Where clients reach `/dicom-web` (for RetrieveURLs)."""
+        root = self.http.public_url or str(request.base_url)
+        return root.rstrip("/") + "/dicom-web"
+
+
+def web_context(request: Request) -> WebContext:
+    context: WebContext = request.app.state.web
+    return context
+
+
+def requires(role: Role) -> Callable[[Request], Principal]:
+    """A dependency: the caller, if it holds `role` (else 401 or 403)."""
+
+    def dependency(request: Request) -> Principal:
+        auth = web_context(request).auth
+        try:
+            principal = auth.authenticate(request.headers.get("authorization"))
+        except NotAuthenticated as exc:
+            raise HTTPException(
+                401, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
+            ) from exc
+        if not principal.may(role):
+            raise HTTPException(403, detail=f"{principal.name!r} lacks the {role} role")
+        return principal
+
+    return dependency
+
+
+Context = Annotated[WebContext, Depends(web_context)]

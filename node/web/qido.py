@@ -1,0 +1,298 @@
+"""QIDO-RS (PS3.18 10.6) over the catalog: studies, series and instances the node holds
+(received, fetched, and its own results), matched on the attributes the catalog keeps.
+
+Matching: single values, UID lists (comma or backslash separated), `*`/`?` wildcards,
+date and time ranges (`20240101-20241231`, `-20240101`, `20240101-`). Keys the node cannot
+match are ignored and named in a Warning header (PS3.18 8.3.4.1). `limit`, `offset` and
+`includefield` work as usual; every attribute the catalog has is always returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from pydicom import Dataset
+from pydicom.datadict import keyword_for_tag
+from sqlalchemy import ColumnElement, Select, and_, exists, func, select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from node.config import Role
+from node.db.models import Instance, Series, Study
+from node.web.context import Context, WebContext, requires
+from node.web.dicom_json import dicom_json_response
+
+router = APIRouter(dependencies=[Depends(requires(Role.READER))])
+
+CONTROL_KEYS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
+MAX_RESULTS = 10_000
+
+
+@dataclass(frozen=True)
+class Key:
+    """A matching key: the column it reads, and how its value is matched."""
+
+    column: InstrumentedAttribute[Any]
+    kind: str  # "uid", "text", "range", "number"
+
+
+STUDY_KEYS = {
+    "StudyInstanceUID": Key(Study.study_instance_uid, "uid"),
+    "PatientID": Key(Study.patient_id, "text"),
+    "PatientName": Key(Study.patient_name, "text"),
+    "AccessionNumber": Key(Study.accession_number, "text"),
+    "StudyDate": Key(Study.study_date, "range"),
+    "StudyTime": Key(Study.study_time, "range"),
+    "StudyID": Key(Study.dicom_study_id, "text"),
+    "StudyDescription": Key(Study.study_description, "text"),
+    "ReferringPhysicianName": Key(Study.referring_physician_name, "text"),
+}
+SERIES_KEYS = {
+    "SeriesInstanceUID": Key(Series.series_instance_uid, "uid"),
+    "Modality": Key(Series.modality, "text"),
+    "SeriesNumber": Key(Series.series_number, "number"),
+    "SeriesDescription": Key(Series.series_description, "text"),
+    "BodyPartExamined": Key(Series.body_part_examined, "text"),
+}
+INSTANCE_KEYS = {
+    "SOPInstanceUID": Key(Instance.sop_instance_uid, "uid"),
+    "SOPClassUID": Key(Instance.sop_class_uid, "uid"),
+    "InstanceNumber": Key(Instance.instance_number, "number"),
+}
+STUDY_ATTRIBUTES = (
+    ("StudyInstanceUID", Study.study_instance_uid),
+    ("StudyDate", Study.study_date),
+    ("StudyTime", Study.study_time),
+    ("AccessionNumber", Study.accession_number),
+    ("ReferringPhysicianName", Study.referring_physician_name),
+    ("PatientName", Study.patient_name),
+    ("PatientID", Study.patient_id),
+    ("PatientBirthDate", Study.patient_birth_date),
+    ("PatientSex", Study.patient_sex),
+    ("StudyID", Study.dicom_study_id),
+    ("StudyDescription", Study.study_description),
+)
+SERIES_ATTRIBUTES = (
+    ("SeriesInstanceUID", Series.series_instance_uid),
+    ("Modality", Series.modality),
+    ("SeriesNumber", Series.series_number),
+    ("SeriesDescription", Series.series_description),
+    ("BodyPartExamined", Series.body_part_examined),
+)
+INSTANCE_ATTRIBUTES = (
+    ("SOPInstanceUID", Instance.sop_instance_uid),
+    ("SOPClassUID", Instance.sop_class_uid),
+    ("InstanceNumber", Instance.instance_number),
+)
+
+
+@router.get("/studies", response_class=Response)
+def search_studies(request: Request, context: Context) -> Response:
+    return _search(request, context, "study", {})
+
+
+@router.get("/series", response_class=Response)
+@router.get("/studies/{study}/series", response_class=Response)
+def search_series(request: Request, context: Context, study: str | None = None) -> Response:
+    return _search(request, context, "series", {"StudyInstanceUID": study})
+
+
+@router.get("/instances", response_class=Response)
+@router.get("/studies/{study}/instances", response_class=Response)
+@router.get("/studies/{study}/series/{series}/instances", response_class=Response)
+def search_instances(
+    request: Request,
+    context: Context,
+    study: str | None = None,
+    series: str | None = None,
+) -> Response:
+    fixed = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    return _search(request, context, "instance", fixed)
+
+
+def _search(
+    request: Request, context: WebContext, level: str, fixed: dict[str, str | None]
+) -> Response:
+    keys = {**STUDY_KEYS}
+    if level in ("series", "instance"):
+        keys.update(SERIES_KEYS)
+    if level == "instance":
+        keys.update(INSTANCE_KEYS)
+    criteria, ignored = _criteria(request, keys)
+    criteria.extend(keys[name].column == value for name, value in fixed.items() if value)
+    limit, offset = _paging(request)
+    statement, build = _QUERIES[level](criteria, request.query_params.getlist("ModalitiesInStudy"))
+    with context.engine.connect() as conn:
+        rows = conn.execute(statement.limit(limit).offset(offset)).all()
+    base = context.base_url(request)
+    response = dicom_json_response([build(row, base) for row in rows])
+    if ignored:
+        names = ", ".join(sorted(ignored))
+        response.headers["Warning"] = f'299 ainode "not matched (unsupported keys): {names}"'
+    return response
+
+
+def _criteria(request: Request, keys: dict[str, Key]) -> tuple[list[ColumnElement[bool]], set[str]]:
+    criteria: list[ColumnElement[bool]] = []
+    ignored: set[str] = set()
+    for raw_name, value in request.query_params.multi_items():
+        if raw_name in CONTROL_KEYS or raw_name == "ModalitiesInStudy" or not value:
+            continue
+        name = _keyword(raw_name)
+        key = keys.get(name)
+        if key is None:
+            if name != "ModalitiesInStudy":
+                ignored.add(raw_name)
+            continue
+        criteria.append(_match(key, value))
+    return criteria, ignored
+
+
+def _keyword(name: str) -> str:
+    """A keyword, also when given as a tag (`0020000D`)."""
+    if len(name) == 8:
+        try:
+            return keyword_for_tag(int(name, 16)) or name
+        except ValueError:
+            return name
+    return name
+
+
+def _match(key: Key, value: str) -> ColumnElement[bool]:
+    column = key.column
+    if key.kind == "uid":
+        uids = [v.strip() for v in value.replace("\\", ",").split(",") if v.strip()]
+        return column.in_(uids)
+    if key.kind == "number":
+        try:
+            return column == int(value)
+        except ValueError as exc:
+            raise HTTPException(400, detail=f"{column.key}: {value!r} is not a number") from exc
+    if key.kind == "range" and "-" in value:
+        low, _, high = value.partition("-")
+        bounds = [column >= low] if low else []
+        bounds += [column <= high] if high else []
+        return and_(*bounds)
+    if "*" in value or "?" in value:
+        pattern = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = pattern.replace("*", "%").replace("?", "_")
+        return column.ilike(pattern, escape="\\")
+    return column == value
+
+
+def _paging(request: Request) -> tuple[int, int]:
+    try:
+        limit = int(request.query_params.get("limit", MAX_RESULTS))
+        offset = int(request.query_params.get("offset", 0))
+    except ValueError as exc:
+        raise HTTPException(400, detail="limit and offset are whole numbers") from exc
+    if limit < 0 or offset < 0:
+        raise HTTPException(400, detail="limit and offset cannot be negative")
+    return min(limit, MAX_RESULTS), offset
+
+
+Builder = Callable[[Any, str], Dataset]
+
+
+def _study_query(
+    criteria: list[ColumnElement[bool]], modalities: Sequence[str]
+) -> tuple[Select[*tuple[Any, ...]], Builder]:
+    series_count = (
+        select(func.count(Series.id)).where(Series.study_id == Study.id).scalar_subquery()
+    )
+    instance_count = (
+        select(func.coalesce(func.sum(Series.instance_count), 0))
+        .where(Series.study_id == Study.id)
+        .scalar_subquery()
+    )
+    wanted = [m for value in modalities for m in value.replace("\\", ",").split(",") if m]
+    if wanted:
+        criteria = [
+            *criteria,
+            exists().where(Series.study_id == Study.id, Series.modality.in_(wanted)),
+        ]
+    statement = (
+        select(
+            Study.id,
+            *(column for _, column in STUDY_ATTRIBUTES),
+            series_count.label("series_count"),
+            instance_count.label("instance_count"),
+        )
+        .where(*criteria)
+        .order_by(Study.id)
+    )
+
+    def build(row: Any, base: str) -> Dataset:
+        ds = _attributes(row, STUDY_ATTRIBUTES)
+        ds.NumberOfStudyRelatedSeries = row.series_count
+        ds.NumberOfStudyRelatedInstances = row.instance_count
+        ds.RetrieveURL = f"{base}/studies/{row.study_instance_uid}"
+        return ds
+
+    return statement, build
+
+
+def _series_query(
+    criteria: list[ColumnElement[bool]], modalities: Sequence[str]
+) -> tuple[Select[*tuple[Any, ...]], Builder]:
+    statement = (
+        select(
+            Study.study_instance_uid,
+            *(column for _, column in SERIES_ATTRIBUTES),
+            Series.instance_count,
+        )
+        .join(Study, Series.study_id == Study.id)
+        .where(*criteria)
+        .order_by(Series.series_number, Series.id)
+    )
+
+    def build(row: Any, base: str) -> Dataset:
+        ds = _attributes(row, SERIES_ATTRIBUTES)
+        ds.StudyInstanceUID = row.study_instance_uid
+        ds.NumberOfSeriesRelatedInstances = row.instance_count
+        ds.RetrieveURL = f"{base}/studies/{row.study_instance_uid}/series/{ds.SeriesInstanceUID}"
+        return ds
+
+    return statement, build
+
+
+def _instance_query(
+    criteria: list[ColumnElement[bool]], modalities: Sequence[str]
+) -> tuple[Select[*tuple[Any, ...]], Builder]:
+    statement = (
+        select(
+            Study.study_instance_uid,
+            Series.series_instance_uid,
+            Series.modality,
+            *(column for _, column in INSTANCE_ATTRIBUTES),
+        )
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(*criteria)
+        .order_by(Series.id, Instance.instance_number, Instance.id)
+    )
+
+    def build(row: Any, base: str) -> Dataset:
+        ds = _attributes(row, INSTANCE_ATTRIBUTES)
+        ds.StudyInstanceUID = row.study_instance_uid
+        ds.SeriesInstanceUID = row.series_instance_uid
+        ds.Modality = row.modality
+        ds.RetrieveURL = (
+            f"{base}/studies/{row.study_instance_uid}/series/{row.series_instance_uid}"
+            f"/instances/{ds.SOPInstanceUID}"
+        )
+        return ds
+
+    return statement, build
+
+
+_QUERIES = {"study": _study_query, "series": _series_query, "instance": _instance_query}
+
+
+def _attributes(row: Any, attributes: Sequence[tuple[str, Any]]) -> Dataset:
+    ds = Dataset()
+    for keyword, column in attributes:
+        setattr(ds, keyword, getattr(row, column.key))
+    return ds

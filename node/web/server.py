@@ -1,0 +1,70 @@
+"""The HTTP server in a process of its own (uvicorn), so that a slow upload or a large
+retrieval never stalls DIMSE receiving. The parent binds the port (a port in use stops the
+start with a clear line) and hands the socket to the child, and to its successor after a crash.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import threading
+
+import uvicorn
+
+from node.config import HttpSettings, Settings
+from node.lifecycle import CannotListen, stop_when_parent_exits
+from node.logs import configure_logging
+
+
+def listen(http: HttpSettings) -> socket.socket:
+    """The server's listening socket; CannotListen when the port or the TLS files fail."""
+    if http.tls is not None:
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(http.tls.cert_file, http.tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise CannotListen(f"http.tls: cannot load the certificate or key: {exc}") from exc
+    family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((http.host, http.port))
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(
+            f"http: cannot listen on {http.host}:{http.port}: {exc.strerror or exc}"
+        ) from exc
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_http_process(settings: Settings, sock: socket.socket) -> None:
+    """Entry point of the HTTP process: serve until SIGTERM or the parent is gone."""
+    from node.web.app import build_app
+
+    configure_logging(settings.logging.level)
+    http = settings.http
+    assert http is not None
+    config = uvicorn.Config(
+        build_app(settings),
+        log_config=None,
+        access_log=False,  # request lines are logged without their query (patient IDs)
+        lifespan="off",
+        ssl_certfile=str(http.tls.cert_file) if http.tls else None,
+        ssl_keyfile=str(http.tls.key_file) if http.tls else None,
+        timeout_graceful_shutdown=10,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    stopping = threading.Event()
+    stop_when_parent_exits(stopping)
+
+    def stop_with_parent() -> None:
+        stopping.wait()
+        server.should_exit = True
+
+    threading.Thread(target=stop_with_parent, name="parent-stop", daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    server.run(sockets=[sock])

@@ -1,0 +1,199 @@
+"""STOW-RS (PS3.18 10.5): instances posted as multipart/related, streamed part by part into
+the same intake as C-STORE. A request counts like an association: its instances are recorded
+under it, and its clean end is the release signal series completion waits for.
+
+The answer is the Store Instances Response: 200 when every instance was stored, 202 when some
+were, 409 when none was; a body that is not a multipart/related message of DICOM parts gets a
+4xx and stores nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from pydicom import Dataset
+from pydicom.uid import UID
+from starlette.concurrency import run_in_threadpool
+
+from node.config import Role
+from node.db.models import Source
+from node.ingest.intake import Answer, Delivery, Sender, Status
+from node.ingest.metadata import InstanceMetadata
+from node.ingest.part10 import read_part10
+from node.web.auth import Principal
+from node.web.context import Context, WebContext, requires
+from node.web.dicom_json import dicom_json_response
+from node.web.multipart import BadBody, Part, PartReader, media_type
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+DICOM = "application/dicom"
+
+
+@dataclass(frozen=True)
+class PartOutcome:
+    answer: Answer
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@router.post("/studies", response_class=Response)
+@router.post("/studies/{study}", response_class=Response)
+async def store_instances(
+    request: Request,
+    principal: Annotated[Principal, Depends(requires(Role.SENDER))],
+    context: Context,
+    study: str | None = None,
+) -> Response:
+    boundary = _boundary(request.headers.get("content-type"))
+    limit = context.http.max_request_mb << 20
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPException(413, detail=f"the body exceeds http.max_request_mb ({limit >> 20})")
+    sender = Sender(
+        uuid.uuid4().hex,
+        principal.name,
+        context.settings.node.ae_title,
+        request.client.host if request.client else None,
+        Source.DICOMWEB,
+    )
+    delivery = Delivery(sender)
+    reader = PartReader(boundary, context.settings.node.max_instance_mb << 20)
+    outcomes: list[PartOutcome] = []
+    received, whole = 0, False
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise HTTPException(
+                    413, detail=f"the body exceeds http.max_request_mb ({limit >> 20})"
+                )
+            for part in reader.feed(chunk):
+                outcome = await run_in_threadpool(_store_part, context, delivery, part, study)
+                outcomes.append(outcome)
+        reader.finish()
+        whole = True
+    except BadBody as exc:
+        log.warning("%s from %s: %s", sender.label, sender.calling_ae, exc)
+        raise HTTPException(
+            400, detail=f"{exc}; {delivery.instances} instances before it were stored"
+        ) from exc
+    finally:
+        await run_in_threadpool(context.intake.close, delivery, whole)
+    if not outcomes:
+        raise HTTPException(400, detail="the body holds no part")
+    return _response(outcomes, context.base_url(request))
+
+
+def _boundary(content_type: str | None) -> str:
+    kind, params = media_type(content_type)
+    if kind != "multipart/related":
+        raise HTTPException(
+            415, detail='send multipart/related; type="application/dicom" (PS3.18 10.5)'
+        )
+    part_type = params.get("type", DICOM).lower()
+    if part_type != DICOM:
+        raise HTTPException(
+            415, detail=f"parts of type {part_type} are not accepted: only application/dicom"
+        )
+    boundary = params.get("boundary")
+    if not boundary:
+        raise HTTPException(400, detail="the Content-Type names no boundary")
+    return boundary
+
+
+def _store_part(
+    context: WebContext, delivery: Delivery, part: Part, study: str | None
+) -> PartOutcome:
+    kind = media_type(part.content_type or DICOM)[0]
+    if kind != DICOM:
+        return _refused(Status.CANNOT_UNDERSTAND, f"a part of type {kind}, not {DICOM}")
+    if part.oversize:
+        limit = context.settings.node.max_instance_mb
+        return _refused(Status.OUT_OF_RESOURCES, f"larger than node.max_instance_mb ({limit})")
+    data = bytes(part.data)
+    try:
+        header = read_part10(data)
+    except ValueError as exc:
+        return _refused(Status.CANNOT_UNDERSTAND, str(exc))
+
+    def check(meta: InstanceMetadata) -> Answer | None:
+        return _contradiction(meta, header.sop_class_uid, header.sop_instance_uid, study)
+
+    answer = context.intake.accept(
+        delivery, data[header.dataset_offset :], header.transfer_syntax, check
+    )
+    meta = answer.meta
+    return PartOutcome(
+        answer,
+        meta.sop_class_uid if meta else header.sop_class_uid,
+        meta.key.sop_instance_uid if meta else header.sop_instance_uid,
+    )
+
+
+def _contradiction(
+    meta: InstanceMetadata, meta_class: str, meta_instance: str, study: str | None
+) -> Answer | None:
+    """Why a readable instance is refused: another study than the URL's, a SOP class that is
+    not a storage class, or a file meta group that names another instance."""
+    if study is not None and meta.key.study_uid != study:
+        return Answer(Status.STUDY_MISMATCH, f"of study {meta.key.study_uid}, not {study}")
+    sop_class = UID(meta.sop_class_uid)
+    if sop_class.type != "SOP Class" or not sop_class.keyword.endswith("Storage"):
+        return Answer(Status.SOP_CLASS_NOT_SUPPORTED, f"{sop_class} is not a storage SOP class")
+    if (meta_class and meta_class != meta.sop_class_uid) or (
+        meta_instance and meta_instance != meta.key.sop_instance_uid
+    ):
+        return Answer(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "the file meta information names another SOP class or instance than the dataset",
+        )
+    return None
+
+
+def _refused(status: Status, reason: str) -> PartOutcome:
+    log.warning("STOW-RS part refused: %s", reason)
+    return PartOutcome(Answer(status, reason), "", "")
+
+
+def _response(outcomes: list[PartOutcome], base_url: str) -> Response:
+    stored = [o for o in outcomes if o.answer.status == Status.SUCCESS]
+    failed = [o for o in outcomes if o.answer.status != Status.SUCCESS]
+    report = Dataset()
+    studies = {o.answer.meta.key.study_uid for o in stored if o.answer.meta}
+    if len(studies) == 1:
+        report.RetrieveURL = f"{base_url}/studies/{studies.pop()}"
+    report.ReferencedSOPSequence = [_referenced(o, base_url) for o in stored]
+    if failed:
+        report.FailedSOPSequence = [_failed(o) for o in failed]
+    status = 200 if not failed else 202 if stored else 409
+    return dicom_json_response(report, status)
+
+
+def _referenced(outcome: PartOutcome, base_url: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = outcome.sop_class_uid
+    item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
+    meta = outcome.answer.meta
+    if meta is not None:
+        key = meta.key
+        item.RetrieveURL = (
+            f"{base_url}/studies/{key.study_uid}/series/{key.series_uid}"
+            f"/instances/{key.sop_instance_uid}"
+        )
+    return item
+
+
+def _failed(outcome: PartOutcome) -> Dataset:
+    item = Dataset()
+    if outcome.sop_class_uid:
+        item.ReferencedSOPClassUID = outcome.sop_class_uid
+    if outcome.sop_instance_uid:
+        item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
+    item.FailureReason = int(outcome.answer.status)
+    return item

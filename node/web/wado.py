@@ -1,0 +1,202 @@
+"""WADO-RS (PS3.18 10.4) from the node's store: studies, series and instances as
+multipart/related Part 10 files (as stored with `transfer-syntax=*`, else transcoded to the
+syntax asked for, Explicit VR Little Endian by default), their metadata as DICOM JSON,
+frames (decoded, native little endian) and bulk data.
+
+Files are streamed from disk in chunks: a series costs the memory of one chunk, not its size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
+from pydicom import Dataset, dcmread
+from pydicom.pixels.utils import pack_bits, pixel_array
+from pydicom.tag import Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy import select
+
+from node.config import Role
+from node.db.models import Instance, Series, Study
+from node.web.context import Context, requires
+from node.web.dicom_json import dicom_json_response
+from node.web.multipart import MultipartWriter, media_type
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(dependencies=[Depends(requires(Role.READER))])
+
+CHUNK_BYTES = 1 << 20
+TRANSCODABLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+PIXEL_DATA = 0x7FE00010
+NATIVE = f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
+
+
+class Stored:
+    """An instance's file and transfer syntax, and its place in the hierarchy."""
+
+    def __init__(self, row: Any, storage: Path) -> None:
+        self.path = storage / row.path
+        self.transfer_syntax = UID(row.transfer_syntax_uid)
+        self.study = row.study_instance_uid
+        self.series = row.series_instance_uid
+        self.sop_instance_uid = row.sop_instance_uid
+
+    def url(self, base: str) -> str:
+        return f"{base}/studies/{self.study}/series/{self.series}/instances/{self.sop_instance_uid}"
+
+
+def _stored(
+    context: Context, study: str, series: str | None = None, instance: str | None = None
+) -> list[Stored]:
+    """The instances under a study, series or instance; 404 when there are none."""
+    statement = (
+        select(
+            Instance.path,
+            Instance.transfer_syntax_uid,
+            Instance.sop_instance_uid,
+            Series.series_instance_uid,
+            Study.study_instance_uid,
+        )
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(Study.study_instance_uid == study)
+        .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+    )
+    if series is not None:
+        statement = statement.where(Series.series_instance_uid == series)
+    if instance is not None:
+        statement = statement.where(Instance.sop_instance_uid == instance)
+    with context.engine.connect() as conn:
+        rows = conn.execute(statement).all()
+    if not rows:
+        raise HTTPException(404, detail="no such study, series or instance on this node")
+    return [Stored(row, context.store.root) for row in rows]
+
+
+Found = Annotated[list[Stored], Depends(_stored)]
+
+
+@router.get("/studies/{study}", response_class=Response)
+@router.get("/studies/{study}/series/{series}", response_class=Response)
+@router.get("/studies/{study}/series/{series}/instances/{instance}", response_class=Response)
+def retrieve(request: Request, found: Found) -> Response:
+    target = _wanted_syntax(request.headers.get("accept"))
+    writer = MultipartWriter("application/dicom")
+
+    def parts() -> Iterator[tuple[str, Iterator[bytes]]]:
+        for item in found:
+            syntax = item.transfer_syntax if target is None else target
+            yield f"application/dicom; transfer-syntax={syntax}", _instance_bytes(item, target)
+
+    return StreamingResponse(writer.frame(parts()), media_type=writer.content_type())
+
+
+@router.get("/studies/{study}/metadata", response_class=Response)
+@router.get("/studies/{study}/series/{series}/metadata", response_class=Response)
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/metadata", response_class=Response
+)
+def metadata(request: Request, found: Found, context: Context) -> Response:
+    base = context.base_url(request)
+    return dicom_json_response(_metadata(item, base) for item in found)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+    response_class=Response,
+)
+def frames(frames: str, found: Found) -> Response:
+    try:
+        numbers = [int(n) for n in frames.split(",")]
+    except ValueError as exc:
+        raise HTTPException(400, detail="frames are numbers from 1, comma separated") from exc
+    path = found[0].path
+    header = dcmread(path, stop_before_pixels=True)
+    count = int(header.get("NumberOfFrames") or 1)
+    if "Rows" not in header or any(n < 1 or n > count for n in numbers):
+        raise HTTPException(404, detail=f"the instance has {count} frames")
+    writer = MultipartWriter(NATIVE)
+    parts = ((NATIVE, iter([_frame(path, header, n - 1)])) for n in numbers)
+    return StreamingResponse(writer.frame(parts), media_type=writer.content_type())
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
+    response_class=Response,
+)
+def bulkdata(tag: str, found: Found) -> Response:
+    try:
+        wanted = Tag(int(tag, 16))
+    except ValueError as exc:
+        raise HTTPException(400, detail="a bulk data tag is 8 hex digits") from exc
+    dataset = dcmread(found[0].path)
+    if wanted not in dataset:
+        raise HTTPException(404, detail=f"the instance has no {tag}")
+    if wanted == PIXEL_DATA and dataset.file_meta.TransferSyntaxUID.is_compressed:
+        dataset.decompress()
+    value = dataset[wanted].value
+    if not isinstance(value, bytes):
+        raise HTTPException(404, detail=f"{tag} is not bulk data")
+    writer = MultipartWriter("application/octet-stream")
+    parts = [("application/octet-stream", iter([value]))]
+    return StreamingResponse(writer.frame(parts), media_type=writer.content_type())
+
+
+def _wanted_syntax(accept: str | None) -> UID | None:
+    """The transfer syntax asked for (None: as stored); 406 when none can be served."""
+    entries = [entry.strip() for entry in (accept or "").split(",") if entry.strip()]
+    for entry in entries or ["multipart/related; type=application/dicom"]:
+        kind, params = media_type(entry)
+        part_type = params.get("type", "application/dicom").lower()
+        if kind not in ("multipart/related", "*/*") or part_type != "application/dicom":
+            continue
+        syntax = params.get("transfer-syntax", ExplicitVRLittleEndian)
+        if syntax == "*":
+            return None
+        if syntax in TRANSCODABLE:
+            return UID(syntax)
+    raise HTTPException(
+        406,
+        detail='serves multipart/related; type="application/dicom" with transfer-syntax=* '
+        f"(as stored), {ExplicitVRLittleEndian} or {ImplicitVRLittleEndian}",
+    )
+
+
+def _instance_bytes(item: Stored, target: UID | None) -> Iterator[bytes]:
+    if target is None or target == item.transfer_syntax:
+        with item.path.open("rb") as file:
+            while chunk := file.read(CHUNK_BYTES):
+                yield chunk
+        return
+    dataset = dcmread(item.path)
+    if dataset.file_meta.TransferSyntaxUID.is_compressed:
+        dataset.decompress()
+    dataset.file_meta.TransferSyntaxUID = target
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    yield buffer.getvalue()
+
+
+def _metadata(item: Stored, base: str) -> dict[str, Any]:
+    """The instance as DICOM JSON; its Pixel Data, if any, as a BulkDataURI."""
+    dataset = dcmread(item.path, stop_before_pixels=True)
+    content: dict[str, Any] = dataset.to_json_dict(bulk_data_threshold=1 << 30)
+    if "Rows" in dataset:
+        content["7FE00010"] = {"vr": "OW", "BulkDataURI": f"{item.url(base)}/bulkdata/7fe00010"}
+    return content
+
+
+def _frame(path: Path, header: Dataset, index: int) -> bytes:
+    """One frame, decoded, as native little-endian bytes (bit-packed for 1-bit pixels)."""
+    array = pixel_array(path, index=index)
+    if int(header.BitsAllocated) == 1:
+        return bytes(pack_bits(array))
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
