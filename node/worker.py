@@ -13,14 +13,19 @@ import signal
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 from sqlalchemy import select
 
+from node.catalog import Catalog
 from node.config import Settings
 from node.db.engine import make_engine
-from node.db.models import Instance
+from node.db.models import Instance, Source
 from node.inference import Processed, process_series
+from node.ingest.intake import Delivery, Intake, Sender, Status
+from node.ingest.part10 import read_part10
 from node.leased import RetryPolicy
 from node.lifecycle import stop_when_parent_exits
 from node.logs import configure_logging
@@ -48,6 +53,7 @@ class Worker:
         self.queue = JobQueue(self._engine, retry_policy(settings))
         self._outcomes = OutcomeRecorder(self._engine, settings.dispatch.max_attempts)
         self._store = InstanceStore(settings.storage.path)
+        self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)
         self._pipelines = pipelines
 
     def run_once(self) -> bool:
@@ -89,6 +95,7 @@ class Worker:
             )
             if self._outcomes.record(outcome):
                 log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
+                self._keep_results(job.id, done.objects)
             else:
                 log.warning("job %d finished after losing its lease; result dropped", job.id)
         finally:
@@ -125,6 +132,24 @@ class Worker:
                 volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
             ),
         )
+
+    def _keep_results(self, job_id: int, objects: list[Path]) -> None:
+        """The job's SR and SEG join their study in the node's own store, where QIDO-RS and
+        WADO-RS serve them beside the images (routing never takes them for input)."""
+        ae_title = self._settings.node.ae_title
+        delivery = Delivery(Sender(uuid.uuid4().hex, ae_title, ae_title, None, Source.NODE))
+        try:
+            for path in objects:
+                data = path.read_bytes()
+                header = read_part10(data)
+                dataset = data[header.dataset_offset :]
+                answer = self._intake.accept(delivery, dataset, header.transfer_syntax)
+                if answer.status != Status.SUCCESS:
+                    log.warning("job %d: %s not kept: %s", job_id, path.name, answer.reason)
+        except (OSError, ValueError) as exc:
+            log.warning("job %d: results not kept in the store: %s", job_id, exc)
+        finally:
+            self._intake.close(delivery, released=True)
 
     def _renew(self, job_id: int, stop: threading.Event) -> None:
         lease = self._settings.workers.lease_seconds

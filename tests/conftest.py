@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,10 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
     server.stop()
 
 
-@pytest.fixture
-def ohif(orthanc, tmp_path: Path) -> Iterator[str]:
-    """The OHIF viewer (../shared/tools/ohif-up) against `orthanc`; yields its URL."""
+@contextmanager
+def serve_ohif(upstream: str, workdir: Path) -> Iterator[str]:
+    """The OHIF viewer (../shared/tools/ohif-up) with `upstream` as its DICOMweb server;
+    yields its URL (skips when chromium, nginx or the tools are missing)."""
     from tests.peers import TOOLS
 
     missing = [tool for tool in ("chromium", "nginx") if shutil.which(tool) is None]
@@ -104,19 +106,10 @@ def ohif(orthanc, tmp_path: Path) -> Iterator[str]:
         pytest.skip(f"viewer check needs {', '.join(missing) or 'shared/tools'}")
     cache = Path(os.environ.get("OHIF_CACHE", Path.home() / ".cache" / "ainode" / "ohif"))
     cache.mkdir(parents=True, exist_ok=True)
-    workdir = tmp_path / "ohif"
     with (cache / ".lock").open("w") as lock:  # test processes share the cache (pytest -n)
         fcntl.flock(lock, fcntl.LOCK_EX)
         started = subprocess.run(
-            [
-                str(TOOLS / "ohif-up"),
-                "-P",
-                "auto",
-                "--cache",
-                str(cache),
-                str(workdir),
-                orthanc.dicomweb_url,
-            ],
+            [str(TOOLS / "ohif-up"), "-P", "auto", "--cache", str(cache), str(workdir), upstream],
             capture_output=True,
             text=True,
             timeout=300,
@@ -128,5 +121,14 @@ def ohif(orthanc, tmp_path: Path) -> Iterator[str]:
         for line in (workdir / "ohif.env").read_text().splitlines()
         if "=" in line
     )
-    yield env["OHIF_URL"].strip("'\"")
-    subprocess.run([str(TOOLS / "ohif-down"), str(workdir)], capture_output=True, timeout=120)
+    try:
+        yield env["OHIF_URL"].strip("'\"")
+    finally:
+        subprocess.run([str(TOOLS / "ohif-down"), str(workdir)], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def ohif(orthanc, tmp_path: Path) -> Iterator[str]:
+    """The OHIF viewer against `orthanc`; yields its URL."""
+    with serve_ohif(orthanc.dicomweb_url, tmp_path / "ohif") as url:
+        yield url

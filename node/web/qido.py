@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
-from sqlalchemy import ColumnElement, Select, and_, exists, func, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from node.config import Role
@@ -120,34 +120,59 @@ def _search(
         keys.update(SERIES_KEYS)
     if level == "instance":
         keys.update(INSTANCE_KEYS)
-    criteria, ignored = _criteria(request, keys)
+    criteria, modalities, ignored = _criteria(request, keys)
     criteria.extend(keys[name].column == value for name, value in fixed.items() if value)
     limit, offset = _paging(request)
-    statement, build = _QUERIES[level](criteria, request.query_params.getlist("ModalitiesInStudy"))
+    statement, build = _QUERIES[level](criteria, modalities)
+    base = context.base_url(request)
     with context.engine.connect() as conn:
         rows = conn.execute(statement.limit(limit).offset(offset)).all()
-    base = context.base_url(request)
-    response = dicom_json_response([build(row, base) for row in rows])
+        datasets = [build(row, base) for row in rows]
+        if level == "study":
+            in_study = _modalities(conn, [row.id for row in rows])
+            for row, ds in zip(rows, datasets, strict=True):
+                ds.ModalitiesInStudy = in_study.get(row.id, [])
+    response = dicom_json_response(datasets)
     if ignored:
         names = ", ".join(sorted(ignored))
         response.headers["Warning"] = f'299 ainode "not matched (unsupported keys): {names}"'
     return response
 
 
-def _criteria(request: Request, keys: dict[str, Key]) -> tuple[list[ColumnElement[bool]], set[str]]:
+def _criteria(
+    request: Request, keys: dict[str, Key]
+) -> tuple[list[ColumnElement[bool]], list[str], set[str]]:
+    """The matching criteria, the modalities asked for (ModalitiesInStudy), and the keys the
+    node cannot match."""
     criteria: list[ColumnElement[bool]] = []
+    modalities: list[str] = []
     ignored: set[str] = set()
     for raw_name, value in request.query_params.multi_items():
-        if raw_name in CONTROL_KEYS or raw_name == "ModalitiesInStudy" or not value:
+        if raw_name in CONTROL_KEYS or not value:
             continue
         name = _keyword(raw_name)
+        if name == "ModalitiesInStudy":
+            modalities.extend(m for m in value.replace("\\", ",").split(",") if m)
+            continue
         key = keys.get(name)
         if key is None:
-            if name != "ModalitiesInStudy":
-                ignored.add(raw_name)
+            ignored.add(raw_name)
             continue
         criteria.append(_match(key, value))
-    return criteria, ignored
+    return criteria, modalities, ignored
+
+
+def _modalities(conn: Connection, study_ids: list[int]) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    rows = conn.execute(
+        select(Series.study_id, Series.modality)
+        .where(Series.study_id.in_(study_ids), Series.modality.is_not(None))
+        .distinct()
+        .order_by(Series.modality)
+    )
+    for study_id, modality in rows:
+        found.setdefault(study_id, []).append(str(modality))
+    return found
 
 
 def _keyword(name: str) -> str:
@@ -207,11 +232,10 @@ def _study_query(
         .where(Series.study_id == Study.id)
         .scalar_subquery()
     )
-    wanted = [m for value in modalities for m in value.replace("\\", ",").split(",") if m]
-    if wanted:
+    if modalities:
         criteria = [
             *criteria,
-            exists().where(Series.study_id == Study.id, Series.modality.in_(wanted)),
+            exists().where(Series.study_id == Study.id, Series.modality.in_(modalities)),
         ]
     statement = (
         select(

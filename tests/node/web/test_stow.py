@@ -116,7 +116,9 @@ def test_broken_bodies_get_a_4xx_and_leave_nothing_half_stored(
 
     wrong_type = post(web, whole, **{"Content-Type": "application/dicom"})
     assert wrong_type.status_code == 415 and "multipart/related" in wrong_type.json()["detail"]
-    no_boundary = post(web, whole, **{"Content-Type": 'multipart/related; type="application/dicom"'})
+    no_boundary = post(
+        web, whole, **{"Content-Type": 'multipart/related; type="application/dicom"'}
+    )
     assert no_boundary.status_code == 400
     other_part_type = post(
         web, whole, **{"Content-Type": f"multipart/related; type=image/jpeg; boundary={BOUNDARY}"}

@@ -1,0 +1,132 @@
+"""Bearer tokens (stored hashed), OIDC JWTs checked against a JWKS file, anonymous roles
+only when spelled out; 401 and 403 with a reason, and no credential in the log."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from node.config import AuthSettings, Role
+from node.web.auth import Authenticator, NotAuthenticated
+from tests.node.web.conftest import TOKENS
+
+ISSUER, AUDIENCE = "https://idp.hospital.example/realms/radiology", "ainode"
+
+
+@pytest.fixture
+def signing_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def jwks_file(tmp_path: Path, signing_key: rsa.RSAPrivateKey) -> Path:
+    public = json.loads(RSAAlgorithm.to_jwk(signing_key.public_key()))
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [{**public, "kid": "k1", "alg": "RS256"}]}))
+    return path
+
+
+def token(key: rsa.RSAPrivateKey, **claims: object) -> str:
+    now = int(time.time())
+    payload = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "exp": now + 300,
+        "iat": now,
+        "preferred_username": "dr.house",
+        "realm_access": {"roles": ["reader", "offline_access"]},
+        **claims,
+    }
+    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": "k1"})
+
+
+def authenticator(jwks_file: Path, **extra: object) -> Authenticator:
+    return Authenticator(
+        AuthSettings.model_validate(
+            {
+                "tokens": [
+                    {
+                        "name": "pacs",
+                        "sha256": hashlib.sha256(b"s3cret").hexdigest(),
+                        "roles": ["sender"],
+                    }
+                ],
+                "jwt": {
+                    "jwks_file": str(jwks_file),
+                    "issuer": ISSUER,
+                    "audience": AUDIENCE,
+                    "roles_claim": "realm_access.roles",
+                },
+                **extra,
+            }
+        )
+    )
+
+
+def test_tokens_and_jwts_give_their_roles(jwks_file: Path, signing_key) -> None:
+    auth = authenticator(jwks_file)
+    pacs = auth.authenticate("Bearer s3cret")
+    assert pacs.name == "pacs" and pacs.roles == {Role.SENDER}
+    doctor = auth.authenticate(f"Bearer {token(signing_key)}")
+    assert doctor.name == "dr.house" and doctor.roles == {Role.READER}
+    admin = auth.authenticate(f"Bearer {token(signing_key, realm_access={'roles': ['admin']})}")
+    assert admin.roles == set(Role)  # an administrator may do everything
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (None, "a bearer token is required"),
+        ("Basic dXNlcjpwYXNz", "Bearer"),
+        ("Bearer nope", "unknown token"),
+        ("Bearer ", "Bearer"),
+    ],
+)
+def test_missing_or_wrong_credentials_are_refused(
+    jwks_file: Path, header: str | None, reason: str
+) -> None:
+    with pytest.raises(NotAuthenticated, match=reason):
+        authenticator(jwks_file).authenticate(header)
+
+
+def test_expired_forged_or_foreign_jwts_are_refused(jwks_file: Path, signing_key) -> None:
+    auth = authenticator(jwks_file)
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    refused = {
+        "expired": token(signing_key, exp=int(time.time()) - 10),
+        "forged": token(other_key),
+        "audience": token(signing_key, aud="another-app"),
+        "issuer": token(signing_key, iss="https://evil.example"),
+    }
+    for case, credential in refused.items():
+        with pytest.raises(NotAuthenticated, match="JWT refused"):
+            auth.authenticate(f"Bearer {credential}")
+
+
+def test_anonymous_only_gets_what_is_spelled_out(jwks_file: Path) -> None:
+    assert authenticator(jwks_file, anonymous=["reader"]).authenticate(None).roles == {Role.READER}
+    with pytest.raises(NotAuthenticated):
+        authenticator(jwks_file).authenticate(None)
+
+
+def test_over_http_401_403_and_no_secret_in_the_log(start_web_node, tmp_path: Path) -> None:
+    web = start_web_node(workers={"count": 0}, auth={"anonymous": ["reader"]})
+    studies = f"{web.dicomweb}/studies"
+    assert httpx.get(studies).status_code == 200  # anonymous reader, as configured
+    refused = httpx.post(studies, content=b"", headers={"Content-Type": "multipart/related"})
+    assert refused.status_code == 403
+    assert "lacks the sender role" in refused.json()["detail"]
+    wrong = httpx.get(studies, headers={"Authorization": "Bearer guessed-token"})
+    assert wrong.status_code == 401
+    assert wrong.headers["WWW-Authenticate"] == "Bearer"
+    log = web.node.log()
+    assert "guessed-token" not in log
+    assert all(secret not in log for secret, _ in TOKENS.values())
