@@ -3,7 +3,6 @@ for the same real instances."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -115,6 +114,3 @@ def test_reading_needs_the_reader_role(web_node: WebNode, both) -> None:
     assert httpx.get(url, headers=web_node.auth("it-admin")).status_code == 200
     unknown = httpx.get(f"{url}/1.2.3.4/series/5.6/metadata", headers=web_node.auth("viewer"))
     assert unknown.status_code == 404
-
-
-StartWebNode = Callable[..., WebNode]

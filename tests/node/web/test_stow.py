@@ -4,7 +4,6 @@ partial instance behind."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import httpx
@@ -158,7 +157,3 @@ def test_a_stow_request_is_routed_with_its_source(web_node: WebNode) -> None:
     assert post(web_node, body(part10(ds))).status_code == 200
     rows = web_node.node.series()
     assert [s["source"] for s in rows.values()] == ["dicomweb"]
-
-
-def unique() -> str:
-    return uuid.uuid4().hex
