@@ -273,7 +273,7 @@ class HttpSettings(_Section):
     """The node's HTTP server (DICOMweb), in a process of its own."""
 
     host: str = "127.0.0.1"
-    port: int = Field(8042, ge=1, le=65535)
+    port: int = Field(8088, ge=1, le=65535)
     tls: HttpTlsSettings | None = None
     max_request_mb: int = Field(
         4096, ge=1, description="largest STOW-RS request body accepted, MiB"

@@ -9,6 +9,7 @@ first one is this process, which also runs the periodic work and restarts a rece
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -22,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
-from node.config import Settings
+from node.config import HttpSettings, Settings
 from node.db.engine import check_writable, make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import utcnow
@@ -77,6 +78,7 @@ class NodeService:
             http_socket = listen(settings.http)
             self._start_child("http", run_http_process, (settings, http_socket))
             log.info("HTTP server on %s:%d", settings.http.host, settings.http.port)
+            _warn_if_anonymous_beyond_loopback(settings.http)
         for _ in range(settings.node.receivers - 1):
             self._start_child("receiver", run_receiver_process, (settings,))
         for index in range(settings.workers.count):
@@ -181,6 +183,18 @@ class NodeService:
             )
             self._children.remove(child)
             self._start_child(child.name, child.target, child.args)
+
+
+def _warn_if_anonymous_beyond_loopback(http: HttpSettings) -> None:
+    if not http.auth.anonymous:
+        return
+    try:
+        loopback = ipaddress.ip_address(http.host).is_loopback
+    except ValueError:
+        loopback = http.host == "localhost"
+    if not loopback:
+        roles = ", ".join(http.auth.anonymous)
+        log.warning("http: callers without a token may %s, on %s beyond loopback", roles, http.host)
 
 
 @dataclass(frozen=True)
