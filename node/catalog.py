@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -25,7 +26,7 @@ from node.db.models import (
     utcnow,
 )
 from node.db.prepared import PreparedStatement
-from node.ingest.metadata import InstanceMetadata
+from node.ingest.metadata import STUDY_KEYWORDS, InstanceMetadata
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Catalog:
             engine.dialect,
             column_keys=("series_id", "association_id"),
         )
-        self._insert_study = dialect.insert(Study).on_conflict_do_nothing()
+        self._insert_study = _insert_or_complete_study(dialect)
         self._insert_series = dialect.insert(Series).on_conflict_do_nothing()
 
     def open_association(
@@ -264,6 +265,19 @@ class Catalog:
         for affected in {previous_series, values["series_id"]}:
             count = select(func.count()).where(Instance.series_id == affected).scalar_subquery()
             conn.execute(update(Series).where(Series.id == affected).values(instance_count=count))
+
+
+def _insert_or_complete_study(dialect: Any) -> Any:
+    """A new study; one that exists (a prior's row, made before its instances arrived) gets
+    the attributes it lacks."""
+    statement = dialect.insert(Study)
+    return statement.on_conflict_do_update(
+        index_elements=[Study.study_instance_uid],
+        set_={
+            column: func.coalesce(getattr(Study, column), statement.excluded[column])
+            for column in STUDY_KEYWORDS
+        },
+    )
 
 
 def _insert_association(conn: Connection, record: AssociationRecord) -> None:

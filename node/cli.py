@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -87,6 +89,7 @@ def status(
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
     from node.db.engine import make_session_factory
     from node.dispatch.dispatcher import list_dispatches
+    from node.fetch.records import list_fetches
     from node.report import (
         RulesStatus,
         build_report,
@@ -111,6 +114,7 @@ def status(
     report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
     report.pipelines = pipeline_statuses(pipelines)
     report.dispatches = list_dispatches(engine)
+    report.fetches = list_fetches(engine)
     report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
     engine.dispose()
     typer.echo(report.model_dump_json(indent=2) if as_json else render_text(report))
@@ -463,6 +467,70 @@ def _stored_series_facts(settings: Settings, uid: str) -> SeriesFacts:
         raise typer.Exit(2) from exc
     finally:
         engine.dispose()
+
+
+@app.command()
+def fetch(
+    config: ConfigOption,
+    source: Annotated[str, typer.Option("--from", help="A peer or dicomweb server, by name.")],
+    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    accession: Annotated[str | None, typer.Option("--accession", help="Accession Number.")] = None,
+    patient_id: Annotated[
+        str | None, typer.Option("--patient-id", help="Every study of this patient.")
+    ] = None,
+    modality: Annotated[
+        str | None, typer.Option("--modality", help="Only studies with this modality.")
+    ] = None,
+    since: Annotated[
+        datetime | None, typer.Option("--since", formats=["%Y-%m-%d"], help="YYYY-MM-DD.")
+    ] = None,
+) -> None:
+    """Retrieve studies from a PACS (C-FIND, then C-MOVE or C-GET) or a DICOMweb server
+    (QIDO-RS, then WADO-RS) into the node: stored, completed and routed like received ones."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from node.db.models import WorkState
+    from node.fetch.fetcher import Fetcher
+    from node.fetch.query import FetchQuery
+    from node.fetch.records import enqueue, list_fetches
+
+    settings = _settings(config)
+    if settings.source(source) is None:
+        known = ", ".join(sorted({*settings.peers, *settings.dicomweb})) or "none"
+        typer.echo(f"unknown source {source!r} (configured: {known})", err=True)
+        raise typer.Exit(2)
+    try:
+        query = FetchQuery(
+            study=study,
+            accession=accession,
+            patient_id=patient_id,
+            modality=modality,
+            since=since.date() if since else None,
+        )
+    except ValueError as exc:
+        typer.echo("give one of --study, --accession or --patient-id", err=True)
+        raise typer.Exit(2) from exc
+    engine = _engine(settings)
+    fetch_id = enqueue(engine, source, query, settings.dispatch.max_attempts)
+    fetcher = Fetcher(engine, settings, owner=f"ainode-fetch-{os.getpid()}")
+    lease = fetcher.claim(fetch_id)
+    assert lease is not None  # just queued, and nobody else knows its id yet
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as bar:
+        task = bar.add_task(f"fetch {fetch_id} from {source}")
+
+        def arrived(study_uid: str, count: int) -> None:
+            bar.update(task, description=f"study {study_uid}: {count} instances")
+
+        state = fetcher.run(lease, arrived)
+    fetcher.close()
+    (done,) = [f for f in list_fetches(engine) if f.id == fetch_id]
+    engine.dispose()
+    if state == WorkState.SUCCEEDED:
+        typer.echo(f"fetch {fetch_id}: {len(done.studies)} studies, {done.instances} instances")
+        return
+    later = " (the running node retries it)" if state == WorkState.RETRYING else ""
+    typer.echo(f"fetch {fetch_id} {state}{later}: {done.error}", err=True)
+    raise typer.Exit(1)
 
 
 @token_app.command("new")

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -141,6 +141,9 @@ class Peer(_Section):
     port: int = Field(ge=1, le=65535)
     tls: TlsSettings | None = None
     key_images: bool = False  # also send Secondary Capture key images of each result
+    retrieve: Literal["move", "get"] = "move"
+    """How `ainode fetch` and `fetch_priors` retrieve from it after C-FIND: C-MOVE to the
+    node's own AE title (the peer must know it) or C-GET on the same association."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -155,6 +158,8 @@ class DicomWebDestination(_Section):
     verify_tls: bool = True
     ca_file: Path | None = None
     key_images: bool = False
+    retrieve: Literal["wado"] = "wado"
+    """Fetching from it: QIDO-RS, then WADO-RS."""
 
 
 class DispatchSettings(_Section):
@@ -324,6 +329,10 @@ class Settings(_Section):
                 "no one could send to this node"
             )
         return self
+
+    def source(self, name: str) -> Peer | DicomWebDestination | None:
+        """A place studies can be fetched from: a peer or a DICOMweb server, by name."""
+        return self.peers.get(name) or self.dicomweb.get(name)
 
     def destination_names(self) -> set[str]:
         """Names rules may send results to (besides `origin`)."""

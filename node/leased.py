@@ -1,4 +1,4 @@
-"""One leased queue for every kind of durable work: jobs and dispatches (rows with the
+"""One leased queue for every kind of durable work: jobs, dispatches and fetches (rows with the
 `LeasedWork` columns).
 
 A consumer claims the most urgent due rows atomically (PostgreSQL: FOR UPDATE SKIP LOCKED;
@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from sqlalchemy import Connection, Engine, Update, select, update
 
-from node.db.models import Dispatch, Job, WorkState, utcnow
+from node.db.models import Dispatch, Fetch, Job, WorkState, utcnow
 
 DUE = (WorkState.QUEUED, WorkState.RETRYING)
 FINISHED = (WorkState.SUCCEEDED, WorkState.FAILED, WorkState.DEAD, WorkState.CANCELLED)
@@ -48,21 +48,29 @@ class Lease:
 class LeasedQueue:
     """Claim, renew, finish, retry and cancel rows of one table (`Job` or `Dispatch`)."""
 
-    def __init__(self, engine: Engine, table: type[Job] | type[Dispatch], policy: RetryPolicy):
+    def __init__(
+        self, engine: Engine, table: type[Job] | type[Dispatch] | type[Fetch], policy: RetryPolicy
+    ):
         self._engine = engine
         self.table = table
         self.policy = policy
         self._skip_locked = engine.dialect.name == "postgresql"
 
     def claim(
-        self, conn: Connection, owner: str, lease_seconds: float, limit: int = 1
+        self,
+        conn: Connection,
+        owner: str,
+        lease_seconds: float,
+        limit: int = 1,
+        only: int | None = None,
     ) -> list[Lease]:
-        """Lease up to `limit` due rows, most urgent (lowest priority value) first, in the
-        caller's transaction."""
+        """Lease up to `limit` due rows (or row `only`, due or not yet), most urgent (lowest
+        priority value) first, in the caller's transaction."""
         table, now = self.table, utcnow()
+        due = table.id == only if only is not None else table.run_after <= now
         candidates = (
             select(table.id)
-            .where(table.state.in_(DUE), table.run_after <= now)
+            .where(table.state.in_(DUE), due)
             .order_by(table.priority, table.run_after, table.id)
             .limit(limit)
         )

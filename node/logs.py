@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import sys
+import warnings
 
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
@@ -20,3 +21,8 @@ def configure_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Warnings about values quote the values: highdicom's about person names quotes the
+    # patient's name, pydicom's about invalid values quote them (patient IDs among them).
+    for library in ("highdicom", "pydicom"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=rf"{library}(\.|$)")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # it logs those warnings too

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db.models import Association, Series, Study
 from node.dispatch.dispatcher import DispatchView
+from node.fetch.records import FetchView
 from node.queue import JobView
 from node.storage import InstanceStore
 from pipelines.base import Pipeline
@@ -36,6 +37,8 @@ class SeriesStatus(BaseModel):
 class StudyStatus(BaseModel):
     study_instance_uid: str
     study_description: str | None
+    prior_of: str | None = None
+    """Fetched as a prior of this study."""
     series: int
     instances: int
     last_received_at: datetime
@@ -80,6 +83,7 @@ class StatusReport(BaseModel):
     rules: RulesStatus | None = None
     pipelines: list[PipelineStatus] = []
     dispatches: list[DispatchView] = []
+    fetches: list[FetchView] = []
     disk: DiskStatus | None = None
 
 
@@ -119,6 +123,7 @@ def build_report(sessions: sessionmaker[Session]) -> StatusReport:
                 StudyStatus(
                     study_instance_uid=study.study_instance_uid,
                     study_description=study.study_description,
+                    prior_of=study.prior_of,
                     series=series_count,
                     instances=instance_count,
                     last_received_at=last_received or study.first_received_at,
@@ -170,9 +175,10 @@ def render_text(report: StatusReport) -> str:
     """A plain table for people."""
     lines = [f"{len(report.studies)} studies, {len(report.series)} series"]
     for study in report.studies:
+        prior = f"  prior of {study.prior_of}" if study.prior_of else ""
         lines.append(
             f"study {study.study_instance_uid}  {study.study_description or ''}".rstrip()
-            + f"  ({study.series} series, {study.instances} instances)"
+            + f"  ({study.series} series, {study.instances} instances){prior}"
         )
         for s in report.series:
             if s.study_instance_uid != study.study_instance_uid:
@@ -188,6 +194,13 @@ def render_text(report: StatusReport) -> str:
         lines.append(
             f"dispatch {d.id:>5}  job {d.job_id} -> {d.destination:<12} {d.state:<9} "
             f"attempts {d.attempts}  {d.status or ''}{problem}".rstrip()
+        )
+    for f in report.fetches:
+        problem = f"  error: {f.error.splitlines()[0][:120]}" if f.error else ""
+        what = f"priors of {f.prior_of}" if f.prior_of else ", ".join(sorted(f.query))
+        lines.append(
+            f"fetch {f.id:>5}  {f.source:<12} {f.state:<9} attempts {f.attempts}  {what}: "
+            f"{len(f.studies)} studies, {f.instances} instances{problem}"
         )
     for pipeline in report.pipelines:
         state = "ready" if pipeline.available else f"UNAVAILABLE: {pipeline.problem}"

@@ -28,6 +28,8 @@ from node.db.engine import check_writable, make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.db.models import utcnow
 from node.dispatch.dispatcher import Dispatcher
+from node.fetch.fetcher import Fetcher
+from node.fetch.priors import PriorsQueue
 from node.lifecycle import wait_for_stop
 from node.queue import JobQueue
 from node.receiver import Receiver, run_receiver_process
@@ -52,6 +54,7 @@ class NodeService:
         self._engine: Engine | None = None
         self._receiver: Receiver | None = None
         self._dispatcher: Dispatcher | None = None
+        self._fetcher: Fetcher | None = None
         self._store: InstanceStore | None = None
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5}
@@ -98,7 +101,8 @@ class NodeService:
         rules.current()
         if settings.routing.rules_file is None:
             log.warning("no routing.rules_file: series are stored, not processed")
-        router = Router(engine, settings.storage.path, rules, queue)
+        priors = PriorsQueue(engine, settings.dispatch.max_attempts)
+        router = Router(engine, settings.storage.path, rules, queue, priors)
         sessions = make_session_factory(engine)
         series_tracker = SeriesCompletionTracker(sessions, settings.completion)
         study_tracker = StudyCompletionTracker(sessions, settings.completion)
@@ -130,6 +134,9 @@ class NodeService:
             log.warning("%d dispatches interrupted by an earlier stop go out again", interrupted)
         add(dispatcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="dispatch")
         add(dispatcher.queue.requeue_expired, "interval", seconds=60, id="dispatch-leases")
+        self._fetcher = fetcher = Fetcher(engine, settings)
+        add(fetcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="fetch")
+        add(fetcher.queue.requeue_expired, "interval", seconds=30, id="fetch-leases")
         if self._children:
             add(self._supervise, "interval", seconds=1, id="supervise")
 
@@ -139,6 +146,8 @@ class NodeService:
         self._scheduler.shutdown(wait=True)
         if self._dispatcher is not None:
             self._dispatcher.close()
+        if self._fetcher is not None:
+            self._fetcher.close()
         processes = [child.process for child in self._children]
         for process in processes:
             if process.is_alive():

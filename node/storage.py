@@ -28,6 +28,8 @@ INCOMING_DIR = ".incoming"
 RUNNING_MARKER = ".running"
 """Present while a node runs on the store: found at start, it tells of an unclean stop."""
 KNOWN_FOLDERS = 1024  # series folders remembered, to skip checking that they exist
+MAX_HEADER_BYTES = 1024
+"""The preamble and file meta group the node writes are well below this."""
 
 
 class InvalidUID(ValueError):
@@ -241,9 +243,16 @@ def _uid_folders(parent: Path) -> Iterator[Path]:
 
 
 def _same_content(path: Path, chunks: tuple[bytes, ...]) -> bool:
-    if path.stat().st_size != sum(len(c) for c in chunks):
+    """Whether the stored file ends with the same dataset (the last chunk): the file meta
+    before it names who sent it, which is not content (the same instance re-sent by a PACS
+    after a C-MOVE, then fetched by C-GET, is the same instance)."""
+    dataset = chunks[-1]
+    size = path.stat().st_size
+    if size < len(dataset) or size > len(dataset) + MAX_HEADER_BYTES:
         return False
-    return path.read_bytes() == b"".join(chunks)
+    with path.open("rb") as file:
+        file.seek(size - len(dataset))
+        return file.read() == dataset
 
 
 def _write_synced(path: Path, chunks: tuple[bytes, ...]) -> None:

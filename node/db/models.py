@@ -124,6 +124,9 @@ class Study(Base):
     patient_name: Mapped[str | None] = mapped_column(Text)
     patient_birth_date: Mapped[str | None] = mapped_column(Text)
     patient_sex: Mapped[str | None] = mapped_column(Text)
+    prior_of: Mapped[str | None] = mapped_column(UID)
+    """Fetched as a prior of this study (its Study Instance UID): routed only by rules that
+    ask for priors."""
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     state: Mapped[SeriesState] = mapped_column(
         StateText(SeriesState), default=SeriesState.RECEIVING
@@ -279,6 +282,20 @@ class Dispatch(LeasedWork, Base):
     destination: Mapped[str] = mapped_column(String(64))
     objects: Mapped[list[str]] = mapped_column(TextList, default=list)
     status: Mapped[str | None] = mapped_column(Text)
+
+
+class Fetch(LeasedWork, Base):
+    """Retrieving studies from a source (a PACS, a DICOMweb server): by `ainode fetch`, or the
+    priors of a completed study (`prior_of`). `query` is the JSON of a `node.fetch.FetchQuery`."""
+
+    __tablename__ = "fetches"
+    __table_args__ = (Index("ix_fetches_due", "state", "run_after"),)
+
+    source: Mapped[str] = mapped_column(String(64))
+    query: Mapped[str] = mapped_column(Text)
+    prior_of: Mapped[str | None] = mapped_column(UID)
+    studies: Mapped[list[str]] = mapped_column(TextList, default=list)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Embedding(Base):

@@ -1,4 +1,4 @@
-"""The node as a DIMSE client: C-ECHO and C-STORE to configured peers."""
+"""The node as a DIMSE client: associations with configured peers, C-ECHO and C-STORE."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
@@ -53,14 +54,28 @@ def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
     return context, peer.host
 
 
-def _associate(ae: AE, peer: Peer) -> tuple[Association | None, str]:
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=_tls_args(peer))
+def associate(
+    ae: AE,
+    peer: Peer,
+    roles: list[Any] | None = None,
+    handlers: list[Any] | None = None,
+) -> Association | str:
+    """An established association with `peer` (with SCP/SCU `roles` and event `handlers`),
+    or why there is none."""
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        tls_args=_tls_args(peer),
+        ext_neg=roles,
+        evt_handlers=handlers,
+    )
     if assoc.is_established:
-        return assoc, ""
+        return assoc
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if assoc.is_rejected:
-        return None, f"association rejected by {where}"
-    return None, f"no association with {where} (down, unreachable or aborted)"
+        return f"association rejected by {where}"
+    return f"no association with {where} (down, unreachable or aborted)"
 
 
 def echo(local_ae_title: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
@@ -68,9 +83,9 @@ def echo(local_ae_title: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
     ae = AE(ae_title=local_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(VERIFICATION)
-    assoc, problem = _associate(ae, peer)
-    if assoc is None:
-        return EchoResult(False, None, problem)
+    assoc = associate(ae, peer)
+    if isinstance(assoc, str):
+        return EchoResult(False, None, assoc)
     try:
         response = assoc.send_c_echo()
     finally:
@@ -99,9 +114,9 @@ def store(
             str(ds.file_meta.TransferSyntaxUID) for ds in datasets if ds.SOPClassUID == sop_class
         }
         ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian}))
-    assoc, problem = _associate(ae, peer)
-    if assoc is None:
-        return StoreResult(False, problem)
+    assoc = associate(ae, peer)
+    if isinstance(assoc, str):
+        return StoreResult(False, assoc)
     stored, failures = 0, []
     try:
         for ds in datasets:

@@ -7,30 +7,17 @@ from pathlib import Path
 
 import pydicom
 import requests
-from dicomweb_client.api import DICOMwebClient
 
 from node.config import DicomWebDestination
 from node.dimse.scu import StoreResult
-
-
-def _session(destination: DicomWebDestination) -> requests.Session:
-    session = requests.Session()
-    session.verify = str(destination.ca_file) if destination.ca_file else destination.verify_tls
-    if destination.token:
-        session.headers["Authorization"] = f"Bearer {destination.token}"
-    elif destination.username is not None:
-        session.auth = (destination.username, destination.password or "")
-    return session
+from node.webclient import dicomweb_client
 
 
 def stow(destination: DicomWebDestination, files: Sequence[Path], timeout: float) -> StoreResult:
     """Store the files in one STOW-RS request; ok only when the server lists each as stored
     (some servers answer 200 with a FailedSOPSequence)."""
     datasets = [pydicom.dcmread(path) for path in files]
-    client = DICOMwebClient(
-        url=destination.url.rstrip("/"), session=_session(destination), timeout=timeout
-    )
-    client.set_http_retry_params(retry=False)
+    client = dicomweb_client(destination, timeout)
     try:
         response = client.store_instances(datasets)
     except requests.RequestException as exc:

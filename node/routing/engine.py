@@ -44,6 +44,10 @@ class SeriesFacts:
     def value(self, attribute: str) -> object:
         return self.attributes.get(attribute)
 
+    @property
+    def is_prior(self) -> bool:
+        return bool(self.attributes.get("is_prior"))
+
     @classmethod
     def read(
         cls, instance_path: Path, series_instance_uid: str, context: Mapping[str, object]
@@ -128,12 +132,15 @@ def route_series(rules: RuleSet, facts: SeriesFacts) -> tuple[list[JobRequest], 
         if stopped:
             trace.note = "skipped: an earlier rule said stop"
             continue
+        if facts.is_prior and not rule.takes_priors:
+            trace.note = "skipped: a prior, and this rule does not ask about is_prior"
+            continue
         trace.matched = rule.match is not None and evaluate(rule.match, facts, trace.conditions)
         if trace.matched:
             fired.append(rule)
             discarded = discarded or rule.discard
             stopped = rule.stop or rule.discard
-    if not fired:
+    if not fired and not facts.is_prior:
         for rule in rules.default_rules:
             traces.append(RuleTrace(rule.name, True, note="default: no other rule matched"))
             fired.append(rule)
@@ -182,7 +189,8 @@ def route_study(
         candidates = [
             facts
             for facts in series
-            if (rule.match is None or evaluate(rule.match, facts))
+            if (rule.takes_priors or not facts.is_prior)
+            and (rule.match is None or evaluate(rule.match, facts))
             and (rule.select.match is None or evaluate(rule.select.match, facts))
         ]
         best = select_series(rule.select, candidates)

@@ -14,9 +14,9 @@ from typing import Protocol
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, select, update
 
-from node.db.models import Instance, Series, SeriesState, Source
-from node.routing.engine import JobRequest, SeriesFacts, route_series, route_study
-from node.routing.rules import RulesError, RuleSet, load_rules
+from node.db.models import Instance, Series, SeriesState, Source, Study
+from node.routing.engine import JobRequest, SeriesFacts, evaluate, route_series, route_study
+from node.routing.rules import PriorsRequest, RulesError, RuleSet, load_rules
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,22 @@ class JobSink(Protocol):
 
 
 class Router:
-    """Routes completed series (series rules) and studies (study rules) to `queue`."""
+    """Routes completed series (series rules) and studies (study rules) to `queue`; asks
+    `priors` for the priors of completed studies (rules with `fetch_priors`)."""
 
-    def __init__(self, engine: Engine, storage: Path, rules: RulesSource, queue: JobSink) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        storage: Path,
+        rules: RulesSource,
+        queue: JobSink,
+        priors: PriorsSink | None = None,
+    ) -> None:
         self._engine = engine
         self._storage = storage
         self._rules = rules
         self._queue = queue
+        self._priors = priors
 
     def facts(self, series_id: int) -> SeriesFacts | None:
         """The series' facts; None (and a log line) when it has no readable instance left:
@@ -137,6 +146,7 @@ class Router:
             candidates = [found for found, _ in facts if found is not None]
             by_uid = {found.series_instance_uid: ids for found, ids in facts if found is not None}
             requests, _ = route_study(rules, candidates)
+            self._ask_for_priors(rules, study_id, candidates)
             for request in requests:
                 series_id, revision = by_uid[request.series_instance_uid]
                 created = self._queue.enqueue(series_id, revision, [request])
@@ -146,6 +156,24 @@ class Router:
                     request.series_instance_uid,
                     created,
                 )
+
+    def _ask_for_priors(self, rules: RuleSet, study_id: int, series: list[SeriesFacts]) -> None:
+        """Each rule with `fetch_priors` that matches a series of a (not prior) study asks
+        for that study's priors."""
+        if self._priors is None:
+            return
+        current = [facts for facts in series if not facts.is_prior]
+        for rule in rules.rules:
+            if rule.fetch_priors is None:
+                continue
+            if any(rule.match is None or evaluate(rule.match, facts) for facts in current):
+                self._priors.fetch_priors(study_id, rule.fetch_priors)
+
+
+class PriorsSink(Protocol):
+    """Where requests for a study's priors go (`node.fetch.priors.PriorsQueue`)."""
+
+    def fetch_priors(self, study_id: int, request: PriorsRequest) -> None: ...
 
 
 class NoInstanceLeft(LookupError):
@@ -162,7 +190,10 @@ def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> Series
                 Series.called_ae,
                 Series.instance_count,
                 Series.source,
-            ).where(Series.id == series_id)
+                Study.prior_of,
+            )
+            .join(Study, Series.study_id == Study.id)
+            .where(Series.id == series_id)
         ).one()
         path = conn.execute(
             select(Instance.path)
@@ -177,5 +208,6 @@ def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> Series
         "called_ae": series.called_ae,
         "instance_count": series.instance_count,
         "source": series.source.value,
+        "is_prior": series.prior_of is not None,
     }
     return SeriesFacts.read(storage / path, series.series_instance_uid, context)

@@ -18,7 +18,8 @@ problem (`ainode rules check` prints them as FILE:LINE:COLUMN: message).
 
 A condition names a DICOM keyword (read from the stored instances) or a context key
 (`calling_ae`: the AE title or the DICOMweb sender's name, `called_ae`, `instance_count`,
-`source`: dimse or dicomweb). A bare value means `equals`, a list `one_of`.
+`source`: dimse or dicomweb, `is_prior`: fetched as a prior). A bare value means `equals`, a
+list `one_of`. A prior is routed only by rules whose match asks about `is_prior`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pydicom.datadict import tag_for_keyword
 
 from node.config import ORIGIN
 
-CONTEXT_KEYS = frozenset({"calling_ae", "called_ae", "instance_count", "source"})
+CONTEXT_KEYS = frozenset({"calling_ae", "called_ae", "instance_count", "source", "is_prior"})
 COMBINATORS = frozenset({"all", "any", "not"})
 
 
@@ -73,9 +74,11 @@ RULE_KEYS = frozenset(
         "trigger",
         "select",
         "default",
+        "fetch_priors",
     }
 )
 SELECT_KEYS = frozenset({"match", "prefer_kernel"})
+PRIORS_KEYS = frozenset({"from", "modality", "count", "within_days"})
 
 
 class Priority(enum.IntEnum):
@@ -122,6 +125,17 @@ class SeriesSelection:
 
 
 @dataclass(frozen=True)
+class PriorsRequest:
+    """`fetch_priors`: when a study the rule matches completes, fetch the same patient's
+    `count` most recent earlier studies (of `modality`, within `within_days`) from `source`."""
+
+    source: str
+    modality: str | None = None
+    count: int = 1
+    within_days: int = 730
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     match: Expression | None = None
@@ -134,7 +148,19 @@ class Rule:
     trigger: Trigger = Trigger.SERIES
     select: SeriesSelection = field(default_factory=SeriesSelection)
     default: bool = False
+    fetch_priors: PriorsRequest | None = None
     line: int = 0
+
+    @property
+    def takes_priors(self) -> bool:
+        """Whether the rule asks about priors (`is_prior`): only such rules see priors."""
+        return self.match is not None and mentions(self.match, "is_prior")
+
+
+def mentions(expression: Expression, attribute: str) -> bool:
+    if isinstance(expression, Condition):
+        return expression.attribute == attribute
+    return any(mentions(child, attribute) for child in expression.children)
 
 
 @dataclass(frozen=True)
@@ -259,6 +285,8 @@ class _Parser:
                 fields[name] = self.boolean(value)
             elif name == "select":
                 fields["select"] = self.selection(value)
+            elif name == "fetch_priors":
+                fields["fetch_priors"] = self.priors(value)
         if not fields.get("name"):
             self.problem(node, "a rule needs a 'name'")
             return None
@@ -268,8 +296,10 @@ class _Parser:
         given = {key.value for key, _ in node.value}
         if not rule.default and "match" not in given and rule.trigger is Trigger.SERIES:
             self.problem(node, f"rule {rule.name!r}: needs 'match' (or 'default: true')")
-        if not ({"pipelines", "discard"} & given):
-            self.problem(node, f"rule {rule.name!r}: give 'pipelines' or 'discard: true'")
+        if not ({"pipelines", "discard", "fetch_priors"} & given):
+            self.problem(
+                node, f"rule {rule.name!r}: give 'pipelines', 'fetch_priors' or 'discard: true'"
+            )
         return rule
 
     def expression(self, node: yaml.Node) -> Expression | None:
@@ -375,6 +405,34 @@ class _Parser:
                 except re.error as exc:
                     self.problem(value, f"bad regular expression: {exc}")
         return SeriesSelection(match, prefer)
+
+    def priors(self, node: yaml.Node) -> PriorsRequest | None:
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, "'fetch_priors' must be a mapping like {from: pacs, count: 1}")
+            return None
+        values: dict[str, yaml.Node] = {}
+        for key, value in node.value:
+            if key.value not in PRIORS_KEYS:
+                self.problem(key, f"unknown fetch_priors key {key.value!r}")
+            else:
+                values[key.value] = value
+        if "from" not in values:
+            self.problem(node, "'fetch_priors' needs 'from' (a peer or dicomweb server)")
+            return None
+        source = str(_scalar(values["from"]))
+        if self.destinations is not None and source not in self.destinations:
+            choices = ", ".join(sorted(self.destinations)) or "none"
+            self.problem(values["from"], f"unknown source {source!r} (known: {choices})")
+        numbers = {}
+        for key in ("count", "within_days"):
+            if key in values:
+                number = _scalar(values[key])
+                if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                    self.problem(values[key], f"'{key}' takes a whole number from 1")
+                    return None
+                numbers[key] = number
+        modality = str(_scalar(values["modality"])) if "modality" in values else None
+        return PriorsRequest(source, modality, **numbers)
 
     def names(
         self, node: yaml.Node, known: Collection[str] | None, kind: str, always: set[str]

@@ -1,0 +1,80 @@
+"""The fetches table: queueing a fetch, and listing them (`ainode status`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, insert, select
+
+from node.db.models import Fetch, WorkState, utcnow
+from node.fetch.query import FetchQuery
+
+
+@dataclass(frozen=True)
+class FetchView:
+    """A fetch as `ainode status --json` shows it (`fetches` list)."""
+
+    id: int
+    source: str
+    query: dict[str, object]
+    prior_of: str | None
+    state: WorkState
+    attempts: int
+    studies: list[str]
+    instances: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def enqueue(
+    engine: Engine,
+    source: str,
+    query: FetchQuery,
+    max_attempts: int,
+    prior_of: str | None = None,
+) -> int:
+    now = utcnow()
+    with engine.begin() as conn:
+        return int(
+            conn.execute(
+                insert(Fetch)
+                .values(
+                    source=source,
+                    query=query.model_dump_json(exclude_none=True),
+                    prior_of=prior_of,
+                    state=WorkState.QUEUED,
+                    attempts=0,
+                    max_attempts=max_attempts,
+                    run_after=now,
+                    created_at=now,
+                    studies=[],
+                    instances=0,
+                )
+                .returning(Fetch.id)
+            ).scalar_one()
+        )
+
+
+def list_fetches(engine: Engine, limit: int = 200) -> list[FetchView]:
+    """Newest first."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(Fetch).order_by(Fetch.id.desc()).limit(limit)).mappings()
+        return [
+            FetchView(
+                id=row["id"],
+                source=row["source"],
+                query=json.loads(row["query"]),
+                prior_of=row["prior_of"],
+                state=row["state"],
+                attempts=row["attempts"],
+                studies=row["studies"],
+                instances=row["instances"],
+                error=row["error"],
+                created_at=row["created_at"],
+                finished_at=row["finished_at"],
+            )
+            for row in rows
+        ]
