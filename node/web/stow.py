@@ -26,7 +26,7 @@ from node.ingest.metadata import InstanceMetadata
 from node.ingest.part10 import read_part10
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires
-from node.web.dicom_json import dicom_json_response
+from node.web.dicom_json import dicom_json_response, dicom_xml_response, wants_xml
 from node.web.multipart import BadBody, Part, PartReader, media_type
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ async def store_instances(
         await run_in_threadpool(context.intake.close, delivery, whole)
     if not outcomes:
         raise HTTPException(400, detail="the body holds no part")
-    return _response(outcomes, context.base_url(request))
+    return _response(outcomes, context.base_url(request), request.headers.get("accept"))
 
 
 def _boundary(content_type: str | None) -> str:
@@ -161,7 +161,7 @@ def _refused(status: Status, reason: str) -> PartOutcome:
     return PartOutcome(Answer(status, reason), "", "")
 
 
-def _response(outcomes: list[PartOutcome], base_url: str) -> Response:
+def _response(outcomes: list[PartOutcome], base_url: str, accept: str | None) -> Response:
     stored = [o for o in outcomes if o.answer.status == Status.SUCCESS]
     failed = [o for o in outcomes if o.answer.status != Status.SUCCESS]
     report = Dataset()
@@ -172,6 +172,8 @@ def _response(outcomes: list[PartOutcome], base_url: str) -> Response:
     if failed:
         report.FailedSOPSequence = [_failed(o) for o in failed]
     status = 200 if not failed else 202 if stored else 409
+    if wants_xml(accept):
+        return dicom_xml_response(report, status)
     return dicom_json_response(report, status)
 
 

@@ -1,12 +1,18 @@
-"""STOW-RS into a real node: dicomweb-client and raw HTTP bodies, good and broken. What is
+"""STOW-RS into a real node: dicomweb-client and curl, good bodies and broken ones. What is
 acknowledged is stored and recorded as over C-STORE; a broken body gets a 4xx and leaves no
 partial instance behind."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
 
-import httpx
 import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
@@ -36,13 +42,31 @@ def body(*parts: bytes, part_type: str = "application/dicom") -> bytes:
     return b"".join(chunks) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def post(web: WebNode, content: bytes, path: str = "/studies", **headers: str) -> httpx.Response:
-    return httpx.post(
-        f"{web.dicomweb}{path}",
-        content=content,
-        headers={"Content-Type": CONTENT_TYPE, **web.auth("modality-web"), **headers},
-        timeout=60,
-    )
+@dataclass
+class Answer:
+    status_code: int
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+def post(web: WebNode, content: bytes, path: str = "/studies", **headers: str) -> Answer:
+    """POST with curl, as a PACS administrator would try the node."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    sent = {"Content-Type": CONTENT_TYPE, **web.auth("modality-web"), **headers}
+    header_args = [arg for name, value in sent.items() for arg in ("-H", f"{name}: {value}")]
+    with tempfile.TemporaryDirectory() as folder:
+        body_file, answer_file = Path(folder) / "body", Path(folder) / "answer"
+        body_file.write_bytes(content)
+        done = subprocess.run(
+            ["curl", "-sS", "-o", str(answer_file), "-w", "%{http_code}", "-X", "POST",
+             "--data-binary", f"@{body_file}", *header_args, f"{web.dicomweb}{path}"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return Answer(int(done.stdout), answer_file.read_text(errors="replace"))
 
 
 def stored_files(web: WebNode) -> list[Path]:
@@ -101,8 +125,11 @@ def test_each_instance_gets_its_own_status(web_node: WebNode, tmp_path: Path) ->
     assert reasons == [0xC000, 0xC001, 0xC409]
     assert [p.stem for p in stored_files(web_node)] == [good.SOPInstanceUID]
 
-    everything_failed = post(web_node, body(b"\0" * 300))
+    everything_failed = post(web_node, body(b"\0" * 300), Accept="application/dicom+xml")
     assert everything_failed.status_code == 409
+    xml = ElementTree.fromstring(everything_failed.text)  # the Native DICOM Model, as asked
+    reason = xml.find(".//{*}DicomAttribute[@keyword='FailureReason']/{*}Value")
+    assert reason is not None and int(reason.text) == 0xC000
     assert "no DICM prefix" in web_node.node.log()
 
 
