@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class Delivery:
     recorded: bool = False
     instances: int = 0
     series_linked: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Parts of one STOW-RS request are stored in parallel (after the first)."""
 
 
 @dataclass(frozen=True)
@@ -170,9 +173,10 @@ class Intake:
                 self._store.remove(meta.key)
             log.error("%s: %s not recorded: %s", sender.label, uid, exc)
             return Answer(Status.OUT_OF_RESOURCES, "database unavailable, send again later", meta)
-        delivery.recorded = True
-        delivery.series_linked.add(meta.key.series_uid)
-        delivery.instances += 1
+        with delivery.lock:
+            delivery.recorded = True
+            delivery.series_linked.add(meta.key.series_uid)
+            delivery.instances += 1
         log.debug("%s: stored %s (%s)", sender.label, uid, outcome.value)
         return Answer(Status.SUCCESS, meta=meta)
 

@@ -9,11 +9,14 @@ were, 409 when none was; a body that is not a multipart/related message of DICOM
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
+from functools import cache, partial
 from typing import Annotated
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydicom import Dataset
 from pydicom.uid import UID
@@ -33,13 +36,29 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 DICOM = "application/dicom"
+IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
 class PartOutcome:
-    answer: Answer
-    sop_class_uid: str
-    sop_instance_uid: str
+    """One part's status and the UIDs the response names (never the instance itself: a
+    request's outcomes must not hold its bytes)."""
+
+    status: Status
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+
+    @classmethod
+    def of(cls, answer: Answer, sop_class_uid: str, sop_instance_uid: str) -> PartOutcome:
+        meta = answer.meta
+        if meta is None:
+            return cls(answer.status, sop_class_uid, sop_instance_uid)
+        key = meta.key
+        return cls(
+            answer.status, meta.sop_class_uid, key.sop_instance_uid, key.study_uid, key.series_uid
+        )
 
 
 @router.post("/studies", response_class=Response)
@@ -64,7 +83,7 @@ async def store_instances(
     )
     delivery = Delivery(sender)
     reader = PartReader(boundary, context.settings.node.max_instance_mb << 20)
-    outcomes: list[PartOutcome] = []
+    storing = _Storing(context, delivery, study)
     received, whole = 0, False
     try:
         async for chunk in request.stream():
@@ -74,20 +93,49 @@ async def store_instances(
                     413, detail=f"the body exceeds http.max_request_mb ({limit >> 20})"
                 )
             for part in reader.feed(chunk):
-                outcome = await run_in_threadpool(_store_part, context, delivery, part, study)
-                outcomes.append(outcome)
+                await storing.add(part)
         reader.finish()
         whole = True
     except BadBody as exc:
         log.warning("%s from %s: %s", sender.label, sender.calling_ae, exc)
-        raise HTTPException(
-            400, detail=f"{exc}; {delivery.instances} instances before it were stored"
-        ) from exc
+        raise HTTPException(400, detail=f"{exc}; the whole instances before it were kept") from exc
     finally:
+        outcomes = await storing.finish()
         await run_in_threadpool(context.intake.close, delivery, whole)
     if not outcomes:
         raise HTTPException(400, detail="the body holds no part")
     return _response(outcomes, context.base_url(request), request.headers.get("accept"))
+
+
+@cache
+def _limiter() -> CapacityLimiter:
+    """Stores at once in this process, whatever the number of requests (more only contend)."""
+    return CapacityLimiter(IN_FLIGHT)
+
+
+class _Storing:
+    """Parts stored while the next ones arrive: up to `IN_FLIGHT` at once, in threads (fsync
+    and the database wait there), so one client's request is stored as fast as several
+    associations; `IN_FLIGHT` in the whole process too. The first part is stored alone: it
+    records the request."""
+
+    def __init__(self, context: WebContext, delivery: Delivery, study: str | None) -> None:
+        self._store = partial(_store_part, context, delivery, study=study)
+        self._tasks: list[asyncio.Future[PartOutcome]] = []
+
+    async def add(self, part: Part) -> None:
+        task = asyncio.ensure_future(to_thread.run_sync(self._store, part, limiter=_limiter()))
+        self._tasks.append(task)
+        if len(self._tasks) == 1:
+            await asyncio.wait([task])
+        running = [t for t in self._tasks if not t.done()]
+        if len(running) >= IN_FLIGHT:
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
+    async def finish(self) -> list[PartOutcome]:
+        """Every part's outcome, in the order of the parts (after all have finished)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return [task.result() for task in self._tasks]
 
 
 def _boundary(content_type: str | None) -> str:
@@ -110,6 +158,7 @@ def _boundary(content_type: str | None) -> str:
 def _store_part(
     context: WebContext, delivery: Delivery, part: Part, study: str | None
 ) -> PartOutcome:
+    """Read, check and store one part (in a worker thread)."""
     kind = media_type(part.content_type or DICOM)[0]
     if kind != DICOM:
         return _refused(Status.CANNOT_UNDERSTAND, f"a part of type {kind}, not {DICOM}")
@@ -128,12 +177,7 @@ def _store_part(
     answer = context.intake.accept(
         delivery, data[header.dataset_offset :], header.transfer_syntax, check
     )
-    meta = answer.meta
-    return PartOutcome(
-        answer,
-        meta.sop_class_uid if meta else header.sop_class_uid,
-        meta.key.sop_instance_uid if meta else header.sop_instance_uid,
-    )
+    return PartOutcome.of(answer, header.sop_class_uid, header.sop_instance_uid)
 
 
 def _contradiction(
@@ -158,14 +202,14 @@ def _contradiction(
 
 def _refused(status: Status, reason: str) -> PartOutcome:
     log.warning("STOW-RS part refused: %s", reason)
-    return PartOutcome(Answer(status, reason), "", "")
+    return PartOutcome(status)
 
 
 def _response(outcomes: list[PartOutcome], base_url: str, accept: str | None) -> Response:
-    stored = [o for o in outcomes if o.answer.status == Status.SUCCESS]
-    failed = [o for o in outcomes if o.answer.status != Status.SUCCESS]
+    stored = [o for o in outcomes if o.status == Status.SUCCESS]
+    failed = [o for o in outcomes if o.status != Status.SUCCESS]
     report = Dataset()
-    studies = {o.answer.meta.key.study_uid for o in stored if o.answer.meta}
+    studies = {o.study_uid for o in stored}
     if len(studies) == 1:
         report.RetrieveURL = f"{base_url}/studies/{studies.pop()}"
     report.ReferencedSOPSequence = [_referenced(o, base_url) for o in stored]
@@ -181,13 +225,10 @@ def _referenced(outcome: PartOutcome, base_url: str) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = outcome.sop_class_uid
     item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
-    meta = outcome.answer.meta
-    if meta is not None:
-        key = meta.key
-        item.RetrieveURL = (
-            f"{base_url}/studies/{key.study_uid}/series/{key.series_uid}"
-            f"/instances/{key.sop_instance_uid}"
-        )
+    item.RetrieveURL = (
+        f"{base_url}/studies/{outcome.study_uid}/series/{outcome.series_uid}"
+        f"/instances/{outcome.sop_instance_uid}"
+    )
     return item
 
 
@@ -197,5 +238,5 @@ def _failed(outcome: PartOutcome) -> Dataset:
         item.ReferencedSOPClassUID = outcome.sop_class_uid
     if outcome.sop_instance_uid:
         item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
-    item.FailureReason = int(outcome.answer.status)
+    item.FailureReason = int(outcome.status)
     return item

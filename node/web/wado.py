@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Depends(requires(Role.READER))])
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 8 << 20
+"""Most CT instances are read in one go."""
 TRANSCODABLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 PIXEL_DATA = 0x7FE00010
 NATIVE = f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"

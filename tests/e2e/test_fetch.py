@@ -5,12 +5,15 @@ marked, and routed only by rules that ask for priors."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 from pydicom.uid import generate_uid
 
 from tests.peers import NodeProcess, OrthancServer, free_port, storescu, wait_until
@@ -110,10 +113,24 @@ def test_fetch_by_study_accession_and_patient_over_wado_move_and_get(
 
 
 @pytest.mark.slow
-def test_a_missing_study_fails_and_a_source_that_is_down_is_retried(
-    start_node, orthanc: OrthancServer, tmp_path: Path
+def test_a_missing_study_fails_a_source_down_or_refusing_is_retried(
+    start_node, orthanc: OrthancServer, real_series, tmp_path: Path
 ) -> None:
     node = fetching_node(start_node, orthanc, tmp_path, ECHO_ALL_CT)
+    one = real_series["lung-kernel"][:1]
+    storescu(orthanc.dicom_port, one, calling_ae="TESTSCU", called_ae="ORTHANC")
+    stranger = tmp_path / "stranger.yaml"  # an AE title Orthanc does not know: no C-MOVE
+    settings = yaml.safe_load(node.config_path.read_text())
+    settings["node"]["ae_title"] = "STRANGER"
+    stranger.write_text(yaml.safe_dump(settings))
+    study = str(pydicom.dcmread(one[0], stop_before_pixels=True).StudyInstanceUID)
+    refused = subprocess.run(
+        [sys.executable, "-m", "node", "fetch", "--config", str(stranger), "--from", "pacs",
+         "--study", study],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "C-MOVE answered 0x" in refused.stderr, refused.stderr
+
     rc, out = fetch(node, "--from", "pacs-web", "--study", "1.2.3.4.5")
     assert rc == 1 and "failed" in out and "no study at pacs-web matches" in out
     rc, out = fetch(node, "--from", "down", "--accession", "A1")
