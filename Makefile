@@ -17,6 +17,7 @@ lint:
 bench:
 	.venv/bin/python bench/ingest.py
 	.venv/bin/python bench/ingest_attack.py
+	.venv/bin/python bench/stow.py
 	.venv/bin/python bench/jobs.py
 	.venv/bin/python bench/lung_quant.py
 	.venv/bin/python bench/latency.py
