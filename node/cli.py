@@ -87,35 +87,11 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
-    from node.db.engine import make_session_factory
-    from node.dispatch.dispatcher import list_dispatches
-    from node.fetch.records import list_fetches
-    from node.report import (
-        RulesStatus,
-        build_report,
-        disk_status,
-        pipeline_statuses,
-        render_text,
-    )
-    from node.routing.rules import RulesError, load_rules
+    from node.report import node_status, render_text
 
     settings = _settings(config)
     engine = _engine(settings)
-    report = build_report(make_session_factory(engine))
-    report.jobs = _queue(engine).list()
-    pipelines = _pipelines(settings)
-    rules_file = settings.routing.rules_file
-    error = None
-    if rules_file is not None:
-        try:
-            load_rules(rules_file, set(pipelines), settings.destination_names())
-        except RulesError as exc:
-            error = str(exc)
-    report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
-    report.pipelines = pipeline_statuses(pipelines)
-    report.dispatches = list_dispatches(engine)
-    report.fetches = list_fetches(engine)
-    report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
+    report = node_status(settings, engine, _pipelines(settings))
     engine.dispose()
     typer.echo(report.model_dump_json(indent=2) if as_json else render_text(report))
 

@@ -1,4 +1,5 @@
-"""What `ainode status` shows: studies, series with state and counts, open associations."""
+"""What `ainode status` and the HTTP API show: studies, series with state and counts, jobs,
+dispatches, fetches, open associations, rules, pipelines, disk."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.config import Settings
+from node.db.engine import make_session_factory
 from node.db.models import Association, Series, Study
-from node.dispatch.dispatcher import DispatchView
-from node.fetch.records import FetchView
-from node.queue import JobView
+from node.dispatch.dispatcher import DispatchView, list_dispatches
+from node.fetch.records import FetchView, list_fetches
+from node.queue import JobView, list_jobs
+from node.routing.rules import RulesError, load_rules
 from node.storage import InstanceStore
 from pipelines.base import Pipeline
+from pipelines.registry import pipeline_names
 
 
 class SeriesStatus(BaseModel):
@@ -160,6 +165,32 @@ def _series_status(series: Series, study_uid: str) -> SeriesStatus:
         last_received_at=series.last_received_at,
         completed_at=series.completed_at,
     )
+
+
+def node_status(
+    settings: Settings, engine: Engine, pipelines: dict[str, Pipeline] | None = None
+) -> StatusReport:
+    """Everything `ainode status` and `GET /api/v1/status` show, one service for both.
+
+    `pipelines`: loaded pipelines, to report their availability (the CLI's; the HTTP server
+    loads none: their names are enough to check the rules)."""
+    report = build_report(make_session_factory(engine))
+    report.jobs = list_jobs(engine)
+    names = set(pipelines) if pipelines is not None else set(pipeline_names(settings.pipelines))
+    rules_file = settings.routing.rules_file
+    error = None
+    if rules_file is not None:
+        try:
+            load_rules(rules_file, names, settings.destination_names())
+        except RulesError as exc:
+            error = str(exc)
+    report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
+    if pipelines is not None:
+        report.pipelines = pipeline_statuses(pipelines)
+    report.dispatches = list_dispatches(engine)
+    report.fetches = list_fetches(engine)
+    report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
+    return report
 
 
 def render_job(job: JobView) -> str:

@@ -1,4 +1,5 @@
-"""The HTTP application: DICOMweb under `/dicom-web`, health, one auth model for all."""
+"""The HTTP application: DICOMweb under `/dicom-web`, the admin API under `/api/v1`, health;
+one auth model for all."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from node.implementation import IMPLEMENTATION_VERSION_NAME
 from node.ingest.intake import Intake
 from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.storage import InstanceStore
-from node.web import qido, stow, wado
+from node.web import api, health, qido, stow, wado
 from node.web.auth import Authenticator
 from node.web.context import WebContext
 
@@ -40,15 +41,11 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.web = WebContext(settings, engine, store, intake, Authenticator(settings.http.auth))
     for router in (stow.router, qido.router, wado.router):
         app.include_router(router, prefix="/dicom-web")
+    app.include_router(api.router)
+    app.include_router(health.router)
     app.middleware("http")(_log_request)
     app.exception_handler(Exception)(_internal_error)
-    app.get("/healthz")(_alive)
     return app
-
-
-async def _alive() -> dict[str, str]:
-    """The HTTP process is up (readiness checks come with the operations API)."""
-    return {"status": "ok"}
 
 
 async def _log_request(

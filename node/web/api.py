@@ -1,0 +1,123 @@
+"""The admin API (`/api/v1`): read what `ainode status` shows (reader), act on work
+(operator). One service layer with the CLI (`node.report`, the queues); 4xx answers carry a
+JSON `detail`, never a traceback."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from node.config import Role
+from node.db.models import Dispatch, Job, WorkState
+from node.dispatch.dispatcher import list_dispatches
+from node.fetch.query import FetchQuery
+from node.fetch.records import enqueue, list_fetches
+from node.leased import LeasedQueue, RetryPolicy
+from node.queue import JobQueue, list_jobs
+from node.report import StatusReport, node_status
+from node.web.auth import Principal
+from node.web.context import Context, WebContext, requires
+
+router = APIRouter(prefix="/api/v1")
+Reader = Depends(requires(Role.READER))
+Operator = Annotated[Principal, Depends(requires(Role.OPERATOR))]
+
+
+@router.get("/status", dependencies=[Reader])
+async def status(context: Context) -> StatusReport:
+    """Everything `ainode status --json` shows, but the pipelines' availability (the CLI's)."""
+    return await run_in_threadpool(node_status, context.settings, context.engine)
+
+
+@router.get("/series", dependencies=[Reader])
+async def series(context: Context) -> list[Any]:
+    report = await run_in_threadpool(node_status, context.settings, context.engine)
+    return list(report.series)
+
+
+@router.get("/jobs", dependencies=[Reader])
+async def jobs(context: Context, state: WorkState | None = None) -> list[Any]:
+    return await run_in_threadpool(list_jobs, context.engine, state.value if state else None)
+
+
+@router.get("/dispatches", dependencies=[Reader])
+async def dispatches(context: Context) -> list[Any]:
+    return await run_in_threadpool(list_dispatches, context.engine)
+
+
+@router.get("/fetches", dependencies=[Reader])
+async def fetches(context: Context) -> list[Any]:
+    return await run_in_threadpool(list_fetches, context.engine)
+
+
+class Done(BaseModel):
+    id: int
+    state: str
+    by: str
+
+
+@router.post("/jobs/{job_id}/retry")
+async def retry_job(job_id: int, context: Context, principal: Operator) -> Done:
+    """Queue a job again with a fresh set of attempts (409 while it runs)."""
+    _exists(context, Job, job_id)
+    if not await run_in_threadpool(JobQueue(context.engine).retry, job_id):
+        raise HTTPException(409, detail=f"job {job_id} is running")
+    return Done(id=job_id, state=WorkState.QUEUED, by=principal.name)
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(job_id: int, context: Context, principal: Operator) -> Done:
+    """Cancel a job that has not finished (409 when it has)."""
+    _exists(context, Job, job_id)
+    if not await run_in_threadpool(JobQueue(context.engine).cancel, job_id):
+        raise HTTPException(409, detail=f"job {job_id} has finished")
+    return Done(id=job_id, state=WorkState.CANCELLED, by=principal.name)
+
+
+@router.post("/dispatches/{dispatch_id}/retry")
+async def resend(dispatch_id: int, context: Context, principal: Operator) -> Done:
+    """Send a dispatch again with a fresh set of attempts (409 while it is being sent)."""
+    _exists(context, Dispatch, dispatch_id)
+    queue = LeasedQueue(context.engine, Dispatch, RetryPolicy())
+    if not await run_in_threadpool(queue.retry, dispatch_id):
+        raise HTTPException(409, detail=f"dispatch {dispatch_id} is being sent")
+    return Done(id=dispatch_id, state=WorkState.QUEUED, by=principal.name)
+
+
+class FetchRequest(BaseModel):
+    """`ainode fetch`'s options, as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    study: str | None = None
+    accession: str | None = None
+    patient_id: str | None = None
+    modality: str | None = None
+    since: date | None = None
+
+
+@router.post("/fetches", status_code=202)
+async def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
+    """Queue a fetch; the node runs it (its state: `GET /api/v1/fetches`)."""
+    if context.settings.source(request.source) is None:
+        raise HTTPException(422, detail=f"unknown source {request.source!r}")
+    try:
+        query = FetchQuery(**request.model_dump(exclude={"source"}))
+    except ValidationError as exc:
+        raise HTTPException(422, detail="give one of study, accession or patient_id") from exc
+    max_attempts = context.settings.dispatch.max_attempts
+    fetch_id = await run_in_threadpool(enqueue, context.engine, request.source, query, max_attempts)
+    return Done(id=fetch_id, state=WorkState.QUEUED, by=principal.name)
+
+
+def _exists(context: WebContext, table: type[Job] | type[Dispatch], row_id: int) -> None:
+    with context.engine.connect() as conn:
+        if conn.execute(select(table.id).where(table.id == row_id)).first() is None:
+            noun = "job" if table is Job else "dispatch"
+            raise HTTPException(404, detail=f"no {noun} {row_id}")

@@ -1,0 +1,80 @@
+"""The admin API and the health endpoints of a real node: what `ainode status` shows, jobs
+retried and cancelled, fetches queued; readiness that names what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from pydicom.uid import generate_uid
+
+from tests.node.dimse.test_scp import ct_dataset
+from tests.node.web.conftest import WebNode
+from tests.node.web.test_stow import body, part10, post
+from tests.peers import wait_until
+
+RULES = """
+rules:
+  - name: ct
+    match: {Modality: CT}
+    pipelines: [echo]
+"""
+
+
+def api(web: WebNode, method: str, path: str, who: str = "it-admin", **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{web.url}/api/v1{path}", headers=web.auth(who), **kwargs)
+
+
+def test_status_jobs_and_fetches_through_the_api(start_web_node, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    web = start_web_node(
+        workers={"count": 0},  # jobs stay queued: the API acts on them
+        routing={"rules_file": str(rules)},
+        completion={"quiet_seconds": 1, "release_grace_seconds": 0.2},
+    )
+    ds = ct_dataset(generate_uid())
+    assert post(web, body(part10(ds))).status_code == 200
+
+    job = wait_until(lambda: (api(web, "GET", "/jobs", "viewer").json() or [None])[0], 30)
+    assert job["state"] == "queued" and job["pipeline"] == "echo"
+    status = api(web, "GET", "/status", "viewer").json()
+    assert [s["source"] for s in status["series"]] == ["dicomweb"]
+    assert status["rules"]["error"] is None and status["disk"]["accepting"] is True
+
+    job_id = job["id"]
+    assert api(web, "POST", f"/jobs/{job_id}/cancel", "viewer").status_code == 403
+    cancelled = api(web, "POST", f"/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["by"] == "it-admin"
+    assert api(web, "POST", f"/jobs/{job_id}/cancel").status_code == 409
+    assert api(web, "POST", f"/jobs/{job_id}/retry").json()["state"] == "queued"
+    missing = api(web, "POST", "/jobs/9999/retry")
+    assert missing.status_code == 404 and missing.json()["detail"] == "no job 9999"
+
+    unknown = api(web, "POST", "/fetches", json={"source": "nowhere", "study": "1.2.3"})
+    assert unknown.status_code == 422
+    vague = api(web, "POST", "/fetches", json={"source": "modality"})
+    assert vague.status_code == 422
+    queued = api(web, "POST", "/fetches", json={"source": "modality", "accession": "A1"})
+    assert queued.status_code == 202
+    (listed,) = api(web, "GET", "/fetches", "viewer").json()
+    assert listed["id"] == queued.json()["id"] and listed["query"] == {"accession": "A1"}
+
+
+def test_readiness_names_what_is_wrong(start_web_node, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    web = start_web_node(workers={"count": 0}, routing={"rules_file": str(rules)})
+    assert httpx.get(f"{web.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{web.url}/readyz")
+    assert ready.status_code == 200, ready.text
+    assert set(ready.json()["checks"]) == {"database", "storage", "dimse", "processes", "rules"}
+
+    rules.write_text(
+        "rules:\n  - name: broken\n    match: {NoSuchKeyword: 1}\n    pipelines: [echo]\n"
+    )
+    broken = httpx.get(f"{web.url}/readyz")
+    assert broken.status_code == 503
+    checks = broken.json()["checks"]
+    assert checks["rules"]["ok"] is False and "NoSuchKeyword" in checks["rules"]["detail"]
+    assert checks["database"]["ok"] and checks["dimse"]["ok"] and checks["storage"]["ok"]
