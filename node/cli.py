@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -56,17 +58,25 @@ def _settings(path: Path) -> Settings:
 @app.command()
 def serve(config: ConfigOption) -> None:
     """Receive DICOM and run the node in the foreground until SIGTERM or Ctrl-C."""
+    settings = _settings(config)
+    configure_logging(settings.logging.level)
+    metrics = None
+    if settings.http is not None:  # every process counts in one place, /metrics sums them
+        metrics = tempfile.mkdtemp(prefix="ainode-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics  # before prometheus-client loads
+
     from node.db.engine import DatabaseNotWritable
     from node.lifecycle import CannotListen
     from node.service import serve as run
 
-    settings = _settings(config)
-    configure_logging(settings.logging.level)
     try:
         run(settings)
     except (DatabaseNotWritable, CannotListen) as exc:
         logging.getLogger("node.service").error("not starting: %s", exc)
         raise typer.Exit(1) from exc
+    finally:
+        if metrics is not None:
+            shutil.rmtree(metrics, ignore_errors=True)
 
 
 @config_app.command("check")

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import CompletionSettings
 from node.db.models import Association, Series, SeriesAssociation, SeriesState, Study, utcnow
+from node.metrics import COMPLETION_DELAY
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,17 @@ class SeriesCompletionTracker:
         with self._sessions.begin() as session:
             candidates = session.execute(
                 select(
-                    Series.id, Series.series_instance_uid, Series.revision, Series.instance_count
+                    Series.id,
+                    Series.series_instance_uid,
+                    Series.revision,
+                    Series.instance_count,
+                    Series.last_received_at,
                 )
                 .where(Series.state == SeriesState.RECEIVING, due, ~open_delivery)
                 .with_for_update(skip_locked=True)
             ).all()
-            for series_id, uid, revision, count in candidates:
+            for series_id, uid, revision, count, last_received in candidates:
+                COMPLETION_DELAY.observe((now - last_received).total_seconds())
                 session.execute(
                     update(Series)
                     .where(Series.id == series_id, Series.revision == revision)

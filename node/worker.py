@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -29,6 +30,7 @@ from node.ingest.part10 import read_part10
 from node.leased import RetryPolicy
 from node.lifecycle import stop_when_parent_exits
 from node.logs import configure_logging
+from node.metrics import GPU_MEMORY, JOB_SECONDS, JOBS
 from node.outcome import JobOutcome, OutcomeRecorder, ResultSummary
 from node.queue import ClaimedJob, JobQueue
 from node.storage import InstanceStore
@@ -81,15 +83,19 @@ class Worker:
         except BadInput as exc:
             state = self.queue.fail(job.id, self.name, f"bad input: {exc}", permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, exc)
+            JOBS.labels(job.pipeline, str(state)).inc()
         except Unavailable as exc:
             detail = f"pipeline {job.pipeline} unavailable: {exc}"
             state = self.queue.fail(job.id, self.name, detail, permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, detail)
+            JOBS.labels(job.pipeline, str(state)).inc()
         except Exception as exc:
             detail = "".join(traceback.format_exception_only(exc)).strip()
             state = self.queue.fail(job.id, self.name, detail, permanent=False)
             log.warning("job %d error (%s): %s", job.id, state, detail)
+            JOBS.labels(job.pipeline, str(state)).inc()
         else:
+            self._measure(job.pipeline, done, time.monotonic() - started)
             outcome = JobOutcome(
                 job.id, self.name, summarize(done), done.objects, done.result.embedding
             )
@@ -132,6 +138,16 @@ class Worker:
                 volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
             ),
         )
+
+    def _measure(self, pipeline: str, done: Processed, seconds: float) -> None:
+        JOBS.labels(pipeline, "succeeded").inc()
+        for stage, stage_seconds in done.result.timings.items():
+            JOB_SECONDS.labels(pipeline, stage).observe(stage_seconds)
+        JOB_SECONDS.labels(pipeline, "total").observe(seconds)
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            torch = sys.modules["torch"]
+            GPU_MEMORY.labels(self.name).set(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
 
     def _keep_results(self, job_id: int, objects: list[Path]) -> None:
         """The job's SR and SEG join their study in the node's own store, where QIDO-RS and

@@ -27,6 +27,7 @@ from node.dimse.protocol import (
 from node.ingest.intake import Answer, Delivery, Intake, Sender, Status
 from node.ingest.metadata import InstanceMetadata
 from node.lifecycle import CannotListen
+from node.metrics import OPEN_ASSOCIATIONS
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class StorageSCP:
         )
         with self._lock:
             self._deliveries[association.id] = Delivery(sender)
+        OPEN_ASSOCIATIONS.inc()
         log.info(
             "association %s accepted: %s -> %s from %s",
             association.id,
@@ -143,6 +145,7 @@ class StorageSCP:
         with self._lock:
             delivery = self._deliveries.pop(association.id, None)
         if delivery is not None:
+            OPEN_ASSOCIATIONS.dec()
             self._intake.close(delivery, association.released)
 
     def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply:

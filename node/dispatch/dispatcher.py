@@ -19,6 +19,7 @@ from node.db.models import Dispatch, Job, Series, WorkState
 from node.dimse.scu import StoreResult
 from node.dispatch.senders import Delivery, send
 from node.leased import Lease, LeasedQueue, RetryPolicy
+from node.metrics import DISPATCHES
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,10 @@ class Dispatcher:
             with self._engine.begin() as conn:
                 self.queue.succeed(conn, dispatch_id, self._owner, status=outcome.detail)
             log.info("dispatch %d to %s: %s", dispatch_id, destination, outcome.detail)
+            DISPATCHES.labels(destination, "succeeded").inc()
             return
         state = self.queue.fail(dispatch_id, self._owner, outcome.detail, permanent=False)
+        DISPATCHES.labels(destination, str(state)).inc()
         if state == WorkState.DEAD:
             log.error(
                 "dispatch %d to %s dead after %d attempts: %s",

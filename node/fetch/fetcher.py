@@ -28,6 +28,7 @@ from node.fetch.query import FetchQuery, choose
 from node.fetch.sources import DicomWebSource, DimseSource, StudySource
 from node.ingest.intake import Delivery, Intake, Sender, Status
 from node.leased import Lease, LeasedQueue, RetryPolicy
+from node.metrics import FETCHES
 from node.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,13 @@ class Fetcher:
 
     def run(self, lease: Lease, progress: Callable[[str, int], None] | None = None) -> WorkState:
         """Run one leased fetch; its resulting state."""
+        source, state = self._run(lease, progress)
+        FETCHES.labels(source, str(state)).inc()
+        return state
+
+    def _run(
+        self, lease: Lease, progress: Callable[[str, int], None] | None
+    ) -> tuple[str, WorkState]:
         with self._engine.connect() as conn:
             source_name, prior_of, text = conn.execute(
                 select(Fetch.source, Fetch.prior_of, Fetch.query).where(Fetch.id == lease.id)
@@ -80,7 +88,8 @@ class Fetcher:
             source = self._source(source_name)
             hits = choose(query, source.find(query))
             if not hits and prior_of is None:
-                return self._fail(lease, f"no study at {source_name} matches {query.describe()}")
+                problem = f"no study at {source_name} matches {query.describe()}"
+                return source_name, self._fail(lease, problem)
             studies, instances = [], 0
             for hit in hits:
                 if prior_of is not None:
@@ -88,7 +97,7 @@ class Fetcher:
                 instances += self._retrieve(source, hit.study_uid, progress, renewer)
                 studies.append(hit.study_uid)
         except (RetrieveFailed, OSError, ValueError) as exc:
-            return self._fail(lease, str(exc), retry=True)
+            return source_name, self._fail(lease, str(exc), retry=True)
         with self._engine.begin() as conn:
             if not self.queue.succeed(
                 conn, lease.id, self._owner, studies=studies, instances=instances
@@ -98,7 +107,7 @@ class Fetcher:
             "fetch %d from %s: %d studies, %d instances", lease.id, source_name, len(studies),
             instances,
         )  # fmt: skip
-        return WorkState.SUCCEEDED
+        return source_name, WorkState.SUCCEEDED
 
     def _source(self, name: str) -> StudySource:
         settings = self._settings

@@ -20,6 +20,7 @@ from node.catalog import AssociationRecord, Catalog, Receipt
 from node.db.models import Source, utcnow
 from node.ingest.metadata import InstanceMetadata, read_metadata
 from node.ingest.part10 import file_meta
+from node.metrics import INSTANCES, RECEIVED_BYTES
 from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, WriteOutcome
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,20 @@ class Intake:
         check: Check | None = None,
     ) -> Answer:
         """Store `dataset` (encoded in `transfer_syntax`, without file meta) as sent."""
+        answer = self._accept(delivery, dataset, transfer_syntax, check)
+        source = delivery.sender.source.value
+        INSTANCES.labels(source, answer.status.name.lower()).inc()
+        if answer.status == Status.SUCCESS:
+            RECEIVED_BYTES.labels(source).inc(len(dataset))
+        return answer
+
+    def _accept(
+        self,
+        delivery: Delivery,
+        dataset: bytes,
+        transfer_syntax: UID,
+        check: Check | None,
+    ) -> Answer:
         label = delivery.sender.label
         problem = self.problem()
         if problem is not None:

@@ -17,7 +17,7 @@ from node.implementation import IMPLEMENTATION_VERSION_NAME
 from node.ingest.intake import Intake
 from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.storage import InstanceStore
-from node.web import api, health, qido, stow, wado
+from node.web import api, health, metrics, qido, stow, wado
 from node.web.auth import Authenticator
 from node.web.context import WebContext
 
@@ -43,6 +43,7 @@ def build_app(settings: Settings) -> FastAPI:
         app.include_router(router, prefix="/dicom-web")
     app.include_router(api.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.middleware("http")(_log_request)
     app.exception_handler(Exception)(_internal_error)
     return app

@@ -27,6 +27,7 @@ from node.db.models import Source
 from node.ingest.intake import Answer, Delivery, Sender, Status
 from node.ingest.metadata import InstanceMetadata
 from node.ingest.part10 import read_part10
+from node.metrics import INSTANCES
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires
 from node.web.dicom_json import dicom_json_response, dicom_xml_response, wants_xml
@@ -201,7 +202,9 @@ def _contradiction(
 
 
 def _refused(status: Status, reason: str) -> PartOutcome:
+    """A part refused before the intake sees it (not DICOM, too large)."""
     log.warning("STOW-RS part refused: %s", reason)
+    INSTANCES.labels(Source.DICOMWEB.value, status.name.lower()).inc()
     return PartOutcome(status)
 
 
