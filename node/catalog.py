@@ -7,6 +7,7 @@ delivered them. Series completion reads what the catalog writes; it never reache
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -112,11 +113,22 @@ class Catalog:
         record = AssociationRecord(association_id, calling_ae, called_ae, peer_address)
         self._group.run(lambda conn: _insert_association(conn, record))
 
-    def close_association(self, association_id: str, released: bool, instances: int) -> None:
-        """Mark an association closed; a clean release stamps the series it delivered."""
-        self._group.run(
-            lambda conn: self._close_association(conn, association_id, released, instances)
-        )
+    def close_association(
+        self,
+        association_id: str,
+        released: bool,
+        instances: int,
+        audit: Callable[[Connection], None] | None = None,
+    ) -> None:
+        """Mark an association closed; a clean release stamps the series it delivered.
+        `audit` appends its audit event in the same transaction."""
+
+        def work(conn: Connection) -> None:
+            self._close_association(conn, association_id, released, instances)
+            if audit is not None:
+                audit(conn)
+
+        self._group.run(work)
 
     def _close_association(
         self, conn: Connection, association_id: str, released: bool, instances: int

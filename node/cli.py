@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import shutil
@@ -39,6 +40,8 @@ models_app = typer.Typer(
     help="Configured models: where they are and whether they load.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 token_app = typer.Typer(help="Bearer tokens for the HTTP server.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 
@@ -307,6 +310,8 @@ def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -
     """Queue a job again with a fresh set of attempts."""
     engine = _engine(_settings(config))
     done = _queue(engine).retry(job_id)
+    if done:
+        _audit_action(engine, "retry job", job_id)
     engine.dispose()
     typer.echo(f"job {job_id} queued again" if done else f"job {job_id}: not found or running")
     raise typer.Exit(0 if done else 1)
@@ -317,6 +322,8 @@ def jobs_cancel(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) 
     """Cancel a job that has not finished."""
     engine = _engine(_settings(config))
     done = _queue(engine).cancel(job_id)
+    if done:
+        _audit_action(engine, "cancel job", job_id)
     engine.dispose()
     typer.echo(f"job {job_id} cancelled" if done else f"job {job_id}: not found or finished")
     raise typer.Exit(0 if done else 1)
@@ -394,6 +401,39 @@ def _decoded(progress: Progress, task: TaskID, done: int, total: int) -> None:
 
 def _staged(progress: Progress, task: TaskID, series_uid: str, stage: str) -> None:
     progress.update(task, description=f"{series_uid[-24:]} {stage}")
+
+
+def _audit_action(engine: Engine, action: str, row_id: int) -> None:
+    from node.audit import Kind, record
+
+    record(engine, Kind.ADMIN, f"cli:{getpass.getuser()}", action=action, id=row_id)
+
+
+@audit_app.command("list")
+def audit_list(
+    config: ConfigOption,
+    since: Annotated[
+        datetime | None,
+        typer.Option("--since", formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"], help="UTC."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Audit events, newest first: received, job, sent, fetched, admin."""
+    import json
+    from dataclasses import asdict
+    from datetime import UTC
+
+    from node.audit import list_events
+
+    engine = _engine(_settings(config))
+    events = list_events(engine, since.replace(tzinfo=UTC) if since else None)
+    engine.dispose()
+    if as_json:
+        typer.echo(json.dumps([asdict(e) for e in events], indent=2, default=str))
+        return
+    for e in events:
+        facts = ", ".join(f"{k}={v}" for k, v in sorted(e.detail.items()))
+        typer.echo(f"{e.at:%Y-%m-%d %H:%M:%S} {e.kind:<8} {e.actor:<16} {facts}")
 
 
 def _engine(settings: Settings) -> Engine:
@@ -498,7 +538,9 @@ def fetch(
         raise typer.Exit(2) from exc
     engine = _engine(settings)
     fetch_id = enqueue(engine, source, query, settings.dispatch.max_attempts)
-    fetcher = Fetcher(engine, settings, owner=f"ainode-fetch-{os.getpid()}")
+    fetcher = Fetcher(
+        engine, settings, owner=f"ainode-fetch-{os.getpid()}", actor=f"cli:{getpass.getuser()}"
+    )
     lease = fetcher.claim(fetch_id)
     assert lease is not None  # just queued, and nobody else knows its id yet
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as bar:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from node.audit import Kind, record_quietly
 from node.catalog import Catalog
 from node.config import Settings
 from node.db.engine import make_engine
@@ -83,17 +84,17 @@ class Worker:
         except BadInput as exc:
             state = self.queue.fail(job.id, self.name, f"bad input: {exc}", permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, exc)
-            JOBS.labels(job.pipeline, str(state)).inc()
+            self._audit(job, str(state), None)
         except Unavailable as exc:
             detail = f"pipeline {job.pipeline} unavailable: {exc}"
             state = self.queue.fail(job.id, self.name, detail, permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, detail)
-            JOBS.labels(job.pipeline, str(state)).inc()
+            self._audit(job, str(state), None)
         except Exception as exc:
             detail = "".join(traceback.format_exception_only(exc)).strip()
             state = self.queue.fail(job.id, self.name, detail, permanent=False)
             log.warning("job %d error (%s): %s", job.id, state, detail)
-            JOBS.labels(job.pipeline, str(state)).inc()
+            self._audit(job, str(state), None)
         else:
             self._measure(job.pipeline, done, time.monotonic() - started)
             outcome = JobOutcome(
@@ -101,9 +102,11 @@ class Worker:
             )
             if self._outcomes.record(outcome):
                 log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
+                self._audit(job, "succeeded", done)
                 self._keep_results(job.id, done.objects)
             else:
                 log.warning("job %d finished after losing its lease; result dropped", job.id)
+                self._audit(job, "dropped", done)
         finally:
             stop_renewing.set()
             renewer.join()
@@ -139,8 +142,24 @@ class Worker:
             ),
         )
 
+    def _audit(self, job: ClaimedJob, state: str, done: Processed | None) -> None:
+        JOBS.labels(job.pipeline, state).inc()
+        facts: dict[str, object] = {"state": state}
+        if done is not None:
+            facts.update(version=done.result.version, positive=done.result.positive)
+        record_quietly(
+            self._engine,
+            Kind.JOB,
+            self.name,
+            done.volume.study_instance_uid if done is not None else None,
+            job=job.id,
+            pipeline=job.pipeline,
+            series=job.series_instance_uid,
+            revision=job.revision,
+            **facts,
+        )
+
     def _measure(self, pipeline: str, done: Processed, seconds: float) -> None:
-        JOBS.labels(pipeline, "succeeded").inc()
         for stage, stage_seconds in done.result.timings.items():
             JOB_SECONDS.labels(pipeline, stage).observe(stage_seconds)
         JOB_SECONDS.labels(pipeline, "total").observe(seconds)

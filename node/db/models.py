@@ -298,6 +298,20 @@ class Fetch(LeasedWork, Base):
     instances: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class AuditEvent(Base):
+    """The audit trail: append-only (no code updates or deletes a row). `detail` is JSON."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    detail: Mapped[str] = mapped_column(Text)
+
+
 class Embedding(Base):
     """A foundation model's feature vector of a series (unit length, float32 bytes); the
     latest revision's replaces the earlier one."""

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import pydicom
 from sqlalchemy import Engine, select
 
+from node.audit import Kind, record_quietly
 from node.config import Settings
 from node.db.models import Dispatch, Job, Series, WorkState
 from node.dimse.scu import StoreResult
@@ -135,6 +137,21 @@ class Dispatcher:
             for lease in leases
         ]
 
+    def _audit(self, claim: Claim, status: str) -> None:
+        """A `sent` audit event: where to, and the SOP instances delivered."""
+        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in claim.files]
+        studies = sorted({str(ds.StudyInstanceUID) for ds in headers})
+        record_quietly(
+            self._engine,
+            Kind.SENT,
+            self._settings.node.ae_title,
+            studies[0] if len(studies) == 1 else None,
+            destination=claim.destination,
+            dispatch=claim.lease.id,
+            sop_instances=[str(ds.SOPInstanceUID) for ds in headers],
+            status=status,
+        )
+
     def _send(self, claim: Claim) -> None:
         dispatch_id, destination = claim.lease.id, claim.destination
         target = self._settings.destination(destination, claim.calling_ae)
@@ -157,6 +174,7 @@ class Dispatcher:
                 self.queue.succeed(conn, dispatch_id, self._owner, status=outcome.detail)
             log.info("dispatch %d to %s: %s", dispatch_id, destination, outcome.detail)
             DISPATCHES.labels(destination, "succeeded").inc()
+            self._audit(claim, outcome.detail)
             return
         state = self.queue.fail(dispatch_id, self._owner, outcome.detail, permanent=False)
         DISPATCHES.labels(destination, str(state)).inc()

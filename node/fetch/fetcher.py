@@ -20,6 +20,7 @@ from pydicom.uid import UID
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from node.audit import Kind, record_quietly
 from node.catalog import Catalog
 from node.config import DicomWebDestination, Settings
 from node.db.models import Fetch, Study, WorkState, utcnow
@@ -41,8 +42,12 @@ PARALLEL = 2
 class Fetcher:
     """Runs due fetches (the node's scheduler) or one fetch at once (`ainode fetch`)."""
 
-    def __init__(self, engine: Engine, settings: Settings, owner: str | None = None) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, owner: str | None = None, actor: str = "node"
+    ) -> None:
+        """`actor`: who asked, for the audit trail (the node itself, or a person at the CLI)."""
         self._engine = engine
+        self._actor = actor
         self._settings = settings
         dispatch = settings.dispatch
         policy = RetryPolicy(
@@ -107,6 +112,18 @@ class Fetcher:
             "fetch %d from %s: %d studies, %d instances", lease.id, source_name, len(studies),
             instances,
         )  # fmt: skip
+        record_quietly(
+            self._engine,
+            Kind.FETCHED,
+            self._actor,
+            prior_of,
+            source=source_name,
+            fetch=lease.id,
+            query=query.describe(),
+            studies=studies,
+            instances=instances,
+            prior_of=prior_of,
+        )
         return source_name, WorkState.SUCCEEDED
 
     def _source(self, name: str) -> StudySource:

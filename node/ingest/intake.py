@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.uid import UID
+from sqlalchemy import Connection
 
+from node.audit import Kind, record
 from node.catalog import AssociationRecord, Catalog, Receipt
 from node.db.models import Source, utcnow
 from node.ingest.metadata import InstanceMetadata, read_metadata
@@ -70,6 +72,7 @@ class Delivery:
     recorded: bool = False
     instances: int = 0
     series_linked: set[str] = field(default_factory=set)
+    studies: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     """Parts of one STOW-RS request are stored in parallel (after the first)."""
 
@@ -191,6 +194,7 @@ class Intake:
         with delivery.lock:
             delivery.recorded = True
             delivery.series_linked.add(meta.key.series_uid)
+            delivery.studies.add(meta.key.study_uid)
             delivery.instances += 1
         log.debug("%s: stored %s (%s)", sender.label, uid, outcome.value)
         return Answer(Status.SUCCESS, meta=meta)
@@ -200,8 +204,27 @@ class Intake:
         series for completion), and log it."""
         sender = delivery.sender
         if delivery.recorded:
+            studies = sorted(delivery.studies)
+
+            def audit(conn: Connection) -> None:
+                record(
+                    conn,
+                    Kind.RECEIVED,
+                    sender.calling_ae,
+                    studies[0] if len(studies) == 1 else None,
+                    source=sender.source.value,
+                    exchange=sender.exchange_id,
+                    address=sender.address,
+                    instances=delivery.instances,
+                    studies=studies,
+                    series=sorted(delivery.series_linked),
+                    released=released,
+                )
+
             try:
-                self._catalog.close_association(sender.exchange_id, released, delivery.instances)
+                self._catalog.close_association(
+                    sender.exchange_id, released, delivery.instances, audit
+                )
             except Exception as exc:  # the database is down: completion waits for the restart
                 log.error("%s: cannot record its end: %s", sender.label, exc)
         log.info(

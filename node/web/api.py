@@ -4,7 +4,7 @@ JSON `detail`, never a traceback."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from node.audit import Kind, list_events, record
 from node.config import Role
 from node.db.models import Dispatch, Job, WorkState
 from node.dispatch.dispatcher import list_dispatches
@@ -64,29 +65,35 @@ class Done(BaseModel):
 @router.post("/jobs/{job_id}/retry")
 async def retry_job(job_id: int, context: Context, principal: Operator) -> Done:
     """Queue a job again with a fresh set of attempts (409 while it runs)."""
-    _exists(context, Job, job_id)
+    before = _state(context, Job, job_id)
     if not await run_in_threadpool(JobQueue(context.engine).retry, job_id):
         raise HTTPException(409, detail=f"job {job_id} is running")
-    return Done(id=job_id, state=WorkState.QUEUED, by=principal.name)
+    return _done(context, principal, "retry job", job_id, before, WorkState.QUEUED)
 
 
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(job_id: int, context: Context, principal: Operator) -> Done:
     """Cancel a job that has not finished (409 when it has)."""
-    _exists(context, Job, job_id)
+    before = _state(context, Job, job_id)
     if not await run_in_threadpool(JobQueue(context.engine).cancel, job_id):
         raise HTTPException(409, detail=f"job {job_id} has finished")
-    return Done(id=job_id, state=WorkState.CANCELLED, by=principal.name)
+    return _done(context, principal, "cancel job", job_id, before, WorkState.CANCELLED)
 
 
 @router.post("/dispatches/{dispatch_id}/retry")
 async def resend(dispatch_id: int, context: Context, principal: Operator) -> Done:
     """Send a dispatch again with a fresh set of attempts (409 while it is being sent)."""
-    _exists(context, Dispatch, dispatch_id)
+    before = _state(context, Dispatch, dispatch_id)
     queue = LeasedQueue(context.engine, Dispatch, RetryPolicy())
     if not await run_in_threadpool(queue.retry, dispatch_id):
         raise HTTPException(409, detail=f"dispatch {dispatch_id} is being sent")
-    return Done(id=dispatch_id, state=WorkState.QUEUED, by=principal.name)
+    return _done(context, principal, "resend dispatch", dispatch_id, before, WorkState.QUEUED)
+
+
+@router.get("/audit", dependencies=[Depends(requires(Role.ADMIN))])
+async def audit(context: Context, since: datetime | None = None) -> list[Any]:
+    """The audit trail, newest first (administrators only)."""
+    return await run_in_threadpool(list_events, context.engine, since)
 
 
 class FetchRequest(BaseModel):
@@ -116,8 +123,32 @@ async def fetch(request: FetchRequest, context: Context, principal: Operator) ->
     return Done(id=fetch_id, state=WorkState.QUEUED, by=principal.name)
 
 
-def _exists(context: WebContext, table: type[Job] | type[Dispatch], row_id: int) -> None:
+def _state(context: WebContext, table: type[Job] | type[Dispatch], row_id: int) -> WorkState:
+    """The row's state; 404 when there is no such row."""
     with context.engine.connect() as conn:
-        if conn.execute(select(table.id).where(table.id == row_id)).first() is None:
-            noun = "job" if table is Job else "dispatch"
-            raise HTTPException(404, detail=f"no {noun} {row_id}")
+        state = conn.execute(select(table.state).where(table.id == row_id)).scalar_one_or_none()
+    if state is None:
+        noun = "job" if table is Job else "dispatch"
+        raise HTTPException(404, detail=f"no {noun} {row_id}")
+    return state
+
+
+def _done(
+    context: WebContext,
+    principal: Principal,
+    action: str,
+    row_id: int,
+    before: WorkState | None,
+    after: WorkState,
+) -> Done:
+    """Record who did what in the audit trail; the answer names them too."""
+    record(
+        context.engine,
+        Kind.ADMIN,
+        principal.name,
+        action=action,
+        id=row_id,
+        before=before.value if before else None,
+        after=after.value,
+    )
+    return Done(id=row_id, state=after, by=principal.name)

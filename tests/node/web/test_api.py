@@ -3,6 +3,7 @@ retried and cancelled, fetches queued; readiness that names what is wrong."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -78,3 +79,30 @@ def test_readiness_names_what_is_wrong(start_web_node, tmp_path: Path) -> None:
     checks = broken.json()["checks"]
     assert checks["rules"]["ok"] is False and "NoSuchKeyword" in checks["rules"]["detail"]
     assert checks["database"]["ok"] and checks["dimse"]["ok"] and checks["storage"]["ok"]
+
+
+def test_the_audit_trail_records_who_did_what(start_web_node, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    web = start_web_node(workers={"count": 0}, routing={"rules_file": str(rules)})
+    ds = ct_dataset(generate_uid())
+    assert post(web, body(part10(ds))).status_code == 200
+    job = wait_until(lambda: (api(web, "GET", "/jobs", "viewer").json() or [None])[0], 30)
+    assert api(web, "POST", f"/jobs/{job['id']}/cancel").status_code == 200
+    assert web.node.cli("jobs", "retry", str(job["id"])).returncode == 0
+
+    assert api(web, "GET", "/audit", "viewer").status_code == 403  # administrators only
+    events = api(web, "GET", "/audit").json()
+    kinds = [(e["kind"], e["actor"]) for e in events]
+    assert kinds[-1] == ("received", "modality-web")
+    received = events[-1]
+    assert received["study_instance_uid"] == ds.StudyInstanceUID
+    assert received["detail"]["instances"] == 1 and received["detail"]["source"] == "dicomweb"
+    cancel = next(e for e in events if e["detail"].get("action") == "cancel job")
+    assert cancel["actor"] == "it-admin"
+    assert (cancel["detail"]["before"], cancel["detail"]["after"]) == ("queued", "cancelled")
+    listed = web.node.cli("audit", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    actions = [e["detail"].get("action") for e in json.loads(listed.stdout)]
+    assert actions[:2] == ["retry job", "cancel job"]
+    assert "Test^Phantom" not in listed.stdout  # the study UID leads to the patient, not names
