@@ -141,8 +141,9 @@ def rules_check(
 
     settings = _settings(config) if config else None
     destinations = settings.destination_names() if settings else None
+    notifications = set(settings.notifications) if settings else None
     try:
-        rules = load_rules(file, set(_pipelines(settings)), destinations)
+        rules = load_rules(file, set(_pipelines(settings)), destinations, notifications)
     except RulesError as exc:
         for problem in exc.problems:
             typer.echo(problem.render(file))
@@ -173,7 +174,12 @@ def rules_explain(
         raise typer.Exit(2)
     try:
         names = set(_pipelines(settings))
-        rules = load_rules(settings.routing.rules_file, names, settings.destination_names())
+        rules = load_rules(
+            settings.routing.rules_file,
+            names,
+            settings.destination_names(),
+            set(settings.notifications),
+        )
     except RulesError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc

@@ -162,6 +162,15 @@ class DicomWebDestination(_Section):
     """Fetching from it: QIDO-RS, then WADO-RS."""
 
 
+class NotificationTarget(_Section):
+    """An HTTP endpoint told when a job of a rule with `notify: [NAME]` ends as it asks."""
+
+    url: str = Field(pattern=r"^https?://")
+    headers: dict[str, str] = {}
+    on: list[Literal["positive", "failed", "done"]] = ["positive"]
+    verify_tls: bool = True
+
+
 class DispatchSettings(_Section):
     """How results are sent, and retried when a destination refuses or is down."""
 
@@ -307,6 +316,7 @@ class Settings(_Section):
     dispatch: DispatchSettings = DispatchSettings()
     logging: LoggingSettings = LoggingSettings()
     http: HttpSettings | None = None
+    notifications: dict[str, NotificationTarget] = {}
 
     @field_validator("pipelines", mode="before")
     @classmethod
@@ -358,6 +368,15 @@ class Settings(_Section):
     def find_peer(self, name_or_ae: str) -> Peer | None:
         """A peer by its config name, else by its AE title."""
         return self.peers.get(name_or_ae) or self.peer_by_ae_title(name_or_ae)
+
+
+def api_link(settings: Settings) -> str | None:
+    """Where the node's HTTP API is (for links in notifications), if it has one."""
+    http = settings.http
+    if http is None:
+        return None
+    root = http.public_url or f"{'https' if http.tls else 'http'}://{http.host}:{http.port}"
+    return f"{root.rstrip('/')}/api/v1"
 
 
 def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) -> Settings:

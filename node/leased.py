@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from sqlalchemy import Connection, Engine, Update, select, update
 
-from node.db.models import Dispatch, Fetch, Job, WorkState, utcnow
+from node.db.models import Dispatch, Fetch, Job, Notification, WorkState, utcnow
 
 DUE = (WorkState.QUEUED, WorkState.RETRYING)
 FINISHED = (WorkState.SUCCEEDED, WorkState.FAILED, WorkState.DEAD, WorkState.CANCELLED)
@@ -49,7 +49,10 @@ class LeasedQueue:
     """Claim, renew, finish, retry and cancel rows of one table (`Job` or `Dispatch`)."""
 
     def __init__(
-        self, engine: Engine, table: type[Job] | type[Dispatch] | type[Fetch], policy: RetryPolicy
+        self,
+        engine: Engine,
+        table: type[Job] | type[Dispatch] | type[Fetch] | type[Notification],
+        policy: RetryPolicy,
     ):
         self._engine = engine
         self.table = table

@@ -8,7 +8,7 @@ rows written here. Nothing else creates dispatches or embeddings.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +17,10 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from node.config import NotificationTarget
 from node.db.models import Dispatch, Embedding, Job, Series, WorkState, utcnow
 from node.leased import DUE, LeasedQueue, RetryPolicy
+from node.notify import queue_notifications
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,20 @@ class FinishedJob:
 class OutcomeRecorder:
     """Writes job successes; `dispatch_attempts` is each new dispatch's `max_attempts`."""
 
-    def __init__(self, engine: Engine, dispatch_attempts: int = 8) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        dispatch_attempts: int = 8,
+        notifications: Mapping[str, NotificationTarget] | None = None,
+        link: str | None = None,
+    ) -> None:
+        """`notifications`: the configured targets of `notify:`; `link`: where the node's
+        HTTP server is, for the notifications' JSON."""
         self._engine = engine
         self._jobs = LeasedQueue(engine, Job, RetryPolicy())
         self._dispatch_attempts = dispatch_attempts
+        self._notifications = notifications or {}
+        self._link = link
 
     def record(self, outcome: JobOutcome) -> bool:
         """Record the success and its consequences; False (nothing written) when the job was
@@ -102,6 +114,18 @@ class OutcomeRecorder:
             )
             if outcome.embedding is not None:
                 store_embedding(conn, job, summary.version, outcome.embedding)
+            queue_notifications(
+                conn,
+                outcome.job_id,
+                self._notifications,
+                {"done", "positive"} if summary.positive else {"done"},
+                self._dispatch_attempts,
+                version=summary.version,
+                positive=summary.positive,
+                findings=summary.findings,
+                detections=summary.detections,
+                link=self._link,
+            )
         return True
 
 

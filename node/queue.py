@@ -71,6 +71,7 @@ class JobQueue:
                         "pipeline": request.pipeline,
                         "destinations": request.destinations,
                         "rules": request.rules,
+                        "notify": request.notify,
                         "priority": int(request.priority),
                         "priority_if_positive": (
                             None

@@ -15,6 +15,7 @@ from node.db.engine import make_session_factory
 from node.db.models import Association, Series, Study
 from node.dispatch.dispatcher import DispatchView, list_dispatches
 from node.fetch.records import FetchView, list_fetches
+from node.notify import NotificationView, list_notifications
 from node.queue import JobView, list_jobs
 from node.routing.rules import RulesError, load_rules
 from node.storage import InstanceStore
@@ -89,6 +90,7 @@ class StatusReport(BaseModel):
     pipelines: list[PipelineStatus] = []
     dispatches: list[DispatchView] = []
     fetches: list[FetchView] = []
+    notifications: list[NotificationView] = []
     disk: DiskStatus | None = None
 
 
@@ -181,7 +183,7 @@ def node_status(
     error = None
     if rules_file is not None:
         try:
-            load_rules(rules_file, names, settings.destination_names())
+            load_rules(rules_file, names, settings.destination_names(), set(settings.notifications))
         except RulesError as exc:
             error = str(exc)
     report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
@@ -189,6 +191,7 @@ def node_status(
         report.pipelines = pipeline_statuses(pipelines)
     report.dispatches = list_dispatches(engine)
     report.fetches = list_fetches(engine)
+    report.notifications = list_notifications(engine)
     report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
     return report
 
@@ -232,6 +235,12 @@ def render_text(report: StatusReport) -> str:
         lines.append(
             f"fetch {f.id:>5}  {f.source:<12} {f.state:<9} attempts {f.attempts}  {what}: "
             f"{len(f.studies)} studies, {f.instances} instances{problem}"
+        )
+    for n in report.notifications:
+        problem = f"  error: {n.error.splitlines()[0][:120]}" if n.error else ""
+        lines.append(
+            f"notification {n.id:>5}  job {n.job_id} {n.event:<8} -> {n.target:<12} {n.state:<9} "
+            f"attempts {n.attempts}  {n.status or ''}{problem}".rstrip()
         )
     for pipeline in report.pipelines:
         state = "ready" if pipeline.available else f"UNAVAILABLE: {pipeline.problem}"

@@ -31,6 +31,7 @@ from node.dispatch.dispatcher import Dispatcher
 from node.fetch.fetcher import Fetcher
 from node.fetch.priors import PriorsQueue
 from node.lifecycle import wait_for_stop
+from node.notify import Notifier
 from node.queue import JobQueue
 from node.receiver import Receiver, run_receiver_process
 from node.recovery import recover_after_restart
@@ -97,6 +98,7 @@ class NodeService:
             settings.routing.rules_file,
             pipeline_names(settings.pipelines),
             settings.destination_names(),
+            set(settings.notifications),
         )
         rules.current()
         if settings.routing.rules_file is None:
@@ -134,6 +136,9 @@ class NodeService:
             log.warning("%d dispatches interrupted by an earlier stop go out again", interrupted)
         add(dispatcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="dispatch")
         add(dispatcher.queue.requeue_expired, "interval", seconds=60, id="dispatch-leases")
+        notifier = Notifier(engine, settings)
+        add(notifier.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="notify")
+        add(notifier.queue.requeue_expired, "interval", seconds=60, id="notify-leases")
         self._fetcher = fetcher = Fetcher(engine, settings)
         add(fetcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="fetch")
         add(fetcher.queue.requeue_expired, "interval", seconds=30, id="fetch-leases")

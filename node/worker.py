@@ -22,9 +22,9 @@ from sqlalchemy import select
 
 from node.audit import Kind, record_quietly
 from node.catalog import Catalog
-from node.config import Settings
+from node.config import Settings, api_link
 from node.db.engine import make_engine
-from node.db.models import Instance, Source
+from node.db.models import Instance, Job, Source, WorkState
 from node.inference import Processed, process_series
 from node.ingest.intake import Delivery, Intake, Sender, Status
 from node.ingest.part10 import read_part10
@@ -32,6 +32,7 @@ from node.leased import RetryPolicy
 from node.lifecycle import stop_when_parent_exits
 from node.logs import configure_logging
 from node.metrics import GPU_MEMORY, JOB_SECONDS, JOBS
+from node.notify import queue_notifications
 from node.outcome import JobOutcome, OutcomeRecorder, ResultSummary
 from node.queue import ClaimedJob, JobQueue
 from node.storage import InstanceStore
@@ -54,7 +55,9 @@ class Worker:
         self._settings = settings
         self._engine = make_engine(settings.database.url)
         self.queue = JobQueue(self._engine, retry_policy(settings))
-        self._outcomes = OutcomeRecorder(self._engine, settings.dispatch.max_attempts)
+        self._outcomes = OutcomeRecorder(
+            self._engine, settings.dispatch.max_attempts, settings.notifications, api_link(settings)
+        )
         self._store = InstanceStore(settings.storage.path)
         self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)
         self._pipelines = pipelines
@@ -144,6 +147,8 @@ class Worker:
 
     def _audit(self, job: ClaimedJob, state: str, done: Processed | None) -> None:
         JOBS.labels(job.pipeline, state).inc()
+        if state in (WorkState.FAILED, WorkState.DEAD):
+            self._notify_failure(job.id, state)
         facts: dict[str, object] = {"state": state}
         if done is not None:
             facts.update(version=done.result.version, positive=done.result.positive)
@@ -158,6 +163,24 @@ class Worker:
             revision=job.revision,
             **facts,
         )
+
+    def _notify_failure(self, job_id: int, state: str) -> None:
+        settings = self._settings
+        try:
+            with self._engine.begin() as conn:
+                error = conn.execute(select(Job.error).where(Job.id == job_id)).scalar_one()
+                queue_notifications(
+                    conn,
+                    job_id,
+                    settings.notifications,
+                    {"failed"},
+                    settings.dispatch.max_attempts,
+                    state=state,
+                    error=error,
+                    link=api_link(settings),
+                )
+        except Exception as exc:  # the job's failure is recorded; its notice is not
+            log.error("job %d: failure notification not queued: %s", job_id, exc)
 
     def _measure(self, pipeline: str, done: Processed, seconds: float) -> None:
         for stage, stage_seconds in done.result.timings.items():

@@ -267,6 +267,7 @@ class Job(LeasedWork, Base):
     rules: Mapped[list[str]] = mapped_column(TextList, default=list)
     priority_if_positive: Mapped[int | None] = mapped_column(Integer)
     result: Mapped[str | None] = mapped_column(Text)
+    notify: Mapped[list[str]] = mapped_column(TextList, default=list, server_default="[]")
 
 
 class Dispatch(LeasedWork, Base):
@@ -281,6 +282,23 @@ class Dispatch(LeasedWork, Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     destination: Mapped[str] = mapped_column(String(64))
     objects: Mapped[list[str]] = mapped_column(TextList, default=list)
+    status: Mapped[str | None] = mapped_column(Text)
+
+
+class Notification(LeasedWork, Base):
+    """Telling an HTTP endpoint (`notifications:` NAME) that a job ended as it asked:
+    `event` is positive, failed or done; `payload` the JSON posted."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        UniqueConstraint("job_id", "target", "event", name="uq_notification_job_target_event"),
+        Index("ix_notifications_due", "state", "run_after"),
+    )
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[str] = mapped_column(Text)
     status: Mapped[str | None] = mapped_column(Text)
 
 

@@ -73,6 +73,7 @@ class JobRequest:
     priority: Priority
     rules: tuple[str, ...]
     priority_if_positive: Priority | None = None
+    notify: tuple[str, ...] = ()
 
 
 @dataclass
@@ -151,7 +152,7 @@ def route_series(rules: RuleSet, facts: SeriesFacts) -> tuple[list[JobRequest], 
 
 
 def merge(series_instance_uid: str, rules: Iterable[Rule]) -> list[JobRequest]:
-    """One job per pipeline: union of destinations, most urgent priority."""
+    """One job per pipeline: union of destinations and notifications, most urgent priority."""
     merged: dict[str, JobRequest] = {}
     for rule in rules:
         for pipeline in rule.pipelines:
@@ -168,6 +169,7 @@ def merge(series_instance_uid: str, rules: Iterable[Rule]) -> list[JobRequest]:
                 _most_urgent(
                     rule.priority_if_positive, previous.priority_if_positive if previous else None
                 ),
+                tuple(dict.fromkeys((previous.notify if previous else ()) + rule.notify)),
             )
     return list(merged.values())
 

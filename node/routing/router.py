@@ -25,11 +25,16 @@ class RulesSource:
     """The current rules of a file, reloaded on change; the last good ones on error."""
 
     def __init__(
-        self, path: Path | None, pipelines: Collection[str], destinations: Collection[str]
+        self,
+        path: Path | None,
+        pipelines: Collection[str],
+        destinations: Collection[str],
+        notifications: Collection[str] = (),
     ) -> None:
         self.path = path
         self._pipelines = pipelines
         self._destinations = destinations
+        self._notifications = notifications
         self._stamp: tuple[int, int] | None = None
         self._rules = RuleSet(())
         self.error: str | None = None
@@ -46,7 +51,9 @@ class RulesSource:
         if stamp != self._stamp:
             self._stamp = stamp
             try:
-                self._rules = load_rules(self.path, self._pipelines, self._destinations)
+                self._rules = load_rules(
+                    self.path, self._pipelines, self._destinations, self._notifications
+                )
             except RulesError as exc:
                 self._record_error(str(exc))
             else:

@@ -75,6 +75,7 @@ RULE_KEYS = frozenset(
         "select",
         "default",
         "fetch_priors",
+        "notify",
     }
 )
 SELECT_KEYS = frozenset({"match", "prefer_kernel"})
@@ -149,6 +150,7 @@ class Rule:
     select: SeriesSelection = field(default_factory=SeriesSelection)
     default: bool = False
     fetch_priors: PriorsRequest | None = None
+    notify: tuple[str, ...] = ()
     line: int = 0
 
     @property
@@ -195,6 +197,7 @@ def load_rules(
     path: Path,
     pipelines: Collection[str] | None = None,
     destinations: Collection[str] | None = None,
+    notifications: Collection[str] | None = None,
 ) -> RuleSet:
     """Parse and check a rules file; raise RulesError listing every problem.
 
@@ -204,7 +207,7 @@ def load_rules(
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RulesError(path, [Problem(1, 1, f"cannot read: {exc.strerror}")]) from exc
-    return parse_rules(text, path, pipelines, destinations)
+    return parse_rules(text, path, pipelines, destinations, notifications)
 
 
 def parse_rules(
@@ -212,6 +215,7 @@ def parse_rules(
     path: Path,
     pipelines: Collection[str] | None = None,
     destinations: Collection[str] | None = None,
+    notifications: Collection[str] | None = None,
 ) -> RuleSet:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -219,7 +223,7 @@ def parse_rules(
         mark = exc.problem_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise RulesError(path, [Problem(line, column, f"invalid YAML: {exc.problem}")]) from exc
-    parser = _Parser(pipelines, destinations)
+    parser = _Parser(pipelines, destinations, notifications)
     rules = parser.document(root)
     if parser.problems:
         raise RulesError(path, sorted(parser.problems, key=lambda p: (p.line, p.column)))
@@ -229,9 +233,15 @@ def parse_rules(
 class _Parser:
     """Walks the YAML node tree, collecting problems instead of stopping at the first."""
 
-    def __init__(self, pipelines: Collection[str] | None, destinations: Collection[str] | None):
+    def __init__(
+        self,
+        pipelines: Collection[str] | None,
+        destinations: Collection[str] | None,
+        notifications: Collection[str] | None = None,
+    ):
         self.pipelines = pipelines
         self.destinations = destinations
+        self.notifications = notifications
         self.problems: list[Problem] = []
 
     def problem(self, node: yaml.Node, message: str) -> None:
@@ -287,6 +297,8 @@ class _Parser:
                 fields["select"] = self.selection(value)
             elif name == "fetch_priors":
                 fields["fetch_priors"] = self.priors(value)
+            elif name == "notify":
+                fields["notify"] = self.names(value, self.notifications, "notification", set())
         if not fields.get("name"):
             self.problem(node, "a rule needs a 'name'")
             return None

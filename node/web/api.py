@@ -19,6 +19,7 @@ from node.dispatch.dispatcher import list_dispatches
 from node.fetch.query import FetchQuery
 from node.fetch.records import enqueue, list_fetches
 from node.leased import LeasedQueue, RetryPolicy
+from node.notify import list_notifications
 from node.queue import JobQueue, list_jobs
 from node.report import StatusReport, node_status
 from node.web.auth import Principal
@@ -54,6 +55,11 @@ async def dispatches(context: Context) -> list[Any]:
 @router.get("/fetches", dependencies=[Reader])
 async def fetches(context: Context) -> list[Any]:
     return await run_in_threadpool(list_fetches, context.engine)
+
+
+@router.get("/notifications", dependencies=[Reader])
+async def notifications(context: Context) -> list[Any]:
+    return await run_in_threadpool(list_notifications, context.engine)
 
 
 class Done(BaseModel):

@@ -110,7 +110,9 @@ def _rules(context: WebContext) -> Check:
         return Check(True, "no rules file: series are stored, not processed")
     names = set(pipeline_names(settings.pipelines))
     try:
-        rules = load_rules(rules_file, names, settings.destination_names())
+        rules = load_rules(
+            rules_file, names, settings.destination_names(), set(settings.notifications)
+        )
     except RulesError as exc:
         return Check(False, str(exc).splitlines()[0])
     return Check(True, f"{len(rules.rules)} rules")

@@ -97,6 +97,8 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
             {"name": "lung-quant", "version": "1.0", "available": True, "problem": None},
         ],
         "dispatches": [],
+        "fetches": [],
+        "notifications": [],
     }
 
 
