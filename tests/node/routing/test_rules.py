@@ -65,7 +65,10 @@ def test_check_reports_each_problem_with_line_and_column(tmp_path: Path) -> None
     ("text", "message"),
     [
         ("rules: [{name: a, pipelines: [echo]}]", "needs 'match'"),
-        ("rules: [{name: a, match: {Modality: CT}}]", "give 'pipelines', 'fetch_priors' or 'discard: true'"),
+        (
+            "rules: [{name: a, match: {Modality: CT}}]",
+            "give 'pipelines', 'fetch_priors' or 'discard: true'",
+        ),
         (
             "rules: [{name: a, match: {Modality: CT}, pipelines: [echo],"
             " select: {prefer_kernel: lung}}]",
