@@ -524,7 +524,7 @@ def fetch(
     from node.db.models import WorkState
     from node.fetch.fetcher import Fetcher
     from node.fetch.query import FetchQuery
-    from node.fetch.records import enqueue, list_fetches
+    from node.fetch.records import list_fetches
 
     settings = _settings(config)
     if settings.source(source) is None:
@@ -543,12 +543,11 @@ def fetch(
         typer.echo("give one of --study, --accession or --patient-id", err=True)
         raise typer.Exit(2) from exc
     engine = _engine(settings)
-    fetch_id = enqueue(engine, source, query, settings.dispatch.max_attempts)
     fetcher = Fetcher(
         engine, settings, owner=f"ainode-fetch-{os.getpid()}", actor=f"cli:{getpass.getuser()}"
     )
-    lease = fetcher.claim(fetch_id)
-    assert lease is not None  # just queued, and nobody else knows its id yet
+    lease = fetcher.start(source, query)
+    fetch_id = lease.id
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as bar:
         task = bar.add_task(f"fetch {fetch_id} from {source}")
 

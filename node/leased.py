@@ -65,15 +65,13 @@ class LeasedQueue:
         owner: str,
         lease_seconds: float,
         limit: int = 1,
-        only: int | None = None,
     ) -> list[Lease]:
-        """Lease up to `limit` due rows (or row `only`, due or not yet), most urgent (lowest
-        priority value) first, in the caller's transaction."""
+        """Lease up to `limit` due rows, most urgent (lowest priority value) first, in the
+        caller's transaction."""
         table, now = self.table, utcnow()
-        due = table.id == only if only is not None else table.run_after <= now
         candidates = (
             select(table.id)
-            .where(table.state.in_(DUE), due)
+            .where(table.state.in_(DUE), table.run_after <= now)
             .order_by(table.priority, table.run_after, table.id)
             .limit(limit)
         )

@@ -26,6 +26,7 @@ from node.config import DicomWebDestination, Settings
 from node.db.models import Fetch, Study, WorkState, utcnow
 from node.dimse.retrieve import RetrieveFailed
 from node.fetch.query import FetchQuery, choose
+from node.fetch.records import enqueue
 from node.fetch.sources import DicomWebSource, DimseSource, StudySource
 from node.ingest.intake import Delivery, Intake, Sender, Status
 from node.leased import Lease, LeasedQueue, RetryPolicy
@@ -66,10 +67,14 @@ class Fetcher:
         list(self._pool.map(self.run, leases))
         return len(leases)
 
-    def claim(self, fetch_id: int) -> Lease | None:
-        with self._engine.begin() as conn:
-            leases = self.queue.claim(conn, self._owner, LEASE_SECONDS, only=fetch_id)
-        return leases[0] if leases else None
+    def start(self, source: str, query: FetchQuery) -> Lease:
+        """A new fetch, leased to this fetcher at once (to `run` now, as `ainode fetch` does)."""
+        max_attempts = self._settings.dispatch.max_attempts
+        fetch_id = enqueue(
+            self._engine, source, query, max_attempts, claimed_by=self._owner,
+            lease_seconds=LEASE_SECONDS,
+        )  # fmt: skip
+        return Lease(fetch_id, 1, max_attempts)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

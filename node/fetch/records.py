@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, insert, select
 
@@ -35,8 +35,21 @@ def enqueue(
     query: FetchQuery,
     max_attempts: int,
     prior_of: str | None = None,
+    claimed_by: str | None = None,
+    lease_seconds: float = 0.0,
 ) -> int:
+    """A new fetch: queued for the node, or already leased to `claimed_by` (`ainode fetch`
+    runs it itself; the node's fetcher would otherwise take it first)."""
     now = utcnow()
+    lease: dict[str, object] = {"state": WorkState.QUEUED, "attempts": 0}
+    if claimed_by is not None:
+        lease = {
+            "state": WorkState.RUNNING,
+            "attempts": 1,
+            "lease_owner": claimed_by,
+            "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            "started_at": now,
+        }
     with engine.begin() as conn:
         return int(
             conn.execute(
@@ -45,13 +58,12 @@ def enqueue(
                     source=source,
                     query=query.model_dump_json(exclude_none=True),
                     prior_of=prior_of,
-                    state=WorkState.QUEUED,
-                    attempts=0,
                     max_attempts=max_attempts,
                     run_after=now,
                     created_at=now,
                     studies=[],
                     instances=0,
+                    **lease,
                 )
                 .returning(Fetch.id)
             ).scalar_one()
