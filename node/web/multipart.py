@@ -114,9 +114,9 @@ class MultipartWriter:
         return f'multipart/related; type="{main}"; boundary={self.boundary}'
 
     def frame(self, parts: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
-        """Each part: its content type and its bytes (in chunks); then the closing line."""
+        """Each part (its content type, its bytes in chunks) as one piece with its framing
+        (a piece is a hop to the server's thread pool: few, large ones); then the end."""
         for part_type, chunks in parts:
-            yield f"--{self.boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
-            yield from chunks
-            yield b"\r\n"
+            head = f"--{self.boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
+            yield b"".join((head, *chunks, b"\r\n"))
         yield f"--{self.boundary}--\r\n".encode()
