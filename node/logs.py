@@ -20,6 +20,10 @@ def configure_logging(level: str) -> None:
     # ERRORs come with tracebacks of what a peer sent: the node logs each outcome itself.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances reached": a sweep still running when its
+    # next turn comes is expected (coalesced); a job's own exception is still logged.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # INFO lines per object built
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # Warnings about values quote the values: highdicom's about person names quotes the
     # patient's name, pydicom's about invalid values quote them (patient IDs among them).
