@@ -1,5 +1,5 @@
-"""One leased queue for every kind of durable work: jobs, dispatches and fetches (rows with the
-`LeasedWork` columns).
+"""One leased queue for every kind of durable work: jobs, dispatches, fetches and notifications
+(rows with the `LeasedWork` columns).
 
 A consumer claims the most urgent due rows atomically (PostgreSQL: FOR UPDATE SKIP LOCKED;
 SQLite: the engine's BEGIN IMMEDIATE) and holds each with a lease it renews. It records the
@@ -12,12 +12,29 @@ to the row's `max_attempts`, then go `dead`; errors that a retry cannot fix go s
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, Update, select, update
 
 from node.db.models import Dispatch, Fetch, Job, Notification, WorkState, utcnow
+
+LeasedTable = type[Job] | type[Dispatch] | type[Fetch] | type[Notification]
+View = TypeVar("View")
+
+
+class Retries(Protocol):
+    """A config section that says how its work retries (`workers`, `dispatch`)."""
+
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def retry_base_seconds(self) -> float: ...
+    @property
+    def retry_max_seconds(self) -> float: ...
+
 
 DUE = (WorkState.QUEUED, WorkState.RETRYING)
 FINISHED = (WorkState.SUCCEEDED, WorkState.FAILED, WorkState.DEAD, WorkState.CANCELLED)
@@ -30,10 +47,47 @@ class RetryPolicy:
     base_seconds: float = 5.0
     max_seconds: float = 600.0
 
+    @classmethod
+    def of(cls, settings: Retries) -> RetryPolicy:
+        return cls(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds)
+
     def delay(self, attempts: int) -> float:
         """Exponential backoff with ±25 % jitter, so failures do not retry in lockstep."""
         raw = min(self.max_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
         return raw * random.uniform(0.75, 1.25)
+
+
+def queued(max_attempts: int, now: datetime) -> dict[str, object]:
+    """The leased columns of a new row: queued, due at `now`, no attempt made yet."""
+    return {
+        "state": WorkState.QUEUED,
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "run_after": now,
+        "created_at": now,
+    }
+
+
+def newest(
+    engine: Engine,
+    table: LeasedTable,
+    view: type[View],
+    limit: int,
+    **decode: Callable[[Any], Any],
+) -> list[View]:
+    """The newest rows of `table` as `view`, a dataclass whose fields are columns (each field
+    in `decode` converted on the way, e.g. JSON text to a dict)."""
+    names = [field.name for field in fields(view)]  # type: ignore[arg-type]
+    statement = select(*(getattr(table, name) for name in names))
+    with engine.connect() as conn:
+        rows = conn.execute(statement.order_by(table.id.desc()).limit(limit)).mappings()
+        return [
+            view(**{name: decode.get(name, _same)(row[name]) for name in names}) for row in rows
+        ]
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 @dataclass(frozen=True)
@@ -46,14 +100,9 @@ class Lease:
 
 
 class LeasedQueue:
-    """Claim, renew, finish, retry and cancel rows of one table (`Job` or `Dispatch`)."""
+    """Claim, renew, finish, retry and cancel rows of one leased table."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        table: type[Job] | type[Dispatch] | type[Fetch] | type[Notification],
-        policy: RetryPolicy,
-    ):
+    def __init__(self, engine: Engine, table: LeasedTable, policy: RetryPolicy):
         self._engine = engine
         self.table = table
         self.policy = policy

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from node.config import NotificationTarget, Settings
 from node.db.models import Job, Notification, Series, Study, WorkState, utcnow
-from node.leased import LeasedQueue, RetryPolicy
+from node.leased import LeasedQueue, RetryPolicy, newest, queued
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def queue_notifications(
         .where(Job.id == job_id)
     ).one()
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    now, queued = utcnow(), 0
+    now, created = utcnow(), 0
     wanted = set(events)
     for name in job.notify:
         target = targets.get(name)
@@ -93,39 +93,17 @@ def queue_notifications(
                     event=event,
                     payload=json.dumps(payload, default=str),
                     priority=job.priority,
-                    state=WorkState.QUEUED,
-                    attempts=0,
-                    max_attempts=max_attempts,
-                    run_after=now,
-                    created_at=now,
+                    **queued(max_attempts, now),
                 )
                 .on_conflict_do_nothing()
             ).rowcount
-            queued += inserted
-    return queued
+            created += inserted
+    return created
 
 
 def list_notifications(engine: Engine, limit: int = 200) -> list[NotificationView]:
     """Newest first."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(Notification).order_by(Notification.id.desc()).limit(limit)
-        ).mappings()
-        return [
-            NotificationView(
-                id=row["id"],
-                job_id=row["job_id"],
-                target=row["target"],
-                event=row["event"],
-                state=row["state"],
-                attempts=row["attempts"],
-                status=row["status"],
-                error=row["error"],
-                created_at=row["created_at"],
-                finished_at=row["finished_at"],
-            )
-            for row in rows
-        ]
+    return newest(engine, Notification, NotificationView, limit)
 
 
 class Notifier:
@@ -134,11 +112,7 @@ class Notifier:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
         self._settings = settings
-        dispatch = settings.dispatch
-        policy = RetryPolicy(
-            dispatch.max_attempts, dispatch.retry_base_seconds, dispatch.retry_max_seconds
-        )
-        self.queue = LeasedQueue(engine, Notification, policy)
+        self.queue = LeasedQueue(engine, Notification, RetryPolicy.of(settings.dispatch))
         self._owner = f"notifier-{os.getpid()}"
 
     def run_due(self) -> int:

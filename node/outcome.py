@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from node.config import NotificationTarget
 from node.db.models import Dispatch, Embedding, Job, Series, WorkState, utcnow
-from node.leased import DUE, LeasedQueue, RetryPolicy
+from node.leased import DUE, LeasedQueue, RetryPolicy, queued
 from node.notify import queue_notifications
 
 log = logging.getLogger(__name__)
@@ -182,12 +182,8 @@ def create_dispatches(
             "job_id": job_id,
             "destination": destination,
             "objects": [str(p) for p in objects],
-            "state": WorkState.QUEUED,
-            "attempts": 0,
-            "max_attempts": max_attempts,
             "priority": priority,
-            "run_after": now,
-            "created_at": now,
+            **queued(max_attempts, now),
         }
         for destination in dict.fromkeys(destinations)
     ]

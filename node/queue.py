@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from node.db.models import Job, Series, WorkState, utcnow
-from node.leased import LeasedQueue, RetryPolicy
+from node.leased import LeasedQueue, RetryPolicy, queued
 from node.routing.engine import JobRequest
 
 
@@ -78,11 +78,7 @@ class JobQueue:
                             if request.priority_if_positive is None
                             else int(request.priority_if_positive)
                         ),
-                        "state": WorkState.QUEUED,
-                        "attempts": 0,
-                        "max_attempts": self.leased.policy.max_attempts,
-                        "run_after": now,
-                        "created_at": now,
+                        **queued(self.leased.policy.max_attempts, now),
                     },
                 ).first()
                 if row is not None:

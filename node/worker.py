@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
-    workers = settings.workers
-    return RetryPolicy(workers.max_attempts, workers.retry_base_seconds, workers.retry_max_seconds)
+    return RetryPolicy.of(settings.workers)
 
 
 class Worker:

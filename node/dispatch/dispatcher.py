@@ -20,7 +20,7 @@ from node.config import Settings
 from node.db.models import Dispatch, Job, Series, WorkState
 from node.dimse.scu import StoreResult
 from node.dispatch.senders import Delivery, send
-from node.leased import Lease, LeasedQueue, RetryPolicy
+from node.leased import Lease, LeasedQueue, RetryPolicy, newest
 from node.metrics import DISPATCHES
 
 log = logging.getLogger(__name__)
@@ -48,23 +48,7 @@ class DispatchView:
 
 def list_dispatches(engine: Engine, limit: int = 200) -> list[DispatchView]:
     """Newest first."""
-    with engine.connect() as conn:
-        rows = conn.execute(select(Dispatch).order_by(Dispatch.id.desc()).limit(limit)).mappings()
-        return [
-            DispatchView(
-                id=row["id"],
-                job_id=row["job_id"],
-                destination=row["destination"],
-                state=row["state"],
-                attempts=row["attempts"],
-                status=row["status"],
-                error=row["error"],
-                objects=row["objects"],
-                created_at=row["created_at"],
-                finished_at=row["finished_at"],
-            )
-            for row in rows
-        ]
+    return newest(engine, Dispatch, DispatchView, limit)
 
 
 @dataclass(frozen=True)
@@ -84,14 +68,10 @@ class Dispatcher:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
         self._settings = settings
-        dispatch = settings.dispatch
-        policy = RetryPolicy(
-            dispatch.max_attempts, dispatch.retry_base_seconds, dispatch.retry_max_seconds
-        )
-        self.queue = LeasedQueue(engine, Dispatch, policy)
+        self.queue = LeasedQueue(engine, Dispatch, RetryPolicy.of(settings.dispatch))
         self._owner = f"dispatcher-{os.getpid()}"
         # A lease long enough for one association per object at the network timeout.
-        self._lease_seconds = max(60.0, dispatch.timeout_seconds * 20)
+        self._lease_seconds = max(60.0, settings.dispatch.timeout_seconds * 20)
         self._pool = ThreadPoolExecutor(max_workers=SENDING_THREADS, thread_name_prefix="dispatch")
 
     def requeue_interrupted(self) -> int:

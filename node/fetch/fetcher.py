@@ -50,11 +50,7 @@ class Fetcher:
         self._engine = engine
         self._actor = actor
         self._settings = settings
-        dispatch = settings.dispatch
-        policy = RetryPolicy(
-            dispatch.max_attempts, dispatch.retry_base_seconds, dispatch.retry_max_seconds
-        )
-        self.queue = LeasedQueue(engine, Fetch, policy)
+        self.queue = LeasedQueue(engine, Fetch, RetryPolicy.of(settings.dispatch))
         self._owner = owner or f"fetcher-{os.getpid()}"
         store = InstanceStore(settings.storage.path)
         self._intake = Intake(store, Catalog(engine), settings.storage.min_free_mb)

@@ -6,10 +6,11 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert
 
 from node.db.models import Fetch, WorkState, utcnow
 from node.fetch.query import FetchQuery
+from node.leased import newest, queued
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ def enqueue(
     """A new fetch: queued for the node, or already leased to `claimed_by` (`ainode fetch`
     runs it itself; the node's fetcher would otherwise take it first)."""
     now = utcnow()
-    lease: dict[str, object] = {"state": WorkState.QUEUED, "attempts": 0}
+    lease = queued(max_attempts, now)
     if claimed_by is not None:
-        lease = {
+        lease |= {
             "state": WorkState.RUNNING,
             "attempts": 1,
             "lease_owner": claimed_by,
@@ -58,9 +59,6 @@ def enqueue(
                     source=source,
                     query=query.model_dump_json(exclude_none=True),
                     prior_of=prior_of,
-                    max_attempts=max_attempts,
-                    run_after=now,
-                    created_at=now,
                     studies=[],
                     instances=0,
                     **lease,
@@ -72,21 +70,4 @@ def enqueue(
 
 def list_fetches(engine: Engine, limit: int = 200) -> list[FetchView]:
     """Newest first."""
-    with engine.connect() as conn:
-        rows = conn.execute(select(Fetch).order_by(Fetch.id.desc()).limit(limit)).mappings()
-        return [
-            FetchView(
-                id=row["id"],
-                source=row["source"],
-                query=json.loads(row["query"]),
-                prior_of=row["prior_of"],
-                state=row["state"],
-                attempts=row["attempts"],
-                studies=row["studies"],
-                instances=row["instances"],
-                error=row["error"],
-                created_at=row["created_at"],
-                finished_at=row["finished_at"],
-            )
-            for row in rows
-        ]
+    return newest(engine, Fetch, FetchView, limit, query=json.loads)

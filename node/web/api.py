@@ -1,6 +1,7 @@
 """The admin API (`/api/v1`): read what `ainode status` shows (reader), act on work
 (operator). One service layer with the CLI (`node.report`, the queues); 4xx answers carry a
-JSON `detail`, never a traceback."""
+JSON `detail`, never a traceback. The handlers are plain functions: FastAPI runs them in its
+thread pool, where their database work belongs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
 
 from node.audit import Kind, list_events, record
 from node.config import Role
+from node.db.engine import make_session_factory
 from node.db.models import Dispatch, Job, WorkState
 from node.dispatch.dispatcher import list_dispatches
 from node.fetch.query import FetchQuery
@@ -21,7 +22,7 @@ from node.fetch.records import enqueue, list_fetches
 from node.leased import LeasedQueue, RetryPolicy
 from node.notify import list_notifications
 from node.queue import JobQueue, list_jobs
-from node.report import StatusReport, node_status
+from node.report import StatusReport, build_report, node_status
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires
 
@@ -31,35 +32,34 @@ Operator = Annotated[Principal, Depends(requires(Role.OPERATOR))]
 
 
 @router.get("/status", dependencies=[Reader])
-async def status(context: Context) -> StatusReport:
+def status(context: Context) -> StatusReport:
     """Everything `ainode status --json` shows, but the pipelines' availability (the CLI's)."""
-    return await run_in_threadpool(node_status, context.settings, context.engine)
+    return node_status(context.settings, context.engine)
 
 
 @router.get("/series", dependencies=[Reader])
-async def series(context: Context) -> list[Any]:
-    report = await run_in_threadpool(node_status, context.settings, context.engine)
-    return list(report.series)
+def series(context: Context) -> list[Any]:
+    return list(build_report(make_session_factory(context.engine)).series)
 
 
 @router.get("/jobs", dependencies=[Reader])
-async def jobs(context: Context, state: WorkState | None = None) -> list[Any]:
-    return await run_in_threadpool(list_jobs, context.engine, state.value if state else None)
+def jobs(context: Context, state: WorkState | None = None) -> list[Any]:
+    return list_jobs(context.engine, state.value if state else None)
 
 
 @router.get("/dispatches", dependencies=[Reader])
-async def dispatches(context: Context) -> list[Any]:
-    return await run_in_threadpool(list_dispatches, context.engine)
+def dispatches(context: Context) -> list[Any]:
+    return list_dispatches(context.engine)
 
 
 @router.get("/fetches", dependencies=[Reader])
-async def fetches(context: Context) -> list[Any]:
-    return await run_in_threadpool(list_fetches, context.engine)
+def fetches(context: Context) -> list[Any]:
+    return list_fetches(context.engine)
 
 
 @router.get("/notifications", dependencies=[Reader])
-async def notifications(context: Context) -> list[Any]:
-    return await run_in_threadpool(list_notifications, context.engine)
+def notifications(context: Context) -> list[Any]:
+    return list_notifications(context.engine)
 
 
 class Done(BaseModel):
@@ -69,37 +69,37 @@ class Done(BaseModel):
 
 
 @router.post("/jobs/{job_id}/retry")
-async def retry_job(job_id: int, context: Context, principal: Operator) -> Done:
+def retry_job(job_id: int, context: Context, principal: Operator) -> Done:
     """Queue a job again with a fresh set of attempts (409 while it runs)."""
     before = _state(context, Job, job_id)
-    if not await run_in_threadpool(JobQueue(context.engine).retry, job_id):
+    if not JobQueue(context.engine).retry(job_id):
         raise HTTPException(409, detail=f"job {job_id} is running")
     return _done(context, principal, "retry job", job_id, before, WorkState.QUEUED)
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel_job(job_id: int, context: Context, principal: Operator) -> Done:
+def cancel_job(job_id: int, context: Context, principal: Operator) -> Done:
     """Cancel a job that has not finished (409 when it has)."""
     before = _state(context, Job, job_id)
-    if not await run_in_threadpool(JobQueue(context.engine).cancel, job_id):
+    if not JobQueue(context.engine).cancel(job_id):
         raise HTTPException(409, detail=f"job {job_id} has finished")
     return _done(context, principal, "cancel job", job_id, before, WorkState.CANCELLED)
 
 
 @router.post("/dispatches/{dispatch_id}/retry")
-async def resend(dispatch_id: int, context: Context, principal: Operator) -> Done:
+def resend(dispatch_id: int, context: Context, principal: Operator) -> Done:
     """Send a dispatch again with a fresh set of attempts (409 while it is being sent)."""
     before = _state(context, Dispatch, dispatch_id)
     queue = LeasedQueue(context.engine, Dispatch, RetryPolicy())
-    if not await run_in_threadpool(queue.retry, dispatch_id):
+    if not queue.retry(dispatch_id):
         raise HTTPException(409, detail=f"dispatch {dispatch_id} is being sent")
     return _done(context, principal, "resend dispatch", dispatch_id, before, WorkState.QUEUED)
 
 
 @router.get("/audit", dependencies=[Depends(requires(Role.ADMIN))])
-async def audit(context: Context, since: datetime | None = None) -> list[Any]:
+def audit(context: Context, since: datetime | None = None) -> list[Any]:
     """The audit trail, newest first (administrators only)."""
-    return await run_in_threadpool(list_events, context.engine, since)
+    return list_events(context.engine, since)
 
 
 class FetchRequest(BaseModel):
@@ -116,7 +116,7 @@ class FetchRequest(BaseModel):
 
 
 @router.post("/fetches", status_code=202)
-async def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
+def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
     """Queue a fetch; the node runs it (its state: `GET /api/v1/fetches`)."""
     if context.settings.source(request.source) is None:
         raise HTTPException(422, detail=f"unknown source {request.source!r}")
@@ -125,7 +125,7 @@ async def fetch(request: FetchRequest, context: Context, principal: Operator) ->
     except ValidationError as exc:
         raise HTTPException(422, detail="give one of study, accession or patient_id") from exc
     max_attempts = context.settings.dispatch.max_attempts
-    fetch_id = await run_in_threadpool(enqueue, context.engine, request.source, query, max_attempts)
+    fetch_id = enqueue(context.engine, request.source, query, max_attempts)
     return Done(id=fetch_id, state=WorkState.QUEUED, by=principal.name)
 
 

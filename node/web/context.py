@@ -34,6 +34,16 @@ class WebContext:
         return root.rstrip("/") + "/dicom-web"
 
 
+def retrieve_url(base: str, study: str, series: str = "", instance: str = "") -> str:
+    """The WADO-RS URL of a study, a series of it, or an instance of that."""
+    url = f"{base}/studies/{study}"
+    if series:
+        url += f"/series/{series}"
+        if instance:
+            url += f"/instances/{instance}"
+    return url
+
+
 def web_context(request: Request) -> WebContext:
     context: WebContext = request.app.state.web
     return context

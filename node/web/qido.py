@@ -21,7 +21,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from node.config import Role
 from node.db.models import Instance, Series, Study
-from node.web.context import Context, WebContext, requires
+from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response
 
 router = APIRouter(dependencies=[Depends(requires(Role.READER))])
@@ -252,7 +252,7 @@ def _study_query(
         ds = _attributes(row, STUDY_ATTRIBUTES)
         ds.NumberOfStudyRelatedSeries = row.series_count
         ds.NumberOfStudyRelatedInstances = row.instance_count
-        ds.RetrieveURL = f"{base}/studies/{row.study_instance_uid}"
+        ds.RetrieveURL = retrieve_url(base, row.study_instance_uid)
         return ds
 
     return statement, build
@@ -276,7 +276,7 @@ def _series_query(
         ds = _attributes(row, SERIES_ATTRIBUTES)
         ds.StudyInstanceUID = row.study_instance_uid
         ds.NumberOfSeriesRelatedInstances = row.instance_count
-        ds.RetrieveURL = f"{base}/studies/{row.study_instance_uid}/series/{ds.SeriesInstanceUID}"
+        ds.RetrieveURL = retrieve_url(base, row.study_instance_uid, ds.SeriesInstanceUID)
         return ds
 
     return statement, build
@@ -303,9 +303,8 @@ def _instance_query(
         ds.StudyInstanceUID = row.study_instance_uid
         ds.SeriesInstanceUID = row.series_instance_uid
         ds.Modality = row.modality
-        ds.RetrieveURL = (
-            f"{base}/studies/{row.study_instance_uid}/series/{row.series_instance_uid}"
-            f"/instances/{ds.SOPInstanceUID}"
+        ds.RetrieveURL = retrieve_url(
+            base, row.study_instance_uid, row.series_instance_uid, ds.SOPInstanceUID
         )
         return ds
 

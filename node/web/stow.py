@@ -29,7 +29,7 @@ from node.ingest.metadata import InstanceMetadata
 from node.ingest.part10 import read_part10
 from node.metrics import INSTANCES
 from node.web.auth import Principal
-from node.web.context import Context, WebContext, requires
+from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response, dicom_xml_response, wants_xml
 from node.web.multipart import BadBody, Part, PartReader, media_type
 
@@ -214,7 +214,7 @@ def _response(outcomes: list[PartOutcome], base_url: str, accept: str | None) ->
     report = Dataset()
     studies = {o.study_uid for o in stored}
     if len(studies) == 1:
-        report.RetrieveURL = f"{base_url}/studies/{studies.pop()}"
+        report.RetrieveURL = retrieve_url(base_url, studies.pop())
     report.ReferencedSOPSequence = [_referenced(o, base_url) for o in stored]
     if failed:
         report.FailedSOPSequence = [_failed(o) for o in failed]
@@ -228,9 +228,8 @@ def _referenced(outcome: PartOutcome, base_url: str) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = outcome.sop_class_uid
     item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
-    item.RetrieveURL = (
-        f"{base_url}/studies/{outcome.study_uid}/series/{outcome.series_uid}"
-        f"/instances/{outcome.sop_instance_uid}"
+    item.RetrieveURL = retrieve_url(
+        base_url, outcome.study_uid, outcome.series_uid, outcome.sop_instance_uid
     )
     return item
 

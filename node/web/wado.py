@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from node.config import Role
 from node.db.models import Instance, Series, Study
-from node.web.context import Context, requires
+from node.web.context import Context, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response
 from node.web.multipart import MultipartWriter, media_type
 
@@ -51,7 +51,7 @@ class Stored:
         self.sop_instance_uid = row.sop_instance_uid
 
     def url(self, base: str) -> str:
-        return f"{base}/studies/{self.study}/series/{self.series}/instances/{self.sop_instance_uid}"
+        return retrieve_url(base, self.study, self.series, self.sop_instance_uid)
 
 
 def _stored(
