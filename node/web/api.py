@@ -126,7 +126,7 @@ def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
         raise HTTPException(422, detail="give one of study, accession or patient_id") from exc
     max_attempts = context.settings.dispatch.max_attempts
     fetch_id = enqueue(context.engine, request.source, query, max_attempts)
-    return Done(id=fetch_id, state=WorkState.QUEUED, by=principal.name)
+    return _done(context, principal, "queue fetch", fetch_id, None, WorkState.QUEUED)
 
 
 def _state(context: WebContext, table: type[Job] | type[Dispatch], row_id: int) -> WorkState:

@@ -91,6 +91,9 @@ def test_the_audit_trail_records_who_did_what(start_web_node, tmp_path: Path) ->
     assert api(web, "POST", f"/jobs/{job['id']}/cancel").status_code == 200
     assert web.node.cli("jobs", "retry", str(job["id"])).returncode == 0
 
+    fetched = api(web, "POST", "/fetches", json={"source": "modality", "study": "1.2.3"})
+    assert fetched.status_code == 202
+
     assert api(web, "GET", "/audit", "viewer").status_code == 403  # administrators only
     events = api(web, "GET", "/audit").json()
     kinds = [(e["kind"], e["actor"]) for e in events]
@@ -101,8 +104,10 @@ def test_the_audit_trail_records_who_did_what(start_web_node, tmp_path: Path) ->
     cancel = next(e for e in events if e["detail"].get("action") == "cancel job")
     assert cancel["actor"] == "it-admin"
     assert (cancel["detail"]["before"], cancel["detail"]["after"]) == ("queued", "cancelled")
+    queued = next(e for e in events if e["detail"].get("action") == "queue fetch")
+    assert queued["actor"] == "it-admin" and queued["detail"]["id"] == fetched.json()["id"]
     listed = web.node.cli("audit", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     actions = [e["detail"].get("action") for e in json.loads(listed.stdout)]
-    assert actions[:2] == ["retry job", "cancel job"]
+    assert actions[:3] == ["queue fetch", "retry job", "cancel job"]
     assert "Test^Phantom" not in listed.stdout  # the study UID leads to the patient, not names
