@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 from sqlalchemy import ColumnElement, Connection, Select, and_, exists, func, select
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from node.config import Role
 from node.db.models import Instance, Series, Study
@@ -120,10 +120,10 @@ def _search(
         keys.update(SERIES_KEYS)
     if level == "instance":
         keys.update(INSTANCE_KEYS)
-    criteria, modalities, ignored = _criteria(request, keys)
+    criteria, ignored = _criteria(request, keys)
     criteria.extend(keys[name].column == value for name, value in fixed.items() if value)
     limit, offset = _paging(request)
-    statement, build = _QUERIES[level](criteria, modalities)
+    statement, build = _QUERIES[level](criteria)
     base = context.base_url(request)
     with context.engine.connect() as conn:
         rows = conn.execute(statement.limit(limit).offset(offset)).all()
@@ -139,11 +139,8 @@ def _search(
     return response
 
 
-def _criteria(
-    request: Request, keys: dict[str, Key]
-) -> tuple[list[ColumnElement[bool]], list[str], set[str]]:
-    """The matching criteria, the modalities asked for (ModalitiesInStudy), and the keys the
-    node cannot match."""
+def _criteria(request: Request, keys: dict[str, Key]) -> tuple[list[ColumnElement[bool]], set[str]]:
+    """The matching criteria, and the keys the node cannot match."""
     criteria: list[ColumnElement[bool]] = []
     modalities: list[str] = []
     ignored: set[str] = set()
@@ -159,7 +156,10 @@ def _criteria(
             ignored.add(raw_name)
             continue
         criteria.append(_match(key, value))
-    return criteria, modalities, ignored
+    if modalities:  # the study has a series of one of them (at every level)
+        other = aliased(Series)
+        criteria.append(exists().where(other.study_id == Study.id, other.modality.in_(modalities)))
+    return criteria, ignored
 
 
 def _modalities(conn: Connection, study_ids: list[int]) -> dict[int, list[str]]:
@@ -222,7 +222,7 @@ Builder = Callable[[Any, str], Dataset]
 
 
 def _study_query(
-    criteria: list[ColumnElement[bool]], modalities: Sequence[str]
+    criteria: list[ColumnElement[bool]],
 ) -> tuple[Select[*tuple[Any, ...]], Builder]:
     series_count = (
         select(func.count(Series.id)).where(Series.study_id == Study.id).scalar_subquery()
@@ -232,11 +232,6 @@ def _study_query(
         .where(Series.study_id == Study.id)
         .scalar_subquery()
     )
-    if modalities:
-        criteria = [
-            *criteria,
-            exists().where(Series.study_id == Study.id, Series.modality.in_(modalities)),
-        ]
     statement = (
         select(
             Study.id,
@@ -259,7 +254,7 @@ def _study_query(
 
 
 def _series_query(
-    criteria: list[ColumnElement[bool]], modalities: Sequence[str]
+    criteria: list[ColumnElement[bool]],
 ) -> tuple[Select[*tuple[Any, ...]], Builder]:
     statement = (
         select(
@@ -283,7 +278,7 @@ def _series_query(
 
 
 def _instance_query(
-    criteria: list[ColumnElement[bool]], modalities: Sequence[str]
+    criteria: list[ColumnElement[bool]],
 ) -> tuple[Select[*tuple[Any, ...]], Builder]:
     statement = (
         select(

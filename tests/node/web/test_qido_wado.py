@@ -76,6 +76,8 @@ def test_qido_answers_as_orthanc(both, web_node: WebNode) -> None:
     assert node.search_for_studies(search_filters={"StudyDate": f"-{int(date) - 1}"}) == []
     assert len(node.search_for_studies(search_filters={"ModalitiesInStudy": "CT"})) == 1
     assert node.search_for_studies(search_filters={"ModalitiesInStudy": "MR"}) == []
+    assert len(node.search_for_series(search_filters={"ModalitiesInStudy": "CT"})) == 1
+    assert node.search_for_series(search_filters={"ModalitiesInStudy": "MR"}) == []
     prefix = str(first.PatientID)[:2] + "*"
     assert len(node.search_for_studies(search_filters={"PatientID": prefix})) == 1
     assert len(node.search_for_instances(study, limit=2, offset=1)) == 2
