@@ -88,7 +88,8 @@ def _dimse(context: WebContext) -> Check:
 
 
 def _processes(context: WebContext) -> Check:
-    """The parent's children that are alive, against what the config asks for."""
+    """The parent's child processes that are alive (those it spawned: not multiprocessing's
+    resource tracker), against what the config asks for."""
     settings = context.settings
     expected = settings.node.receivers - 1 + settings.workers.count + 1
     parent = str(os.getppid())
@@ -96,9 +97,10 @@ def _processes(context: WebContext) -> Check:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        alive += fields[1] == parent and fields[0] not in ("Z", "X")
+        alive += fields[1] == parent and fields[0] not in ("Z", "X") and spawned
     detail = f"{alive} of {expected} processes (receivers, workers, HTTP)"
     return Check(alive >= expected, detail)
 

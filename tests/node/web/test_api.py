@@ -69,7 +69,9 @@ def test_readiness_names_what_is_wrong(start_web_node, tmp_path: Path) -> None:
     assert httpx.get(f"{web.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{web.url}/readyz")
     assert ready.status_code == 200, ready.text
-    assert set(ready.json()["checks"]) == {"database", "storage", "dimse", "processes", "rules"}
+    checks = ready.json()["checks"]
+    assert set(checks) == {"database", "storage", "dimse", "processes", "rules"}
+    assert checks["processes"]["detail"].startswith("1 of 1 processes")  # the HTTP one
 
     rules.write_text(
         "rules:\n  - name: broken\n    match: {NoSuchKeyword: 1}\n    pipelines: [echo]\n"
