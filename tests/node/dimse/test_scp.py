@@ -428,7 +428,8 @@ def test_a_locked_database_answers_a700_fast_and_the_node_recovers(
     node = start_node()
     database = Path(node.settings["database"]["url"].removeprefix("sqlite:///"))
     phantom = phantom_file(tmp_path)
-    holder = sqlite3.connect(database, timeout=0, isolation_level=None)
+    # The node's own scheduler may be mid-commit: wait for it, then hold the lock.
+    holder = sqlite3.connect(database, timeout=30, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
         assert echo(node.port).returncode == 0
