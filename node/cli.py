@@ -104,7 +104,7 @@ def status(
 
     settings = _settings(config)
     engine = _engine(settings)
-    report = node_status(settings, engine, _pipelines(settings))
+    report = node_status(settings, engine)
     engine.dispose()
     typer.echo(report.model_dump_json(indent=2) if as_json else render_text(report))
 
@@ -143,7 +143,7 @@ def rules_check(
     destinations = settings.destination_names() if settings else None
     notifications = set(settings.notifications) if settings else None
     try:
-        rules = load_rules(file, set(_pipelines(settings)), destinations, notifications)
+        rules = load_rules(file, _pipeline_names(settings), destinations, notifications)
     except RulesError as exc:
         for problem in exc.problems:
             typer.echo(problem.render(file))
@@ -173,7 +173,7 @@ def rules_explain(
         typer.echo("the config names no routing.rules_file", err=True)
         raise typer.Exit(2)
     try:
-        names = set(_pipelines(settings))
+        names = _pipeline_names(settings)
         rules = load_rules(
             settings.routing.rules_file,
             names,
@@ -468,6 +468,17 @@ def _pipelines(settings: Settings | None) -> dict[str, Pipeline]:
 
     try:
         return build_pipelines(settings.pipelines if settings else None)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+
+
+def _pipeline_names(settings: Settings | None) -> set[str]:
+    """The pipelines rules may name, without building them (no torch)."""
+    from pipelines.registry import pipeline_names
+
+    try:
+        return pipeline_names(settings.pipelines if settings else None)
     except ValueError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc

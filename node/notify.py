@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import httpx
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -132,6 +131,8 @@ class Notifier:
         return len(leases)
 
     def _post(self, notification_id: int, name: str, payload: dict[str, Any]) -> None:
+        import httpx  # here, not at the top: `ainode status` lists notifications without it
+
         target = self._settings.notifications.get(name)
         if target is None:
             error = f"notification {name!r} is no longer configured"

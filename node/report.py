@@ -13,14 +13,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Settings
 from node.db.engine import make_session_factory
 from node.db.models import Association, Series, Study
-from node.dispatch.dispatcher import DispatchView, list_dispatches
+from node.dispatch.records import DispatchView, list_dispatches
 from node.fetch.records import FetchView, list_fetches
 from node.notify import NotificationView, list_notifications
 from node.queue import JobView, list_jobs
 from node.routing.rules import RulesError, load_rules
 from node.storage import InstanceStore
-from pipelines.base import Pipeline
-from pipelines.registry import pipeline_names
+from pipelines.registry import availability
 
 
 class SeriesStatus(BaseModel):
@@ -169,16 +168,12 @@ def _series_status(series: Series, study_uid: str) -> SeriesStatus:
     )
 
 
-def node_status(
-    settings: Settings, engine: Engine, pipelines: dict[str, Pipeline] | None = None
-) -> StatusReport:
-    """Everything `ainode status` and `GET /api/v1/status` show, one service for both.
-
-    `pipelines`: loaded pipelines, to report their availability (the CLI's; the HTTP server
-    loads none: their names are enough to check the rules)."""
+def node_status(settings: Settings, engine: Engine) -> StatusReport:
+    """Everything `ainode status` and `GET /api/v1/status` show, one service for both."""
     report = build_report(make_session_factory(engine))
     report.jobs = list_jobs(engine)
-    names = set(pipelines) if pipelines is not None else set(pipeline_names(settings.pipelines))
+    report.pipelines = pipeline_statuses(settings)
+    names = {pipeline.name for pipeline in report.pipelines}
     rules_file = settings.routing.rules_file
     error = None
     if rules_file is not None:
@@ -187,8 +182,6 @@ def node_status(
         except RulesError as exc:
             error = str(exc)
     report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
-    if pipelines is not None:
-        report.pipelines = pipeline_statuses(pipelines)
     report.dispatches = list_dispatches(engine)
     report.fetches = list_fetches(engine)
     report.notifications = list_notifications(engine)
@@ -262,13 +255,14 @@ def render_text(report: StatusReport) -> str:
     return "\n".join(lines)
 
 
-def pipeline_statuses(pipelines: dict[str, Pipeline]) -> list[PipelineStatus]:
-    statuses = []
-    for name, pipeline in sorted(pipelines.items()):
-        problem = pipeline.problem()
-        statuses.append(
-            PipelineStatus(
-                name=name, version=pipeline.version, available=problem is None, problem=problem
-            )
+def pipeline_statuses(settings: Settings) -> list[PipelineStatus]:
+    """Every pipeline the node has, available or why not (no torch imported)."""
+    return [
+        PipelineStatus(
+            name=name,
+            version=found.version,
+            available=found.problem is None,
+            problem=found.problem,
         )
-    return statuses
+        for name, found in availability(settings.pipelines).items()
+    ]

@@ -17,6 +17,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import Compose, Invertd
 
 from pipelines import codes
+from pipelines.availability import of_segmentation
 from pipelines.base import Stage, StageTimer
 from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
@@ -28,6 +29,8 @@ from pipelines.volume import Volume
 
 
 class BundleSegmentationPipeline(ModelPipeline):
+    check = staticmethod(of_segmentation)
+
     def __init__(self, name: str, settings: PipelineSettings) -> None:
         super().__init__(name, settings)
         labels = settings.labels if isinstance(settings, SegmentationSettings) else {}
@@ -41,12 +44,6 @@ class BundleSegmentationPipeline(ModelPipeline):
             )
             for value, label in sorted(labels.items())
         }
-
-    def problem(self) -> str | None:
-        problem = super().problem()
-        if problem is None and not self.segments:
-            problem = f"no label table configured (pipelines.{self.name}.labels)"
-        return problem
 
     def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
         timed = StageTimer(stage)

@@ -7,8 +7,10 @@ A private scheme (`99AINODE`) is used only where no standard code exists.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pydicom.sr.coding import Code as DicomCode
+if TYPE_CHECKING:  # settings name codes; only the SR and SEG builders need pydicom's
+    from pydicom.sr.coding import Code as DicomCode
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class Code:
 
     def as_dicom(self) -> DicomCode:
         """As pydicom and highdicom take a coded concept."""
+        from pydicom.sr.coding import Code as DicomCode
+
         return DicomCode(self.value, self.scheme, self.meaning)
 
 

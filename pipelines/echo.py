@@ -4,6 +4,7 @@ receiving, routing, the queue and volume loading."""
 from __future__ import annotations
 
 from pipelines import codes
+from pipelines.availability import ECHO
 from pipelines.base import Requirements, Stage
 from pipelines.result import Measurement, PipelineResult, Region
 from pipelines.volume import Volume
@@ -11,11 +12,11 @@ from pipelines.volume import Volume
 
 class EchoPipeline:
     name = "echo"
-    version = "1.0"
+    version = ECHO.version
     requirements = Requirements(modalities=("CT",), min_slices=3)
 
     def problem(self) -> str | None:
-        return None
+        return ECHO.problem
 
     def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
         slices = volume.voxels.shape[0]

@@ -15,6 +15,7 @@ import torch
 from pipelines import codes
 from pipelines.anatomy.grid import SLAB, WorkingGrid
 from pipelines.anatomy.lungs import segment_lungs
+from pipelines.availability import LUNG_QUANT
 from pipelines.base import BadInput, DevicePreference, Requirements, Stage
 from pipelines.device import run_on
 from pipelines.morphology import dilate, erode, opening
@@ -48,7 +49,7 @@ HIGH = Segment(
 
 class LungQuantPipeline:
     name = "lung-quant"
-    version = "1.0"
+    version = LUNG_QUANT.version
     requirements = Requirements(
         modalities=("CT",),
         min_slices=20,
@@ -66,7 +67,7 @@ class LungQuantPipeline:
         return cls(settings.device)
 
     def problem(self) -> str | None:
-        return None
+        return LUNG_QUANT.problem
 
     def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
         return run_on(

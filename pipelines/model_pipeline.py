@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
+from pipelines.availability import of_model
 from pipelines.base import Requirements, Stage, Unavailable
 from pipelines.device import run_on
 from pipelines.models import LoadedModel
@@ -20,20 +21,19 @@ from pipelines.volume import Volume
 class ModelPipeline:
     requirements = Requirements(modalities=("CT",), min_slices=3)
     default_preprocessing = PreprocessingSettings()
+    check = staticmethod(of_model)
+    """Its version and availability from its settings (what `ainode status` reports)."""
 
     def __init__(self, name: str, settings: PipelineSettings) -> None:
         self.name = name
         self.settings = settings
         self.source = settings.model_source()
-        version = self.source.metadata().get("version") if self.source else None
-        self.version = str(version or "1.0")
+        self.version = self.check(name, settings).version
         self.preprocessing_settings = settings.preprocessing or self.default_preprocessing
         self._loaded: dict[str, LoadedModel] = {}
 
     def problem(self) -> str | None:
-        if self.source is None:
-            return f"no model configured (pipelines.{self.name}.model.path)"
-        return self.source.problem()
+        return self.check(self.name, self.settings).problem
 
     def prepare(self, parser: ConfigParser) -> None:
         """Adjust a bundle's config before its network is built."""

@@ -14,19 +14,20 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from monai.bundle import ConfigParser
+from typing import TYPE_CHECKING, Any
 
 import pipelines
 from pipelines.base import Unavailable
+
+if TYPE_CHECKING:  # checking a source (status, the HTTP server) imports neither
+    import torch
+    from monai.bundle import ConfigParser
 
 BUNDLE_CONFIGS = ("configs/metadata.json", "configs/inference.json")
 BUNDLE_WEIGHTS = ("models/model.ts", "models/model.pt")
 STATE_DICT_SUFFIXES = (".pt", ".pth")
 
-Prepare = Callable[[ConfigParser], None]
+Prepare = Callable[["ConfigParser"], None]
 """Adjusts a bundle's config before its network is built."""
 
 
@@ -106,6 +107,8 @@ class ModelSource:
 
     def load(self, device: torch.device, prepare: Prepare | None = None) -> LoadedModel:
         """Check and load the network onto `device`; raise Unavailable with the reason."""
+        import torch
+
         problem = self.verify()
         if problem:
             raise Unavailable(problem)
@@ -127,10 +130,14 @@ class ModelSource:
 
 def _parser(config: dict[str, Any] | None = None) -> ConfigParser:
     """A MONAI config parser whose expressions can also name our modules (`pipelines.`)."""
+    from monai.bundle import ConfigParser
+
     return ConfigParser(config, globals={"pipelines": pipelines})
 
 
 def _state_dict(weights: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    import torch
+
     state = torch.load(weights, map_location=device, weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]

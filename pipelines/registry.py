@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
+from pipelines.availability import CHECKS, Availability
 from pipelines.base import Pipeline
 from pipelines.settings import PipelineSettings
 
@@ -74,6 +75,25 @@ def build_pipelines(
         _check_type(name, kind, types)
         pipelines[name] = _factory(kind)(name, settings)
     return pipelines
+
+
+def availability(
+    configured: Mapping[str, PipelineSettings] | None = None,
+) -> dict[str, Availability]:
+    """Each pipeline `build_pipelines` would build, with its version and why it cannot run.
+    Built-in types are checked from their settings, without importing torch; a type added by
+    an entry point is built to be asked."""
+    configured = configured or {}
+    found: dict[str, Availability] = {}
+    for name in sorted(pipeline_names(configured)):
+        settings = configured.get(name, PipelineSettings())
+        kind = settings.type or name
+        if kind in CHECKS:
+            found[name] = CHECKS[kind](name, settings)
+        else:
+            pipeline = _factory(kind)(name, settings)
+            found[name] = Availability(pipeline.version, pipeline.problem())
+    return found
 
 
 def _check_type(name: str, kind: str, types: set[str]) -> None:

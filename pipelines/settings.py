@@ -10,10 +10,10 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from pipelines.base import DevicePreference
 from pipelines.codes import Code
-from pipelines.volume import VolumeOptions
 
-if TYPE_CHECKING:  # loading models needs torch; reading the config must not
+if TYPE_CHECKING:  # reading the config imports neither pydicom nor torch
     from pipelines.models import ModelSource
+    from pipelines.volume import VolumeOptions
 
 
 class _Strict(BaseModel):
@@ -177,6 +177,8 @@ class VolumeSettings(_Strict):
     decode_threads: int | None = Field(default=None, ge=1)
 
     def options(self) -> VolumeOptions:
+        from pipelines.volume import VolumeOptions
+
         if self.decode_threads is None:
             return VolumeOptions(self.gantry_tilt, self.spacing_tolerance)
         return VolumeOptions(

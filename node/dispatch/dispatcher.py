@@ -9,7 +9,6 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -20,7 +19,7 @@ from node.config import Settings
 from node.db.models import Dispatch, Job, Series, WorkState
 from node.dimse.scu import StoreResult
 from node.dispatch.senders import Delivery, send
-from node.leased import Lease, LeasedQueue, RetryPolicy, newest
+from node.leased import Lease, LeasedQueue, RetryPolicy
 from node.metrics import DISPATCHES
 
 log = logging.getLogger(__name__)
@@ -28,27 +27,6 @@ log = logging.getLogger(__name__)
 BATCH = 16
 """Dispatches claimed per round (sent in parallel, up to `SENDING_THREADS` at once)."""
 SENDING_THREADS = 4
-
-
-@dataclass(frozen=True)
-class DispatchView:
-    """A dispatch as `ainode status --json` shows it (`dispatches` list)."""
-
-    id: int
-    job_id: int
-    destination: str
-    state: WorkState
-    attempts: int
-    status: str | None
-    error: str | None
-    objects: list[str]
-    created_at: datetime
-    finished_at: datetime | None
-
-
-def list_dispatches(engine: Engine, limit: int = 200) -> list[DispatchView]:
-    """Newest first."""
-    return newest(engine, Dispatch, DispatchView, limit)
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableSequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pydicom
-from pydicom.multival import MultiValue
 
 from node.routing.rules import (
     Combination,
@@ -53,6 +50,8 @@ class SeriesFacts:
         cls, instance_path: Path, series_instance_uid: str, context: Mapping[str, object]
     ) -> SeriesFacts:
         """Facts from one stored instance's header plus the sending context."""
+        import pydicom  # here: `ainode status` and the job queue import this module
+
         dataset = pydicom.dcmread(instance_path, stop_before_pixels=True)
         attributes: dict[str, object] = {
             element.keyword: element.value
@@ -302,7 +301,7 @@ def _describe(condition: Condition) -> str:
 def _values(value: object) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, MultiValue | list | tuple):
+    if isinstance(value, MutableSequence | tuple):
         return [str(v).strip() for v in value]
     return [str(value).strip()]
 
@@ -324,7 +323,7 @@ def _number(value: object) -> float | None:
 
 
 def _printable(value: object) -> object:
-    if isinstance(value, MultiValue | list | tuple):
+    if isinstance(value, MutableSequence | tuple):
         return [str(v) for v in value]
     if value is None or isinstance(value, int | float | str):
         return value

@@ -16,7 +16,7 @@ from node.audit import Kind, list_events, record
 from node.config import Role
 from node.db.engine import make_session_factory
 from node.db.models import Dispatch, Job, WorkState
-from node.dispatch.dispatcher import list_dispatches
+from node.dispatch.records import list_dispatches
 from node.fetch.query import FetchQuery
 from node.fetch.records import enqueue, list_fetches
 from node.leased import LeasedQueue, RetryPolicy

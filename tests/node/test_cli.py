@@ -136,3 +136,46 @@ def test_run_writes_a_result_per_series_and_reports_failures(
     refused = ainode("run", "lung-quant", "--input", str(short), "--output", str(tmp_path / "out2"))
     assert refused.returncode == 1
     assert "FAILED: 5 slices; this pipeline needs at least 20" in refused.stdout
+
+
+MODEL_LIBRARIES = ("torch", "monai", "highdicom", "skimage")
+
+
+def test_read_commands_import_no_model_library(tmp_path: Path) -> None:
+    """`status`, `jobs`, `rules check` and `audit` answer without torch, MONAI, highdicom or
+    scikit-image, also when a configured pipeline has a model (its availability is a file
+    check)."""
+    config = write_config(tmp_path, 104)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n  - name: triage\n    match: {Modality: CT}\n    pipelines: [covid]\n"
+    )
+    config.write_text(
+        config.read_text() + f"routing: {{rules_file: {rules}}}\n"
+        "pipelines:\n  covid: {type: covid-triage, model: {path: missing.ts}}\n"
+    )
+    engine = make_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    upgrade(engine)
+    engine.dispose()
+    commands = [
+        ["status", "-c", str(config), "--json"],
+        ["jobs", "list", "-c", str(config)],
+        ["audit", "list", "-c", str(config)],
+        ["rules", "check", str(rules), "-c", str(config)],
+    ]
+    probe = (
+        "import sys\nfrom node.cli import app\n"
+        f"for args in {commands!r}:\n"
+        "    try:\n        app(args)\n    except SystemExit as exit:\n"
+        "        assert not exit.code, (args, exit.code)\n"
+        f"print('loaded:', sorted(m for m in {MODEL_LIBRARIES!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loaded: []" in result.stdout
+    status = json.loads(result.stdout[: result.stdout.index("\n}\n") + 2])
+    (covid,) = [p for p in status["pipelines"] if p["name"] == "covid"]
+    assert covid["available"] is False
+    assert covid["problem"].startswith("model not found at")

@@ -12,7 +12,8 @@ from sqlalchemy import Engine
 from node.catalog import Catalog, Receipt
 from node.config import Settings
 from node.db.models import utcnow
-from node.dispatch.dispatcher import Dispatcher, list_dispatches
+from node.dispatch.dispatcher import Dispatcher
+from node.dispatch.records import list_dispatches
 from node.ingest.metadata import InstanceMetadata
 from node.queue import JobQueue
 from node.routing.engine import JobRequest

@@ -1,0 +1,56 @@
+"""Whether a configured pipeline can run here, and its version, from its settings alone.
+
+Nothing here imports torch: `ainode status` and the HTTP server report every pipeline in
+milliseconds. The built-in pipelines take their `version` and `problem()` from here, so what
+a worker runs and what the status page says agree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipelines.settings import PipelineSettings, SegmentationSettings
+
+
+@dataclass(frozen=True)
+class Availability:
+    version: str
+    problem: str | None = None
+    """Why the pipeline cannot run here (e.g. its weights are missing), else None."""
+
+
+ECHO = Availability("1.0")
+LUNG_QUANT = Availability("1.0")
+
+
+def of_model(name: str, settings: PipelineSettings) -> Availability:
+    """A pipeline with a model: the model is where the config says (the file checks only,
+    no hashing or loading); its version is the bundle's, else 1.0."""
+    source = settings.model_source()
+    if source is None:
+        return Availability("1.0", f"no model configured (pipelines.{name}.model.path)")
+    version = str(source.metadata().get("version") or "1.0")
+    return Availability(version, source.problem())
+
+
+def of_segmentation(name: str, settings: PipelineSettings) -> Availability:
+    """`of_model`, and a label table to name what the model segments."""
+    found = of_model(name, settings)
+    labels = settings.labels if isinstance(settings, SegmentationSettings) else {}
+    if found.problem is None and not labels:
+        return Availability(found.version, f"no label table configured (pipelines.{name}.labels)")
+    return found
+
+
+Check = Callable[[str, PipelineSettings], Availability]
+
+CHECKS: dict[str, Check] = {
+    "echo": lambda name, settings: ECHO,
+    "lung-quant": lambda name, settings: LUNG_QUANT,
+    "bundle-segmentation": of_segmentation,
+    "thoracic-findings": of_model,
+    "covid-triage": of_model,
+    "nodule-detection": of_model,
+    "ct-embedding": of_model,
+}
+"""Built-in type -> its check. A type added by an entry point is built to be asked."""
