@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads n
     from sqlalchemy import Engine
 
     from node.queue import JobQueue
+    from node.routing.admin import Explanation
     from node.routing.engine import SeriesFacts
     from pipelines.base import Pipeline
 
@@ -162,24 +163,19 @@ def rules_explain(
     ] = None,
 ) -> None:
     """Dry run: every rule, every condition with the actual value, and the jobs it would make."""
-    from node.routing.engine import SeriesFacts, route_series, route_study
-    from node.routing.rules import RulesError, load_rules
+    from node.routing import admin
+    from node.routing.engine import SeriesFacts
+    from node.routing.rules import RulesError
 
     if (series_dir is None) == (series is None):
         typer.echo("give exactly one of --series-dir or --series", err=True)
         raise typer.Exit(2)
     settings = _settings(config)
-    if settings.routing.rules_file is None:
-        typer.echo("the config names no routing.rules_file", err=True)
-        raise typer.Exit(2)
     try:
-        names = _pipeline_names(settings)
-        rules = load_rules(
-            settings.routing.rules_file,
-            names,
-            settings.destination_names(),
-            set(settings.notifications),
-        )
+        rules = admin.parse(settings, admin.current_text(settings), admin.rules_file(settings))
+    except admin.NoRulesFile as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
     except RulesError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
@@ -195,13 +191,15 @@ def rules_explain(
         facts = SeriesFacts.read(files[0], uid, context)
     else:
         facts = _stored_series_facts(settings, series or "")
-    requests, traces = route_series(rules, facts)
-    study_requests, study_traces = route_study(rules, [facts])
-    typer.echo(f"series {facts.series_instance_uid}")
-    for trace in traces + study_traces:
-        verdict = "MATCH" if trace.matched else "no match"
-        typer.echo(f"rule {trace.rule}: {verdict}" + (f" ({trace.note})" if trace.note else ""))
-        for condition in trace.conditions:
+    typer.echo(_render_explanation(admin.explain(rules, facts)))
+
+
+def _render_explanation(explanation: Explanation) -> str:
+    lines = [f"series {explanation.series_instance_uid}"]
+    for rule in explanation.rules:
+        verdict = "MATCH" if rule.matched else "no match"
+        lines.append(f"rule {rule.rule}: {verdict}" + (f" ({rule.note})" if rule.note else ""))
+        for condition in rule.conditions:
             mark = "yes" if condition.matched else "no "
             indent = "  " * (condition.depth + 1)
             actual = (
@@ -209,18 +207,20 @@ def rules_explain(
                 if condition.actual is None and condition.description in {"all", "any", "not"}
                 else f"  (actual: {condition.actual!r})"
             )
-            typer.echo(f"{indent}[{mark}] {condition.description}{actual}")
-    typer.echo("jobs at series completion:" if requests else "jobs at series completion: none")
-    for request in requests:
-        typer.echo(
-            f"  {request.pipeline} -> {', '.join(request.destinations) or 'no destination'}"
-            f" (priority {request.priority.name.lower()}; rules {', '.join(request.rules)})"
-        )
-    for request in study_requests:
-        typer.echo(
-            f"  at study completion, if chosen: {request.pipeline}"
-            f" (rule {', '.join(request.rules)})"
-        )
+            lines.append(f"{indent}[{mark}] {condition.description}{actual}")
+    at_series = [job for job in explanation.jobs if job.at == "series completion"]
+    lines.append("jobs at series completion:" if at_series else "jobs at series completion: none")
+    for job in explanation.jobs:
+        if job.at == "series completion":
+            lines.append(
+                f"  {job.pipeline} -> {', '.join(job.destinations) or 'no destination'}"
+                f" (priority {job.priority}; rules {', '.join(job.rules)})"
+            )
+        else:
+            lines.append(
+                f"  at study completion, if chosen: {job.pipeline} (rule {', '.join(job.rules)})"
+            )
+    return "\n".join(lines)
 
 
 @app.command()

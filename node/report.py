@@ -3,7 +3,7 @@ dispatches, fetches, open associations, rules, pipelines, disk."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -16,8 +16,9 @@ from node.db.models import Association, Series, Study
 from node.dispatch.records import DispatchView, list_dispatches
 from node.fetch.records import FetchView, list_fetches
 from node.notify import NotificationView, list_notifications
+from node.processes import ProcessStatus, process_statuses
 from node.queue import JobView, list_jobs
-from node.routing.rules import RulesError, load_rules
+from node.routing import admin
 from node.storage import InstanceStore
 from pipelines.registry import availability
 
@@ -59,6 +60,9 @@ class AssociationStatus(BaseModel):
 class RulesStatus(BaseModel):
     file: str | None
     error: str | None
+    rules: int = 0
+    modified_at: datetime | None = None
+    """When the file last changed: the router (re)loads it at its next pass after that."""
 
 
 class PipelineStatus(BaseModel):
@@ -91,6 +95,7 @@ class StatusReport(BaseModel):
     fetches: list[FetchView] = []
     notifications: list[NotificationView] = []
     disk: DiskStatus | None = None
+    processes: list[ProcessStatus] = []
 
 
 def disk_status(storage: Path, min_free_mb: float) -> DiskStatus:
@@ -173,20 +178,30 @@ def node_status(settings: Settings, engine: Engine) -> StatusReport:
     report = build_report(make_session_factory(engine))
     report.jobs = list_jobs(engine)
     report.pipelines = pipeline_statuses(settings)
-    names = {pipeline.name for pipeline in report.pipelines}
-    rules_file = settings.routing.rules_file
-    error = None
-    if rules_file is not None:
-        try:
-            load_rules(rules_file, names, settings.destination_names(), set(settings.notifications))
-        except RulesError as exc:
-            error = str(exc)
-    report.rules = RulesStatus(file=str(rules_file) if rules_file else None, error=error)
+    report.rules = rules_status(settings)
     report.dispatches = list_dispatches(engine)
     report.fetches = list_fetches(engine)
     report.notifications = list_notifications(engine)
     report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
+    report.processes = process_statuses(settings.storage.path, engine)
     return report
+
+
+def rules_status(settings: Settings) -> RulesStatus:
+    """The rules file checked against this node (the last good rules route while it is not
+    valid)."""
+    path = settings.routing.rules_file
+    if path is None:
+        return RulesStatus(file=None, error=None)
+    checked = admin.check(settings)
+    error = "\n".join(f"{p.file}:{p.line}:{p.column}: {p.message}" for p in checked.problems)
+    try:
+        modified_at: datetime | None = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    except OSError:
+        modified_at = None
+    return RulesStatus(
+        file=str(path), error=error or None, rules=checked.rules, modified_at=modified_at
+    )
 
 
 def render_job(job: JobView) -> str:

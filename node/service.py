@@ -32,6 +32,7 @@ from node.fetch.fetcher import Fetcher
 from node.fetch.priors import PriorsQueue
 from node.lifecycle import wait_for_stop
 from node.notify import Notifier
+from node.processes import record_processes
 from node.queue import JobQueue
 from node.receiver import Receiver, run_receiver_process
 from node.recovery import recover_after_restart
@@ -83,10 +84,11 @@ class NodeService:
             self._start_child("http", run_http_process, (settings, http_socket))
             log.info("HTTP server on %s:%d", settings.http.host, settings.http.port)
             _warn_if_anonymous_beyond_loopback(settings.http)
-        for _ in range(settings.node.receivers - 1):
-            self._start_child("receiver", run_receiver_process, (settings,))
+        for index in range(1, settings.node.receivers):  # receiver 0 is this process
+            self._start_child(f"receiver-{index}", run_receiver_process, (settings,))
         for index in range(settings.workers.count):
             self._start_child(f"worker-{index}", run_worker_process, (settings, index))
+        self._record_processes()
         self._schedule(engine)
         self._scheduler.start()
         log.info("node %s ready", settings.node.ae_title)
@@ -197,6 +199,14 @@ class NodeService:
             )
             self._children.remove(child)
             self._start_child(child.name, child.target, child.args)
+            self._record_processes()
+
+    def _record_processes(self) -> None:
+        processes = {"main": os.getpid()}
+        for child in self._children:
+            if child.process.pid is not None:
+                processes[child.name] = child.process.pid
+        record_processes(self.settings.storage.path, processes)
 
 
 def _warn_if_anonymous_beyond_loopback(http: HttpSettings) -> None:

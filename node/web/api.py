@@ -10,19 +10,30 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from node.audit import Kind, list_events, record
 from node.config import Role
 from node.db.engine import make_session_factory
-from node.db.models import Dispatch, Job, WorkState
+from node.db.models import Dispatch, Job, Series, SeriesState, Source, WorkState
 from node.dispatch.records import list_dispatches
 from node.fetch.query import FetchQuery
 from node.fetch.records import enqueue, list_fetches
 from node.leased import LeasedQueue, RetryPolicy
 from node.notify import list_notifications
+from node.processes import ProcessStatus, process_statuses
 from node.queue import JobQueue, list_jobs
-from node.report import StatusReport, build_report, node_status
+from node.report import (
+    DiskStatus,
+    PipelineStatus,
+    SeriesStatus,
+    StatusReport,
+    StudyStatus,
+    build_report,
+    disk_status,
+    node_status,
+    pipeline_statuses,
+)
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires
 
@@ -37,9 +48,32 @@ def status(context: Context) -> StatusReport:
     return node_status(context.settings, context.engine)
 
 
+@router.get("/studies", dependencies=[Reader])
+def studies(context: Context) -> list[StudyStatus]:
+    return build_report(make_session_factory(context.engine)).studies
+
+
 @router.get("/series", dependencies=[Reader])
-def series(context: Context) -> list[Any]:
-    return list(build_report(make_session_factory(context.engine)).series)
+def series(context: Context) -> list[SeriesStatus]:
+    return build_report(make_session_factory(context.engine)).series
+
+
+@router.get("/pipelines", dependencies=[Reader])
+def pipelines(context: Context) -> list[PipelineStatus]:
+    """Every pipeline with its version, available or why not (its model's files checked)."""
+    return pipeline_statuses(context.settings)
+
+
+@router.get("/processes", dependencies=[Reader])
+def processes(context: Context) -> list[ProcessStatus]:
+    """Receivers, workers and the HTTP server: pid, alive, the job a worker runs."""
+    return process_statuses(context.settings.storage.path, context.engine)
+
+
+@router.get("/disk", dependencies=[Reader])
+def disk(context: Context) -> DiskStatus:
+    storage = context.settings.storage
+    return disk_status(storage.path, storage.min_free_mb)
 
 
 @router.get("/jobs", dependencies=[Reader])
@@ -94,6 +128,34 @@ def resend(dispatch_id: int, context: Context, principal: Operator) -> Done:
     if not queue.retry(dispatch_id):
         raise HTTPException(409, detail=f"dispatch {dispatch_id} is being sent")
     return _done(context, principal, "resend dispatch", dispatch_id, before, WorkState.QUEUED)
+
+
+@router.post("/series/{series_uid}/route")
+def reroute(series_uid: str, context: Context, principal: Operator) -> Done:
+    """Route the series' current revision again with the current rules at the router's next
+    pass: jobs the rules now ask for are created; those that exist are not repeated."""
+    with context.engine.begin() as conn:
+        found = conn.execute(
+            select(Series.id, Series.revision, Series.state, Series.source).where(
+                Series.series_instance_uid == series_uid
+            )
+        ).one_or_none()
+        if found is None:
+            raise HTTPException(404, detail=f"no series {series_uid}")
+        if found.state != SeriesState.COMPLETE or found.source == Source.NODE:
+            raise HTTPException(409, detail=f"series {series_uid} is {found.state}, not routable")
+        conn.execute(
+            update(Series).where(Series.id == found.id).values(routed_revision=found.revision - 1)
+        )
+    record(
+        context.engine,
+        Kind.ADMIN,
+        principal.name,
+        action="route series",
+        series=series_uid,
+        revision=found.revision,
+    )
+    return Done(id=found.id, state="routing", by=principal.name)
 
 
 @router.get("/audit", dependencies=[Depends(requires(Role.ADMIN))])

@@ -17,7 +17,7 @@ from node.implementation import IMPLEMENTATION_VERSION_NAME
 from node.ingest.intake import Intake
 from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.storage import InstanceStore
-from node.web import api, health, metrics, qido, stow, wado
+from node.web import api, health, metrics, qido, rules, stow, wado
 from node.web.auth import Authenticator
 from node.web.context import WebContext
 
@@ -42,6 +42,7 @@ def build_app(settings: Settings) -> FastAPI:
     for router in (stow.router, qido.router, wado.router):
         app.include_router(router, prefix="/dicom-web")
     app.include_router(api.router)
+    app.include_router(rules.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.middleware("http")(_log_request)

@@ -4,20 +4,18 @@ accepting, the node's processes alive, the routing rules valid."""
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from node.routing.rules import RulesError, load_rules
+from node.processes import process_statuses
+from node.routing import admin
 from node.web.context import Context, WebContext
-from pipelines.registry import pipeline_names
 
 router = APIRouter()
 
@@ -88,33 +86,24 @@ def _dimse(context: WebContext) -> Check:
 
 
 def _processes(context: WebContext) -> Check:
-    """The parent's child processes that are alive (those it spawned: not multiprocessing's
-    resource tracker), against what the config asks for."""
+    """Every process the node records (receivers, workers, HTTP) alive, as many as the
+    config asks for."""
     settings = context.settings
-    expected = settings.node.receivers - 1 + settings.workers.count + 1
-    parent = str(os.getppid())
-    alive = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        alive += fields[1] == parent and fields[0] not in ("Z", "X") and spawned
-    detail = f"{alive} of {expected} processes (receivers, workers, HTTP)"
-    return Check(alive >= expected, detail)
+    expected = settings.node.receivers + settings.workers.count + 1
+    processes = process_statuses(settings.storage.path, context.engine)
+    alive = sum(process.alive for process in processes)
+    dead = [process.name for process in processes if not process.alive]
+    detail = f"{alive} of {expected} processes alive" + (
+        f"; down: {', '.join(dead)}" if dead else ""
+    )
+    return Check(alive >= expected and not dead, detail)
 
 
 def _rules(context: WebContext) -> Check:
-    settings = context.settings
-    rules_file = settings.routing.rules_file
-    if rules_file is None:
+    if context.settings.routing.rules_file is None:
         return Check(True, "no rules file: series are stored, not processed")
-    names = set(pipeline_names(settings.pipelines))
-    try:
-        rules = load_rules(
-            rules_file, names, settings.destination_names(), set(settings.notifications)
-        )
-    except RulesError as exc:
-        return Check(False, str(exc).splitlines()[0])
-    return Check(True, f"{len(rules.rules)} rules")
+    checked = admin.check(context.settings)
+    if not checked.valid:
+        first = checked.problems[0]
+        return Check(False, f"{first.file}:{first.line}:{first.column}: {first.message}")
+    return Check(True, f"{checked.rules} rules")

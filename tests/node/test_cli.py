@@ -91,7 +91,7 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
         "series": [],
         "open_associations": [],
         "jobs": [],
-        "rules": {"file": None, "error": None},
+        "rules": {"file": None, "error": None, "rules": 0, "modified_at": None},
         "pipelines": [
             {"name": "echo", "version": "1.0", "available": True, "problem": None},
             {"name": "lung-quant", "version": "1.0", "available": True, "problem": None},
@@ -99,6 +99,7 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
         "dispatches": [],
         "fetches": [],
         "notifications": [],
+        "processes": [],
     }
 
 

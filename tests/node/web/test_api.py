@@ -23,7 +23,8 @@ rules:
 
 
 def api(web: WebNode, method: str, path: str, who: str = "it-admin", **kwargs) -> httpx.Response:
-    return httpx.request(method, f"{web.url}/api/v1{path}", headers=web.auth(who), **kwargs)
+    headers = web.auth(who) | kwargs.pop("headers", {})
+    return httpx.request(method, f"{web.url}/api/v1{path}", headers=headers, **kwargs)
 
 
 def test_status_jobs_and_fetches_through_the_api(start_web_node, tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ def test_readiness_names_what_is_wrong(start_web_node, tmp_path: Path) -> None:
     assert ready.status_code == 200, ready.text
     checks = ready.json()["checks"]
     assert set(checks) == {"database", "storage", "dimse", "processes", "rules"}
-    assert checks["processes"]["detail"].startswith("1 of 1 processes")  # the HTTP one
+    assert checks["processes"]["detail"] == "2 of 2 processes alive"  # main and HTTP
 
     rules.write_text(
         "rules:\n  - name: broken\n    match: {NoSuchKeyword: 1}\n    pipelines: [echo]\n"
