@@ -48,6 +48,7 @@ class JobView:
     started_at: datetime | None
     finished_at: datetime | None
     result: dict[str, object] | None
+    stage: str | None = None
 
 
 class JobQueue:
@@ -118,6 +119,11 @@ class JobQueue:
         """Extend the lease; False if the job is no longer ours (expired, cancelled)."""
         return self.leased.renew(job_id, owner, lease_seconds)
 
+    def set_stage(self, job_id: int, owner: str, stage: str) -> None:
+        """Note what the job does now (while `owner` holds it)."""
+        with self._engine.begin() as conn:
+            conn.execute(self.leased.owned(job_id, owner).values(stage=stage[:64]))
+
     def fail(self, job_id: int, owner: str, error: str, permanent: bool) -> WorkState | None:
         """Record a failure; returns the new state (failed, retrying or dead)."""
         return self.leased.fail(job_id, owner, error, permanent)
@@ -167,4 +173,5 @@ def _view(job: Job, series_uid: str) -> JobView:
         started_at=job.started_at,
         finished_at=job.finished_at,
         result=json.loads(job.result) if job.result else None,
+        stage=job.stage,
     )

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from node.audit import Kind, record_quietly
 from node.catalog import Catalog
@@ -142,7 +143,15 @@ class Worker:
             lambda volume: self._store.results_of(
                 volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
             ),
+            stage=lambda stage: self._note_stage(job.id, stage),
         )
+
+    def _note_stage(self, job_id: int, stage: str) -> None:
+        """Record the stage for the dashboard; a busy database only costs the note."""
+        try:
+            self.queue.set_stage(job_id, self.name, stage)
+        except OperationalError as exc:
+            log.debug("job %d: stage %r not recorded: %s", job_id, stage, exc)
 
     def _audit(self, job: ClaimedJob, state: str, done: Processed | None) -> None:
         JOBS.labels(job.pipeline, state).inc()

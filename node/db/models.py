@@ -268,6 +268,8 @@ class Job(LeasedWork, Base):
     priority_if_positive: Mapped[int | None] = mapped_column(Integer)
     result: Mapped[str | None] = mapped_column(Text)
     notify: Mapped[list[str]] = mapped_column(TextList, default=list, server_default="[]")
+    stage: Mapped[str | None] = mapped_column(String(64))
+    """What the job does now, or where it stopped (its pipeline's stage names)."""
 
 
 class Dispatch(LeasedWork, Base):

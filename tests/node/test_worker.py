@@ -27,6 +27,7 @@ class Exploding:
         return None
 
     def run(self, volume: Volume, stage=None):
+        stage("sliding window")
         raise RuntimeError("CUDA error: device-side assert")
 
 
@@ -95,6 +96,8 @@ def test_worker_records_each_outcome(worker: Worker) -> None:
     )
     assert jobs["explode"].state == "retrying"
     assert "CUDA error" in jobs["explode"].error
+    assert jobs["explode"].stage == "sliding window"  # where it stopped
+    assert jobs["echo"].stage == "encode"
     assert jobs["refuse"].state == "failed"
     assert jobs["refuse"].error == "bad input: not a chest CT"
     assert jobs["missing"].state == "failed"
