@@ -35,11 +35,22 @@ from node.report import (
     pipeline_statuses,
 )
 from node.web.auth import Principal
-from node.web.context import Context, WebContext, requires
+from node.web.context import Context, WebContext, authenticated, requires
 
 router = APIRouter(prefix="/api/v1")
 Reader = Depends(requires(Role.READER))
 Operator = Annotated[Principal, Depends(requires(Role.OPERATOR))]
+
+
+class Caller(BaseModel):
+    name: str
+    roles: list[Role]
+
+
+@router.get("/whoami")
+def whoami(principal: Annotated[Principal, Depends(authenticated)]) -> Caller:
+    """Who the credential names, and its roles (with those they grant)."""
+    return Caller(name=principal.name, roles=sorted(principal.roles))
 
 
 @router.get("/status", dependencies=[Reader])

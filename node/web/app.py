@@ -17,7 +17,7 @@ from node.implementation import IMPLEMENTATION_VERSION_NAME
 from node.ingest.intake import Intake
 from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.storage import InstanceStore
-from node.web import api, health, metrics, qido, rules, stow, wado
+from node.web import api, dashboard, health, metrics, qido, rules, stow, wado
 from node.web.auth import Authenticator
 from node.web.context import WebContext
 
@@ -45,6 +45,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(rules.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(dashboard.router)
     app.middleware("http")(_log_request)
     app.exception_handler(Exception)(_internal_error)
     return app

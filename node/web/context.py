@@ -49,17 +49,19 @@ def web_context(request: Request) -> WebContext:
     return context
 
 
+def authenticated(request: Request) -> Principal:
+    """A dependency: the caller (401 without a usable credential)."""
+    try:
+        return web_context(request).auth.authenticate(request.headers.get("authorization"))
+    except NotAuthenticated as exc:
+        raise HTTPException(401, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+
+
 def requires(role: Role) -> Callable[[Request], Principal]:
     """A dependency: the caller, if it holds `role` (else 401 or 403)."""
 
     def dependency(request: Request) -> Principal:
-        auth = web_context(request).auth
-        try:
-            principal = auth.authenticate(request.headers.get("authorization"))
-        except NotAuthenticated as exc:
-            raise HTTPException(
-                401, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
-            ) from exc
+        principal = authenticated(request)
         if not principal.may(role):
             raise HTTPException(403, detail=f"{principal.name!r} lacks the {role} role")
         return principal

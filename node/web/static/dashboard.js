@@ -1,0 +1,293 @@
+// The node's dashboard: reads /api/v1/status every few seconds and acts through the API.
+// Every value goes into the page with textContent: what peers send is never HTML.
+"use strict";
+
+const REFRESH_MS = 3000;
+const SHOWN_SERIES = 50;
+const PRIORITIES = ["stat", "routine", "low"];
+const ATTENTION = new Set(["failed", "dead", "retrying"]);
+const RETRYABLE = new Set(["failed", "dead", "cancelled"]);
+const $ = (selector) => document.querySelector(selector);
+
+let token = sessionStorage.getItem("ainode-token") || "";
+let timer = null;
+let rulesLoaded = false;
+
+async function api(method, path, body, type = "application/json") {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const init = { method, headers };
+  if (body !== undefined) {
+    headers["Content-Type"] = type;
+    init.body = type === "application/json" ? JSON.stringify(body) : body;
+  }
+  const response = await fetch(path, init);
+  const answer = response.headers.get("content-type")?.includes("json")
+    ? await response.json()
+    : await response.text();
+  if (!response.ok) {
+    const detail = answer.detail ?? answer;
+    const error = new Error(typeof detail === "string" ? detail : detail.message);
+    error.status = response.status;
+    error.detail = detail;
+    throw error;
+  }
+  return answer;
+}
+
+function say(text, ok = false) {
+  const message = $("#message");
+  message.textContent = text;
+  message.style.color = ok ? "#1f6f36" : "";
+}
+
+function cell(row, value, className) {
+  const td = row.insertCell();
+  td.textContent = value ?? "";
+  if (className) td.className = className;
+  return td;
+}
+
+function fill(table, items, render) {
+  const body = $(`${table} tbody`);
+  body.replaceChildren();
+  for (const item of items) render(body.insertRow(), item);
+  if (!items.length) cell(body.insertRow(), "none").colSpan = 9;
+}
+
+function shortUid(uid) {
+  return uid && uid.length > 24 ? `…${uid.slice(-20)}` : uid;
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString() : "";
+}
+
+function renderSeries(status) {
+  const studies = new Map(status.studies.map((s) => [s.study_instance_uid, s]));
+  const newest = [...status.series].reverse().slice(0, SHOWN_SERIES);
+  $("#series-count").textContent =
+    `${status.studies.length} studies, ${status.series.length} series` +
+    (status.series.length > SHOWN_SERIES ? ` (newest ${SHOWN_SERIES} shown)` : "");
+  fill("#series", newest, (row, s) => {
+    const study = studies.get(s.study_instance_uid);
+    cell(row, shortUid(s.study_instance_uid), "uid").title = s.study_instance_uid;
+    cell(row, shortUid(s.series_instance_uid), "uid").title = s.series_instance_uid;
+    cell(row, s.series_description || study?.study_description || "");
+    cell(row, s.state, `state-${s.state}`);
+    cell(row, s.revision);
+    cell(row, s.instances);
+    cell(row, s.calling_ae || "-");
+    cell(row, s.source);
+    cell(row, when(s.last_received_at));
+  });
+  const select = $("#explain-series");
+  const chosen = select.value;
+  select.replaceChildren(
+    ...newest
+      .filter((s) => s.source !== "node")
+      .map((s) => new Option(`${shortUid(s.series_instance_uid)} ${s.series_description || ""}`, s.series_instance_uid)),
+  );
+  if (chosen) select.value = chosen;
+}
+
+function renderQueue(jobs) {
+  const counts = {};
+  for (const job of jobs) {
+    counts[job.state] ??= [0, 0, 0];
+    counts[job.state][job.priority] += 1;
+  }
+  fill("#queue", Object.entries(counts), (row, [state, byPriority]) => {
+    cell(row, state, `state-${state}`);
+    for (const count of byPriority) cell(row, count || "");
+  });
+  fill("#running", jobs.filter((j) => j.state === "running"), (row, job) => {
+    cell(row, job.id);
+    cell(row, job.pipeline);
+    cell(row, shortUid(job.series_instance_uid), "uid").title = job.series_instance_uid;
+    cell(row, job.stage || "starting");
+    cell(row, when(job.started_at));
+  });
+}
+
+function retryButton(row, noun, id) {
+  const button = document.createElement("button");
+  button.textContent = "Retry";
+  button.dataset.retry = `${noun}-${id}`;
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      const done = await api("POST", `/api/v1/${noun === "job" ? "jobs" : "dispatches"}/${id}/retry`);
+      say(`${noun} ${id} queued again by ${done.by}`, true);
+    } catch (error) {
+      say(`${noun} ${id} not retried: ${error.message}`);
+    }
+    refresh();
+  });
+  row.insertCell().append(button);
+}
+
+function renderAttention(status) {
+  const items = [
+    ...status.jobs
+      .filter((j) => ATTENTION.has(j.state))
+      .map((j) => ({ noun: "job", id: j.id, what: `job ${j.id} ${j.pipeline}`, ...j })),
+    ...status.dispatches
+      .filter((d) => ATTENTION.has(d.state))
+      .map((d) => ({ noun: "dispatch", id: d.id, what: `dispatch ${d.id} → ${d.destination}`, ...d })),
+  ];
+  fill("#failed", items, (row, item) => {
+    cell(row, item.what);
+    cell(row, `${item.state} (${item.attempts} attempts)`, `state-${item.state}`);
+    cell(row, (item.error || "").split("\n")[0], "reason");
+    if (RETRYABLE.has(item.state)) retryButton(row, item.noun, item.id);
+    else cell(row, "");
+  });
+}
+
+function renderSystem(status) {
+  fill("#pipelines", status.pipelines, (row, p) => {
+    cell(row, p.name);
+    cell(row, p.version);
+    cell(row, p.available ? "ready" : `unavailable: ${p.problem}`, p.available ? "state-complete" : "state-failed reason");
+  });
+  fill("#processes", status.processes, (row, p) => {
+    cell(row, p.name);
+    cell(row, p.pid);
+    cell(row, p.alive ? "yes" : "NO", p.alive ? "state-complete" : "state-failed");
+    cell(row, p.job ?? "");
+  });
+  const disk = status.disk;
+  $("#disk").textContent = disk
+    ? `Storage: ${Math.round(disk.free_mb)} MB free (refuses below ${disk.min_free_mb} MB)` +
+      (disk.accepting ? "" : " — REFUSING new studies")
+    : "";
+  const rules = status.rules;
+  $("#rules-state").textContent = !rules?.file
+    ? "no rules file: series are stored, not processed"
+    : rules.error
+      ? `${rules.file}: INVALID, the last good rules still route`
+      : `${rules.file}: ${rules.rules} rules`;
+}
+
+async function refreshReadiness() {
+  const badge = $("#ready");
+  try {
+    const response = await fetch("/readyz");
+    const body = await response.json();
+    badge.textContent = body.status;
+    badge.className = `badge ${response.ok ? "ok" : "bad"}`;
+    badge.title = Object.entries(body.checks)
+      .map(([name, check]) => `${check.ok ? "✓" : "✗"} ${name}: ${check.detail}`)
+      .join("\n");
+  } catch {
+    badge.textContent = "unreachable";
+    badge.className = "badge bad";
+  }
+}
+
+async function refresh() {
+  clearTimeout(timer);
+  try {
+    const status = await api("GET", "/api/v1/status");
+    renderSeries(status);
+    renderQueue(status.jobs);
+    renderAttention(status);
+    renderSystem(status);
+    if (!rulesLoaded) await loadRules();
+    await refreshReadiness();
+  } catch (error) {
+    if (error.status === 401) return signOut("your token was not accepted");
+    say(`cannot read the node's status: ${error.message}`);
+  }
+  timer = setTimeout(refresh, REFRESH_MS);
+}
+
+async function loadRules() {
+  const rules = await api("GET", "/api/v1/rules");
+  $("#rules-text").value = rules.text ?? "";
+  rulesLoaded = true;
+}
+
+function problemsText(problems) {
+  return problems.map((p) => `${p.file}:${p.line}:${p.column}: ${p.message}`).join("\n");
+}
+
+async function checkRules() {
+  const result = $("#rules-result");
+  try {
+    const checked = await api("POST", "/api/v1/rules/check", $("#rules-text").value, "application/yaml");
+    result.textContent = checked.valid
+      ? `valid: ${checked.rules} rules`
+      : `not valid:\n${problemsText(checked.problems)}`;
+  } catch (error) {
+    result.textContent = `cannot check: ${error.message}`;
+  }
+}
+
+async function explainRules() {
+  const result = $("#rules-result");
+  const series = $("#explain-series").value;
+  if (!series) return (result.textContent = "no series to explain yet");
+  try {
+    const explained = await api("POST", "/api/v1/rules/explain", { series, rules: $("#rules-text").value });
+    const lines = [`series ${explained.series_instance_uid}`];
+    for (const rule of explained.rules) {
+      lines.push(`rule ${rule.rule}: ${rule.matched ? "MATCH" : "no match"}${rule.note ? ` (${rule.note})` : ""}`);
+      for (const c of rule.conditions) {
+        const actual = c.actual === null && ["all", "any", "not"].includes(c.description) ? "" : `  (actual: ${JSON.stringify(c.actual)})`;
+        lines.push(`${"  ".repeat(c.depth + 1)}[${c.matched ? "yes" : "no "}] ${c.description}${actual}`);
+      }
+    }
+    lines.push(explained.jobs.length ? "jobs:" : "jobs: none");
+    for (const job of explained.jobs) {
+      lines.push(`  ${job.pipeline} -> ${job.destinations.join(", ") || "no destination"} (${job.priority}, at ${job.at})`);
+    }
+    result.textContent = lines.join("\n");
+  } catch (error) {
+    result.textContent = error.detail?.problems
+      ? `the rules have problems:\n${problemsText(error.detail.problems)}`
+      : `cannot explain: ${error.message}`;
+  }
+}
+
+async function signIn() {
+  try {
+    const caller = await api("GET", "/api/v1/whoami");
+    $("#who").textContent = `${caller.name} (${caller.roles.join(", ")})`;
+    $("#login").hidden = true;
+    $("#logout").hidden = false;
+    $("#board").hidden = false;
+    say("");
+    refresh();
+  } catch (error) {
+    const tried = token ? "that token was not accepted" : "";
+    signOut(error.status === 401 ? tried : `cannot reach the node: ${error.message}`);
+  }
+}
+
+function signOut(text = "") {
+  clearTimeout(timer);
+  token = "";
+  rulesLoaded = false;
+  sessionStorage.removeItem("ainode-token");
+  $("#who").textContent = "";
+  $("#login").hidden = false;
+  $("#logout").hidden = true;
+  $("#board").hidden = true;
+  say(text);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#login").addEventListener("submit", (event) => {
+    event.preventDefault();
+    token = $("#token").value.trim();
+    sessionStorage.setItem("ainode-token", token);
+    $("#token").value = "";
+    signIn();
+  });
+  $("#logout").addEventListener("click", () => signOut("signed out"));
+  $("#rules-check").addEventListener("click", checkRules);
+  $("#rules-explain").addEventListener("click", explainRules);
+  refreshReadiness();
+  signIn();
+});
