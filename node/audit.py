@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, Select, insert, select
 
 from node.db.models import AuditEvent, utcnow
 
@@ -31,6 +31,8 @@ class Kind(enum.StrEnum):
     FETCHED = "fetched"
     ADMIN = "admin"
     """An action through the API or the command line."""
+    APPLICATION = "application"
+    """The node started or stopped."""
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,23 @@ def record_quietly(
         log.error("audit event %s by %s not recorded: %s", kind, actor, exc)
 
 
+def list_events_after(engine: Engine, after_id: int, limit: int) -> list[Event]:
+    """Oldest first, from the event after `after_id` (an export's position)."""
+    statement = (
+        select(AuditEvent).where(AuditEvent.id > after_id).order_by(AuditEvent.id).limit(limit)
+    )
+    return _events(engine, statement)
+
+
 def list_events(engine: Engine, since: datetime | None = None, limit: int = 1000) -> list[Event]:
     """Newest first."""
     statement = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
     if since is not None:
         statement = statement.where(AuditEvent.at >= since)
+    return _events(engine, statement)
+
+
+def _events(engine: Engine, statement: Select[AuditEvent]) -> list[Event]:
     with engine.connect() as conn:
         rows = list(conn.execute(statement).mappings())
     return [

@@ -181,6 +181,24 @@ class DispatchSettings(_Section):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+class SyslogSettings(_Section):
+    """Where DICOM audit messages (PS3.15 A.5, RFC 3881 XML) go: a syslog collector over
+    UDP (RFC 5426), TCP (RFC 6587, octet counting) or TLS (RFC 5425)."""
+
+    host: str
+    port: int = Field(default=514, ge=1, le=65535)
+    protocol: Literal["udp", "tcp", "tls"] = "udp"
+    ca_file: Path | None = None
+    """TLS: the CA that signs the collector's certificate (default: the system's)."""
+    poll_seconds: float = Field(default=2.0, gt=0)
+
+
+class AuditSettings(_Section):
+    """The audit trail (always in the database); `syslog` also exports it."""
+
+    syslog: SyslogSettings | None = None
+
+
 class CompletionSettings(_Section):
     """When a series counts as complete."""
 
@@ -317,6 +335,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     http: HttpSettings | None = None
     notifications: dict[str, NotificationTarget] = {}
+    audit: AuditSettings = AuditSettings()
 
     @field_validator("pipelines", mode="before")
     @classmethod
@@ -488,11 +507,16 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
                 ),
             }
         )
+    audit = settings.audit
+    if audit.syslog is not None and audit.syslog.ca_file is not None:
+        syslog = audit.syslog.model_copy(update={"ca_file": _under(base, audit.syslog.ca_file)})
+        audit = audit.model_copy(update={"syslog": syslog})
     return settings.model_copy(
         update={
             "pipelines": pipelines,
             "node": node,
             "http": http,
+            "audit": audit,
             "routing": settings.routing.model_copy(update={"rules_file": rules_file}),
             "storage": settings.storage.model_copy(update={"path": storage.resolve()}),
             "database": settings.database.model_copy(

@@ -9,6 +9,7 @@ first one is this process, which also runs the periodic work and restarts a rece
 
 from __future__ import annotations
 
+import getpass
 import ipaddress
 import logging
 import multiprocessing
@@ -22,6 +23,8 @@ from multiprocessing.process import BaseProcess
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
+from node.audit import Kind, record_quietly
+from node.audit_export import AuditExporter
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import HttpSettings, Settings
 from node.db.engine import check_writable, make_engine, make_session_factory
@@ -57,6 +60,7 @@ class NodeService:
         self._receiver: Receiver | None = None
         self._dispatcher: Dispatcher | None = None
         self._fetcher: Fetcher | None = None
+        self._exporter: AuditExporter | None = None
         self._store: InstanceStore | None = None
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5}
@@ -89,6 +93,7 @@ class NodeService:
         for index in range(settings.workers.count):
             self._start_child(f"worker-{index}", run_worker_process, (settings, index))
         self._record_processes()
+        record_quietly(engine, Kind.APPLICATION, _operator(), None, action="start")
         self._schedule(engine)
         self._scheduler.start()
         log.info("node %s ready", settings.node.ae_title)
@@ -144,6 +149,10 @@ class NodeService:
         self._fetcher = fetcher = Fetcher(engine, settings)
         add(fetcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="fetch")
         add(fetcher.queue.requeue_expired, "interval", seconds=30, id="fetch-leases")
+        syslog = settings.audit.syslog
+        if syslog is not None:
+            self._exporter = exporter = AuditExporter(engine, settings)
+            add(exporter.run_due, "interval", seconds=syslog.poll_seconds, id="audit-export")
         if self._children:
             add(self._supervise, "interval", seconds=1, id="supervise")
 
@@ -168,6 +177,10 @@ class NodeService:
                 process.kill()
                 process.join()
         if self._engine is not None:
+            record_quietly(self._engine, Kind.APPLICATION, _operator(), None, action="stop")
+            if self._exporter is not None:
+                self._exporter.run_due()  # the stop too, while the collector listens
+                self._exporter.close()
             self._engine.dispose()
         if self._store is not None:
             self._store.mark_stopped()
@@ -253,3 +266,11 @@ def serve(settings: Settings) -> None:
         wait_for_stop(stopping)
     finally:
         service.stop()
+
+
+def _operator() -> str:
+    """Who started the node: the account it runs as."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

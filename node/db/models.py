@@ -332,6 +332,16 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text)
 
 
+class AuditExport(Base):
+    """How far the audit trail has gone to an export target (the last event id sent)."""
+
+    __tablename__ = "audit_exports"
+
+    target: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Embedding(Base):
     """A foundation model's feature vector of a series (unit length, float32 bytes); the
     latest revision's replaces the earlier one."""
