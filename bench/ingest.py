@@ -165,15 +165,19 @@ def orthanc(workdir: Path, sync_storage: bool) -> Iterator[Target]:
 
 
 @contextmanager
-def ainode(workdir: Path, receivers: int) -> Iterator[Target]:
+def ainode(
+    workdir: Path, receivers: int, extra: str = "", name: str | None = None
+) -> Iterator[Target]:
+    """`ainode serve` with `receivers`; `extra` is appended to its config (YAML)."""
     port = free_port()
-    home = workdir / f"ainode-{receivers}"
+    name = name or f"ainode x{receivers}"
+    home = workdir / name.replace(" ", "-")
     home.mkdir()
     config = home / "config.yaml"
     config.write_text(
         f"node: {{ae_title: AINODE, host: 127.0.0.1, port: {port}, "
         f"accept_unknown_peers: true, receivers: {receivers}}}\n"
-        "completion: {quiet_seconds: 2}\nlogging: {level: WARNING}\n"
+        "completion: {quiet_seconds: 2}\nlogging: {level: WARNING}\n" + extra
     )
     state: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -197,7 +201,7 @@ def ainode(workdir: Path, receivers: int) -> Iterator[Target]:
 
     start()
     try:
-        yield Target(f"ainode x{receivers}", port, "AINODE", reset)
+        yield Target(name, port, "AINODE", reset)
     finally:
         stop()
 

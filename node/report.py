@@ -7,11 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
-from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, func, select
 
 from node.config import Settings
-from node.db.engine import make_session_factory
 from node.db.models import Association, Series, Study
 from node.dispatch.records import DispatchView, list_dispatches
 from node.fetch.records import FetchView, list_fetches
@@ -108,74 +106,80 @@ def disk_status(storage: Path, min_free_mb: float) -> DiskStatus:
     )
 
 
-def build_report(sessions: sessionmaker[Session]) -> StatusReport:
-    with sessions() as session:
-        series_rows = session.execute(
-            select(Series, Study.study_instance_uid)
-            .join(Study, Series.study_id == Study.id)
-            .order_by(Series.first_received_at)
-        ).all()
-        study_rows = session.execute(
-            select(
-                Study,
-                func.count(Series.id),
-                func.coalesce(func.sum(Series.instance_count), 0),
-                func.max(Series.last_received_at),
-            )
-            .outerjoin(Series, Series.study_id == Study.id)
-            .group_by(Study.id)
-            .order_by(Study.first_received_at)
-        ).all()
-        associations = session.execute(
-            select(Association).where(Association.closed_at.is_(None))
-        ).scalars()
+SERIES_COLUMNS = (
+    Series.series_instance_uid,
+    Study.study_instance_uid,
+    Series.state,
+    Series.revision,
+    Series.instance_count.label("instances"),
+    Series.modality,
+    Series.series_description,
+    Series.convolution_kernel,
+    Series.calling_ae,
+    Series.called_ae,
+    Series.source,
+    Series.first_received_at,
+    Series.last_received_at,
+    Series.completed_at,
+)
+"""What a series shows, read as columns: no ORM objects (10,000 series in tens of ms)."""
+
+
+def build_report(engine: Engine) -> StatusReport:
+    """Studies, series and open associations, read in one transaction (one snapshot)."""
+    with engine.connect() as conn:
         return StatusReport(
-            studies=[
-                StudyStatus(
-                    study_instance_uid=study.study_instance_uid,
-                    study_description=study.study_description,
-                    prior_of=study.prior_of,
-                    series=series_count,
-                    instances=instance_count,
-                    last_received_at=last_received or study.first_received_at,
-                )
-                for study, series_count, instance_count, last_received in study_rows
-            ],
-            series=[_series_status(series, study_uid) for series, study_uid in series_rows],
+            studies=list_studies(conn),
+            series=list_series(conn),
             open_associations=[
-                AssociationStatus(
-                    id=a.id,
-                    calling_ae=a.calling_ae,
-                    called_ae=a.called_ae,
-                    opened_at=a.opened_at,
+                AssociationStatus.model_validate(row, from_attributes=True)
+                for row in conn.execute(
+                    select(
+                        Association.id,
+                        Association.calling_ae,
+                        Association.called_ae,
+                        Association.opened_at,
+                    ).where(Association.closed_at.is_(None))
                 )
-                for a in associations
             ],
         )
 
 
-def _series_status(series: Series, study_uid: str) -> SeriesStatus:
-    return SeriesStatus(
-        series_instance_uid=series.series_instance_uid,
-        study_instance_uid=study_uid,
-        state=series.state,
-        revision=series.revision,
-        instances=series.instance_count,
-        modality=series.modality,
-        series_description=series.series_description,
-        convolution_kernel=series.convolution_kernel,
-        calling_ae=series.calling_ae,
-        called_ae=series.called_ae,
-        source=series.source,
-        first_received_at=series.first_received_at,
-        last_received_at=series.last_received_at,
-        completed_at=series.completed_at,
+def list_series(conn: Connection) -> list[SeriesStatus]:
+    """Oldest first."""
+    result = conn.execute(
+        select(*SERIES_COLUMNS)
+        .join(Study, Series.study_id == Study.id)
+        .order_by(Series.first_received_at, Series.id)
     )
+    keys = list(result.keys())
+    return [SeriesStatus.model_validate(dict(zip(keys, row, strict=True))) for row in result]
+
+
+def list_studies(conn: Connection) -> list[StudyStatus]:
+    """Oldest first, with their series and instance counts."""
+    result = conn.execute(
+        select(
+            Study.study_instance_uid,
+            Study.study_description,
+            Study.prior_of,
+            func.count(Series.id).label("series"),
+            func.coalesce(func.sum(Series.instance_count), 0).label("instances"),
+            func.coalesce(func.max(Series.last_received_at), Study.first_received_at).label(
+                "last_received_at"
+            ),
+        )
+        .outerjoin(Series, Series.study_id == Study.id)
+        .group_by(Study.id)
+        .order_by(Study.first_received_at, Study.id)
+    )
+    keys = list(result.keys())
+    return [StudyStatus.model_validate(dict(zip(keys, row, strict=True))) for row in result]
 
 
 def node_status(settings: Settings, engine: Engine) -> StatusReport:
     """Everything `ainode status` and `GET /api/v1/status` show, one service for both."""
-    report = build_report(make_session_factory(engine))
+    report = build_report(engine)
     report.jobs = list_jobs(engine)
     report.pipelines = pipeline_statuses(settings)
     report.rules = rules_status(settings)

@@ -215,12 +215,12 @@ class NodeProcess:
 
     def series(self) -> dict[str, dict[str, Any]]:
         """Series by UID, read straight from the database (fast enough to poll)."""
-        from node.db.engine import make_engine, make_session_factory
+        from node.db.engine import make_engine
         from node.report import build_report
 
         engine = make_engine(self.settings["database"]["url"])
         try:
-            report = build_report(make_session_factory(engine))
+            report = build_report(engine)
         finally:
             engine.dispose()
         return {s.series_instance_uid: s.model_dump() for s in report.series}

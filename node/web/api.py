@@ -14,7 +14,6 @@ from sqlalchemy import select, update
 
 from node.audit import Kind, list_events, record
 from node.config import Role
-from node.db.engine import make_session_factory
 from node.db.models import Dispatch, Job, Series, SeriesState, Source, WorkState
 from node.dispatch.records import list_dispatches
 from node.fetch.query import FetchQuery
@@ -29,8 +28,9 @@ from node.report import (
     SeriesStatus,
     StatusReport,
     StudyStatus,
-    build_report,
     disk_status,
+    list_series,
+    list_studies,
     node_status,
     pipeline_statuses,
 )
@@ -61,12 +61,14 @@ def status(context: Context) -> StatusReport:
 
 @router.get("/studies", dependencies=[Reader])
 def studies(context: Context) -> list[StudyStatus]:
-    return build_report(make_session_factory(context.engine)).studies
+    with context.engine.connect() as conn:
+        return list_studies(conn)
 
 
 @router.get("/series", dependencies=[Reader])
 def series(context: Context) -> list[SeriesStatus]:
-    return build_report(make_session_factory(context.engine)).series
+    with context.engine.connect() as conn:
+        return list_series(conn)
 
 
 @router.get("/pipelines", dependencies=[Reader])

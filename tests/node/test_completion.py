@@ -19,7 +19,7 @@ def tracker(engine: Engine, quiet: float = 10, grace: float = 1) -> SeriesComple
 
 
 def state(engine: Engine) -> dict:
-    report = build_report(make_session_factory(engine))
+    report = build_report(engine)
     return report.series[0].model_dump()
 
 
