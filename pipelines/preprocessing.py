@@ -28,6 +28,8 @@ from pipelines.volume import Volume
 IO_TRANSFORMS = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
 SAVE_TRANSFORMS = ("SaveImage", "SaveImaged")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+"""What the MetaTensor's affine means (MONAI's default so far, named to keep it)."""
 
 Box = tuple[slice, slice, slice]
 
@@ -61,22 +63,44 @@ def lung_box(volume: Volume, margin_mm: float) -> Box:
     return slices, rows, columns
 
 
+def foreground_box(volume: Volume, above_hu: float) -> Box:
+    """The voxels' bounding box above `above_hu` (the whole volume when none is)."""
+    inside = volume.voxels > above_hu
+    if not inside.any():
+        return (slice(None),) * 3
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(inside.any(axis=other))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    slices, rows, columns = box
+    return slices, rows, columns
+
+
 def crop_box(volume: Volume, settings: PreprocessingSettings) -> Box | None:
-    return lung_box(volume, settings.crop_margin_mm) if settings.crop == "lungs" else None
+    if settings.crop == "lungs":
+        return lung_box(volume, settings.crop_margin_mm)
+    if settings.crop == "foreground":
+        return foreground_box(volume, settings.foreground_hu)
+    return None
 
 
 def configured(settings: PreprocessingSettings) -> Compose:
     """Orientation, spacing, HU window to 0..1 and the network's input size, from config."""
-    transforms: list[Any] = [Orientationd("image", axcodes=settings.orientation)]
+    transforms: list[Any] = [Orientationd("image", axcodes=settings.orientation, labels=RAS_LABELS)]
     if settings.spacing_mm:
         transforms.append(Spacingd("image", pixdim=settings.spacing_mm, mode="bilinear"))
+    size = settings.spatial_size
+    averaged = size is not None and not settings.spacing_mm and settings.resize_mode == "area"
+    if averaged and size is not None:
+        transforms.append(Resized("image", size, mode="area"))
     low, high = settings.intensity_range
     transforms.append(
         ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
     )
     if settings.spatial_size and settings.spacing_mm:
         transforms.append(ResizeWithPadOrCropd("image", settings.spatial_size))
-    elif settings.spatial_size:
+    elif settings.spatial_size and not averaged:
         transforms.append(Resized("image", settings.spatial_size, mode="trilinear"))
     transforms.append(EnsureTyped("image"))
     return Compose(transforms)

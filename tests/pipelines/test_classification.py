@@ -106,11 +106,19 @@ def test_findings_are_called_at_each_labels_own_threshold(
     assert [f.probability for f in second.findings] == [f.probability for f in first.findings]
 
 
-def test_torchscript_model_sees_the_cropped_windowed_lungs(tmp_path: Path) -> None:
-    """Denser lungs, higher logits: the network is fed the lungs, in the configured window."""
-    script = tmp_path / "triage.ts"
-    torch.jit.script(MeanIntensityClassifier([10.0, 10.0, -10.0], [0.2, 0.3, 0.2])).save(script)
-    triage = pipeline("covid-triage", "covid-triage", script, preprocessing=SMALL_INPUT)
+@pytest.mark.parametrize("suffix", [".ts", ".pt2"])
+def test_a_saved_model_sees_the_cropped_windowed_lungs(tmp_path: Path, suffix: str) -> None:
+    """Denser lungs, higher logits: the network is fed the lungs, in the configured window;
+    as TorchScript and as a torch.export ExportedProgram."""
+    model = tmp_path / f"triage{suffix}"
+    network = MeanIntensityClassifier([10.0, 10.0, -10.0], [0.2, 0.3, 0.2]).eval()
+    if suffix == ".ts":
+        torch.jit.script(network).save(model)
+    else:
+        example = torch.zeros(1, 1, *SMALL_INPUT["spatial_size"])
+        torch.export.save(torch.export.export(network, (example,)), model)
+    triage = pipeline("covid-triage", "covid-triage", model, preprocessing=SMALL_INPUT)
+    assert triage.source.kind == ("TorchScript" if suffix == ".ts" else "ExportedProgram")
     probabilities = []
     for lung_hu in (-850.0, -500.0):
         base = chest()
