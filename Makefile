@@ -19,6 +19,7 @@ bench:
 	.venv/bin/python bench/ingest_attack.py
 	.venv/bin/python bench/stow.py
 	.venv/bin/python bench/api.py
+	.venv/bin/python bench/embedding.py
 	.venv/bin/python bench/jobs.py
 	.venv/bin/python bench/lung_quant.py
 	.venv/bin/python bench/latency.py
