@@ -145,19 +145,27 @@ def build_report(engine: Engine) -> StatusReport:
         )
 
 
-def list_series(conn: Connection) -> list[SeriesStatus]:
-    """Oldest first."""
+def list_series(
+    conn: Connection, limit: int | None = None, newest: bool = False
+) -> list[SeriesStatus]:
+    """Oldest first (newest first with `newest`), at most `limit`."""
+    order = (Series.first_received_at, Series.id)
     result = conn.execute(
         select(*SERIES_COLUMNS)
         .join(Study, Series.study_id == Study.id)
-        .order_by(Series.first_received_at, Series.id)
+        .order_by(*(column.desc() for column in order) if newest else order)
+        .limit(limit)
     )
     keys = list(result.keys())
     return [SeriesStatus.model_validate(dict(zip(keys, row, strict=True))) for row in result]
 
 
-def list_studies(conn: Connection) -> list[StudyStatus]:
-    """Oldest first, with their series and instance counts."""
+def list_studies(
+    conn: Connection, limit: int | None = None, newest: bool = False
+) -> list[StudyStatus]:
+    """Oldest first (newest first with `newest`), at most `limit`, with their series and
+    instance counts."""
+    order = (Study.first_received_at, Study.id)
     result = conn.execute(
         select(
             Study.study_instance_uid,
@@ -171,7 +179,8 @@ def list_studies(conn: Connection) -> list[StudyStatus]:
         )
         .outerjoin(Series, Series.study_id == Study.id)
         .group_by(Study.id)
-        .order_by(Study.first_received_at, Study.id)
+        .order_by(*(column.desc() for column in order) if newest else order)
+        .limit(limit)
     )
     keys = list(result.keys())
     return [StudyStatus.model_validate(dict(zip(keys, row, strict=True))) for row in result]

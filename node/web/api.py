@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select, update
 
@@ -38,6 +38,7 @@ from node.web.auth import Principal
 from node.web.context import Context, WebContext, authenticated, requires
 
 router = APIRouter(prefix="/api/v1")
+Limit = Annotated[int | None, Query(ge=1)]
 Reader = Depends(requires(Role.READER))
 Operator = Annotated[Principal, Depends(requires(Role.OPERATOR))]
 
@@ -60,15 +61,17 @@ def status(context: Context) -> StatusReport:
 
 
 @router.get("/studies", dependencies=[Reader])
-def studies(context: Context) -> list[StudyStatus]:
+def studies(context: Context, limit: Limit = None, newest: bool = False) -> list[StudyStatus]:
+    """Oldest first, or `newest` first; at most `limit`."""
     with context.engine.connect() as conn:
-        return list_studies(conn)
+        return list_studies(conn, limit, newest)
 
 
 @router.get("/series", dependencies=[Reader])
-def series(context: Context) -> list[SeriesStatus]:
+def series(context: Context, limit: Limit = None, newest: bool = False) -> list[SeriesStatus]:
+    """Oldest first, or `newest` first; at most `limit`."""
     with context.engine.connect() as conn:
-        return list_series(conn)
+        return list_series(conn, limit, newest)
 
 
 @router.get("/pipelines", dependencies=[Reader])

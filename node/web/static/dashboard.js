@@ -1,4 +1,5 @@
-// The node's dashboard: reads /api/v1/status every few seconds and acts through the API.
+// The node's dashboard: reads the API every few seconds (the newest series only, so a node
+// with years of studies answers as fast as a new one) and acts through it.
 // Every value goes into the page with textContent: what peers send is never HTML.
 "use strict";
 
@@ -64,10 +65,11 @@ function when(iso) {
 
 function renderSeries(status) {
   const studies = new Map(status.studies.map((s) => [s.study_instance_uid, s]));
-  const newest = [...status.series].reverse().slice(0, SHOWN_SERIES);
+  const newest = status.series;
   $("#series-count").textContent =
-    `${status.studies.length} studies, ${status.series.length} series` +
-    (status.series.length > SHOWN_SERIES ? ` (newest ${SHOWN_SERIES} shown)` : "");
+    newest.length < SHOWN_SERIES
+      ? `${status.studies.length} studies, ${newest.length} series`
+      : `the newest ${SHOWN_SERIES} series`;
   fill("#series", newest, (row, s) => {
     const study = studies.get(s.study_instance_uid);
     cell(row, shortUid(s.study_instance_uid), "uid").title = s.study_instance_uid;
@@ -161,7 +163,7 @@ function renderSystem(status) {
     ? `Storage: ${Math.round(disk.free_mb)} MB free (refuses below ${disk.min_free_mb} MB)` +
       (disk.accepting ? "" : " — REFUSING new studies")
     : "";
-  const rules = status.rules;
+  const rules = status.rules.status;
   $("#rules-state").textContent = !rules?.file
     ? "no rules file: series are stored, not processed"
     : rules.error
@@ -185,27 +187,40 @@ async function refreshReadiness() {
   }
 }
 
+async function readStatus() {
+  const newest = `newest=true&limit=${SHOWN_SERIES}`;
+  const paths = {
+    series: `/api/v1/series?${newest}`,
+    studies: `/api/v1/studies?${newest}`,
+    jobs: "/api/v1/jobs",
+    dispatches: "/api/v1/dispatches",
+    pipelines: "/api/v1/pipelines",
+    processes: "/api/v1/processes",
+    disk: "/api/v1/disk",
+    rules: "/api/v1/rules",
+  };
+  const answers = await Promise.all(Object.values(paths).map((path) => api("GET", path)));
+  return Object.fromEntries(Object.keys(paths).map((key, index) => [key, answers[index]]));
+}
+
 async function refresh() {
   clearTimeout(timer);
   try {
-    const status = await api("GET", "/api/v1/status");
+    const status = await readStatus();
     renderSeries(status);
     renderQueue(status.jobs);
     renderAttention(status);
     renderSystem(status);
-    if (!rulesLoaded) await loadRules();
+    if (!rulesLoaded) {
+      $("#rules-text").value = status.rules.text ?? "";
+      rulesLoaded = true;
+    }
     await refreshReadiness();
   } catch (error) {
     if (error.status === 401) return signOut("your token was not accepted");
     say(`cannot read the node's status: ${error.message}`);
   }
   timer = setTimeout(refresh, REFRESH_MS);
-}
-
-async function loadRules() {
-  const rules = await api("GET", "/api/v1/rules");
-  $("#rules-text").value = rules.text ?? "";
-  rulesLoaded = true;
 }
 
 function problemsText(problems) {

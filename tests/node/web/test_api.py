@@ -113,3 +113,18 @@ def test_the_audit_trail_records_who_did_what(start_web_node, tmp_path: Path) ->
     actions = [e["detail"].get("action") for e in json.loads(listed.stdout)]
     assert actions[:3] == ["queue fetch", "retry job", "cancel job"]
     assert "Test^Phantom" not in listed.stdout  # the study UID leads to the patient, not names
+
+
+def test_series_and_studies_page_newest_first(web_node: WebNode) -> None:
+    sent = []
+    for _ in range(3):
+        ds = ct_dataset(generate_uid())
+        assert post(web_node, body(part10(ds))).status_code == 200
+        sent.append(str(ds.SeriesInstanceUID))
+    listed = [s["series_instance_uid"] for s in api(web_node, "GET", "/series", "viewer").json()]
+    assert listed == sent  # oldest first, all of them
+    newest = api(web_node, "GET", "/series?limit=2&newest=true", "viewer").json()
+    assert [s["series_instance_uid"] for s in newest] == sent[:0:-1]
+    (study,) = api(web_node, "GET", "/studies?limit=1&newest=true", "viewer").json()
+    assert study["study_instance_uid"] == newest[0]["study_instance_uid"]
+    assert api(web_node, "GET", "/series?limit=0", "viewer").status_code == 422
