@@ -70,14 +70,21 @@ def current_boot_id() -> str | None:
 
 
 def rerecord_unrecorded(
-    engine: Engine, store: InstanceStore, catalog: Catalog, node_ae: str
+    engine: Engine,
+    store: InstanceStore,
+    catalog: Catalog,
+    node_ae: str,
+    written: tuple[float, float] | None = None,
 ) -> int:
-    """Record every stored instance file that has no row; return how many were."""
+    """Record every stored instance file that has no row (with `written`, only the files
+    written in that span of time); return how many were."""
     started = time.monotonic()
     association_id = uuid.uuid4().hex
     opened = False
     checked = recorded = 0
-    for series_files in store.series_files():
+    for series_files in store.series_files(written[0] if written else None):
+        if written is not None:
+            series_files = [p for p in series_files if _written_in(p, written)]
         missing = _unrecorded(engine, series_files)
         checked += len(series_files)
         for path in missing:
@@ -103,12 +110,20 @@ def rerecord_unrecorded(
         catalog.close_association(association_id, released=True, instances=recorded)
     log.log(
         logging.WARNING if recorded else logging.INFO,
-        "restart check: %d stored instances, %d re-recorded from their files (%.1f s)",
+        "%s: %d stored instances, %d re-recorded from their files (%.1f s)",
+        "restart check" if written is None else "check after a receiver's crash",
         checked,
         recorded,
         time.monotonic() - started,
     )
     return recorded
+
+
+def _written_in(path: Path, span: tuple[float, float]) -> bool:
+    try:
+        return span[0] <= path.stat().st_mtime <= span[1]
+    except OSError:  # removed meanwhile (retention)
+        return False
 
 
 def _unrecorded(engine: Engine, files: list[Path]) -> list[Path]:

@@ -16,8 +16,10 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -37,8 +39,8 @@ from node.lifecycle import wait_for_stop
 from node.notify import Notifier
 from node.processes import record_processes
 from node.queue import JobQueue
-from node.receiver import Receiver, run_receiver_process
-from node.recovery import recover_after_restart
+from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_receiver_process
+from node.recovery import recover_after_restart, rerecord_unrecorded
 from node.retention import RetentionSweeper
 from node.routing.router import Router, RulesSource
 from node.storage import InstanceStore
@@ -190,8 +192,9 @@ class NodeService:
         self, name: str, target: Callable[..., None], args: tuple[object, ...]
     ) -> None:
         process = self._spawn.Process(target=target, args=args, name=name, daemon=False)
+        started_at = time.time()
         process.start()
-        self._children.append(_Child(name, target, args, process))
+        self._children.append(_Child(name, target, args, process, started_at))
 
     def _supervise(self) -> None:
         assert self._receiver is not None
@@ -213,6 +216,27 @@ class NodeService:
             self._children.remove(child)
             self._start_child(child.name, child.target, child.args)
             self._record_processes()
+            if child.name.startswith("receiver"):
+                self._check_after_crash(child)
+
+    def _check_after_crash(self, child: _Child) -> None:
+        """Re-record, once the other receivers' commits are surely done, the files the
+        crashed receiver wrote but did not record (never acknowledged, but whole)."""
+        assert self._receiver is not None and self._store is not None and self._engine
+        crashed_at = time.time()
+        self._scheduler.add_job(
+            rerecord_unrecorded,
+            "date",
+            run_date=datetime.fromtimestamp(crashed_at + CRASH_CHECK_DELAY_SECONDS, UTC),
+            args=(
+                self._engine,
+                self._store,
+                self._receiver.catalog,
+                self.settings.node.ae_title,
+                (child.started_at, crashed_at),
+            ),
+            id=f"crash-check-{child.process.pid}",
+        )
 
     def _record_processes(self) -> None:
         processes = {"main": os.getpid()}
@@ -242,8 +266,12 @@ class _Child:
     target: Callable[..., None]
     args: tuple[object, ...]
     process: BaseProcess
+    started_at: float
 
 
+CRASH_CHECK_DELAY_SECONDS = 3 * RECEIVE_BUSY_TIMEOUT_SECONDS
+"""After a receiver crashes, the files written while it lived are checked this much later:
+by then every other receiver has recorded (or removed) what it wrote in that time."""
 PRIVATE_UMASK = 0o027
 """Files the node writes (database, instances, results) are readable by its owner and group
 only: they hold study descriptions, dates and images."""

@@ -139,11 +139,14 @@ class InstanceStore:
     def path_of(self, key: InstanceKey) -> Path:
         return self.root / key.relative_path
 
-    def series_files(self) -> Iterator[list[Path]]:
+    def series_files(self, changed_since: float | None = None) -> Iterator[list[Path]]:
         """The stored instance files, one list per series folder (results and temp files
-        are not instances)."""
+        are not instances); with `changed_since` (a time), only the folders where a file
+        has arrived since then."""
         for study in _uid_folders(self.root):
             for series in _uid_folders(study):
+                if changed_since is not None and series.stat().st_mtime < changed_since:
+                    continue
                 files = [p for p in series.iterdir() if p.suffix == ".dcm" and _UID.match(p.stem)]
                 if files:
                     yield files

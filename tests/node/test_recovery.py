@@ -6,6 +6,8 @@ before they were acknowledged, whose last commits are gone from the database.
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -179,3 +181,32 @@ def test_node_restarted_after_a_power_loss_completes_every_stored_series(
     node.start()
     node.stop()
     assert node.log().count("restart check") == checks, "no second check in the same boot"
+
+
+@pytest.mark.slow
+def test_a_crashed_receivers_unrecorded_files_are_recorded_without_a_restart(
+    start_node: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """A receiver killed between flushing a file and recording it leaves a whole instance that
+    was never acknowledged. The moment cannot be hit on purpose; what it leaves can be made:
+    files in the store, written while the receiver lived, without rows. Once the supervisor
+    restarts the receiver, it records them; files from before it started are not its own."""
+    from tests.node.test_service import receivers_up
+
+    node = start_node(node={"receivers": 2}, workers={"count": 0}, completion={"quiet_seconds": 1})
+    store = InstanceStore(node.storage)
+    before = store_series(store, tmp_path / "before", slices=2)  # not written in its life
+    [receiver] = wait_until(lambda: receivers_up(node, 1), timeout=30)
+    for key in before:  # as if written long before the receiver started
+        os.utime(store.path_of(key), (0, 0))
+    orphans = store_series(store, tmp_path / "orphans", slices=3)
+    os.kill(receiver, signal.SIGKILL)
+
+    def recorded() -> dict | None:
+        return node.series().get(orphans[0].series_uid)
+
+    series = wait_until(recorded, timeout=60)
+    assert series["instances"] == 3
+    assert wait_until(lambda: node.series()[orphans[0].series_uid]["state"] == "complete", 30)
+    assert before[0].series_uid not in node.series()
+    assert "check after a receiver's crash: 3 stored instances, 3 re-recorded" in node.log()
