@@ -490,22 +490,13 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _stored_series_facts(settings: Settings, uid: str) -> SeriesFacts:
-    from sqlalchemy import select
-
-    from node.db.models import Series
-    from node.routing.router import NoInstanceLeft, stored_series_facts
+    from node.routing.admin import UnknownSeries, stored_facts
+    from node.routing.router import NoInstanceLeft
 
     engine = _engine(settings)
-    with engine.connect() as conn:
-        series_id = conn.execute(
-            select(Series.id).where(Series.series_instance_uid == uid)
-        ).scalar_one_or_none()
-    if series_id is None:
-        typer.echo(f"series {uid} is not stored on this node", err=True)
-        raise typer.Exit(2)
     try:
-        return stored_series_facts(engine, settings.storage.path, series_id)
-    except NoInstanceLeft as exc:
+        return stored_facts(settings, engine, uid)
+    except (UnknownSeries, NoInstanceLeft) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     finally:

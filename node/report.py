@@ -207,7 +207,7 @@ def rules_status(settings: Settings) -> RulesStatus:
     if path is None:
         return RulesStatus(file=None, error=None)
     checked = admin.check(settings)
-    error = "\n".join(f"{p.file}:{p.line}:{p.column}: {p.message}" for p in checked.problems)
+    error = "\n".join(problem.render() for problem in checked.problems)
     try:
         modified_at: datetime | None = datetime.fromtimestamp(path.stat().st_mtime, UTC)
     except OSError:

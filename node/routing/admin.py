@@ -14,9 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel
+from sqlalchemy import Engine, select
 
 from node.config import Settings
+from node.db.models import Series
 from node.routing.engine import SeriesFacts, route_series, route_study
+from node.routing.router import stored_series_facts
 from node.routing.rules import Problem, RulesError, RuleSet, parse_rules
 from pipelines.registry import pipeline_names
 
@@ -29,6 +32,13 @@ class RulesProblem(BaseModel):
     line: int
     column: int
     message: str
+
+    def render(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+
+
+def problems_of(error: RulesError) -> list[RulesProblem]:
+    return [RulesProblem(file=str(error.path), **vars(p)) for p in error.problems]
 
 
 class RulesCheck(BaseModel):
@@ -102,8 +112,7 @@ def check(settings: Settings, text: str | None = None) -> RulesCheck:
     try:
         rules = parse(settings, current_text(settings) if text is None else text, file)
     except RulesError as exc:
-        problems = [RulesProblem(file=file, **vars(problem)) for problem in exc.problems]
-        return RulesCheck(file=file, valid=False, rules=0, problems=problems)
+        return RulesCheck(file=file, valid=False, rules=0, problems=problems_of(exc))
     return RulesCheck(file=file, valid=True, rules=len(rules.rules), problems=[])
 
 
@@ -134,6 +143,22 @@ def explain(rules: RuleSet, facts: SeriesFacts) -> Explanation:
             for request in batch
         ],
     )
+
+
+def stored_facts(settings: Settings, engine: Engine, series_uid: str) -> SeriesFacts:
+    """What the rules see of a stored series; UnknownSeries when the node has none by that
+    UID, NoInstanceLeft when its instances are gone."""
+    with engine.connect() as conn:
+        series_id = conn.execute(
+            select(Series.id).where(Series.series_instance_uid == series_uid)
+        ).scalar_one_or_none()
+    if series_id is None:
+        raise UnknownSeries(f"series {series_uid} is not stored on this node")
+    return stored_series_facts(engine, settings.storage.path, series_id)
+
+
+class UnknownSeries(LookupError):
+    """No stored series has this UID."""
 
 
 def replace(settings: Settings, text: str) -> Replaced:

@@ -104,6 +104,5 @@ def _rules(context: WebContext) -> Check:
         return Check(True, "no rules file: series are stored, not processed")
     checked = admin.check(context.settings)
     if not checked.valid:
-        first = checked.problems[0]
-        return Check(False, f"{first.file}:{first.line}:{first.column}: {first.message}")
+        return Check(False, checked.problems[0].render())
     return Check(True, f"{checked.rules} rules")

@@ -10,15 +10,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from node.audit import Kind, record
 from node.config import Role
-from node.db.models import Series
 from node.report import RulesStatus, rules_status
 from node.routing import admin
-from node.routing.router import NoInstanceLeft, stored_series_facts
+from node.routing.router import NoInstanceLeft
 from node.routing.rules import RulesError
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires
@@ -92,14 +90,10 @@ def explain(request: ExplainRequest, context: Context, principal: Admin) -> admi
         rules = admin.parse(settings, text, file)
     except RulesError as exc:
         raise _invalid(exc) from exc
-    with context.engine.connect() as conn:
-        series_id = conn.execute(
-            select(Series.id).where(Series.series_instance_uid == request.series)
-        ).scalar_one_or_none()
-    if series_id is None:
-        raise HTTPException(404, detail=f"no series {request.series}")
     try:
-        facts = stored_series_facts(context.engine, settings.storage.path, series_id)
+        facts = admin.stored_facts(settings, context.engine, request.series)
+    except admin.UnknownSeries as exc:
+        raise HTTPException(404, detail=f"no series {request.series}") from exc
     except (NoInstanceLeft, OSError, ValueError) as exc:
         raise HTTPException(409, detail=f"series {request.series}: {exc}") from exc
     return admin.explain(rules, facts)
@@ -158,8 +152,5 @@ def _rules_file(context: WebContext) -> str:
 
 
 def _invalid(exc: RulesError) -> HTTPException:
-    problems = [
-        {"file": str(exc.path), "line": p.line, "column": p.column, "message": p.message}
-        for p in exc.problems
-    ]
+    problems = [problem.model_dump() for problem in admin.problems_of(exc)]
     return HTTPException(422, detail={"message": "the rules have problems", "problems": problems})
