@@ -56,7 +56,7 @@ def whoami(principal: Annotated[Principal, Depends(authenticated)]) -> Caller:
 
 @router.get("/status", dependencies=[Reader])
 def status(context: Context) -> StatusReport:
-    """Everything `ainode status --json` shows, but the pipelines' availability (the CLI's)."""
+    """Everything `ainode status --json` shows."""
     return node_status(context.settings, context.engine)
 
 
