@@ -181,25 +181,36 @@ class AuditExporter:
         self._upsert = dialect.insert(AuditExport)
 
     def run_due(self) -> int:
-        """Export what is waiting; how many events went out."""
-        sent = 0
-        while events := list_events_after(self._engine, self._last_sent(), BATCH):
-            for event in events:
-                message = audit_message(event, self._node_ae, self._studies(event))
-                frame = syslog_frame(message, _event(event)[2], self._hostname, event.at)
-                try:
-                    self._sender.send(frame)
-                except OSError as exc:
-                    if not self._failing:
-                        log.warning("audit export to syslog paused: %s (retrying)", exc)
-                    self._failing = True
-                    return sent
-                self._mark(event.id)
-                sent += 1
+        """Export what is waiting; how many events went out. The position is saved once
+        per batch, and where a send fails."""
+        sent, last = 0, self._last_sent()
+        while events := list_events_after(self._engine, last, BATCH):
+            stopped = self._send(events)
+            delivered = events if stopped is None else events[:stopped]
+            if delivered:
+                last = delivered[-1].id
+                self._mark(last)
+                sent += len(delivered)
+            if stopped is not None:
+                return sent
         if self._failing:
             log.info("audit export to syslog resumed")
             self._failing = False
         return sent
+
+    def _send(self, events: list[Event]) -> int | None:
+        """Send in order; the index of the first event that could not go, else None."""
+        for index, event in enumerate(events):
+            message = audit_message(event, self._node_ae, self._studies(event))
+            frame = syslog_frame(message, _event(event)[2], self._hostname, event.at)
+            try:
+                self._sender.send(frame)
+            except OSError as exc:
+                if not self._failing:
+                    log.warning("audit export to syslog paused: %s (retrying)", exc)
+                self._failing = True
+                return index
+        return None
 
     def close(self) -> None:
         self._sender.close()
