@@ -53,14 +53,8 @@ def lung_box(volume: Volume, margin_mm: float) -> Box:
     lungs = (left | right).numpy()
     if not lungs.any():
         raise BadInput("no lungs found to crop the scan to")
-    box = []
-    for axis, spacing in enumerate(volume.spacing):
-        other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(lungs.any(axis=other))
-        margin = int(np.ceil(margin_mm / spacing))
-        box.append(slice(max(0, present[0] - margin), present[-1] + 1 + margin))
-    slices, rows, columns = box
-    return slices, rows, columns
+    margins = [int(np.ceil(margin_mm / spacing)) for spacing in volume.spacing]
+    return bounding_box(lungs, margins)
 
 
 def foreground_box(volume: Volume, above_hu: float) -> Box:
@@ -68,11 +62,17 @@ def foreground_box(volume: Volume, above_hu: float) -> Box:
     inside = volume.voxels > above_hu
     if not inside.any():
         return (slice(None),) * 3
+    return bounding_box(inside, [0, 0, 0])
+
+
+def bounding_box(mask: np.ndarray, margins: list[int]) -> Box:
+    """The smallest box around a non-empty 3-D mask, widened by `margins` voxels per axis
+    (not past the first voxel)."""
     box = []
-    for axis in range(3):
+    for axis, margin in enumerate(margins):
         other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(inside.any(axis=other))
-        box.append(slice(int(present[0]), int(present[-1]) + 1))
+        present = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(0, int(present[0]) - margin), int(present[-1]) + 1 + margin))
     slices, rows, columns = box
     return slices, rows, columns
 
