@@ -28,3 +28,4 @@ bench:
 eval:
 	.venv/bin/python bench/evaluate.py
 	.venv/bin/python bench/evaluate_models.py --config config.example.yaml
+	.venv/bin/python bench/evaluate_guard.py

@@ -45,6 +45,14 @@ audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 token_app = typer.Typer(help="Bearer tokens for the HTTP server.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+guard_app = typer.Typer(
+    help="The series input guard: a site's reference of embedded series.", no_args_is_help=True
+)
+app.add_typer(guard_app, name="guard")
+probe_app = typer.Typer(
+    help="Site probes: heads fitted on stored embeddings, run as pipelines.", no_args_is_help=True
+)
+app.add_typer(probe_app, name="probe")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The node's YAML configuration file.")
@@ -401,6 +409,166 @@ def similar(
         typer.echo(f"{f.similarity:.4f}  {f.series_instance_uid}  {f.series_description or ''}")
 
 
+SinceOption = Annotated[
+    datetime | None,
+    typer.Option(
+        "--since", formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"], help="Series embedded since (UTC)."
+    ),
+]
+SeriesListOption = Annotated[
+    Path | None,
+    typer.Option("--series-list", help="A file of Series Instance UIDs, one per line."),
+]
+EmbeddingOption = Annotated[
+    str | None,
+    typer.Option("--pipeline", help="The embedding pipeline (default: the only one)."),
+]
+
+
+@guard_app.command("fit")
+def guard_fit(
+    config: ConfigOption,
+    since: SinceOption = None,
+    series_list: SeriesListOption = None,
+    pipeline: EmbeddingOption = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0.0, help="Distance above which a series is unlike.")
+    ] = 1.5,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Fit the reference of an embedding pipeline on stored series the site trusts, and score
+    every stored series against it."""
+    import json
+    from datetime import UTC
+
+    from node import guard
+
+    settings = _settings(config)
+    name = _embedding_pipeline(settings, pipeline)
+    if (since is None) == (series_list is None):
+        typer.echo("give --since or --series-list (one of them)", err=True)
+        raise typer.Exit(2)
+    uids = _series_list(series_list) if series_list is not None else None
+    engine = _engine(settings)
+    try:
+        stored = guard.stored_profiles(
+            engine, name, uids, since.replace(tzinfo=UTC) if since else None
+        )
+        fitted = guard.fit(stored.profiles, stored.studies)
+        scored = guard.save_reference(engine, name, fitted, threshold)
+        _audit_fact(engine, "guard-fit", pipeline=name, series=len(stored.profiles))
+    except ValueError as exc:
+        typer.echo(f"no reference fitted: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        engine.dispose()
+    if as_json:
+        answer = {"pipeline": name, "threshold": threshold, "scored": scored}
+        typer.echo(json.dumps({**answer, "held_out": fitted.held_out}, indent=2))
+        return
+    count = len(fitted.held_out)
+    typer.echo(f"reference of {count} series for {name}; leave-one-study-out distances:")
+    for uid, distance in sorted(fitted.held_out.items(), key=lambda item: item[1]):
+        mark = "  unlike the others" if distance > threshold else ""
+        typer.echo(f"{distance:8.2f}  {uid}{mark}")
+    typer.echo(f"threshold {threshold}; {scored} stored series scored")
+
+
+@probe_app.command("fit")
+def probe_fit(
+    config: ConfigOption,
+    labels: Annotated[
+        Path, typer.Option("--labels", help="CSV of series_instance_uid,label (a header is fine).")
+    ],
+    name: Annotated[str, typer.Option("--name", help="The probe's name.")],
+    pipeline: EmbeddingOption = None,
+    normal: Annotated[
+        str | None, typer.Option("--normal", help="The label that means nothing was found.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Default: <storage>/probes/NAME.json.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Fit a logistic head on the stored embeddings of labelled series; print its
+    leave-one-out metrics and write the probe file an `embedding-probe` pipeline runs."""
+    from node.embeddings import stored_embeddings
+    from pipelines.probe import fit_probe, save_probe
+
+    settings = _settings(config)
+    embedding = _embedding_pipeline(settings, pipeline)
+    wanted = _labels(labels)
+    engine = _engine(settings)
+    try:
+        vectors, version = stored_embeddings(engine, embedding, list(wanted))
+    finally:
+        engine.dispose()
+    missing = sorted(set(wanted) - set(vectors))
+    if missing:
+        typer.echo(f"{len(missing)} labelled series have no {embedding} embedding", err=True)
+    try:
+        probe = fit_probe(name, embedding, version or "", vectors, wanted, normal)
+    except ValueError as exc:
+        typer.echo(f"no probe fitted: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    path = output or settings.storage.path / "probes" / f"{name}.json"
+    save_probe(probe, path)
+    if as_json:
+        typer.echo(probe.metrics.model_dump_json(indent=2))
+        return
+    metrics = probe.metrics
+    typer.echo(
+        f"probe {name} on {metrics.series} {embedding} embeddings ({version}), written to {path}"
+    )
+    typer.echo(f"leave-one-out: {metrics.correct} of {metrics.series} right")
+    for label, counts in sorted(metrics.per_class.items()):
+        typer.echo(f"  {label:<24} {counts['correct']} of {counts['series']}")
+    if metrics.series < 50:
+        typer.echo(f"{metrics.series} series prove the plumbing, not the accuracy")
+
+
+def _labels(path: Path) -> dict[str, str]:
+    """Series UID -> label from a CSV of two columns (a header row is skipped)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as file:
+            rows = [row for row in csv.reader(file) if row and not row[0].startswith("#")]
+    except (OSError, UnicodeDecodeError) as exc:
+        typer.echo(f"cannot read {path}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    labels = {
+        row[0].strip(): row[1].strip()
+        for row in rows
+        if len(row) >= 2 and row[0].strip()[:1].isdigit()
+    }
+    if not labels:
+        typer.echo(f"{path}: no rows of series_instance_uid,label", err=True)
+        raise typer.Exit(2)
+    return labels
+
+
+def _embedding_pipeline(settings: Settings, name: str | None) -> str:
+    """The named embedding pipeline, or the only one configured (exit 2 otherwise)."""
+    embedding = sorted(n for n, p in settings.pipelines.items() if p.type == "ct-embedding")
+    if name is not None and name not in embedding:
+        typer.echo(f"{name!r} is not a ct-embedding pipeline (have: {embedding})", err=True)
+        raise typer.Exit(2)
+    if name is None and len(embedding) != 1:
+        typer.echo(f"name the embedding pipeline with --pipeline (have: {embedding})", err=True)
+        raise typer.Exit(2)
+    return name or embedding[0]
+
+
+def _series_list(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        typer.echo(f"cannot read {path}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
 def _decoded(progress: Progress, task: TaskID, done: int, total: int) -> None:
     progress.update(task, completed=done, total=total)
 
@@ -410,9 +578,13 @@ def _staged(progress: Progress, task: TaskID, series_uid: str, stage: str) -> No
 
 
 def _audit_action(engine: Engine, action: str, row_id: int) -> None:
+    _audit_fact(engine, action, id=row_id)
+
+
+def _audit_fact(engine: Engine, action: str, **facts: str | int) -> None:
     from node.audit import Kind, record
 
-    record(engine, Kind.ADMIN, f"cli:{getpass.getuser()}", action=action, id=row_id)
+    record(engine, Kind.ADMIN, f"cli:{getpass.getuser()}", None, action=action, **facts)
 
 
 @audit_app.command("list")

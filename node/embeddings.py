@@ -22,6 +22,27 @@ class SimilarSeries:
     received_at: str
 
 
+def stored_embeddings(
+    engine: Engine, pipeline: str, series_uids: list[str]
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """The embeddings of `pipeline` of the listed series (UID -> vector), and the model
+    version most of them were made with (only those of that version are returned)."""
+    query = (
+        select(Series.series_instance_uid, Embedding.model_version, Embedding.vector)
+        .join(Series, Series.id == Embedding.series_id)
+        .where(Embedding.pipeline == pipeline, Series.series_instance_uid.in_(series_uids))
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    versions = [row.model_version for row in rows]
+    version = max(set(versions), key=versions.count) if versions else None
+    return {
+        row.series_instance_uid: np.frombuffer(row.vector, dtype=np.float32)
+        for row in rows
+        if row.model_version == version
+    }, version
+
+
 class NoEmbedding(LookupError):
     """The series has no embedding (not received, or ct-embedding has not run on it)."""
 

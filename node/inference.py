@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.guard import GuardScore
 from node.results.encode import encode_result
 from node.results.identity import ResultIdentity
 from pipelines.base import BadInput, Pipeline, Stage, Unavailable
@@ -32,9 +33,11 @@ def process_series(
     folder_for: Callable[[Volume], Path],
     decoded: Progress | None = None,
     stage: Stage | None = None,
+    guard: GuardScore | None = None,
 ) -> Processed:
     """Run `pipeline` on the series in `files` and write its result (result.json, masks.npz,
-    SEG, SR, key images) to `folder_for(volume)`. Raises BadInput or Unavailable."""
+    SEG, SR, key images) to `folder_for(volume)`. Raises BadInput or Unavailable.
+    `guard`: the series' input-guard score, which the SR reports."""
     stage = stage or (lambda _: None)
     problem = pipeline.problem()
     if problem:
@@ -53,7 +56,7 @@ def process_series(
         pipeline.name, pipeline.version, volume.series_instance_uid, revision, station
     )
     clock = time.perf_counter()
-    objects = encode_result(result, volume, identity, folder)
+    objects = encode_result(result, volume, identity, folder, guard)
     result.timings["encoding"] = time.perf_counter() - clock
     result.save(folder)
     return Processed(volume, result, folder, objects)

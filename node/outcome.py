@@ -19,6 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from node.config import NotificationTarget
 from node.db.models import Dispatch, Embedding, Job, Series, WorkState, utcnow
+from node.db.upsert import upsert
+from node.guard import GuardScore, score_profile
 from node.leased import DUE, LeasedQueue, RetryPolicy, queued
 from node.notify import queue_notifications
 
@@ -38,6 +40,9 @@ class ResultSummary(BaseModel):
     detections: list[dict[str, object]] = []
     profiles: list[dict[str, object]] = []
     embedding_dim: int | None = None
+    guard_distance: float | None = None
+    """The series' distance to the site's reference (`node.guard`): about 1 is like it."""
+    guard_threshold: float | None = None
     timings_s: dict[str, float] = {}
     output: str = ""
     objects: list[str] = []
@@ -53,6 +58,7 @@ class JobOutcome:
     summary: ResultSummary
     objects: Sequence[Path] = ()
     embedding: np.ndarray | None = None
+    profile: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,12 @@ class OutcomeRecorder:
                 priority,
             )
             if outcome.embedding is not None:
-                store_embedding(conn, job, summary.version, outcome.embedding)
+                score = store_embedding(
+                    conn, job, summary.version, outcome.embedding, outcome.profile
+                )
+                if score is not None:
+                    _record_guard(conn, outcome.job_id, summary, score)
+                    route_again(conn, job)
             queue_notifications(
                 conn,
                 outcome.job_id,
@@ -127,6 +138,21 @@ class OutcomeRecorder:
                 link=self._link,
             )
         return True
+
+
+def _record_guard(conn: Connection, job_id: int, summary: ResultSummary, score: GuardScore) -> None:
+    """Add the guard's score to the job's recorded result."""
+    scored = summary.model_copy(
+        update={"guard_distance": score.distance, "guard_threshold": score.threshold}
+    )
+    conn.execute(update(Job).where(Job.id == job_id).values(result=scored.model_dump_json()))
+    if score.unlike:
+        log.warning(
+            "job %d: series unlike the site's reference (guard distance %.2f > %.2f)",
+            job_id,
+            score.distance,
+            score.threshold,
+        )
 
 
 def _finished_job(conn: Connection, job_id: int) -> FinishedJob:
@@ -209,9 +235,15 @@ def create_dispatches(
 
 
 def store_embedding(
-    conn: Connection, job: FinishedJob, model_version: str, vector: np.ndarray
-) -> None:
-    """Keep the series' embedding from this pipeline (a later revision replaces it)."""
+    conn: Connection,
+    job: FinishedJob,
+    model_version: str,
+    vector: np.ndarray,
+    profile: np.ndarray | None,
+) -> GuardScore | None:
+    """Keep the series' embedding from this pipeline (a later revision replaces it), scored
+    by the pipeline's input guard when it has a reference; returns the score."""
+    score = None if profile is None else score_profile(conn, job.pipeline, profile)
     data = np.asarray(vector, dtype=np.float32)
     row = {
         "series_id": job.series_id,
@@ -220,13 +252,19 @@ def store_embedding(
         "model_version": model_version,
         "dimensions": int(data.size),
         "vector": data.tobytes(),
+        "profile": None if profile is None else np.asarray(profile, np.float32).tobytes(),
+        "guard_distance": None if score is None else score.distance,
         "created_at": utcnow(),
     }
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    insert = dialect.insert(Embedding).values(row)
+    upsert(conn, Embedding, row, ["series_id", "pipeline"])
+    return score
+
+
+def route_again(conn: Connection, job: FinishedJob) -> None:
+    """Have the router route the job's series revision again (it now has a guard distance
+    for rules to test); jobs that exist are not repeated."""
     conn.execute(
-        insert.on_conflict_do_update(
-            index_elements=["series_id", "pipeline"],
-            set_={k: insert.excluded[k] for k in row if k not in ("series_id", "pipeline")},
-        )
+        update(Series)
+        .where(Series.id == job.series_id, Series.routed_revision == job.revision)
+        .values(routed_revision=job.revision - 1)
     )

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, Result, func, select
 
 from node.config import Settings
-from node.db.models import Association, Series, Study
+from node.db.models import Association, Embedding, GuardReference, Series, Study
 from node.dispatch.records import DispatchView, list_dispatches
 from node.fetch.records import FetchView, list_fetches
 from node.notify import NotificationView, list_notifications
@@ -39,6 +39,8 @@ class SeriesStatus(BaseModel):
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
+    guard_distance: float | None = None
+    """Its distance to the site's reference series (`node.guard`) at this revision."""
 
 
 class StudyStatus(BaseModel):
@@ -83,6 +85,18 @@ class DiskStatus(BaseModel):
     accepting: bool
 
 
+class GuardStatus(BaseModel):
+    """An embedding pipeline's input-guard reference and what it has scored."""
+
+    pipeline: str
+    reference_series: int
+    threshold: float
+    fitted_at: datetime
+    scored: int
+    unlike: int
+    """Scored series beyond the threshold."""
+
+
 class StatusReport(BaseModel):
     """The JSON of `ainode status --json`."""
 
@@ -97,6 +111,7 @@ class StatusReport(BaseModel):
     notifications: list[NotificationView] = []
     disk: DiskStatus | None = None
     processes: list[ProcessStatus] = []
+    guards: list[GuardStatus] = []
 
 
 def disk_status(storage: Path, min_free_mb: float) -> DiskStatus:
@@ -124,6 +139,10 @@ SERIES_COLUMNS = (
     Series.first_received_at,
     Series.last_received_at,
     Series.completed_at,
+    select(func.max(Embedding.guard_distance))
+    .where(Embedding.series_id == Series.id, Embedding.revision == Series.revision)
+    .scalar_subquery()
+    .label("guard_distance"),
 )
 """What a series shows, read as columns: no ORM objects (10,000 series in tens of ms)."""
 
@@ -194,6 +213,42 @@ def _validated(result: Result[*tuple[Any, ...]], model: type[M]) -> list[M]:
     return [model.model_validate(dict(zip(keys, row, strict=True))) for row in result]
 
 
+def guard_statuses(conn: Connection) -> list[GuardStatus]:
+    scored = (
+        select(
+            Embedding.pipeline,
+            func.count(Embedding.guard_distance).label("scored"),
+            func.count(Embedding.id)
+            .filter(Embedding.guard_distance > GuardReference.threshold)
+            .label("unlike"),
+        )
+        .join(GuardReference, GuardReference.pipeline == Embedding.pipeline)
+        .group_by(Embedding.pipeline)
+        .subquery()
+    )
+    rows = conn.execute(
+        select(
+            GuardReference.pipeline,
+            GuardReference.series,
+            GuardReference.threshold,
+            GuardReference.fitted_at,
+            func.coalesce(scored.c.scored, 0),
+            func.coalesce(scored.c.unlike, 0),
+        ).outerjoin(scored, scored.c.pipeline == GuardReference.pipeline)
+    ).all()
+    return [
+        GuardStatus(
+            pipeline=pipeline,
+            reference_series=len(series),
+            threshold=threshold,
+            fitted_at=fitted_at,
+            scored=count,
+            unlike=unlike,
+        )
+        for pipeline, series, threshold, fitted_at, count, unlike in rows
+    ]
+
+
 def node_status(settings: Settings, engine: Engine) -> StatusReport:
     """Everything `ainode status` and `GET /api/v1/status` show, one service for both."""
     report = build_report(engine)
@@ -205,6 +260,8 @@ def node_status(settings: Settings, engine: Engine) -> StatusReport:
     report.notifications = list_notifications(engine)
     report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
     report.processes = process_statuses(settings.storage.path, engine)
+    with engine.connect() as conn:
+        report.guards = guard_statuses(conn)
     return report
 
 
@@ -246,10 +303,11 @@ def render_text(report: StatusReport) -> str:
         for s in report.series:
             if s.study_instance_uid != study.study_instance_uid:
                 continue
+            guard = "" if s.guard_distance is None else f"  guard {s.guard_distance:.2f}"
             lines.append(
                 f"  series {s.series_instance_uid}  {s.modality or '-':<3} "
                 f"{s.state:<9} rev {s.revision}  {s.instances:>5} instances  "
-                f"from {s.calling_ae or '-'}  {s.series_description or ''}".rstrip()
+                f"from {s.calling_ae or '-'}{guard}  {s.series_description or ''}".rstrip()
             )
     lines.extend(render_job(job) for job in report.jobs)
     for d in report.dispatches:
@@ -274,6 +332,12 @@ def render_text(report: StatusReport) -> str:
     for pipeline in report.pipelines:
         state = "ready" if pipeline.available else f"UNAVAILABLE: {pipeline.problem}"
         lines.append(f"pipeline {pipeline.name} {pipeline.version}  {state}")
+    for g in report.guards:
+        lines.append(
+            f"guard {g.pipeline}: reference of {g.reference_series} series "
+            f"(fitted {g.fitted_at:%Y-%m-%d %H:%M}), threshold {g.threshold}: "
+            f"{g.unlike} of {g.scored} scored series unlike it"
+        )
     disk = report.disk
     if disk is not None and not disk.accepting:
         lines.append(

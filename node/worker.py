@@ -26,6 +26,7 @@ from node.catalog import Catalog
 from node.config import Settings, api_link
 from node.db.engine import make_engine
 from node.db.models import Instance, Job, Source, WorkState
+from node.guard import series_score
 from node.inference import Processed, process_series
 from node.ingest.intake import Delivery, Intake, Sender, Status
 from node.ingest.part10 import read_part10
@@ -100,8 +101,9 @@ class Worker:
             self._audit(job, str(state), None)
         else:
             self._measure(job.pipeline, done, time.monotonic() - started)
+            result = done.result
             outcome = JobOutcome(
-                job.id, self.name, summarize(done), done.objects, done.result.embedding
+                job.id, self.name, summarize(done), done.objects, result.embedding, result.profile
             )
             if self._outcomes.record(outcome):
                 log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
@@ -134,6 +136,7 @@ class Worker:
                 )
             ).scalars()
             files = [self._settings.storage.path / p for p in paths]
+            guard = series_score(conn, job.series_id, job.revision)
         return process_series(
             pipeline,
             files,
@@ -144,6 +147,7 @@ class Worker:
                 volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
             ),
             stage=lambda stage: self._note_stage(job.id, stage),
+            guard=guard,
         )
 
     def _note_stage(self, job_id: int, stage: str) -> None:

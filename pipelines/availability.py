@@ -6,10 +6,12 @@ a worker runs and what the status page says agree."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipelines.settings import PipelineSettings, SegmentationSettings
+from pipelines.probe import ProbeError, load_probe
+from pipelines.settings import PipelineSettings, ProbeSettings, SegmentationSettings
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,29 @@ def of_segmentation(name: str, settings: PipelineSettings) -> Availability:
     return found
 
 
+def of_probe(name: str, settings: PipelineSettings) -> Availability:
+    """The embedding model is there and the probe file is one fitted on it; the version
+    names the model and the probe file's hash."""
+    found = of_model(name, settings)
+    if not isinstance(settings, ProbeSettings) or settings.probe is None:
+        return Availability(found.version, f"no probe file configured (pipelines.{name}.probe)")
+    try:
+        probe = load_probe(settings.probe)
+        digest = hashlib.sha256(settings.probe.read_bytes()).hexdigest()[:8]
+    except ProbeError as exc:
+        return Availability(found.version, str(exc))
+    except OSError as exc:
+        return Availability(found.version, f"cannot read the probe {settings.probe}: {exc}")
+    version = f"{found.version[:40]}+probe-{digest}"
+    if found.problem is None and probe.model_version != found.version:
+        return Availability(
+            version,
+            f"the probe was fitted on {probe.model_version} embeddings; "
+            f"this pipeline computes {found.version}",
+        )
+    return Availability(version, found.problem)
+
+
 Check = Callable[[str, PipelineSettings], Availability]
 
 CHECKS: dict[str, Check] = {
@@ -52,5 +77,6 @@ CHECKS: dict[str, Check] = {
     "covid-triage": of_model,
     "nodule-detection": of_model,
     "ct-embedding": of_model,
+    "embedding-probe": of_probe,
 }
 """Built-in type -> its check. A type added by an entry point is built to be asked."""

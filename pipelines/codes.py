@@ -113,6 +113,11 @@ EXTENT = private("EXTENT", "Scan length along the slice normal")
 LONG_AXIS = sct("103339001", "Long Axis")
 PROBABILITY = dcm("122157", "Probability")
 
+# Series input guard (node.guard): a quality evaluation of the input, no standard code
+INPUT_GUARD = private("INPUTGUARD", "Series like the site's reference series")
+GUARD_DISTANCE = private("GUARDDIST", "Distance to the site's reference series")
+GUARD_THRESHOLD = private("GUARDLIMIT", "Guard distance threshold")
+
 # Report structure (TID 1500, its observer and equipment)
 CT_CHEST = Code("24627-2", "LN", "CT Chest")
 IMAGING_MEASUREMENTS = dcm("126010", "Imaging Measurements")

@@ -8,7 +8,11 @@
   1.5x1.5x3 mm, -1000..1000 HU, padded or cropped to 224x224x160).
 
 The vector is unit length (cosine similarity is a dot product) and the node stores it per
-series, so `ainode similar` can find earlier scans like a new one. No DICOM object is made.
+series, so `ainode similar` can find earlier scans like a new one, with its profile along the
+body axis for the input guard (`node.guard`). No DICOM object is made.
+
+`embedding-probe` computes the same embedding and applies a site's probe head
+(`pipelines.probe`) to it: findings for the SR, as a classifier gives.
 """
 
 from __future__ import annotations
@@ -16,12 +20,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipelines.availability import of_probe
 from pipelines.base import Requirements, Stage, StageTimer
 from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
-from pipelines.networks import CT_FM_ENCODER, pooled_features
+from pipelines.networks import CT_FM_ENCODER, axial_profile, pooled_features
+from pipelines.probe import Probe, load_probe
 from pipelines.result import PipelineResult
-from pipelines.settings import NetworkSettings, PipelineSettings, PreprocessingSettings
+from pipelines.settings import (
+    NetworkSettings,
+    PipelineSettings,
+    PreprocessingSettings,
+    ProbeSettings,
+)
 from pipelines.volume import Volume
 
 CT_FM = PreprocessingSettings(
@@ -68,11 +79,47 @@ class CTEmbeddingPipeline(ModelPipeline):
         with timed("preprocessing", "preprocess"):
             image = torch.as_tensor(self.preprocess(volume, model)["image"])
         with timed("inference"), inference_mode(device):
-            features = pooled_features(model.network(image[None].to(device)))
+            output = model.network(image[None].to(device))
+            features = pooled_features(output)
+            layout = axial_profile(output)
         vector = features.float().cpu().numpy().reshape(-1)
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(norm) or norm == 0:
             raise RuntimeError("the model gave an empty or non-finite embedding")
+        profile = None if layout is None else layout.cpu().numpy().reshape(-1)
         return PipelineResult(
-            self.name, self.version, embedding=vector / norm, timings=timed.timings
+            self.name,
+            self.version,
+            embedding=vector / norm,
+            profile=profile,
+            timings=timed.timings,
         )
+
+
+class EmbeddingProbePipeline(CTEmbeddingPipeline):
+    """`embedding-probe`: the series' embedding, then the site's probe head on it."""
+
+    check = staticmethod(of_probe)
+
+    def __init__(self, name: str, settings: PipelineSettings) -> None:
+        super().__init__(name, settings)
+        self._probe: Probe | None = None
+
+    def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
+        embedded = super().infer(volume, device, stage)
+        assert embedded.embedding is not None
+        timed = StageTimer(stage)
+        with timed("probe"):
+            findings = self.probe().findings(embedded.embedding)
+        return PipelineResult(
+            self.name,
+            self.version,
+            findings=findings,
+            timings={**embedded.timings, **timed.timings},
+        )
+
+    def probe(self) -> Probe:
+        if self._probe is None:
+            assert isinstance(self.settings, ProbeSettings) and self.settings.probe is not None
+            self._probe = load_probe(self.settings.probe)
+        return self._probe

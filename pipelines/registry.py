@@ -32,6 +32,7 @@ BUILT_IN = {
     "covid-triage": "pipelines.classification:CovidTriagePipeline",
     "nodule-detection": "pipelines.nodule_detection:NoduleDetectionPipeline",
     "ct-embedding": "pipelines.embedding:CTEmbeddingPipeline",
+    "embedding-probe": "pipelines.embedding:EmbeddingProbePipeline",
 }
 """Type name -> `module:attribute` of the implementation (a class, or a factory taking the
 pipeline's name and settings)."""
@@ -41,6 +42,7 @@ NEEDS_CONFIG = {
     "covid-triage",
     "nodule-detection",
     "ct-embedding",
+    "embedding-probe",
 }
 """Pipelines with a model: they exist once `pipelines:` configures them."""
 

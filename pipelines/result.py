@@ -148,6 +148,9 @@ class PipelineResult:
     detections: list[Detection] = field(default_factory=list)
     profiles: list[SliceProfile] = field(default_factory=list)
     embedding: np.ndarray | None = None
+    profile: np.ndarray | None = None
+    """The embedding's coarse layout along the body axis (`networks.axial_profile`), which
+    the node's series input guard scores."""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -155,11 +155,19 @@ class DetectorSettings(PipelineSettings):
     detection: DetectionSettings = DetectionSettings()
 
 
+class ProbeSettings(PipelineSettings):
+    """`embedding-probe`: the probe file `ainode probe fit` wrote, and the embedding model's
+    settings (`model`, as the `ct-embedding` pipeline it was fitted on has them)."""
+
+    probe: Path | None = None
+
+
 SETTINGS_OF_TYPE: dict[str, type[PipelineSettings]] = {
     "bundle-segmentation": SegmentationSettings,
     "thoracic-findings": ClassifierSettings,
     "covid-triage": ClassifierSettings,
     "nodule-detection": DetectorSettings,
+    "embedding-probe": ProbeSettings,
 }
 """Pipeline types whose settings have more than `PipelineSettings`; the rest take that."""
 TAGS: dict[type[PipelineSettings], str] = {
@@ -167,6 +175,7 @@ TAGS: dict[type[PipelineSettings], str] = {
     SegmentationSettings: "segmentation",
     ClassifierSettings: "classifier",
     DetectorSettings: "detector",
+    ProbeSettings: "probe",
 }
 
 
@@ -183,7 +192,8 @@ AnyPipelineSettings = Annotated[
     Annotated[PipelineSettings, Tag(TAGS[PipelineSettings])]
     | Annotated[SegmentationSettings, Tag(TAGS[SegmentationSettings])]
     | Annotated[ClassifierSettings, Tag(TAGS[ClassifierSettings])]
-    | Annotated[DetectorSettings, Tag(TAGS[DetectorSettings])],
+    | Annotated[DetectorSettings, Tag(TAGS[DetectorSettings])]
+    | Annotated[ProbeSettings, Tag(TAGS[ProbeSettings])],
     Discriminator(_tag),
 ]
 """A `pipelines:` entry, validated as its type's settings (the type filled in from the key

@@ -358,4 +358,22 @@ class Embedding(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     dimensions: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+    profile: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """The feature map's layout along the body axis (float32), which the guard scores."""
+    guard_distance: Mapped[float | None] = mapped_column(Float)
+    """The distance to the pipeline's guard reference when it was scored (`node.guard`)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class GuardReference(Base):
+    """A pipeline's input-guard reference (`ainode guard fit`): the fitted model as npz
+    bytes, the series it was fitted on and the distance above which a series is unlike it."""
+
+    __tablename__ = "guard_references"
+
+    pipeline: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    threshold: Mapped[float] = mapped_column(Float)
+    series: Mapped[list[str]] = mapped_column(TextList)
+    fitted_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    model: Mapped[bytes] = mapped_column(LargeBinary)

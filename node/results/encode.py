@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from node.guard import GuardScore
 from node.results.files import SEG_FILE, SR_FILE, key_image_file
 from node.results.identity import ResultIdentity, with_type2_attributes
 from node.results.key_images import build_key_images
@@ -23,10 +24,14 @@ def source_headers(volume: Volume) -> list[Dataset]:
 
 
 def encode_result(
-    result: PipelineResult, volume: Volume, identity: ResultIdentity, folder: Path
+    result: PipelineResult,
+    volume: Volume,
+    identity: ResultIdentity,
+    folder: Path,
+    guard: GuardScore | None = None,
 ) -> list[Path]:
     """Write seg.dcm, sr.dcm and key-image-N.dcm to `folder` (each when there is something
-    for it); returns the files written."""
+    for it); returns the files written. `guard`: the series' input-guard score, for the SR."""
     sources = source_headers(volume)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -36,7 +41,7 @@ def encode_result(
         segmentation.save_as(folder / SEG_FILE, enforce_file_format=True)
         written.append(folder / SEG_FILE)
     if result.reportable:
-        report = build_report(result, volume, sources, segmentation, identity)
+        report = build_report(result, volume, sources, segmentation, identity, guard)
         report.save_as(folder / SR_FILE, enforce_file_format=True)
         written.append(folder / SR_FILE)
     for number, image in enumerate(build_key_images(result, volume, sources, identity), 1):

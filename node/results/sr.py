@@ -5,6 +5,7 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.dataset import Dataset
 
+from node.guard import GuardScore
 from node.results.identity import MANUFACTURER, ResultIdentity
 from node.results.outline import Outline, detection_box, representative_outline, source_of
 from pipelines import codes
@@ -25,7 +26,9 @@ def build_report(
     sources: list[Dataset],
     segmentation: hd.seg.Segmentation | None,
     identity: ResultIdentity,
+    guard: GuardScore | None = None,
 ) -> hd.sr.Comprehensive3DSR:
+    """`guard`: the series' input-guard score, reported as a quality evaluation."""
     device = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER.as_dicom()),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -42,10 +45,13 @@ def build_report(
         _detection_group(number, detection, result, volume, segmentation, identity)
         for number, detection in enumerate(result.detections, start=1)
     ]
+    evaluations = [_finding(finding) for finding in result.findings]
+    if guard is not None:
+        evaluations.append(_guard_evaluation(guard))
     report = measurement_report(
         hd.sr.ObservationContext(observer_device_context=device),
         groups,
-        result.findings,
+        evaluations,
         sources,
         _tracking_only(identity),
     )
@@ -67,13 +73,14 @@ def build_report(
 def measurement_report(
     context: hd.sr.ObservationContext,
     groups: list[Group],
-    findings: list[Finding],
+    evaluations: list[hd.sr.CodeContentItem],
     sources: list[Dataset],
     placeholder: Group,
 ) -> hd.sr.MeasurementReport:
     """TID 1500 by highdicom's MeasurementReport, plus the two things highdicom (0.28) cannot
     express and TID 1500 allows: no Imaging Measurements container at all (a classifier's
-    report has no group), and a Qualitative Evaluations container (whole-scan findings).
+    report has no group), and a Qualitative Evaluations container (whole-scan findings and
+    the input guard's evaluation).
 
     Without groups, highdicom builds the report around `placeholder` and its container is left
     out; the root's content is then rebuilt as a highdicom ContentSequence, which validates
@@ -86,13 +93,13 @@ def measurement_report(
         imaging_measurements=groups or [placeholder],
         referenced_images=sources,
     )
-    if groups and not findings:
+    if groups and not evaluations:
         return report
     root = report[0]
     measurements = codes.IMAGING_MEASUREMENTS.as_dicom()
     items = [item for item in root.ContentSequence if groups or item.name != measurements]
-    if findings:
-        items.append(_qualitative_evaluations(findings))
+    if evaluations:
+        items.append(_qualitative_evaluations(evaluations))
     root.ContentSequence = hd.sr.ContentSequence(items)
     return report
 
@@ -192,33 +199,61 @@ def _tracking_only(identity: ResultIdentity) -> Group:
     )
 
 
-def _qualitative_evaluations(findings: list[Finding]) -> hd.sr.ContainerContentItem:
-    """Whole-scan findings in TID 1500's Qualitative Evaluations container: each finding
-    present or absent at its threshold, with its probability as a property.
+def _qualitative_evaluations(
+    evaluations: list[hd.sr.CodeContentItem],
+) -> hd.sr.ContainerContentItem:
+    """Whole-scan evaluations in TID 1500's Qualitative Evaluations container.
 
     Not measurement groups: a finding of the whole scan has no place on an image, and OHIF
     (3.13) fails to open a report with a group that has no spatial coordinates."""
-    evaluations = []
-    for finding in findings:
-        item = hd.sr.CodeContentItem(
-            name=finding.concept.as_dicom(),
-            value=(codes.PRESENT if finding.present else codes.ABSENT).as_dicom(),
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-        probability = hd.sr.NumContentItem(
-            name=codes.PROBABILITY.as_dicom(),
-            value=round(finding.probability, 4),
-            unit=codes.NO_UNITS.as_dicom(),
-            relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
-        )
-        item.ContentSequence = hd.sr.ContentSequence([probability])
-        evaluations.append(item)
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS.as_dicom(),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     container.ContentSequence = hd.sr.ContentSequence(evaluations)
     return container
+
+
+def _finding(finding: Finding) -> hd.sr.CodeContentItem:
+    """A finding present or absent at its threshold, with its probability as a property."""
+    return _evaluation(
+        finding.concept,
+        codes.PRESENT if finding.present else codes.ABSENT,
+        [(codes.PROBABILITY, round(finding.probability, 4))],
+    )
+
+
+def _guard_evaluation(guard: GuardScore) -> hd.sr.CodeContentItem:
+    """Whether the series is like the site's reference (at or below the threshold), with the
+    distance and the threshold as properties: a reader sees when a model ran on a series
+    unlike those it was validated on."""
+    return _evaluation(
+        codes.INPUT_GUARD,
+        codes.ABSENT if guard.unlike else codes.PRESENT,
+        [(codes.GUARD_DISTANCE, guard.distance), (codes.GUARD_THRESHOLD, guard.threshold)],
+    )
+
+
+def _evaluation(
+    concept: codes.Code, value: codes.Code, properties: list[tuple[codes.Code, float]]
+) -> hd.sr.CodeContentItem:
+    item = hd.sr.CodeContentItem(
+        name=concept.as_dicom(),
+        value=value.as_dicom(),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    item.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.NumContentItem(
+                name=name.as_dicom(),
+                value=number,
+                unit=codes.NO_UNITS.as_dicom(),
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+            )
+            for name, number in properties
+        ]
+    )
+    return item
 
 
 def _reference(dataset: Dataset) -> Dataset:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Protocol
 
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 
-from node.db.models import Instance, Series, SeriesState, Source, Study
+from node.db.models import Embedding, Instance, Series, SeriesState, Source, Study
 from node.routing.engine import JobRequest, SeriesFacts, evaluate, route_series, route_study
 from node.routing.rules import PriorsRequest, RulesError, RuleSet, load_rules
 
@@ -197,6 +197,7 @@ def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> Series
                 Series.called_ae,
                 Series.instance_count,
                 Series.source,
+                Series.revision,
                 Study.prior_of,
             )
             .join(Study, Series.study_id == Study.id)
@@ -208,9 +209,15 @@ def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> Series
             .order_by(Instance.instance_number, Instance.id)
             .limit(1)
         ).scalar_one_or_none()
+        guard_distance = conn.execute(
+            select(func.max(Embedding.guard_distance)).where(
+                Embedding.series_id == series_id, Embedding.revision == series.revision
+            )
+        ).scalar_one_or_none()
     if path is None:
         raise NoInstanceLeft(f"series {series.series_instance_uid} has no instance left")
     context = {
+        "guard_distance": guard_distance,
         "calling_ae": series.calling_ae,
         "called_ae": series.called_ae,
         "instance_count": series.instance_count,

