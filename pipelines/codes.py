@@ -51,6 +51,7 @@ LUNG = sct("39607008", "Lung")
 LEFT_LUNG = sct("44029006", "Left lung")
 RIGHT_LUNG = sct("3341006", "Right lung")
 CHEST = sct("51185008", "Chest")
+TRACHEA_AND_BRONCHUS = sct("110726009", "Trachea and bronchus")
 
 # Morphology
 PULMONARY_EMPHYSEMA = sct("87433001", "Pulmonary emphysema")

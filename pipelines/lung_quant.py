@@ -1,5 +1,5 @@
-"""`lung-quant`: lungs segmented without weights (`pipelines.anatomy.lungs`), and the
-densitometry a chest radiologist uses.
+"""`lung-quant`: lungs (with the pathology they hold) and the airway segmented without
+weights (`pipelines.anatomy.lungs`), and the densitometry a chest radiologist uses.
 
 Measured per lung and in total: volume (mL), mean lung density (HU), LAA-950 (%), the 15th
 percentile density (HU) and high-attenuation lung (%, -700 to -100 HU, vessels excluded:
@@ -38,6 +38,13 @@ LOW = Segment(
     (40, 220, 220),
 )
 SPANS_BOTH = (LEFT.label, RIGHT.label)
+AIRWAY = Segment(
+    "Trachea and main bronchi",
+    codes.ANATOMICAL_STRUCTURE,
+    codes.TRACHEA_AND_BRONCHUS,
+    None,
+    (250, 250, 210),
+)
 HIGH = Segment(
     "High attenuation area",
     codes.MORPHOLOGICALLY_ALTERED_STRUCTURE,
@@ -81,7 +88,7 @@ class LungQuantPipeline:
         started = time.perf_counter()
         stage("segment lungs")
         hu = torch.from_numpy(volume.voxels).to(device)
-        left, right = segment_lungs(hu, volume)
+        left, right, airway = segment_lungs(hu, volume)
         timings["segmentation"] = time.perf_counter() - started
         started = time.perf_counter()
         stage("measure")
@@ -94,10 +101,10 @@ class LungQuantPipeline:
             _region("Both lungs", codes.LUNG, hu, lungs, high, volume, None, SPANS_BOTH),
         ]
         percent, area = _slice_profiles(lungs, high, volume)
-        masks = [
-            Mask(segment, mask.cpu().numpy())
-            for segment, mask in ((LEFT, left), (RIGHT, right), (LOW, low), (HIGH, high))
-        ]
+        segments = [(LEFT, left), (RIGHT, right), (LOW, low), (HIGH, high)]
+        if airway.any():
+            segments.append((AIRWAY, airway))
+        masks = [Mask(segment, mask.cpu().numpy()) for segment, mask in segments]
         timings["measurement"] = time.perf_counter() - started
         return PipelineResult(
             pipeline=self.name,

@@ -46,6 +46,19 @@ def closing(mask: torch.Tensor, radii: Radii) -> torch.Tensor:
     return closed[z : z + mask.shape[0], y : y + mask.shape[1], x : x + mask.shape[2]]
 
 
+def close_ball(
+    mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float
+) -> np.ndarray:
+    """Closing by a ball of `radius_mm` (Euclidean, anisotropic `spacing` in mm), from two
+    distance transforms: every gap narrower than the ball's diameter is bridged, wider ones
+    are not. Outside the volume counts as background."""
+    pad = [int(np.ceil(radius_mm / step)) + 1 for step in spacing]
+    padded = np.pad(mask, [(p, p) for p in pad])
+    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
+    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    return closed[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape, strict=True))] | mask
+
+
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """Fill enclosed holes slice by slice (holes in a chest are 2-D: the lungs in the thorax)."""
     return ndimage.binary_fill_holes(mask, structure=IN_PLANE)

@@ -158,9 +158,8 @@ class NoduleDetectionPipeline(ModelPipeline):
     ) -> list[codes.Code | None]:
         """Left or right lung for each box centre, from lung-quant's lung masks."""
         try:
-            left, right = (
-                m.numpy() for m in segment_lungs(torch.from_numpy(volume.voxels), volume)
-            )
+            lungs = segment_lungs(torch.from_numpy(volume.voxels), volume)
+            left, right = lungs.left.numpy(), lungs.right.numpy()
         except BadInput as exc:
             log.info("%s: no lung masks for the nodules' side: %s", self.name, exc)
             return [None] * len(boxes)

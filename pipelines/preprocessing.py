@@ -49,8 +49,8 @@ def to_meta_tensor(volume: Volume, box: Box | None = None) -> MetaTensor:
 
 def lung_box(volume: Volume, margin_mm: float) -> Box:
     """The voxels around both lungs (lung-quant's segmentation), with a margin."""
-    left, right = segment_lungs(torch.from_numpy(volume.voxels), volume)
-    lungs = (left | right).numpy()
+    found = segment_lungs(torch.from_numpy(volume.voxels), volume)
+    lungs = (found.left | found.right).numpy()
     if not lungs.any():
         raise BadInput("no lungs found to crop the scan to")
     margins = [int(np.ceil(margin_mm / spacing)) for spacing in volume.spacing]

@@ -29,7 +29,7 @@ def segment_airway(
     hu = smooth_in_plane(coarse).cpu().numpy()
     inside = air.cpu().numpy()
     z, region = seed
-    row, column = np.unravel_index(np.argmin(np.where(region, hu[z], np.inf)), region.shape)
+    z, row, column = _darkest_below(hu, z, region, grid, volume)
     for threshold in range(-900, -1010, -10):
         labels, _ = components(inside & (hu < threshold))
         label = labels[z, row, column]
@@ -39,6 +39,19 @@ def segment_airway(
         if grown.sum() * grid.voxel_ml() <= TRACHEA_MAX_ML:
             return torch.from_numpy(grown).to(coarse.device)
     return torch.zeros_like(air)
+
+
+def _darkest_below(
+    hu: np.ndarray, z: int, region: np.ndarray, grid: WorkingGrid, volume: Volume
+) -> tuple[int, int, int]:
+    """The darkest voxel of the trachea's footprint on its seed slice and the slices up to
+    15 mm below it: the topmost slice can be partial volume with the neck (above -900 HU)."""
+    step = -1 if volume.affine[2, 0] > 0 else 1
+    reach = max(1, round(15 / grid.spacing[0]))
+    slices = [k for k in range(z, z + step * (reach + 1), step) if 0 <= k < hu.shape[0]]
+    values = np.where(region[None], hu[slices], np.inf)
+    k, row, column = np.unravel_index(np.argmin(values), values.shape)
+    return slices[k], int(row), int(column)
 
 
 def _trachea_seed(

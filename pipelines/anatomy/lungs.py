@@ -5,36 +5,66 @@
 3. the airway (`pipelines.anatomy.airway`) removed;
 4. left and right lungs: the two largest aerated components; if they touch (anterior
    junction) they are eroded apart and grown back inside the original mask;
-5. each lung closed and filled, so vessels and dense infiltrates inside it count as lung.
+5. each lung closed and filled, so vessels and dense infiltrates inside it count as lung;
+6. the pleural surface reconstructed: each lung closed with a 25 mm ball (on a ~3.5 mm grid),
+   so dense tissue the lung encloses or abuts (juxtapleural tumours, peripheral
+   consolidation) joins it, except bone, the airway, the other lung and what lies outside the
+   body; what it adds is opened (6 mm), so strips along the mediastinum do not join, and
+   lies nearer this lung than the other.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from pipelines.anatomy.airway import segment_airway
 from pipelines.anatomy.grid import WorkingGrid, downsample, upsample
 from pipelines.base import BadInput
 from pipelines.morphology import (
+    close_ball,
     closing,
     components,
     dilate,
     erode,
     fill_holes_per_slice,
     largest_component,
+    opening,
 )
 from pipelines.volume import Volume
 
 BODY_HU = -500
+BONE_HU = 150
+"""Pathology the pleural reconstruction adds is below this (ribs, spine and calcium are not)."""
+PLEURAL_RADIUS_MM = 25.0
+"""Gaps in the lung narrower than 50 mm are bridged: a tumour or consolidation the lung
+wraps; the heart's and the liver's much wider impressions are not."""
+PLEURAL_GRID_MM = 3.5
+PLEURAL_OPENING_MM = 6.0
+"""What the closing adds is opened by this radius in-plane: strips along the mediastinum
+(fat beside the trachea, the azygos arch) and the coarse grid's rims along the pleura go,
+lesions of 12 mm and more stay."""
 AERATED_HU = -400
 """Aerated lung (and any air) is below this; soft tissue above."""
 MIN_LUNG_ML = 100.0
 
 
-def segment_lungs(hu: torch.Tensor, volume: Volume) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left and right lung masks on the full grid of `hu` (slice, row, column)."""
+class Lungs(NamedTuple):
+    """Masks on the full grid (slice, row, column); the airway is the trachea and main
+    bronchi the lungs exclude."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    airway: torch.Tensor
+
+
+def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> Lungs:
+    """The lungs and airway of `hu` (slice, row, column); without `pathology`, the aerated
+    lung only (steps 1-5, for comparison)."""
     grid = WorkingGrid.for_volume(volume)
     coarse = downsample(hu, grid.factor)
     body = torch.from_numpy(
@@ -45,17 +75,60 @@ def segment_lungs(hu: torch.Tensor, volume: Volume) -> tuple[torch.Tensor, torch
     candidates = (air & ~dilate(airways, (0, 1, 1))).cpu().numpy()
     left, right = _split_lungs(candidates, grid, volume)
     full_shape = hu.shape
+    nearer_left = torch.from_numpy(_nearer(left, right, grid)).to(hu.device) if pathology else None
     lungs = []
     for lung, other in ((left, right), (right, left)):
         filled = closing(torch.from_numpy(lung).to(hu.device), grid.radii(4.0, 0.0))
         filled = torch.from_numpy(fill_holes_per_slice(filled.cpu().numpy())).to(hu.device)
-        filled &= body & ~airways & ~torch.from_numpy(other).to(hu.device)
+        allowed = body & ~airways & ~torch.from_numpy(other).to(hu.device)
+        filled &= allowed
+        if nearer_left is not None:
+            own_side = nearer_left if lung is left else ~nearer_left
+            filled = with_pathology(filled, allowed & own_side & (coarse < BONE_HU), grid)
         lungs.append(upsample(filled, grid.factor, full_shape))
     left_full, right_full = lungs
     overlap = left_full & right_full
     left_full &= ~overlap
     right_full &= ~overlap
-    return left_full, right_full
+    airway = upsample(airways, grid.factor, full_shape) & ~left_full & ~right_full
+    return Lungs(left_full, right_full, airway)
+
+
+def _pleural_grid(
+    mask: np.ndarray, grid: WorkingGrid
+) -> tuple[np.ndarray, tuple[float, float, float], int]:
+    """`mask` on the ~3.5 mm grid of the pleural reconstruction (a voxel is in when most of
+    its block is), the grid's spacing and its in-plane factor."""
+    factor = max(1, round(PLEURAL_GRID_MM / grid.spacing[1]))
+    pooled = F.avg_pool2d(torch.from_numpy(mask)[:, None].float(), factor, ceil_mode=True)
+    spacing = (grid.spacing[0], grid.spacing[1] * factor, grid.spacing[2] * factor)
+    return pooled[:, 0].numpy() >= 0.5, spacing, factor
+
+
+def _to_working_grid(mask: np.ndarray, factor: int, shape: tuple[int, ...]) -> np.ndarray:
+    grown = mask.repeat(factor, axis=1).repeat(factor, axis=2)
+    return grown[:, : shape[1], : shape[2]]
+
+
+def _nearer(left: np.ndarray, right: np.ndarray, grid: WorkingGrid) -> np.ndarray:
+    """Where the left lung is nearer than the right one: what the pleural reconstruction of
+    one lung may add never lies on the other's side of the mediastinum."""
+    small_left, spacing, factor = _pleural_grid(left, grid)
+    small_right, _, _ = _pleural_grid(right, grid)
+    to_left = ndimage.distance_transform_edt(~small_left, sampling=spacing)
+    to_right = ndimage.distance_transform_edt(~small_right, sampling=spacing)
+    return _to_working_grid(to_left <= to_right, factor, left.shape)
+
+
+def with_pathology(lung: torch.Tensor, allowed: torch.Tensor, grid: WorkingGrid) -> torch.Tensor:
+    """The lung and the `allowed` tissue its 25 mm ball closing adds (step 6)."""
+    small, spacing, factor = _pleural_grid(lung.cpu().numpy(), grid)
+    closed = _to_working_grid(close_ball(small, spacing, PLEURAL_RADIUS_MM), factor, lung.shape)
+    added = torch.from_numpy(closed).to(lung.device) & allowed & ~lung
+    radii = grid.radii(PLEURAL_OPENING_MM, 0.0)
+    added &= dilate(opening(added, radii), radii)  # the cores and what lies within reach
+    filled = fill_holes_per_slice((lung | added).cpu().numpy())
+    return torch.from_numpy(filled).to(lung.device) & (allowed | lung)
 
 
 def _split_lungs(

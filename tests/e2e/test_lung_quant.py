@@ -46,6 +46,7 @@ def test_a_routed_series_is_quantified_by_the_service(
         "Right lung",
         "Low attenuation area",
         "High attenuation area",
+        "Trachea and main bronchi",
     ]
     output = Path(job["result"]["output"])
     assert output.is_relative_to(node.storage)

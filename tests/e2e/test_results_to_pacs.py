@@ -187,5 +187,6 @@ def test_the_radiologist_sees_the_seg_overlay_and_the_sr_outline_in_ohif(
     shots = Path(__file__).resolve().parents[2] / "var" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     viewer_shot(ohif, study_uid, shots / "seg.png", "--seg", "--slice", "40")
+    viewer_shot(ohif, study_uid, shots / "seg-tumour.png", "--seg", "--slice", "17")
     console = viewer_shot(ohif, study_uid, shots / "sr.png", "--sr")
     assert "No spatial coordinates" not in console

@@ -13,7 +13,7 @@ from pipelines.base import BadInput
 from pipelines.lung_quant import LungQuantPipeline
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume, load_volume
-from tests.phantoms import chest, chest_geometry, write_series
+from tests.phantoms import Geometry, chest, chest_geometry, write_series
 
 ELLIPSOID_ML = 4 / 3 * np.pi * 50 * 70 * 90 / 1000
 GGO_ML = 4 / 3 * np.pi * 15**3 / 1000
@@ -73,6 +73,75 @@ def test_a_body_without_lungs_is_bad_input(tmp_path: Path) -> None:
     )
     with pytest.raises(BadInput, match="no lungs found"):
         LungQuantPipeline("cpu").run(load_volume(files))
+
+
+RIGHT_CENTRE = np.array([-60.0, 0.0, 0.0])
+RIGHT_RADII = np.array([50.0, 70.0, 90.0])
+NODULE_CENTRE, NODULE_RADIUS = np.array([-98.0, 0.0, 10.0]), 12.0
+"""A solid nodule inside the right lung, touching its lateral pleura."""
+
+
+def in_right_lung(points: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    return (((points - RIGHT_CENTRE) / (RIGHT_RADII * scale)) ** 2).sum(axis=-1) <= 1
+
+
+def pleural_disease(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nodule, wedge): a pleura-based nodule, and a wedge of consolidation (a cone whose
+    base, 36 mm across, lies on the posterior pleura and whose apex points to the hilum)."""
+    nodule = np.linalg.norm(points - NODULE_CENTRE, axis=-1) <= NODULE_RADIUS
+    x, y, z = points[..., 0] - RIGHT_CENTRE[0], points[..., 1], points[..., 2]
+    wedge = in_right_lung(points) & (y > 30) & (np.hypot(x, z) <= 18 * (y - 30) / 40)
+    return nodule, wedge
+
+
+def diseased_chest(points: np.ndarray) -> np.ndarray:
+    hu = chest()(points)
+    nodule, wedge = pleural_disease(points)
+    hu[nodule] = 40.0
+    hu[wedge] = -50.0
+    return hu
+
+
+HEAD_FIRST = Geometry(
+    rows=146,
+    columns=150,
+    pixel_spacing=(1.8, 2.2),
+    origin=(-164.0, -130.0, -140.0),
+    slice_step=5.0,
+    slices=50,
+)
+FEET_FIRST = Geometry(
+    rows=146,
+    columns=150,
+    pixel_spacing=(1.8, 2.2),
+    orientation=(-1, 0, 0, 0, 1, 0),
+    origin=(164.0, -130.0, 105.0),
+    slice_step=5.0,
+    slices=50,
+)
+"""The same chest on non-square pixels, stored head first and feet first (rows run from
+patient left to right, slices towards the feet)."""
+
+
+@pytest.mark.parametrize("geometry", [HEAD_FIRST, FEET_FIRST], ids=["head-first", "feet-first"])
+def test_pleura_based_disease_stays_in_the_lung_and_the_chest_wall_stays_out(
+    tmp_path: Path, geometry: Geometry
+) -> None:
+    volume = load_volume(write_series(tmp_path, geometry, diseased_chest))
+    result = LungQuantPipeline("cpu").run(volume)
+    left, right = result.mask("Left lung").array, result.mask("Right lung").array
+    points = volume.to_patient(np.stack(np.indices(volume.voxels.shape), axis=-1))
+    nodule, wedge = pleural_disease(points)
+    assert right[nodule].mean() > 0.9 and not left[nodule].any()
+    # the 25 mm ball bridges the wedge's inner half; at the pleura, where the lung's surface
+    # is convex, it rolls in (7 % of the wedge is lung without the reconstruction)
+    assert right[wedge].mean() > 0.5 and not left[wedge].any()
+    body = (points[..., 0] / 150) ** 2 + (points[..., 1] / 110) ** 2 <= 1
+    left_lung = in_right_lung(points * np.array([-1, 1, 1]), 1.05)  # mirrored: x = +60
+    chest_wall = body & ~in_right_lung(points, 1.05) & ~left_lung
+    assert (right & chest_wall).sum() < 0.002 * right.sum()
+    airway = result.mask("Trachea and main bronchi").array
+    assert airway.any() and not (airway & (left | right)).any()
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +232,39 @@ def test_high_attenuation_profile_ranks_infected_slices(real_results, name: str,
     lungs = (result.mask("Left lung").array | result.mask("Right lung").array).any(axis=(1, 2))
     profile = np.asarray(result.profiles[0].values)
     assert roc_auc(profile[lungs], labels[lungs]) > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lung-kernel", "body-kernel"])
+def test_the_tumour_of_a0001_is_inside_the_lung_on_its_annotated_slices(
+    real_results, name: str
+) -> None:
+    from bench.evaluate import tumour_boxes
+
+    volume, result = real_results[name]
+    annotations = SLICE_LABELS.parent / "lung-pet-ct-dx" / "A0001" / "annotations"
+    boxes = tumour_boxes(annotations, volume)
+    left = result.mask("Left lung").array
+    assert boxes.any()
+    # the boxes reach into the chest wall and the spine: about 20 % of their pixels lay in the
+    # aerated lung; the tumour the lung wraps now belongs to it
+    assert left[boxes].mean() > 0.6
+    centres = []
+    for z in np.flatnonzero(boxes.any(axis=(1, 2))):
+        rows, columns = np.nonzero(boxes[z])
+        centres.append(left[z, int(rows.mean()), int(columns.mean())])
+    # the tumour's centre on every annotated slice but, in the lung kernel, its topmost
+    assert sum(centres) >= len(centres) - 1 and len(centres) >= 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["covid", "cap", "normal", "lung-kernel", "body-kernel"])
+def test_the_airway_is_one_structure_in_the_mediastinum(real_results, name: str) -> None:
+    volume, result = real_results[name]
+    airway = result.mask("Trachea and main bronchi").array
+    left, right = result.mask("Left lung").array, result.mask("Right lung").array
+    _, count = ndimage.label(airway, structure=np.ones((3, 3, 3)))
+    assert count == 1
+    assert not (airway & (left | right)).any()
+    assert centroid_x(volume, right) < centroid_x(volume, airway) < centroid_x(volume, left)
+    assert 3 < airway.sum() * volume.voxel_volume_ml < 150

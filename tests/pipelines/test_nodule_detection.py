@@ -153,7 +153,7 @@ def test_a_ball_inserted_in_a_real_scan_is_found_where_it_was_put(bundle: Path, 
     from pipelines.anatomy.lungs import segment_lungs
 
     volume = load_volume(real_series["normal"])
-    _, right = segment_lungs(torch.from_numpy(volume.voxels), volume)
+    right = segment_lungs(torch.from_numpy(volume.voxels), volume).right
     inside = np.argwhere(right.numpy())
     index = inside[np.argmin(np.linalg.norm(inside - inside.mean(axis=0), axis=1))]
     center = volume.to_patient(index)

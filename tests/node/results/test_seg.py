@@ -13,7 +13,7 @@ def test_seg_frames_reference_the_source_slices_in_order(encoded) -> None:
     assert seg.SegmentationType == "BINARY"
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [m.segment.label for m in result.masks]
     assert all("RecommendedDisplayCIELabValue" in s for s in seg.SegmentSequence)
-    assert seg.NumberOfFrames == 4 * len(volume.sources)  # empty frames kept
+    assert seg.NumberOfFrames == len(result.masks) * len(volume.sources)  # empty ones kept
     parsed = hd.seg.Segmentation.from_dataset(seg)
     for segment_number, mask in enumerate(result.masks, start=1):
         uids = [s.sop_instance_uid for s in volume.sources]
