@@ -38,11 +38,13 @@ def build_report(
             model_name=f"{identity.pipeline} {identity.version}",
         ),
     )
+    cited: set[str] = set()
     groups: list[Group] = [
-        _region_group(region, result, volume, segmentation, identity) for region in result.regions
+        _region_group(region, result, volume, segmentation, identity, cited)
+        for region in result.regions
     ]
     groups += [
-        _detection_group(number, detection, result, volume, segmentation, identity)
+        _detection_group(number, detection, result, volume, segmentation, identity, cited)
         for number, detection in enumerate(result.detections, start=1)
     ]
     evaluations = [_finding(finding) for finding in result.findings]
@@ -52,7 +54,7 @@ def build_report(
         hd.sr.ObservationContext(observer_device_context=device),
         groups,
         evaluations,
-        sources,
+        [source for source in sources if source.SOPInstanceUID in cited],
         _tracking_only(identity),
     )
     evidence = [*sources, _reference(segmentation)] if segmentation is not None else sources
@@ -74,13 +76,15 @@ def measurement_report(
     context: hd.sr.ObservationContext,
     groups: list[Group],
     evaluations: list[hd.sr.CodeContentItem],
-    sources: list[Dataset],
+    library: list[Dataset],
     placeholder: Group,
 ) -> hd.sr.MeasurementReport:
     """TID 1500 by highdicom's MeasurementReport, plus the two things highdicom (0.28) cannot
     express and TID 1500 allows: no Imaging Measurements container at all (a classifier's
     report has no group), and a Qualitative Evaluations container (whole-scan findings and
-    the input guard's evaluation).
+    the input guard's evaluation). `library`: the images the report's coordinates point at
+    (TID 1600; every source image is in the evidence all the same: one library entry per
+    slice cost a 150-slice report 2 s to build).
 
     Without groups, highdicom builds the report around `placeholder` and its container is left
     out; the root's content is then rebuilt as a highdicom ContentSequence, which validates
@@ -91,7 +95,7 @@ def measurement_report(
         observation_context=context,
         procedure_reported=codes.CT_CHEST.as_dicom(),
         imaging_measurements=groups or [placeholder],
-        referenced_images=sources,
+        referenced_images=library,
     )
     if groups and not evaluations:
         return report
@@ -118,6 +122,7 @@ def _region_group(
     volume: Volume,
     segmentation: hd.seg.Segmentation | None,
     identity: ResultIdentity,
+    cited: set[str],
 ) -> Group:
     """A region's measurements (TID 1501). The first is INFERRED FROM the region's outline on
     its largest slice, which viewers draw, and from its SEG segment's frames.
@@ -130,7 +135,7 @@ def _region_group(
         name=region.measurements[0].concept.as_dicom(),
         value=region.measurements[0].value,
         unit=region.measurements[0].unit.as_dicom(),
-        referenced_coordinates=_coordinates(outline, volume),
+        referenced_coordinates=_coordinates(outline, volume, cited),
         referenced_images=_segment_frames(region, result, segmentation),
     )
     rest = [
@@ -178,11 +183,13 @@ def _frames_of(
 
 
 def _coordinates(
-    outline: Outline | None, volume: Volume
+    outline: Outline | None, volume: Volume, cited: set[str]
 ) -> list[hd.sr.CoordinatesForMeasurement] | None:
+    """The outline as a SCOORD on its source image (added to `cited`)."""
     if outline is None:
         return None
     sop_class, sop_instance, frame = source_of(volume, outline.slice_index)
+    cited.add(sop_instance)
     image = hd.sr.SourceImageForRegion(sop_class, sop_instance, [frame] if frame else None)
     return [
         hd.sr.CoordinatesForMeasurement(
@@ -271,12 +278,14 @@ def _detection_group(
     volume: Volume,
     segmentation: hd.seg.Segmentation | None,
     identity: ResultIdentity,
+    cited: set[str],
 ) -> Group:
     """A detected object as a planar ROI (TID 1410): its box, as a closed POLYLINE on the
     source slice through the box centre, with its score, in-plane long axis, side and its
     further measurements (the first of those INFERRED FROM its SEG segment's frames)."""
     box = detection_box(detection, volume)
     sop_class, sop_instance, frame = source_of(volume, box.slice_index)
+    cited.add(sop_instance)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=box.points,
