@@ -14,7 +14,7 @@ import torch
 
 from pipelines import codes
 from pipelines.anatomy.grid import SLAB, WorkingGrid
-from pipelines.anatomy.lungs import segment_lungs
+from pipelines.anatomy.lungs import lungs_of
 from pipelines.availability import LUNG_QUANT
 from pipelines.base import BadInput, DevicePreference, Requirements, Stage
 from pipelines.device import run_on
@@ -88,7 +88,7 @@ class LungQuantPipeline:
         started = time.perf_counter()
         stage("segment lungs")
         hu = torch.from_numpy(volume.voxels).to(device)
-        left, right, airway = segment_lungs(hu, volume)
+        left, right, airway = lungs_of(volume, device)
         timings["segmentation"] = time.perf_counter() - started
         started = time.perf_counter()
         stage("measure")

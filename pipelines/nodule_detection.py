@@ -22,7 +22,7 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.bundle import ConfigParser
 
 from pipelines import codes
-from pipelines.anatomy.lungs import segment_lungs
+from pipelines.anatomy.lungs import lungs_of
 from pipelines.base import BadInput, Requirements, Stage, StageTimer
 from pipelines.detection_network import MONAI_EXTRACTOR, OUR_EXTRACTOR
 from pipelines.device import inference_mode
@@ -158,7 +158,7 @@ class NoduleDetectionPipeline(ModelPipeline):
     ) -> list[codes.Code | None]:
         """Left or right lung for each box centre, from lung-quant's lung masks."""
         try:
-            lungs = segment_lungs(torch.from_numpy(volume.voxels), volume)
+            lungs = lungs_of(volume)
             left, right = lungs.left.numpy(), lungs.right.numpy()
         except BadInput as exc:
             log.info("%s: no lung masks for the nodules' side: %s", self.name, exc)

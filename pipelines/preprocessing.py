@@ -20,7 +20,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from pipelines.anatomy.lungs import segment_lungs
+from pipelines.anatomy.lungs import lungs_of
 from pipelines.base import BadInput
 from pipelines.settings import PreprocessingSettings
 from pipelines.volume import Volume
@@ -49,7 +49,7 @@ def to_meta_tensor(volume: Volume, box: Box | None = None) -> MetaTensor:
 
 def lung_box(volume: Volume, margin_mm: float) -> Box:
     """The voxels around both lungs (lung-quant's segmentation), with a margin."""
-    found = segment_lungs(torch.from_numpy(volume.voxels), volume)
+    found = lungs_of(volume)
     lungs = (found.left | found.right).numpy()
     if not lungs.any():
         raise BadInput("no lungs found to crop the scan to")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from pipelines import codes
@@ -268,3 +269,20 @@ def test_the_airway_is_one_structure_in_the_mediastinum(real_results, name: str)
     assert not (airway & (left | right)).any()
     assert centroid_x(volume, right) < centroid_x(volume, airway) < centroid_x(volume, left)
     assert 3 < airway.sum() * volume.voxel_volume_ml < 150
+
+
+def test_the_lungs_of_a_volume_are_segmented_once_and_shared(tmp_path: Path) -> None:
+    """lung-quant, the classifiers' lung crop and the nodules' side ask for the same series'
+    lungs: the second ask gets the kept masks, a changed volume is segmented anew."""
+    from pipelines.anatomy import lungs as anatomy
+
+    volume = load_volume(write_series(tmp_path / "a", chest_geometry(), chest()))
+    first = anatomy.lungs_of(volume)
+    kept = anatomy._last[0]
+    again = anatomy.lungs_of(volume)
+    assert anatomy._last[0] is kept
+    for made, shared in zip(first, again, strict=True):
+        assert torch.equal(made, shared)
+    moved = load_volume(write_series(tmp_path / "b", chest_geometry(), chest((40, 0, 0))))
+    other = anatomy.lungs_of(moved)
+    assert anatomy._last[0] is not kept and not torch.equal(other.left, first.left)
