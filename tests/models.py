@@ -217,3 +217,26 @@ def blob_detector_bundle(root: Path, diameter_voxels: float, spacing_mm: float) 
         },
     }
     return write_bundle(root, inference, blob_detector(diameter_voxels))
+
+
+def ct_fm_embedding(folder: Path, spacing_mm: float) -> dict[str, object]:
+    """`ct-embedding` settings with a small CT-FM encoder (seeded weights) saved in `folder`,
+    on a coarse grid of `spacing_mm`."""
+    from monai.networks.nets.segresnet_ds import SegResEncoder
+
+    torch.manual_seed(1)
+    model = folder / "ct-fm.pt"
+    torch.save(SegResEncoder(spatial_dims=3, **ENCODER_ARGS).state_dict(), model)
+    return {
+        "device": "cpu",
+        "model": {"path": str(model)},
+        "network": {
+            "target": "monai.networks.nets.segresnet_ds.SegResEncoder",
+            "args": {"spatial_dims": 3, **ENCODER_ARGS},
+        },
+        "preprocessing": {
+            "orientation": "SPL",
+            "intensity_range": [-1024, 2048],
+            "spacing_mm": [spacing_mm] * 3,
+        },
+    }

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import highdicom as hd
 import pytest
-import torch
 
 from tests.dicom_checks import qualitative_evaluations, validate
 from tests.e2e.test_routing import jobs_of, uid_of
-from tests.models import ENCODER_ARGS
+from tests.models import ct_fm_embedding
 from tests.peers import NodeProcess, storescu, wait_until
 from tests.phantoms import chest, chest_geometry, write_series
 
@@ -30,27 +29,6 @@ rules:
     match: {guard_distance: {le: 1.5}}
     pipelines: [echo]
 """
-
-
-def embedding_config(folder: Path) -> dict[str, object]:
-    from monai.networks.nets.segresnet_ds import SegResEncoder
-
-    torch.manual_seed(3)
-    model = folder / "encoder.pt"
-    torch.save(SegResEncoder(spatial_dims=3, **ENCODER_ARGS).state_dict(), model)
-    return {
-        "device": "cpu",
-        "model": {"path": str(model)},
-        "network": {
-            "target": "monai.networks.nets.segresnet_ds.SegResEncoder",
-            "args": {"spatial_dims": 3, **ENCODER_ARGS},
-        },
-        "preprocessing": {
-            "orientation": "SPL",
-            "intensity_range": [-1024, 2048],
-            "spacing_mm": [4.0, 4.0, 4.0],
-        },
-    }
 
 
 def solid_block(points):
@@ -74,7 +52,7 @@ def test_the_guard_holds_a_series_unlike_the_reference_and_passes_one_like_it(
     rules.write_text(RULES)
     node = start_node(
         routing={"rules_file": str(rules)},
-        pipelines={"ct-embedding": embedding_config(tmp_path)},
+        pipelines={"ct-embedding": ct_fm_embedding(tmp_path, 4.0)},
     )
     geometry = chest_geometry()
     shifts = [(-8, 0), (0, 6), (8, -6)]

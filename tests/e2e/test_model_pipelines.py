@@ -23,6 +23,7 @@ from tests.e2e.test_routing import uid_of
 from tests.models import (
     ENCODER_ARGS,
     blob_detector_bundle,
+    ct_fm_embedding,
     densenet_findings_bundle,
     fixed_classifier,
 )
@@ -43,11 +44,6 @@ SMALL_INPUT = {"spacing_mm": [4.0, 4.0, 5.0], "crop": "lungs", "spatial_size": [
 def pipeline_config(models: Path) -> dict[str, object]:
     triage = models / "triage.pt"
     torch.save(fixed_classifier([2.0, 0.5, -1.0]).state_dict(), triage)
-    encoder = models / "ct-fm.pt"
-    torch.manual_seed(1)
-    from monai.networks.nets.segresnet_ds import SegResEncoder
-
-    torch.save(SegResEncoder(spatial_dims=3, **ENCODER_ARGS).state_dict(), encoder)
     encoder_args = {"out_channels": 3, **ENCODER_ARGS}
     return {
         "covid-triage": {
@@ -65,19 +61,7 @@ def pipeline_config(models: Path) -> dict[str, object]:
             "model": {"path": str(blob_detector_bundle(models / "nodules", 7.0, 2.0))},
             "detection": {"threshold": 0.3, "max_detections": 3},
         },
-        "ct-embedding": {
-            "device": "cpu",
-            "model": {"path": str(encoder)},
-            "network": {
-                "target": "monai.networks.nets.segresnet_ds.SegResEncoder",
-                "args": {"spatial_dims": 3, **ENCODER_ARGS},
-            },
-            "preprocessing": {
-                "orientation": "SPL",
-                "intensity_range": [-1024, 2048],
-                "spacing_mm": [6.0, 6.0, 6.0],
-            },
-        },
+        "ct-embedding": ct_fm_embedding(models, 6.0),
     }
 
 

@@ -98,6 +98,24 @@ def add_embedded(engine: Engine, study: str, series: str, profile: np.ndarray) -
     return series_id
 
 
+def embedding_job(engine: Engine, series_id: int, profile: np.ndarray) -> tuple[dict, int]:
+    """A ct-embedding job on the series ends with this profile, as a worker records it;
+    returns the job's recorded result and the series' routed revision after it."""
+    queue = JobQueue(engine)
+    queue.enqueue(series_id, 1, [JobRequest("x", "ct-embedding", (), Priority.ROUTINE, ("r",))])
+    job = queue.claim("w", 30)
+    assert job is not None
+    summary = ResultSummary(pipeline="ct-embedding", version="1.0", positive=False)
+    outcome = JobOutcome(job.id, "w", summary, (), np.ones(4, np.float32), profile)
+    assert OutcomeRecorder(engine).record(outcome)
+    with engine.connect() as conn:
+        result = json.loads(conn.execute(select(Job.result).where(Job.id == job.id)).scalar_one())
+        routed = conn.execute(
+            select(Series.routed_revision).where(Series.id == series_id)
+        ).scalar_one()
+    return result, routed
+
+
 def test_a_fitted_reference_scores_stored_and_new_embeddings(engine: Engine) -> None:
     for index in range(4):
         add_embedded(engine, f"1.9.{index}", f"1.9.{index}.1", near())
@@ -111,19 +129,8 @@ def test_a_fitted_reference_scores_stored_and_new_embeddings(engine: Engine) -> 
 
     # a new series' embedding job: scored in its outcome, its series routed again
     series_id = add_embedded(engine, "1.9.8", "1.9.8.1", near())
-    queue = JobQueue(engine)
-    queue.enqueue(series_id, 1, [JobRequest("x", "ct-embedding", (), Priority.ROUTINE, ("r",))])
-    job = queue.claim("w", 30)
-    assert job is not None
-    summary = ResultSummary(pipeline="ct-embedding", version="1.0", positive=False)
-    unlike = CENTRE[::-1].copy()
-    outcome = JobOutcome(job.id, "w", summary, (), np.ones(4, np.float32), unlike)
-    assert OutcomeRecorder(engine).record(outcome)
+    result, routed = embedding_job(engine, series_id, CENTRE[::-1].copy())
     with engine.connect() as conn:
-        result = json.loads(conn.execute(select(Job.result).where(Job.id == job.id)).scalar_one())
-        routed = conn.execute(
-            select(Series.routed_revision).where(Series.id == series_id)
-        ).scalar_one()
         score = guard.series_score(conn, series_id, 1)
     assert result["guard_distance"] > 1.5 and result["guard_threshold"] == 1.5
     assert routed == 0  # the router takes the series again, now with its guard distance
@@ -133,18 +140,8 @@ def test_a_fitted_reference_scores_stored_and_new_embeddings(engine: Engine) -> 
 
 def test_without_a_reference_an_embedding_is_stored_unscored(engine: Engine) -> None:
     series_id = add_embedded(engine, "1.9.9", "1.9.9.1", near())
-    queue = JobQueue(engine)
-    queue.enqueue(series_id, 1, [JobRequest("x", "ct-embedding", (), Priority.ROUTINE, ("r",))])
-    job = queue.claim("w", 30)
-    assert job is not None
-    summary = ResultSummary(pipeline="ct-embedding", version="1.0", positive=False)
-    outcome = JobOutcome(job.id, "w", summary, (), np.ones(4, np.float32), near())
-    assert OutcomeRecorder(engine).record(outcome)
+    result, routed = embedding_job(engine, series_id, near())
     with engine.connect() as conn:
-        result = json.loads(conn.execute(select(Job.result).where(Job.id == job.id)).scalar_one())
-        routed = conn.execute(
-            select(Series.routed_revision).where(Series.id == series_id)
-        ).scalar_one()
         assert guard.series_score(conn, series_id, 1) is None
     assert result["guard_distance"] is None and routed == 1
 
