@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from datetime import timedelta
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,16 @@ def request(pipeline: str = "echo", priority: Priority = Priority.ROUTINE) -> Jo
     return JobRequest("unused", pipeline, ("origin",), priority, ("rule",))
 
 
-def work(url: str, name: str, out: str, stop_after_idle: float) -> None:
-    """A worker process: claim, note the job id, succeed, until the queue stays empty."""
+def work(
+    url: str, name: str, out: str, stop_after_idle: float, start: Barrier | None = None
+) -> None:
+    """A worker process: claim, note the job id, succeed, until the queue stays empty;
+    with `start`, all begin together (a process spawned late under load would find the
+    queue already empty)."""
     engine = make_engine(url)
     queue = JobQueue(engine)
+    if start is not None:
+        start.wait(timeout=120)
     idle_since = time.monotonic()
     with open(out, "a") as log:
         while time.monotonic() - idle_since < stop_after_idle:
@@ -58,9 +65,10 @@ def test_500_jobs_4_worker_processes_each_job_runs_once(
     for series_id in add_series(engine, 500):
         queue.enqueue(series_id, 1, [request()])
     spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(4)
     outputs = [tmp_path / f"worker{i}.txt" for i in range(4)]
     workers = [
-        spawn.Process(target=work, args=(database_url, f"w{i}", str(out), 2.0))
+        spawn.Process(target=work, args=(database_url, f"w{i}", str(out), 2.0, start))
         for i, out in enumerate(outputs)
     ]
     for process in workers:
