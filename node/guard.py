@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, ScalarSelect, func, select, update
 
 from node.db.models import Embedding, GuardReference, Series, Study, utcnow
 from node.db.upsert import upsert
@@ -186,17 +186,18 @@ def save_reference(engine: Engine, pipeline: str, fitted: FittedGuard, threshold
             )
             .limit(1)
         ).scalar_one()
+        reference = StoredReference(
+            pipeline, version, threshold, list(fitted.held_out), utcnow(), fitted.model
+        )
         row = {
             "pipeline": pipeline,
             "model_version": version,
             "threshold": threshold,
-            "series": list(fitted.held_out),
-            "fitted_at": utcnow(),
+            "series": reference.series,
+            "fitted_at": reference.fitted_at,
             "model": fitted.model.to_bytes(),
         }
         upsert(conn, GuardReference, row, ["pipeline"])
-        reference = _reference(conn, pipeline)
-        assert reference is not None
         rows = conn.execute(
             select(Embedding.id, Embedding.profile).where(
                 Embedding.pipeline == pipeline, Embedding.profile.is_not(None)
@@ -212,16 +213,22 @@ def save_reference(engine: Engine, pipeline: str, fitted: FittedGuard, threshold
     return len(rows)
 
 
-def load_reference(engine: Engine, pipeline: str) -> StoredReference | None:
-    with engine.connect() as conn:
-        return _reference(conn, pipeline)
-
-
 def score_profile(conn: Connection, pipeline: str, profile: np.ndarray) -> GuardScore | None:
     """The score of a new profile of `pipeline`; None without a reference (or of another
     model's kind)."""
     reference = _reference(conn, pipeline)
     return None if reference is None else reference.score(profile)
+
+
+def distance_of(series_id: object, revision: object) -> ScalarSelect[float | None]:
+    """The guard distance of a series revision (the farthest, where several embedding
+    pipelines scored it) as a SQL expression, of values or of an enclosing query's columns
+    (`Series.id`, `Series.revision`)."""
+    return (
+        select(func.max(Embedding.guard_distance))
+        .where(Embedding.series_id == series_id, Embedding.revision == revision)
+        .scalar_subquery()
+    )
 
 
 def series_score(conn: Connection, series_id: int, revision: int) -> GuardScore | None:

@@ -23,6 +23,7 @@ from node.db.upsert import upsert
 from node.guard import GuardScore, score_profile
 from node.leased import DUE, LeasedQueue, RetryPolicy, queued
 from node.notify import queue_notifications
+from node.routing.router import route_again
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,19 @@ class OutcomeRecorder:
         no longer the worker's (lease lost, cancelled)."""
         summary = outcome.summary
         with self._engine.begin() as conn:
+            job = _finished_job(conn, outcome.job_id)
+            if job is None:
+                return False
+            score = _guard_score(conn, job, outcome)
+            if score is not None:
+                summary = summary.model_copy(
+                    update={"guard_distance": score.distance, "guard_threshold": score.threshold}
+                )
             owned = self._jobs.succeed(
                 conn, outcome.job_id, outcome.owner, result=summary.model_dump_json()
             )
             if not owned:
                 return False
-            job = _finished_job(conn, outcome.job_id)
             priority = job.priority
             escalation = job.priority_if_positive
             if summary.positive and escalation is not None and escalation < priority:
@@ -119,12 +127,18 @@ class OutcomeRecorder:
                 priority,
             )
             if outcome.embedding is not None:
-                score = store_embedding(
-                    conn, job, summary.version, outcome.embedding, outcome.profile
+                store_embedding(
+                    conn, job, summary.version, outcome.embedding, outcome.profile, score
                 )
-                if score is not None:
-                    _record_guard(conn, outcome.job_id, summary, score)
-                    route_again(conn, job)
+            if score is not None:
+                route_again(conn, job.series_id, job.revision)  # rules may test the score
+                if score.unlike:
+                    log.warning(
+                        "job %d: series unlike the site's reference (guard distance %.2f > %.2f)",
+                        outcome.job_id,
+                        score.distance,
+                        score.threshold,
+                    )
             queue_notifications(
                 conn,
                 outcome.job_id,
@@ -140,22 +154,16 @@ class OutcomeRecorder:
         return True
 
 
-def _record_guard(conn: Connection, job_id: int, summary: ResultSummary, score: GuardScore) -> None:
-    """Add the guard's score to the job's recorded result."""
-    scored = summary.model_copy(
-        update={"guard_distance": score.distance, "guard_threshold": score.threshold}
-    )
-    conn.execute(update(Job).where(Job.id == job_id).values(result=scored.model_dump_json()))
-    if score.unlike:
-        log.warning(
-            "job %d: series unlike the site's reference (guard distance %.2f > %.2f)",
-            job_id,
-            score.distance,
-            score.threshold,
-        )
+def _guard_score(conn: Connection, job: FinishedJob, outcome: JobOutcome) -> GuardScore | None:
+    """The input guard's score of the job's embedding profile (None without one, or without
+    a reference for the job's pipeline)."""
+    if outcome.embedding is None or outcome.profile is None:
+        return None
+    return score_profile(conn, job.pipeline, outcome.profile)
 
 
-def _finished_job(conn: Connection, job_id: int) -> FinishedJob:
+def _finished_job(conn: Connection, job_id: int) -> FinishedJob | None:
+    """The job's row; None when it is gone (its study deleted while it ran)."""
     row = conn.execute(
         select(
             Job.series_id,
@@ -165,7 +173,9 @@ def _finished_job(conn: Connection, job_id: int) -> FinishedJob:
             Job.priority,
             Job.priority_if_positive,
         ).where(Job.id == job_id)
-    ).one()
+    ).one_or_none()
+    if row is None:
+        return None
     return FinishedJob(
         row.series_id,
         row.revision,
@@ -240,10 +250,10 @@ def store_embedding(
     model_version: str,
     vector: np.ndarray,
     profile: np.ndarray | None,
-) -> GuardScore | None:
-    """Keep the series' embedding from this pipeline (a later revision replaces it), scored
-    by the pipeline's input guard when it has a reference; returns the score."""
-    score = None if profile is None else score_profile(conn, job.pipeline, profile)
+    score: GuardScore | None,
+) -> None:
+    """Keep the series' embedding from this pipeline (a later revision replaces it), with
+    its profile and the input guard's score of it."""
     data = np.asarray(vector, dtype=np.float32)
     row = {
         "series_id": job.series_id,
@@ -257,14 +267,3 @@ def store_embedding(
         "created_at": utcnow(),
     }
     upsert(conn, Embedding, row, ["series_id", "pipeline"])
-    return score
-
-
-def route_again(conn: Connection, job: FinishedJob) -> None:
-    """Have the router route the job's series revision again (it now has a guard distance
-    for rules to test); jobs that exist are not repeated."""
-    conn.execute(
-        update(Series)
-        .where(Series.id == job.series_id, Series.routed_revision == job.revision)
-        .values(routed_revision=job.revision - 1)
-    )

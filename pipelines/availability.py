@@ -6,11 +6,10 @@ a worker runs and what the status page says agree."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipelines.probe import ProbeError, load_probe
+from pipelines.probe import ProbeError, read_probe
 from pipelines.settings import PipelineSettings, ProbeSettings, SegmentationSettings
 
 
@@ -51,12 +50,9 @@ def of_probe(name: str, settings: PipelineSettings) -> Availability:
     if not isinstance(settings, ProbeSettings) or settings.probe is None:
         return Availability(found.version, f"no probe file configured (pipelines.{name}.probe)")
     try:
-        probe = load_probe(settings.probe)
-        digest = hashlib.sha256(settings.probe.read_bytes()).hexdigest()[:8]
+        probe, digest = read_probe(settings.probe)
     except ProbeError as exc:
         return Availability(found.version, str(exc))
-    except OSError as exc:
-        return Availability(found.version, f"cannot read the probe {settings.probe}: {exc}")
     version = f"{found.version[:40]}+probe-{digest}"
     if found.problem is None and probe.model_version != found.version:
         return Availability(

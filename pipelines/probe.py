@@ -8,6 +8,7 @@ was fitted on and its leave-one-out metrics. No torch here: `ainode status` read
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -160,9 +161,18 @@ class ProbeError(ValueError):
 
 
 def load_probe(path: Path) -> Probe:
+    return read_probe(path)[0]
+
+
+def read_probe(path: Path) -> tuple[Probe, str]:
+    """The probe in `path` and the first 8 hex digits of the file's SHA-256 (which the
+    pipeline's version names)."""
     try:
-        return Probe.model_validate_json(path.read_bytes())
+        data = path.read_bytes()
     except OSError as exc:
         raise ProbeError(f"cannot read the probe {path}: {exc.strerror}") from exc
+    try:
+        probe = Probe.model_validate_json(data)
     except (ValidationError, json.JSONDecodeError) as exc:
         raise ProbeError(f"{path} is not a probe file: {exc}") from exc
+    return probe, hashlib.sha256(data).hexdigest()[:8]

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Protocol
 
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Connection, Engine, select, update
 
-from node.db.models import Embedding, Instance, Series, SeriesState, Source, Study
+from node.db.models import Instance, Series, SeriesState, Source, Study
+from node.guard import distance_of
 from node.routing.engine import JobRequest, SeriesFacts, evaluate, route_series, route_study
 from node.routing.rules import PriorsRequest, RulesError, RuleSet, load_rules
 
@@ -177,6 +178,16 @@ class Router:
                 self._priors.fetch_priors(study_id, rule.fetch_priors)
 
 
+def route_again(conn: Connection, series_id: int, revision: int) -> None:
+    """Have the router route the series' `revision` again at its next pass (the rules or
+    what they test changed); jobs that exist are not repeated."""
+    conn.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.routed_revision >= revision)
+        .values(routed_revision=revision - 1)
+    )
+
+
 class PriorsSink(Protocol):
     """Where requests for a study's priors go (`node.fetch.priors.PriorsQueue`)."""
 
@@ -209,11 +220,7 @@ def stored_series_facts(engine: Engine, storage: Path, series_id: int) -> Series
             .order_by(Instance.instance_number, Instance.id)
             .limit(1)
         ).scalar_one_or_none()
-        guard_distance = conn.execute(
-            select(func.max(Embedding.guard_distance)).where(
-                Embedding.series_id == series_id, Embedding.revision == series.revision
-            )
-        ).scalar_one_or_none()
+        guard_distance = conn.execute(select(distance_of(series_id, series.revision))).scalar()
     if path is None:
         raise NoInstanceLeft(f"series {series.series_instance_uid} has no instance left")
     context = {

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from node.audit import Kind, list_events, record
 from node.config import Role
@@ -34,6 +34,7 @@ from node.report import (
     node_status,
     pipeline_statuses,
 )
+from node.routing.router import route_again
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, authenticated, requires
 
@@ -160,9 +161,7 @@ def reroute(series_uid: str, context: Context, principal: Operator) -> Done:
             raise HTTPException(404, detail=f"no series {series_uid}")
         if found.state != SeriesState.COMPLETE or found.source == Source.NODE:
             raise HTTPException(409, detail=f"series {series_uid} is {found.state}, not routable")
-        conn.execute(
-            update(Series).where(Series.id == found.id).values(routed_revision=found.revision - 1)
-        )
+        route_again(conn, found.id, found.revision)
     record(
         context.engine,
         Kind.ADMIN,
