@@ -166,6 +166,7 @@ class Series(Base):
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     routed_revision: Mapped[int] = mapped_column(Integer, default=0)
+    route_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     study: Mapped[Study] = relationship(back_populates="series")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, case, select, update
 
 from node.db.models import Instance, Series, SeriesState, Source, Study
 from node.guard import distance_of
@@ -112,11 +112,15 @@ class Router:
         """Route every complete series revision not routed yet; return how many.
 
         Marking a revision routed happens after its jobs exist, and creating jobs is
-        idempotent, so a crash in between loses nothing and duplicates nothing.
+        idempotent, so a crash in between loses nothing and duplicates nothing. The mark
+        holds only if no one asked to route the series again meanwhile (`route_again`);
+        else the next pass routes it again.
         """
         with self._engine.connect() as conn:
             pending = conn.execute(
-                select(Series.id, Series.series_instance_uid, Series.revision).where(
+                select(
+                    Series.id, Series.series_instance_uid, Series.revision, Series.route_requests
+                ).where(
                     Series.state == SeriesState.COMPLETE,
                     Series.routed_revision < Series.revision,
                     Series.source != Source.NODE,  # the node's own results
@@ -125,13 +129,15 @@ class Router:
         if not pending:
             return 0
         rules = self._rules.current()
-        for series_id, uid, revision in pending:
+        for series_id, uid, revision, requests_seen in pending:
             facts = self.facts(series_id)
             requests = route_series(rules, facts)[0] if facts is not None else []
             created = self._queue.enqueue(series_id, revision, requests)
             with self._engine.begin() as conn:
                 conn.execute(
-                    update(Series).where(Series.id == series_id).values(routed_revision=revision)
+                    update(Series)
+                    .where(Series.id == series_id, Series.route_requests == requests_seen)
+                    .values(routed_revision=revision)
                 )
             pipelines = ", ".join(r.pipeline for r in requests) or "no pipeline"
             log.info("series %s revision %d routed: %s, jobs %s", uid, revision, pipelines, created)
@@ -180,11 +186,18 @@ class Router:
 
 def route_again(conn: Connection, series_id: int, revision: int) -> None:
     """Have the router route the series' `revision` again at its next pass (the rules or
-    what they test changed); jobs that exist are not repeated."""
+    what they test changed); jobs that exist are not repeated. Counting the request keeps
+    a pass that is routing the series now from marking it routed."""
     conn.execute(
         update(Series)
-        .where(Series.id == series_id, Series.routed_revision >= revision)
-        .values(routed_revision=revision - 1)
+        .where(Series.id == series_id)
+        .values(
+            routed_revision=case(
+                (Series.routed_revision >= revision, revision - 1),
+                else_=Series.routed_revision,
+            ),
+            route_requests=Series.route_requests + 1,
+        )
     )
 
 

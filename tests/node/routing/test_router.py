@@ -12,7 +12,8 @@ from node.catalog import Catalog, Receipt
 from node.db.models import Instance, Job, Series, SeriesState, utcnow
 from node.ingest.metadata import InstanceMetadata
 from node.queue import JobQueue
-from node.routing.router import Router, RulesSource
+from node.routing.engine import JobRequest
+from node.routing.router import Router, RulesSource, route_again
 from node.storage import InstanceStore
 from tests.phantoms import Geometry, sphere, write_series
 
@@ -123,3 +124,31 @@ def test_a_series_whose_instances_moved_away_is_routed_to_nothing(
     assert routing.route_pending() == 1
     assert routing.route_pending() == 0
     assert jobs(engine) == []
+
+
+def test_a_request_to_route_again_made_while_routing_is_kept(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The rules change and the API asks for re-routing while the router is between reading
+    the series and marking it routed: the next pass routes it with the new rules."""
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(RULES.replace("le: 2", "le: 0.5"))
+    thin = store_series(engine, tmp_path / "store", thickness=1.0, slices=6)
+    queue = JobQueue(engine)
+
+    class RulesChangedMeanwhile:
+        def enqueue(self, series_id: int, revision: int, requests: list[JobRequest]) -> list[int]:
+            created = queue.enqueue(series_id, revision, requests)
+            if rules_file.read_text() != RULES:
+                rules_file.write_text(RULES)
+                with engine.begin() as conn:
+                    route_again(conn, series_id, revision)
+            return created
+
+    source = RulesSource(rules_file, {"echo", "lung-quant"}, set())
+    routing = Router(engine, tmp_path / "store", source, RulesChangedMeanwhile())
+    assert routing.route_pending() == 1
+    assert jobs(engine) == []
+    assert routing.route_pending() == 1
+    assert jobs(engine) == [(thin, "echo")]
+    assert routing.route_pending() == 0
