@@ -1,10 +1,12 @@
-"""A pipeline's masks as one BINARY DICOM Segmentation over the source series."""
+"""A pipeline's masks as one DICOM Segmentation over the source series: BINARY, uncompressed
+(every viewer and archive reads it; `bench/seg_encoding.py` measures the alternatives)."""
 
 from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from node.results.identity import MANUFACTURER, NOT_FOR_DIAGNOSIS, ResultIdentity
 from pipelines.result import Mask, PipelineResult
@@ -18,11 +20,19 @@ def cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
 
 
 def build_segmentation(
-    result: PipelineResult, volume: Volume, sources: list[Dataset], identity: ResultIdentity
+    result: PipelineResult,
+    volume: Volume,
+    sources: list[Dataset],
+    identity: ResultIdentity,
+    kind: hd.seg.SegmentationTypeValues = hd.seg.SegmentationTypeValues.BINARY,
+    transfer_syntax: str = ExplicitVRLittleEndian,
 ) -> hd.seg.Segmentation:
-    """One frame per source slice and segment, empty frames kept (viewers place frames by
-    their source image; omitting empty ones misplaces segments in some of them)."""
+    """One frame per source slice and segment (LABELMAP: per source slice), empty frames
+    kept (viewers place frames by their source image; omitting empty ones misplaces
+    segments in some of them)."""
     frames = _frames_in_source_order(result.masks, volume, sources)
+    if kind is hd.seg.SegmentationTypeValues.LABELMAP:
+        frames = _labels(frames)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -43,7 +53,8 @@ def build_segmentation(
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=kind,
+        transfer_syntax_uid=transfer_syntax,
         segment_descriptions=descriptions,
         series_instance_uid=identity.uid("seg-series"),
         series_number=SEG_SERIES_NUMBER,
@@ -66,8 +77,19 @@ def _frames_in_source_order(
 ) -> np.ndarray:
     """(frames, rows, columns, segments) in the order highdicom pairs frames with sources:
     one frame per single-frame source, or the frames of one multi-frame source in file order."""
-    stacked = np.stack([mask.array for mask in masks], axis=-1)
+    # Each segment's frames contiguous: highdicom's overlap check (a sum over segments)
+    # and its per-frame packing run a third faster than on an interleaved stack.
+    stacked = np.moveaxis(np.stack([mask.array for mask in masks]), 0, -1)
     if len(sources) == len(volume.sources):
         return stacked
     order = np.argsort([s.frame_number or 0 for s in volume.sources])
     return stacked[order]
+
+
+def _labels(stacked: np.ndarray) -> np.ndarray:
+    """(frames, rows, columns) of segment numbers from one-hot (..., segments) masks; where
+    masks overlap, the later segment wins."""
+    labels = np.zeros(stacked.shape[:-1], dtype=np.uint8)
+    for number in range(stacked.shape[-1]):
+        labels[stacked[..., number]] = number + 1
+    return labels
