@@ -39,18 +39,50 @@ def process_series(
     SEG, SR, key images) to `folder_for(volume)`. Raises BadInput or Unavailable.
     `guard`: the series' input-guard score, which the SR reports."""
     stage = stage or (lambda _: None)
+    loaded = load_series(pipeline, files, options, decoded, stage)
+    result = pipeline.run(loaded.volume, stage)
+    return finish_series(pipeline, loaded, result, revision, station, folder_for, stage, guard)
+
+
+@dataclass
+class Loaded:
+    volume: Volume
+    seconds: float
+
+
+def load_series(
+    pipeline: Pipeline,
+    files: Sequence[Path],
+    options: VolumeOptions,
+    decoded: Progress | None = None,
+    stage: Stage | None = None,
+) -> Loaded:
+    """The series in `files` as the pipeline wants it; raises BadInput or Unavailable."""
     problem = pipeline.problem()
     if problem:
         raise Unavailable(problem)
     if not files:
         raise BadInput("the series has no stored instances")
-    stage("decode")
+    (stage or (lambda _: None))("decode")
     clock = time.perf_counter()
     volume = load_volume(files, options, pipeline.requirements, decoded)
-    loaded = time.perf_counter() - clock
-    result = pipeline.run(volume, stage)
-    result.timings = {"load": loaded, **result.timings}
-    stage("encode")
+    return Loaded(volume, time.perf_counter() - clock)
+
+
+def finish_series(
+    pipeline: Pipeline,
+    loaded: Loaded,
+    result: PipelineResult,
+    revision: int,
+    station: str,
+    folder_for: Callable[[Volume], Path],
+    stage: Stage | None = None,
+    guard: GuardScore | None = None,
+) -> Processed:
+    """Encode `result` of the loaded series as DICOM and save it to `folder_for(volume)`."""
+    volume = loaded.volume
+    result.timings = {"load": loaded.seconds, **result.timings}
+    (stage or (lambda _: None))("encode")
     folder = folder_for(volume)
     identity = ResultIdentity(
         pipeline.name, pipeline.version, volume.series_instance_uid, revision, station

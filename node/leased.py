@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, Engine, Update, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Update, select, update
 
 from node.db.models import Dispatch, Fetch, Job, Notification, WorkState, utcnow
 
@@ -114,9 +114,10 @@ class LeasedQueue:
         owner: str,
         lease_seconds: float,
         limit: int = 1,
+        where: ColumnElement[bool] | None = None,
     ) -> list[Lease]:
-        """Lease up to `limit` due rows, most urgent (lowest priority value) first, in the
-        caller's transaction."""
+        """Lease up to `limit` due rows (of those `where` selects), most urgent (lowest
+        priority value) first, in the caller's transaction."""
         table, now = self.table, utcnow()
         candidates = (
             select(table.id)
@@ -124,6 +125,8 @@ class LeasedQueue:
             .order_by(table.priority, table.run_after, table.id)
             .limit(limit)
         )
+        if where is not None:
+            candidates = candidates.where(where)
         if self._skip_locked:
             candidates = candidates.with_for_update(skip_locked=True)
         ids = list(conn.execute(candidates).scalars())

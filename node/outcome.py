@@ -45,6 +45,9 @@ class ResultSummary(BaseModel):
     """The series' distance to the site's reference (`node.guard`): about 1 is like it."""
     guard_threshold: float | None = None
     timings_s: dict[str, float] = {}
+    batch: int = 1
+    """How many series went through the network together with this one (its timings are
+    the batch's)."""
     output: str = ""
     objects: list[str] = []
     dropped: list[str] = []

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -88,13 +88,29 @@ class JobQueue:
 
     def claim(self, owner: str, lease_seconds: float) -> ClaimedJob | None:
         """Take the most urgent runnable job, or None."""
+        claimed = self._claim(owner, lease_seconds, 1)
+        return claimed[0] if claimed else None
+
+    def claim_more(
+        self, owner: str, lease_seconds: float, pipeline: str, limit: int
+    ) -> list[ClaimedJob]:
+        """Take up to `limit` more runnable jobs of `pipeline`, most urgent first (a batch)."""
+        return self._claim(owner, lease_seconds, limit, Job.pipeline == pipeline)
+
+    def _claim(
+        self,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        where: ColumnElement[bool] | None = None,
+    ) -> list[ClaimedJob]:
         with self._engine.begin() as conn:
-            leases = self.leased.claim(conn, owner, lease_seconds)
+            leases = self.leased.claim(conn, owner, lease_seconds, limit, where)
             if not leases:
-                return None
-            [lease] = leases
-            row = conn.execute(
+                return []
+            rows = conn.execute(
                 select(
+                    Job.id,
                     Job.series_id,
                     Series.series_instance_uid,
                     Job.revision,
@@ -102,18 +118,21 @@ class JobQueue:
                     Job.destinations,
                 )
                 .join(Series, Series.id == Job.series_id)
-                .where(Job.id == lease.id)
-            ).one()
-        series_id, series_uid, revision, pipeline, destinations = row
-        return ClaimedJob(
-            lease.id,
-            series_id,
-            series_uid,
-            revision,
-            pipeline,
-            tuple(destinations),
-            lease.attempt,
-        )
+                .where(Job.id.in_([lease.id for lease in leases]))
+            ).all()
+        found = {row.id: row for row in rows}
+        return [
+            ClaimedJob(
+                lease.id,
+                found[lease.id].series_id,
+                found[lease.id].series_instance_uid,
+                found[lease.id].revision,
+                found[lease.id].pipeline,
+                tuple(found[lease.id].destinations),
+                lease.attempt,
+            )
+            for lease in leases
+        ]
 
     def renew(self, job_id: int, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; False if the job is no longer ours (expired, cancelled)."""

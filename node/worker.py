@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sqlalchemy import select
@@ -26,8 +26,8 @@ from node.catalog import Catalog
 from node.config import Settings, api_link
 from node.db.engine import make_engine
 from node.db.models import Instance, Job, Source, WorkState
-from node.guard import series_score
-from node.inference import Processed, process_series
+from node.guard import GuardScore, series_score
+from node.inference import Loaded, Processed, finish_series, load_series, process_series
 from node.ingest.intake import Delivery, Intake, Sender, Status
 from node.ingest.part10 import read_part10
 from node.leased import RetryPolicy
@@ -38,8 +38,10 @@ from node.notify import queue_notifications
 from node.outcome import JobOutcome, OutcomeRecorder, ResultSummary
 from node.queue import ClaimedJob, JobQueue
 from node.storage import InstanceStore
-from pipelines.base import BadInput, Pipeline, Unavailable
+from pipelines.base import BadInput, BatchedPipeline, Pipeline, Stage, Unavailable
 from pipelines.registry import build_pipelines
+from pipelines.result import PipelineResult
+from pipelines.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -64,38 +66,62 @@ class Worker:
         self._pipelines = pipelines
 
     def run_once(self) -> bool:
-        """Claim and run one job; False when the queue had nothing runnable."""
+        """Claim and run one job, or a batch of jobs of one pipeline that runs batches;
+        False when the queue had nothing runnable."""
         lease = self._settings.workers.lease_seconds
         job = self.queue.claim(self.name, lease)
         if job is None:
             return False
-        log.info(
-            "job %d: %s on series %s rev %d (attempt %d)",
-            job.id,
-            job.pipeline,
-            job.series_instance_uid,
-            job.revision,
-            job.attempt,
-        )
+        pipeline = self._pipelines.get(job.pipeline)
+        jobs = [job]
+        if isinstance(pipeline, BatchedPipeline) and pipeline.batch_limit() > 1:
+            jobs += self.queue.claim_more(
+                self.name, lease, job.pipeline, pipeline.batch_limit() - 1
+            )
+        for claimed in jobs:
+            log.info(
+                "job %d: %s on series %s rev %d (attempt %d)",
+                claimed.id,
+                claimed.pipeline,
+                claimed.series_instance_uid,
+                claimed.revision,
+                claimed.attempt,
+            )
         stop_renewing = threading.Event()
         renewer = threading.Thread(
-            target=self._renew, args=(job.id, stop_renewing), name="lease", daemon=True
+            target=self._renew, args=(jobs, stop_renewing), name="lease", daemon=True
         )
         renewer.start()
-        started = time.monotonic()
         try:
-            done = self._execute(job)
-        except BadInput as exc:
-            state = self.queue.fail(job.id, self.name, f"bad input: {exc}", permanent=True)
-            log.warning("job %d failed (%s): %s", job.id, state, exc)
+            if len(jobs) > 1 and isinstance(pipeline, BatchedPipeline):
+                self._run_batch(pipeline, jobs)
+            else:
+                started = time.monotonic()
+                try:
+                    done: Processed | Exception = self._execute(job)
+                except Exception as exc:
+                    done = exc
+                self._settle(job, done, started)
+        finally:
+            stop_renewing.set()
+            renewer.join()
+        return True
+
+    def _settle(
+        self, job: ClaimedJob, done: Processed | Exception, started: float, batch: int = 1
+    ) -> None:
+        """Record how the job ended: its result, or why it failed."""
+        if isinstance(done, BadInput):
+            state = self.queue.fail(job.id, self.name, f"bad input: {done}", permanent=True)
+            log.warning("job %d failed (%s): %s", job.id, state, done)
             self._audit(job, str(state), None)
-        except Unavailable as exc:
-            detail = f"pipeline {job.pipeline} unavailable: {exc}"
+        elif isinstance(done, Unavailable):
+            detail = f"pipeline {job.pipeline} unavailable: {done}"
             state = self.queue.fail(job.id, self.name, detail, permanent=True)
             log.warning("job %d failed (%s): %s", job.id, state, detail)
             self._audit(job, str(state), None)
-        except Exception as exc:
-            detail = "".join(traceback.format_exception_only(exc)).strip()
+        elif isinstance(done, Exception):
+            detail = "".join(traceback.format_exception_only(done)).strip()
             state = self.queue.fail(job.id, self.name, detail, permanent=False)
             log.warning("job %d error (%s): %s", job.id, state, detail)
             self._audit(job, str(state), None)
@@ -103,7 +129,12 @@ class Worker:
             self._measure(job.pipeline, done, time.monotonic() - started)
             result = done.result
             outcome = JobOutcome(
-                job.id, self.name, summarize(done), done.objects, result.embedding, result.profile
+                job.id,
+                self.name,
+                summarize(done, batch),
+                done.objects,
+                result.embedding,
+                result.profile,
             )
             if self._outcomes.record(outcome):
                 log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
@@ -112,10 +143,54 @@ class Worker:
             else:
                 log.warning("job %d finished after losing its lease; result dropped", job.id)
                 self._audit(job, "dropped", done)
-        finally:
-            stop_renewing.set()
-            renewer.join()
-        return True
+
+    def _run_batch(self, pipeline: BatchedPipeline, jobs: list[ClaimedJob]) -> None:
+        """Load each job's series (one that cannot be loaded fails alone), run them through
+        the network together, encode each result. If the batch fails as a whole, each
+        series runs alone, so that one cannot fail the others."""
+        started = time.monotonic()
+        ready: list[tuple[ClaimedJob, Loaded, GuardScore | None]] = []
+        for job in jobs:
+            try:
+                files, guard = self._inputs(job)
+                loaded = load_series(
+                    pipeline, files, self._settings.volume.options(), stage=self._stage(job)
+                )
+            except Exception as exc:
+                self._settle(job, exc, started)
+            else:
+                ready.append((job, loaded, guard))
+        if not ready:
+            return
+        stage = self._stage(*(job for job, _, _ in ready))
+        try:
+            results: list[PipelineResult | Exception] = list(
+                pipeline.run_batch([loaded.volume for _, loaded, _ in ready], stage)
+            )
+        except Exception as exc:
+            log.warning(
+                "%s: a batch of %d series failed (%s); running each alone",
+                pipeline.name,
+                len(ready),
+                exc,
+            )
+            results = [self._alone(pipeline, loaded, job) for job, loaded, _ in ready]
+        for (job, loaded, guard), result in zip(ready, results, strict=True):
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                done: Processed | Exception = self._finish(pipeline, job, loaded, result, guard)
+            except Exception as exc:
+                done = exc
+            self._settle(job, done, started, len(ready))
+
+    def _alone(
+        self, pipeline: Pipeline, loaded: Loaded, job: ClaimedJob
+    ) -> PipelineResult | Exception:
+        try:
+            return pipeline.run(loaded.volume, self._stage(job))
+        except Exception as exc:
+            return exc
 
     def run(self, stopping: threading.Event) -> None:
         poll = self._settings.workers.poll_seconds
@@ -126,9 +201,46 @@ class Worker:
 
     def _execute(self, job: ClaimedJob) -> Processed:
         """Run the job's pipeline on the stored instances of its series revision."""
+        pipeline = self._pipeline(job)
+        files, guard = self._inputs(job)
+        return process_series(
+            pipeline,
+            files,
+            self._settings.volume.options(),
+            job.revision,
+            self._settings.node.ae_title,
+            self._folder_for(job, pipeline),
+            stage=self._stage(job),
+            guard=guard,
+        )
+
+    def _finish(
+        self,
+        pipeline: Pipeline,
+        job: ClaimedJob,
+        loaded: Loaded,
+        result: PipelineResult,
+        guard: GuardScore | None,
+    ) -> Processed:
+        return finish_series(
+            pipeline,
+            loaded,
+            result,
+            job.revision,
+            self._settings.node.ae_title,
+            self._folder_for(job, pipeline),
+            self._stage(job),
+            guard,
+        )
+
+    def _pipeline(self, job: ClaimedJob) -> Pipeline:
         pipeline = self._pipelines.get(job.pipeline)
         if pipeline is None:
             raise BadInput(f"pipeline {job.pipeline!r} is not installed on this node")
+        return pipeline
+
+    def _inputs(self, job: ClaimedJob) -> tuple[list[Path], GuardScore | None]:
+        """The stored files of the job's series revision, and the series' guard score."""
         with self._engine.connect() as conn:
             paths = conn.execute(
                 select(Instance.path).where(
@@ -137,18 +249,21 @@ class Worker:
             ).scalars()
             files = [self._settings.storage.path / p for p in paths]
             guard = series_score(conn, job.series_id, job.revision)
-        return process_series(
-            pipeline,
-            files,
-            self._settings.volume.options(),
-            job.revision,
-            self._settings.node.ae_title,
-            lambda volume: self._store.results_of(
-                volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
-            ),
-            stage=lambda stage: self._note_stage(job.id, stage),
-            guard=guard,
+        return files, guard
+
+    def _folder_for(self, job: ClaimedJob, pipeline: Pipeline) -> Callable[[Volume], Path]:
+        return lambda volume: self._store.results_of(
+            volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
         )
+
+    def _stage(self, *jobs: ClaimedJob) -> Stage:
+        """Notes each stage the jobs enter, for the dashboard."""
+
+        def note(stage: str) -> None:
+            for job in jobs:
+                self._note_stage(job.id, stage)
+
+        return note
 
     def _note_stage(self, job_id: int, stage: str) -> None:
         """Record the stage for the dashboard; a busy database only costs the note."""
@@ -221,19 +336,22 @@ class Worker:
         finally:
             self._intake.close(delivery, released=True)
 
-    def _renew(self, job_id: int, stop: threading.Event) -> None:
+    def _renew(self, jobs: list[ClaimedJob], stop: threading.Event) -> None:
         lease = self._settings.workers.lease_seconds
-        while not stop.wait(lease / 3):
-            if not self.queue.renew(job_id, self.name, lease):
-                log.warning("job %d: lease lost (cancelled or expired)", job_id)
-                return
+        held = [job.id for job in jobs]
+        while held and not stop.wait(lease / 3):
+            for job_id in list(held):
+                if not self.queue.renew(job_id, self.name, lease):
+                    log.warning("job %d: lease lost (cancelled or expired)", job_id)
+                    held.remove(job_id)
 
 
-def summarize(done: Processed) -> ResultSummary:
+def summarize(done: Processed, batch: int = 1) -> ResultSummary:
     """What the job records of its result."""
     return ResultSummary.model_validate(
         {
             **done.result.as_json(),
+            "batch": batch,
             "output": str(done.folder),
             "objects": [path.name for path in done.objects],
             "dropped": list(done.volume.dropped),

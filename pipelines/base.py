@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pipelines.result import PipelineResult
@@ -67,4 +67,17 @@ class Pipeline(Protocol):
 
     def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
         """Process the volume; raise BadInput for input it cannot handle."""
+        ...
+
+
+@runtime_checkable
+class BatchedPipeline(Pipeline, Protocol):
+    """A pipeline that runs several series through its network at once."""
+
+    def batch_limit(self) -> int:
+        """How many waiting series a worker may hand over in one call now."""
+        ...
+
+    def run_batch(self, volumes: list[Volume], stage: Stage | None = None) -> list[PipelineResult]:
+        """`run` of each volume, in order, computed together."""
         ...

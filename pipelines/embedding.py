@@ -72,17 +72,35 @@ class CTEmbeddingPipeline(ModelPipeline):
             )
         super().__init__(name, settings)
 
+    batched = True
+
     def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
+        [result] = self.infer_batch([volume], device, stage)
+        return result
+
+    def infer_batch(
+        self, volumes: list[Volume], device: torch.device, stage: Stage
+    ) -> list[PipelineResult]:
+        """Inputs of one shape go through the network together (the published I3ResNet
+        preprocessing makes every series 224x224x160; CT-FM's crop does not)."""
         timed = StageTimer(stage)
         with timed("model", "load model"):
             model = self.model(device)
         with timed("preprocessing", "preprocess"):
-            image = torch.as_tensor(self.preprocess(volume, model)["image"])
+            images = [torch.as_tensor(self.preprocess(v, model)["image"]) for v in volumes]
+        features: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with timed("inference"), inference_mode(device):
-            output = model.network(image[None].to(device))
-            features = pooled_features(output)
-            layout = axial_profile(output)
-        vector = features.float().cpu().numpy().reshape(-1)
+            for indices in _by_shape(images):
+                output = model.network(torch.stack([images[i] for i in indices]).to(device))
+                pooled, layout = pooled_features(output), axial_profile(output)
+                for row, index in enumerate(indices):
+                    features[index] = (pooled[row], None if layout is None else layout[row])
+        return [self._result(*features[index], timed.timings) for index in range(len(volumes))]
+
+    def _result(
+        self, pooled: torch.Tensor, layout: torch.Tensor | None, timings: dict[str, float]
+    ) -> PipelineResult:
+        vector = pooled.float().cpu().numpy().reshape(-1)
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(norm) or norm == 0:
             raise RuntimeError("the model gave an empty or non-finite embedding")
@@ -92,7 +110,7 @@ class CTEmbeddingPipeline(ModelPipeline):
             self.version,
             embedding=vector / norm,
             profile=profile,
-            timings=timed.timings,
+            timings=dict(timings),
         )
 
 
@@ -105,8 +123,15 @@ class EmbeddingProbePipeline(CTEmbeddingPipeline):
         super().__init__(name, settings)
         self._probe: Probe | None = None
 
-    def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
-        embedded = super().infer(volume, device, stage)
+    def infer_batch(
+        self, volumes: list[Volume], device: torch.device, stage: Stage
+    ) -> list[PipelineResult]:
+        return [
+            self._probed(embedded, stage)
+            for embedded in super().infer_batch(volumes, device, stage)
+        ]
+
+    def _probed(self, embedded: PipelineResult, stage: Stage) -> PipelineResult:
         assert embedded.embedding is not None
         timed = StageTimer(stage)
         with timed("probe"):
@@ -123,3 +148,11 @@ class EmbeddingProbePipeline(CTEmbeddingPipeline):
             assert isinstance(self.settings, ProbeSettings) and self.settings.probe is not None
             self._probe = load_probe(self.settings.probe)
         return self._probe
+
+
+def _by_shape(images: list[torch.Tensor]) -> list[list[int]]:
+    """The indices of `images`, grouped by shape, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(index)
+    return list(groups.values())

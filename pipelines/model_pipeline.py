@@ -1,8 +1,10 @@
 """What every pipeline with a model shares: the model's source, loading it once per worker
-and device, and falling back to the CPU when the GPU runs out of memory."""
+and device, falling back to the CPU when the GPU runs out of memory, and, for types that
+batch, several series in one forward pass."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -10,12 +12,17 @@ from monai.bundle import ConfigParser
 
 from pipelines.availability import of_model
 from pipelines.base import Requirements, Stage, Unavailable
-from pipelines.device import run_on
+from pipelines.device import release, resolve_device, run_on
 from pipelines.models import LoadedModel
 from pipelines.preprocessing import crop_box, preprocessing_for, strip_io, to_meta_tensor
 from pipelines.result import PipelineResult
 from pipelines.settings import PipelineSettings, PreprocessingSettings
 from pipelines.volume import Volume
+
+log = logging.getLogger(__name__)
+
+GPU_BATCH = 4
+"""Series per forward pass on a GPU unless `batch_size` says otherwise."""
 
 
 class ModelPipeline:
@@ -23,6 +30,8 @@ class ModelPipeline:
     default_preprocessing = PreprocessingSettings()
     check = staticmethod(of_model)
     """Its version and availability from its settings (what `ainode status` reports)."""
+    batched = False
+    """Whether `infer_batch` puts several series through the network at once."""
 
     def __init__(self, name: str, settings: PipelineSettings) -> None:
         self.name = name
@@ -31,6 +40,7 @@ class ModelPipeline:
         self.version = self.check(name, settings).version
         self.preprocessing_settings = settings.preprocessing or self.default_preprocessing
         self._loaded: dict[str, LoadedModel] = {}
+        self._gpu_batch = GPU_BATCH
 
     def problem(self) -> str | None:
         return self.check(self.name, self.settings).problem
@@ -64,3 +74,50 @@ class ModelPipeline:
 
     def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
         raise NotImplementedError
+
+    def batch_limit(self) -> int:
+        """How many waiting series to take at once: `batch_size`, else what fits the GPU
+        (`GPU_BATCH` until it ran out of memory), and 1 on the CPU or without batching."""
+        if not self.batched:
+            return 1
+        if self.settings.batch_size is not None:
+            return self.settings.batch_size
+        if resolve_device(self.settings.device).type != "cuda":
+            return 1
+        return self._gpu_batch
+
+    def run_batch(self, volumes: list[Volume], stage: Stage | None = None) -> list[PipelineResult]:
+        """Each volume's result, the volumes through the network together. When the GPU runs
+        out of memory the batch is halved (and so is what this worker takes from then on);
+        a single series then runs on the CPU, as `run` does."""
+        device = resolve_device(self.settings.device)
+        try:
+            return self._halving(volumes, device, stage or (lambda _: None))
+        finally:
+            release(device)
+
+    def _halving(
+        self, volumes: list[Volume], device: torch.device, stage: Stage
+    ) -> list[PipelineResult]:
+        try:
+            return self.infer_batch(volumes, device, stage)
+        except torch.cuda.OutOfMemoryError:
+            release(device)
+            if len(volumes) == 1:
+                log.warning("%s: GPU out of memory; running this series on the CPU", self.name)
+                return self.infer_batch(volumes, torch.device("cpu"), stage)
+            half = len(volumes) // 2
+            self._gpu_batch = min(self._gpu_batch, max(1, half))
+            log.warning(
+                "%s: GPU out of memory with %d series at once; %d from now on",
+                self.name,
+                len(volumes),
+                self._gpu_batch,
+            )
+            first = self._halving(volumes[:half], device, stage)
+            return first + self._halving(volumes[half:], device, stage)
+
+    def infer_batch(
+        self, volumes: list[Volume], device: torch.device, stage: Stage
+    ) -> list[PipelineResult]:
+        return [self.infer(volume, device, stage) for volume in volumes]

@@ -119,6 +119,10 @@ class PipelineSettings(_Strict):
 
     type: str | None = None
     device: DevicePreference = "auto"
+    batch_size: int | None = Field(default=None, ge=1)
+    """Most waiting series one forward pass takes, for types that batch (`ct-embedding`,
+    `embedding-probe`); default: 4 on a GPU (halved for good when it runs out of memory),
+    1 on the CPU, where a batch is no faster."""
     model: ModelSettings | None = None
     network: NetworkSettings | None = None
     preprocessing: PreprocessingSettings | None = None

@@ -18,6 +18,8 @@ from pipelines.base import BadInput, Requirements
 from pipelines.codes import EXTENT, SLICES
 from pipelines.registry import build_pipelines
 from pipelines.volume import Volume
+from tests.models import ct_fm_embedding
+from tests.phantoms import chest, chest_geometry, write_series
 
 
 class Exploding:
@@ -102,3 +104,63 @@ def test_worker_records_each_outcome(worker: Worker) -> None:
     assert jobs["refuse"].error == "bad input: not a chest CT"
     assert jobs["missing"].state == "failed"
     assert "not installed" in jobs["missing"].error
+
+
+def store_phantom(
+    engine: Engine, store: InstanceStore, folder: Path, modality: str = "CT"
+) -> tuple[int, str]:
+    """A chest phantom series written to `store` and recorded; its id and UID."""
+    import pydicom
+
+    catalog = Catalog(engine)
+    catalog.open_association(folder.name, "CT", "AINODE", None)
+    for path in write_series(folder, chest_geometry(), chest(), modality=modality):
+        dataset = pydicom.dcmread(path)
+        meta = InstanceMetadata.from_dataset(dataset)
+        data = path.read_bytes()
+        store.write(meta.key, (data,))
+        receipt = Receipt(folder.name, "CT", "AINODE", "1.2.840.10008.1.2.1", len(data), utcnow())
+        recorded = catalog.record_instance(meta, receipt, content_changed=True, link=True)
+    return recorded.series_id, dataset.SeriesInstanceUID
+
+
+def test_waiting_series_of_a_batching_pipeline_run_together(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """`batch_size: 2`: the worker takes two embedding jobs at once, and a series the
+    pipeline refuses (MR) fails alone without failing the one beside it."""
+    storage = tmp_path / "store"
+    settings = Settings.model_validate(
+        {
+            "node": {"accept_unknown_peers": True},
+            "storage": {"path": str(storage)},
+            "database": {"url": database_url},
+            "pipelines": {
+                "ct-embedding": {**ct_fm_embedding(tmp_path, 6.0), "batch_size": 2},
+            },
+        }
+    )
+    store = InstanceStore(storage)
+    store.prepare()
+    queue = JobQueue(engine)
+    series = [
+        store_phantom(engine, store, tmp_path / name, modality)
+        for name, modality in (("a", "CT"), ("b", "MR"), ("c", "CT"), ("d", "CT"))
+    ]
+    for series_id, _ in series:
+        request = JobRequest("x", "ct-embedding", (), Priority.ROUTINE, ("r",))
+        queue.enqueue(series_id, 1, [request])
+    worker = Worker(settings, "test-worker", build_pipelines(settings.pipelines))
+    assert worker.run_once()  # a and b
+    jobs = {job.series_instance_uid: job for job in worker.queue.list()}
+    first, refused, third, fourth = (jobs[uid] for _, uid in series)
+    assert first.state == "succeeded" and first.result["batch"] == 1
+    assert refused.state == "failed" and "MR" in refused.error
+    assert third.state == fourth.state == "queued"
+    assert worker.run_once()  # c and d
+    assert not worker.run_once()
+    jobs = {job.series_instance_uid: job for job in worker.queue.list()}
+    for _, uid in series[2:]:
+        assert jobs[uid].state == "succeeded"
+        assert jobs[uid].result["batch"] == 2
+        assert jobs[uid].result["embedding_dim"] == 16

@@ -68,3 +68,48 @@ def test_the_default_network_is_ct_fm(tmp_path: Path) -> None:
     assert pipeline.source.network["init_filters"] == 32
     assert pipeline.source.network["blocks_down"] == [1, 2, 2, 4, 4]
     assert "model not found" in pipeline.problem()
+
+
+def test_a_batch_gives_each_series_its_own_embedding(tmp_path: Path) -> None:
+    """Series of one input shape go through the network together, others apart; each gets
+    the embedding it gets alone."""
+    pipeline = embedder(encoder_model(tmp_path / "model"))
+    longer = chest_geometry()
+    longer.slices += 6
+    volumes = [
+        load_volume(write_series(tmp_path / "a", chest_geometry(), chest())),
+        load_volume(write_series(tmp_path / "b", longer, chest())),
+        load_volume(
+            write_series(tmp_path / "c", chest_geometry(), chest((40, 20, 30), (-80, 10, -20)))
+        ),
+    ]
+    together = pipeline.run_batch(volumes)
+    alone = [pipeline.run(volume) for volume in volumes]
+    for batched, single in zip(together, alone, strict=True):
+        np.testing.assert_allclose(batched.embedding, single.embedding, atol=1e-5)
+    assert not np.allclose(together[0].embedding, together[2].embedding, atol=1e-3)
+    assert pipeline.batch_limit() == 1  # on the CPU, unless batch_size says otherwise
+
+
+def test_a_batch_the_gpu_cannot_hold_is_halved(tmp_path: Path) -> None:
+    """A GPU's out-of-memory error cannot be raised on the CPU: the network's batch call
+    raises it above two series, as a GPU would."""
+    pipeline = embedder(encoder_model(tmp_path / "model"))
+    sizes: list[int] = []
+    infer_batch = pipeline.infer_batch
+
+    def holding_two(volumes, device, stage):
+        sizes.append(len(volumes))
+        if len(volumes) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return infer_batch(volumes, device, stage)
+
+    pipeline.infer_batch = holding_two
+    volumes = [
+        load_volume(write_series(tmp_path / str(k), chest_geometry(), chest((30 + 5 * k, 20, 30))))
+        for k in range(4)
+    ]
+    results = pipeline.run_batch(volumes)
+    assert sizes == [4, 2, 2]
+    for volume, result in zip(volumes, results, strict=True):
+        np.testing.assert_allclose(result.embedding, pipeline.run(volume).embedding, atol=1e-5)
