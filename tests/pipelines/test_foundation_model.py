@@ -117,6 +117,19 @@ def test_real_series_embed_deterministically_and_the_two_kernels_are_neighbours(
 
 
 @pytest.mark.slow
+def test_the_two_kernels_in_one_batch_embed_as_they_do_alone(
+    real_series: dict[str, list[Path]], astra_results: dict[str, PipelineResult]
+) -> None:
+    """I3ResNet in a batch of two (as a GPU worker runs waiting series) gives each series
+    the embedding and profile it gets alone."""
+    kernels = ["lung-kernel", "body-kernel"]
+    together = embedder("astra").run_batch([load_volume(real_series[k]) for k in kernels])
+    for name, result in zip(kernels, together, strict=True):
+        np.testing.assert_allclose(result.embedding, astra_results[name].embedding, atol=1e-4)
+        np.testing.assert_allclose(result.profile, astra_results[name].profile, atol=1e-3)
+
+
+@pytest.mark.slow
 def test_the_guard_passes_held_out_real_chests_and_flags_perturbed_ones(
     real_series: dict[str, list[Path]], astra_results: dict[str, PipelineResult]
 ) -> None:
