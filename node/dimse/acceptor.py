@@ -47,16 +47,20 @@ from pynetdicom.presentation import (
 
 from node.dimse.protocol import (
     APPLICATION_CONTEXT,
+    COMMAND_GROUP,
     LOCAL_LIMIT_EXCEEDED,
     NO_DATA_SET,
     UNSUPPORTED_APPLICATION_CONTEXT,
     VERIFICATION,
     AbortReason,
     AbortSource,
+    AssociateResult,
     CommandField,
     CommandTag,
+    MessageControl,
     PduType,
     Rejection,
+    ResultSource,
 )
 from node.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.ingest.intake import Status
@@ -391,8 +395,8 @@ class _Connection(socketserver.BaseRequestHandler):
         reply.application_context_name = APPLICATION_CONTEXT
         reply.calling_ae_title = request.calling_ae_title
         reply.called_ae_title = request.called_ae_title
-        reply.result = 0x00
-        reply.result_source = 0x01
+        reply.result = AssociateResult.ACCEPTED
+        reply.result_source = ResultSource.SERVICE_USER
         reply.presentation_context_definition_results_list = results
         reply.user_information = [maximum, implementation, version, *role_replies]
         pdu = A_ASSOCIATE_AC()
@@ -626,7 +630,13 @@ def _pdvs(body: bytearray) -> Iterator[tuple[int, bool, bool, memoryview]]:
         end = offset + 4 + length
         if length < 2 or end > len(body):
             raise ProtocolError(f"presentation data value item of invalid length {length}")
-        yield context_id, bool(control & 0x01), bool(control & 0x02), view[offset + 6 : end]
+        flags = MessageControl(control & (MessageControl.COMMAND | MessageControl.LAST))
+        yield (
+            context_id,
+            MessageControl.COMMAND in flags,
+            MessageControl.LAST in flags,
+            view[offset + 6 : end],
+        )
         offset = end
 
 
@@ -637,7 +647,9 @@ def _p_data(context_id: int, message: bytes, peer_max_pdu: int) -> bytes:
     pdus = []
     for start in range(0, len(message), room):
         fragment = message[start : start + room]
-        control = 0x01 | (0x02 if start + room >= len(message) else 0)
+        control = MessageControl.COMMAND
+        if start + room >= len(message):
+            control |= MessageControl.LAST
         pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
         pdus.append(_PDU_HEADER.pack(PduType.P_DATA_TF, len(pdv)) + pdv)
     return b"".join(pdus)
@@ -652,7 +664,7 @@ def _command_elements(data: bytes) -> dict[int, bytes]:
             raise ProtocolError("truncated command set")
         group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
         offset += 8
-        if group != 0x0000:
+        if group != COMMAND_GROUP:
             raise ProtocolError(f"command set holds element ({group:04X},{element:04X})")
         if offset + length > len(data):
             raise ProtocolError(f"command element ({group:04X},{element:04X}) is truncated")

@@ -26,27 +26,50 @@ class PduType(enum.IntEnum):
     ABORT = 0x07
 
 
+class AssociateResult(enum.IntEnum):
+    """PS3.8 9.3.4."""
+
+    ACCEPTED = 0x00
+    REJECTED_PERMANENT = 0x01
+    REJECTED_TRANSIENT = 0x02
+
+
+class ResultSource(enum.IntEnum):
+    """Who rejects an association (PS3.8 9.3.4)."""
+
+    SERVICE_USER = 0x01
+    SERVICE_PROVIDER_ACSE = 0x02
+    SERVICE_PROVIDER_PRESENTATION = 0x03
+
+
 @dataclass(frozen=True)
 class Rejection:
     """An A-ASSOCIATE-RJ's result, source and reason (PS3.8 9.3.4), and what it means."""
 
-    result: int
-    source: int
+    result: AssociateResult
+    source: ResultSource
     reason: int
     meaning: str
 
     @property
     def transient(self) -> bool:
-        return self.result == 0x02
+        return self.result == AssociateResult.REJECTED_TRANSIENT
 
 
+_PERMANENT, _TRANSIENT = AssociateResult.REJECTED_PERMANENT, AssociateResult.REJECTED_TRANSIENT
+_USER = ResultSource.SERVICE_USER
 UNSUPPORTED_APPLICATION_CONTEXT = Rejection(
-    0x01, 0x01, 0x02, "application context name not supported"
+    _PERMANENT, _USER, 0x02, "application context name not supported"
 )
-CALLING_AE_NOT_RECOGNIZED = Rejection(0x01, 0x01, 0x03, "calling AE title not recognised")
-CALLED_AE_NOT_RECOGNIZED = Rejection(0x01, 0x01, 0x07, "called AE title not recognised")
-TEMPORARILY_UNAVAILABLE = Rejection(0x02, 0x01, 0x01, "temporarily unable to accept")
-LOCAL_LIMIT_EXCEEDED = Rejection(0x02, 0x03, 0x02, "local limit of associations exceeded")
+CALLING_AE_NOT_RECOGNIZED = Rejection(_PERMANENT, _USER, 0x03, "calling AE title not recognised")
+CALLED_AE_NOT_RECOGNIZED = Rejection(_PERMANENT, _USER, 0x07, "called AE title not recognised")
+TEMPORARILY_UNAVAILABLE = Rejection(_TRANSIENT, _USER, 0x01, "temporarily unable to accept")
+LOCAL_LIMIT_EXCEEDED = Rejection(
+    _TRANSIENT,
+    ResultSource.SERVICE_PROVIDER_PRESENTATION,
+    0x02,
+    "local limit of associations exceeded",
+)
 
 
 class AbortReason(enum.IntEnum):
@@ -91,3 +114,35 @@ class CommandTag(enum.IntEnum):
 
 NO_DATA_SET = 0x0101
 """Command Data Set Type: the message has no dataset."""
+COMMAND_GROUP = 0x0000
+"""Every element of a command set is in this group."""
+
+
+class MessageControl(enum.IntFlag):
+    """The message control header of a presentation data value (PS3.8 E.2)."""
+
+    COMMAND = 0x01
+    """The fragment is of a command set (else of a dataset)."""
+    LAST = 0x02
+    """The last fragment of its command set or dataset."""
+
+
+class RetrieveStatus(enum.IntEnum):
+    """Statuses of C-FIND, C-MOVE and C-GET responses beside success (PS3.4 C.4)."""
+
+    SUBOPERATIONS_WARNING = 0xB000
+    """Sub-operations complete, one or more failed or warned."""
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01
+    """Pending, an optional key not supported."""
+
+
+class StoreWarning(enum.IntEnum):
+    """C-STORE response statuses that still mean stored (PS3.4 B.2.3, PS3.7 C)."""
+
+    WARNING = 0x0001
+    ATTRIBUTE_LIST_ERROR = 0x0107
+    ATTRIBUTE_VALUE_OUT_OF_RANGE = 0x0116
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+    ELEMENTS_DISCARDED = 0xB006
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007

@@ -13,11 +13,13 @@ from pynetdicom import AE, Association, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from node.config import Peer
+from node.dimse.protocol import RetrieveStatus
 from node.dimse.scu import associate
+from node.ingest.intake import Status
 
 log = logging.getLogger(__name__)
 
-PENDING = {0xFF00, 0xFF01}
+PENDING = {RetrieveStatus.PENDING, RetrieveStatus.PENDING_WARNING}
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -72,7 +74,7 @@ def find_studies(local_ae: str, peer: Peer, identifier: Dataset, timeout: float)
             code = _status(status)
             if code in PENDING and match is not None:
                 found.append(match)
-            elif code != 0x0000:
+            elif code != Status.SUCCESS:
                 raise RetrieveFailed(f"C-FIND answered {_describe(status)}")
     finally:
         assoc.release()
@@ -113,7 +115,8 @@ def get_study(
         assert isinstance(request, C_STORE)
         dataset = request.DataSet
         encoded = dataset.getvalue() if dataset is not None else b""
-        return 0x0000 if received(encoded, UID(event.context.transfer_syntax)) else 0xA700
+        stored = received(encoded, UID(event.context.transfer_syntax))
+        return Status.SUCCESS if stored else Status.OUT_OF_RESOURCES
 
     assoc = associate(ae, peer, roles, [(evt.EVT_C_STORE, on_store)])
     if isinstance(assoc, str):
@@ -145,7 +148,7 @@ def _follow(
         int(final.get("NumberOfFailedSuboperations", 0)),
         int(final.get("NumberOfWarningSuboperations", 0)),
     )
-    if code not in (0x0000, 0xB000) or result.failed:
+    if code not in (Status.SUCCESS, RetrieveStatus.SUBOPERATIONS_WARNING) or result.failed:
         raise RetrieveFailed(
             f"{operation} answered {_describe(final)}: {result.completed} completed, "
             f"{result.failed} failed"

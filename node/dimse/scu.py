@@ -14,9 +14,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, Association
 
 from node.config import Peer
-from node.dimse.protocol import VERIFICATION
+from node.dimse.protocol import VERIFICATION, StoreWarning
+from node.ingest.intake import Status
 
-SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB007, 0xB006}
+STORED = {Status.SUCCESS, *StoreWarning}
+"""The C-STORE response statuses of an instance the peer kept."""
 
 
 class CStorePriority(enum.IntEnum):
@@ -122,7 +124,7 @@ def store(
         for ds in datasets:
             response = assoc.send_c_store(ds, priority=priority)
             code = int(response.Status) if "Status" in response else None
-            if code in SUCCESS_OR_WARNING:
+            if code in STORED:
                 stored += 1
                 continue
             comment = str(response.get("ErrorComment", "")).strip()
