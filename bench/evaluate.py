@@ -6,7 +6,8 @@ infection labels; the Dice of the lung masks between the two kernels of one Lung
 acquisition; and, against the aerated lung alone (the masks before the pleural surface is
 reconstructed), the lung-volume change, the mediastinum leakage (mask voxels above -200 HU
 outside annotated lesions: the tumour boxes, the slices labelled infected) and how much of
-the annotated tumour boxes the masks cover.
+the annotated tumour boxes the masks cover, beside how much of the boxes is bone or fat (which
+no lung mask may hold: the boxes reach into the chest wall and the aortic wall).
 
     python bench/evaluate.py [--data ../shared/data]
 """
@@ -27,7 +28,7 @@ from scipy.stats import rankdata
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines import codes
-from pipelines.anatomy.lungs import segment_lungs
+from pipelines.anatomy.lungs import BONE_HU, segment_lungs
 from pipelines.lung_quant import LungQuantPipeline
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume, load_volume
@@ -168,7 +169,13 @@ def main() -> None:
         covered = "-"
         if boxes.any() and "A0001" in name:
             before, after = ((m & boxes).sum() / boxes.sum() for m in (aerated, lungs))
-            covered = f"{100 * before:.1f} % -> {100 * after:.1f} %"
+            inside = volume.voxels[boxes]
+            bone, fat = (inside > BONE_HU).mean(), ((inside > -200) & (inside < -30)).mean()
+            covered = (
+                f"{100 * before:.1f} % -> {100 * after:.1f} % (the boxes hold {100 * bone:.1f} % "
+                f"bone or calcium and {100 * fat:.1f} % fat: at most "
+                f"{100 * (1 - bone - fat):.1f} % is lung or tumour)"
+            )
         print(
             f"| {name} | {change:+.1f} % | {100 * leakage(aerated, volume.voxels, boxes):.2f} % "
             f"-> {100 * leakage(lungs, volume.voxels, boxes):.2f} % | {covered} |"
