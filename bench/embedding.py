@@ -88,7 +88,7 @@ def main() -> None:
             ("cuda fp32", torch.device("cuda"), False),
             ("cuda bf16", torch.device("cuda"), True),
         ]
-    print("\n| device | batch | s per batch | s per series |\n|---|---|---|---|")
+    print("\n| device | batch | s per batch | s per series | peak GPU MB |\n|---|---|---|---|---|")
     for label, device, autocast in devices:
         network = model.network.to(device)
         for batch in (1, 2, 4):
@@ -108,13 +108,14 @@ def main() -> None:
                 ):
                     network(stacked)
 
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             run()  # warm-up
             taken = seconds(run, args.repeat)
-            print(f"| {label} | {batch} | {taken:.2f} | {taken / batch:.2f} |", flush=True)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            print(f"peak GPU memory ({label}): {peak:.0f} MB")
-            torch.cuda.reset_peak_memory_stats()
+            peak = (
+                f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if device.type == "cuda" else "-"
+            )
+            print(f"| {label} | {batch} | {taken:.2f} | {taken / batch:.2f} | {peak} |", flush=True)
 
 
 if __name__ == "__main__":
