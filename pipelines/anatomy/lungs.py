@@ -31,6 +31,7 @@ from pipelines.morphology import (
     close_ball,
     closing,
     components,
+    depth,
     dilate,
     erode,
     fill_holes_per_slice,
@@ -149,8 +150,7 @@ def _nearer(left: np.ndarray, right: np.ndarray, grid: WorkingGrid) -> np.ndarra
     one lung may add never lies on the other's side of the mediastinum."""
     small_left, spacing, factor = _pleural_grid(left, grid)
     small_right, _, _ = _pleural_grid(right, grid)
-    to_left = ndimage.distance_transform_edt(~small_left, sampling=spacing)
-    to_right = ndimage.distance_transform_edt(~small_right, sampling=spacing)
+    to_left, to_right = depth(~small_left, spacing), depth(~small_right, spacing)
     return _to_working_grid(to_left <= to_right, factor, left.shape)
 
 
