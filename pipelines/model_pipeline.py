@@ -82,7 +82,7 @@ class ModelPipeline:
             return 1
         if self.settings.batch_size is not None:
             return self.settings.batch_size
-        if resolve_device(self.settings.device).type != "cuda":
+        if self.settings.device == "cpu" or not torch.cuda.is_available():
             return 1
         return self._gpu_batch
 
