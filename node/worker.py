@@ -75,9 +75,7 @@ class Worker:
         pipeline = self._pipelines.get(job.pipeline)
         jobs = [job]
         if isinstance(pipeline, BatchedPipeline) and pipeline.batch_limit() > 1:
-            jobs += self.queue.claim_more(
-                self.name, lease, job.pipeline, pipeline.batch_limit() - 1
-            )
+            jobs += self._more_jobs(job, pipeline.batch_limit() - 1)
         for claimed in jobs:
             log.info(
                 "job %d: %s on series %s rev %d (attempt %d)",
@@ -106,6 +104,17 @@ class Worker:
             stop_renewing.set()
             renewer.join()
         return True
+
+    def _more_jobs(self, job: ClaimedJob, limit: int) -> list[ClaimedJob]:
+        """Up to `limit` more waiting jobs of the job's pipeline, for one batch; none when
+        the database is busy (the job in hand runs alone)."""
+        try:
+            return self.queue.claim_more(
+                self.name, self._settings.workers.lease_seconds, job.pipeline, limit
+            )
+        except OperationalError as exc:
+            log.warning("job %d runs alone: no more jobs claimed for its batch: %s", job.id, exc)
+            return []
 
     def _settle(
         self, job: ClaimedJob, done: Processed | Exception, started: float, batch: int = 1
