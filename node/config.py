@@ -177,7 +177,7 @@ class DispatchSettings(_Section):
     max_attempts: int = Field(default=8, ge=1)
     retry_base_seconds: float = Field(default=5.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
-    poll_seconds: float = Field(default=1.0, gt=0)
+    poll_seconds: float = Field(default=0.25, gt=0)
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
