@@ -39,7 +39,7 @@ def process_series(
     SEG, SR, key images) to `folder_for(volume)`. Raises BadInput or Unavailable.
     `guard`: the series' input-guard score, which the SR reports."""
     stage = stage or (lambda _: None)
-    loaded = load_series(pipeline, files, options, decoded, stage)
+    loaded = load_series(pipeline, files, options, stage, decoded)
     result = pipeline.run(loaded.volume, stage)
     return finish_series(pipeline, loaded, result, revision, station, folder_for, stage, guard)
 
@@ -54,8 +54,8 @@ def load_series(
     pipeline: Pipeline,
     files: Sequence[Path],
     options: VolumeOptions,
+    stage: Stage,
     decoded: Progress | None = None,
-    stage: Stage | None = None,
 ) -> Loaded:
     """The series in `files` as the pipeline wants it; raises BadInput or Unavailable."""
     problem = pipeline.problem()
@@ -63,7 +63,7 @@ def load_series(
         raise Unavailable(problem)
     if not files:
         raise BadInput("the series has no stored instances")
-    (stage or (lambda _: None))("decode")
+    stage("decode")
     clock = time.perf_counter()
     volume = load_volume(files, options, pipeline.requirements, decoded)
     return Loaded(volume, time.perf_counter() - clock)
@@ -76,13 +76,13 @@ def finish_series(
     revision: int,
     station: str,
     folder_for: Callable[[Volume], Path],
-    stage: Stage | None = None,
+    stage: Stage,
     guard: GuardScore | None = None,
 ) -> Processed:
     """Encode `result` of the loaded series as DICOM and save it to `folder_for(volume)`."""
     volume = loaded.volume
     result.timings = {"load": loaded.seconds, **result.timings}
-    (stage or (lambda _: None))("encode")
+    stage("encode")
     folder = folder_for(volume)
     identity = ResultIdentity(
         pipeline.name, pipeline.version, volume.series_instance_uid, revision, station

@@ -74,8 +74,9 @@ class Worker:
             return False
         pipeline = self._pipelines.get(job.pipeline)
         jobs = [job]
-        if isinstance(pipeline, BatchedPipeline) and pipeline.batch_limit() > 1:
-            jobs += self._more_jobs(job, pipeline.batch_limit() - 1)
+        limit = pipeline.batch_limit() if isinstance(pipeline, BatchedPipeline) else 1
+        if limit > 1:
+            jobs += self._more_jobs(job, limit - 1)
         for claimed in jobs:
             log.info(
                 "job %d: %s on series %s rev %d (attempt %d)",
@@ -163,7 +164,7 @@ class Worker:
             try:
                 files, guard = self._inputs(job)
                 loaded = load_series(
-                    pipeline, files, self._settings.volume.options(), stage=self._stage(job)
+                    pipeline, files, self._settings.volume.options(), self._stage(job)
                 )
             except Exception as exc:
                 self._settle(job, exc, started)

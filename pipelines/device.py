@@ -44,10 +44,16 @@ def run_on(preference: DevicePreference, name: str, work: Callable[[torch.device
     """`work(device)` on the preferred device; a GPU out-of-memory error reruns it on the CPU."""
     device = resolve_device(preference)
     try:
+        return with_cpu_fallback(device, name, work)
+    finally:
+        release(device)
+
+
+def with_cpu_fallback(device: torch.device, name: str, work: Callable[[torch.device], T]) -> T:
+    """`work(device)`; a GPU out-of-memory error reruns it on the CPU."""
+    try:
         return work(device)
     except torch.cuda.OutOfMemoryError:
         log.warning("%s: GPU out of memory; running this series on the CPU", name)
         release(device)
         return work(torch.device("cpu"))
-    finally:
-        release(device)

@@ -59,6 +59,7 @@ PUBLISHED = {"astra": ASTRA_CHEST, "merlin": MERLIN}
 class CTEmbeddingPipeline(ModelPipeline):
     requirements = Requirements(modalities=("CT",), min_slices=10)
     default_preprocessing = CT_FM
+    batched = True
 
     def __init__(self, name: str, settings: PipelineSettings) -> None:
         backbone = settings.model.backbone if settings.model else None
@@ -71,8 +72,6 @@ class CTEmbeddingPipeline(ModelPipeline):
                 update={"network": NetworkSettings(target=target, args=args)}
             )
         super().__init__(name, settings)
-
-    batched = True
 
     def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
         [result] = self.infer_batch([volume], device, stage)

@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 
 from pipelines.availability import of_model
 from pipelines.base import Requirements, Stage, Unavailable
-from pipelines.device import release, resolve_device, run_on
+from pipelines.device import release, run_on, with_cpu_fallback
 from pipelines.models import LoadedModel
 from pipelines.preprocessing import crop_box, preprocessing_for, strip_io, to_meta_tensor
 from pipelines.result import PipelineResult
@@ -90,24 +90,25 @@ class ModelPipeline:
         """Each volume's result, the volumes through the network together. When the GPU runs
         out of memory the batch is halved (and so is what this worker takes from then on);
         a single series then runs on the CPU, as `run` does."""
-        device = resolve_device(self.settings.device)
-        try:
-            return self._halving(volumes, device, stage or (lambda _: None))
-        finally:
-            release(device)
+        return run_on(
+            self.settings.device,
+            self.name,
+            lambda device: self._halving(volumes, device, stage or (lambda _: None)),
+        )
 
     def _halving(
         self, volumes: list[Volume], device: torch.device, stage: Stage
     ) -> list[PipelineResult]:
+        if len(volumes) == 1:
+            return with_cpu_fallback(
+                device, self.name, lambda on: self.infer_batch(volumes, on, stage)
+            )
         try:
             return self.infer_batch(volumes, device, stage)
         except torch.cuda.OutOfMemoryError:
             release(device)
-            if len(volumes) == 1:
-                log.warning("%s: GPU out of memory; running this series on the CPU", self.name)
-                return self.infer_batch(volumes, torch.device("cpu"), stage)
             half = len(volumes) // 2
-            self._gpu_batch = min(self._gpu_batch, max(1, half))
+            self._gpu_batch = min(self._gpu_batch, half)
             log.warning(
                 "%s: GPU out of memory with %d series at once; %d from now on",
                 self.name,
