@@ -4,7 +4,11 @@ preprocessing and inference per series, the model's load once, peak RSS; then th
 batches of 1, 2 and 4 preprocessed series (the time per series), on the CPU and, when there
 is one, on the GPU in fp32 and with autocast (bf16).
 
-    python bench/embedding.py [--repeat 2]
+    python bench/embedding.py [--repeat 2] [--untrained] [--gpu-only]
+
+`--untrained` builds the same network with random weights where the package is not installed
+(a GPU machine the 225 MB of weights cannot travel to): time and memory do not depend on the
+weights' values, the embeddings do. Batches larger than the number of series repeat them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.models import PackageSource  # noqa: E402
+from pipelines.i3resnet import I3ResNet152  # noqa: E402
+from pipelines.models import LoadedModel, PackageSource  # noqa: E402
 from pipelines.registry import build_pipelines  # noqa: E402
 from pipelines.settings import settings_class  # noqa: E402
 from pipelines.volume import load_volume  # noqa: E402
@@ -49,14 +54,20 @@ def seconds(run: object, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--untrained", action="store_true", help="random weights if none")
+    parser.add_argument("--gpu-only", action="store_true", help="no inference on the CPU")
     args = parser.parse_args()
     problem = PackageSource.of(MODEL["package"], MODEL["backbone"]).problem()
-    if problem:
+    if problem and not args.untrained:
         sys.exit(f"cannot run: {problem}")
     settings = settings_class("ct-embedding")(type="ct-embedding", device="cpu", model=MODEL)
     pipeline = build_pipelines({"astra": settings})["astra"]
     start = time.perf_counter()
-    model = pipeline.model(torch.device("cpu"))
+    if problem:
+        print(f"untrained I3ResNet-152 ({problem})")
+        model = LoadedModel(I3ResNet152().eval(), torch.device("cpu"), None)
+    else:
+        model = pipeline.model(torch.device("cpu"))
     print(f"model load (join, check, build, load strictly): {time.perf_counter() - start:.1f} s")
 
     images = []
@@ -73,16 +84,18 @@ def main() -> None:
         image = torch.as_tensor(pipeline.preprocess(volume, model)["image"])
         prepared = time.perf_counter() - start
         images.append(image)
-        with torch.inference_mode():
-            inference = seconds(lambda image=image: model.network(image[None]), args.repeat)
+        inference = "-"
+        if not args.gpu_only:
+            with torch.inference_mode():
+                taken = seconds(lambda image=image: model.network(image[None]), args.repeat)
+            inference = f"{taken:.1f}"
         print(
-            f"| {name} | {volume.voxels.shape[0]} | {loaded:.2f} | {prepared:.2f} "
-            f"| {inference:.1f} |",
+            f"| {name} | {volume.voxels.shape[0]} | {loaded:.2f} | {prepared:.2f} | {inference} |",
             flush=True,
         )
     print(f"peak RSS after the CPU runs: {peak_rss_mb():.0f} MB")
 
-    devices = [("cpu", torch.device("cpu"), False)]
+    devices = [] if args.gpu_only else [("cpu", torch.device("cpu"), False)]
     if torch.cuda.is_available():
         devices += [
             ("cuda fp32", torch.device("cuda"), False),
@@ -92,9 +105,7 @@ def main() -> None:
     for label, device, autocast in devices:
         network = model.network.to(device)
         for batch in (1, 2, 4):
-            if batch > len(images):
-                continue
-            stacked = torch.stack(images[:batch]).to(device)
+            stacked = torch.stack([images[i % len(images)] for i in range(batch)]).to(device)
 
             def run(
                 stacked: torch.Tensor = stacked,

@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("AINODE_DATA", REPO.parent / "shared" / "data"))
+"""The real CT (`../shared/data`, or where `AINODE_DATA` points: a GPU machine's copy)."""
 REAL_SERIES = {
     "covid": DATA / "covid-ct-md" / "covid" / "P001",
     "cap": DATA / "covid-ct-md" / "cap" / "cap001",
