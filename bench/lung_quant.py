@@ -58,10 +58,10 @@ def timed(pipeline: LungQuantPipeline, files: list[Path]) -> dict[str, float]:
     import torch
 
     from pipelines import codes
-    from pipelines.anatomy import lungs
+    from pipelines.anatomy import shared
     from pipelines.volume import load_volume
 
-    lungs._last.clear()
+    shared._last.clear()
     clock = time.perf_counter()
     volume = load_volume(files, requirements=pipeline.requirements)
     decode = time.perf_counter() - clock

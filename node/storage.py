@@ -118,14 +118,18 @@ class InstanceStore:
     def mark_stopped(self) -> None:
         (self.root / RUNNING_MARKER).unlink(missing_ok=True)
 
-    def results_of(self, study_uid: str, series_uid: str, revision: int, pipeline: str) -> Path:
-        """Where a pipeline's result for a series revision lives (beside the study's files, so
-        retention removes both together)."""
+    def derived_of(self, study_uid: str, series_uid: str) -> Path:
+        """Where what the pipelines derive from a series lives (beside the study's files, so
+        retention removes both together): their results, the lung masks they share."""
         study = check_uid(study_uid, "StudyInstanceUID")
         series = check_uid(series_uid, "SeriesInstanceUID")
+        return self.root / study / "results" / series
+
+    def results_of(self, study_uid: str, series_uid: str, revision: int, pipeline: str) -> Path:
+        """Where a pipeline's result for a series revision lives."""
         if not pipeline.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"pipeline name {pipeline!r} cannot be a folder name")
-        return self.root / study / "results" / series / f"r{revision}-{pipeline}"
+        return self.derived_of(study_uid, series_uid) / f"r{revision}-{pipeline}"
 
     def free_mb(self) -> float:
         """Space left to an unprivileged writer on the store's filesystem, in MB (on the

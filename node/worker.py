@@ -38,6 +38,7 @@ from node.notify import queue_notifications
 from node.outcome import JobOutcome, OutcomeRecorder, ResultSummary
 from node.queue import ClaimedJob, JobQueue
 from node.storage import InstanceStore
+from pipelines.anatomy.shared import share_in
 from pipelines.base import BadInput, BatchedPipeline, Pipeline, Stage, Unavailable
 from pipelines.registry import build_pipelines
 from pipelines.result import PipelineResult
@@ -64,6 +65,10 @@ class Worker:
         self._store = InstanceStore(settings.storage.path)
         self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)
         self._pipelines = pipelines
+
+    def derived_folder(self, volume: Volume) -> Path:
+        """Where the pipelines keep what they derive from `volume`'s series."""
+        return self._store.derived_of(volume.study_instance_uid, volume.series_instance_uid)
 
     def run_once(self) -> bool:
         """Claim and run one job, or a batch of jobs of one pipeline that runs batches;
@@ -386,4 +391,6 @@ def run_worker_process(settings: Settings, index: int) -> None:
             problem = pipeline.problem()
             if problem:
                 log.warning("pipeline %s is unavailable: %s", name, problem)
-    Worker(settings, f"worker-{index}-{os.getpid()}", pipelines).run(stopping)
+    worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines)
+    share_in(worker.derived_folder)  # a series' lungs segmented once for every worker process
+    worker.run(stopping)

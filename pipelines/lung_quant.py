@@ -14,7 +14,7 @@ import torch
 
 from pipelines import codes
 from pipelines.anatomy.grid import SLAB, WorkingGrid
-from pipelines.anatomy.lungs import lungs_of
+from pipelines.anatomy.shared import lungs_of
 from pipelines.availability import LUNG_QUANT
 from pipelines.base import BadInput, DevicePreference, Requirements, Stage
 from pipelines.device import run_on

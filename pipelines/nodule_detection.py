@@ -22,7 +22,7 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.bundle import ConfigParser
 
 from pipelines import codes
-from pipelines.anatomy.lungs import lungs_of
+from pipelines.anatomy.shared import lungs_of
 from pipelines.base import BadInput, Requirements, Stage, StageTimer
 from pipelines.detection_network import MONAI_EXTRACTOR, OUR_EXTRACTOR
 from pipelines.device import inference_mode

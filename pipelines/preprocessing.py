@@ -20,7 +20,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from pipelines.anatomy.lungs import lungs_of
+from pipelines.anatomy.shared import lungs_of
 from pipelines.base import BadInput
 from pipelines.settings import PreprocessingSettings
 from pipelines.volume import Volume

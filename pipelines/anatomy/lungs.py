@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -63,38 +61,6 @@ class Lungs(NamedTuple):
     left: torch.Tensor
     right: torch.Tensor
     airway: torch.Tensor
-
-
-@dataclass(frozen=True)
-class _Packed:
-    """One volume's lungs, bit-packed on the CPU (a 600-slice series: 60 MB, not 470)."""
-
-    key: tuple[str, tuple[int, ...], str]
-    masks: tuple[np.ndarray, ...]
-    shape: tuple[int, ...]
-
-    def unpacked(self, device: torch.device) -> Lungs:
-        arrays = (np.unpackbits(m, count=self.shape[-1], axis=-1).view(bool) for m in self.masks)
-        return Lungs(*(torch.from_numpy(a).to(device) for a in arrays))
-
-
-_last: list[_Packed] = []
-
-
-def lungs_of(volume: Volume, device: torch.device | None = None) -> Lungs:
-    """`segment_lungs` of the volume, segmented once per volume: lung-quant, the lung crop of
-    the classifiers and the nodules' side each ask, in the same worker, for the series they
-    all run on. The last volume's masks are kept, bit-packed."""
-    device = device or torch.device("cpu")
-    voxels = np.ascontiguousarray(volume.voxels)
-    digest = hashlib.blake2b(voxels.data, digest_size=16).hexdigest()
-    key = (volume.series_instance_uid, volume.voxels.shape, digest)
-    if not _last or _last[0].key != key:
-        found = segment_lungs(torch.from_numpy(volume.voxels).to(device), volume)
-        packed = tuple(np.packbits(m.cpu().numpy(), axis=-1) for m in found)
-        _last[:] = [_Packed(key, packed, volume.voxels.shape)]
-        return found
-    return _last[0].unpacked(device)
 
 
 def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> Lungs:

@@ -50,6 +50,7 @@ def test_a_routed_series_is_quantified_by_the_service(
     ]
     output = Path(job["result"]["output"])
     assert output.is_relative_to(node.storage)
+    assert len(list(output.parent.glob("lungs-*.npz"))) == 1  # for the other workers
     masks = np.load(output / "masks.npz")
     assert np.unpackbits(masks["Left lung"], axis=-1).shape == (64, 512, 512)
     assert json.loads((output / "result.json").read_text())["regions"] == job["result"]["regions"]

@@ -14,11 +14,12 @@ from pipelines.base import BadInput
 from pipelines.lung_quant import LungQuantPipeline
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume, load_volume
+from tests.peers import DATA
 from tests.phantoms import Geometry, chest, chest_geometry, write_series
 
 ELLIPSOID_ML = 4 / 3 * np.pi * 50 * 70 * 90 / 1000
 GGO_ML = 4 / 3 * np.pi * 15**3 / 1000
-SLICE_LABELS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "covid-ct-md"
+SLICE_LABELS = DATA / "covid-ct-md"
 
 
 def with_ground_glass(hu):
@@ -274,7 +275,7 @@ def test_the_airway_is_one_structure_in_the_mediastinum(real_results, name: str)
 def test_the_lungs_of_a_volume_are_segmented_once_and_shared(tmp_path: Path) -> None:
     """lung-quant, the classifiers' lung crop and the nodules' side ask for the same series'
     lungs: the second ask gets the kept masks, a changed volume is segmented anew."""
-    from pipelines.anatomy import lungs as anatomy
+    from pipelines.anatomy import shared as anatomy
 
     volume = load_volume(write_series(tmp_path / "a", chest_geometry(), chest()))
     first = anatomy.lungs_of(volume)

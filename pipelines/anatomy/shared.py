@@ -1,0 +1,135 @@
+"""Each volume's lungs, segmented once and shared by every pipeline that needs them
+(lung-quant, the classifiers' lung crop, the nodules' side).
+
+The last volume's masks are kept in memory, bit-packed (a 600-slice series: 60 MB, not 470).
+Where the node names a folder per series (`share_in`), they are also kept on disk there,
+compressed, for the node's other worker processes and for jobs after a restart: a file is
+written whole (temp file, then rename) under the folder's lock, so a second process that asks
+while the first segments waits for its masks instead of segmenting too."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.anatomy.lungs import Lungs, segment_lungs
+from pipelines.volume import Volume
+
+log = logging.getLogger(__name__)
+
+FolderOf = Callable[[Volume], Path]
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """One volume's lungs, bit-packed on the CPU."""
+
+    key: str
+    masks: tuple[np.ndarray, ...]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, key: str, lungs: Lungs) -> _Packed:
+        masks = tuple(np.packbits(mask.cpu().numpy(), axis=-1) for mask in lungs)
+        return cls(key, masks, tuple(lungs.left.shape))
+
+    def unpacked(self, device: torch.device) -> Lungs:
+        arrays = (np.unpackbits(m, count=self.shape[-1], axis=-1).view(bool) for m in self.masks)
+        return Lungs(*(torch.from_numpy(a).to(device) for a in arrays))
+
+
+_last: list[_Packed] = []
+_folder_of: list[FolderOf] = []
+
+
+def share_in(folder_of: FolderOf | None) -> None:
+    """Keep each volume's masks on disk too, in `folder_of(volume)` (None: memory only)."""
+    _folder_of[:] = [folder_of] if folder_of else []
+
+
+def lungs_of(volume: Volume, device: torch.device | None = None) -> Lungs:
+    """`segment_lungs` of the volume, segmented once per volume."""
+    device = device or torch.device("cpu")
+    key = _key(volume)
+    if _last and _last[0].key == key:
+        return _last[0].unpacked(device)
+    if not _folder_of:
+        return _segmented(volume, key, device)
+    folder = _folder_of[0](volume)
+    path = folder / f"lungs-{key}.npz"
+    with _locked(folder):
+        packed = _read(path, key, volume.voxels.shape)
+        if packed is None:
+            found = _segmented(volume, key, device)
+            _write(path, _last[0], volume.series_instance_uid)
+            return found
+    log.debug(
+        "lungs of series %s: segmented before, read from %s", volume.series_instance_uid, path
+    )
+    _last[:] = [packed]
+    return packed.unpacked(device)
+
+
+def _key(volume: Volume) -> str:
+    """The series, its grid and its voxels: any change to the volume makes a new key."""
+    voxels = np.ascontiguousarray(volume.voxels)
+    digest = hashlib.blake2b(voxels.data, digest_size=16)
+    digest.update(f"{volume.series_instance_uid}/{voxels.shape}".encode())
+    return digest.hexdigest()
+
+
+def _segmented(volume: Volume, key: str, device: torch.device) -> Lungs:
+    found = segment_lungs(torch.from_numpy(volume.voxels).to(device), volume)
+    _last[:] = [_Packed.of(key, found)]
+    return found
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "lungs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read(path: Path, key: str, shape: tuple[int, ...]) -> _Packed | None:
+    """The masks kept at `path`, or None if there are none or they are unreadable."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            masks = tuple(kept[name] for name in Lungs._fields)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("kept lungs %s are unreadable (%s): segmenting again", path.name, exc)
+        return None
+    packed_shape = (*shape[:-1], (shape[-1] + 7) // 8)
+    if any(mask.shape != packed_shape or mask.dtype != np.uint8 for mask in masks):
+        log.warning("kept lungs %s do not fit the volume: segmenting again", path.name)
+        return None
+    return _Packed(key, masks, shape)
+
+
+def _write(path: Path, packed: _Packed, series_uid: str) -> None:
+    """Keep `packed` at `path`, whole or not at all; a full disk costs only the sharing."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        with open(temp, "wb") as file:
+            left, right, airway = packed.masks
+            np.savez_compressed(file, left=left, right=right, airway=airway)
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        log.warning("cannot keep the lungs of series %s for other jobs: %s", series_uid, exc)

@@ -1,0 +1,102 @@
+"""One segmentation of a series' lungs for every pipeline and worker process that asks."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.anatomy import shared
+from pipelines.volume import Volume, load_volume
+from tests.phantoms import chest, chest_geometry, write_series
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Volume:
+    return load_volume(write_series(tmp_path / "series", chest_geometry(), chest()))
+
+
+@pytest.fixture
+def kept(tmp_path: Path):
+    """Masks kept on disk in `tmp_path / kept`, memory cleared before and after."""
+    folder = tmp_path / "kept"
+    shared._last.clear()
+    shared.share_in(lambda _: folder)
+    yield folder
+    shared.share_in(None)
+    shared._last.clear()
+
+
+def refuse_to_segment(monkeypatch: pytest.MonkeyPatch) -> None:
+    def segment(*_):
+        raise AssertionError("segmented again")
+
+    monkeypatch.setattr(shared, "segment_lungs", segment)
+
+
+def test_another_process_reads_the_masks_instead_of_segmenting(
+    volume: Volume, kept: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = shared.lungs_of(volume)
+    assert len(list(kept.glob("lungs-*.npz"))) == 1
+    shared._last.clear()  # what another worker process, or this one after a restart, has
+    refuse_to_segment(monkeypatch)
+    again = shared.lungs_of(volume)
+    for made, read in zip(first, again, strict=True):
+        assert torch.equal(made, read)
+
+
+def test_unreadable_kept_masks_are_segmented_again_and_replaced(
+    volume: Volume, kept: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = shared.lungs_of(volume)
+    (path,) = kept.glob("lungs-*.npz")
+    path.write_bytes(path.read_bytes()[:100])  # cut short
+    shared._last.clear()
+    with caplog.at_level(logging.WARNING):
+        again = shared.lungs_of(volume)
+    assert "unreadable" in caplog.text
+    assert torch.equal(first.left, again.left)
+    shared._last.clear()
+    assert torch.equal(shared.lungs_of(volume).right, first.right)  # the file was replaced
+
+
+def test_masks_that_cannot_be_kept_are_still_returned(
+    volume: Volume, kept: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared.lungs_of(volume)
+    (path,) = kept.glob("lungs-*.npz")
+    path.unlink()
+    (path / "in-the-way").mkdir(parents=True)  # the file cannot be read or written
+    shared._last.clear()
+    with caplog.at_level(logging.WARNING):
+        lungs = shared.lungs_of(volume)
+    assert lungs.left.any() and lungs.right.any()
+    assert "cannot keep the lungs" in caplog.text
+    assert volume.series_instance_uid in caplog.text
+
+
+def _lungs_in_child(series: Path, folder: Path, log: Path) -> int:
+    """In a process of its own: the lungs of `series`, noting each segmentation in `log`."""
+    real = shared.segment_lungs
+
+    def segment(*args):
+        with log.open("a") as file:
+            file.write("segmented\n")
+        return real(*args)
+
+    shared.segment_lungs = segment
+    shared.share_in(lambda _: folder)
+    return int(shared.lungs_of(load_volume(sorted(series.glob("*.dcm")))).left.sum())
+
+
+def test_two_workers_asking_at_once_segment_once(volume: Volume, tmp_path: Path) -> None:
+    log = tmp_path / "segmentations.log"
+    series = tmp_path / "series"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        voxels = pool.starmap(_lungs_in_child, [(series, tmp_path / "kept", log)] * 2)
+    assert log.read_text().splitlines() == ["segmented"]
+    assert voxels[0] == voxels[1] > 0
