@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -67,11 +68,12 @@ def lungs_of(volume: Volume, device: torch.device | None = None) -> Lungs:
         return _segmented(volume, key, device)
     folder = _folder_of[0](volume)
     path = folder / f"lungs-{key}.npz"
-    with _locked(folder):
-        packed = _read(path, key, volume.voxels.shape)
+    with _locked(folder, volume.series_instance_uid) as locked:
+        packed = _read(path, key, volume.voxels.shape) if locked else None
         if packed is None:
             found = _segmented(volume, key, device)
-            _write(path, _last[0], volume.series_instance_uid)
+            if locked:
+                _write(path, _last[0], volume.series_instance_uid)
             return found
     log.debug(
         "lungs of series %s: segmented before, read from %s", volume.series_instance_uid, path
@@ -95,12 +97,21 @@ def _segmented(volume: Volume, key: str, device: torch.device) -> Lungs:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "lungs.lock", "a") as lock:
+def _locked(folder: Path, series_uid: str) -> Iterator[bool]:
+    """Hold `folder`'s lock; yield False (and hold nothing) where it cannot be made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock: IO[str] | None = open(folder / "lungs.lock", "a")  # noqa: SIM115
+    except OSError as exc:
+        log.warning("cannot share the lungs of series %s with other jobs: %s", series_uid, exc)
+        lock = None
+    if lock is None:
+        yield False
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -132,4 +143,4 @@ def _write(path: Path, packed: _Packed, series_uid: str) -> None:
         os.replace(temp, path)
     except OSError as exc:
         temp.unlink(missing_ok=True)
-        log.warning("cannot keep the lungs of series %s for other jobs: %s", series_uid, exc)
+        log.warning("cannot share the lungs of series %s with other jobs: %s", series_uid, exc)

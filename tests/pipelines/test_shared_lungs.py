@@ -75,8 +75,19 @@ def test_masks_that_cannot_be_kept_are_still_returned(
     with caplog.at_level(logging.WARNING):
         lungs = shared.lungs_of(volume)
     assert lungs.left.any() and lungs.right.any()
-    assert "cannot keep the lungs" in caplog.text
+    assert "cannot share the lungs" in caplog.text
     assert volume.series_instance_uid in caplog.text
+
+
+def test_without_a_folder_to_keep_them_in_the_lungs_are_still_segmented(
+    volume: Volume, kept: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING):
+        lungs = shared.lungs_of(volume)
+    assert lungs.left.any() and lungs.right.any()
+    assert "cannot share the lungs" in caplog.text
 
 
 def _lungs_in_child(series: Path, folder: Path, log: Path) -> int:
