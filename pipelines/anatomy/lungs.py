@@ -56,11 +56,13 @@ MIN_LUNG_ML = 100.0
 
 class Lungs(NamedTuple):
     """Masks on the full grid (slice, row, column); the airway is the trachea and main
-    bronchi the lungs exclude."""
+    bronchi the lungs exclude; `aerated` is both lungs before the pleural reconstruction
+    (step 6): the aerated lung with the vessels and infiltrates it encloses."""
 
     left: torch.Tensor
     right: torch.Tensor
     airway: torch.Tensor
+    aerated: torch.Tensor
 
 
 def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> Lungs:
@@ -77,22 +79,28 @@ def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> L
     left, right = _split_lungs(candidates, grid, volume)
     full_shape = hu.shape
     nearer_left = torch.from_numpy(_nearer(left, right, grid)).to(hu.device) if pathology else None
-    lungs = []
+    lungs, aerated = [], []
     for lung, other in ((left, right), (right, left)):
         filled = closing(torch.from_numpy(lung).to(hu.device), grid.radii(4.0, 0.0))
         filled = torch.from_numpy(fill_holes_per_slice(filled.cpu().numpy())).to(hu.device)
         allowed = body & ~airways & ~torch.from_numpy(other).to(hu.device)
         filled &= allowed
+        aerated.append(filled)
         if nearer_left is not None:
             own_side = nearer_left if lung is left else ~nearer_left
             filled = with_pathology(filled, allowed & own_side & (coarse < BONE_HU), grid)
         lungs.append(upsample(filled, grid.factor, full_shape))
     left_full, right_full = lungs
-    overlap = left_full & right_full
-    left_full &= ~overlap
-    right_full &= ~overlap
-    airway = upsample(airways, grid.factor, full_shape) & ~left_full & ~right_full
-    return Lungs(left_full, right_full, airway)
+    overlap = left_full & right_full  # in place from here: a 600-slice mask is 160 MB
+    left_full ^= overlap
+    right_full ^= overlap
+    del overlap
+    both = left_full | right_full
+    airway = upsample(airways, grid.factor, full_shape)
+    airway &= ~both
+    aerated_full = upsample(aerated[0] | aerated[1], grid.factor, full_shape)
+    aerated_full &= both
+    return Lungs(left_full, right_full, airway, aerated_full)
 
 
 def _pleural_grid(

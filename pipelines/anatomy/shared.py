@@ -138,8 +138,8 @@ def _write(path: Path, packed: _Packed, series_uid: str) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         with open(temp, "wb") as file:
-            left, right, airway = packed.masks
-            np.savez_compressed(file, left=left, right=right, airway=airway)
+            left, right, airway, aerated = packed.masks
+            np.savez_compressed(file, left=left, right=right, airway=airway, aerated=aerated)
         os.replace(temp, path)
     except OSError as exc:
         temp.unlink(missing_ok=True)
