@@ -21,7 +21,9 @@ class Availability:
 
 
 ECHO = Availability("1.0")
-LUNG_QUANT = Availability("1.0")
+LUNG_QUANT = Availability("1.1")
+"""1.1: the lungs hold the disease they enclose or abut (pleural reconstruction), the airway is
+a segment of its own, high attenuation is looked for in the aerated lung."""
 
 
 def of_model(name: str, settings: PipelineSettings) -> Availability:

@@ -94,7 +94,7 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
         "rules": {"file": None, "error": None, "rules": 0, "modified_at": None},
         "pipelines": [
             {"name": "echo", "version": "1.0", "available": True, "problem": None},
-            {"name": "lung-quant", "version": "1.0", "available": True, "problem": None},
+            {"name": "lung-quant", "version": "1.1", "available": True, "problem": None},
         ],
         "dispatches": [],
         "fetches": [],
