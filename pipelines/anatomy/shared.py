@@ -87,6 +87,7 @@ def _key(volume: Volume) -> str:
     voxels = np.ascontiguousarray(volume.voxels)
     digest = hashlib.blake2b(voxels.data, digest_size=16)
     digest.update(f"{volume.series_instance_uid}/{voxels.shape}".encode())
+    digest.update(np.ascontiguousarray(volume.affine).tobytes())
     return digest.hexdigest()
 
 
