@@ -4,7 +4,10 @@
 2. aerated tissue inside the body below -400 HU;
 3. the airway (`pipelines.anatomy.airway`) removed;
 4. left and right lungs: the two largest aerated components; if they touch (anterior
-   junction) they are eroded apart and grown back inside the original mask;
+   junction) they are eroded apart and grown back inside the original mask; gas that hangs
+   on a lung's lower half by a thin bridge (partial volume through the diaphragm, cut by an
+   erosion of two voxels in-plane and one slice) and holds no lung tissue (its mean below
+   -950 HU) is bowel under the diaphragm, not lung;
 5. each lung closed and filled, so vessels and dense infiltrates inside it count as lung;
 6. the pleural surface reconstructed: each lung closed with a 25 mm ball (on a ~3.5 mm grid),
    so dense tissue the lung encloses or abuts (juxtapleural tumours, peripheral
@@ -52,6 +55,9 @@ lesions of 12 mm and more stay."""
 AERATED_HU = -400
 """Aerated lung (and any air) is below this; soft tissue above."""
 MIN_LUNG_ML = 100.0
+GAS_HU = -950
+"""Gas with no lung tissue in it (bowel gas; aerated lung with its vessels is denser)."""
+MIN_GAS_ML = 1.0
 
 
 class Lungs(NamedTuple):
@@ -77,13 +83,18 @@ def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> L
     airways = segment_airway(coarse, air, grid, volume)
     candidates = (air & ~dilate(airways, (0, 1, 1))).cpu().numpy()
     left, right = _split_lungs(candidates, grid, volume)
+    coarse_hu = coarse.cpu().numpy()
+    (left, left_gas), (right, right_gas) = (
+        _without_gas(lung, coarse_hu, grid, volume) for lung in (left, right)
+    )
+    not_gas = ~torch.from_numpy(left_gas | right_gas).to(hu.device)
     full_shape = hu.shape
     nearer_left = torch.from_numpy(_nearer(left, right, grid)).to(hu.device) if pathology else None
     lungs, aerated = [], []
     for lung, other in ((left, right), (right, left)):
         filled = closing(torch.from_numpy(lung).to(hu.device), grid.radii(4.0, 0.0))
         filled = torch.from_numpy(fill_holes_per_slice(filled.cpu().numpy())).to(hu.device)
-        allowed = body & ~airways & ~torch.from_numpy(other).to(hu.device)
+        allowed = body & ~airways & ~torch.from_numpy(other).to(hu.device) & not_gas
         filled &= allowed
         aerated.append(filled)
         if nearer_left is not None:
@@ -163,6 +174,33 @@ def _split_lungs(
     if sizes.max(initial=0) < min_voxels:
         raise BadInput("no lungs found: no air-filled region of lung size inside the body")
     raise BadInput("only one lung found; the other is missing or fully opacified")
+
+
+def _without_gas(
+    lung: np.ndarray, coarse_hu: np.ndarray, grid: WorkingGrid, volume: Volume
+) -> tuple[np.ndarray, np.ndarray]:
+    """(`lung` without the gas that hangs on its lower half, that gas): parts the erosion cuts
+    off, of at least MIN_GAS_ML, below GAS_HU on average, their centre below the lung's
+    (feet-wards), with the voxels of `lung` nearer to them than to the rest of it."""
+    labels, sizes = components(erode(torch.from_numpy(lung), (1, 2, 2)).numpy())
+    main = int(np.argmax(sizes))
+
+    def height(number: int) -> float:  # patient z (LPS: towards the head) of a part's centre
+        return float(volume.to_patient((np.nonzero(labels == number)[0].mean(), 0, 0))[2])
+
+    gas = [
+        number
+        for number in np.flatnonzero(sizes * grid.voxel_ml() >= MIN_GAS_ML).tolist()
+        if number != main
+        and coarse_hu[labels == number].mean() < GAS_HU
+        and height(number) < height(main)
+    ]
+    if not gas:
+        return lung, np.zeros_like(lung)
+    to_lung = depth(labels != main, grid.spacing)
+    to_gas = depth(~np.isin(labels, gas), grid.spacing)
+    hanging = lung & (to_gas < to_lung)
+    return lung & ~hanging, hanging
 
 
 def _spans_midline(mask: np.ndarray) -> bool:

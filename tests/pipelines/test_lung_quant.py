@@ -146,6 +146,52 @@ def test_pleura_based_disease_stays_in_the_lung_and_the_chest_wall_stays_out(
     assert airway.any() and not (airway & (left | right)).any()
 
 
+BOWEL_CENTRE, BOWEL_RADIUS = np.array([70.0, 0.0, -118.0]), 15.0
+
+
+def with_bowel_gas(points: np.ndarray) -> np.ndarray:
+    """The chest with a gas-filled bowel loop under the left lung, which a 6 mm channel of
+    air joins to the lung's base through the diaphragm (as partial volume does)."""
+    hu = chest()(points)
+    bowel = np.linalg.norm(points - BOWEL_CENTRE, axis=-1) <= BOWEL_RADIUS
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    channel = (np.hypot(x - BOWEL_CENTRE[0], y - BOWEL_CENTRE[1]) <= 3) & (z > -110) & (z < -80)
+    hu[bowel | channel] = -1000.0
+    return hu
+
+
+BOWEL_HEAD_FIRST = Geometry(
+    rows=130,
+    columns=165,
+    pixel_spacing=(2.0, 2.0),
+    origin=(-164.0, -130.0, -160.0),
+    slice_step=5.0,
+    slices=59,
+)
+BOWEL_FEET_FIRST = Geometry(
+    rows=130,
+    columns=165,
+    pixel_spacing=(2.0, 2.0),
+    orientation=(-1, 0, 0, 0, 1, 0),
+    origin=(164.0, -130.0, 130.0),
+    slice_step=5.0,
+    slices=59,
+)
+
+
+@pytest.mark.parametrize(
+    "geometry", [BOWEL_HEAD_FIRST, BOWEL_FEET_FIRST], ids=["head-first", "feet-first"]
+)
+def test_bowel_gas_joined_to_a_lung_base_is_not_lung(tmp_path: Path, geometry: Geometry) -> None:
+    volume = load_volume(write_series(tmp_path, geometry, with_bowel_gas))
+    result = LungQuantPipeline("cpu").run(volume)
+    left = result.mask("Left lung").array
+    points = volume.to_patient(np.stack(np.indices(volume.voxels.shape), axis=-1))
+    bowel = np.linalg.norm(points - BOWEL_CENTRE, axis=-1) <= BOWEL_RADIUS
+    assert left[bowel].mean() < 0.05
+    assert result.region("Left lung").value(codes.VOLUME) == pytest.approx(ELLIPSOID_ML, rel=0.06)
+
+
 @pytest.fixture(scope="module")
 def real_results(real_series) -> dict[str, tuple[Volume, PipelineResult]]:
     pipeline = LungQuantPipeline("cpu")
