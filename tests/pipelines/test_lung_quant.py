@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,23 +161,13 @@ def with_bowel_gas(points: np.ndarray) -> np.ndarray:
     return hu
 
 
-BOWEL_HEAD_FIRST = Geometry(
-    rows=130,
-    columns=165,
-    pixel_spacing=(2.0, 2.0),
-    origin=(-164.0, -130.0, -160.0),
-    slice_step=5.0,
-    slices=59,
+BOWEL_HEAD_FIRST = replace(
+    chest_geometry(), origin=(-164.0, -130.0, -160.0), slices=59, positions=[]
 )
-BOWEL_FEET_FIRST = Geometry(
-    rows=130,
-    columns=165,
-    pixel_spacing=(2.0, 2.0),
-    orientation=(-1, 0, 0, 0, 1, 0),
-    origin=(164.0, -130.0, 130.0),
-    slice_step=5.0,
-    slices=59,
+BOWEL_FEET_FIRST = replace(
+    BOWEL_HEAD_FIRST, orientation=(-1, 0, 0, 0, 1, 0), origin=(164.0, -130.0, 130.0), positions=[]
 )
+"""The chest's field of view reaching 60 mm lower, head first and feet first."""
 
 
 @pytest.mark.parametrize(
