@@ -274,6 +274,17 @@ def test_high_attenuation_profile_ranks_infected_slices(real_results, name: str,
 
 
 @pytest.mark.slow
+def test_the_bowel_gas_under_cap001s_left_lung_is_not_lung(real_results) -> None:
+    """cap001's splenic flexure lies under the left lung's base, joined to it by partial
+    volume through the diaphragm (slices 18-31 of 168)."""
+    volume, result = real_results["cap"]
+    points = volume.to_patient(np.stack(np.indices(volume.voxels.shape), axis=-1))
+    pocket = np.linalg.norm(points - np.array([69.5, -141.5, -358.4]), axis=-1) <= 8
+    assert pocket.sum() > 500 and volume.voxels[pocket].mean() < -900  # gas, where it was seen
+    assert not result.mask("Left lung").array[pocket].any()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lung-kernel", "body-kernel"])
 def test_the_tumour_of_a0001_is_inside_the_lung_on_its_annotated_slices(
     real_results, name: str
