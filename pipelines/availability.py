@@ -23,7 +23,8 @@ class Availability:
 ECHO = Availability("1.0")
 LUNG_QUANT = Availability("1.1")
 """1.1: the lungs hold the disease they enclose or abut (pleural reconstruction), the airway is
-a segment of its own, high attenuation is looked for in the aerated lung."""
+a segment of its own, high attenuation is looked for in the aerated lung, bowel gas is cut off.
+A new version on every change to the lungs: the lungs kept for a series are keyed by it."""
 
 
 def of_model(name: str, settings: PipelineSettings) -> Availability:

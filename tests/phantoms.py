@@ -149,6 +149,11 @@ def chest_geometry() -> Geometry:
     )
 
 
+def body_without_lungs(points: np.ndarray) -> np.ndarray:
+    """`chest()`'s body (soft tissue) with no lungs and no airway in it."""
+    return np.where((points[..., 0] / 150) ** 2 + (points[..., 1] / 110) ** 2 <= 1, 40.0, -1000.0)
+
+
 def chest(
     left_center: Sequence[float] = (60, 0, 0), right_center: Sequence[float] = (-60, 0, 0)
 ) -> HuFunction:

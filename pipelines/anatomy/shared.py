@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from pipelines.anatomy.lungs import Lungs, segment_lungs
+from pipelines.availability import LUNG_QUANT
+from pipelines.base import BadInput
 from pipelines.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,18 @@ class _Packed:
         return Lungs(*(torch.from_numpy(a).to(device) for a in arrays))
 
 
-_last: list[_Packed] = []
+@dataclass(frozen=True)
+class _Refused:
+    """One volume in which no lungs were found, and why."""
+
+    key: str
+    reason: str
+
+    def unpacked(self, device: torch.device) -> Lungs:
+        raise BadInput(self.reason)
+
+
+_last: list[_Packed | _Refused] = []
 _folder_of: list[FolderOf] = []
 
 
@@ -71,10 +84,11 @@ def lungs_of(volume: Volume, device: torch.device | None = None) -> Lungs:
     with _locked(folder, volume.series_instance_uid) as locked:
         packed = _read(path, key, volume.voxels.shape) if locked else None
         if packed is None:
-            found = _segmented(volume, key, device)
-            if locked:
-                _write(path, _last[0], volume.series_instance_uid)
-            return found
+            try:
+                return _segmented(volume, key, device)
+            finally:  # the masks, or why there are none
+                if locked and _last and _last[0].key == key:
+                    _write(path, _last[0], volume.series_instance_uid)
     log.debug(
         "lungs of series %s: segmented before, read from %s", volume.series_instance_uid, path
     )
@@ -83,16 +97,23 @@ def lungs_of(volume: Volume, device: torch.device | None = None) -> Lungs:
 
 
 def _key(volume: Volume) -> str:
-    """The series, its grid and its voxels: any change to the volume makes a new key."""
+    """The series, its grid and its voxels, and lung-quant's version: any change to the
+    volume, or to how lungs are segmented, makes a new key."""
     voxels = np.ascontiguousarray(volume.voxels)
     digest = hashlib.blake2b(voxels.data, digest_size=16)
+    digest.update(LUNG_QUANT.version.encode())
     digest.update(f"{volume.series_instance_uid}/{voxels.shape}".encode())
     digest.update(np.ascontiguousarray(volume.affine).tobytes())
     return digest.hexdigest()
 
 
 def _segmented(volume: Volume, key: str, device: torch.device) -> Lungs:
-    found = segment_lungs(torch.from_numpy(volume.voxels).to(device), volume)
+    """The lungs, segmented and kept in memory; a volume without lungs is kept as such."""
+    try:
+        found = segment_lungs(torch.from_numpy(volume.voxels).to(device), volume)
+    except BadInput as exc:
+        _last[:] = [_Refused(key, str(exc))]
+        raise
     _last[:] = [_Packed.of(key, found)]
     return found
 
@@ -117,8 +138,11 @@ def _locked(folder: Path, series_uid: str) -> Iterator[bool]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _read(path: Path, key: str, shape: tuple[int, ...]) -> _Packed | None:
-    """The masks kept at `path`, or None if there are none or they are unreadable."""
+def _read(path: Path, key: str, shape: tuple[int, ...]) -> _Packed | _Refused | None:
+    """The masks kept at `path` (or why there are none), else None: none kept, unreadable."""
+    refused = path.with_suffix(".refused")
+    if refused.exists():
+        return _Refused(key, refused.read_text(encoding="utf-8"))
     if not path.exists():
         return None
     try:
@@ -134,13 +158,18 @@ def _read(path: Path, key: str, shape: tuple[int, ...]) -> _Packed | None:
     return _Packed(key, masks, shape)
 
 
-def _write(path: Path, packed: _Packed, series_uid: str) -> None:
-    """Keep `packed` at `path`, whole or not at all; a full disk costs only the sharing."""
+def _write(path: Path, kept: _Packed | _Refused, series_uid: str) -> None:
+    """Keep `kept` at `path` (a refusal beside it), whole or not at all; a full disk costs
+    only the sharing."""
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         with open(temp, "wb") as file:
-            left, right, airway, aerated = packed.masks
-            np.savez_compressed(file, left=left, right=right, airway=airway, aerated=aerated)
+            if isinstance(kept, _Refused):
+                file.write(kept.reason.encode())
+                path = path.with_suffix(".refused")
+            else:
+                left, right, airway, aerated = kept.masks
+                np.savez_compressed(file, left=left, right=right, airway=airway, aerated=aerated)
         os.replace(temp, path)
     except OSError as exc:
         temp.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from pipelines.lung_quant import LungQuantPipeline
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume, load_volume
 from tests.peers import DATA
-from tests.phantoms import Geometry, chest, chest_geometry, write_series
+from tests.phantoms import Geometry, body_without_lungs, chest, chest_geometry, write_series
 
 ELLIPSOID_ML = 4 / 3 * np.pi * 50 * 70 * 90 / 1000
 GGO_ML = 4 / 3 * np.pi * 15**3 / 1000
@@ -72,7 +72,7 @@ def test_a_body_without_lungs_is_bad_input(tmp_path: Path) -> None:
     files = write_series(
         tmp_path,
         chest_geometry(),
-        lambda p: np.where((p[..., 0] / 150) ** 2 + (p[..., 1] / 110) ** 2 <= 1, 40.0, -1000.0),
+        body_without_lungs,
     )
     with pytest.raises(BadInput, match="no lungs found"):
         LungQuantPipeline("cpu").run(load_volume(files))

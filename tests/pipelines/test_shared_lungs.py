@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipelines.anatomy import shared
+from pipelines.base import BadInput
 from pipelines.volume import Volume, load_volume
-from tests.phantoms import chest, chest_geometry, write_series
+from tests.phantoms import body_without_lungs, chest, chest_geometry, write_series
 
 
 @pytest.fixture
@@ -111,3 +112,25 @@ def test_two_workers_asking_at_once_segment_once(volume: Volume, tmp_path: Path)
         voxels = pool.starmap(_lungs_in_child, [(series, tmp_path / "kept", log)] * 2)
     assert log.read_text().splitlines() == ["segmented"]
     assert voxels[0] == voxels[1] > 0
+
+
+def test_a_volume_without_lungs_is_segmented_once_too(
+    tmp_path: Path, kept: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three pipelines asking for the lungs of a scan that has none get the same answer
+    without segmenting it three times; so does another worker process."""
+    files = write_series(
+        tmp_path / "no-lungs",
+        chest_geometry(),
+        body_without_lungs,
+    )
+    volume = load_volume(files)
+    with pytest.raises(BadInput, match="no lungs found") as first:
+        shared.lungs_of(volume)
+    refuse_to_segment(monkeypatch)
+    with pytest.raises(BadInput) as again:
+        shared.lungs_of(volume)
+    shared._last.clear()  # another process: the refusal is read from disk
+    with pytest.raises(BadInput) as elsewhere:
+        shared.lungs_of(volume)
+    assert str(first.value) == str(again.value) == str(elsewhere.value)
