@@ -124,8 +124,12 @@ def test_results_arrive_in_the_same_study_by_c_store(
         first = dispatches["origin"]["finished_at"]
         return origin["state"] == "succeeded" and origin["finished_at"] != first
 
+    def offline_failed() -> dict | None:  # its new dispatch, once it has been tried
+        offline = next(d for d in node.status()["dispatches"] if d["destination"] == "offline")
+        return offline if offline["error"] else None
+
     wait_until(resent, timeout=120, interval=1)
-    offline = next(d for d in node.status()["dispatches"] if d["destination"] == "offline")
+    offline = wait_until(offline_failed, timeout=60, interval=0.5)
     assert "no association with GONE@127.0.0.1" in offline["error"]
     again = series_by_modality(orthanc, study)
     assert len(again["SR"]) == 1 and len(again["SEG"]) == 1
