@@ -185,16 +185,15 @@ def _without_gas(
     labels, sizes = components(erode(torch.from_numpy(lung), (1, 2, 2)).numpy())
     main = int(np.argmax(sizes))
 
-    def height(number: int) -> float:  # patient z (LPS: towards the head) of a part's centre
-        return float(volume.to_patient((np.nonzero(labels == number)[0].mean(), 0, 0))[2])
+    def height(part: np.ndarray) -> float:  # patient z (LPS: towards the head) of its centre
+        return float(volume.to_patient((np.nonzero(part)[0].mean(), 0, 0))[2])
 
-    gas = [
-        number
-        for number in np.flatnonzero(sizes * grid.voxel_ml() >= MIN_GAS_ML).tolist()
-        if number != main
-        and coarse_hu[labels == number].mean() < GAS_HU
-        and height(number) < height(main)
-    ]
+    lung_height = height(labels == main)
+    gas = []
+    for number in np.flatnonzero(sizes * grid.voxel_ml() >= MIN_GAS_ML).tolist():
+        part = labels == number
+        if number != main and coarse_hu[part].mean() < GAS_HU and height(part) < lung_height:
+            gas.append(number)
     if not gas:
         return lung, np.zeros_like(lung)
     to_lung = depth(labels != main, grid.spacing)
