@@ -61,11 +61,20 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {start}..{start + band}")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.05,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds.
+    An exception in `retry_on` (a server still starting) counts as not yet."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except retry_on:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

@@ -20,7 +20,14 @@ from fastapi.responses import StreamingResponse
 from pydicom import Dataset, dcmread
 from pydicom.pixels.utils import pack_bits, pixel_array
 from pydicom.tag import Tag
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
 from sqlalchemy import select
 
 from node.config import Role
@@ -37,6 +44,13 @@ CHUNK_BYTES = 8 << 20
 """Most CT instances are read in one go."""
 TRANSCODABLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 PIXEL_DATA = 0x7FE00010
+ALWAYS_LOSSY = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+}
+"""Syntaxes whose pixels are never lossless, and the method their decoded pixels are marked
+with; JPEG 2000 and the rest may be either, and their files say which."""
 NATIVE = f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
 
 
@@ -142,7 +156,7 @@ def bulkdata(tag: str, found: Found) -> Response:
     if wanted not in dataset:
         raise HTTPException(404, detail=f"the instance has no {tag}")
     if wanted == PIXEL_DATA and dataset.file_meta.TransferSyntaxUID.is_compressed:
-        dataset.decompress()
+        dataset.decompress(generate_instance_uid=False)
     value = dataset[wanted].value
     if not isinstance(value, bytes):
         raise HTTPException(404, detail=f"{tag} is not bulk data")
@@ -177,13 +191,24 @@ def _instance_bytes(item: Stored, target: UID | None) -> Iterator[bytes]:
             while chunk := file.read(CHUNK_BYTES):
                 yield chunk
         return
-    dataset = dcmread(item.path)
-    if dataset.file_meta.TransferSyntaxUID.is_compressed:
-        dataset.decompress()
-    dataset.file_meta.TransferSyntaxUID = target
+    dataset = transcoded(dcmread(item.path), target)
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     yield buffer.getvalue()
+
+
+def transcoded(dataset: Dataset, target: UID) -> Dataset:
+    """The stored instance in another transfer syntax: the same UIDs and attributes, only the
+    pixel encoding changes. Pixels decoded from a lossy syntax say so (PS3.3 C.7.6.1.1.5)."""
+    stored = UID(dataset.file_meta.TransferSyntaxUID)
+    if stored.is_compressed:
+        dataset.decompress(generate_instance_uid=False)
+        if stored in ALWAYS_LOSSY and dataset.get("LossyImageCompression") != "01":
+            dataset.LossyImageCompression = "01"
+            if "LossyImageCompressionMethod" not in dataset:
+                dataset.LossyImageCompressionMethod = ALWAYS_LOSSY[stored]
+    dataset.file_meta.TransferSyntaxUID = target
+    return dataset
 
 
 def _metadata(item: Stored, base: str) -> dict[str, Any]:

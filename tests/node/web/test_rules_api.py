@@ -100,7 +100,9 @@ def test_rules_checked_explained_replaced_and_a_series_routed_again(
 
 def test_processes_and_the_job_each_worker_runs(start_web_node) -> None:
     web = start_web_node(workers={"count": 1}, node={"receivers": 2})
-    listed = wait_until(lambda: api(web, "GET", "/processes", "viewer").json(), 30)
+    listed = wait_until(
+        lambda: api(web, "GET", "/processes", "viewer").json(), 30, retry_on=(httpx.HTTPError,)
+    )
     processes = {p["name"]: p for p in listed}  # recorded once every process has started
     assert set(processes) == {"main", "receiver-1", "worker-0", "http"}
     assert all(p["alive"] for p in processes.values())
