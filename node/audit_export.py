@@ -24,7 +24,17 @@ from xml.etree import ElementTree
 from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from node.audit import Event, Kind, list_events_after
+from node.audit import (
+    AdminAction,
+    ApplicationEvent,
+    Event,
+    Fetched,
+    JobEnded,
+    Kind,
+    Received,
+    Sent,
+    list_events_after,
+)
 from node.config import Settings, SyslogSettings
 from node.db.models import AuditExport, Instance, Series, Study, utcnow
 
@@ -74,7 +84,7 @@ class StudyFacts:
 def audit_message(event: Event, node_ae: str, studies: Iterable[StudyFacts]) -> bytes:
     """The event as a PS3.15 A.5.1 AuditMessage (UTF-8 XML)."""
     root = ElementTree.Element("AuditMessage")
-    detail = event.detail
+    facts = event.facts
     action, event_id, outcome = _event(event)
     identification = _add(
         root,
@@ -99,18 +109,17 @@ def audit_message(event: Event, node_ae: str, studies: Iterable[StudyFacts]) -> 
     _code(source, "AuditSourceTypeCode", Coded("4", "RFC-3881", "Application Server"))
     for study in studies:
         _study_objects(root, study)
-    if event.kind in (Kind.ADMIN, Kind.APPLICATION):
+    if isinstance(facts, AdminAction | ApplicationEvent):
         subject = _add(
             root,
             "ParticipantObjectIdentification",
-            ParticipantObjectID=f"ainode:{detail.get('action', event.kind)}",
+            ParticipantObjectID=f"ainode:{facts.action}",
             ParticipantObjectTypeCode="2",
             ParticipantObjectTypeCodeRole="13",
         )
         _code(subject, "ParticipantObjectIDTypeCode", URI)
-        description = ", ".join(
-            f"{key}={value}" for key, value in detail.items() if key not in ("before", "after")
-        )
+        shown = facts.model_dump(mode="json", exclude={"before", "after"}, exclude_defaults=True)
+        description = ", ".join(f"{key}={value}" for key, value in shown.items())
         _add(
             subject,
             "ParticipantObjectDetail",
@@ -232,10 +241,9 @@ class AuditExporter:
             conn.execute(statement)
 
     def _studies(self, event: Event) -> list[StudyFacts]:
-        detail = event.detail
-        uids = detail.get("studies") or (
-            [event.study_instance_uid] if event.study_instance_uid else []
-        )
+        facts = event.facts
+        listed = facts.studies if isinstance(facts, Received | Fetched) else []
+        uids = listed or ([event.study_instance_uid] if event.study_instance_uid else [])
         if not uids:
             return []
         with self._engine.connect() as conn:
@@ -252,10 +260,10 @@ class AuditExporter:
                 .join(Series, Instance.series_id == Series.id)
                 .join(Study, Series.study_id == Study.id)
             )
-            if detail.get("sop_instances"):
-                classes = classes.where(Instance.sop_instance_uid.in_(detail["sop_instances"]))
-            elif detail.get("series"):
-                classes = classes.where(Series.series_instance_uid.in_(detail["series"]))
+            if isinstance(facts, Sent) and facts.sop_instances:
+                classes = classes.where(Instance.sop_instance_uid.in_(facts.sop_instances))
+            elif isinstance(facts, Received | JobEnded) and facts.series:
+                classes = classes.where(Series.series_instance_uid.in_(facts.series))
             else:
                 classes = classes.where(Study.study_instance_uid.in_(uids))
             counts: dict[str, dict[str, int]] = {}
@@ -276,13 +284,13 @@ class AuditExporter:
 
 def _event(event: Event) -> tuple[str, Coded, int]:
     """EventActionCode, EventID and EventOutcomeIndicator (0 success, 4 minor failure)."""
-    detail = event.detail
+    facts = event.facts
     if event.kind in (Kind.RECEIVED, Kind.FETCHED):
         return "C", TRANSFERRED, 0
     if event.kind == Kind.SENT:
         return "R", TRANSFERRED, 0
     if event.kind == Kind.JOB:
-        failed = detail.get("state") not in ("succeeded", None)
+        failed = isinstance(facts, JobEnded) and facts.state != "succeeded"
         return "R", ACCESSED, 4 if failed else 0
     if event.kind == Kind.APPLICATION:
         return "E", APPLICATION_ACTIVITY, 0
@@ -290,31 +298,32 @@ def _event(event: Event) -> tuple[str, Coded, int]:
 
 
 def _event_type(event: Event) -> Coded | None:
-    if event.kind == Kind.APPLICATION:
-        return APPLICATION_START if event.detail.get("action") == "start" else APPLICATION_STOP
+    facts = event.facts
+    if isinstance(facts, ApplicationEvent):
+        return APPLICATION_START if facts.action == "start" else APPLICATION_STOP
     if event.kind == Kind.ADMIN:
-        rules = "rules" in str(event.detail.get("action", ""))
-        return SOFTWARE_CONFIGURATION if rules else RESTRICTED_FUNCTION
+        configuring = isinstance(facts, AdminAction) and facts.action.changes_configuration
+        return SOFTWARE_CONFIGURATION if configuring else RESTRICTED_FUNCTION
     return None
 
 
 def _participants(event: Event, node_ae: str) -> list[tuple[str, bool, Coded, str | None]]:
     """(UserID, UserIsRequestor, role, network address) of each active participant."""
-    detail = event.detail
-    if event.kind == Kind.RECEIVED:
+    facts = event.facts
+    if isinstance(facts, Received):
         return [
-            (event.actor, True, SOURCE, _host(detail.get("address"))),
+            (event.actor, True, SOURCE, _host(facts.address)),
             (node_ae, False, DESTINATION, None),
         ]
-    if event.kind == Kind.FETCHED:
+    if isinstance(facts, Fetched):
         return [
-            (str(detail.get("source")), False, SOURCE, None),
+            (facts.source, False, SOURCE, None),
             (node_ae, True, DESTINATION, None),
         ]
-    if event.kind == Kind.SENT:
+    if isinstance(facts, Sent):
         return [
             (node_ae, True, SOURCE, None),
-            (str(detail.get("destination")), False, DESTINATION, None),
+            (facts.destination, False, DESTINATION, None),
         ]
     if event.kind == Kind.APPLICATION:
         return [

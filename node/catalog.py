@@ -73,7 +73,7 @@ class Catalog:
     """
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+        self.engine = engine
         self._group = GroupCommit(engine)
         dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
         # Compiled once: building and compiling statements per instance costs more than
@@ -154,7 +154,7 @@ class Catalog:
         statement = update(Association).where(Association.closed_at.is_(None))
         if pids is not None:
             statement = statement.where(Association.pid.in_(pids))
-        with self._engine.begin() as conn:
+        with self.engine.begin() as conn:
             return conn.execute(statement.values(closed_at=utcnow(), released=False)).rowcount
 
     def record_instance(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads n
     from rich.progress import Progress, TaskID
     from sqlalchemy import Engine
 
+    from node.audit import AdminAction
     from node.queue import JobQueue
     from node.routing.admin import Explanation
     from node.routing.engine import SeriesFacts
@@ -250,7 +251,8 @@ def run(
     from node.offline import find_series, run_series
     from pipelines.settings import settings_class
 
-    settings = _settings(config) if config else Settings(node={"accept_unknown_peers": True})
+    default = {"node": {"accept_unknown_peers": True}}
+    settings = _settings(config) if config else Settings.model_validate(default)
     if device is not None:
         if device not in ("auto", "cuda", "cpu"):
             typer.echo(f"--device must be auto, cuda or cpu, not {device!r}", err=True)
@@ -322,10 +324,12 @@ def jobs_list(
 @jobs_app.command("retry")
 def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
     """Queue a job again with a fresh set of attempts."""
+    from node.audit import Action, AdminAction
+
     engine = _engine(_settings(config))
     done = _queue(engine).retry(job_id)
     if done:
-        _audit_action(engine, "retry job", job_id)
+        _audit(engine, AdminAction(action=Action.RETRY_JOB, id=job_id))
     engine.dispose()
     typer.echo(f"job {job_id} queued again" if done else f"job {job_id}: not found or running")
     raise typer.Exit(0 if done else 1)
@@ -334,10 +338,12 @@ def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -
 @jobs_app.command("cancel")
 def jobs_cancel(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
     """Cancel a job that has not finished."""
+    from node.audit import Action, AdminAction
+
     engine = _engine(_settings(config))
     done = _queue(engine).cancel(job_id)
     if done:
-        _audit_action(engine, "cancel job", job_id)
+        _audit(engine, AdminAction(action=Action.CANCEL_JOB, id=job_id))
     engine.dispose()
     typer.echo(f"job {job_id} cancelled" if done else f"job {job_id}: not found or finished")
     raise typer.Exit(0 if done else 1)
@@ -442,6 +448,7 @@ def guard_fit(
     from datetime import UTC
 
     from node import guard
+    from node.audit import Action, AdminAction
 
     settings = _settings(config)
     name = _embedding_pipeline(settings, pipeline)
@@ -456,7 +463,8 @@ def guard_fit(
         )
         fitted = guard.fit(stored.profiles, stored.studies)
         scored = guard.save_reference(engine, name, fitted, threshold)
-        _audit_fact(engine, "guard-fit", pipeline=name, series=len(stored.profiles))
+        facts = AdminAction(action=Action.FIT_GUARD, pipeline=name, profiles=len(stored.profiles))
+        _audit(engine, facts)
     except ValueError as exc:
         typer.echo(f"no reference fitted: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -577,14 +585,10 @@ def _staged(progress: Progress, task: TaskID, series_uid: str, stage: str) -> No
     progress.update(task, description=f"{series_uid[-24:]} {stage}")
 
 
-def _audit_action(engine: Engine, action: str, row_id: int) -> None:
-    _audit_fact(engine, action, id=row_id)
+def _audit(engine: Engine, facts: AdminAction) -> None:
+    from node.audit import record
 
-
-def _audit_fact(engine: Engine, action: str, **facts: str | int) -> None:
-    from node.audit import Kind, record
-
-    record(engine, Kind.ADMIN, f"cli:{getpass.getuser()}", None, action=action, **facts)
+    record(engine, f"cli:{getpass.getuser()}", facts)
 
 
 @audit_app.command("list")

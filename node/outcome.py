@@ -237,6 +237,7 @@ def create_dispatches(
                 "max_attempts": max_attempts,
                 "priority": priority,
                 "status": None,
+                "sent": None,
                 "error": None,
                 "run_after": now,
                 "finished_at": None,

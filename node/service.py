@@ -25,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
-from node.audit import Kind, record_quietly
+from node.audit import ApplicationEvent, record_quietly
 from node.audit_export import AuditExporter
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import HttpSettings, Settings
@@ -95,7 +95,7 @@ class NodeService:
         for index in range(settings.workers.count):
             self._start_child(f"worker-{index}", run_worker_process, (settings, index))
         self._record_processes()
-        record_quietly(engine, Kind.APPLICATION, _operator(), None, action="start")
+        record_quietly(engine, _operator(), ApplicationEvent(action="start"))
         self._schedule(engine)
         self._scheduler.start()
         log.info("node %s ready", settings.node.ae_title)
@@ -179,7 +179,7 @@ class NodeService:
                 process.kill()
                 process.join()
         if self._engine is not None:
-            record_quietly(self._engine, Kind.APPLICATION, _operator(), None, action="stop")
+            record_quietly(self._engine, _operator(), ApplicationEvent(action="stop"))
             if self._exporter is not None:
                 self._exporter.run_due()  # the stop too, while the collector listens
                 self._exporter.close()

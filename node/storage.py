@@ -59,7 +59,7 @@ class WriteOutcome(enum.Enum):
 
     CREATED = "created"
     IDENTICAL = "identical"  # same bytes already stored: nothing written
-    REPLACED = "replaced"  # same SOP Instance UID, different bytes: the new copy wins
+    DIFFERS = "differs"  # same SOP Instance UID, other bytes: nothing written, the first stays
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,12 @@ class InstanceStore:
                     yield files
 
     def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> WriteOutcome:
-        """Durably store an encoded file made of `chunks`; raise StorageFull or StorageError."""
+        """Durably store an encoded file made of `chunks`, never over another one of the same
+        instance (what a sender acknowledged stays what is served); raise StorageFull or
+        StorageError."""
         final = self.path_of(key)
-        outcome = WriteOutcome.CREATED
         if final.exists():
-            if _same_content(final, chunks):
-                return WriteOutcome.IDENTICAL
-            outcome = WriteOutcome.REPLACED
+            return WriteOutcome.IDENTICAL if _same_content(final, chunks) else WriteOutcome.DIFFERS
         temp = self._incoming / f"{self._temp_prefix}-{next(self._temp_numbers)}.part"
         try:
             _write_synced(temp, chunks)
@@ -171,7 +170,7 @@ class InstanceStore:
         except OSError as exc:
             temp.unlink(missing_ok=True)
             raise _classify(exc) from exc
-        return outcome
+        return WriteOutcome.CREATED
 
     def _move_into_place(self, temp: Path, final: Path) -> list[Path]:
         """Rename `temp` to `final`, first creating the folders this process has not seen

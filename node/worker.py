@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from node.audit import Kind, record_quietly
+from node.audit import JobEnded, record_quietly
 from node.catalog import Catalog
 from node.config import Settings, api_link
 from node.db.engine import make_engine
@@ -291,20 +291,17 @@ class Worker:
         JOBS.labels(job.pipeline, state).inc()
         if state in (WorkState.FAILED, WorkState.DEAD):
             self._notify_failure(job.id, state)
-        facts: dict[str, object] = {"state": state}
-        if done is not None:
-            facts.update(version=done.result.version, positive=done.result.positive)
-        record_quietly(
-            self._engine,
-            Kind.JOB,
-            self.name,
-            done.volume.study_instance_uid if done is not None else None,
+        facts = JobEnded(
             job=job.id,
             pipeline=job.pipeline,
-            series=job.series_instance_uid,
+            series=[job.series_instance_uid],
             revision=job.revision,
-            **facts,
+            state=state,
+            version=done.result.version if done is not None else None,
+            positive=done.result.positive if done is not None else None,
         )
+        study = done.volume.study_instance_uid if done is not None else None
+        record_quietly(self._engine, self.name, facts, study)
 
     def _notify_failure(self, job_id: int, state: str) -> None:
         settings = self._settings

@@ -285,6 +285,8 @@ class Dispatch(LeasedWork, Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     destination: Mapped[str] = mapped_column(String(64))
     objects: Mapped[list[str]] = mapped_column(TextList, default=list)
+    sent: Mapped[list[str] | None] = mapped_column(TextList)
+    """The SOP Instance UIDs the destination acknowledged (None until sent)."""
     status: Mapped[str | None] = mapped_column(Text)
 
 

@@ -40,10 +40,12 @@ class EchoResult:
 
 @dataclass(frozen=True)
 class StoreResult:
-    """The outcome of sending files: ok when every one was stored (success or warning)."""
+    """The outcome of sending files: ok when every one was stored (success or warning);
+    `stored` names the SOP instances the peer acknowledged."""
 
     ok: bool
     detail: str
+    stored: tuple[str, ...] = ()
 
 
 def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
@@ -119,13 +121,14 @@ def store(
     assoc = associate(ae, peer)
     if isinstance(assoc, str):
         return StoreResult(False, assoc)
-    stored, failures = 0, []
+    stored: list[str] = []
+    failures: list[str] = []
     try:
         for ds in datasets:
             response = assoc.send_c_store(ds, priority=priority)
             code = int(response.Status) if "Status" in response else None
             if code in STORED:
-                stored += 1
+                stored.append(str(ds.SOPInstanceUID))
                 continue
             comment = str(response.get("ErrorComment", "")).strip()
             status = "no response" if code is None else f"status 0x{code:04X}"
@@ -135,6 +138,7 @@ def store(
     finally:
         if assoc.is_established:
             assoc.release()
+    counts = f"{len(stored)} of {len(datasets)} stored"
     if failures:
-        return StoreResult(False, f"{stored} of {len(datasets)} stored; " + "; ".join(failures))
-    return StoreResult(True, f"{stored} of {len(datasets)} stored")
+        return StoreResult(False, f"{counts}; " + "; ".join(failures), tuple(stored))
+    return StoreResult(True, counts, tuple(stored))

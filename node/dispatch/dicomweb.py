@@ -29,8 +29,10 @@ def stow(destination: DicomWebDestination, files: Sequence[Path], timeout: float
         f"{item.ReferencedSOPInstanceUID}: failure reason {item.get('FailureReason', '?')}"
         for item in response.get("FailedSOPSequence", [])
     ]
+    sent = tuple(str(ds.SOPInstanceUID) for ds in datasets if str(ds.SOPInstanceUID) in stored)
     missing = [str(ds.SOPInstanceUID) for ds in datasets if str(ds.SOPInstanceUID) not in stored]
+    counts = f"{len(sent)} of {len(datasets)} stored"
     if failed or missing:
         detail = "; ".join(failed) or f"not acknowledged: {', '.join(missing)}"
-        return StoreResult(False, f"{len(stored)} of {len(datasets)} stored; {detail}")
-    return StoreResult(True, f"{len(stored)} of {len(datasets)} stored")
+        return StoreResult(False, f"{counts}; {detail}", sent)
+    return StoreResult(True, counts, sent)

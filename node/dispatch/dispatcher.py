@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import Engine, select
 
-from node.audit import Kind, record_quietly
+from node.audit import Sent, record_quietly
 from node.config import Settings
 from node.db.models import Dispatch, Job, Series, WorkState
 from node.dimse.scu import StoreResult
@@ -95,20 +95,19 @@ class Dispatcher:
             for lease in leases
         ]
 
-    def _audit(self, claim: Claim, status: str) -> None:
-        """A `sent` audit event: where to, and the SOP instances delivered."""
+    def _audit(self, claim: Claim, outcome: StoreResult) -> None:
+        """A `sent` audit event: where to, and the SOP instances the destination took."""
         headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in claim.files]
-        studies = sorted({str(ds.StudyInstanceUID) for ds in headers})
-        record_quietly(
-            self._engine,
-            Kind.SENT,
-            self._settings.node.ae_title,
-            studies[0] if len(studies) == 1 else None,
+        taken = [ds for ds in headers if str(ds.SOPInstanceUID) in outcome.stored]
+        studies = sorted({str(ds.StudyInstanceUID) for ds in taken})
+        facts = Sent(
             destination=claim.destination,
             dispatch=claim.lease.id,
-            sop_instances=[str(ds.SOPInstanceUID) for ds in headers],
-            status=status,
+            sop_instances=[str(ds.SOPInstanceUID) for ds in taken],
+            status=outcome.detail,
         )
+        study = studies[0] if len(studies) == 1 else None
+        record_quietly(self._engine, self._settings.node.ae_title, facts, study)
 
     def _send(self, claim: Claim) -> None:
         dispatch_id, destination = claim.lease.id, claim.destination
@@ -129,10 +128,12 @@ class Dispatcher:
             outcome = StoreResult(False, f"{type(exc).__name__}: {exc}")
         if outcome.ok:
             with self._engine.begin() as conn:
-                self.queue.succeed(conn, dispatch_id, self._owner, status=outcome.detail)
+                self.queue.succeed(
+                    conn, dispatch_id, self._owner, status=outcome.detail, sent=outcome.stored
+                )
             log.info("dispatch %d to %s: %s", dispatch_id, destination, outcome.detail)
             DISPATCHES.labels(destination, "succeeded").inc()
-            self._audit(claim, outcome.detail)
+            self._audit(claim, outcome)
             return
         state = self.queue.fail(dispatch_id, self._owner, outcome.detail, permanent=False)
         DISPATCHES.labels(destination, str(state)).inc()

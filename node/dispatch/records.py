@@ -24,6 +24,9 @@ class DispatchView:
     status: str | None
     error: str | None
     objects: list[str]
+    """The job's result files, queued for every destination."""
+    sent: list[str] | None
+    """The SOP Instance UIDs this destination took (None until sent)."""
     created_at: datetime
     finished_at: datetime | None
 

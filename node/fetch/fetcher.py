@@ -20,7 +20,7 @@ from pydicom.uid import UID
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from node.audit import Kind, record_quietly
+from node.audit import Fetched, record_quietly
 from node.catalog import Catalog
 from node.config import DicomWebDestination, Settings
 from node.db.models import Fetch, Study, WorkState, utcnow
@@ -113,11 +113,7 @@ class Fetcher:
             "fetch %d from %s: %d studies, %d instances", lease.id, source_name, len(studies),
             instances,
         )  # fmt: skip
-        record_quietly(
-            self._engine,
-            Kind.FETCHED,
-            self._actor,
-            prior_of,
+        facts = Fetched(
             source=source_name,
             fetch=lease.id,
             query=query.describe(),
@@ -125,6 +121,7 @@ class Fetcher:
             instances=instances,
             prior_of=prior_of,
         )
+        record_quietly(self._engine, self._actor, facts, prior_of)
         return source_name, WorkState.SUCCEEDED
 
     def _source(self, name: str) -> StudySource:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pydicom.uid import UID
 from sqlalchemy import Connection
 
-from node.audit import Kind, record
+from node.audit import Received, record, record_quietly
 from node.catalog import AssociationRecord, Catalog, Receipt
 from node.db.models import Source, utcnow
-from node.ingest.metadata import InstanceMetadata, read_metadata
+from node.ingest.metadata import InstanceMetadata, read_metadata, reencoded
 from node.ingest.part10 import file_meta
 from node.metrics import INSTANCES, RECEIVED_BYTES
 from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, WriteOutcome
@@ -42,9 +42,15 @@ class Status(enum.IntEnum):
     """The dataset cannot be parsed, or is not whole, or not in its context's syntax."""
     INVALID_UID = 0xC001
     """A study, series or SOP Instance UID is missing or not a UID (Cannot Understand range)."""
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    """Another instance with this SOP Instance UID is stored, with other attributes: the first
+    is kept (PS3.7 C.4 general status; a re-send in another transfer syntax is a duplicate)."""
     STUDY_MISMATCH = 0xC409
     """STOW-RS to a study's URL with an instance of another study (Cannot Understand range,
     the code dcm4chee-arc uses)."""
+
+
+CONFLICT = "another instance with this SOP Instance UID is stored; the first copy is kept"
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ class Delivery:
     opened: float = field(default_factory=time.monotonic)
     recorded: bool = False
     instances: int = 0
+    """Instances accepted: stored now, or already held (`duplicates`)."""
+    duplicates: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    """SOP Instance UIDs refused because another instance is stored under each."""
     series_linked: set[str] = field(default_factory=set)
     studies: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -160,6 +170,14 @@ class Intake:
         except (StorageFull, StorageError) as exc:
             log.error("%s: %s not stored: %s", sender.label, uid, exc)
             return Answer(Status.OUT_OF_RESOURCES, str(exc), meta)
+        if outcome is WriteOutcome.DIFFERS and not reencoded(
+            self._store.path_of(meta.key), dataset, transfer_syntax
+        ):
+            log.warning("%s: %s refused: %s", sender.label, uid, CONFLICT)
+            with delivery.lock:
+                delivery.conflicts.append(uid)
+                delivery.studies.add(meta.key.study_uid)
+            return Answer(Status.DUPLICATE_SOP_INSTANCE, CONFLICT, meta)
         receipt = Receipt(
             association_id=sender.exchange_id,
             calling_ae=sender.calling_ae,
@@ -182,7 +200,7 @@ class Intake:
             self._catalog.record_instance(
                 meta,
                 receipt,
-                content_changed=outcome is not WriteOutcome.IDENTICAL,
+                content_changed=outcome is WriteOutcome.CREATED,
                 link=meta.key.series_uid not in delivery.series_linked,
                 opening=opening,
             )
@@ -196,6 +214,7 @@ class Intake:
             delivery.series_linked.add(meta.key.series_uid)
             delivery.studies.add(meta.key.study_uid)
             delivery.instances += 1
+            delivery.duplicates += outcome is not WriteOutcome.CREATED
         log.debug("%s: stored %s (%s)", sender.label, uid, outcome.value)
         return Answer(Status.SUCCESS, meta=meta)
 
@@ -203,23 +222,23 @@ class Intake:
         """Record the end of an exchange that delivered something (a clean end releases its
         series for completion), and log it."""
         sender = delivery.sender
+        studies = sorted(delivery.studies)
+        facts = Received(
+            source=sender.source.value,
+            exchange=sender.exchange_id,
+            address=sender.address,
+            instances=delivery.instances,
+            duplicates=delivery.duplicates,
+            conflicts=delivery.conflicts,
+            studies=studies,
+            series=sorted(delivery.series_linked),
+            released=released,
+        )
+        study = studies[0] if len(studies) == 1 else None
         if delivery.recorded:
-            studies = sorted(delivery.studies)
 
             def audit(conn: Connection) -> None:
-                record(
-                    conn,
-                    Kind.RECEIVED,
-                    sender.calling_ae,
-                    studies[0] if len(studies) == 1 else None,
-                    source=sender.source.value,
-                    exchange=sender.exchange_id,
-                    address=sender.address,
-                    instances=delivery.instances,
-                    studies=studies,
-                    series=sorted(delivery.series_linked),
-                    released=released,
-                )
+                record(conn, sender.calling_ae, facts, study)
 
             try:
                 self._catalog.close_association(
@@ -227,11 +246,15 @@ class Intake:
                 )
             except Exception as exc:  # the database is down: completion waits for the restart
                 log.error("%s: cannot record its end: %s", sender.label, exc)
+        elif delivery.conflicts:
+            record_quietly(self._catalog.engine, sender.calling_ae, facts, study)
         log.info(
-            "%s %s after %.1f s: %d instances from %s",
+            "%s %s after %.1f s: %d instances (%d already held, %d conflicting refused) from %s",
             sender.label,
             "released" if released else "aborted",
             time.monotonic() - delivery.opened,
             delivery.instances,
+            delivery.duplicates,
+            len(delivery.conflicts),
             sender.calling_ae,
         )

@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from io import BytesIO
+from pathlib import Path
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -151,6 +152,31 @@ def read_metadata(encoded: bytes, transfer_syntax: UID) -> InstanceMetadata:
     return InstanceMetadata.from_raw(
         scanned.values, lambda: _parse_for_series(encoded, transfer_syntax)
     )
+
+
+def reencoded(stored: Path, encoded: bytes, transfer_syntax: UID) -> bool:
+    """Whether `encoded` is the instance stored at `stored` in another transfer syntax: every
+    public attribute but the pixel data the same (a PACS returning what it compressed).
+    Private elements are left out: their VRs read differently in implicit and explicit VR."""
+    try:
+        kept = dcmread(stored, stop_before_pixels=True)
+        if UID(kept.file_meta.TransferSyntaxUID) == transfer_syntax:
+            return False
+        if transfer_syntax.is_deflated:
+            encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
+        sent = parse(encoded, transfer_syntax)
+        return _public_attributes(kept) == _public_attributes(sent)
+    except Exception as exc:  # pydicom raises many types on malformed input
+        log.warning("cannot compare a re-sent instance with the stored one: %s", exc)
+        return False
+
+
+def _public_attributes(dataset: Dataset) -> dict[int, object]:
+    return {
+        int(element.tag): element.value
+        for element in dataset
+        if not element.tag.is_private and element.tag < FIRST_PIXEL_DATA_TAG
+    }
 
 
 def _parse_for_series(inflated: bytes, transfer_syntax: UID) -> Dataset:

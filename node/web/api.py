@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
 
-from node.audit import Kind, list_events, record
+from node.audit import Action, AdminAction, list_events, record
 from node.config import Role
 from node.db.models import Dispatch, Job, Series, SeriesState, Source, WorkState
 from node.dispatch.records import list_dispatches
@@ -125,7 +125,7 @@ def retry_job(job_id: int, context: Context, principal: Operator) -> Done:
     before = _state(context, Job, job_id)
     if not JobQueue(context.engine).retry(job_id):
         raise HTTPException(409, detail=f"job {job_id} is running")
-    return _done(context, principal, "retry job", job_id, before, WorkState.QUEUED)
+    return _done(context, principal, Action.RETRY_JOB, job_id, before, WorkState.QUEUED)
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -134,7 +134,7 @@ def cancel_job(job_id: int, context: Context, principal: Operator) -> Done:
     before = _state(context, Job, job_id)
     if not JobQueue(context.engine).cancel(job_id):
         raise HTTPException(409, detail=f"job {job_id} has finished")
-    return _done(context, principal, "cancel job", job_id, before, WorkState.CANCELLED)
+    return _done(context, principal, Action.CANCEL_JOB, job_id, before, WorkState.CANCELLED)
 
 
 @router.post("/dispatches/{dispatch_id}/retry")
@@ -144,7 +144,7 @@ def resend(dispatch_id: int, context: Context, principal: Operator) -> Done:
     queue = LeasedQueue(context.engine, Dispatch, RetryPolicy())
     if not queue.retry(dispatch_id):
         raise HTTPException(409, detail=f"dispatch {dispatch_id} is being sent")
-    return _done(context, principal, "resend dispatch", dispatch_id, before, WorkState.QUEUED)
+    return _done(context, principal, Action.RESEND_DISPATCH, dispatch_id, before, WorkState.QUEUED)
 
 
 @router.post("/series/{series_uid}/route")
@@ -162,14 +162,8 @@ def reroute(series_uid: str, context: Context, principal: Operator) -> Done:
         if found.state != SeriesState.COMPLETE or found.source == Source.NODE:
             raise HTTPException(409, detail=f"series {series_uid} is {found.state}, not routable")
         route_again(conn, found.id, found.revision)
-    record(
-        context.engine,
-        Kind.ADMIN,
-        principal.name,
-        action="route series",
-        series=series_uid,
-        revision=found.revision,
-    )
+    facts = AdminAction(action=Action.ROUTE_SERIES, series=[series_uid], revision=found.revision)
+    record(context.engine, principal.name, facts)
     return Done(id=found.id, state="routing", by=principal.name)
 
 
@@ -203,7 +197,7 @@ def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
         raise HTTPException(422, detail="give one of study, accession or patient_id") from exc
     max_attempts = context.settings.dispatch.max_attempts
     fetch_id = enqueue(context.engine, request.source, query, max_attempts)
-    return _done(context, principal, "queue fetch", fetch_id, None, WorkState.QUEUED)
+    return _done(context, principal, Action.QUEUE_FETCH, fetch_id, None, WorkState.QUEUED)
 
 
 def _state(context: WebContext, table: type[Job] | type[Dispatch], row_id: int) -> WorkState:
@@ -219,19 +213,13 @@ def _state(context: WebContext, table: type[Job] | type[Dispatch], row_id: int) 
 def _done(
     context: WebContext,
     principal: Principal,
-    action: str,
+    action: Action,
     row_id: int,
     before: WorkState | None,
     after: WorkState,
 ) -> Done:
     """Record who did what in the audit trail; the answer names them too."""
-    record(
-        context.engine,
-        Kind.ADMIN,
-        principal.name,
-        action=action,
-        id=row_id,
-        before=before.value if before else None,
-        after=after.value,
-    )
+    before_value = before.value if before else None
+    facts = AdminAction(action=action, id=row_id, before=before_value, after=after.value)
+    record(context.engine, principal.name, facts)
     return Done(id=row_id, state=after, by=principal.name)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from node.audit import Kind, record
+from node.audit import Action, AdminAction, record
 from node.config import Role
 from node.report import RulesStatus, rules_status
 from node.routing import admin
@@ -114,7 +114,7 @@ def reload(context: Context, principal: Admin) -> RulesStatus:
         admin.reload(context.settings)
     except OSError as exc:
         raise HTTPException(409, detail=f"cannot touch the rules file: {exc.strerror}") from exc
-    record(context.engine, Kind.ADMIN, principal.name, action="reload rules")
+    record(context.engine, principal.name, AdminAction(action=Action.RELOAD_RULES))
     return rules_status(context.settings)
 
 
@@ -131,16 +131,14 @@ def _replace(context: WebContext, principal: Principal, text: str) -> admin.Repl
         raise _invalid(exc) from exc
     except OSError as exc:
         raise HTTPException(409, detail=f"cannot write the rules file: {exc.strerror}") from exc
-    record(
-        context.engine,
-        Kind.ADMIN,
-        principal.name,
-        action="replace rules",
+    facts = AdminAction(
+        action=Action.REPLACE_RULES,
         file=replaced.file,
         backup=replaced.backup,
         before=before,
         after=text,
     )
+    record(context.engine, principal.name, facts)
     return replaced
 
 

@@ -212,3 +212,64 @@ def test_a_collector_that_is_down_gets_every_message_when_it_is_back(
         assert transferred(collector, first) is not None
         assert ids.count("110104") == 2
     assert "audit export to syslog resumed" in node.log()
+
+
+def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Path) -> None:
+    """Every kind of event goes out, in order, including job events and rows written by an
+    older version (a job's series as a bare string): none stops the export."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from node.audit import (
+        Action,
+        AdminAction,
+        ApplicationEvent,
+        JobEnded,
+        Received,
+        Sent,
+        record,
+    )
+    from node.audit_export import AuditExporter
+    from node.config import Settings
+    from node.db.models import AuditEvent
+
+    study, series = generate_uid(), generate_uid()
+    record(engine, "node", ApplicationEvent(action="start"))
+    received = Received(
+        source="dimse", exchange="a1", address="127.0.0.1:4000", instances=2, studies=[study],
+        series=[series], released=True,
+    )  # fmt: skip
+    record(engine, "STORESCU", received, study)
+    job = JobEnded(job=1, pipeline="lung-quant", series=[series], revision=1, state="failed")
+    record(engine, "worker-0", job, study)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(AuditEvent).values(
+                at=datetime.now(UTC), kind="job", actor="worker-0", study_instance_uid=study,
+                detail=f'{{"job": 2, "pipeline": "x", "series": "{series}", "revision": 1, '
+                '"state": "succeeded"}',
+            )
+        )  # fmt: skip
+    sent = Sent(destination="pacs", dispatch=1, sop_instances=[generate_uid()], status="1 of 1")
+    record(engine, "AINODE", sent, study)
+    record(engine, "it-admin", AdminAction(action=Action.RETRY_JOB, id=1))
+    port = free_port()
+    collector = Collector()
+    settings = Settings.model_validate(
+        {
+            "node": {"accept_unknown_peers": True},
+            "audit": {"syslog": {"host": "127.0.0.1", "port": port, "protocol": "tcp"}},
+        }
+    )
+    with tcp_listener(port, collector):
+        exporter = AuditExporter(engine, settings)
+        assert exporter.run_due() == 6
+        exporter.close()
+        audits = wait_until(lambda: len(collector.audits()) == 6 and collector.audits(), 10)
+    assert [event_id(a) for a in audits] == [
+        "110100", "110104", "110103", "110103", "110104", "110113",
+    ]  # fmt: skip
+    failed, succeeded = audits[2], audits[3]
+    assert failed.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    assert succeeded.find("EventIdentification").get("EventOutcomeIndicator") == "0"

@@ -41,15 +41,16 @@ def test_write_places_exact_bytes_and_leaves_no_temp_file(tmp_path: Path) -> Non
     assert list((tmp_path / ".incoming").iterdir()) == []
 
 
-def test_duplicate_is_idempotent_and_changed_content_replaces(tmp_path: Path) -> None:
+def test_duplicate_is_idempotent_and_changed_content_never_overwrites(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
     store.prepare()
     store.write(KEY, (b"one",))
     before = os.stat(store.path_of(KEY)).st_ino
     assert store.write(KEY, (b"one",)) is WriteOutcome.IDENTICAL
     assert os.stat(store.path_of(KEY)).st_ino == before
-    assert store.write(KEY, (b"two",)) is WriteOutcome.REPLACED
-    assert store.path_of(KEY).read_bytes() == b"two"
+    assert store.write(KEY, (b"two",)) is WriteOutcome.DIFFERS
+    assert store.path_of(KEY).read_bytes() == b"one"
+    assert os.stat(store.path_of(KEY)).st_ino == before
 
 
 def test_prepare_clears_temp_files_left_by_a_crash(tmp_path: Path) -> None:

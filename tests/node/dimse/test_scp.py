@@ -514,3 +514,42 @@ def test_immutable_database_files_are_named_not_a_silent_death(
     node.start()
     storescu(node.port, phantoms[2:])
     assert len(list(node.storage.rglob("*.dcm"))) >= 2
+
+
+def received_events(node: NodeProcess) -> list[dict]:
+    import json
+
+    events = json.loads(node.cli("audit", "list", "--json").stdout)
+    return [e["detail"] for e in events if e["kind"] == "received"]
+
+
+def test_a_conflicting_duplicate_is_refused_and_the_first_copy_kept(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """What a sender had acknowledged is never replaced: another instance under a stored SOP
+    Instance UID gets 0x0111 (Duplicate SOP Instance) and the audit trail names it; the same
+    instance sent again is still a success."""
+    import hashlib
+
+    node = start_node()
+    first = phantom_file(tmp_path)
+    assert send_raw_file(node.port, first) == 0
+    stored = stored_path(node, first)
+    digest = hashlib.sha256(stored.read_bytes()).hexdigest()
+    other = pydicom.dcmread(first)
+    other.PatientName = "Other^Patient"
+    other.PixelData = b"\1" * 8
+    other_path = tmp_path / "other.dcm"
+    other.save_as(other_path, enforce_file_format=True)
+    assert send_raw_file(node.port, other_path) == 0x0111
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+    assert send_raw_file(node.port, first) == 0
+    uid = str(other.SOPInstanceUID)
+    events = wait_until(lambda: len(received_events(node)) == 3 and received_events(node), 10)
+    refused, again = (
+        next(e for e in events if e["conflicts"]),
+        next(e for e in events if e["duplicates"]),
+    )
+    assert (refused["conflicts"], refused["instances"]) == ([uid], 0)
+    assert (again["duplicates"], again["instances"]) == (1, 1)
+    assert "refused: another instance with this SOP Instance UID is stored" in node.log()

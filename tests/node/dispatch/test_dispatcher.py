@@ -76,3 +76,30 @@ def test_delivered_to_the_origin(engine: Engine, real_series, tmp_path: Path) ->
     assert len(list((tmp_path / "received").iterdir())) == 2
     assert dispatcher.requeue_interrupted() == 0
     dispatcher.close()
+
+
+def test_the_audit_and_the_status_name_what_the_destination_took(
+    engine: Engine, real_series, tmp_path: Path
+) -> None:
+    """A destination that wants no key images takes the other objects; the `sent` event and
+    the dispatch's `sent` list those, not every object of the job."""
+    from node.audit import Sent, list_events
+
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    names = ("seg.dcm", "sr.dcm", "key-image-1.dcm")
+    files = [objects / name for name in names]
+    for source, target in zip(real_series["lung-kernel"], files, strict=False):
+        target.write_bytes(source.read_bytes())
+    succeeded_job(engine, ("pacs",), files)
+    port = free_port()
+    dispatcher = Dispatcher(engine, settings(port, known_origin=False))
+    with storescp(port, tmp_path / "received"):
+        assert dispatcher.run_due() == 1
+    dispatcher.close()
+    taken = sorted(str(pydicom.dcmread(path).SOPInstanceUID) for path in files[:2])
+    (dispatch,) = list_dispatches(engine)
+    assert (dispatch.status, sorted(dispatch.sent or [])) == ("2 of 2 stored", taken)
+    (event,) = [e for e in list_events(engine) if e.kind == "sent"]
+    assert isinstance(event.facts, Sent)
+    assert sorted(event.facts.sop_instances) == taken

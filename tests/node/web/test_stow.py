@@ -184,3 +184,39 @@ def test_a_stow_request_is_routed_with_its_source(web_node: WebNode) -> None:
     assert post(web_node, body(part10(ds))).status_code == 200
     rows = web_node.node.series()
     assert [s["source"] for s in rows.values()] == ["dicomweb"]
+
+
+def test_stow_never_replaces_what_a_scanner_sent(web_node: WebNode) -> None:
+    """A real JPEG Lossless instance received by C-STORE: the same instance posted again
+    decompressed is a duplicate (200, nothing rewritten); posted with other attributes it is
+    refused with 0x0111 and the stored file stays; the audit trail says which."""
+    import hashlib
+
+    from tests.node.dimse.test_scp import received_events, stored_path
+    from tests.peers import storescu
+
+    (scanned,) = real_files(1)
+    storescu(web_node.node.port, [scanned])
+    stored = stored_path(web_node.node, scanned)
+    digest = hashlib.sha256(stored.read_bytes()).hexdigest()
+    decompressed = pydicom.dcmread(scanned)
+    decompressed.decompress(generate_instance_uid=False)
+    assert post(web_node, body(part10(decompressed))).status_code == 200
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+    forged = pydicom.dcmread(scanned)
+    forged.PatientName = "Someone^Else"
+    refused = post(web_node, body(part10(forged)))
+    assert refused.status_code == 409
+    (failure,) = refused.json()["00081198"]["Value"]
+    assert failure["00081197"]["Value"] == [0x0111]
+    assert failure["00081155"]["Value"] == [forged.SOPInstanceUID]
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+    events = wait_until(
+        lambda: len(received_events(web_node.node)) == 3 and received_events(web_node.node), 10
+    )
+    by_source = {(e["source"], e["duplicates"], tuple(e["conflicts"])) for e in events}
+    assert by_source == {
+        ("dimse", 0, ()),
+        ("dicomweb", 1, ()),
+        ("dicomweb", 0, (forged.SOPInstanceUID,)),
+    }
