@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import re
 import sys
 import warnings
 
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each message is one line: control characters in it (a peer's AE title, user name or
+    path with a newline in it) are escaped, so that no peer can forge a log line. A traceback
+    that follows the message keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escaped(record.message)
+        return super().formatMessage(record)
+
+
+def escaped(text: str) -> str:
+    """`text` with control characters as Python escapes (`\\n`, `\\x1b`)."""
+    return CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # A fatal signal (SIGBUS from SQLite's shared memory when its files turn immutable,
     # SIGSEGV in a native library) leaves "Fatal Python error" and the stacks in the log
     # instead of a silent death.

@@ -31,12 +31,13 @@ def make_engine(
         database = sqlite_file(parsed)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": busy_timeout})
+        engine = create_engine(url, connect_args={"timeout": busy_timeout}, hide_parameters=True)
         _configure_sqlite(engine, "FULL" if flush_commits else "NORMAL", busy_timeout)
         return engine
     return create_engine(
         url,
         pool_pre_ping=True,
+        hide_parameters=True,  # a failed statement's error quotes no patient ID
         pool_size=5,
         max_overflow=10,
         pool_timeout=busy_timeout,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
 
@@ -39,7 +39,10 @@ from node.web.auth import Principal
 from node.web.context import Context, WebContext, authenticated, requires
 
 router = APIRouter(prefix="/api/v1")
-Limit = Annotated[int | None, Query(ge=1)]
+MAX_ROW_ID = 2**63 - 1
+"""The largest row id the databases store: a larger one is a 422, not an overflow."""
+Limit = Annotated[int | None, Query(ge=1, le=100_000)]
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 Reader = Depends(requires(Role.READER))
 Operator = Annotated[Principal, Depends(requires(Role.OPERATOR))]
 
@@ -120,7 +123,7 @@ class Done(BaseModel):
 
 
 @router.post("/jobs/{job_id}/retry")
-def retry_job(job_id: int, context: Context, principal: Operator) -> Done:
+def retry_job(job_id: RowId, context: Context, principal: Operator) -> Done:
     """Queue a job again with a fresh set of attempts (409 while it runs)."""
     before = _state(context, Job, job_id)
     if not JobQueue(context.engine).retry(job_id):
@@ -129,7 +132,7 @@ def retry_job(job_id: int, context: Context, principal: Operator) -> Done:
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: int, context: Context, principal: Operator) -> Done:
+def cancel_job(job_id: RowId, context: Context, principal: Operator) -> Done:
     """Cancel a job that has not finished (409 when it has)."""
     before = _state(context, Job, job_id)
     if not JobQueue(context.engine).cancel(job_id):
@@ -138,7 +141,7 @@ def cancel_job(job_id: int, context: Context, principal: Operator) -> Done:
 
 
 @router.post("/dispatches/{dispatch_id}/retry")
-def resend(dispatch_id: int, context: Context, principal: Operator) -> Done:
+def resend(dispatch_id: RowId, context: Context, principal: Operator) -> Done:
     """Send a dispatch again with a fresh set of attempts (409 while it is being sent)."""
     before = _state(context, Dispatch, dispatch_id)
     queue = LeasedQueue(context.engine, Dispatch, RetryPolicy())

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from node.catalog import Catalog
 from node.config import Settings
@@ -46,17 +47,25 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
-    app.middleware("http")(_log_request)
-    app.exception_handler(Exception)(_internal_error)
+    app.middleware("http")(_answer_and_log)
     return app
 
 
-async def _log_request(
+async def _answer_and_log(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
-    """One line per request: method, path (never the query: it may hold patient IDs), status."""
+    """One line per request: method, path (never the query: it may hold patient IDs), status.
+    A client gone mid-request is one line too; an unexpected error is a 500 whose traceback
+    is logged once (`ErrorLog`), never a second time by the server."""
     started = time.monotonic()
-    response = await call_next(request)
+    try:
+        response = await call_next(request)
+    except ClientDisconnect:
+        log.warning("%s %s: the client went away mid-request", request.method, request.url.path)
+        return Response(status_code=400)
+    except Exception as exc:
+        ERRORS.record(request, exc)
+        response = JSONResponse({"detail": "internal error; the node's log has the details"}, 500)
     level = logging.WARNING if response.status_code >= 400 else logging.DEBUG
     log.log(
         level,
@@ -69,6 +78,30 @@ async def _log_request(
     return response
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal error; the node's log has the details"}, 500)
+class ErrorLog:
+    """Unexpected errors, logged so that a flood of them cannot flood the log: the first of a
+    kind (exception type and route) in `window_seconds` with its traceback, the others
+    counted in one line with the next one logged."""
+
+    def __init__(self, window_seconds: float = 60.0) -> None:
+        self._window = window_seconds
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def record(self, request: Request, exc: Exception) -> None:
+        route = request.scope.get("route")
+        where = getattr(route, "path", "an unmatched path")
+        key = (type(exc).__name__, where)
+        now = time.monotonic()
+        logged_at, skipped = self._seen.get(key, (-self._window, 0))
+        if now - logged_at < self._window:
+            self._seen[key] = (logged_at, skipped + 1)
+            return
+        if len(self._seen) >= MAX_ERROR_KINDS:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        more = f" ({skipped} more like it since the last one logged)" if skipped else ""
+        log.error("%s %s failed%s", request.method, where, more, exc_info=exc)
+
+
+MAX_ERROR_KINDS = 256
+ERRORS = ErrorLog()

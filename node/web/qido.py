@@ -9,6 +9,8 @@ match are ignored and named in a Warning header (PS3.18 8.3.4.1). `limit`, `offs
 
 from __future__ import annotations
 
+import datetime
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,16 @@ router = APIRouter(dependencies=[Depends(requires(Role.READER))])
 
 CONTROL_KEYS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
 MAX_RESULTS = 10_000
+MAX_OFFSET = 2**31 - 1
+MAX_MATCHING_KEYS = 64
+"""Query parameters that match; more is no query a client makes (each one deepens the SQL)."""
+MAX_UIDS = 1000
+"""UIDs in one list-of-UIDs match."""
+FORMATS = {
+    "date": re.compile(r"\d{8}"),
+    "time": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"),
+}
+INT32 = range(-(2**31), 2**31)
 
 
 @dataclass(frozen=True)
@@ -35,19 +47,19 @@ class Key:
     """A matching key: the column it reads, and how its value is matched."""
 
     column: InstrumentedAttribute[Any]
-    kind: str  # "uid", "text", "range", "number"
+    kind: str  # "uid", "text", "name", "date", "time", "number"
 
 
 STUDY_KEYS = {
     "StudyInstanceUID": Key(Study.study_instance_uid, "uid"),
     "PatientID": Key(Study.patient_id, "text"),
-    "PatientName": Key(Study.patient_name, "text"),
+    "PatientName": Key(Study.patient_name, "name"),
     "AccessionNumber": Key(Study.accession_number, "text"),
-    "StudyDate": Key(Study.study_date, "range"),
-    "StudyTime": Key(Study.study_time, "range"),
+    "StudyDate": Key(Study.study_date, "date"),
+    "StudyTime": Key(Study.study_time, "time"),
     "StudyID": Key(Study.dicom_study_id, "text"),
     "StudyDescription": Key(Study.study_description, "text"),
-    "ReferringPhysicianName": Key(Study.referring_physician_name, "text"),
+    "ReferringPhysicianName": Key(Study.referring_physician_name, "name"),
 }
 SERIES_KEYS = {
     "SeriesInstanceUID": Key(Series.series_instance_uid, "uid"),
@@ -144,9 +156,14 @@ def _criteria(request: Request, keys: dict[str, Key]) -> tuple[list[ColumnElemen
     criteria: list[ColumnElement[bool]] = []
     modalities: list[str] = []
     ignored: set[str] = set()
-    for raw_name, value in request.query_params.multi_items():
-        if raw_name in CONTROL_KEYS or not value:
-            continue
+    matching = [
+        (name, value)
+        for name, value in request.query_params.multi_items()
+        if name not in CONTROL_KEYS and value
+    ]
+    if len(matching) > MAX_MATCHING_KEYS:
+        raise HTTPException(400, detail=f"at most {MAX_MATCHING_KEYS} matching keys per query")
+    for raw_name, value in matching:
         name = _keyword(raw_name)
         if name == "ModalitiesInStudy":
             modalities.extend(m for m in value.replace("\\", ",").split(",") if m)
@@ -188,23 +205,44 @@ def _keyword(name: str) -> str:
 def _match(key: Key, value: str) -> ColumnElement[bool]:
     column = key.column
     if key.kind == "uid":
-        uids = [v.strip() for v in value.replace("\\", ",").split(",") if v.strip()]
+        uids = [v.strip() for v in value.replace("\\", ",").split(",", MAX_UIDS) if v.strip()]
+        if len(uids) > MAX_UIDS:
+            raise HTTPException(400, detail=f"at most {MAX_UIDS} UIDs in one list")
         return column.in_(uids)
     if key.kind == "number":
-        try:
-            return column == int(value)
-        except ValueError as exc:
-            raise HTTPException(400, detail=f"{column.key}: {value!r} is not a number") from exc
-    if key.kind == "range" and "-" in value:
-        low, _, high = value.partition("-")
-        bounds = [column >= low] if low else []
-        bounds += [column <= high] if high else []
-        return and_(*bounds)
-    if "*" in value or "?" in value:
+        if not value.lstrip("-").isdigit() or int(value) not in INT32:
+            raise HTTPException(400, detail=f"{column.key} is matched by a whole number")
+        return column == int(value)
+    if key.kind in FORMATS:
+        return _range(column, key.kind, value)
+    wildcard = "*" in value or "?" in value
+    if wildcard or key.kind == "name":  # person names match without regard to case
         pattern = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = pattern.replace("*", "%").replace("?", "_")
         return column.ilike(pattern, escape="\\")
     return column == value
+
+
+def _range(column: InstrumentedAttribute[Any], kind: str, value: str) -> ColumnElement[bool]:
+    """A date or time, or a range of them (`low-high`, `-high`, `low-`); 400 when a bound
+    is not a DICOM date (YYYYMMDD) or time (HHMMSS.FFFFFF, shortened from the right)."""
+    low, dash, high = value.partition("-")
+    bounds = [bound for bound in (low, high) if bound]
+    if not bounds or not all(FORMATS[kind].fullmatch(bound) for bound in bounds):
+        raise HTTPException(400, detail=f"{column.key}: not a DICOM {kind} or range of them")
+    if kind == "date":
+        _check_dates(bounds)
+    if not dash:
+        return column == value
+    return and_(*([column >= low] if low else []), *([column <= high] if high else []))
+
+
+def _check_dates(dates: list[str]) -> None:
+    try:
+        for text in dates:
+            datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError as exc:
+        raise HTTPException(400, detail=f"not a calendar date: {exc}") from exc
 
 
 def _paging(request: Request) -> tuple[int, int]:
@@ -213,8 +251,8 @@ def _paging(request: Request) -> tuple[int, int]:
         offset = int(request.query_params.get("offset", 0))
     except ValueError as exc:
         raise HTTPException(400, detail="limit and offset are whole numbers") from exc
-    if limit < 0 or offset < 0:
-        raise HTTPException(400, detail="limit and offset cannot be negative")
+    if limit < 0 or offset < 0 or offset > MAX_OFFSET:
+        raise HTTPException(400, detail=f"limit and offset are whole numbers to {MAX_OFFSET}")
     return min(limit, MAX_RESULTS), offset
 
 

@@ -9,6 +9,7 @@ Files are streamed from disk in chunks: a series costs the memory of one chunk, 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Depends(requires(Role.READER))])
 
+MAX_FRAME_LIST = 2048
+HEX_TAG = re.compile(r"[0-9A-Fa-f]{8}")
 CHUNK_BYTES = 8 << 20
 """Most CT instances are read in one go."""
 TRANSCODABLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
@@ -129,10 +132,7 @@ def metadata(request: Request, found: Found, context: Context) -> Response:
     response_class=Response,
 )
 def frames(frames: str, found: Found) -> Response:
-    try:
-        numbers = [int(n) for n in frames.split(",")]
-    except ValueError as exc:
-        raise HTTPException(400, detail="frames are numbers from 1, comma separated") from exc
+    numbers = _frame_numbers(frames)
     path = found[0].path
     header = dcmread(path, stop_before_pixels=True)
     count = int(header.get("NumberOfFrames") or 1)
@@ -148,10 +148,9 @@ def frames(frames: str, found: Found) -> Response:
     response_class=Response,
 )
 def bulkdata(tag: str, found: Found) -> Response:
-    try:
-        wanted = Tag(int(tag, 16))
-    except ValueError as exc:
-        raise HTTPException(400, detail="a bulk data tag is 8 hex digits") from exc
+    if not HEX_TAG.fullmatch(tag):
+        raise HTTPException(400, detail="a bulk data tag is 8 hex digits")
+    wanted = Tag(int(tag, 16))
     dataset = dcmread(found[0].path)
     if wanted not in dataset:
         raise HTTPException(404, detail=f"the instance has no {tag}")
@@ -163,6 +162,17 @@ def bulkdata(tag: str, found: Found) -> Response:
     writer = MultipartWriter("application/octet-stream")
     parts = [("application/octet-stream", iter([value]))]
     return StreamingResponse(writer.frame(parts), media_type=writer.content_type())
+
+
+def _frame_numbers(text: str) -> list[int]:
+    """Frame numbers as asked, each once, in the order first asked; 400 for a list that is
+    not numbers or longer than MAX_FRAME_LIST (each repeat would decode the frame again)."""
+    items = text.split(",", MAX_FRAME_LIST)
+    if len(items) > MAX_FRAME_LIST:
+        raise HTTPException(400, detail=f"at most {MAX_FRAME_LIST} frame numbers per request")
+    if not all(item.isdigit() and len(item) <= 9 for item in items):
+        raise HTTPException(400, detail="frames are numbers from 1, comma separated")
+    return list(dict.fromkeys(int(item) for item in items))
 
 
 def _wanted_syntax(accept: str | None) -> UID | None:

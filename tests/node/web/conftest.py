@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from tests.peers import NodeProcess, free_port
 
@@ -54,3 +58,16 @@ def start_web_node(start_node: Callable[..., NodeProcess]) -> Callable[..., WebN
 @pytest.fixture
 def web_node(start_web_node: Callable[..., WebNode]) -> WebNode:
     return start_web_node(workers={"count": 0})
+
+
+@pytest.fixture
+def signing_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def jwks_file(tmp_path: Path, signing_key: rsa.RSAPrivateKey) -> Path:
+    public = json.loads(RSAAlgorithm.to_jwk(signing_key.public_key()))
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [{**public, "kid": "k1", "alg": "RS256"}]}))
+    return path

@@ -4,7 +4,6 @@ only when spelled out; 401 and 403 with a reason, and no credential in the log."
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -12,26 +11,12 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 
 from node.config import AuthSettings, Role
 from node.web.auth import Authenticator, NotAuthenticated
 from tests.node.web.conftest import TOKENS
 
 ISSUER, AUDIENCE = "https://idp.hospital.example/realms/radiology", "ainode"
-
-
-@pytest.fixture
-def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture
-def jwks_file(tmp_path: Path, signing_key: rsa.RSAPrivateKey) -> Path:
-    public = json.loads(RSAAlgorithm.to_jwk(signing_key.public_key()))
-    path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [{**public, "kid": "k1", "alg": "RS256"}]}))
-    return path
 
 
 def token(key: rsa.RSAPrivateKey, **claims: object) -> str:

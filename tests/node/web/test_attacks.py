@@ -1,0 +1,137 @@
+"""The HTTP door attacked as a hospital's security review would: malformed, oversized and
+hostile requests each get a 4xx with one log line, never a 500, a traceback, a query value
+in the log or a forged log line."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from node.logs import escaped
+from tests.node.dimse.test_scp import ct_dataset
+from tests.node.web.conftest import WebNode
+from tests.node.web.test_stow import CONTENT_TYPE, body, part10, post
+from tests.peers import wait_until
+
+
+@pytest.fixture
+def stored(web_node: WebNode) -> pydicom.Dataset:
+    ds = ct_dataset(generate_uid())
+    assert post(web_node, body(part10(ds))).status_code == 200
+    return ds
+
+
+def instance_url(web: WebNode, ds: pydicom.Dataset) -> str:
+    return (
+        f"{web.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+
+
+def test_a_frame_list_is_bounded_and_deduplicated(web_node: WebNode, stored) -> None:
+    reader = web_node.auth("viewer")
+    url = instance_url(web_node, stored)
+    amplified = httpx.get(f"{url}/frames/{','.join(['1'] * 9000)}", headers=reader)
+    assert amplified.status_code == 400
+    assert "at most" in amplified.json()["detail"]
+    repeated = httpx.get(f"{url}/frames/1,1,1", headers=reader)
+    assert repeated.status_code == 200
+    assert repeated.content.count(b"Content-Type: application/octet-stream") == 1
+    for bad in ("0", "2", "1,x", "-1", "9" * 40):
+        assert httpx.get(f"{url}/frames/{bad}", headers=reader).status_code in (400, 404), bad
+    assert "Traceback" not in web_node.node.log()
+
+
+def test_qido_bounds_its_criteria_and_never_logs_their_values(web_node: WebNode) -> None:
+    reader = web_node.auth("viewer")
+    url = f"{web_node.dicomweb}/studies"
+    many = "&".join(["PatientID=SECRET-PID-4711"] * 1000)
+    flooded = httpx.get(f"{url}?{many}", headers=reader)
+    assert flooded.status_code == 400
+    uids = ",".join(f"1.2.{n}" for n in range(1200))
+    assert httpx.get(f"{url}?StudyInstanceUID={uids}", headers=reader).status_code == 400
+    for query in (
+        "offset=9223372036854775808",
+        "limit=-1",
+        "StudyDate=2024-13-45",
+        "StudyDate=yesterday",
+    ):
+        found = httpx.get(f"{url}?{query}", headers=reader)
+        assert found.status_code == 400, (query, found.status_code, found.text)
+    assert httpx.get(f"{url}?StudyDate=20240101-20241231", headers=reader).status_code == 200
+    huge = httpx.get(f"{web_node.dicomweb}/series?SeriesNumber={'9' * 20}", headers=reader)
+    assert huge.status_code == 400
+    log = web_node.node.log()
+    assert "SECRET-PID-4711" not in log
+    assert "Traceback" not in log
+
+
+def test_out_of_range_numbers_and_tags_are_4xx(web_node: WebNode, stored) -> None:
+    admin = web_node.auth("it-admin")
+    api = f"{web_node.url}/api/v1"
+    for path in ("jobs/99999999999999999999/retry", "jobs/0/cancel", "dispatches/-5/retry"):
+        assert httpx.post(f"{api}/{path}", headers=admin).status_code == 422, path
+    assert httpx.get(f"{api}/series?limit=99999999999999999999", headers=admin).status_code == 422
+    url = instance_url(web_node, stored)
+    reader = web_node.auth("viewer")
+    for tag in ("ffffffffff", "zz", "7fe0001"):
+        assert httpx.get(f"{url}/bulkdata/{tag}", headers=reader).status_code == 400, tag
+    assert "Traceback" not in web_node.node.log()
+
+
+def test_no_peer_string_forges_a_log_line(start_web_node, jwks_file, signing_key) -> None:
+    """A JWT whose user name holds a newline and a made-up log line: the node logs the name
+    escaped, on its own line."""
+    from tests.node.web.test_auth import AUDIENCE, ISSUER, token
+
+    jwt = {
+        "jwks_file": str(jwks_file),
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "roles_claim": "realm_access.roles",
+    }
+    web = start_web_node(auth={"jwt": jwt}, workers={"count": 0})
+    forged = "2026-01-01 00:00:00,000 CRITICAL MainProcess node: FORGED"
+    bearer = token(
+        signing_key, preferred_username=f"dr.x\n{forged}", realm_access={"roles": ["sender"]}
+    )
+    answer = httpx.post(
+        f"{web.dicomweb}/studies",
+        content=body(part10(ct_dataset(generate_uid()))),
+        headers={"Content-Type": CONTENT_TYPE, "Authorization": f"Bearer {bearer}"},
+    )
+    assert answer.status_code == 200
+    wait_until(lambda: "from dr.x" in web.node.log(), 10)
+    lines = web.node.log().splitlines()
+    assert not any(line.startswith(forged[:19]) for line in lines)
+    assert any(f"from dr.x\\n{forged}" in line for line in lines)
+
+
+def test_log_messages_are_one_line() -> None:
+    assert escaped("AE\r\nFAKE\x1b[31m\u2028") == "AE\\r\\nFAKE\\x1b[31m\\u2028"
+    assert escaped("Müller^Jörg 1.2.3") == "Müller^Jörg 1.2.3"
+
+
+def test_a_stow_client_gone_mid_body_costs_one_line(web_node: WebNode) -> None:
+    """A sender that disconnects inside its body: what it sent whole is kept, the rest is
+    not, and the log says so in one line, without a traceback."""
+    whole = part10(ct_dataset(generate_uid()))
+    content = body(whole, part10(ct_dataset(generate_uid())))
+    cut = content[: len(content) - 200]
+    host, port = web_node.url.removeprefix("http://").split(":")
+    request = (
+        f"POST /dicom-web/studies HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(content)}\r\n"
+        f"Authorization: {web_node.auth('modality-web')['Authorization']}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(request + cut)
+        wait_until(lambda: list(web_node.node.storage.rglob("*.dcm")), 20)
+    wait_until(lambda: "went away mid-request" in web_node.node.log(), 20)
+    assert "Traceback" not in web_node.node.log()
+    assert len(list(web_node.node.storage.rglob("*.dcm"))) == 1
+    assert list((web_node.node.storage / ".incoming").iterdir()) == []
