@@ -316,6 +316,22 @@ class HttpSettings(_Section):
         pattern=r"^https?://",
         description="the base URL clients reach the server at (RetrieveURL), if not the Host",
     )
+    allowed_hosts: list[str] = Field(
+        [],
+        description="host names clients may reach the server by, besides public_url's, the "
+        "listen address and the machine's own names (IP addresses are always allowed): a "
+        "request naming another host is refused (DNS rebinding)",
+    )
+    cors_origins: list[str] = Field(
+        [],
+        description="web origins (scheme://host[:port]) whose pages may call the server from "
+        "a browser, e.g. a viewer served by the hospital; none: same-origin only",
+    )
+    trusted_proxies: list[str] = Field(
+        [],
+        description="addresses of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed (none: those headers are ignored)",
+    )
 
 
 class Settings(_Section):

@@ -255,7 +255,12 @@ def _warn_if_anonymous_beyond_loopback(http: HttpSettings) -> None:
         loopback = http.host == "localhost"
     if not loopback:
         roles = ", ".join(http.auth.anonymous)
-        log.warning("http: callers without a token may %s, on %s beyond loopback", roles, http.host)
+        log.warning(
+            "http: serving %s beyond loopback; callers without a token may %s from this "
+            "machine only",
+            http.host,
+            roles,
+        )
 
 
 @dataclass(frozen=True)

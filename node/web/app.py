@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
@@ -18,9 +19,10 @@ from node.implementation import IMPLEMENTATION_VERSION_NAME
 from node.ingest.intake import Intake
 from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.storage import InstanceStore
-from node.web import api, dashboard, health, metrics, qido, rules, stow, wado
+from node.web import api, dashboard, docs, health, metrics, qido, rules, stow, wado
 from node.web.auth import Authenticator
 from node.web.context import WebContext
+from node.web.protect import HostCheck, security_headers
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,8 @@ def build_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="ainode",
         version=IMPLEMENTATION_VERSION_NAME,
-        docs_url="/api/docs",
-        openapi_url="/api/openapi.json",
+        docs_url=None,
+        openapi_url=None,
         redoc_url=None,
     )
     app.state.web = WebContext(settings, engine, store, intake, Authenticator(settings.http.auth))
@@ -47,7 +49,18 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
+    app.include_router(docs.router)
+    app.state.hosts = HostCheck(settings.http)
     app.middleware("http")(_answer_and_log)
+    if settings.http.cors_origins:  # outermost: refusals carry the CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.http.cors_origins,
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Accept", "Content-Type"],
+            expose_headers=["Warning", "Content-Location", "ETag", "Last-Modified"],
+            max_age=600,
+        )
     return app
 
 
@@ -55,9 +68,20 @@ async def _answer_and_log(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
     """One line per request: method, path (never the query: it may hold patient IDs), status.
-    A client gone mid-request is one line too; an unexpected error is a 500 whose traceback
-    is logged once (`ErrorLog`), never a second time by the server."""
+    A Host that names no host of this node is refused before any route; every answer gets the
+    security headers. A client gone mid-request is one line too; an unexpected error is a 500
+    whose traceback is logged once (`ErrorLog`), never a second time by the server."""
     started = time.monotonic()
+    host = request.headers.get("host")
+    if not request.app.state.hosts.allows(host):
+        log.warning(
+            "%s %s refused: Host %r is not this node", request.method, request.url.path, host
+        )
+        detail = "the Host header names no host of this node (see http.allowed_hosts)"
+        refusal = JSONResponse({"detail": detail}, 400)
+        security_headers(refusal.headers, request.url.path, refusal.media_type)
+        return refusal
+    response: Response
     try:
         response = await call_next(request)
     except ClientDisconnect:
@@ -66,6 +90,7 @@ async def _answer_and_log(
     except Exception as exc:
         ERRORS.record(request, exc)
         response = JSONResponse({"detail": "internal error; the node's log has the details"}, 500)
+    security_headers(response.headers, request.url.path, response.headers.get("content-type"))
     level = logging.WARNING if response.status_code >= 400 else logging.DEBUG
     log.log(
         level,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,10 +60,11 @@ class Authenticator:
         )
         self._jwt = _JwtVerifier(settings.jwt) if settings.jwt is not None else None
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The caller; NotAuthenticated when it presents nothing usable."""
+    def authenticate(self, authorization: str | None, client: str | None = None) -> Principal:
+        """The caller; NotAuthenticated when it presents nothing usable. The anonymous roles
+        go only to callers on this machine (`client` a loopback address)."""
         if not authorization:
-            if self._anonymous is not None:
+            if self._anonymous is not None and _is_loopback(client):
                 return self._anonymous
             raise NotAuthenticated("a bearer token is required")
         scheme, _, credential = authorization.partition(" ")
@@ -124,3 +126,10 @@ def _roles(value: object) -> list[Role]:
     names = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
     known = {role.value for role in Role}
     return [Role(name) for name in names if name in known]
+
+
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

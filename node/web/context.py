@@ -52,7 +52,8 @@ def web_context(request: Request) -> WebContext:
 def authenticated(request: Request) -> Principal:
     """A dependency: the caller (401 without a usable credential)."""
     try:
-        return web_context(request).auth.authenticate(request.headers.get("authorization"))
+        client = request.client.host if request.client else None
+        return web_context(request).auth.authenticate(request.headers.get("authorization"), client)
     except NotAuthenticated as exc:
         raise HTTPException(401, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
 

@@ -56,6 +56,8 @@ def run_http_process(settings: Settings, sock: socket.socket) -> None:
         ssl_keyfile=str(http.tls.key_file) if http.tls else None,
         timeout_graceful_shutdown=10,
         server_header=False,
+        proxy_headers=bool(http.trusted_proxies),
+        forwarded_allow_ips=http.trusted_proxies or None,
     )
     server = uvicorn.Server(config)
     stopping = threading.Event()

@@ -49,7 +49,8 @@ def start_web_node(start_node: Callable[..., NodeProcess]) -> Callable[..., WebN
     def start(**overrides: Any) -> WebNode:
         port = free_port()
         auth = overrides.pop("auth", {})
-        node = start_node(http=http_settings(port, **auth), **overrides)
+        http = {**http_settings(port, **auth), **overrides.pop("http_extra", {})}
+        node = start_node(http=http, **overrides)
         return WebNode(node, f"http://127.0.0.1:{port}")
 
     return start

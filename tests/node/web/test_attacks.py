@@ -135,3 +135,64 @@ def test_a_stow_client_gone_mid_body_costs_one_line(web_node: WebNode) -> None:
     assert "Traceback" not in web_node.node.log()
     assert len(list(web_node.node.storage.rglob("*.dcm"))) == 1
     assert list((web_node.node.storage / ".incoming").iterdir()) == []
+
+
+def test_a_host_that_is_not_the_node_is_refused(web_node: WebNode, stored) -> None:
+    """DNS rebinding: a page of evil.example whose name resolves to the node reads nothing."""
+    url = f"{web_node.dicomweb}/studies"
+    reader = web_node.auth("viewer")
+    rebound = httpx.get(url, headers={**reader, "Host": "evil.example"})
+    assert rebound.status_code == 400
+    assert stored.StudyInstanceUID not in rebound.text
+    port = web_node.url.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1"):
+        assert httpx.get(url, headers={**reader, "Host": host}).status_code == 200, host
+    assert "Host 'evil.example' is not this node" in web_node.node.log()
+
+
+def test_every_answer_carries_the_security_headers(web_node: WebNode, stored) -> None:
+    reader = web_node.auth("viewer")
+    answers = {
+        "qido": httpx.get(f"{web_node.dicomweb}/studies", headers=reader),
+        "wado": httpx.get(f"{instance_url(web_node, stored)}/metadata", headers=reader),
+        "api": httpx.get(f"{web_node.url}/api/v1/series", headers=reader),
+        "missing": httpx.get(f"{web_node.dicomweb}/studies/1.2.3/metadata", headers=reader),
+        "refused": httpx.get(f"{web_node.dicomweb}/studies"),
+        "health": httpx.get(f"{web_node.url}/healthz"),
+    }
+    for name, answer in answers.items():
+        assert answer.headers["X-Content-Type-Options"] == "nosniff", name
+        assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"], name
+    for name in ("qido", "wado", "api", "missing"):
+        assert answers[name].headers["Cache-Control"] == "no-store", name
+
+
+def test_the_api_docs_work_offline_and_need_a_token(web_node: WebNode) -> None:
+    page = httpx.get(f"{web_node.url}/api/docs")
+    assert page.status_code == 200
+    assert "http://" not in page.text and "https://" not in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "docs.js"):
+        assert httpx.get(f"{web_node.url}/api/docs/assets/{asset}").status_code == 200, asset
+    assert httpx.get(f"{web_node.url}/api/docs/assets/../../config.yaml").status_code == 404
+    schema = f"{web_node.url}/api/openapi.json"
+    assert httpx.get(schema).status_code == 401
+    described = httpx.get(schema, headers=web_node.auth("viewer"))
+    assert (
+        described.status_code == 200 and "/api/v1/jobs/{job_id}/retry" in described.json()["paths"]
+    )
+
+
+def test_cors_lets_only_the_configured_origins_in(start_web_node) -> None:
+    viewer = "https://viewer.hospital.example"
+    web = start_web_node(http_extra={"cors_origins": [viewer]}, workers={"count": 0})
+    preflight = {"Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "authorization"}  # fmt: skip
+    url = f"{web.dicomweb}/studies"
+    allowed = httpx.options(url, headers={"Origin": viewer, **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["Access-Control-Allow-Origin"] == viewer
+    assert "authorization" in allowed.headers["Access-Control-Allow-Headers"].lower()
+    other = httpx.options(url, headers={"Origin": "https://evil.example", **preflight})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    answer = httpx.get(url, headers={"Origin": viewer, **web.auth("viewer")})
+    assert answer.headers["Access-Control-Allow-Origin"] == viewer

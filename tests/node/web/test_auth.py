@@ -97,7 +97,12 @@ def test_expired_forged_or_foreign_jwts_are_refused(jwks_file: Path, signing_key
 
 
 def test_anonymous_only_gets_what_is_spelled_out(jwks_file: Path) -> None:
-    assert authenticator(jwks_file, anonymous=["reader"]).authenticate(None).roles == {Role.READER}
+    anonymous = authenticator(jwks_file, anonymous=["reader"])
+    assert anonymous.authenticate(None, "127.0.0.1").roles == {Role.READER}
+    assert anonymous.authenticate(None, "::1").roles == {Role.READER}
+    for remote in ("10.1.2.3", None, "testclient"):  # anonymous roles are for this machine
+        with pytest.raises(NotAuthenticated):
+            anonymous.authenticate(None, remote)
     with pytest.raises(NotAuthenticated):
         authenticator(jwks_file).authenticate(None)
 
