@@ -88,6 +88,15 @@ class NodeSettings(_Section):
     network_timeout_seconds: float = Field(
         60.0, gt=0, description="each PDU must arrive whole within this"
     )
+    min_transfer_kbps: float = Field(
+        32.0,
+        gt=0,
+        description="after network_timeout_seconds, a DIMSE message or a STOW-RS body must have "
+        "arrived at least this fast on average, KiB/s (a trickling peer is cut off)",
+    )
+    max_associations_per_address: int = Field(
+        8, ge=1, description="associations one peer address may hold at once"
+    )
     receivers: int = Field(
         1, ge=1, le=32, description="receiver processes sharing the port (SO_REUSEPORT)"
     )
@@ -321,6 +330,16 @@ class HttpSettings(_Section):
         description="host names clients may reach the server by, besides public_url's, the "
         "listen address and the machine's own names (IP addresses are always allowed): a "
         "request naming another host is refused (DNS rebinding)",
+    )
+    max_header_kb: int = Field(64, ge=1, description="largest request head (431 beyond)")
+    header_timeout_seconds: float = Field(
+        30.0, gt=0, description="a request head must arrive whole within this (408 beyond)"
+    )
+    body_idle_seconds: float = Field(
+        60.0, gt=0, description="a request body may pause this long (then the connection closes)"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections at once (503 beyond; LimitNOFILE above it)"
     )
     cors_origins: list[str] = Field(
         [],

@@ -6,6 +6,8 @@ import faulthandler
 import logging
 import re
 import sys
+import threading
+import time
 import warnings
 
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
@@ -49,3 +51,28 @@ def configure_logging(level: str) -> None:
     for library in ("highdicom", "pydicom"):
         warnings.filterwarnings("ignore", category=UserWarning, module=rf"{library}(\.|$)")
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # it logs those warnings too
+
+
+class Throttle:
+    """Whether a repeated event is due to be logged: once a `window_seconds` per key, with
+    how many were skipped since, so that a flood of them cannot flood the log. Memory is
+    bounded: past `max_keys` keys it starts afresh."""
+
+    def __init__(self, window_seconds: float = 60.0, max_keys: int = 1024) -> None:
+        self._window = window_seconds
+        self._max_keys = max_keys
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key: str) -> int | None:
+        """None: skip this one; else log it, with the count skipped since the last."""
+        now = time.monotonic()
+        with self._lock:
+            logged_at, skipped = self._seen.get(key, (now - self._window, 0))
+            if now - logged_at < self._window:
+                self._seen[key] = (logged_at, skipped + 1)
+                return None
+            if len(self._seen) >= self._max_keys:
+                self._seen.clear()
+            self._seen[key] = (now, 0)
+            return skipped

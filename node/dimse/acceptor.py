@@ -46,6 +46,7 @@ from pynetdicom.presentation import (
 )
 
 from node.dimse.protocol import (
+    ADDRESS_LIMIT_EXCEEDED,
     APPLICATION_CONTEXT,
     COMMAND_GROUP,
     LOCAL_LIMIT_EXCEEDED,
@@ -96,6 +97,15 @@ class Limits:
     """ARTIM: the whole A-ASSOCIATE-RQ must have arrived this long after the connection."""
     network_timeout: float = 60.0
     """Each PDU must have arrived whole this long after the node starts waiting for it."""
+    min_bytes_per_second: float = 32 * 1024
+    """A whole message must arrive at least this fast on average, after `network_timeout`:
+    a peer that trickles a few bytes per PDU cannot hold its slot for ever."""
+    max_per_address: int = 8
+    """Associations one peer address may hold at once."""
+
+    def message_deadline(self, started: float, received: int) -> float:
+        """When a message begun at `started`, `received` bytes in, must have arrived whole."""
+        return started + self.network_timeout + received / self.min_bytes_per_second
 
     @property
     def announced_pdu_size(self) -> int:
@@ -253,15 +263,19 @@ class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
         for connection in connections:
             connection.abort(AbortReason.NOT_SPECIFIED, AbortSource.SERVICE_USER)
 
-    def _associated(self, connection: _Connection) -> bool:
-        """A negotiating connection becomes an association; False once `max_associations`
-        are open (it stays counted as negotiating until it ends)."""
+    def _associated(self, connection: _Connection) -> Rejection | None:
+        """A negotiating connection becomes an association; the rejection once
+        `max_associations` are open, or `max_per_address` from its address (it stays counted
+        as negotiating until it ends)."""
         with self._lock:
             if len(self._open) >= self.limits.max_associations:
-                return False
+                return LOCAL_LIMIT_EXCEEDED
+            host = connection.peer_host
+            if sum(c.peer_host == host for c in self._open.values()) >= self.limits.max_per_address:
+                return ADDRESS_LIMIT_EXCEEDED
             self._pending.pop(connection.socket_id, None)
             self._open[connection.socket_id] = connection
-            return True
+            return None
 
     def _ended(self, connection: _Connection) -> None:
         with self._lock:
@@ -286,6 +300,7 @@ class _Connection(socketserver.BaseRequestHandler):
         self._send_lock = threading.Lock()
         self._peer_max_pdu = 0
         self._address = _address(self.client_address)
+        self.peer_host = str(self.client_address[0]) if self.client_address else ""
 
     def handle(self) -> None:
         association = None
@@ -353,8 +368,8 @@ class _Connection(socketserver.BaseRequestHandler):
             rejection = UNSUPPORTED_APPLICATION_CONTEXT
         else:
             rejection = self.server.services.admit(calling, called, self._address)
-        if rejection is None and not self.server._associated(self):
-            rejection = LOCAL_LIMIT_EXCEEDED
+        if rejection is None:
+            rejection = self.server._associated(self)
         if rejection is not None:
             log.warning(
                 "association from %s (%s -> %s) rejected: %s",
@@ -430,9 +445,15 @@ class _Connection(socketserver.BaseRequestHandler):
         dataset_bytes = 0
         command: dict[int, bytes] | None = None
         message_context: int | None = None
+        message_started: float | None = None
+        message_bytes = 0
         while True:
-            deadline = time.monotonic() + limits.network_timeout
-            pdu_type, body = self._read_pdu(limits.receive_limit, deadline, "PDU")
+            deadline, what = time.monotonic() + limits.network_timeout, "PDU"
+            if message_started is not None:
+                whole_by = limits.message_deadline(message_started, message_bytes)
+                if whole_by < deadline:
+                    deadline, what = whole_by, "message at node.min_transfer_kbps"
+            pdu_type, body = self._read_pdu(limits.receive_limit, deadline, what)
             if pdu_type == PduType.RELEASE_RQ:
                 if command is not None or command_parts:
                     raise ProtocolError("A-RELEASE-RQ inside a message", AbortReason.UNEXPECTED_PDU)
@@ -444,6 +465,9 @@ class _Connection(socketserver.BaseRequestHandler):
                 raise ProtocolError(
                     f"unexpected PDU type {pdu_type:#04x}", AbortReason.UNEXPECTED_PDU
                 )
+            if message_started is None:
+                message_started = time.monotonic()
+            message_bytes += len(body)
             for context_id, is_command, is_last, value in _pdvs(body):
                 if context_id not in association.contexts:
                     raise ProtocolError(f"presentation context {context_id} was not accepted")
@@ -483,6 +507,7 @@ class _Connection(socketserver.BaseRequestHandler):
                     yield context_id, command, dataset
                 command = None
                 message_context = None
+                message_started, message_bytes = None, 0
 
     def _dispatch(
         self,

@@ -70,6 +70,12 @@ LOCAL_LIMIT_EXCEEDED = Rejection(
     0x02,
     "local limit of associations exceeded",
 )
+ADDRESS_LIMIT_EXCEEDED = Rejection(
+    _TRANSIENT,
+    ResultSource.SERVICE_PROVIDER_PRESENTATION,
+    0x02,
+    "this address already holds node.max_associations_per_address associations",
+)
 
 
 class AbortReason(enum.IntEnum):

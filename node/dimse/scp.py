@@ -62,6 +62,8 @@ class StorageSCP:
             max_dataset_bytes=node.max_instance_mb << 20,
             association_timeout=node.association_timeout_seconds,
             network_timeout=node.network_timeout_seconds,
+            min_bytes_per_second=node.min_transfer_kbps * 1024,
+            max_per_address=node.max_associations_per_address,
         )
         tls = _server_context(node.tls) if node.tls is not None else None
         listeners = [(node.port, tls if node.tls_port is None else None)]

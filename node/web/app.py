@@ -17,6 +17,7 @@ from node.config import Settings
 from node.db.engine import make_engine
 from node.implementation import IMPLEMENTATION_VERSION_NAME
 from node.ingest.intake import Intake
+from node.logs import Throttle
 from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.storage import InstanceStore
 from node.web import api, dashboard, docs, health, metrics, qido, rules, stow, wado
@@ -104,29 +105,20 @@ async def _answer_and_log(
 
 
 class ErrorLog:
-    """Unexpected errors, logged so that a flood of them cannot flood the log: the first of a
-    kind (exception type and route) in `window_seconds` with its traceback, the others
-    counted in one line with the next one logged."""
+    """Unexpected errors: the first of a kind (exception type and route) a minute is logged
+    with its traceback, the others counted in the next one logged."""
 
-    def __init__(self, window_seconds: float = 60.0) -> None:
-        self._window = window_seconds
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+    def __init__(self) -> None:
+        self._throttle = Throttle()
 
     def record(self, request: Request, exc: Exception) -> None:
         route = request.scope.get("route")
         where = getattr(route, "path", "an unmatched path")
-        key = (type(exc).__name__, where)
-        now = time.monotonic()
-        logged_at, skipped = self._seen.get(key, (-self._window, 0))
-        if now - logged_at < self._window:
-            self._seen[key] = (logged_at, skipped + 1)
+        skipped = self._throttle.due(f"{type(exc).__name__} {where}")
+        if skipped is None:
             return
-        if len(self._seen) >= MAX_ERROR_KINDS:
-            self._seen.clear()
-        self._seen[key] = (now, 0)
         more = f" ({skipped} more like it since the last one logged)" if skipped else ""
         log.error("%s %s failed%s", request.method, where, more, exc_info=exc)
 
 
-MAX_ERROR_KINDS = 256
 ERRORS = ErrorLog()

@@ -15,6 +15,7 @@ import uvicorn
 from node.config import HttpSettings, Settings
 from node.lifecycle import CannotListen, stop_when_parent_exits
 from node.logs import configure_logging
+from node.web.limits import HttpLimits, guarded_protocol
 
 
 def listen(http: HttpSettings) -> socket.socket:
@@ -56,6 +57,15 @@ def run_http_process(settings: Settings, sock: socket.socket) -> None:
         ssl_keyfile=str(http.tls.key_file) if http.tls else None,
         timeout_graceful_shutdown=10,
         server_header=False,
+        http=guarded_protocol(
+            HttpLimits(
+                max_head_bytes=http.max_header_kb << 10,
+                head_seconds=http.header_timeout_seconds,
+                body_idle_seconds=http.body_idle_seconds,
+                min_bytes_per_second=settings.node.min_transfer_kbps * 1024,
+                max_connections=http.max_connections,
+            )
+        ),
         proxy_headers=bool(http.trusted_proxies),
         forwarded_allow_ips=http.trusted_proxies or None,
     )

@@ -339,3 +339,59 @@ def test_an_affected_sop_class_not_of_its_context_is_refused(
         assert wire.read_pdu(raw)[0] == 0x06
     assert pdu_type == 0x04 and wire.status_of(body) == 0x0122
     assert recorder.stored == []
+
+
+def test_a_message_trickled_in_whole_pdus_is_cut_off(recorder: Recorder) -> None:
+    """Finding 11: each 10-byte P-DATA arrives well within the PDU deadline, but the message
+    must keep node.min_transfer_kbps after the network timeout: the slot is freed."""
+    limits = Limits(max_associations=1, network_timeout=1.0, min_bytes_per_second=1024)
+    server = Acceptor(("127.0.0.1", 0), recorder, limits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        command = wire.c_store_rq(wire.CT_IMAGE_STORAGE, "1.2.3.4")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            raw.sendall(wire.associate_rq())
+            assert wire.read_pdu(raw)[0] == 0x02
+            raw.sendall(wire.p_data(1, command, command=True))
+            started = time.monotonic()
+            answer = None
+            with contextlib.suppress(OSError):
+                for _ in range(40):  # 10 bytes every 0.5 s: each PDU in time, the message not
+                    raw.sendall(wire.p_data(1, b"\0" * 4, command=False, last=False))
+                    time.sleep(0.5)
+                    raw.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        answer = raw.recv(1)
+                    raw.setblocking(True)
+                    if answer is not None:
+                        break
+            cut_after = time.monotonic() - started
+        assert answer in (b"\x07", b""), answer
+        assert cut_after < 5
+        assert settled(server)
+    finally:
+        server.stop_listening()
+        server.abort_all()
+
+
+def test_one_address_cannot_take_every_slot(recorder: Recorder) -> None:
+    """Finding 11: past node.max_associations_per_address, an address is rejected while
+    slots remain for others."""
+    limits = Limits(max_associations=4, max_per_address=2)
+    server = Acceptor(("127.0.0.1", 0), recorder, limits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        held = [associate(server.port) for _ in range(2)]
+        assert all(a.is_established for a in held)
+        third = associate(server.port)
+        assert third.is_rejected
+        rejection = third.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
+        held[0].release()
+        again = associate(server.port)
+        assert again.is_established
+        for assoc in (held[1], again):
+            assoc.release()
+    finally:
+        server.stop_listening()
+        server.abort_all()

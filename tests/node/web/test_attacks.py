@@ -4,6 +4,7 @@ in the log or a forged log line."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import httpx
@@ -196,3 +197,88 @@ def test_cors_lets_only_the_configured_origins_in(start_web_node) -> None:
     assert "Access-Control-Allow-Origin" not in other.headers
     answer = httpx.get(url, headers={"Origin": viewer, **web.auth("viewer")})
     assert answer.headers["Access-Control-Allow-Origin"] == viewer
+
+
+def raw_connection(web: WebNode) -> socket.socket:
+    host, port = web.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def status_of(sock: socket.socket) -> int | None:
+    """The status code the node answered before closing, or None if it just closed."""
+    answer = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
+
+
+@pytest.fixture
+def strict_web(start_web_node) -> WebNode:
+    limits = {"max_header_kb": 16, "header_timeout_seconds": 1, "body_idle_seconds": 1,
+              "max_connections": 20}  # fmt: skip
+    return start_web_node(
+        http_extra=limits,
+        node={"min_transfer_kbps": 1},
+        completion={"quiet_seconds": 1, "release_grace_seconds": 0.5},
+        workers={"count": 0},
+    )
+
+
+def test_a_header_flood_gets_431_and_costs_no_memory(strict_web: WebNode) -> None:
+    with raw_connection(strict_web) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Flood: ")
+        with contextlib.suppress(OSError):
+            for _ in range(64):  # 4 MiB, never terminated
+                sock.sendall(b"a" * 65536)
+        assert status_of(sock) == 431
+    assert httpx.get(f"{strict_web.url}/healthz").status_code == 200
+
+
+def test_a_slowloris_head_gets_408_and_the_connection_back(strict_web: WebNode) -> None:
+    """Half-sent heads hold no connection past http.header_timeout_seconds; past
+    http.max_connections a new one gets 503, and both are logged."""
+    idle = [raw_connection(strict_web) for _ in range(25)]
+    for sock in idle:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: 1\r\n")
+    statuses = [status_of(sock) for sock in idle]
+    for sock in idle:
+        sock.close()
+    assert statuses.count(408) == 20 and statuses.count(503) == 5, statuses
+    assert httpx.get(f"{strict_web.url}/healthz").status_code == 200
+    log = strict_web.node.log()
+    assert "request head not whole within 1 s" in log
+    assert "open connections at http.max_connections" in log
+
+
+def test_a_trickling_stow_is_cut_and_its_series_completes(strict_web: WebNode) -> None:
+    """Finding 10: one whole instance, then a byte every 0.3 s: the body falls below
+    node.min_transfer_kbps, the connection is closed, and the series that the first instance
+    opened completes."""
+    first = ct_dataset(generate_uid())
+    content = body(part10(first), part10(ct_dataset(generate_uid(), first.StudyInstanceUID)))
+    head = content[: content.index(b"--a1b2c3", 10)]  # the first part, whole
+    with raw_connection(strict_web) as sock:
+        sock.sendall(
+            b"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(content)}\r\n".encode()
+            + f"Authorization: {strict_web.auth('modality-web')['Authorization']}\r\n\r\n".encode()
+            + head
+        )
+        closed = False
+        with contextlib.suppress(OSError):
+            for byte in content[len(head) : len(head) + 60]:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(0.3)
+                with contextlib.suppress(TimeoutError):
+                    if sock.recv(1) == b"":
+                        closed = True
+                        break
+        assert closed, "the node kept reading a body that trickled"
+    uid = str(first.SeriesInstanceUID)
+    series = wait_until(
+        lambda: strict_web.node.series().get(uid, {}).get("state") == "complete", 20
+    )
+    assert series
+    assert "below node.min_transfer_kbps" in strict_web.node.log()
