@@ -16,11 +16,13 @@ import errno
 import itertools
 import os
 import re
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 MAX_UID_LENGTH = 64
@@ -155,7 +157,12 @@ class InstanceStore:
                 if files:
                     yield files
 
-    def write(self, key: InstanceKey, chunks: tuple[bytes, ...]) -> WriteOutcome:
+    def spool(self) -> BinaryIO:
+        """An unnamed file beside the store, for a STOW-RS part as it arrives: on the same
+        file system (the kernel copies it into place), gone when closed or on a crash."""
+        return tempfile.TemporaryFile(dir=self._incoming)
+
+    def write(self, key: InstanceKey, chunks: tuple[Chunk, ...]) -> WriteOutcome:
         """Durably store an encoded file made of `chunks`, never over another one of the same
         instance (what a sender acknowledged stays what is served); raise StorageFull or
         StorageError."""
@@ -248,7 +255,7 @@ def _uid_folders(parent: Path) -> Iterator[Path]:
     return (p for p in parent.iterdir() if _UID.match(p.name) and p.is_dir())
 
 
-def _same_content(path: Path, chunks: tuple[bytes, ...]) -> bool:
+def _same_content(path: Path, chunks: tuple[Chunk, ...]) -> bool:
     """Whether the stored file ends with the same dataset (the last chunk): the file meta
     before it names who sent it, which is not content (the same instance re-sent by a PACS
     after a C-MOVE, then fetched by C-GET, is the same instance)."""
@@ -258,13 +265,24 @@ def _same_content(path: Path, chunks: tuple[bytes, ...]) -> bool:
         return False
     with path.open("rb") as file:
         file.seek(size - len(dataset))
-        return file.read() == dataset
+        for start in range(0, len(dataset), COMPARE_STEP):
+            end = min(start + COMPARE_STEP, len(dataset))
+            if isinstance(dataset, FileRegion):
+                theirs: bytes | memoryview = dataset.read(start, end - start)
+            else:
+                theirs = memoryview(dataset)[start:end]
+            if file.read(end - start) != theirs:
+                return False
+        return True
 
 
-def _write_synced(path: Path, chunks: tuple[bytes, ...]) -> None:
+def _write_synced(path: Path, chunks: tuple[Chunk, ...]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         for chunk in chunks:
+            if isinstance(chunk, FileRegion):
+                chunk.copy_to(fd)
+                continue
             view = memoryview(chunk)
             while view:
                 written = os.write(fd, view)
@@ -272,6 +290,37 @@ def _write_synced(path: Path, chunks: tuple[bytes, ...]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class FileRegion:
+    """Bytes of an open file that the kernel copies (a spooled STOW-RS part's dataset): a
+    large instance costs no memory on its way into the store."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def copy_to(self, target: int) -> None:
+        """Append the region to the file open as `target`."""
+        offset, left = self.offset, self.length
+        while left:
+            copied = os.copy_file_range(self.fd, target, min(left, COPY_STEP), offset)
+            if copied == 0:
+                raise OSError(errno.EIO, "the spooled file ended early")
+            offset += copied
+            left -= copied
+
+    def read(self, start: int, size: int) -> bytes:
+        return os.pread(self.fd, size, self.offset + start)
+
+
+Chunk = bytes | memoryview | FileRegion
+COPY_STEP = 64 << 20
+COMPARE_STEP = 8 << 20
 
 
 def _make_dirs(directory: Path, root: Path) -> list[Path]:

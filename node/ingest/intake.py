@@ -22,8 +22,16 @@ from node.catalog import AssociationRecord, Catalog, Receipt
 from node.db.models import Source, utcnow
 from node.ingest.metadata import InstanceMetadata, read_metadata, reencoded
 from node.ingest.part10 import file_meta
+from node.ingest.scan import Encoded
 from node.metrics import INSTANCES, RECEIVED_BYTES
-from node.storage import InstanceStore, InvalidUID, StorageError, StorageFull, WriteOutcome
+from node.storage import (
+    FileRegion,
+    InstanceStore,
+    InvalidUID,
+    StorageError,
+    StorageFull,
+    WriteOutcome,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +129,14 @@ class Intake:
     def accept(
         self,
         delivery: Delivery,
-        dataset: bytes,
+        dataset: Encoded,
         transfer_syntax: UID,
         check: Check | None = None,
+        spooled: FileRegion | None = None,
     ) -> Answer:
-        """Store `dataset` (encoded in `transfer_syntax`, without file meta) as sent."""
-        answer = self._accept(delivery, dataset, transfer_syntax, check)
+        """Store `dataset` (encoded in `transfer_syntax`, without file meta) as sent; when
+        it is a view of a `spooled` file region, the kernel copies it from there."""
+        answer = self._accept(delivery, dataset, transfer_syntax, check, spooled)
         source = delivery.sender.source.value
         INSTANCES.labels(source, answer.status.name.lower()).inc()
         if answer.status == Status.SUCCESS:
@@ -136,9 +146,10 @@ class Intake:
     def _accept(
         self,
         delivery: Delivery,
-        dataset: bytes,
+        dataset: Encoded,
         transfer_syntax: UID,
         check: Check | None,
+        spooled: FileRegion | None,
     ) -> Answer:
         label = delivery.sender.label
         problem = self.problem()
@@ -157,16 +168,21 @@ class Intake:
         if refusal is not None:
             log.warning("%s: %s refused: %s", label, meta.key.sop_instance_uid, refusal.reason)
             return Answer(refusal.status, refusal.reason, meta)
-        return self._keep(delivery, meta, dataset, transfer_syntax)
+        return self._keep(delivery, meta, dataset, transfer_syntax, spooled)
 
     def _keep(
-        self, delivery: Delivery, meta: InstanceMetadata, dataset: bytes, transfer_syntax: UID
+        self,
+        delivery: Delivery,
+        meta: InstanceMetadata,
+        dataset: Encoded,
+        transfer_syntax: UID,
+        spooled: FileRegion | None,
     ) -> Answer:
         sender = delivery.sender
         uid = meta.key.sop_instance_uid
         header = file_meta(meta.sop_class_uid, uid, transfer_syntax, sender.calling_ae[:16])
         try:
-            outcome = self._store.write(meta.key, (header, dataset))
+            outcome = self._store.write(meta.key, (header, spooled or dataset))
         except (StorageFull, StorageError) as exc:
             log.error("%s: %s not stored: %s", sender.label, uid, exc)
             return Answer(Status.OUT_OF_RESOURCES, str(exc), meta)

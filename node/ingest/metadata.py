@@ -22,7 +22,7 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from node.ingest.scan import scan_dataset
+from node.ingest.scan import Encoded, scan_dataset
 from node.storage import InstanceKey
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class InstanceMetadata:
         }
 
 
-def read_metadata(encoded: bytes, transfer_syntax: UID) -> InstanceMetadata:
+def read_metadata(encoded: Encoded, transfer_syntax: UID) -> InstanceMetadata:
     """What the catalog needs of an instance; ValueError (or InvalidUID) if the dataset is
     not whole, not in `transfer_syntax`, or an image without its pixel data.
 
@@ -149,12 +149,13 @@ def read_metadata(encoded: bytes, transfer_syntax: UID) -> InstanceMetadata:
     scanned = scan_dataset(encoded, transfer_syntax.is_implicit_VR, (*HOT_TAGS, ROWS))
     if ROWS in scanned.values and scanned.last_tag < FIRST_PIXEL_DATA_TAG:
         raise ValueError("an image without its pixel data: the dataset ends before (7FE0,0010)")
+    header = encoded[: scanned.pixels_at]  # the series needs no pixels
     return InstanceMetadata.from_raw(
-        scanned.values, lambda: _parse_for_series(encoded, transfer_syntax)
+        scanned.values, lambda: _parse_for_series(header, transfer_syntax)
     )
 
 
-def reencoded(stored: Path, encoded: bytes, transfer_syntax: UID) -> bool:
+def reencoded(stored: Path, encoded: Encoded, transfer_syntax: UID) -> bool:
     """Whether `encoded` is the instance stored at `stored` in another transfer syntax: every
     public attribute but the pixel data the same (a PACS returning what it compressed).
     Private elements are left out: their VRs read differently in implicit and explicit VR."""
@@ -179,7 +180,7 @@ def _public_attributes(dataset: Dataset) -> dict[int, object]:
     }
 
 
-def _parse_for_series(inflated: bytes, transfer_syntax: UID) -> Dataset:
+def _parse_for_series(inflated: Encoded, transfer_syntax: UID) -> Dataset:
     """The dataset whose attributes describe a new series; empty (and logged) in the unlikely
     case that pydicom refuses a stream the scan accepted: the instance is stored regardless."""
     try:
@@ -189,7 +190,7 @@ def _parse_for_series(inflated: bytes, transfer_syntax: UID) -> Dataset:
         return Dataset()
 
 
-def parse(inflated: bytes, transfer_syntax: UID) -> Dataset:
+def parse(inflated: Encoded, transfer_syntax: UID) -> Dataset:
     """The dataset as sent (deflate undone), its values left raw; ValueError if it was cut
     short."""
     dataset = read_dataset(

@@ -56,7 +56,7 @@ class Part10:
     """Where the dataset begins, after the preamble, prefix and file meta group."""
 
 
-def read_part10(data: bytes) -> Part10:
+def read_part10(data: bytes | memoryview) -> Part10:
     """Read the file meta group of a Part 10 stream (the preamble may be absent);
     ValueError when it is not one, or names no transfer syntax."""
     if data[128:132] == b"DICM":
@@ -80,7 +80,7 @@ def read_part10(data: bytes) -> Part10:
             start = offset + 8
         if start + length > len(data):
             raise ValueError(f"file meta element (0002,{element:04X}) is cut short")
-        values[element] = data[start : start + length]
+        values[element] = bytes(data[start : start + length])
         offset = start + length
     syntax = _text(values.get(0x0010))
     if not syntax:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from pydicom.valuerep import VR
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+FIRST_PIXEL_TAG = 0x7FE00008
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 LONG_VRS = frozenset(
@@ -25,6 +26,8 @@ VRS = LONG_VRS | frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
 _HEADER = struct.Struct("<HHI")  # group, element, 4-byte length (implicit VR, items)
 _EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
 _LONG_LENGTH = struct.Struct("<I")
+Encoded = bytes | memoryview
+"""A dataset as received: in memory, or a view of a spooled STOW-RS part."""
 
 
 class Scanned(NamedTuple):
@@ -32,9 +35,11 @@ class Scanned(NamedTuple):
     """The raw values of the wanted tags present."""
     last_tag: int
     """The last top-level tag of the dataset (0 when it is empty)."""
+    pixels_at: int
+    """Where the first element from (7FE0,0008) on begins (the stream's end if none)."""
 
 
-def scan_dataset(encoded: bytes, implicit_vr: bool, wanted: Collection[int]) -> Scanned:
+def scan_dataset(encoded: Encoded, implicit_vr: bool, wanted: Collection[int]) -> Scanned:
     """The raw values of the `wanted` top-level tags present in `encoded`; ValueError if the
     stream is not a whole little-endian dataset in the VR encoding given."""
     found: dict[int, bytes] = {}
@@ -42,8 +47,11 @@ def scan_dataset(encoded: bytes, implicit_vr: bool, wanted: Collection[int]) -> 
     if implicit_vr and end >= 8 and bytes(encoded[4:6]) in VRS:
         raise ValueError("explicit VR data on an implicit VR transfer syntax")
     tag = 0
+    pixels_at = end
     while position < end:
         tag, start, length, undefined_content = _element(encoded, position, implicit_vr)
+        if tag >= FIRST_PIXEL_TAG and pixels_at == end:
+            pixels_at = position
         if length == UNDEFINED_LENGTH:
             position = _skip_sequence(encoded, start, undefined_content)
             continue
@@ -51,11 +59,11 @@ def scan_dataset(encoded: bytes, implicit_vr: bool, wanted: Collection[int]) -> 
         if position > end:
             raise ValueError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is truncated")
         if tag in wanted:
-            found[tag] = encoded[start:position]
-    return Scanned(found, tag)
+            found[tag] = bytes(encoded[start:position])
+    return Scanned(found, tag, pixels_at)
 
 
-def _element(encoded: bytes, position: int, implicit_vr: bool) -> tuple[int, int, int, bool]:
+def _element(encoded: Encoded, position: int, implicit_vr: bool) -> tuple[int, int, int, bool]:
     """Tag, value offset, value length, and whether an undefined-length value holds implicit
     VR items (always for implicit VR, for explicit VR only within UN)."""
     if implicit_vr:
@@ -72,7 +80,7 @@ def _element(encoded: bytes, position: int, implicit_vr: bool) -> tuple[int, int
     return group << 16 | element, position + 8, length, False
 
 
-def _skip_sequence(encoded: bytes, position: int, implicit_vr: bool) -> int:
+def _skip_sequence(encoded: Encoded, position: int, implicit_vr: bool) -> int:
     """The offset after an undefined-length value: items up to the sequence delimiter."""
     while True:
         group, element, length = _unpack(_HEADER, encoded, position)
@@ -87,7 +95,7 @@ def _skip_sequence(encoded: bytes, position: int, implicit_vr: bool) -> int:
         position = _skip_item(encoded, position, implicit_vr)
 
 
-def _skip_item(encoded: bytes, position: int, implicit_vr: bool) -> int:
+def _skip_item(encoded: Encoded, position: int, implicit_vr: bool) -> int:
     """The offset after an undefined-length item: elements up to the item delimiter."""
     while True:
         group, element, _ = _unpack(_HEADER, encoded, position)
@@ -100,7 +108,7 @@ def _skip_item(encoded: bytes, position: int, implicit_vr: bool) -> int:
             position = start + length
 
 
-def _unpack(layout: struct.Struct, encoded: bytes, position: int) -> tuple[Any, ...]:
+def _unpack(layout: struct.Struct, encoded: Encoded, position: int) -> tuple[Any, ...]:
     if position + layout.size > len(encoded):
         raise ValueError(f"stream ends inside an element header at byte {position}")
     return layout.unpack_from(encoded, position)

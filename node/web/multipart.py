@@ -1,12 +1,14 @@
-"""multipart/related bodies, both ways: a streaming reader that hands out whole parts with
-bounded memory (STOW-RS), and the writer of WADO-RS responses."""
+"""multipart/related bodies, both ways: a streaming reader that spools each part to a file
+as it arrives and hands out whole parts (STOW-RS: memory stays flat whatever the body's
+size), and the writer of WADO-RS responses."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
+from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, MultipartState
 
@@ -17,11 +19,14 @@ class BadBody(ValueError):
 
 @dataclass
 class Part:
-    """One part of a request; `oversize` when it grew past the limit (its bytes dropped)."""
+    """One part of a request, spooled to `file` (`size` bytes); `oversize` when it grew past
+    the limit (its bytes dropped), `spool_error` when the file could not take it."""
 
     content_type: str | None
-    data: bytearray = field(default_factory=bytearray)
+    file: BinaryIO
+    size: int = 0
     oversize: bool = False
+    spool_error: str | None = None
 
 
 def media_type(header: str | None) -> tuple[str, dict[str, str]]:
@@ -35,11 +40,13 @@ def media_type(header: str | None) -> tuple[str, dict[str, str]]:
 class PartReader:
     """Feed the body in chunks; take the parts completed so far after each feed.
 
-    At most one part is held in memory, and no more than `max_part_bytes` of it.
+    Each part goes to a file `spool` opens (closing it is the taker's); no more than
+    `max_part_bytes` of it.
     """
 
-    def __init__(self, boundary: str, max_part_bytes: int) -> None:
+    def __init__(self, boundary: str, max_part_bytes: int, spool: Callable[[], BinaryIO]) -> None:
         self._max = max_part_bytes
+        self._spool = spool
         self._completed: list[Part] = []
         self._current: Part | None = None
         self._header_field = bytearray()
@@ -71,9 +78,16 @@ class PartReader:
         if self._parser.state != MultipartState.END:
             raise BadBody("the body ends before the closing multipart boundary")
 
+    def close(self) -> None:
+        """Close the spools of the parts not handed out (a body cut short)."""
+        for part in (*self._completed, self._current):
+            if part is not None:
+                part.file.close()
+        self._completed, self._current = [], None
+
     def _begin(self) -> None:
         self._headers = {}
-        self._current = Part(None)
+        self._current = Part(None, self._spool())
 
     def _header_end(self) -> None:
         name = self._header_field.decode("latin-1").strip().lower()
@@ -88,13 +102,19 @@ class PartReader:
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._current
         assert part is not None
-        if part.oversize:
+        if part.oversize or part.spool_error:
             return
-        if len(part.data) + end - start > self._max:
+        if part.size + end - start > self._max:
             part.oversize = True
-            part.data = bytearray()
+            part.file.truncate(0)
             return
-        part.data.extend(data[start:end])
+        try:
+            part.file.write(data[start:end])
+        except OSError as exc:  # the disk is full: this part fails, the body goes on
+            part.spool_error = exc.strerror or str(exc)
+            part.file.truncate(0)
+            return
+        part.size += end - start
 
     def _end(self) -> None:
         assert self._current is not None

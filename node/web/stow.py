@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import uuid
 from dataclasses import dataclass
 from functools import cache, partial
@@ -28,6 +29,7 @@ from node.ingest.intake import Answer, Delivery, Sender, Status
 from node.ingest.metadata import InstanceMetadata
 from node.ingest.part10 import read_part10
 from node.metrics import INSTANCES
+from node.storage import FileRegion
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response, dicom_xml_response, wants_xml
@@ -83,7 +85,7 @@ async def store_instances(
         Source.DICOMWEB,
     )
     delivery = Delivery(sender)
-    reader = PartReader(boundary, context.settings.node.max_instance_mb << 20)
+    reader = PartReader(boundary, context.settings.node.max_instance_mb << 20, context.store.spool)
     storing = _Storing(context, delivery, study)
     received, whole = 0, False
     try:
@@ -101,6 +103,7 @@ async def store_instances(
         log.warning("%s from %s: %s", sender.label, sender.calling_ae, exc)
         raise HTTPException(400, detail=f"{exc}; the whole instances before it were kept") from exc
     finally:
+        reader.close()
         outcomes = await storing.finish()
         await run_in_threadpool(context.intake.close, delivery, whole)
     if not outcomes:
@@ -159,14 +162,28 @@ def _boundary(content_type: str | None) -> str:
 def _store_part(
     context: WebContext, delivery: Delivery, part: Part, study: str | None
 ) -> PartOutcome:
-    """Read, check and store one part (in a worker thread)."""
-    kind = media_type(part.content_type or DICOM)[0]
-    if kind != DICOM:
-        return _refused(Status.CANNOT_UNDERSTAND, f"a part of type {kind}, not {DICOM}")
-    if part.oversize:
-        limit = context.settings.node.max_instance_mb
-        return _refused(Status.OUT_OF_RESOURCES, f"larger than node.max_instance_mb ({limit})")
-    data = bytes(part.data)
+    """Read, check and store one part (in a worker thread); its spool is closed after."""
+    with part.file:
+        kind = media_type(part.content_type or DICOM)[0]
+        if kind != DICOM:
+            return _refused(Status.CANNOT_UNDERSTAND, f"a part of type {kind}, not {DICOM}")
+        if part.oversize:
+            limit = context.settings.node.max_instance_mb
+            return _refused(Status.OUT_OF_RESOURCES, f"larger than node.max_instance_mb ({limit})")
+        if part.spool_error is not None:
+            return _refused(Status.OUT_OF_RESOURCES, f"cannot be spooled: {part.spool_error}")
+        if not part.size:
+            return _refused(Status.CANNOT_UNDERSTAND, "an empty part")
+        part.file.flush()
+        mapped = mmap.mmap(part.file.fileno(), 0, access=mmap.ACCESS_READ)
+        return _store_mapped(context, delivery, part, memoryview(mapped), study)
+
+
+def _store_mapped(
+    context: WebContext, delivery: Delivery, part: Part, data: memoryview, study: str | None
+) -> PartOutcome:
+    """Store a spooled part, read through `data` (a map of its file: the pages read are the
+    headers, the dataset is copied file to file by the kernel)."""
     try:
         header = read_part10(data)
     except ValueError as exc:
@@ -175,9 +192,9 @@ def _store_part(
     def check(meta: InstanceMetadata) -> Answer | None:
         return _contradiction(meta, header.sop_class_uid, header.sop_instance_uid, study)
 
-    answer = context.intake.accept(
-        delivery, data[header.dataset_offset :], header.transfer_syntax, check
-    )
+    offset = header.dataset_offset
+    spooled = FileRegion(part.file.fileno(), offset, part.size - offset)
+    answer = context.intake.accept(delivery, data[offset:], header.transfer_syntax, check, spooled)
     return PartOutcome.of(answer, header.sop_class_uid, header.sop_instance_uid)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from pathlib import Path
 
 import httpx
 import pydicom
@@ -282,3 +283,39 @@ def test_a_trickling_stow_is_cut_and_its_series_completes(strict_web: WebNode) -
     )
     assert series
     assert "below node.min_transfer_kbps" in strict_web.node.log()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_stow_memory_does_not_grow_with_the_body(web_node: WebNode) -> None:
+    """Finding 9: parts are spooled to disk and copied into place by the kernel: a 256 MiB
+    body of two 128 MiB instances moves the HTTP process's peak RSS by far less than a part."""
+    processes = wait_until(
+        lambda: {p["name"]: p["pid"] for p in web_node.node.status()["processes"]}, 10
+    )
+    http_pid = processes["http"]
+    assert post(web_node, body(part10(ct_dataset(generate_uid())))).status_code == 200
+    before = peak_rss_mb(http_pid)
+    big = []
+    for _ in range(2):
+        ds = ct_dataset(generate_uid())
+        ds.Rows = ds.Columns = 8192
+        ds.PixelData = b"\1\0" * (8192 * 8192)
+        big.append(part10(ds))
+    answer = httpx.post(
+        f"{web_node.dicomweb}/studies",
+        content=body(*big),
+        headers={"Content-Type": CONTENT_TYPE, **web_node.auth("modality-web")},
+        timeout=300,
+    )
+    assert answer.status_code == 200, answer.text
+    grown = peak_rss_mb(http_pid) - before
+    assert grown < 64, f"peak RSS grew {grown:.0f} MiB for a 256 MiB body"
+    stored = sorted(web_node.node.storage.rglob("*.dcm"), key=lambda p: p.stat().st_size)
+    assert stored[-1].stat().st_size > 128 << 20
