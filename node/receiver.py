@@ -44,9 +44,12 @@ class Receiver:
     def start(self) -> None:
         self.scp.start(reuse_port=self._reuse_port)
 
-    def stop(self) -> None:
+    def stop(self, close_database: bool = True) -> None:
+        """Stop listening; close the database connections unless the database has turned
+        unwritable (closing the last SQLite connection writes a checkpoint)."""
         self.scp.stop()
-        self.engine.dispose()
+        if close_database:
+            self.engine.dispose()
 
 
 def run_receiver_process(settings: Settings) -> None:

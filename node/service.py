@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -29,7 +30,12 @@ from node.audit import ApplicationEvent, record_quietly
 from node.audit_export import AuditExporter
 from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import HttpSettings, Settings
-from node.db.engine import check_writable, make_engine, make_session_factory
+from node.db.engine import (
+    DatabaseNotWritable,
+    check_writable,
+    make_engine,
+    make_session_factory,
+)
 from node.db.migrate import upgrade
 from node.db.models import utcnow
 from node.dispatch.dispatcher import Dispatcher
@@ -64,6 +70,10 @@ class NodeService:
         self._fetcher: Fetcher | None = None
         self._exporter: AuditExporter | None = None
         self._store: InstanceStore | None = None
+        self.stopping = threading.Event()
+        self.fault: DatabaseNotWritable | None = None
+        """Why the node stopped itself (its database file turned unwritable), if it did."""
+        self._crash_checks: dict[str, tuple[float, float]] = {}
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5}
         )
@@ -126,7 +136,10 @@ class NodeService:
             router.studies_completed(study_tracker.sweep())
 
         interval = settings.completion.check_interval_seconds
-        add = self._scheduler.add_job
+
+        def add(work: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+            self._scheduler.add_job(self._unless_unwritable(work), *args, **kwargs)
+
         add(complete_and_route, "interval", seconds=interval, id="completion")
         add(complete_studies, "interval", seconds=1, id="studies")
         add(
@@ -157,6 +170,35 @@ class NodeService:
             add(exporter.run_due, "interval", seconds=syslog.poll_seconds, id="audit-export")
         if self._children:
             add(self._supervise, "interval", seconds=1, id="supervise")
+        add(self._guard_database, "interval", seconds=1, id="database-guard")
+
+    def _unless_unwritable(self, work: Callable[..., object]) -> Callable[..., None]:
+        """`work`, which stops the node instead of failing when the database has turned
+        unwritable."""
+
+        def run(*args: object) -> None:
+            try:
+                work(*args)
+            except DatabaseNotWritable as exc:
+                self._stop_for(exc)
+
+        return run
+
+    def _stop_for(self, fault: DatabaseNotWritable) -> None:
+        if self.fault is None:
+            log.error("%s: stopping the node before a write fails", fault)
+            self.fault = fault
+            self.stopping.set()
+
+    def _guard_database(self) -> None:
+        """Stop the node, cleanly, as soon as its SQLite files cannot be written (made
+        immutable or read-only): writing through SQLite's shared memory then would kill the
+        process with SIGBUS, mid-association."""
+        assert self._engine is not None
+        try:
+            check_writable(self._engine.url)
+        except DatabaseNotWritable as exc:
+            self._stop_for(exc)
 
     def stop(self) -> None:
         log.info("stopping: refusing new associations")
@@ -171,14 +213,18 @@ class NodeService:
             if process.is_alive():
                 process.terminate()  # SIGTERM: receivers drain, workers finish their job
         if self._receiver is not None:
-            self._receiver.stop()
+            self._receiver.stop(close_database=self.fault is None)
         for process in processes:
             process.join(timeout=self.settings.workers.lease_seconds)
             if process.is_alive():
                 log.error("process %d did not stop; killing it", process.pid)
                 process.kill()
                 process.join()
+        if self.fault is not None:
+            log.info("node stopped; its database is left as it is")
+            return
         if self._engine is not None:
+            self._run_pending_crash_checks()
             record_quietly(self._engine, _operator(), ApplicationEvent(action="stop"))
             if self._exporter is not None:
                 self._exporter.run_due()  # the stop too, while the collector listens
@@ -216,27 +262,37 @@ class NodeService:
             self._children.remove(child)
             self._start_child(child.name, child.target, child.args)
             self._record_processes()
-            if child.name.startswith("receiver"):
+            if child.name.startswith("receiver") or child.name == "http":
                 self._check_after_crash(child)
 
     def _check_after_crash(self, child: _Child) -> None:
         """Re-record, once the other receivers' commits are surely done, the files the
-        crashed receiver wrote but did not record (never acknowledged, but whole)."""
-        assert self._receiver is not None and self._store is not None and self._engine
-        crashed_at = time.time()
+        crashed receiver or HTTP server wrote but did not record (never acknowledged, but
+        whole); a stop before then runs the check at once."""
+        check_id = f"crash-check-{child.process.pid}"
+        self._crash_checks[check_id] = (child.started_at, time.time())
         self._scheduler.add_job(
-            rerecord_unrecorded,
+            self._run_crash_check,
             "date",
-            run_date=datetime.fromtimestamp(crashed_at + CRASH_CHECK_DELAY_SECONDS, UTC),
-            args=(
-                self._engine,
-                self._store,
-                self._receiver.catalog,
-                self.settings.node.ae_title,
-                (child.started_at, crashed_at),
-            ),
-            id=f"crash-check-{child.process.pid}",
+            run_date=datetime.fromtimestamp(time.time() + CRASH_CHECK_DELAY_SECONDS, UTC),
+            args=(check_id,),
+            id=check_id,
         )
+
+    def _run_crash_check(self, check_id: str) -> None:
+        assert self._receiver is not None and self._store is not None and self._engine
+        window = self._crash_checks.pop(check_id, None)
+        if window is None:
+            return
+        rerecord_unrecorded(
+            self._engine, self._store, self._receiver.catalog, self.settings.node.ae_title, window
+        )
+
+    def _run_pending_crash_checks(self) -> None:
+        """At a stop, the crash checks still waiting: every child has stopped, so every
+        commit they would wait for is done."""
+        for check_id in list(self._crash_checks):
+            self._run_crash_check(check_id)
 
     def _record_processes(self) -> None:
         processes = {"main": os.getpid()}
@@ -286,19 +342,24 @@ def serve(settings: Settings) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT."""
     os.umask(PRIVATE_UMASK)  # inherited by the receiver and worker processes
     service = NodeService(settings)
-    stopping = threading.Event()
 
     def _request_stop(signum: int, _frame: object) -> None:
         log.info("received %s", signal.Signals(signum).name)
-        stopping.set()
+        service.stopping.set()
 
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
     service.start()
     try:
-        wait_for_stop(stopping)
+        wait_for_stop(service.stopping)
     finally:
         service.stop()
+    if service.fault is not None:
+        # Not a return: finalizers would close SQLite connections, and closing the last one
+        # writes a checkpoint through the shared memory that now faults.
+        log.error("stopped: %s", service.fault)
+        logging.shutdown()
+        os._exit(1)
 
 
 def _operator() -> str:

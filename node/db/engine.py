@@ -51,20 +51,20 @@ class DatabaseNotWritable(OSError):
 
 def check_writable(url: URL) -> None:
     """Raise DatabaseNotWritable when a SQLite database file (or its WAL or shared-memory
-    file) cannot be opened for writing, e.g. made immutable: written to, its shared memory
-    would kill the process with SIGBUS."""
+    file) cannot be written, e.g. made immutable: written to, its shared memory would kill
+    the process with SIGBUS.
+
+    Asked with access(2), never by opening the file: closing any descriptor of a file drops
+    every POSIX lock this process holds on it, SQLite's included, and another process could
+    then write beside a transaction of ours (a corrupt database)."""
     database = sqlite_file(url)
     if database is None:
         return
     for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
-        if not path.exists():
-            continue
-        try:
-            os.close(os.open(path, os.O_RDWR))
-        except OSError as exc:
+        if path.exists() and not os.access(path, os.W_OK):
             raise DatabaseNotWritable(
-                f"{path} cannot be opened for writing: {exc.strerror} (immutable or read-only?)"
-            ) from exc
+                f"{path} cannot be opened for writing (immutable or read-only?)"
+            )
 
 
 def sqlite_file(url: URL) -> Path | None:
@@ -75,8 +75,12 @@ def sqlite_file(url: URL) -> Path | None:
 
 
 def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> None:
+    database = sqlite_file(engine.url)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        if database is not None:
+            check_writable(engine.url)  # before SQLite maps its shared memory (see checkout)
         # Let SQLAlchemy's "begin" event open transactions itself (pysqlite defers BEGIN).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -85,6 +89,16 @@ def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> 
         cursor.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+
+    if database is not None:
+
+        @event.listens_for(engine, "checkout")
+        def _on_checkout(*_: object) -> None:
+            # SQLite reaches its shared memory through a map: once its files are immutable
+            # or read-only, the next statement may fault (SIGBUS, mid-association). A
+            # connection is handed out only while they can be written; else the caller
+            # gets DatabaseNotWritable, an error it can answer.
+            check_writable(engine.url)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:

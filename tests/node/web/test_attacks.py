@@ -319,3 +319,43 @@ def test_stow_memory_does_not_grow_with_the_body(web_node: WebNode) -> None:
     assert grown < 64, f"peak RSS grew {grown:.0f} MiB for a 256 MiB body"
     stored = sorted(web_node.node.storage.rglob("*.dcm"), key=lambda p: p.stat().st_size)
     assert stored[-1].stat().st_size > 128 << 20
+
+
+@pytest.mark.slow
+def test_an_http_process_killed_mid_stow_leaves_no_orphan(web_node: WebNode) -> None:
+    """Finding 15: SIGKILL the HTTP process while a STOW-RS request streams in, then stop the
+    node at once (before the crash check's delay): every file in the store has its row, and
+    nothing is left in the spool folder."""
+    import os
+    import signal
+    import sqlite3
+    import threading
+
+    processes = wait_until(
+        lambda: {p["name"]: p["pid"] for p in web_node.node.status()["processes"]}, 10
+    )
+    study = generate_uid()
+    parts = [part10(ct_dataset(generate_uid(), study)) for _ in range(400)]
+
+    def send() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(
+                f"{web_node.dicomweb}/studies",
+                content=body(*parts),
+                headers={"Content-Type": CONTENT_TYPE, **web_node.auth("modality-web")},
+                timeout=60,
+            )
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    wait_until(lambda: list(web_node.node.storage.rglob("*.dcm")), 20)
+    os.kill(processes["http"], signal.SIGKILL)
+    sender.join()
+    wait_until(lambda: "http process" in web_node.node.log(), 10)
+    assert web_node.node.stop() == 0
+    files = {p.stem for p in web_node.node.storage.rglob("*.dcm")}
+    database = web_node.node.settings["database"]["url"].removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        rows = {uid for (uid,) in conn.execute("SELECT sop_instance_uid FROM instances")}
+    assert files == rows
+    assert list((web_node.node.storage / ".incoming").iterdir()) == []
