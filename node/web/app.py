@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
@@ -20,7 +21,7 @@ from node.ingest.intake import Intake
 from node.logs import Throttle
 from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.storage import InstanceStore
-from node.web import api, dashboard, docs, health, metrics, qido, rules, stow, wado
+from node.web import api, capabilities, dashboard, docs, health, metrics, qido, rules, stow, wado
 from node.web.auth import Authenticator
 from node.web.context import WebContext
 from node.web.protect import HostCheck, security_headers
@@ -43,7 +44,7 @@ def build_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     app.state.web = WebContext(settings, engine, store, intake, Authenticator(settings.http.auth))
-    for router in (stow.router, qido.router, wado.router):
+    for router in (capabilities.router, stow.router, qido.router, wado.router):
         app.include_router(router, prefix="/dicom-web")
     app.include_router(api.router)
     app.include_router(rules.router)
@@ -53,6 +54,15 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(docs.router)
     app.state.hosts = HostCheck(settings.http)
     app.middleware("http")(_answer_and_log)
+    app.add_middleware(  # JSON and XML only: DICOM files and images are compressed already
+        GZipMiddleware,
+        minimum_size=1024,
+        compresslevel=5,
+        exclude_content_types=(
+            "multipart/related", "application/dicom", "application/octet-stream", "image/jpeg",
+            "image/png", "text/event-stream",
+        ),
+    )  # fmt: skip
     if settings.http.cors_origins:  # outermost: refusals carry the CORS headers too
         app.add_middleware(
             CORSMiddleware,

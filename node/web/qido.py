@@ -25,6 +25,7 @@ from node.config import Role
 from node.db.models import Instance, Series, Study
 from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response
+from node.web.multipart import media_type
 
 router = APIRouter(dependencies=[Depends(requires(Role.READER))])
 
@@ -127,6 +128,7 @@ def search_instances(
 def _search(
     request: Request, context: WebContext, level: str, fixed: dict[str, str | None]
 ) -> Response:
+    _check_accept(request.headers.get("accept"))
     keys = {**STUDY_KEYS}
     if level in ("series", "instance"):
         keys.update(SERIES_KEYS)
@@ -149,6 +151,18 @@ def _search(
         names = ", ".join(sorted(ignored))
         response.headers["Warning"] = f'299 ainode "not matched (unsupported keys): {names}"'
     return response
+
+
+JSON_TYPES = frozenset({"application/dicom+json", "application/json", "application/*", "*/*"})
+
+
+def _check_accept(accept: str | None) -> None:
+    """406 unless the client takes DICOM JSON (the node answers in no other form)."""
+    if not accept:
+        return
+    kinds = {media_type(entry)[0] for entry in accept.split(",") if entry.strip()}
+    if kinds.isdisjoint(JSON_TYPES):
+        raise HTTPException(406, detail="QIDO-RS answers in application/dicom+json only")
 
 
 def _criteria(request: Request, keys: dict[str, Key]) -> tuple[list[ColumnElement[bool]], set[str]]:

@@ -8,9 +8,11 @@ Files are streamed from disk in chunks: a series costs the memory of one chunk, 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterator
+from email.utils import formatdate
 from io import BytesIO
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,15 +21,22 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from pydicom import Dataset, dcmread
+from pydicom.encaps import get_frame
 from pydicom.pixels.utils import pack_bits, pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     JPEGLSNearLossless,
+    RLELossless,
 )
 from sqlalchemy import select
 
@@ -54,6 +63,17 @@ ALWAYS_LOSSY = {
 }
 """Syntaxes whose pixels are never lossless, and the method their decoded pixels are marked
 with; JPEG 2000 and the rest may be either, and their files say which."""
+STORED_FRAME_TYPES = {
+    **dict.fromkeys(
+        (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1), "image/jpeg"
+    ),
+    **dict.fromkeys((JPEGLSLossless, JPEGLSNearLossless), "image/jls"),
+    **dict.fromkeys((JPEG2000Lossless, JPEG2000), "image/jp2"),
+    RLELossless: "image/x-dicom-rle",
+}
+"""The media type of a frame served as stored, by the stored transfer syntax (PS3.18
+Table 8.7.3-2)."""
+NATIVE_SYNTAX = ExplicitVRLittleEndian
 NATIVE = f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
 
 
@@ -107,6 +127,9 @@ Found = Annotated[list[Stored], Depends(_stored)]
 @router.get("/studies/{study}/series/{series}/instances/{instance}", response_class=Response)
 def retrieve(request: Request, found: Found) -> Response:
     target = _wanted_syntax(request.headers.get("accept"))
+    unchanged, validators = _validators(request, found, f"instances {target}")
+    if unchanged is not None:
+        return unchanged
     writer = MultipartWriter("application/dicom")
 
     def parts() -> Iterator[tuple[str, Iterator[bytes]]]:
@@ -114,7 +137,9 @@ def retrieve(request: Request, found: Found) -> Response:
             syntax = item.transfer_syntax if target is None else target
             yield f"application/dicom; transfer-syntax={syntax}", _instance_bytes(item, target)
 
-    return StreamingResponse(writer.frame(parts()), media_type=writer.content_type())
+    return StreamingResponse(
+        writer.frame(parts()), media_type=writer.content_type(), headers=validators
+    )
 
 
 @router.get("/studies/{study}/metadata", response_class=Response)
@@ -124,23 +149,45 @@ def retrieve(request: Request, found: Found) -> Response:
 )
 def metadata(request: Request, found: Found, context: Context) -> Response:
     base = context.base_url(request)
-    return dicom_json_response(_metadata(item, base) for item in found)
+    unchanged, validators = _validators(request, found, f"metadata {base}")
+    if unchanged is not None:
+        return unchanged
+    response = dicom_json_response(_metadata(item, base) for item in found)
+    response.headers.update(validators)
+    return response
 
 
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
     response_class=Response,
 )
-def frames(frames: str, found: Found) -> Response:
+def frames(request: Request, frames: str, found: Found) -> Response:
     numbers = _frame_numbers(frames)
-    path = found[0].path
-    header = dcmread(path, stop_before_pixels=True)
+    item = found[0]
+    header = dcmread(item.path, stop_before_pixels=True)
     count = int(header.get("NumberOfFrames") or 1)
     if "Rows" not in header or any(n < 1 or n > count for n in numbers):
         raise HTTPException(404, detail=f"the instance has {count} frames")
-    writer = MultipartWriter(NATIVE)
-    parts = ((NATIVE, iter([_frame(path, header, n - 1)])) for n in numbers)
-    return StreamingResponse(writer.frame(parts), media_type=writer.content_type())
+    as_stored = _frames_as_stored(request.headers.get("accept"), item.transfer_syntax)
+    unchanged, validators = _validators(request, found, f"frames {frames} {as_stored}")
+    if unchanged is not None:
+        return unchanged
+    if as_stored:
+        part_type = (
+            f"{STORED_FRAME_TYPES[item.transfer_syntax]}; transfer-syntax={item.transfer_syntax}"
+        )
+        dataset = dcmread(item.path)
+        parts = (
+            (part_type, iter([get_frame(dataset.PixelData, n - 1, number_of_frames=count)]))
+            for n in numbers
+        )
+    else:
+        part_type = NATIVE
+        parts = ((NATIVE, iter([_frame(item.path, header, n - 1)])) for n in numbers)
+    writer = MultipartWriter(part_type)
+    return StreamingResponse(
+        writer.frame(parts), media_type=writer.content_type(), headers=validators
+    )
 
 
 @router.get(
@@ -162,6 +209,46 @@ def bulkdata(tag: str, found: Found) -> Response:
     writer = MultipartWriter("application/octet-stream")
     parts = [("application/octet-stream", iter([value]))]
     return StreamingResponse(writer.frame(parts), media_type=writer.content_type())
+
+
+def _frames_as_stored(accept: str | None, stored: UID) -> bool:
+    """Whether frames go as stored (False: decoded, native): the first Accept entry that
+    can be served decides (PS3.18 8.7.4); 406 when none can."""
+    stored_type = STORED_FRAME_TYPES.get(stored)
+    for entry in [e.strip() for e in (accept or "").split(",") if e.strip()] or ["*/*"]:
+        kind, params = media_type(entry)
+        wanted = params.get("type", "application/octet-stream").lower()
+        if kind != "multipart/related":
+            wanted = kind  # a bare part type, as some clients send
+        syntax = params.get("transfer-syntax")
+        native = wanted in ("application/octet-stream", "*/*", "*")
+        if native and syntax in (None, "*", NATIVE_SYNTAX):
+            return False
+        if wanted == stored_type and syntax in (None, "*", stored):
+            return True
+    offered = "application/octet-stream" + (f" or {stored_type} ({stored})" if stored_type else "")
+    raise HTTPException(406, detail=f"the frames of this instance are served as {offered}")
+
+
+def _validators(
+    request: Request, found: list[Stored], variant: str
+) -> tuple[Response | None, dict[str, str]]:
+    """The ETag and Last-Modified of what `found` serves as `variant` (the files' sizes and
+    times, and the representation asked for); with them, a 304 when the client's copy is
+    current (If-None-Match), else None."""
+    stats = [item.path.stat() for item in found]
+    digest = hashlib.sha256(variant.encode())
+    for item, stat in zip(found, stats, strict=True):
+        digest.update(f"{item.sop_instance_uid} {stat.st_size} {stat.st_mtime_ns}".encode())
+    etag = f'W/"{digest.hexdigest()[:32]}"'
+    headers = {
+        "ETag": etag,
+        "Last-Modified": formatdate(max(s.st_mtime for s in stats), usegmt=True),
+    }
+    wanted = {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}
+    if etag in wanted or "*" in wanted:
+        return Response(status_code=304, headers=headers), headers
+    return None, headers
 
 
 def _frame_numbers(text: str) -> list[int]:

@@ -359,3 +359,52 @@ def test_an_http_process_killed_mid_stow_leaves_no_orphan(web_node: WebNode) -> 
         rows = {uid for (uid,) in conn.execute("SELECT sop_instance_uid FROM instances")}
     assert files == rows
     assert list((web_node.node.storage / ".incoming").iterdir()) == []
+
+
+def test_clients_get_what_they_ask_for_or_406(web_node: WebNode, tmp_path: Path) -> None:
+    """Finding 17: frames as stored when the stored image type is asked for, decoded when
+    octet-stream is, 406 for what cannot be served; QIDO answers DICOM JSON or 406."""
+    from tests.node.web.test_qido_wado import jpeg_baseline_ct
+
+    ds = jpeg_baseline_ct(tmp_path)
+    assert post(web_node, body(part10(ds))).status_code == 200
+    reader = web_node.auth("viewer")
+    url = f"{instance_url(web_node, ds)}/frames/1"
+    jpeg = httpx.get(url, headers={**reader, "Accept": 'multipart/related; type="image/jpeg"'})
+    assert jpeg.status_code == 200
+    assert 'type="image/jpeg"' in jpeg.headers["content-type"]
+    assert b"\xff\xd8" in jpeg.content and b"transfer-syntax=1.2.840.10008.1.2.4.50" in jpeg.content
+    native = httpx.get(url, headers=reader)
+    assert (
+        native.status_code == 200 and "application/octet-stream" in native.headers["content-type"]
+    )
+    for refused in ('multipart/related; type="image/jls"', "image/png"):
+        assert httpx.get(url, headers={**reader, "Accept": refused}).status_code == 406, refused
+    qido = f"{web_node.dicomweb}/studies"
+    assert httpx.get(qido, headers={**reader, "Accept": "application/dicom+xml"}).status_code == 406
+    assert httpx.get(qido, headers={**reader, "Accept": "application/json"}).status_code == 200
+
+
+def test_conditional_and_compressed_answers_and_capabilities(web_node: WebNode, stored) -> None:
+    """Finding 20: ETag and Last-Modified on retrievals (304 when unchanged), gzip for JSON,
+    and OPTIONS /dicom-web describing the service."""
+    reader = web_node.auth("viewer")
+    url = f"{instance_url(web_node, stored)}/metadata"
+    first = httpx.get(url, headers=reader)
+    etag = first.headers["ETag"]
+    assert first.headers["Last-Modified"]
+    again = httpx.get(url, headers={**reader, "If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b""
+    instance = httpx.get(instance_url(web_node, stored), headers=reader)
+    assert instance.headers["ETag"] != etag  # another representation, another tag
+    for _ in range(40):
+        post(web_node, body(part10(ct_dataset(generate_uid(), stored.StudyInstanceUID))))
+    metadata = httpx.get(
+        f"{web_node.dicomweb}/studies/{stored.StudyInstanceUID}/metadata",
+        headers={**reader, "Accept-Encoding": "gzip"},
+    )
+    assert metadata.headers["Content-Encoding"] == "gzip"
+    assert len(metadata.json()) == 41
+    described = httpx.options(web_node.dicomweb)
+    assert described.status_code == 200 and "GET" in described.headers["Allow"]
+    assert "/studies/{study}/metadata" in described.json()["resources"]
