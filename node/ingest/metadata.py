@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
 SOP_CLASS_UID, SOP_INSTANCE_UID, INSTANCE_NUMBER = 0x00080016, 0x00080018, 0x00200013
-ROWS = 0x00280010
+NUMBER_OF_FRAMES, ROWS, COLUMNS, BITS_ALLOCATED = 0x00280008, 0x00280010, 0x00280011, 0x00280100
+BINARY_US = frozenset({ROWS, COLUMNS, BITS_ALLOCATED})
+"""Hot tags whose raw values are little-endian unsigned shorts, not text."""
 FIRST_PIXEL_DATA_TAG = 0x7FE00008
 """Float Pixel Data; Double Float (7FE0,0009) and Pixel Data (7FE0,0010) follow it."""
 
@@ -41,8 +43,13 @@ HOT_TAGS = (
     SOP_CLASS_UID,
     SOP_INSTANCE_UID,
     INSTANCE_NUMBER,
+    NUMBER_OF_FRAMES,
+    ROWS,
+    COLUMNS,
+    BITS_ALLOCATED,
 )
-"""What the catalog reads of every instance; the rest only when a series is created."""
+"""What the catalog reads of every instance (QIDO-RS answers the image's size at instance
+level); the rest only when a series is created."""
 
 
 STUDY_KEYWORDS = {
@@ -73,18 +80,28 @@ class InstanceMetadata:
     sop_class_uid: str
     instance_number: int | None
     load_dataset: Callable[[], Dataset] = field(repr=False, compare=False)
+    rows: int | None = None
+    columns: int | None = None
+    bits_allocated: int | None = None
+    number_of_frames: int | None = None
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceMetadata:
         """Read the metadata of `ds`; raises InvalidUID for a UID that cannot be stored."""
-        return cls.from_values({tag: _raw_text(ds, tag) for tag in HOT_TAGS}, lambda: ds)
+        texts = {
+            tag: _number(ds, tag) if tag in BINARY_US else _raw_text(ds, tag) for tag in HOT_TAGS
+        }
+        return cls.from_values(texts, lambda: ds)
 
     @classmethod
     def from_raw(
         cls, values: Mapping[int, bytes], load_dataset: Callable[[], Dataset]
     ) -> InstanceMetadata:
         """From the raw values of `HOT_TAGS` (those absent from the dataset left out)."""
-        texts = {tag: _ascii(value) for tag, value in values.items()}
+        texts = {
+            tag: _unsigned_short(value) if tag in BINARY_US else _ascii(value)
+            for tag, value in values.items()
+        }
         return cls.from_values(texts, load_dataset)
 
     @classmethod
@@ -101,6 +118,10 @@ class InstanceMetadata:
             sop_class_uid=texts.get(SOP_CLASS_UID) or "",
             instance_number=_as_int(texts.get(INSTANCE_NUMBER)),
             load_dataset=load_dataset,
+            rows=_as_int(texts.get(ROWS)),
+            columns=_as_int(texts.get(COLUMNS)),
+            bits_allocated=_as_int(texts.get(BITS_ALLOCATED)),
+            number_of_frames=_as_int(texts.get(NUMBER_OF_FRAMES)),
         )
 
     @cached_property
@@ -232,6 +253,19 @@ def _raw_text(ds: Dataset, tag: int) -> str | None:
     if isinstance(value, bytes):
         return _ascii(value)
     return None if value is None else str(value).strip("\0 ")
+
+
+def _number(ds: Dataset, tag: int) -> str | None:
+    """A binary value, converted by pydicom in the dataset's byte order."""
+    try:
+        value = ds[tag].value if tag in ds else None
+    except Exception:  # pydicom raises many types on malformed values
+        return None
+    return str(value) if isinstance(value, int) else None
+
+
+def _unsigned_short(value: bytes) -> str | None:
+    return str(int.from_bytes(value, "little")) if len(value) == 2 else None
 
 
 def _ascii(value: bytes) -> str:

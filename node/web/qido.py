@@ -99,6 +99,29 @@ INSTANCE_ATTRIBUTES = (
     ("SOPClassUID", Instance.sop_class_uid),
     ("InstanceNumber", Instance.instance_number),
 )
+IMAGE_ATTRIBUTES = (
+    ("Rows", Instance.rows),
+    ("Columns", Instance.columns),
+    ("BitsAllocated", Instance.bits_allocated),
+    ("NumberOfFrames", Instance.number_of_frames),
+)
+RETURNED = {
+    "study": {
+        *(k for k, _ in STUDY_ATTRIBUTES),
+        "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+        "RetrieveURL",
+    },
+    "series": {
+        *(k for k, _ in SERIES_ATTRIBUTES), "StudyInstanceUID",
+        "NumberOfSeriesRelatedInstances", "RetrieveURL",
+    },
+    "instance": {
+        *(k for k, _ in INSTANCE_ATTRIBUTES), *(k for k, _ in IMAGE_ATTRIBUTES),
+        "StudyInstanceUID", "SeriesInstanceUID", "Modality", "InstanceAvailability",
+        "RetrieveURL",
+    },
+}  # fmt: skip
+"""What each level answers, whatever `includefield` asks (the catalog keeps no more)."""
 
 
 @router.get("/studies", response_class=Response)
@@ -147,10 +170,28 @@ def _search(
             for row, ds in zip(rows, datasets, strict=True):
                 ds.ModalitiesInStudy = in_study.get(row.id, [])
     response = dicom_json_response(datasets)
+    warnings = []
     if ignored:
-        names = ", ".join(sorted(ignored))
-        response.headers["Warning"] = f'299 ainode "not matched (unsupported keys): {names}"'
+        warnings.append(f"not matched (unsupported keys): {', '.join(sorted(ignored))}")
+    absent = _not_returned(request, level)
+    if absent:
+        warnings.append(f"includefield not kept by this node: {', '.join(sorted(absent))}")
+    if request.query_params.get("fuzzymatching", "").lower() == "true":
+        warnings.append("fuzzymatching is not supported: names were matched as given")
+    if warnings:
+        response.headers["Warning"] = ", ".join(f'299 ainode "{text}"' for text in warnings)
     return response
+
+
+def _not_returned(request: Request, level: str) -> set[str]:
+    """The attributes `includefield` names that this level does not answer."""
+    asked = {
+        name.strip()
+        for value in request.query_params.getlist("includefield")
+        for name in value.split(",")
+        if name.strip() and name.strip().lower() != "all"
+    }
+    return {name for name in asked if _keyword(name) not in RETURNED[level]}
 
 
 JSON_TYPES = frozenset({"application/dicom+json", "application/json", "application/*", "*/*"})
@@ -338,6 +379,7 @@ def _instance_query(
             Series.series_instance_uid,
             Series.modality,
             *(column for _, column in INSTANCE_ATTRIBUTES),
+            *(column for _, column in IMAGE_ATTRIBUTES),
         )
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
@@ -350,6 +392,10 @@ def _instance_query(
         ds.StudyInstanceUID = row.study_instance_uid
         ds.SeriesInstanceUID = row.series_instance_uid
         ds.Modality = row.modality
+        ds.InstanceAvailability = "ONLINE"
+        for keyword, column in IMAGE_ATTRIBUTES:  # unknown for rows received before 0015
+            if (value := getattr(row, column.key)) is not None:
+                setattr(ds, keyword, value)
         ds.RetrieveURL = retrieve_url(
             base, row.study_instance_uid, row.series_instance_uid, ds.SOPInstanceUID
         )

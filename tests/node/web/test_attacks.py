@@ -408,3 +408,24 @@ def test_conditional_and_compressed_answers_and_capabilities(web_node: WebNode, 
     described = httpx.options(web_node.dicomweb)
     assert described.status_code == 200 and "GET" in described.headers["Allow"]
     assert "/studies/{study}/metadata" in described.json()["resources"]
+
+
+def test_qido_says_what_it_cannot_do_and_answers_the_image_size(web_node: WebNode, stored) -> None:
+    """Finding 18: instance level answers Rows, Columns, BitsAllocated, NumberOfFrames (when
+    present) and InstanceAvailability; includefield beyond what the node keeps and
+    fuzzymatching=true get a Warning instead of silence."""
+    reader = web_node.auth("viewer")
+    url = f"{web_node.dicomweb}/studies/{stored.StudyInstanceUID}/instances"
+    (found,) = httpx.get(url, headers=reader).json()
+    instance = pydicom.Dataset.from_json(found)
+    assert (instance.Rows, instance.Columns, instance.BitsAllocated) == (2, 2, 16)
+    assert "NumberOfFrames" not in instance  # the phantom has none
+    assert instance.InstanceAvailability == "ONLINE"
+    warned = httpx.get(
+        f"{url}?includefield=Rows,PatientAge&includefield=00101010&fuzzymatching=true",
+        headers=reader,
+    )
+    warning = warned.headers["Warning"]
+    assert "PatientAge" in warning and "00101010" in warning and "Rows" not in warning
+    assert "fuzzymatching is not supported" in warning
+    assert "Warning" not in httpx.get(f"{url}?includefield=all", headers=reader).headers
