@@ -37,8 +37,14 @@ def dcm(value: str, meaning: str) -> Code:
     return Code(value, "DCM", meaning)
 
 
+PRIVATE_SCHEME = "99AINODE"
+PRIVATE_SCHEME_NAME = "ainode private codes"
+"""Declared in every object that uses it (Coding Scheme Identification Sequence) and in the
+conformance statement."""
+
+
 def private(value: str, meaning: str) -> Code:
-    return Code(value, "99AINODE", meaning)
+    return Code(value, PRIVATE_SCHEME, meaning)
 
 
 # Segment categories (CID 7150)

@@ -128,3 +128,15 @@ def test_highdicom_still_needs_the_measurement_report_helper() -> None:
     context = hd.sr.ObservationContext()
     with pytest.raises(ValueError, match="at least one item"):
         hd.sr.MeasurementReport(context, codes.CT_CHEST.as_dicom(), imaging_measurements=[])
+
+
+def test_the_private_coding_scheme_is_declared_where_it_is_used(encoded) -> None:
+    """Issue 25's 19: the SR names 99AINODE in its Coding Scheme Identification Sequence
+    (PS3.3 C.12.1.1.2); an object that uses no private code declares none."""
+    _, _, _, seg, sr = encoded
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert (scheme.CodingSchemeDesignator, scheme.CodingSchemeName) == (
+        "99AINODE",
+        "ainode private codes",
+    )
+    assert "CodingSchemeIdentificationSequence" not in seg
