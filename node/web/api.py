@@ -193,14 +193,20 @@ class FetchRequest(BaseModel):
 def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
     """Queue a fetch; the node runs it (its state: `GET /api/v1/fetches`)."""
     if context.settings.source(request.source) is None:
-        raise HTTPException(422, detail=f"unknown source {request.source!r}")
+        raise _invalid("source", f"unknown source {request.source!r}")
     try:
         query = FetchQuery(**request.model_dump(exclude={"source"}))
     except ValidationError as exc:
-        raise HTTPException(422, detail="give one of study, accession or patient_id") from exc
+        raise _invalid("study", "give one of study, accession or patient_id") from exc
     max_attempts = context.settings.dispatch.max_attempts
     fetch_id = enqueue(context.engine, request.source, query, max_attempts)
     return _done(context, principal, Action.QUEUE_FETCH, fetch_id, None, WorkState.QUEUED)
+
+
+def _invalid(field: str, message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own (the schema every client reads for a 422)."""
+    problem = {"loc": ["body", field], "msg": message, "type": "value_error"}
+    return HTTPException(422, detail=[problem])
 
 
 def _state(context: WebContext, table: type[Job] | type[Dispatch], row_id: int) -> WorkState:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Depends, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -22,7 +23,12 @@ from node.web.context import Context, WebContext, requires
 router = APIRouter()
 
 
-@router.get("/metrics", dependencies=[Depends(requires(Role.READER))])
+@router.get(
+    "/metrics",
+    dependencies=[Depends(requires(Role.READER))],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
+)
 async def metrics(context: Context) -> Response:
     body = await run_in_threadpool(_scrape, context)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -23,6 +23,7 @@ from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from node.config import Role
 from node.db.models import Instance, Series, Study
+from node.logs import escaped
 from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response
 from node.web.multipart import media_type
@@ -179,8 +180,15 @@ def _search(
     if request.query_params.get("fuzzymatching", "").lower() == "true":
         warnings.append("fuzzymatching is not supported: names were matched as given")
     if warnings:
-        response.headers["Warning"] = ", ".join(f'299 ainode "{text}"' for text in warnings)
+        response.headers["Warning"] = ", ".join(f'299 ainode "{_quotable(t)}"' for t in warnings)
     return response
+
+
+def _quotable(text: str) -> str:
+    """`text` fit for a quoted string in a header: ASCII, no control characters, quotes
+    escaped (the names in it are the client's, whatever it sent)."""
+    ascii_text = escaped(text).encode("ascii", "backslashreplace").decode("ascii")
+    return ascii_text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _not_returned(request: Request, level: str) -> set[str]:
