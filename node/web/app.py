@@ -21,7 +21,19 @@ from node.ingest.intake import Intake
 from node.logs import Throttle
 from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.storage import InstanceStore
-from node.web import api, capabilities, dashboard, docs, health, metrics, qido, rules, stow, wado
+from node.web import (
+    api,
+    capabilities,
+    dashboard,
+    docs,
+    health,
+    metrics,
+    qido,
+    rendered,
+    rules,
+    stow,
+    wado,
+)
 from node.web.auth import Authenticator
 from node.web.context import WebContext
 from node.web.protect import HostCheck, security_headers
@@ -44,7 +56,7 @@ def build_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     app.state.web = WebContext(settings, engine, store, intake, Authenticator(settings.http.auth))
-    for router in (capabilities.router, stow.router, qido.router, wado.router):
+    for router in (capabilities.router, stow.router, qido.router, wado.router, rendered.router):
         app.include_router(router, prefix="/dicom-web")
     app.include_router(api.router)
     app.include_router(rules.router)

@@ -429,3 +429,43 @@ def test_qido_says_what_it_cannot_do_and_answers_the_image_size(web_node: WebNod
     assert "PatientAge" in warning and "00101010" in warning and "Rows" not in warning
     assert "fuzzymatching is not supported" in warning
     assert "Warning" not in httpx.get(f"{url}?includefield=all", headers=reader).headers
+
+
+def test_rendered_images_and_thumbnails(web_node: WebNode, real_series) -> None:
+    """Finding 20: a real CT slice rendered as JPEG in its own window, as PNG in a lung
+    window, scaled into a viewport; thumbnails of the study, series and instance; bad
+    parameters 400, unservable types 406."""
+    import io
+
+    from PIL import Image
+
+    from tests.peers import storescu
+
+    files = real_series["covid"][:3]
+    storescu(web_node.node.port, files)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    reader = web_node.auth("viewer")
+    url = instance_url(web_node, first)
+    jpeg = httpx.get(f"{url}/rendered", headers=reader)
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+    picture = Image.open(io.BytesIO(jpeg.content))
+    assert picture.size == (first.Columns, first.Rows)
+    assert sum(picture.getextrema()) > 0 and picture.getextrema()[1] > 128  # not blank
+    lung = httpx.get(
+        f"{url}/frames/1/rendered?window=-600,1500&viewport=256,256",
+        headers={**reader, "Accept": "image/png"},
+    )
+    assert lung.status_code == 200 and lung.headers["content-type"] == "image/png"
+    assert max(Image.open(io.BytesIO(lung.content)).size) == 256
+    study = f"{web_node.dicomweb}/studies/{first.StudyInstanceUID}"
+    for thumb in (f"{study}/thumbnail", f"{study}/series/{first.SeriesInstanceUID}/thumbnail",
+                  f"{url}/thumbnail"):  # fmt: skip
+        answer = httpx.get(thumb, headers=reader)
+        assert answer.status_code == 200, thumb
+        assert max(Image.open(io.BytesIO(answer.content)).size) == 128
+    for query in ("window=abc", "window=40,-5", "viewport=99999,1", "quality=0"):
+        assert httpx.get(f"{url}/rendered?{query}", headers=reader).status_code in (400, 422)
+    assert httpx.get(f"{url}/frames/2/rendered", headers=reader).status_code == 404
+    refused = httpx.get(f"{url}/rendered", headers={**reader, "Accept": "image/gif"})
+    assert refused.status_code == 406
+    assert httpx.get(f"{url}/rendered").status_code == 401
