@@ -77,7 +77,16 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
         node = NodeProcess(home, port or free_port(), node_settings(home, 0, url, **overrides))
         node.settings["node"]["port"] = node.port
         started.append(node)
-        return node.start()
+        for attempt in range(3):
+            try:
+                return node.start()
+            except RuntimeError as exc:  # a port taken since it was drawn: draw again
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                node.port = node.settings["node"]["port"] = free_port()
+                if node.settings.get("http"):
+                    node.settings["http"]["port"] = free_port()
+        raise AssertionError("unreachable")
 
     yield start
     for node in started:

@@ -6,6 +6,7 @@ to OHIF pointed straight at it."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from tests.conftest import serve_ohif
 from tests.e2e.test_results_to_pacs import results_in, viewer_shot
+from tests.node.web.conftest import WebNode, http_settings
 from tests.peers import OrthancServer, free_port, storescu, wait_until
 
 RULES = """
@@ -61,6 +63,8 @@ def test_orthanc_pushes_by_stow_and_the_node_serves_the_study_with_its_results(
                 ],
                 "anonymous": ["reader"],  # OHIF below reads without a login
             },
+            # ohif-up's nginx forwards with its upstream's name as Host, as a proxy does
+            "allowed_hosts": ["ohif_dicomweb"],
         },
         dicomweb={"orthanc-web": {"url": orthanc.dicomweb_url}},
     )
@@ -95,3 +99,36 @@ def test_orthanc_pushes_by_stow_and_the_node_serves_the_study_with_its_results(
         viewer_shot(ohif, study_uid, shots / "node-seg.png", "--seg", "--slice", "40")
         console = viewer_shot(ohif, study_uid, shots / "node-sr.png", "--sr")
     assert "No spatial coordinates" not in console
+
+
+@pytest.mark.slow
+def test_orthanc_retrieves_a_compressed_study_from_the_node_with_every_uid_kept(
+    start_node, orthanc: OrthancServer, real_series
+) -> None:
+    """Issue 25's first finding, with a real client: Orthanc's DICOMweb plugin pulls a JPEG
+    Lossless study from the node by WADO-RS; every SOP Instance UID it then holds is one the
+    scanner sent, and the pixels are the same."""
+    port = free_port()
+    node = start_node(http=http_settings(port), workers={"count": 0})
+    web = WebNode(node)
+    files = real_series["covid"][:12]
+    storescu(web.node.port, files)
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    put(
+        orthanc,
+        "/dicom-web/servers/ainode",
+        {"Url": web.dicomweb, "HttpHeaders": web.auth("viewer")},
+    )
+    orthanc.post("/dicom-web/servers/ainode/retrieve", {"Resources": [{"Study": study}]})
+    held = wait_until(lambda: len(orthanc.get("/instances")) == len(files) and orthanc, 60)
+    uids = {}
+    for instance in held.get("/instances"):
+        tags = held.get(f"/instances/{instance}/simplified-tags")
+        uids[tags["SOPInstanceUID"]] = instance
+    assert set(uids) == set(sent)
+    for uid, instance in list(uids.items())[:3]:
+        request = urllib.request.Request(f"{held.url}/instances/{instance}/file")
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            pulled = pydicom.dcmread(io.BytesIO(answer.read()))
+        assert (pulled.pixel_array == pydicom.dcmread(sent[uid]).pixel_array).all()

@@ -25,7 +25,10 @@ TOKENS = {
 @dataclass
 class WebNode:
     node: NodeProcess
-    url: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.node.settings['http']['port']}"
 
     @property
     def dicomweb(self) -> str:
@@ -51,7 +54,7 @@ def start_web_node(start_node: Callable[..., NodeProcess]) -> Callable[..., WebN
         auth = overrides.pop("auth", {})
         http = {**http_settings(port, **auth), **overrides.pop("http_extra", {})}
         node = start_node(http=http, **overrides)
-        return WebNode(node, f"http://127.0.0.1:{port}")
+        return WebNode(node)
 
     return start
 

@@ -31,7 +31,7 @@ def test_the_api_survives_its_own_schema(web_node: WebNode, tmp_path: Path) -> N
             f"{web_node.url}/api/openapi.json",
             "--header", f"Authorization: Bearer {token}",
             "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance",
-            "--max-examples", "25",
+            "--max-examples", "15",
             "--generation-deterministic",
             "--request-timeout", "20",
             "--suppress-health-check", "all",
@@ -42,7 +42,7 @@ def test_the_api_survives_its_own_schema(web_node: WebNode, tmp_path: Path) -> N
     assert "Traceback" not in web_node.node.log()
 
 
-MUTATIONS = 300
+MUTATIONS = 200
 SEED = 20261206
 
 
