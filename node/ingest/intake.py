@@ -182,7 +182,8 @@ class Intake:
         uid = meta.key.sop_instance_uid
         header = file_meta(meta.sop_class_uid, uid, transfer_syntax, sender.calling_ae[:16])
         try:
-            outcome = self._store.write(meta.key, (header, spooled or dataset))
+            body = dataset if spooled is None else spooled
+            outcome = self._store.write(meta.key, (header, body))
         except (StorageFull, StorageError) as exc:
             log.error("%s: %s not stored: %s", sender.label, uid, exc)
             return Answer(Status.OUT_OF_RESOURCES, str(exc), meta)

@@ -22,7 +22,7 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from node.ingest.scan import Encoded, scan_dataset
+from node.ingest.scan import FIRST_PIXEL_DATA_TAG, Encoded, scan_dataset
 from node.storage import InstanceKey
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,6 @@ SOP_CLASS_UID, SOP_INSTANCE_UID, INSTANCE_NUMBER = 0x00080016, 0x00080018, 0x002
 NUMBER_OF_FRAMES, ROWS, COLUMNS, BITS_ALLOCATED = 0x00280008, 0x00280010, 0x00280011, 0x00280100
 BINARY_US = frozenset({ROWS, COLUMNS, BITS_ALLOCATED})
 """Hot tags whose raw values are little-endian unsigned shorts, not text."""
-FIRST_PIXEL_DATA_TAG = 0x7FE00008
-"""Float Pixel Data; Double Float (7FE0,0009) and Pixel Data (7FE0,0010) follow it."""
 
 
 HOT_TAGS = (
@@ -160,11 +158,7 @@ def read_metadata(encoded: Encoded, transfer_syntax: UID) -> InstanceMetadata:
     sequence delimiter, or in the other VR encoding, without complaint. pydicom parses a
     dataset only when a series is created, and judges big-endian streams.
     """
-    if transfer_syntax.is_deflated:
-        try:
-            encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise ValueError(f"deflated dataset cannot be inflated: {exc}") from exc
+    encoded = inflated(encoded, transfer_syntax)
     if not transfer_syntax.is_little_endian:
         return InstanceMetadata.from_dataset(parse(encoded, transfer_syntax))
     scanned = scan_dataset(encoded, transfer_syntax.is_implicit_VR, (*HOT_TAGS, ROWS))
@@ -176,6 +170,17 @@ def read_metadata(encoded: Encoded, transfer_syntax: UID) -> InstanceMetadata:
     )
 
 
+def inflated(encoded: Encoded, transfer_syntax: UID) -> Encoded:
+    """The dataset with its deflate undone (as it is in other syntaxes); ValueError if it
+    cannot be inflated."""
+    if not transfer_syntax.is_deflated:
+        return encoded
+    try:
+        return zlib.decompress(encoded, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise ValueError(f"deflated dataset cannot be inflated: {exc}") from exc
+
+
 def reencoded(stored: Path, encoded: Encoded, transfer_syntax: UID) -> bool:
     """Whether `encoded` is the instance stored at `stored` in another transfer syntax: every
     public attribute but the pixel data the same (a PACS returning what it compressed).
@@ -184,9 +189,7 @@ def reencoded(stored: Path, encoded: Encoded, transfer_syntax: UID) -> bool:
         kept = dcmread(stored, stop_before_pixels=True)
         if UID(kept.file_meta.TransferSyntaxUID) == transfer_syntax:
             return False
-        if transfer_syntax.is_deflated:
-            encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
-        sent = parse(encoded, transfer_syntax)
+        sent = parse(inflated(encoded, transfer_syntax), transfer_syntax)
         return _public_attributes(kept) == _public_attributes(sent)
     except Exception as exc:  # pydicom raises many types on malformed input
         log.warning("cannot compare a re-sent instance with the stored one: %s", exc)

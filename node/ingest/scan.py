@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 from pydicom.valuerep import VR
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
-FIRST_PIXEL_TAG = 0x7FE00008
+FIRST_PIXEL_DATA_TAG = 0x7FE00008
+"""Float Pixel Data; Double Float (7FE0,0009) and Pixel Data (7FE0,0010) follow it."""
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 LONG_VRS = frozenset(
@@ -50,7 +51,7 @@ def scan_dataset(encoded: Encoded, implicit_vr: bool, wanted: Collection[int]) -
     pixels_at = end
     while position < end:
         tag, start, length, undefined_content = _element(encoded, position, implicit_vr)
-        if tag >= FIRST_PIXEL_TAG and pixels_at == end:
+        if tag >= FIRST_PIXEL_DATA_TAG and pixels_at == end:
             pixels_at = position
         if length == UNDEFINED_LENGTH:
             position = _skip_sequence(encoded, start, undefined_content)

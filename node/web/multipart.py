@@ -37,6 +37,13 @@ def media_type(header: str | None) -> tuple[str, dict[str, str]]:
     return message.get_content_type(), params
 
 
+def accepted(header: str | None, default: str) -> list[tuple[str, dict[str, str]]]:
+    """The entries of an Accept header, in order, each as `media_type` reads it; `default`
+    alone when the header names none."""
+    entries = [entry.strip() for entry in (header or "").split(",") if entry.strip()]
+    return [media_type(entry) for entry in entries or [default]]
+
+
 class PartReader:
     """Feed the body in chunks; take the parts completed so far after each feed.
 

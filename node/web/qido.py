@@ -26,7 +26,7 @@ from node.db.models import Instance, Series, Study
 from node.logs import escaped
 from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response
-from node.web.multipart import media_type
+from node.web.multipart import accepted
 
 router = APIRouter(dependencies=[Depends(requires(Role.READER))])
 
@@ -209,7 +209,7 @@ def _check_accept(accept: str | None) -> None:
     """406 unless the client takes DICOM JSON (the node answers in no other form)."""
     if not accept:
         return
-    kinds = {media_type(entry)[0] for entry in accept.split(",") if entry.strip()}
+    kinds = {kind for kind, _ in accepted(accept, "*/*")}
     if kinds.isdisjoint(JSON_TYPES):
         raise HTTPException(406, detail="QIDO-RS answers in application/dicom+json only")
 

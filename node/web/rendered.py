@@ -16,7 +16,7 @@ from pydicom.pixels.utils import pixel_array
 
 from node.config import Role
 from node.web.context import requires
-from node.web.multipart import media_type
+from node.web.multipart import accepted
 from node.web.wado import Found, Stored
 
 router = APIRouter(dependencies=[Depends(requires(Role.READER))])
@@ -152,8 +152,7 @@ def _viewport(text: str | None) -> tuple[int, int] | None:
 
 
 def _wanted_type(accept: str | None) -> str:
-    for entry in [e.strip() for e in (accept or "").split(",") if e.strip()] or ["image/jpeg"]:
-        kind = media_type(entry)[0]
+    for kind, _ in accepted(accept, "image/jpeg"):
         if kind in FORMATS:
             return kind
         if kind in ("*/*", "image/*"):

@@ -44,7 +44,7 @@ from node.config import Role
 from node.db.models import Instance, Series, Study
 from node.web.context import Context, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response
-from node.web.multipart import MultipartWriter, media_type
+from node.web.multipart import MultipartWriter, accepted
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,11 @@ def metadata(request: Request, found: Found, context: Context) -> Response:
 def frames(request: Request, frames: str, found: Found) -> Response:
     numbers = _frame_numbers(frames)
     item = found[0]
-    header = dcmread(item.path, stop_before_pixels=True)
+    as_stored = _frames_as_stored(request.headers.get("accept"), item.transfer_syntax)
+    header = dcmread(item.path, stop_before_pixels=not as_stored)  # as stored: read once
     count = int(header.get("NumberOfFrames") or 1)
     if "Rows" not in header or any(n < 1 or n > count for n in numbers):
         raise HTTPException(404, detail=f"the instance has {count} frames")
-    as_stored = _frames_as_stored(request.headers.get("accept"), item.transfer_syntax)
     unchanged, validators = _validators(request, found, f"frames {frames} {as_stored}")
     if unchanged is not None:
         return unchanged
@@ -176,9 +176,8 @@ def frames(request: Request, frames: str, found: Found) -> Response:
         part_type = (
             f"{STORED_FRAME_TYPES[item.transfer_syntax]}; transfer-syntax={item.transfer_syntax}"
         )
-        dataset = dcmread(item.path)
         parts = (
-            (part_type, iter([get_frame(dataset.PixelData, n - 1, number_of_frames=count)]))
+            (part_type, iter([get_frame(header.PixelData, n - 1, number_of_frames=count)]))
             for n in numbers
         )
     else:
@@ -215,8 +214,7 @@ def _frames_as_stored(accept: str | None, stored: UID) -> bool:
     """Whether frames go as stored (False: decoded, native): the first Accept entry that
     can be served decides (PS3.18 8.7.4); 406 when none can."""
     stored_type = STORED_FRAME_TYPES.get(stored)
-    for entry in [e.strip() for e in (accept or "").split(",") if e.strip()] or ["*/*"]:
-        kind, params = media_type(entry)
+    for kind, params in accepted(accept, "*/*"):
         wanted = params.get("type", "application/octet-stream").lower()
         if kind != "multipart/related":
             wanted = kind  # a bare part type, as some clients send
@@ -264,9 +262,7 @@ def _frame_numbers(text: str) -> list[int]:
 
 def _wanted_syntax(accept: str | None) -> UID | None:
     """The transfer syntax asked for (None: as stored); 406 when none can be served."""
-    entries = [entry.strip() for entry in (accept or "").split(",") if entry.strip()]
-    for entry in entries or ["multipart/related; type=application/dicom"]:
-        kind, params = media_type(entry)
+    for kind, params in accepted(accept, "multipart/related; type=application/dicom"):
         part_type = params.get("type", "application/dicom").lower()
         if kind not in ("multipart/related", "*/*") or part_type != "application/dicom":
             continue
