@@ -352,6 +352,11 @@ def test_an_http_process_killed_mid_stow_leaves_no_orphan(web_node: WebNode) -> 
     os.kill(processes["http"], signal.SIGKILL)
     sender.join()
     wait_until(lambda: "http process" in web_node.node.log(), 10)
+    wait_until(  # its successor serves before the node is stopped
+        lambda: httpx.get(f"{web_node.url}/healthz").status_code == 200,
+        60,
+        retry_on=(httpx.HTTPError,),
+    )
     assert web_node.node.stop() == 0
     files = {p.stem for p in web_node.node.storage.rglob("*.dcm")}
     database = web_node.node.settings["database"]["url"].removeprefix("sqlite:///")
