@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,6 +137,18 @@ def _accepts(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _serves_http(port: int, tls: bool) -> bool:
+    """The node's HTTP process answers. The parent binds the port before its HTTP process
+    has built the app, so an accepted connection alone is no sign it serves (seen on a
+    loaded CI machine: the first request timed out)."""
+    scheme = "https" if tls else "http"
+    try:
+        httpx.get(f"{scheme}://127.0.0.1:{port}/healthz", verify=False, timeout=5)
+    except httpx.TransportError:
+        return False
+    return True
+
+
 @dataclass
 class NodeProcess:
     """`ainode serve` running as a real process on a private port and directory."""
@@ -175,12 +188,11 @@ class NodeProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-        ports = [
-            self.port,
-            self.settings.get("node", {}).get("tls_port"),
-            (self.settings.get("http") or {}).get("port"),
-        ]
-        return all(_accepts(port) for port in ports if port)
+        ports = [self.port, self.settings.get("node", {}).get("tls_port")]
+        http = self.settings.get("http") or {}
+        return all(_accepts(port) for port in ports if port) and (
+            not http.get("port") or _serves_http(http["port"], tls=bool(http.get("tls")))
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.proc is not None

@@ -259,7 +259,8 @@ def test_a_trickling_stow_is_cut_and_its_series_completes(strict_web: WebNode) -
     opened completes."""
     first = ct_dataset(generate_uid())
     content = body(part10(first), part10(ct_dataset(generate_uid(), first.StudyInstanceUID)))
-    head = content[: content.index(b"--a1b2c3", 10)]  # the first part, whole
+    second = content.index(b"--a1b2c3", 10)
+    head = content[: content.index(b"\r\n", second) + 2]  # the first part and its end
     with raw_connection(strict_web) as sock:
         sock.sendall(
             b"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
