@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.ingest import ainode, dicom_files, measure, wait_for_port  # noqa: E402
-from node.db.engine import make_engine  # noqa: E402
-from node.db.migrate import upgrade  # noqa: E402
-from node.db.models import Job, Series, Study, WorkState, utcnow  # noqa: E402
+from node.store.db.engine import make_engine  # noqa: E402
+from node.store.db.migrate import upgrade  # noqa: E402
+from node.store.db.models import Job, Series, Study, WorkState, utcnow  # noqa: E402
 from tests.peers import PostgresServer, free_port  # noqa: E402
 
 SERIES_PER_STUDY = 10

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node import guard
+from node.work import guard
 from pipelines.models import PackageSource
 from pipelines.probe import fit_probe
 from pipelines.registry import build_pipelines

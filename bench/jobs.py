@@ -21,13 +21,13 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import insert, select  # noqa: E402
 
-from node.db.engine import make_engine  # noqa: E402
-from node.db.migrate import upgrade  # noqa: E402
-from node.db.models import Job, Series, Study, utcnow  # noqa: E402
-from node.outcome import JobOutcome, OutcomeRecorder, ResultSummary  # noqa: E402
-from node.queue import JobQueue  # noqa: E402
-from node.routing.engine import JobRequest  # noqa: E402
-from node.routing.rules import Priority  # noqa: E402
+from node.flow.queue import JobQueue  # noqa: E402
+from node.flow.routing.engine import JobRequest  # noqa: E402
+from node.flow.routing.rules import Priority  # noqa: E402
+from node.store.db.engine import make_engine  # noqa: E402
+from node.store.db.migrate import upgrade  # noqa: E402
+from node.store.db.models import Job, Series, Study, utcnow  # noqa: E402
+from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary  # noqa: E402
 from tests.peers import DATA, PostgresServer, free_port, storescu, wait_until  # noqa: E402
 
 

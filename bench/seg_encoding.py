@@ -30,9 +30,9 @@ from pydicom.uid import (
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from node.results.encode import source_headers  # noqa: E402
-from node.results.identity import ResultIdentity  # noqa: E402
-from node.results.seg import build_segmentation  # noqa: E402
+from node.work.results.encode import source_headers  # noqa: E402
+from node.work.results.identity import ResultIdentity  # noqa: E402
+from node.work.results.seg import build_segmentation  # noqa: E402
 from pipelines.lung_quant import LungQuantPipeline  # noqa: E402
 from pipelines.volume import load_volume  # noqa: E402
 

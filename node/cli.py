@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from node.config import ConfigError, Settings, load_settings
-from node.logs import configure_logging
+from node.ops.logs import configure_logging
 
 if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads no torch
     from rich.progress import Progress, TaskID
     from sqlalchemy import Engine
 
-    from node.audit import AdminAction
-    from node.queue import JobQueue
-    from node.routing.admin import Explanation
-    from node.routing.engine import SeriesFacts
+    from node.flow.queue import JobQueue
+    from node.flow.routing.admin import Explanation
+    from node.flow.routing.engine import SeriesFacts
+    from node.ops.audit import AdminAction
     from pipelines.base import Pipeline
 
 app = typer.Typer(
@@ -78,9 +78,9 @@ def serve(config: ConfigOption) -> None:
         metrics = tempfile.mkdtemp(prefix="ainode-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics  # before prometheus-client loads
 
-    from node.db.engine import DatabaseNotWritable
-    from node.lifecycle import CannotListen
+    from node.ops.lifecycle import CannotListen
     from node.service import serve as run
+    from node.store.db.engine import DatabaseNotWritable
 
     try:
         run(settings)
@@ -110,7 +110,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
-    from node.report import node_status, render_text
+    from node.admin.report import node_status, render_text
 
     settings = _settings(config)
     engine = _engine(settings)
@@ -125,7 +125,7 @@ def echo(
     peer: Annotated[str, typer.Argument(help="Peer name from the config, or its AE title.")],
 ) -> None:
     """Send C-ECHO to a configured peer."""
-    from node.dimse.scu import echo as send_echo
+    from node.edge.scu import echo as send_echo
 
     settings = _settings(config)
     target = settings.find_peer(peer)
@@ -147,7 +147,7 @@ def rules_check(
     ] = None,
 ) -> None:
     """Exit 0 if the rules are valid; else print FILE:LINE:COLUMN: message and exit 1."""
-    from node.routing.rules import RulesError, load_rules
+    from node.flow.routing.rules import RulesError, load_rules
 
     settings = _settings(config) if config else None
     destinations = settings.destination_names() if settings else None
@@ -172,9 +172,9 @@ def rules_explain(
     ] = None,
 ) -> None:
     """Dry run: every rule, every condition with the actual value, and the jobs it would make."""
-    from node.routing import admin
-    from node.routing.engine import SeriesFacts
-    from node.routing.rules import RulesError
+    from node.flow.routing import admin
+    from node.flow.routing.engine import SeriesFacts
+    from node.flow.routing.rules import RulesError
 
     if (series_dir is None) == (series is None):
         typer.echo("give exactly one of --series-dir or --series", err=True)
@@ -248,7 +248,7 @@ def run(
     """Run a pipeline offline on every series in a folder; write result.json per series."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from node.offline import find_series, run_series
+    from node.work.offline import find_series, run_series
     from pipelines.settings import settings_class
 
     default = {"node": {"accept_unknown_peers": True}}
@@ -309,7 +309,7 @@ def jobs_list(
     import json
     from dataclasses import asdict
 
-    from node.report import render_job
+    from node.admin.report import render_job
 
     engine = _engine(_settings(config))
     jobs = _queue(engine).list(state)
@@ -324,7 +324,7 @@ def jobs_list(
 @jobs_app.command("retry")
 def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
     """Queue a job again with a fresh set of attempts."""
-    from node.audit import Action, AdminAction
+    from node.ops.audit import Action, AdminAction
 
     engine = _engine(_settings(config))
     done = _queue(engine).retry(job_id)
@@ -338,7 +338,7 @@ def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -
 @jobs_app.command("cancel")
 def jobs_cancel(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
     """Cancel a job that has not finished."""
-    from node.audit import Action, AdminAction
+    from node.ops.audit import Action, AdminAction
 
     engine = _engine(_settings(config))
     done = _queue(engine).cancel(job_id)
@@ -370,7 +370,7 @@ def models_verify(
 def _models(config: Path, as_json: bool, verify: bool) -> None:
     import json
 
-    from node.model_check import model_reports, render_models
+    from node.work.model_check import model_reports, render_models
 
     settings = _settings(config)
     reports = model_reports(_pipelines(settings), settings.pipelines, verify)
@@ -392,7 +392,7 @@ def similar(
     import json
     from dataclasses import asdict
 
-    from node.embeddings import NoEmbedding, most_similar
+    from node.work.embeddings import NoEmbedding, most_similar
 
     engine = _engine(_settings(config))
     try:
@@ -447,8 +447,8 @@ def guard_fit(
     import json
     from datetime import UTC
 
-    from node import guard
-    from node.audit import Action, AdminAction
+    from node.ops.audit import Action, AdminAction
+    from node.work import guard
 
     settings = _settings(config)
     name = _embedding_pipeline(settings, pipeline)
@@ -500,7 +500,7 @@ def probe_fit(
 ) -> None:
     """Fit a logistic head on the stored embeddings of labelled series; print its
     leave-one-out metrics and write the probe file an `embedding-probe` pipeline runs."""
-    from node.embeddings import stored_embeddings
+    from node.work.embeddings import stored_embeddings
     from pipelines.probe import fit_probe, save_probe
 
     settings = _settings(config)
@@ -586,7 +586,7 @@ def _staged(progress: Progress, task: TaskID, series_uid: str, stage: str) -> No
 
 
 def _audit(engine: Engine, facts: AdminAction) -> None:
-    from node.audit import record
+    from node.ops.audit import record
 
     record(engine, f"cli:{getpass.getuser()}", facts)
 
@@ -605,7 +605,7 @@ def audit_list(
     from dataclasses import asdict
     from datetime import UTC
 
-    from node.audit import list_events
+    from node.ops.audit import list_events
 
     engine = _engine(_settings(config))
     events = list_events(engine, since.replace(tzinfo=UTC) if since else None)
@@ -620,8 +620,8 @@ def audit_list(
 
 def _engine(settings: Settings) -> Engine:
     """The node's database, at the current schema (exit 2 with the reason otherwise)."""
-    from node.db.engine import make_engine
-    from node.db.migrate import SchemaNotCurrent, require_current
+    from node.store.db.engine import make_engine
+    from node.store.db.migrate import SchemaNotCurrent, require_current
 
     engine = make_engine(settings.database.url)
     try:
@@ -634,7 +634,7 @@ def _engine(settings: Settings) -> Engine:
 
 
 def _queue(engine: Engine) -> JobQueue:
-    from node.queue import JobQueue
+    from node.flow.queue import JobQueue
 
     return JobQueue(engine)
 
@@ -666,8 +666,8 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _stored_series_facts(settings: Settings, uid: str) -> SeriesFacts:
-    from node.routing.admin import UnknownSeries, stored_facts
-    from node.routing.router import NoInstanceLeft
+    from node.flow.routing.admin import UnknownSeries, stored_facts
+    from node.flow.routing.router import NoInstanceLeft
 
     engine = _engine(settings)
     try:
@@ -699,10 +699,10 @@ def fetch(
     (QIDO-RS, then WADO-RS) into the node: stored, completed and routed like received ones."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from node.db.models import WorkState
-    from node.fetch.fetcher import Fetcher
-    from node.fetch.query import FetchQuery
-    from node.fetch.records import list_fetches
+    from node.delivery.fetch.fetcher import Fetcher
+    from node.delivery.fetch.query import FetchQuery
+    from node.delivery.fetch.records import list_fetches
+    from node.store.db.models import WorkState
 
     settings = _settings(config)
     if settings.source(source) is None:

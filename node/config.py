@@ -226,7 +226,7 @@ class CompletionSettings(_Section):
 
 
 class RoutingSettings(_Section):
-    """Where the routing rules are (see node/routing/rules.py); none: store only."""
+    """Where the routing rules are (see node/flow/routing/rules.py); none: store only."""
 
     rules_file: Path | None = None
 

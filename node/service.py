@@ -3,8 +3,9 @@ and stop.
 
 Start-up migrates the database, clears temp files, closes associations left open by a crash
 and, after an operating-system restart, re-records instances a power loss took from the
-database (`node.recovery`). `node.receivers` processes share the DICOM port (SO_REUSEPORT); the
-first one is this process, which also runs the periodic work and restarts a receiver that dies.
+database (`node.ingest.recovery`). `node.receivers` processes share the DICOM port
+(SO_REUSEPORT); the first one is this process, which also runs the periodic work and restarts
+a receiver that dies.
 """
 
 from __future__ import annotations
@@ -26,32 +27,32 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
-from node.audit import ApplicationEvent, record_quietly
-from node.audit_export import AuditExporter
-from node.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.config import HttpSettings, Settings
-from node.db.engine import (
+from node.delivery.audit_export import AuditExporter
+from node.delivery.dispatch.dispatcher import Dispatcher
+from node.delivery.fetch.fetcher import Fetcher
+from node.delivery.fetch.priors import PriorsQueue
+from node.delivery.notify import Notifier
+from node.edge.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_receiver_process
+from node.flow.completion import SeriesCompletionTracker, StudyCompletionTracker
+from node.flow.queue import JobQueue
+from node.flow.routing.router import Router, RulesSource
+from node.ingest.recovery import recover_after_restart, rerecord_unrecorded
+from node.ops.audit import ApplicationEvent, record_quietly
+from node.ops.lifecycle import wait_for_stop
+from node.ops.processes import record_processes
+from node.store.db.engine import (
     DatabaseNotWritable,
     check_writable,
     make_engine,
     make_session_factory,
 )
-from node.db.migrate import upgrade
-from node.db.models import utcnow
-from node.dispatch.dispatcher import Dispatcher
-from node.fetch.fetcher import Fetcher
-from node.fetch.priors import PriorsQueue
-from node.lifecycle import wait_for_stop
-from node.notify import Notifier
-from node.processes import record_processes
-from node.queue import JobQueue
-from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_receiver_process
-from node.recovery import recover_after_restart, rerecord_unrecorded
-from node.retention import RetentionSweeper
-from node.routing.router import Router, RulesSource
-from node.storage import InstanceStore
+from node.store.db.migrate import upgrade
+from node.store.db.models import utcnow
+from node.store.retention import RetentionSweeper
+from node.store.storage import InstanceStore
 from node.web.server import listen, run_http_process
-from node.worker import retry_policy, run_worker_process
+from node.work.worker import retry_policy, run_worker_process
 from pipelines.registry import pipeline_names
 
 log = logging.getLogger(__name__)

@@ -120,7 +120,7 @@ EXTENT = private("EXTENT", "Scan length along the slice normal")
 LONG_AXIS = sct("103339001", "Long Axis")
 PROBABILITY = dcm("122157", "Probability")
 
-# Series input guard (node.guard): a quality evaluation of the input, no standard code
+# Series input guard (node.work.guard): a quality evaluation of the input, no standard code
 INPUT_GUARD = private("INPUTGUARD", "Series like the site's reference series")
 GUARD_DISTANCE = private("GUARDDIST", "Distance to the site's reference series")
 GUARD_THRESHOLD = private("GUARDLIMIT", "Guard distance threshold")

@@ -9,7 +9,7 @@
 
 The vector is unit length (cosine similarity is a dot product) and the node stores it per
 series, so `ainode similar` can find earlier scans like a new one, with its profile along the
-body axis for the input guard (`node.guard`). No DICOM object is made.
+body axis for the input guard (`node.work.guard`). No DICOM object is made.
 
 `embedding-probe` computes the same embedding and applies a site's probe head
 (`pipelines.probe`) to it: findings for the SR, as a classifier gives.

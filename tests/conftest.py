@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from node.db.engine import make_engine
-from node.db.migrate import upgrade
+from node.store.db.engine import make_engine
+from node.store.db.migrate import upgrade
 from tests.peers import (
     DATA,
     REAL_SERIES,

@@ -237,8 +237,8 @@ class NodeProcess:
 
     def series(self) -> dict[str, dict[str, Any]]:
         """Series by UID, read straight from the database (fast enough to poll)."""
-        from node.db.engine import make_engine
-        from node.report import build_report
+        from node.admin.report import build_report
+        from node.store.db.engine import make_engine
 
         engine = make_engine(self.settings["database"]["url"])
         try:

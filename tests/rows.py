@@ -9,10 +9,10 @@ import numpy as np
 from pydicom import Dataset
 from sqlalchemy import Engine, insert
 
-from node.catalog import Catalog, Receipt, Recorded
-from node.db.models import Series, Study, utcnow
 from node.ingest.metadata import InstanceMetadata
-from node.outcome import JobOutcome, OutcomeRecorder, ResultSummary
+from node.store.catalog import Catalog, Receipt, Recorded
+from node.store.db.models import Series, Study, utcnow
+from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary
 
 
 def add_series(engine: Engine, count: int) -> list[int]:

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pydicom.uid import UID
 from sqlalchemy import Connection
 
-from node.audit import Received, record, record_quietly
-from node.catalog import AssociationRecord, Catalog, Receipt
-from node.db.models import Source, utcnow
 from node.ingest.metadata import InstanceMetadata, read_metadata, reencoded
 from node.ingest.part10 import file_meta
 from node.ingest.scan import Encoded
-from node.metrics import INSTANCES, RECEIVED_BYTES
-from node.storage import (
+from node.ops.audit import Received, record, record_quietly
+from node.ops.metrics import INSTANCES, RECEIVED_BYTES
+from node.store.catalog import AssociationRecord, Catalog, Receipt
+from node.store.db.models import Source, utcnow
+from node.store.storage import (
     FileRegion,
     InstanceStore,
     InvalidUID,

@@ -23,7 +23,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from node.ingest.scan import FIRST_PIXEL_DATA_TAG, Encoded, scan_dataset
-from node.storage import InstanceKey
+from node.store.storage import InstanceKey
 
 log = logging.getLogger(__name__)
 

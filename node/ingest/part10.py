@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 
-from node.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.ops.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 
 def file_meta(

@@ -1,5 +1,5 @@
 """The admin API (`/api/v1`): read what `ainode status` shows (reader), act on work
-(operator). One service layer with the CLI (`node.report`, the queues); 4xx answers carry a
+(operator). One service layer with the CLI (`node.admin.report`, the queues); 4xx answers carry a
 JSON `detail`, never a traceback. The handlers are plain functions: FastAPI runs them in its
 thread pool, where their database work belongs."""
 
@@ -12,17 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
 
-from node.audit import Action, AdminAction, list_events, record
-from node.config import Role
-from node.db.models import Dispatch, Job, Series, SeriesState, Source, WorkState
-from node.dispatch.records import list_dispatches
-from node.fetch.query import FetchQuery
-from node.fetch.records import enqueue, list_fetches
-from node.leased import LeasedQueue, RetryPolicy
-from node.notify import list_notifications
-from node.processes import ProcessStatus, process_statuses
-from node.queue import JobQueue, list_jobs
-from node.report import (
+from node.admin.report import (
     DiskStatus,
     PipelineStatus,
     SeriesStatus,
@@ -34,7 +24,17 @@ from node.report import (
     node_status,
     pipeline_statuses,
 )
-from node.routing.router import route_again
+from node.config import Role
+from node.delivery.dispatch.records import list_dispatches
+from node.delivery.fetch.query import FetchQuery
+from node.delivery.fetch.records import enqueue, list_fetches
+from node.delivery.notify import list_notifications
+from node.flow.queue import JobQueue, list_jobs
+from node.flow.routing.router import route_again
+from node.ops.audit import Action, AdminAction, list_events, record
+from node.ops.processes import ProcessStatus, process_statuses
+from node.store.db.models import Dispatch, Job, Series, SeriesState, Source, WorkState
+from node.store.leased import LeasedQueue, RetryPolicy
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, authenticated, requires
 

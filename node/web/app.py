@@ -13,14 +13,14 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from node.catalog import Catalog
 from node.config import Settings
-from node.db.engine import make_engine
-from node.implementation import IMPLEMENTATION_VERSION_NAME
+from node.edge.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.ingest.intake import Intake
-from node.logs import Throttle
-from node.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
-from node.storage import InstanceStore
+from node.ops.implementation import IMPLEMENTATION_VERSION_NAME
+from node.ops.logs import Throttle
+from node.store.catalog import Catalog
+from node.store.db.engine import make_engine
+from node.store.storage import InstanceStore
 from node.web import (
     api,
     capabilities,

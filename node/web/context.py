@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from node.config import HttpSettings, Role, Settings
 from node.ingest.intake import Intake
-from node.storage import InstanceStore
+from node.store.storage import InstanceStore
 from node.web.auth import Authenticator, NotAuthenticated, Principal
 
 

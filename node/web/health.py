@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from node.processes import process_statuses
-from node.routing import admin
+from node.flow.routing import admin
+from node.ops.processes import process_statuses
 from node.web.context import Context, WebContext
 
 router = APIRouter()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from node.logs import Throttle
+from node.ops.logs import Throttle
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from node.config import Role
-from node.db.models import Dispatch, Fetch, Job
+from node.store.db.models import Dispatch, Fetch, Job
 from node.web.context import Context, WebContext, requires
 
 router = APIRouter()

@@ -22,8 +22,8 @@ from sqlalchemy import ColumnElement, Connection, Select, and_, exists, func, se
 from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from node.config import Role
-from node.db.models import Instance, Series, Study
-from node.logs import escaped
+from node.ops.logs import escaped
+from node.store.db.models import Instance, Series, Study
 from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response
 from node.web.multipart import accepted

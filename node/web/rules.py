@@ -12,12 +12,12 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from node.audit import Action, AdminAction, record
+from node.admin.report import RulesStatus, rules_status
 from node.config import Role
-from node.report import RulesStatus, rules_status
-from node.routing import admin
-from node.routing.router import NoInstanceLeft
-from node.routing.rules import RulesError
+from node.flow.routing import admin
+from node.flow.routing.router import NoInstanceLeft
+from node.flow.routing.rules import RulesError
+from node.ops.audit import Action, AdminAction, record
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires
 

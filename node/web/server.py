@@ -13,8 +13,8 @@ import threading
 import uvicorn
 
 from node.config import HttpSettings, Settings
-from node.lifecycle import CannotListen, stop_when_parent_exits
-from node.logs import configure_logging
+from node.ops.lifecycle import CannotListen, stop_when_parent_exits
+from node.ops.logs import configure_logging
 from node.web.limits import HttpLimits, guarded_protocol
 
 

@@ -24,12 +24,12 @@ from pydicom.uid import UID
 from starlette.concurrency import run_in_threadpool
 
 from node.config import Role
-from node.db.models import Source
 from node.ingest.intake import Answer, Delivery, Sender, Status
 from node.ingest.metadata import InstanceMetadata
 from node.ingest.part10 import read_part10
-from node.metrics import INSTANCES
-from node.storage import FileRegion
+from node.ops.metrics import INSTANCES
+from node.store.db.models import Source
+from node.store.storage import FileRegion
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response, dicom_xml_response, wants_xml

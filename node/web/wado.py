@@ -41,7 +41,7 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from node.config import Role
-from node.db.models import Instance, Series, Study
+from node.store.db.models import Instance, Series, Study
 from node.web.context import Context, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response
 from node.web.multipart import MultipartWriter, accepted

@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE
 
-from tests.node.dimse.test_scp import StartNode, stored_path
+from tests.node.edge.test_scp import StartNode, stored_path
 from tests.peers import DCMTK_ENV, NodeProcess, dcmtk
 
 CONVERSIONS = {

@@ -20,8 +20,8 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
 
 from tests import dicom_wire as wire
-from tests.node.dimse.test_acceptor import associate
-from tests.node.dimse.test_scp import StartNode, ct_dataset, echo
+from tests.node.edge.test_acceptor import associate
+from tests.node.edge.test_scp import StartNode, ct_dataset, echo
 from tests.peers import wait_until
 
 MUTATIONS = 600

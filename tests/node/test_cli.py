@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from node.db.engine import make_engine
-from node.db.migrate import upgrade
+from node.store.db.engine import make_engine
+from node.store.db.migrate import upgrade
 from tests.peers import free_port, storescp
 
 REPO = Path(__file__).resolve().parents[2]

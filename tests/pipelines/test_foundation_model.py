@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from node import guard
-from node.results.encode import encode_result
-from node.results.identity import ResultIdentity
+from node.work import guard
+from node.work.results.encode import encode_result
+from node.work.results.identity import ResultIdentity
 from pipelines.i3resnet import I3ResNet152
 from pipelines.models import PackageSource
 from pipelines.probe import fit_probe, save_probe

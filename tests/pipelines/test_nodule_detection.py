@@ -10,8 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.results.encode import encode_result
-from node.results.identity import ResultIdentity
+from node.work.results.encode import encode_result
+from node.work.results.identity import ResultIdentity
 from pipelines import codes
 from pipelines.nodule_detection import NoduleDetectionPipeline
 from pipelines.registry import build_pipelines

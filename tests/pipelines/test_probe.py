@@ -13,9 +13,9 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from node.guard import GuardScore
-from node.results.encode import encode_result
-from node.results.identity import ResultIdentity
+from node.work.guard import GuardScore
+from node.work.results.encode import encode_result
+from node.work.results.identity import ResultIdentity
 from pipelines import codes
 from pipelines.probe import fit_probe, load_probe, save_probe
 from pipelines.registry import build_pipelines

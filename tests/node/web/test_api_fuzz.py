@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.node.dimse.test_scp import ct_dataset
+from tests.node.edge.test_scp import ct_dataset
 from tests.node.web.conftest import TOKENS, WebNode
 from tests.node.web.test_stow import BOUNDARY, CONTENT_TYPE, body, part10
 

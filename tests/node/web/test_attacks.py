@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from node.logs import escaped
-from tests.node.dimse.test_scp import ct_dataset
+from node.ops.logs import escaped
+from tests.node.edge.test_scp import ct_dataset
 from tests.node.web.conftest import WebNode
 from tests.node.web.test_stow import CONTENT_TYPE, body, part10, post
 from tests.peers import wait_until

@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.browser import browser, chromium_available
-from tests.node.dimse.test_scp import ct_dataset
+from tests.node.edge.test_scp import ct_dataset
 from tests.node.web.conftest import TOKENS
 from tests.node.web.test_api import api
 from tests.peers import storescu, wait_until

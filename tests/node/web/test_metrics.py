@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
 from node.ingest.part10 import read_part10
-from tests.node.dimse.test_scp import ct_dataset
+from tests.node.edge.test_scp import ct_dataset
 from tests.node.web.conftest import WebNode
 from tests.node.web.test_stow import body, part10, post
 from tests.peers import storescu, wait_until

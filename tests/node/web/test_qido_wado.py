@@ -13,7 +13,7 @@ from dicomweb_client import DICOMwebClient
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
-from tests.node.dimse.test_scp import ct_dataset
+from tests.node.edge.test_scp import ct_dataset
 from tests.node.web.conftest import WebNode
 from tests.node.web.test_stow import CONTENT_TYPE, body, part10, real_files
 from tests.peers import OrthancServer

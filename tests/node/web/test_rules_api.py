@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from pydicom.uid import generate_uid
 
-from tests.node.dimse.test_scp import ct_dataset
+from tests.node.edge.test_scp import ct_dataset
 from tests.node.web.conftest import WebNode
 from tests.node.web.test_api import RULES, api
 from tests.node.web.test_stow import body, part10, post

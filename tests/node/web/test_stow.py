@@ -18,7 +18,7 @@ import pytest
 from dicomweb_client import DICOMwebClient
 from pydicom.uid import generate_uid
 
-from tests.node.dimse.test_scp import ct_dataset
+from tests.node.edge.test_scp import ct_dataset
 from tests.node.web.conftest import WebNode
 from tests.peers import REAL_SERIES, wait_until
 
@@ -192,7 +192,7 @@ def test_stow_never_replaces_what_a_scanner_sent(web_node: WebNode) -> None:
     refused with 0x0111 and the stored file stays; the audit trail says which."""
     import hashlib
 
-    from tests.node.dimse.test_scp import received_events, stored_path
+    from tests.node.edge.test_scp import received_events, stored_path
     from tests.peers import storescu
 
     (scanned,) = real_files(1)

@@ -1,0 +1,36 @@
+"""Dispatches as `ainode status` and the API list them: a read of the table, without the
+senders' network stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine
+
+from node.store.db.models import Dispatch, WorkState
+from node.store.leased import newest
+
+
+@dataclass(frozen=True)
+class DispatchView:
+    """A dispatch as `ainode status --json` shows it (`dispatches` list)."""
+
+    id: int
+    job_id: int
+    destination: str
+    state: WorkState
+    attempts: int
+    status: str | None
+    error: str | None
+    objects: list[str]
+    """The job's result files, queued for every destination."""
+    sent: list[str] | None
+    """The SOP Instance UIDs this destination took (None until sent)."""
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def list_dispatches(engine: Engine, limit: int = 200) -> list[DispatchView]:
+    """Newest first."""
+    return newest(engine, Dispatch, DispatchView, limit)

@@ -1,1 +1,0 @@
-"""DIMSE services: the storage SCP that receives, and the SCU that echoes and sends."""

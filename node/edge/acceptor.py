@@ -1,0 +1,719 @@
+"""The DICOM upper layer as an association acceptor: one blocking thread per association.
+
+pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the presentation contexts and encodes the
+A-ASSOCIATE-AC and -RJ. The data phase is done here: P-DATA-TF reassembly and the C-STORE and
+C-ECHO command sets, read and answered straight from the socket. pynetdicom's own acceptor runs
+two polling reactors per association (its DUL and its association loop), decodes every command
+set into a pydicom Dataset and deep-copies its 120 presentation contexts for each association;
+measured with `bench/ingest.py`, that kept the node at 0.13 x storescp, bound on the CPU.
+
+Every peer may be broken or hostile. What it sends is read against deadlines for whole PDUs
+(ARTIM for the A-ASSOCIATE-RQ, PS3.8 9.1.5; the network timeout after it), into buffers that
+grow only as bytes arrive; connections that have not associated yet are capped; anything it
+gets wrong ends in an A-ASSOCIATE-RJ or A-ABORT and one log line, and frees its slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydicom.uid import UID
+from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import (
+    PresentationContext,
+    StoragePresentationContexts,
+    build_context,
+    negotiate_as_acceptor,
+)
+
+from node.edge.protocol import (
+    ADDRESS_LIMIT_EXCEEDED,
+    APPLICATION_CONTEXT,
+    COMMAND_GROUP,
+    LOCAL_LIMIT_EXCEEDED,
+    NO_DATA_SET,
+    UNSUPPORTED_APPLICATION_CONTEXT,
+    VERIFICATION,
+    AbortReason,
+    AbortSource,
+    AssociateResult,
+    CommandField,
+    CommandTag,
+    MessageControl,
+    PduType,
+    Rejection,
+    ResultSource,
+)
+from node.ingest.intake import Status
+from node.ops.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger(__name__)
+
+PDU_CEILING = 4 << 20
+"""The largest PDU the node announces when `max_pdu_size` is 0 ("no limit" in PS3.8)."""
+MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+MAX_COMMAND_BYTES = 64 << 10
+FIRST_READ = 64 << 10
+READ_STEP = 1 << 20
+"""A PDU body is read into a buffer of `FIRST_READ` bytes that doubles as bytes arrive, by
+`READ_STEP` at most: what a peer announces costs nothing until it sends it."""
+
+_PDU_HEADER = struct.Struct(">BxI")
+_PDV_HEADER = struct.Struct(">IBB")
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_RELEASE_RP = _PDU_HEADER.pack(PduType.RELEASE_RP, 4) + b"\0\0\0\0"
+PDU_TYPES = frozenset(PduType)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one peer may take of the node (`node.*` settings)."""
+
+    max_pdu_size: int = 16384
+    max_associations: int = 16
+    max_pending: int = 32
+    """Connections that have not finished association negotiation."""
+    max_dataset_bytes: int = 4 << 30
+    association_timeout: float = 30.0
+    """ARTIM: the whole A-ASSOCIATE-RQ must have arrived this long after the connection."""
+    network_timeout: float = 60.0
+    """Each PDU must have arrived whole this long after the node starts waiting for it."""
+    min_bytes_per_second: float = 32 * 1024
+    """A whole message must arrive at least this fast on average, after `network_timeout`:
+    a peer that trickles a few bytes per PDU cannot hold its slot for ever."""
+    max_per_address: int = 8
+    """Associations one peer address may hold at once."""
+
+    def message_deadline(self, started: float, received: int) -> float:
+        """When a message begun at `started`, `received` bytes in, must have arrived whole."""
+        return started + self.network_timeout + received / self.min_bytes_per_second
+
+    @property
+    def announced_pdu_size(self) -> int:
+        return self.max_pdu_size or PDU_CEILING
+
+    @property
+    def receive_limit(self) -> int:
+        """The largest PDU body accepted: what was announced, with room for a sloppy peer."""
+        return 2 * self.announced_pdu_size
+
+
+class ProtocolError(Exception):
+    """The peer broke the upper-layer protocol; the association is aborted."""
+
+    def __init__(self, message: str, reason: AbortReason = AbortReason.INVALID_PDU_PARAMETER):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Deadline(TimeoutError):
+    """A PDU did not arrive whole in time."""
+
+
+@dataclass
+class Association:
+    """One accepted association, as the services see it."""
+
+    calling_ae: str
+    called_ae: str
+    address: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    released: bool = False
+    contexts: dict[int, PresentationContext] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A C-STORE-RQ: its command set and the transfer syntax its dataset is encoded in."""
+
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: UID
+    priority: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The status of a DIMSE response, with an optional Error Comment."""
+
+    status: int
+    comment: str | None = None
+
+
+class Services(Protocol):
+    """What the acceptor asks of the node."""
+
+    def admit(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None: ...
+
+    def opened(self, association: Association) -> None: ...
+
+    def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply: ...
+
+    def closed(self, association: Association) -> None: ...
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Verification and every Storage SOP class, in every transfer syntax pydicom knows."""
+    storage = [context.abstract_syntax for context in StoragePresentationContexts]
+    return [
+        build_context(abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for abstract_syntax in (VERIFICATION, *storage)
+        if abstract_syntax is not None
+    ]
+
+
+class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Listens, and serves each connection as one association in its own thread; with
+    `tls`, each connection is a TLS connection first."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        services: Services,
+        limits: Limits,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.services = services
+        self.limits = limits
+        self.contexts = supported_contexts()
+        self.reuse_port = reuse_port
+        self.tls = tls
+        self._lock = threading.Lock()
+        self._open: dict[int, _Connection] = {}
+        self._pending: dict[int, socket.socket] = {}  # oldest first
+        super().__init__(address, _Connection)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def open_associations(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    @property
+    def pending_connections(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        """Count a new connection in. Past `max_pending`, the connection that has been
+        negotiating longest is closed to make room: a sender sends its A-ASSOCIATE-RQ at once,
+        so the oldest is the one dawdling, and trickling peers only push each other out."""
+        assert isinstance(request, socket.socket)
+        with self._lock:
+            oldest = None
+            if len(self._pending) >= self.limits.max_pending:
+                oldest = self._pending.pop(next(iter(self._pending)))
+            self._pending[id(request)] = request
+        if oldest is not None:
+            log.warning(
+                "connection from %s closed: the oldest of %d still negotiating",
+                _address(_peer_of(oldest)),
+                self.limits.max_pending,
+            )
+            with contextlib.suppress(OSError):
+                oldest.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Never a traceback for what a peer did (connections handle their own errors)."""
+        log.error("connection from %s failed in the listener", _address(client_address))
+
+    def stop_listening(self) -> None:
+        """Refuse new associations (the listening socket is closed)."""
+        self.shutdown()
+        self.server_close()
+
+    def abort_all(self) -> None:
+        """Abort every open association."""
+        with self._lock:
+            connections = list(self._open.values())
+        for connection in connections:
+            connection.abort(AbortReason.NOT_SPECIFIED, AbortSource.SERVICE_USER)
+
+    def _associated(self, connection: _Connection) -> Rejection | None:
+        """A negotiating connection becomes an association; the rejection once
+        `max_associations` are open, or `max_per_address` from its address (it stays counted
+        as negotiating until it ends)."""
+        with self._lock:
+            if len(self._open) >= self.limits.max_associations:
+                return LOCAL_LIMIT_EXCEEDED
+            host = connection.peer_host
+            if sum(c.peer_host == host for c in self._open.values()) >= self.limits.max_per_address:
+                return ADDRESS_LIMIT_EXCEEDED
+            self._pending.pop(connection.socket_id, None)
+            self._open[connection.socket_id] = connection
+            return None
+
+    def _ended(self, connection: _Connection) -> None:
+        with self._lock:
+            self._pending.pop(connection.socket_id, None)
+            self._open.pop(connection.socket_id, None)
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    """One association: negotiate, then answer commands until release or abort."""
+
+    server: Acceptor
+    request: socket.socket
+
+    def finish(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):  # socketserver closes only the raw socket
+            with contextlib.suppress(OSError):
+                self.request.close()
+
+    def setup(self) -> None:
+        self.socket_id = id(self.request)  # the accepted socket's (TLS wraps it later)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_lock = threading.Lock()
+        self._peer_max_pdu = 0
+        self._address = _address(self.client_address)
+        self.peer_host = str(self.client_address[0]) if self.client_address else ""
+
+    def handle(self) -> None:
+        association = None
+        try:
+            if self.server.tls is not None:
+                self._start_tls()
+            association = self._negotiate()
+            if association is not None:
+                self.server.services.opened(association)
+                self._serve(association)
+        except ProtocolError as exc:
+            self._log_end(association, f"aborted: {exc}")
+            self.abort(exc.reason)
+        except Deadline as exc:
+            self._log_end(association, f"aborted: {exc}")
+            self.abort(AbortReason.NOT_SPECIFIED)
+        except (OSError, EOFError) as exc:
+            self._log_end(association, f"connection lost: {exc}", level=logging.INFO)
+        except Exception as exc:  # whatever a peer's bytes provoke: one line, never a trace
+            self._log_end(association, f"aborted after {type(exc).__name__}: {exc}")
+            self.abort(AbortReason.NOT_SPECIFIED)
+        finally:
+            self.server._ended(self)
+            if association is not None:
+                self.server.services.closed(association)
+
+    def abort(
+        self, reason: AbortReason, source: AbortSource = AbortSource.SERVICE_PROVIDER
+    ) -> None:
+        """Send an A-ABORT and close the connection; a blocked read ends."""
+        body = bytes([0, 0, source, reason if source == AbortSource.SERVICE_PROVIDER else 0])
+        with contextlib.suppress(OSError, ValueError):
+            self._send(_PDU_HEADER.pack(PduType.ABORT, len(body)) + body)
+        with contextlib.suppress(OSError, ValueError):
+            self.request.shutdown(socket.SHUT_RDWR)
+
+    def _log_end(
+        self, association: Association | None, what: str, level: int = logging.WARNING
+    ) -> None:
+        if association is None:
+            log.log(level, "connection from %s before association: %s", self._address, what)
+        else:
+            log.log(level, "association %s (%s): %s", association.id, association.calling_ae, what)
+
+    def _start_tls(self) -> None:
+        assert self.server.tls is not None
+        self.request.settimeout(self.server.limits.association_timeout)
+        try:
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+        except ssl.SSLError as exc:
+            raise OSError(f"TLS handshake failed: {exc.reason or exc}") from exc
+
+    def _negotiate(self) -> Association | None:
+        limits = self.server.limits
+        deadline = time.monotonic() + limits.association_timeout
+        pdu_type, body = self._read_pdu(MAX_ASSOCIATE_RQ_BYTES, deadline, "A-ASSOCIATE-RQ")
+        if pdu_type != PduType.ASSOCIATE_RQ:
+            raise ProtocolError(
+                f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", AbortReason.UNEXPECTED_PDU
+            )
+        request = _decode_associate_rq(body)
+        calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
+        rejection = None
+        if request.application_context_name != APPLICATION_CONTEXT:
+            rejection = UNSUPPORTED_APPLICATION_CONTEXT
+        else:
+            rejection = self.server.services.admit(calling, called, self._address)
+        if rejection is None:
+            rejection = self.server._associated(self)
+        if rejection is not None:
+            log.warning(
+                "association from %s (%s -> %s) rejected: %s",
+                self._address,
+                calling,
+                called,
+                rejection.meaning,
+            )
+            self._reject(rejection)
+            return None
+        association = Association(calling, called, self._address)
+        self._peer_max_pdu = request.maximum_length_received or 0
+        self._accept(request, association)
+        return association
+
+    def _accept(self, request: A_ASSOCIATE, association: Association) -> None:
+        roles = {
+            item.sop_class_uid: (item.scu_role, item.scp_role)
+            for item in request.user_information
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
+        }
+        proposed = request.presentation_context_definition_list
+        _check_contexts(proposed)
+        try:
+            results, role_replies = negotiate_as_acceptor(proposed, self.server.contexts, roles)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"presentation contexts cannot be negotiated: {exc}") from exc
+        association.contexts = {
+            cx.context_id: cx for cx in results if cx.result == 0 and cx.context_id is not None
+        }
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = self.server.limits.announced_pdu_size
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        reply = A_ASSOCIATE()
+        reply.application_context_name = APPLICATION_CONTEXT
+        reply.calling_ae_title = request.calling_ae_title
+        reply.called_ae_title = request.called_ae_title
+        reply.result = AssociateResult.ACCEPTED
+        reply.result_source = ResultSource.SERVICE_USER
+        reply.presentation_context_definition_results_list = results
+        reply.user_information = [maximum, implementation, version, *role_replies]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(reply)
+        self._send(pdu.encode())
+
+    def _reject(self, rejection: Rejection) -> None:
+        reply = A_ASSOCIATE()
+        reply.result = rejection.result
+        reply.result_source = rejection.source
+        reply.diagnostic = rejection.reason
+        pdu = A_ASSOCIATE_RJ()
+        pdu.from_primitive(reply)
+        self._send(pdu.encode())
+        with contextlib.suppress(OSError):
+            self.request.shutdown(socket.SHUT_WR)
+
+    def _serve(self, association: Association) -> None:
+        for context_id, command, dataset in self._messages(association):
+            reply = self._dispatch(association, context_id, command, dataset)
+            self._respond(context_id, command, reply)
+        association.released = True
+
+    def _messages(
+        self, association: Association
+    ) -> Iterator[tuple[int, dict[int, bytes], bytes | None]]:
+        """Each complete DIMSE message: its context, command elements and dataset bytes."""
+        limits = self.server.limits
+        command_parts: list[memoryview] = []
+        dataset_parts: list[memoryview] = []
+        dataset_bytes = 0
+        command: dict[int, bytes] | None = None
+        message_context: int | None = None
+        message_started: float | None = None
+        message_bytes = 0
+        while True:
+            deadline, what = time.monotonic() + limits.network_timeout, "PDU"
+            if message_started is not None:
+                whole_by = limits.message_deadline(message_started, message_bytes)
+                if whole_by < deadline:
+                    deadline, what = whole_by, "message at node.min_transfer_kbps"
+            pdu_type, body = self._read_pdu(limits.receive_limit, deadline, what)
+            if pdu_type == PduType.RELEASE_RQ:
+                if command is not None or command_parts:
+                    raise ProtocolError("A-RELEASE-RQ inside a message", AbortReason.UNEXPECTED_PDU)
+                self._send(_RELEASE_RP)
+                return
+            if pdu_type == PduType.ABORT:
+                raise EOFError("aborted by the peer")
+            if pdu_type != PduType.P_DATA_TF:
+                raise ProtocolError(
+                    f"unexpected PDU type {pdu_type:#04x}", AbortReason.UNEXPECTED_PDU
+                )
+            if message_started is None:
+                message_started = time.monotonic()
+            message_bytes += len(body)
+            for context_id, is_command, is_last, value in _pdvs(body):
+                if context_id not in association.contexts:
+                    raise ProtocolError(f"presentation context {context_id} was not accepted")
+                if message_context is not None and context_id != message_context:
+                    raise ProtocolError(
+                        f"one message on two presentation contexts ({message_context}, "
+                        f"{context_id})"
+                    )
+                message_context = context_id
+                if is_command:
+                    if command is not None:
+                        raise ProtocolError("a command fragment arrived inside a dataset")
+                    command_parts.append(value)
+                    if sum(len(part) for part in command_parts) > MAX_COMMAND_BYTES:
+                        raise ProtocolError("command set larger than 64 KiB")
+                    if not is_last:
+                        continue
+                    command = _command_elements(b"".join(command_parts))
+                    command_parts.clear()
+                    if _as_us(command, CommandTag.COMMAND_DATA_SET_TYPE) != NO_DATA_SET:
+                        continue
+                    yield context_id, command, None
+                else:
+                    if command is None:
+                        raise ProtocolError("a dataset fragment arrived before its command")
+                    dataset_parts.append(value)
+                    dataset_bytes += len(value)
+                    if dataset_bytes > limits.max_dataset_bytes:
+                        raise ProtocolError(
+                            f"dataset larger than {limits.max_dataset_bytes >> 20} MiB"
+                        )
+                    if not is_last:
+                        continue
+                    dataset = b"".join(dataset_parts)
+                    dataset_parts.clear()
+                    dataset_bytes = 0
+                    yield context_id, command, dataset
+                command = None
+                message_context = None
+                message_started, message_bytes = None, 0
+
+    def _dispatch(
+        self,
+        association: Association,
+        context_id: int,
+        command: dict[int, bytes],
+        dataset: bytes | None,
+    ) -> Reply:
+        field_ = _as_us(command, CommandTag.COMMAND_FIELD)
+        context = association.contexts[context_id]
+        if field_ == CommandField.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
+            return Reply(Status.SUCCESS)
+        if field_ != CommandField.C_STORE_RQ or context.abstract_syntax == VERIFICATION:
+            return Reply(Status.UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are served")
+        if dataset is None:
+            return Reply(Status.CANNOT_UNDERSTAND, "C-STORE-RQ without a dataset")
+        request = StoreRequest(
+            message_id=_as_us(command, CommandTag.MESSAGE_ID),
+            sop_class_uid=_as_uid(command, CommandTag.AFFECTED_SOP_CLASS_UID),
+            sop_instance_uid=_as_uid(command, CommandTag.AFFECTED_SOP_INSTANCE_UID),
+            transfer_syntax=UID(context.transfer_syntax[0]),
+            priority=_as_us(command, CommandTag.PRIORITY, default=0),
+        )
+        if request.sop_class_uid != context.abstract_syntax:
+            return Reply(
+                Status.SOP_CLASS_NOT_SUPPORTED,
+                "Affected SOP Class UID differs from the presentation context's",
+            )
+        try:
+            return self.server.services.store(association, request, dataset)
+        except Exception:  # a fault of ours must not take the association down with it
+            log.exception("association %s: storing %s failed", association.id, request.message_id)
+            return Reply(Status.PROCESSING_FAILURE, "processing failure in the receiver")
+
+    def _respond(self, context_id: int, command: dict[int, bytes], reply: Reply) -> None:
+        field_ = _as_us(command, CommandTag.COMMAND_FIELD) | CommandField.RESPONSE
+        elements = [
+            (
+                CommandTag.AFFECTED_SOP_CLASS_UID,
+                command.get(CommandTag.AFFECTED_SOP_CLASS_UID, b""),
+            ),
+            (CommandTag.COMMAND_FIELD, struct.pack("<H", field_)),
+            (CommandTag.MESSAGE_ID_BEING_RESPONDED_TO, command.get(CommandTag.MESSAGE_ID, b"\0\0")),
+            (CommandTag.COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
+            (CommandTag.STATUS, struct.pack("<H", reply.status)),
+        ]
+        if reply.comment:
+            comment = _padded(reply.comment[:64].encode("ascii", "replace"))
+            elements.append((CommandTag.ERROR_COMMENT, comment))
+        if CommandTag.AFFECTED_SOP_INSTANCE_UID in command:
+            uid = command[CommandTag.AFFECTED_SOP_INSTANCE_UID]
+            elements.append((CommandTag.AFFECTED_SOP_INSTANCE_UID, uid))
+        body = b"".join(_element(tag, value) for tag, value in elements)
+        encoded = _element(CommandTag.GROUP_LENGTH, struct.pack("<I", len(body))) + body
+        self._send(_p_data(context_id, encoded, self._peer_max_pdu))
+
+    def _read_pdu(self, limit: int, deadline: float, what: str) -> tuple[int, bytearray]:
+        """One whole PDU, or Deadline if it has not all arrived by `deadline`."""
+        header = self._read_exactly(_PDU_HEADER.size, deadline, what)
+        pdu_type, length = _PDU_HEADER.unpack(header)
+        if pdu_type not in PDU_TYPES:
+            raise ProtocolError(f"unknown PDU type {pdu_type:#04x}", AbortReason.UNRECOGNIZED_PDU)
+        if length > limit:
+            raise ProtocolError(f"{what} of {length} bytes exceeds the {limit} accepted")
+        return pdu_type, self._read_exactly(length, deadline, what)
+
+    def _read_exactly(self, count: int, deadline: float, what: str) -> bytearray:
+        """`count` bytes into a buffer that grows as they arrive."""
+        buffer = bytearray(min(count, FIRST_READ))
+        received = 0
+        while received < count:
+            if received == len(buffer):
+                buffer.extend(bytes(min(count - received, len(buffer), READ_STEP)))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Deadline(f"{what} not received whole in time ({received} of {count} bytes)")
+            self.request.settimeout(remaining)
+            try:
+                with memoryview(buffer) as view:
+                    read = self.request.recv_into(view[received:], len(buffer) - received)
+            except TimeoutError as exc:
+                raise Deadline(
+                    f"{what} not received whole in time ({received} of {count} bytes)"
+                ) from exc
+            if read == 0:
+                raise EOFError("connection closed by the peer")
+            received += read
+        return buffer
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.request.settimeout(self.server.limits.network_timeout)
+            self.request.sendall(data)
+
+
+def _decode_associate_rq(body: bytearray) -> A_ASSOCIATE:
+    """The A-ASSOCIATE-RQ as pynetdicom reads it; ProtocolError for anything malformed (its
+    decoder raises AssertionError, KeyError, struct.error, UnicodeDecodeError...)."""
+    pdu = A_ASSOCIATE_RQ()
+    try:
+        pdu.decode(_PDU_HEADER.pack(PduType.ASSOCIATE_RQ, len(body)) + bytes(body))
+        request = pdu.to_primitive()
+        request.calling_ae_title.strip()
+        request.called_ae_title.strip()
+    except Exception as exc:
+        detail = str(exc) or type(exc).__name__
+        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {detail}") from exc
+    return request
+
+
+def _check_contexts(proposed: list[PresentationContext]) -> None:
+    """Each proposed presentation context names one abstract syntax and a transfer syntax."""
+    if not proposed:
+        raise ProtocolError("A-ASSOCIATE-RQ proposes no presentation context")
+    for context in proposed:
+        if context.context_id is None or not context.abstract_syntax:
+            raise ProtocolError(f"presentation context {context.context_id} has no abstract syntax")
+        if not context.transfer_syntax:
+            raise ProtocolError(f"presentation context {context.context_id} has no transfer syntax")
+
+
+def _peer_of(connection: socket.socket) -> object:
+    try:
+        return connection.getpeername()
+    except OSError:
+        return "a closed connection"
+
+
+def _address(client_address: object) -> str:
+    if isinstance(client_address, tuple) and len(client_address) >= 2:
+        return f"{client_address[0]}:{client_address[1]}"
+    return str(client_address)
+
+
+def _pdvs(body: bytearray) -> Iterator[tuple[int, bool, bool, memoryview]]:
+    """The presentation data values of a P-DATA-TF body: context, command?, last?, value."""
+    view = memoryview(body)
+    offset = 0
+    if not body:
+        raise ProtocolError("P-DATA-TF without presentation data values")
+    while offset < len(body):
+        if offset + 6 > len(body):
+            raise ProtocolError("truncated presentation data value item")
+        length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
+        end = offset + 4 + length
+        if length < 2 or end > len(body):
+            raise ProtocolError(f"presentation data value item of invalid length {length}")
+        flags = MessageControl(control & (MessageControl.COMMAND | MessageControl.LAST))
+        yield (
+            context_id,
+            MessageControl.COMMAND in flags,
+            MessageControl.LAST in flags,
+            view[offset + 6 : end],
+        )
+        offset = end
+
+
+def _p_data(context_id: int, message: bytes, peer_max_pdu: int) -> bytes:
+    """A command as P-DATA-TF PDUs, each within the peer's maximum PDU length."""
+    room = peer_max_pdu - 6 if peer_max_pdu else len(message)
+    room = max(room, 1)
+    pdus = []
+    for start in range(0, len(message), room):
+        fragment = message[start : start + room]
+        control = MessageControl.COMMAND
+        if start + room >= len(message):
+            control |= MessageControl.LAST
+        pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
+        pdus.append(_PDU_HEADER.pack(PduType.P_DATA_TF, len(pdv)) + pdv)
+    return b"".join(pdus)
+
+
+def _command_elements(data: bytes) -> dict[int, bytes]:
+    """The elements of a command set (Implicit VR Little Endian, PS3.7 6.3.1) by tag."""
+    elements = {}
+    offset = 0
+    while offset < len(data):
+        if offset + 8 > len(data):
+            raise ProtocolError("truncated command set")
+        group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
+        offset += 8
+        if group != COMMAND_GROUP:
+            raise ProtocolError(f"command set holds element ({group:04X},{element:04X})")
+        if offset + length > len(data):
+            raise ProtocolError(f"command element ({group:04X},{element:04X}) is truncated")
+        elements[(group << 16) | element] = data[offset : offset + length]
+        offset += length
+    return elements
+
+
+def _as_us(command: dict[int, bytes], tag: int, default: int | None = None) -> int:
+    value = command.get(tag)
+    if value is None and default is not None:
+        return default
+    if value is None or len(value) != 2:
+        raise ProtocolError(f"command element {tag:08X} is missing or not a US")
+    return int(struct.unpack("<H", value)[0])
+
+
+def _as_uid(command: dict[int, bytes], tag: int) -> str:
+    return command.get(tag, b"").decode("ascii", "replace").rstrip("\0 ")
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    return _ELEMENT_HEADER.pack(tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _padded(value: bytes) -> bytes:
+    return value + b" " if len(value) % 2 else value

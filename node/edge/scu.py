@@ -1,0 +1,144 @@
+"""The node as a DIMSE client: associations with configured peers, C-ECHO and C-STORE."""
+
+from __future__ import annotations
+
+import enum
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, Association
+
+from node.config import Peer
+from node.edge.protocol import VERIFICATION, StoreWarning
+from node.ingest.intake import Status
+
+STORED = {Status.SUCCESS, *StoreWarning}
+"""The C-STORE response statuses of an instance the peer kept."""
+
+
+class CStorePriority(enum.IntEnum):
+    """The C-STORE request's Priority (PS3.7 9.1.1.1)."""
+
+    MEDIUM = 0
+    HIGH = 1
+    LOW = 2
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """The outcome of a C-ECHO: `status` is None when no association was made."""
+
+    ok: bool
+    status: int | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of sending files: ok when every one was stored (success or warning);
+    `stored` names the SOP instances the peer acknowledged."""
+
+    ok: bool
+    detail: str
+    stored: tuple[str, ...] = ()
+
+
+def _tls_args(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+    if peer.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(peer.tls.ca_file))
+    if peer.tls.cert_file is not None:
+        key = str(peer.tls.key_file) if peer.tls.key_file else None
+        context.load_cert_chain(str(peer.tls.cert_file), key)
+    return context, peer.host
+
+
+def associate(
+    ae: AE,
+    peer: Peer,
+    roles: list[Any] | None = None,
+    handlers: list[Any] | None = None,
+) -> Association | str:
+    """An established association with `peer` (with SCP/SCU `roles` and event `handlers`),
+    or why there is none."""
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        tls_args=_tls_args(peer),
+        ext_neg=roles,
+        evt_handlers=handlers,
+    )
+    if assoc.is_established:
+        return assoc
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if assoc.is_rejected:
+        return f"association rejected by {where}"
+    return f"no association with {where} (down, unreachable or aborted)"
+
+
+def echo(local_ae_title: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
+    """Open an association to `peer`, send C-ECHO, release."""
+    ae = AE(ae_title=local_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(VERIFICATION)
+    assoc = associate(ae, peer)
+    if isinstance(assoc, str):
+        return EchoResult(False, None, assoc)
+    try:
+        response = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(response.Status) if "Status" in response else None
+    if code is None:
+        return EchoResult(False, None, "no response to C-ECHO")
+    return EchoResult(code == 0, code, f"status 0x{code:04X}")
+
+
+def store(
+    local_ae_title: str,
+    peer: Peer,
+    files: Sequence[Path],
+    timeout: float = 30.0,
+    priority: CStorePriority = CStorePriority.MEDIUM,
+) -> StoreResult:
+    """C-STORE every file in one association. Each SOP class is proposed in the file's own
+    transfer syntax and in Explicit VR Little Endian, so a peer that refuses the first still
+    gets the objects."""
+    datasets = [pydicom.dcmread(path) for path in files]
+    ae = AE(ae_title=local_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        syntaxes = {
+            str(ds.file_meta.TransferSyntaxUID) for ds in datasets if ds.SOPClassUID == sop_class
+        }
+        ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian}))
+    assoc = associate(ae, peer)
+    if isinstance(assoc, str):
+        return StoreResult(False, assoc)
+    stored: list[str] = []
+    failures: list[str] = []
+    try:
+        for ds in datasets:
+            response = assoc.send_c_store(ds, priority=priority)
+            code = int(response.Status) if "Status" in response else None
+            if code in STORED:
+                stored.append(str(ds.SOPInstanceUID))
+                continue
+            comment = str(response.get("ErrorComment", "")).strip()
+            status = "no response" if code is None else f"status 0x{code:04X}"
+            failures.append(f"{ds.SOPInstanceUID}: {status}{f' ({comment})' if comment else ''}")
+            if code is None:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    counts = f"{len(stored)} of {len(datasets)} stored"
+    if failures:
+        return StoreResult(False, f"{counts}; " + "; ".join(failures), tuple(stored))
+    return StoreResult(True, counts, tuple(stored))

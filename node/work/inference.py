@@ -1,0 +1,94 @@
+"""One pipeline run on one series: check, load, infer, encode, save. The worker and
+`ainode run` both go through here, so a result is the same whichever way it was made."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.work.guard import GuardScore
+from node.work.results.encode import encode_result
+from node.work.results.identity import ResultIdentity
+from pipelines.base import BadInput, Pipeline, Stage, Unavailable
+from pipelines.result import PipelineResult
+from pipelines.volume import Progress, Volume, VolumeOptions, load_volume
+
+
+@dataclass
+class Processed:
+    volume: Volume
+    result: PipelineResult
+    folder: Path
+    objects: list[Path]
+
+
+def process_series(
+    pipeline: Pipeline,
+    files: Sequence[Path],
+    options: VolumeOptions,
+    revision: int,
+    station: str,
+    folder_for: Callable[[Volume], Path],
+    decoded: Progress | None = None,
+    stage: Stage | None = None,
+    guard: GuardScore | None = None,
+) -> Processed:
+    """Run `pipeline` on the series in `files` and write its result (result.json, masks.npz,
+    SEG, SR, key images) to `folder_for(volume)`. Raises BadInput or Unavailable.
+    `guard`: the series' input-guard score, which the SR reports."""
+    stage = stage or (lambda _: None)
+    loaded = load_series(pipeline, files, options, stage, decoded)
+    result = pipeline.run(loaded.volume, stage)
+    return finish_series(pipeline, loaded, result, revision, station, folder_for, stage, guard)
+
+
+@dataclass
+class Loaded:
+    volume: Volume
+    seconds: float
+
+
+def load_series(
+    pipeline: Pipeline,
+    files: Sequence[Path],
+    options: VolumeOptions,
+    stage: Stage,
+    decoded: Progress | None = None,
+) -> Loaded:
+    """The series in `files` as the pipeline wants it; raises BadInput or Unavailable."""
+    problem = pipeline.problem()
+    if problem:
+        raise Unavailable(problem)
+    if not files:
+        raise BadInput("the series has no stored instances")
+    stage("decode")
+    clock = time.perf_counter()
+    volume = load_volume(files, options, pipeline.requirements, decoded)
+    return Loaded(volume, time.perf_counter() - clock)
+
+
+def finish_series(
+    pipeline: Pipeline,
+    loaded: Loaded,
+    result: PipelineResult,
+    revision: int,
+    station: str,
+    folder_for: Callable[[Volume], Path],
+    stage: Stage,
+    guard: GuardScore | None = None,
+) -> Processed:
+    """Encode `result` of the loaded series as DICOM and save it to `folder_for(volume)`."""
+    volume = loaded.volume
+    result.timings = {"load": loaded.seconds, **result.timings}
+    stage("encode")
+    folder = folder_for(volume)
+    identity = ResultIdentity(
+        pipeline.name, pipeline.version, volume.series_instance_uid, revision, station
+    )
+    clock = time.perf_counter()
+    objects = encode_result(result, volume, identity, folder, guard)
+    result.timings["encoding"] = time.perf_counter() - clock
+    result.save(folder)
+    return Processed(volume, result, folder, objects)

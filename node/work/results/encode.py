@@ -1,0 +1,73 @@
+"""Encode a pipeline result for one series revision: SEG (when there are masks), SR, and
+key images (sent only to destinations that ask for them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+from node.work.guard import GuardScore
+from node.work.results.files import SEG_FILE, SR_FILE, key_image_file
+from node.work.results.identity import ResultIdentity, with_type2_attributes
+from node.work.results.key_images import build_key_images
+from node.work.results.seg import build_segmentation
+from node.work.results.sr import build_report
+from pipelines import codes
+from pipelines.result import PipelineResult
+from pipelines.volume import Volume
+
+
+def source_headers(volume: Volume) -> list[Dataset]:
+    """The source images' headers in volume order (one per file for multi-frame images),
+    with the Type 2 attributes derived objects must carry."""
+    return [with_type2_attributes(ds) for ds in volume.file_headers]
+
+
+def declare_private_codes(dataset: Dataset) -> None:
+    """Name the private coding scheme in the object when it uses it (PS3.3 C.12.1.1.2)."""
+    used = []
+
+    def note(_: Dataset, element: DataElement) -> None:
+        if element.keyword == "CodingSchemeDesignator" and element.value == codes.PRIVATE_SCHEME:
+            used.append(element)
+
+    dataset.walk(note)
+    if not used:
+        return
+    item = Dataset()
+    item.CodingSchemeDesignator = codes.PRIVATE_SCHEME
+    item.CodingSchemeName = codes.PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = "ainode project"
+    dataset.CodingSchemeIdentificationSequence = [item]
+
+
+def encode_result(
+    result: PipelineResult,
+    volume: Volume,
+    identity: ResultIdentity,
+    folder: Path,
+    guard: GuardScore | None = None,
+) -> list[Path]:
+    """Write seg.dcm, sr.dcm and key-image-N.dcm to `folder` (each when there is something
+    for it); returns the files written. `guard`: the series' input-guard score, for the SR."""
+    sources = source_headers(volume)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    segmentation = None
+    if result.masks:
+        segmentation = build_segmentation(result, volume, sources, identity)
+        declare_private_codes(segmentation)
+        segmentation.save_as(folder / SEG_FILE, enforce_file_format=True)
+        written.append(folder / SEG_FILE)
+    if result.reportable:
+        report = build_report(result, volume, sources, segmentation, identity, guard)
+        declare_private_codes(report)
+        report.save_as(folder / SR_FILE, enforce_file_format=True)
+        written.append(folder / SR_FILE)
+    for number, image in enumerate(build_key_images(result, volume, sources, identity), 1):
+        path = folder / key_image_file(number)
+        image.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written

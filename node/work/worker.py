@@ -1,0 +1,393 @@
+"""Worker processes: claim a job, run its pipeline on the stored series, record the outcome.
+
+Each worker is its own process (the GPU belongs to processes, not threads) and keeps its
+pipelines loaded between jobs. While a job runs, a thread renews its lease; a worker that
+dies stops renewing, and the scheduler puts the job back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from node.config import Settings, api_link
+from node.delivery.notify import queue_notifications
+from node.flow.queue import ClaimedJob, JobQueue
+from node.ingest.intake import Delivery, Intake, Sender, Status
+from node.ingest.part10 import read_part10
+from node.ops.audit import JobEnded, record_quietly
+from node.ops.lifecycle import stop_when_parent_exits
+from node.ops.logs import configure_logging
+from node.ops.metrics import GPU_MEMORY, JOB_SECONDS, JOBS
+from node.store.catalog import Catalog
+from node.store.db.engine import make_engine
+from node.store.db.models import Instance, Job, Source, WorkState
+from node.store.leased import RetryPolicy
+from node.store.storage import InstanceStore
+from node.work.guard import GuardScore, series_score
+from node.work.inference import Loaded, Processed, finish_series, load_series, process_series
+from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary
+from pipelines.anatomy.shared import share_in
+from pipelines.base import BadInput, BatchedPipeline, Pipeline, Stage, Unavailable
+from pipelines.registry import build_pipelines
+from pipelines.result import PipelineResult
+from pipelines.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy.of(settings.workers)
+
+
+class Worker:
+    """Runs jobs with `pipelines` (name -> pipeline, loaded once per process)."""
+
+    def __init__(self, settings: Settings, name: str, pipelines: Mapping[str, Pipeline]) -> None:
+        self.name = name
+        self._settings = settings
+        self._engine = make_engine(settings.database.url)
+        self.queue = JobQueue(self._engine, retry_policy(settings))
+        self._outcomes = OutcomeRecorder(
+            self._engine, settings.dispatch.max_attempts, settings.notifications, api_link(settings)
+        )
+        self._store = InstanceStore(settings.storage.path)
+        self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)
+        self._pipelines = pipelines
+
+    def derived_folder(self, volume: Volume) -> Path:
+        """Where the pipelines keep what they derive from `volume`'s series."""
+        return self._store.derived_of(volume.study_instance_uid, volume.series_instance_uid)
+
+    def run_once(self) -> bool:
+        """Claim and run one job, or a batch of jobs of one pipeline that runs batches;
+        False when the queue had nothing runnable."""
+        lease = self._settings.workers.lease_seconds
+        job = self.queue.claim(self.name, lease)
+        if job is None:
+            return False
+        pipeline = self._pipelines.get(job.pipeline)
+        jobs = [job]
+        limit = pipeline.batch_limit() if isinstance(pipeline, BatchedPipeline) else 1
+        if limit > 1:
+            jobs += self._more_jobs(job, limit - 1)
+        for claimed in jobs:
+            log.info(
+                "job %d: %s on series %s rev %d (attempt %d)",
+                claimed.id,
+                claimed.pipeline,
+                claimed.series_instance_uid,
+                claimed.revision,
+                claimed.attempt,
+            )
+        stop_renewing = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew, args=(jobs, stop_renewing), name="lease", daemon=True
+        )
+        renewer.start()
+        try:
+            if len(jobs) > 1 and isinstance(pipeline, BatchedPipeline):
+                self._run_batch(pipeline, jobs)
+            else:
+                started = time.monotonic()
+                try:
+                    done: Processed | Exception = self._execute(job)
+                except Exception as exc:
+                    done = exc
+                self._settle(job, done, started)
+        finally:
+            stop_renewing.set()
+            renewer.join()
+        return True
+
+    def _more_jobs(self, job: ClaimedJob, limit: int) -> list[ClaimedJob]:
+        """Up to `limit` more waiting jobs of the job's pipeline, for one batch; none when
+        the database is busy (the job in hand runs alone)."""
+        try:
+            return self.queue.claim_more(
+                self.name, self._settings.workers.lease_seconds, job.pipeline, limit
+            )
+        except OperationalError as exc:
+            log.warning("job %d runs alone: no more jobs claimed for its batch: %s", job.id, exc)
+            return []
+
+    def _settle(
+        self, job: ClaimedJob, done: Processed | Exception, started: float, batch: int = 1
+    ) -> None:
+        """Record how the job ended: its result, or why it failed."""
+        if isinstance(done, BadInput):
+            state = self.queue.fail(job.id, self.name, f"bad input: {done}", permanent=True)
+            log.warning("job %d failed (%s): %s", job.id, state, done)
+            self._audit(job, str(state), None)
+        elif isinstance(done, Unavailable):
+            detail = f"pipeline {job.pipeline} unavailable: {done}"
+            state = self.queue.fail(job.id, self.name, detail, permanent=True)
+            log.warning("job %d failed (%s): %s", job.id, state, detail)
+            self._audit(job, str(state), None)
+        elif isinstance(done, Exception):
+            detail = "".join(traceback.format_exception_only(done)).strip()
+            state = self.queue.fail(job.id, self.name, detail, permanent=False)
+            log.warning("job %d error (%s): %s", job.id, state, detail)
+            self._audit(job, str(state), None)
+        else:
+            self._measure(job.pipeline, done, time.monotonic() - started)
+            result = done.result
+            outcome = JobOutcome(
+                job.id,
+                self.name,
+                summarize(done, batch),
+                done.objects,
+                result.embedding,
+                result.profile,
+            )
+            if self._outcomes.record(outcome):
+                log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
+                self._audit(job, "succeeded", done)
+                self._keep_results(job.id, done.objects)
+            else:
+                log.warning("job %d finished after losing its lease; result dropped", job.id)
+                self._audit(job, "dropped", done)
+
+    def _run_batch(self, pipeline: BatchedPipeline, jobs: list[ClaimedJob]) -> None:
+        """Load each job's series (one that cannot be loaded fails alone), run them through
+        the network together, encode each result. If the batch fails as a whole, each
+        series runs alone, so that one cannot fail the others."""
+        started = time.monotonic()
+        ready: list[tuple[ClaimedJob, Loaded, GuardScore | None]] = []
+        for job in jobs:
+            try:
+                files, guard = self._inputs(job)
+                loaded = load_series(
+                    pipeline, files, self._settings.volume.options(), self._stage(job)
+                )
+            except Exception as exc:
+                self._settle(job, exc, started)
+            else:
+                ready.append((job, loaded, guard))
+        if not ready:
+            return
+        stage = self._stage(*(job for job, _, _ in ready))
+        try:
+            results: list[PipelineResult | Exception] = list(
+                pipeline.run_batch([loaded.volume for _, loaded, _ in ready], stage)
+            )
+        except Exception as exc:
+            log.warning(
+                "%s: a batch of %d series failed (%s); running each alone",
+                pipeline.name,
+                len(ready),
+                exc,
+            )
+            results = [self._alone(pipeline, loaded, job) for job, loaded, _ in ready]
+        for (job, loaded, guard), result in zip(ready, results, strict=True):
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                done: Processed | Exception = self._finish(pipeline, job, loaded, result, guard)
+            except Exception as exc:
+                done = exc
+            self._settle(job, done, started, len(ready))
+
+    def _alone(
+        self, pipeline: Pipeline, loaded: Loaded, job: ClaimedJob
+    ) -> PipelineResult | Exception:
+        try:
+            return pipeline.run(loaded.volume, self._stage(job))
+        except Exception as exc:
+            return exc
+
+    def run(self, stopping: threading.Event) -> None:
+        poll = self._settings.workers.poll_seconds
+        while not stopping.is_set():
+            if not self.run_once():
+                stopping.wait(poll)
+        self._engine.dispose()
+
+    def _execute(self, job: ClaimedJob) -> Processed:
+        """Run the job's pipeline on the stored instances of its series revision."""
+        pipeline = self._pipeline(job)
+        files, guard = self._inputs(job)
+        return process_series(
+            pipeline,
+            files,
+            self._settings.volume.options(),
+            job.revision,
+            self._settings.node.ae_title,
+            self._folder_for(job, pipeline),
+            stage=self._stage(job),
+            guard=guard,
+        )
+
+    def _finish(
+        self,
+        pipeline: Pipeline,
+        job: ClaimedJob,
+        loaded: Loaded,
+        result: PipelineResult,
+        guard: GuardScore | None,
+    ) -> Processed:
+        return finish_series(
+            pipeline,
+            loaded,
+            result,
+            job.revision,
+            self._settings.node.ae_title,
+            self._folder_for(job, pipeline),
+            self._stage(job),
+            guard,
+        )
+
+    def _pipeline(self, job: ClaimedJob) -> Pipeline:
+        pipeline = self._pipelines.get(job.pipeline)
+        if pipeline is None:
+            raise BadInput(f"pipeline {job.pipeline!r} is not installed on this node")
+        return pipeline
+
+    def _inputs(self, job: ClaimedJob) -> tuple[list[Path], GuardScore | None]:
+        """The stored files of the job's series revision, and the series' guard score."""
+        with self._engine.connect() as conn:
+            paths = conn.execute(
+                select(Instance.path).where(
+                    Instance.series_id == job.series_id, Instance.revision <= job.revision
+                )
+            ).scalars()
+            files = [self._settings.storage.path / p for p in paths]
+            guard = series_score(conn, job.series_id, job.revision)
+        return files, guard
+
+    def _folder_for(self, job: ClaimedJob, pipeline: Pipeline) -> Callable[[Volume], Path]:
+        return lambda volume: self._store.results_of(
+            volume.study_instance_uid, job.series_instance_uid, job.revision, pipeline.name
+        )
+
+    def _stage(self, *jobs: ClaimedJob) -> Stage:
+        """Notes each stage the jobs enter, for the dashboard."""
+
+        def note(stage: str) -> None:
+            for job in jobs:
+                self._note_stage(job.id, stage)
+
+        return note
+
+    def _note_stage(self, job_id: int, stage: str) -> None:
+        """Record the stage for the dashboard; a busy database only costs the note."""
+        try:
+            self.queue.set_stage(job_id, self.name, stage)
+        except OperationalError as exc:
+            log.debug("job %d: stage %r not recorded: %s", job_id, stage, exc)
+
+    def _audit(self, job: ClaimedJob, state: str, done: Processed | None) -> None:
+        JOBS.labels(job.pipeline, state).inc()
+        if state in (WorkState.FAILED, WorkState.DEAD):
+            self._notify_failure(job.id, state)
+        facts = JobEnded(
+            job=job.id,
+            pipeline=job.pipeline,
+            series=[job.series_instance_uid],
+            revision=job.revision,
+            state=state,
+            version=done.result.version if done is not None else None,
+            positive=done.result.positive if done is not None else None,
+        )
+        study = done.volume.study_instance_uid if done is not None else None
+        record_quietly(self._engine, self.name, facts, study)
+
+    def _notify_failure(self, job_id: int, state: str) -> None:
+        settings = self._settings
+        try:
+            with self._engine.begin() as conn:
+                error = conn.execute(select(Job.error).where(Job.id == job_id)).scalar_one()
+                queue_notifications(
+                    conn,
+                    job_id,
+                    settings.notifications,
+                    {"failed"},
+                    settings.dispatch.max_attempts,
+                    state=state,
+                    error=error,
+                    link=api_link(settings),
+                )
+        except Exception as exc:  # the job's failure is recorded; its notice is not
+            log.error("job %d: failure notification not queued: %s", job_id, exc)
+
+    def _measure(self, pipeline: str, done: Processed, seconds: float) -> None:
+        for stage, stage_seconds in done.result.timings.items():
+            JOB_SECONDS.labels(pipeline, stage).observe(stage_seconds)
+        JOB_SECONDS.labels(pipeline, "total").observe(seconds)
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            torch = sys.modules["torch"]
+            GPU_MEMORY.labels(self.name).set(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    def _keep_results(self, job_id: int, objects: list[Path]) -> None:
+        """The job's SR and SEG join their study in the node's own store, where QIDO-RS and
+        WADO-RS serve them beside the images (routing never takes them for input)."""
+        ae_title = self._settings.node.ae_title
+        delivery = Delivery(Sender(uuid.uuid4().hex, ae_title, ae_title, None, Source.NODE))
+        try:
+            for path in objects:
+                data = path.read_bytes()
+                header = read_part10(data)
+                dataset = data[header.dataset_offset :]
+                answer = self._intake.accept(delivery, dataset, header.transfer_syntax)
+                if answer.status != Status.SUCCESS:
+                    log.warning("job %d: %s not kept: %s", job_id, path.name, answer.reason)
+        except (OSError, ValueError) as exc:
+            log.warning("job %d: results not kept in the store: %s", job_id, exc)
+        finally:
+            self._intake.close(delivery, released=True)
+
+    def _renew(self, jobs: list[ClaimedJob], stop: threading.Event) -> None:
+        lease = self._settings.workers.lease_seconds
+        held = [job.id for job in jobs]
+        while held and not stop.wait(lease / 3):
+            for job_id in list(held):
+                if not self.queue.renew(job_id, self.name, lease):
+                    log.warning("job %d: lease lost (cancelled or expired)", job_id)
+                    held.remove(job_id)
+
+
+def summarize(done: Processed, batch: int = 1) -> ResultSummary:
+    """What the job records of its result."""
+    return ResultSummary.model_validate(
+        {
+            **done.result.as_json(),
+            "batch": batch,
+            "output": str(done.folder),
+            "objects": [path.name for path in done.objects],
+            "dropped": list(done.volume.dropped),
+        }
+    )
+
+
+def run_worker_process(settings: Settings, index: int) -> None:
+    """Entry point of a worker process: work until SIGTERM, finishing the job in hand.
+
+    While it loads its pipelines (torch and the models: seconds, more under load) a SIGTERM
+    ends it at once: there is nothing in hand to finish yet."""
+    configure_logging(settings.logging.level)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pipelines = build_pipelines(settings.pipelines)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    stop_when_parent_exits(stopping)
+    if index == 0:
+        for name, pipeline in sorted(pipelines.items()):
+            problem = pipeline.problem()
+            if problem:
+                log.warning("pipeline %s is unavailable: %s", name, problem)
+    worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines)
+    share_in(worker.derived_folder)  # a series' lungs segmented once for every worker process
+    worker.run(stopping)

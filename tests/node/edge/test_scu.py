@@ -1,0 +1,118 @@
+"""C-STORE SCU against DCMTK storescp: plain, over TLS with the peer's CA, and refused when the
+certificate cannot be verified."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.config import Peer
+from node.edge.scu import store
+from tests.peers import free_port, storescp
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    files = {
+        name: folder / name
+        for name in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem", "ext.cnf")
+    }
+    files["ext.cnf"].write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    )
+    return files
+
+
+@pytest.fixture
+def results(real_series, tmp_path: Path) -> list[Path]:
+    """Two real CT slices to send."""
+    return real_series["lung-kernel"][:2]
+
+
+def test_store_sends_every_file(results: list[Path], tmp_path: Path) -> None:
+    port = free_port()
+    with storescp(port, tmp_path / "out"):
+        outcome = store("AINODE", Peer(ae_title="PACS", host="127.0.0.1", port=port), results)
+    assert outcome.ok and outcome.detail == "2 of 2 stored"
+    received = {pydicom.dcmread(p).SOPInstanceUID for p in (tmp_path / "out").iterdir()}
+    assert received == {pydicom.dcmread(p).SOPInstanceUID for p in results}
+
+
+def test_store_over_tls_verifies_the_peer(results: list[Path], tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path)
+    port = free_port()
+    tls = ("+tls", str(certs["server.key"]), str(certs["server.pem"]), "-ic")
+    peer = Peer.model_validate(
+        {
+            "ae_title": "PACS",
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": {"ca_file": str(certs["ca.pem"])},
+        }
+    )
+    stranger = Peer.model_validate(
+        {
+            "ae_title": "PACS",
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": {"ca_file": str(certs["server.pem"])},
+        }  # not the CA that signed the server
+    )
+    with storescp(port, tmp_path / "out", *tls):
+        trusted = store("AINODE", peer, results)
+        refused = store("AINODE", stranger, results, timeout=5)
+    assert trusted.ok, trusted.detail
+    assert not refused.ok and "no association with PACS@127.0.0.1" in refused.detail
+    assert len(list((tmp_path / "out").iterdir())) == 2
