@@ -33,10 +33,10 @@ from node.delivery.dispatch.dispatcher import Dispatcher
 from node.delivery.fetch.fetcher import Fetcher
 from node.delivery.fetch.priors import PriorsQueue
 from node.delivery.notify import Notifier
-from node.edge.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_receiver_process
 from node.flow.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.flow.queue import JobQueue
 from node.flow.routing.router import Router, RulesSource
+from node.ingest.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_receiver_process
 from node.ingest.recovery import recover_after_restart, rerecord_unrecorded
 from node.ops.audit import ApplicationEvent, record_quietly
 from node.ops.lifecycle import wait_for_stop

@@ -17,9 +17,9 @@ from node.delivery.notify import NotificationView, list_notifications
 from node.flow.queue import JobView, list_jobs
 from node.flow.routing import admin
 from node.ops.processes import ProcessStatus, process_statuses
+from node.store.catalog import distance_of
 from node.store.db.models import Association, Embedding, GuardReference, Series, Study
 from node.store.storage import InstanceStore
-from node.work.guard import distance_of
 from pipelines.registry import availability
 
 M = TypeVar("M", bound=BaseModel)

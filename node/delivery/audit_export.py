@@ -22,7 +22,6 @@ from typing import Any
 from xml.etree import ElementTree
 
 from sqlalchemy import Engine, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from node.config import Settings, SyslogSettings
 from node.ops.audit import (
@@ -37,6 +36,7 @@ from node.ops.audit import (
     list_events_after,
 )
 from node.store.db.models import AuditExport, Instance, Series, Study, utcnow
+from node.store.db.upsert import insert_into
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,7 @@ class AuditExporter:
         self._sender = SyslogSender(settings.audit.syslog)
         self._hostname = socket.gethostname()
         self._failing = False
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        self._upsert = dialect.insert(AuditExport)
+        self._upsert = insert_into(engine, AuditExport)
 
     def run_due(self) -> int:
         """Export what is waiting; how many events went out. The position is saved once

@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, select
 
-from node.config import NotificationTarget, Settings
-from node.store.db.models import Job, Notification, Series, Study, WorkState, utcnow
-from node.store.leased import LeasedQueue, RetryPolicy, newest, queued
+from node.config import Settings
+from node.store.db.models import Notification, WorkState
+from node.store.leased import LeasedQueue, RetryPolicy, newest
 
 log = logging.getLogger(__name__)
 
@@ -42,62 +40,6 @@ class NotificationView:
     error: str | None
     created_at: datetime
     finished_at: datetime | None
-
-
-def queue_notifications(
-    conn: Connection,
-    job_id: int,
-    targets: Mapping[str, NotificationTarget],
-    events: Iterable[str],
-    max_attempts: int,
-    **facts: object,
-) -> int:
-    """In the caller's transaction: one notification per target of the job that asks for one
-    of `events`; `facts` join the JSON. Returns how many were queued."""
-    job = conn.execute(
-        select(
-            Job.pipeline,
-            Job.notify,
-            Job.priority,
-            Series.series_instance_uid,
-            Study.study_instance_uid,
-            Study.accession_number,
-        )
-        .join(Series, Series.id == Job.series_id)
-        .join(Study, Study.id == Series.study_id)
-        .where(Job.id == job_id)
-    ).one()
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    now, created = utcnow(), 0
-    wanted = set(events)
-    for name in job.notify:
-        target = targets.get(name)
-        if target is None:
-            continue
-        for event in sorted(wanted & set(target.on)):
-            payload = {
-                "event": event,
-                "job": job_id,
-                "pipeline": job.pipeline,
-                "study_instance_uid": job.study_instance_uid,
-                "series_instance_uid": job.series_instance_uid,
-                "accession_number": job.accession_number,
-                **facts,
-            }
-            inserted = conn.execute(
-                dialect.insert(Notification)
-                .values(
-                    job_id=job_id,
-                    target=name,
-                    event=event,
-                    payload=json.dumps(payload, default=str),
-                    priority=job.priority,
-                    **queued(max_attempts, now),
-                )
-                .on_conflict_do_nothing()
-            ).rowcount
-            created += inserted
-    return created
 
 
 def list_notifications(engine: Engine, limit: int = 200) -> list[NotificationView]:

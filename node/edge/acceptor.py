@@ -63,7 +63,7 @@ from node.edge.protocol import (
     Rejection,
     ResultSource,
 )
-from node.ingest.intake import Status
+from node.edge.status import Status
 from node.ops.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,8 @@ class _Connection(socketserver.BaseRequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._send_lock = threading.Lock()
         self._peer_max_pdu = 0
+        self._heard = False
+        """Whether the peer has sent a byte (a port probe never does)."""
         self._address = _address(self.client_address)
         self.peer_host = str(self.client_address[0]) if self.client_address else ""
 
@@ -318,7 +320,9 @@ class _Connection(socketserver.BaseRequestHandler):
             self._log_end(association, f"aborted: {exc}")
             self.abort(AbortReason.NOT_SPECIFIED)
         except (OSError, EOFError) as exc:
-            self._log_end(association, f"connection lost: {exc}", level=logging.INFO)
+            # A health check or load balancer probing the port: not worth a line a probe.
+            level = logging.INFO if self._heard else logging.DEBUG
+            self._log_end(association, f"connection lost: {exc}", level=level)
         except Exception as exc:  # whatever a peer's bytes provoke: one line, never a trace
             self._log_end(association, f"aborted after {type(exc).__name__}: {exc}")
             self.abort(AbortReason.NOT_SPECIFIED)
@@ -594,6 +598,7 @@ class _Connection(socketserver.BaseRequestHandler):
                 ) from exc
             if read == 0:
                 raise EOFError("connection closed by the peer")
+            self._heard = True
             received += read
         return buffer
 

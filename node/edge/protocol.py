@@ -131,24 +131,3 @@ class MessageControl(enum.IntFlag):
     """The fragment is of a command set (else of a dataset)."""
     LAST = 0x02
     """The last fragment of its command set or dataset."""
-
-
-class RetrieveStatus(enum.IntEnum):
-    """Statuses of C-FIND, C-MOVE and C-GET responses beside success (PS3.4 C.4)."""
-
-    SUBOPERATIONS_WARNING = 0xB000
-    """Sub-operations complete, one or more failed or warned."""
-    PENDING = 0xFF00
-    PENDING_WARNING = 0xFF01
-    """Pending, an optional key not supported."""
-
-
-class StoreWarning(enum.IntEnum):
-    """C-STORE response statuses that still mean stored (PS3.4 B.2.3, PS3.7 C)."""
-
-    WARNING = 0x0001
-    ATTRIBUTE_LIST_ERROR = 0x0107
-    ATTRIBUTE_VALUE_OUT_OF_RANGE = 0x0116
-    COERCION_OF_DATA_ELEMENTS = 0xB000
-    ELEMENTS_DISCARDED = 0xB006
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007

@@ -13,9 +13,8 @@ from pynetdicom import AE, Association, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from node.config import Peer
-from node.edge.protocol import RetrieveStatus
 from node.edge.scu import associate
-from node.ingest.intake import Status
+from node.edge.status import RetrieveStatus, Status
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,7 @@
-"""The storage SCP: accept associations from known peers and hand each instance to the
-intake (`node.ingest.intake`), which stores and records it before the answer leaves.
-
-Bytes are stored exactly as received (no decode and re-encode). An association is recorded
-with its first instance: a C-ECHO never needs the database, and a database that cannot be
-written answers A700 per instance, with nothing left behind.
+"""The storage SCP: listen, admit associations from known peers, and hand each association
+and instance to its handler (ingest's `DimseIntake`, which stores and records an instance
+before the answer leaves), as pynetdicom binds handlers to events. It drains the instances in
+flight when it stops. The edge knows no database: the handler does.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import Protocol
 
 from node.config import InboundTlsSettings, Peer, Settings
 from node.edge.acceptor import Acceptor, Association, Limits, Reply, StoreRequest
@@ -23,24 +22,34 @@ from node.edge.protocol import (
     TEMPORARILY_UNAVAILABLE,
     Rejection,
 )
-from node.ingest.intake import Answer, Delivery, Intake, Sender, Status
-from node.ingest.metadata import InstanceMetadata
+from node.edge.status import Status
 from node.ops.lifecycle import CannotListen
-from node.ops.metrics import OPEN_ASSOCIATIONS
-from node.store.db.models import Source
 
 log = logging.getLogger(__name__)
+
+
+class InstanceHandler(Protocol):
+    """What the storage SCP hands each association and instance to."""
+
+    def problem(self) -> str | None:
+        """Why nothing can be stored now (associations are then refused), or None."""
+
+    def opened(self, association: Association) -> None: ...
+
+    def closed(self, association: Association) -> None: ...
+
+    def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply:
+        """Store the instance durably, then answer."""
 
 
 class StorageSCP:
     """Verification and every Storage SOP class, in every transfer syntax pydicom knows."""
 
-    def __init__(self, settings: Settings, intake: Intake) -> None:
+    def __init__(self, settings: Settings, handler: InstanceHandler) -> None:
         self._settings = settings
-        self._intake = intake
+        self._handler = handler
         self._peer_addresses = {peer.ae_title: _addresses(peer) for peer in settings.peers.values()}
         self._acceptors: list[Acceptor] = []
-        self._deliveries: dict[str, Delivery] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
@@ -108,7 +117,7 @@ class StorageSCP:
         node = self._settings.node
         if called_ae != node.ae_title:
             return CALLED_AE_NOT_RECOGNIZED
-        if self._stopping or self._intake.problem() is not None:
+        if self._stopping or self._handler.problem() is not None:
             return TEMPORARILY_UNAVAILABLE
         addresses = self._peer_addresses.get(calling_ae)
         if addresses is None:
@@ -125,60 +134,22 @@ class StorageSCP:
         return None
 
     def opened(self, association: Association) -> None:
-        sender = Sender(
-            association.id,
-            association.calling_ae,
-            association.called_ae,
-            association.address,
-            Source.DIMSE,
-        )
-        with self._lock:
-            self._deliveries[association.id] = Delivery(sender)
-        OPEN_ASSOCIATIONS.inc()
-        log.info(
-            "association %s accepted: %s -> %s from %s",
-            association.id,
-            association.calling_ae,
-            association.called_ae,
-            association.address,
-        )
+        self._handler.opened(association)
 
     def closed(self, association: Association) -> None:
-        with self._lock:
-            delivery = self._deliveries.pop(association.id, None)
-        if delivery is not None:
-            OPEN_ASSOCIATIONS.dec()
-            self._intake.close(delivery, association.released)
+        self._handler.closed(association)
 
     def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply:
         with self._lock:
             if self._stopping:
                 return Reply(Status.OUT_OF_RESOURCES, "node is shutting down, send again later")
             self._in_flight += 1
-            delivery = self._deliveries[association.id]
         try:
-            answer = self._intake.accept(
-                delivery,
-                dataset,
-                request.transfer_syntax,
-                lambda meta: _mismatch(meta, request),
-            )
-            return Reply(answer.status, answer.reason)
+            return self._handler.store(association, request, dataset)
         finally:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
-
-
-def _mismatch(meta: InstanceMetadata, request: StoreRequest) -> Answer | None:
-    """How the dataset contradicts its C-STORE-RQ, if it does."""
-    if meta.sop_class_uid != request.sop_class_uid:
-        reason = "SOPClassUID of the dataset differs from the Affected SOP Class UID"
-    elif meta.key.sop_instance_uid != request.sop_instance_uid:
-        reason = "SOPInstanceUID of the dataset differs from the Affected SOP Instance UID"
-    else:
-        return None
-    return Answer(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, reason)
 
 
 def _addresses(peer: Peer) -> frozenset[str]:

@@ -14,8 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, Association
 
 from node.config import Peer
-from node.edge.protocol import VERIFICATION, StoreWarning
-from node.ingest.intake import Status
+from node.edge.protocol import VERIFICATION
+from node.edge.status import Status, StoreWarning
 
 STORED = {Status.SUCCESS, *StoreWarning}
 """The C-STORE response statuses of an instance the peer kept."""

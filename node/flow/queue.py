@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from node.flow.routing.engine import JobRequest
 from node.store.db.models import Job, Series, WorkState, utcnow
+from node.store.db.upsert import insert_into
 from node.store.leased import LeasedQueue, RetryPolicy, queued
 
 
@@ -55,8 +55,7 @@ class JobQueue:
     def __init__(self, engine: Engine, policy: RetryPolicy | None = None) -> None:
         self._engine = engine
         self.leased = LeasedQueue(engine, Job, policy or RetryPolicy())
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        self._insert = dialect.insert(Job).on_conflict_do_nothing().returning(Job.id)
+        self._insert = insert_into(engine, Job).on_conflict_do_nothing().returning(Job.id)
 
     def enqueue(self, series_id: int, revision: int, requests: list[JobRequest]) -> list[int]:
         """Create the jobs of a series revision; a (revision, pipeline) pair exists only once."""

@@ -7,7 +7,6 @@ closed when it ends: a clean end is the release signal that series completion wa
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pydicom.uid import UID
 from sqlalchemy import Connection
 
+from node.edge.status import Status
 from node.ingest.metadata import InstanceMetadata, read_metadata, reencoded
 from node.ingest.part10 import file_meta
 from node.ingest.scan import Encoded
@@ -34,28 +34,6 @@ from node.store.storage import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class Status(enum.IntEnum):
-    """The statuses the node answers, over DIMSE and as STOW-RS Failure Reasons
-    (PS3.4 B.2.3, PS3.7 C, PS3.18 I.2.2)."""
-
-    SUCCESS = 0x0000
-    PROCESSING_FAILURE = 0x0110
-    SOP_CLASS_NOT_SUPPORTED = 0x0122
-    UNRECOGNIZED_OPERATION = 0x0211
-    OUT_OF_RESOURCES = 0xA700
-    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-    CANNOT_UNDERSTAND = 0xC000
-    """The dataset cannot be parsed, or is not whole, or not in its context's syntax."""
-    INVALID_UID = 0xC001
-    """A study, series or SOP Instance UID is missing or not a UID (Cannot Understand range)."""
-    DUPLICATE_SOP_INSTANCE = 0x0111
-    """Another instance with this SOP Instance UID is stored, with other attributes: the first
-    is kept (PS3.7 C.4 general status; a re-send in another transfer syntax is a duplicate)."""
-    STUDY_MISMATCH = 0xC409
-    """STOW-RS to a study's URL with an instance of another study (Cannot Understand range,
-    the code dcm4chee-arc uses)."""
 
 
 CONFLICT = "another instance with this SOP Instance UID is stored; the first copy is kept"

@@ -23,6 +23,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from node.ingest.scan import FIRST_PIXEL_DATA_TAG, Encoded, scan_dataset
+from node.store.db.models import STUDY_KEYWORDS
 from node.store.storage import InstanceKey
 
 log = logging.getLogger(__name__)
@@ -48,21 +49,6 @@ HOT_TAGS = (
 )
 """What the catalog reads of every instance (QIDO-RS answers the image's size at instance
 level); the rest only when a series is created."""
-
-
-STUDY_KEYWORDS = {
-    "study_description": "StudyDescription",
-    "study_date": "StudyDate",
-    "study_time": "StudyTime",
-    "dicom_study_id": "StudyID",
-    "accession_number": "AccessionNumber",
-    "referring_physician_name": "ReferringPhysicianName",
-    "patient_id": "PatientID",
-    "patient_name": "PatientName",
-    "patient_birth_date": "PatientBirthDate",
-    "patient_sex": "PatientSex",
-}
-"""Study columns and the attributes they hold (QIDO-RS matches and returns them)."""
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine, ScalarSelect, bindparam, func, insert, select, update
 
-from node.ingest.metadata import STUDY_KEYWORDS, InstanceMetadata
 from node.store.db.group_commit import GroupCommit
 from node.store.db.models import (
+    STUDY_KEYWORDS,
     Association,
+    Embedding,
     Instance,
     Series,
     SeriesAssociation,
@@ -28,6 +28,34 @@ from node.store.db.models import (
     utcnow,
 )
 from node.store.db.prepared import PreparedStatement
+from node.store.db.upsert import insert_into
+from node.store.storage import InstanceKey
+
+
+class InstanceMetadata(Protocol):
+    """What the catalog records of a received instance (ingest reads it from the bytes)."""
+
+    @property
+    def key(self) -> InstanceKey: ...
+    @property
+    def sop_class_uid(self) -> str: ...
+    @property
+    def instance_number(self) -> int | None: ...
+    @property
+    def rows(self) -> int | None: ...
+    @property
+    def columns(self) -> int | None: ...
+    @property
+    def bits_allocated(self) -> int | None: ...
+    @property
+    def number_of_frames(self) -> int | None: ...
+    @property
+    def study_fields(self) -> dict[str, object]:
+        """Study columns (`STUDY_KEYWORDS`), read when a series is created."""
+
+    @property
+    def series_fields(self) -> dict[str, object]:
+        """Series columns, read when a series is created."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +103,6 @@ class Catalog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._group = GroupCommit(engine)
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
         # Compiled once: building and compiling statements per instance costs more than
         # running them, and the hot four run on the DBAPI connection (`PreparedStatement`).
         self._touch_series = PreparedStatement(
@@ -89,7 +116,7 @@ class Catalog:
             engine.dialect,
         )
         self._insert_instance = PreparedStatement(
-            dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id),
+            insert_into(engine, Instance).on_conflict_do_nothing().returning(Instance.id),
             engine.dialect,
             column_keys=INSTANCE_COLUMNS,
         )
@@ -100,12 +127,12 @@ class Catalog:
             engine.dialect,
         )
         self._link = PreparedStatement(
-            dialect.insert(SeriesAssociation).on_conflict_do_nothing(),
+            insert_into(engine, SeriesAssociation).on_conflict_do_nothing(),
             engine.dialect,
             column_keys=("series_id", "association_id"),
         )
-        self._insert_study = _insert_or_complete_study(dialect)
-        self._insert_series = dialect.insert(Series).on_conflict_do_nothing()
+        self._insert_study = _insert_or_complete_study(engine)
+        self._insert_series = insert_into(engine, Series).on_conflict_do_nothing()
 
     def open_association(
         self, association_id: str, calling_ae: str, called_ae: str, peer_address: str | None
@@ -279,10 +306,10 @@ class Catalog:
             conn.execute(update(Series).where(Series.id == affected).values(instance_count=count))
 
 
-def _insert_or_complete_study(dialect: Any) -> Any:
+def _insert_or_complete_study(engine: Engine) -> Any:
     """A new study; one that exists (a prior's row, made before its instances arrived) gets
     the attributes it lacks."""
-    statement = dialect.insert(Study)
+    statement = insert_into(engine, Study)
     return statement.on_conflict_do_update(
         index_elements=[Study.study_instance_uid],
         set_={
@@ -348,3 +375,14 @@ def _instance_values(
         "association_id": receipt.association_id,
         "received_at": receipt.received_at,
     }
+
+
+def distance_of(series_id: object, revision: object) -> ScalarSelect[float | None]:
+    """The input guard's distance of a series revision (the farthest, where several embedding
+    pipelines scored it; written by `node.work.guard`) as a SQL expression, of values or of an
+    enclosing query's columns (`Series.id`, `Series.revision`)."""
+    return (
+        select(func.max(Embedding.guard_distance))
+        .where(Embedding.series_id == series_id, Embedding.revision == revision)
+        .scalar_subquery()
+    )

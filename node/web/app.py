@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from node.config import Settings
-from node.edge.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.ingest.intake import Intake
+from node.ingest.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS
 from node.ops.implementation import IMPLEMENTATION_VERSION_NAME
 from node.ops.logs import Throttle
 from node.store.catalog import Catalog

@@ -24,7 +24,8 @@ from pydicom.uid import UID
 from starlette.concurrency import run_in_threadpool
 
 from node.config import Role
-from node.ingest.intake import Answer, Delivery, Sender, Status
+from node.edge.status import Status
+from node.ingest.intake import Answer, Delivery, Sender
 from node.ingest.metadata import InstanceMetadata
 from node.ingest.part10 import read_part10
 from node.ops.metrics import INSTANCES

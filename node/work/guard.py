@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import Connection, Engine, ScalarSelect, func, select, update
+from sqlalchemy import Connection, Engine, select, update
 
 from node.store.db.models import Embedding, GuardReference, Series, Study, utcnow
 from node.store.db.upsert import upsert
@@ -218,17 +218,6 @@ def score_profile(conn: Connection, pipeline: str, profile: np.ndarray) -> Guard
     model's kind)."""
     reference = _reference(conn, pipeline)
     return None if reference is None else reference.score(profile)
-
-
-def distance_of(series_id: object, revision: object) -> ScalarSelect[float | None]:
-    """The guard distance of a series revision (the farthest, where several embedding
-    pipelines scored it) as a SQL expression, of values or of an enclosing query's columns
-    (`Series.id`, `Series.revision`)."""
-    return (
-        select(func.max(Embedding.guard_distance))
-        .where(Embedding.series_id == series_id, Embedding.revision == revision)
-        .scalar_subquery()
-    )
 
 
 def series_score(conn: Connection, series_id: int, revision: int) -> GuardScore | None:

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from node.config import NotificationTarget
-from node.delivery.notify import queue_notifications
 from node.flow.routing.router import route_again
 from node.store.db.models import Dispatch, Embedding, Job, Series, WorkState, utcnow
-from node.store.db.upsert import upsert
+from node.store.db.upsert import insert_into, upsert
 from node.store.leased import DUE, LeasedQueue, RetryPolicy, queued
+from node.store.notifications import queue_notifications
 from node.work.guard import GuardScore, score_profile
 
 log = logging.getLogger(__name__)
@@ -215,7 +214,6 @@ def create_dispatches(
     if not objects or not destinations:
         return
     now = utcnow()
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     rows = [
         {
             "job_id": job_id,
@@ -226,7 +224,7 @@ def create_dispatches(
         }
         for destination in dict.fromkeys(destinations)
     ]
-    insert = dialect.insert(Dispatch).values(rows)
+    insert = insert_into(conn, Dispatch).values(rows)
     conn.execute(
         insert.on_conflict_do_update(
             index_elements=["job_id", "destination"],

@@ -22,9 +22,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from node.config import Settings, api_link
-from node.delivery.notify import queue_notifications
+from node.edge.status import Status
 from node.flow.queue import ClaimedJob, JobQueue
-from node.ingest.intake import Delivery, Intake, Sender, Status
+from node.ingest.intake import Delivery, Intake, Sender
 from node.ingest.part10 import read_part10
 from node.ops.audit import JobEnded, record_quietly
 from node.ops.lifecycle import stop_when_parent_exits
@@ -34,6 +34,7 @@ from node.store.catalog import Catalog
 from node.store.db.engine import make_engine
 from node.store.db.models import Instance, Job, Source, WorkState
 from node.store.leased import RetryPolicy
+from node.store.notifications import queue_notifications
 from node.store.storage import InstanceStore
 from node.work.guard import GuardScore, series_score
 from node.work.inference import Loaded, Processed, finish_series, load_series, process_series

@@ -18,18 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.uid import UID
 from sqlalchemy import Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from node.config import DicomWebDestination, Settings
 from node.delivery.fetch.query import FetchQuery, choose
 from node.delivery.fetch.records import enqueue
 from node.delivery.fetch.sources import DicomWebSource, DimseSource, StudySource
 from node.edge.retrieve import RetrieveFailed
-from node.ingest.intake import Delivery, Intake, Sender, Status
+from node.edge.status import Status
+from node.ingest.intake import Delivery, Intake, Sender
 from node.ops.audit import Fetched, record_quietly
 from node.ops.metrics import FETCHES
 from node.store.catalog import Catalog
 from node.store.db.models import Fetch, Study, WorkState, utcnow
+from node.store.db.upsert import insert_into
 from node.store.leased import Lease, LeasedQueue, RetryPolicy
 from node.store.storage import InstanceStore
 
@@ -55,7 +56,6 @@ class Fetcher:
         store = InstanceStore(settings.storage.path)
         self._intake = Intake(store, Catalog(engine), settings.storage.min_free_mb)
         self._pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="fetch")
-        self._dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
 
     def run_due(self) -> int:
         with self._engine.begin() as conn:
@@ -166,7 +166,7 @@ class Fetcher:
         the node already holds keeps what it was)."""
         with self._engine.begin() as conn:
             conn.execute(
-                self._dialect.insert(Study)
+                insert_into(conn, Study)
                 .values(study_instance_uid=study_uid, first_received_at=utcnow(), prior_of=prior_of)
                 .on_conflict_do_nothing()
             )

@@ -16,8 +16,8 @@ from sqlalchemy import Connection, Engine, case, select, update
 
 from node.flow.routing.engine import JobRequest, SeriesFacts, evaluate, route_series, route_study
 from node.flow.routing.rules import PriorsRequest, RulesError, RuleSet, load_rules
+from node.store.catalog import distance_of
 from node.store.db.models import Instance, Series, SeriesState, Source, Study
-from node.work.guard import distance_of
 
 log = logging.getLogger(__name__)
 

@@ -110,6 +110,21 @@ class SeriesState(enum.StrEnum):
     COMPLETE = "complete"
 
 
+STUDY_KEYWORDS = {
+    "study_description": "StudyDescription",
+    "study_date": "StudyDate",
+    "study_time": "StudyTime",
+    "dicom_study_id": "StudyID",
+    "accession_number": "AccessionNumber",
+    "referring_physician_name": "ReferringPhysicianName",
+    "patient_id": "PatientID",
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+}
+"""Study columns and the attributes they hold (QIDO-RS matches and returns them)."""
+
+
 class Study(Base):
     __tablename__ = "studies"
 

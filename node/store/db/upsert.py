@@ -1,13 +1,20 @@
-"""Insert a row or, where its key exists, update it: the one upsert of SQLite and PostgreSQL."""
+"""The one switch between SQLite's and PostgreSQL's INSERT ... ON CONFLICT (`insert_into`), and
+the upsert built on it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from node.store.db.models import Base
+
+
+def insert_into(bind: Connection | Engine, model: type[Base]) -> sqlite.Insert | postgresql.Insert:
+    """An INSERT into `model`'s table in `bind`'s dialect, which can say ON CONFLICT."""
+    dialect = postgresql if bind.dialect.name == "postgresql" else sqlite
+    return dialect.insert(model)
 
 
 def upsert(
@@ -15,8 +22,7 @@ def upsert(
 ) -> None:
     """Insert `row` into `model`'s table; where a row with the same `keys` (a unique
     constraint) exists, set its other columns to `row`'s."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    insert = dialect.insert(model).values(dict(row))
+    insert = insert_into(conn, model).values(dict(row))
     conn.execute(
         insert.on_conflict_do_update(
             index_elements=list(keys),

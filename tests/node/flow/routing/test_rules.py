@@ -6,7 +6,7 @@ import pytest
 
 from node.flow.routing.rules import Priority, RulesError, load_rules, parse_rules
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def check(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:

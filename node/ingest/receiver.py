@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from node.config import Settings
 from node.edge.scp import StorageSCP
+from node.ingest.dimse import DimseIntake
 from node.ingest.intake import Intake
 from node.ops.lifecycle import stop_when_parent_exits, wait_for_stop
 from node.ops.logs import configure_logging
@@ -27,8 +28,8 @@ class Receiver:
     """One storage SCP with its own database engine (one per process).
 
     Its commits are not flushed one by one (`make_engine(flush_commits=False)`): each instance
-    file is, before it is acknowledged, and `node.ingest.recovery` re-records the files whose rows a
-    power loss took back.
+    file is, before it is acknowledged, and `node.ingest.recovery` re-records the files whose
+    rows a power loss took back.
     """
 
     def __init__(self, settings: Settings, reuse_port: bool) -> None:
@@ -38,7 +39,7 @@ class Receiver:
         self.catalog = Catalog(self.engine)
         self.store = InstanceStore(settings.storage.path)
         intake = Intake(self.store, self.catalog, settings.storage.min_free_mb)
-        self.scp = StorageSCP(settings, intake)
+        self.scp = StorageSCP(settings, DimseIntake(intake))
         self._reuse_port = reuse_port
 
     def start(self) -> None:
