@@ -13,6 +13,7 @@ lint:
 	.venv/bin/ruff check node pipelines tests bench
 	.venv/bin/ruff format --check node pipelines tests bench
 	.venv/bin/python -m mypy
+	.venv/bin/lint-imports
 
 bench:
 	.venv/bin/python bench/ingest.py

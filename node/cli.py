@@ -55,8 +55,12 @@ probe_app = typer.Typer(
 )
 app.add_typer(probe_app, name="probe")
 
+CONFIG_ENV = "AINODE_CONFIG"
+"""Where the CLI finds the node's config when --config is not given (the unit sets it)."""
+
 ConfigOption = Annotated[
-    Path, typer.Option("--config", "-c", help="The node's YAML configuration file.")
+    Path,
+    typer.Option("--config", "-c", envvar=CONFIG_ENV, help="The node's YAML configuration file."),
 ]
 
 
@@ -143,7 +147,9 @@ def rules_check(
     file: Annotated[Path, typer.Argument(help="Rules file to check.")],
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="Also check destinations against this config."),
+        typer.Option(
+            "--config", "-c", envvar=CONFIG_ENV, help="Also check destinations against this config."
+        ),
     ] = None,
 ) -> None:
     """Exit 0 if the rules are valid; else print FILE:LINE:COLUMN: message and exit 1."""
@@ -242,7 +248,9 @@ def run(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="Node config (pipelines and volume sections)."),
+        typer.Option(
+            "--config", "-c", envvar=CONFIG_ENV, help="Node config (pipelines and volume sections)."
+        ),
     ] = None,
 ) -> None:
     """Run a pipeline offline on every series in a folder; write result.json per series."""

@@ -180,14 +180,27 @@ class NotificationTarget(_Section):
     verify_tls: bool = True
 
 
-class DispatchSettings(_Section):
-    """How results are sent, and retried when a destination refuses or is down."""
+class DeliverySettings(_Section):
+    """How a leased queue of outgoing work runs: polled, sent with a network timeout, and
+    retried with backoff up to `max_attempts`."""
 
     max_attempts: int = Field(default=8, ge=1)
     retry_base_seconds: float = Field(default=5.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
     poll_seconds: float = Field(default=0.25, gt=0)
     timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class DispatchSettings(DeliverySettings):
+    """How results are sent, and retried when a destination refuses or is down."""
+
+
+class NotifySettings(DeliverySettings):
+    """How notifications (`notifications:` targets) are posted and retried."""
+
+
+class FetchSettings(DeliverySettings):
+    """How studies and priors are pulled from a PACS, and retried when it fails."""
 
 
 class SyslogSettings(_Section):
@@ -367,6 +380,8 @@ class Settings(_Section):
     volume: VolumeSettings = VolumeSettings()
     pipelines: dict[str, AnyPipelineSettings] = {}
     dispatch: DispatchSettings = DispatchSettings()
+    notify: NotifySettings = NotifySettings()
+    fetch: FetchSettings = FetchSettings()
     logging: LoggingSettings = LoggingSettings()
     http: HttpSettings | None = None
     notifications: dict[str, NotificationTarget] = {}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -40,7 +41,7 @@ from node.ingest.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_rec
 from node.ingest.recovery import recover_after_restart, rerecord_unrecorded
 from node.ops.audit import ApplicationEvent, record_quietly
 from node.ops.lifecycle import wait_for_stop
-from node.ops.processes import record_processes
+from node.ops.processes import RecordedProcess, record_processes
 from node.store.db.engine import (
     DatabaseNotWritable,
     check_writable,
@@ -75,6 +76,9 @@ class NodeService:
         self.fault: DatabaseNotWritable | None = None
         """Why the node stopped itself (its database file turned unwritable), if it did."""
         self._crash_checks: dict[str, tuple[float, float]] = {}
+        self._announced = False
+        """Whether "ready" was logged: once every child serves, not before."""
+        self._ready_recorded: set[str] = set()
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5}
         )
@@ -109,7 +113,18 @@ class NodeService:
         record_quietly(engine, _operator(), ApplicationEvent(action="start"))
         self._schedule(engine)
         self._scheduler.start()
-        log.info("node %s ready", settings.node.ae_title)
+        self._announce_when_ready()
+
+    def _announce_when_ready(self) -> None:
+        """Log "ready" once every child process serves (the HTTP server answers, receivers
+        listen, workers have loaded their pipelines), and record who is ready."""
+        ready = {child.name for child in self._children if child.ready.is_set()}
+        if ready != self._ready_recorded:
+            self._ready_recorded = ready
+            self._record_processes()
+        if not self._announced and len(ready) == len(self._children):
+            self._announced = True
+            log.info("node %s ready", self.settings.node.ae_title)
 
     def _schedule(self, engine: Engine) -> None:
         settings = self.settings
@@ -123,7 +138,7 @@ class NodeService:
         rules.current()
         if settings.routing.rules_file is None:
             log.warning("no routing.rules_file: series are stored, not processed")
-        priors = PriorsQueue(engine, settings.dispatch.max_attempts)
+        priors = PriorsQueue(engine, settings.fetch.max_attempts)
         router = Router(engine, settings.storage.path, rules, queue, priors)
         sessions = make_session_factory(engine)
         series_tracker = SeriesCompletionTracker(sessions, settings.completion)
@@ -160,10 +175,10 @@ class NodeService:
         add(dispatcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="dispatch")
         add(dispatcher.queue.requeue_expired, "interval", seconds=60, id="dispatch-leases")
         notifier = Notifier(engine, settings)
-        add(notifier.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="notify")
+        add(notifier.run_due, "interval", seconds=settings.notify.poll_seconds, id="notify")
         add(notifier.queue.requeue_expired, "interval", seconds=60, id="notify-leases")
         self._fetcher = fetcher = Fetcher(engine, settings)
-        add(fetcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="fetch")
+        add(fetcher.run_due, "interval", seconds=settings.fetch.poll_seconds, id="fetch")
         add(fetcher.queue.requeue_expired, "interval", seconds=30, id="fetch-leases")
         syslog = settings.audit.syslog
         if syslog is not None:
@@ -238,10 +253,11 @@ class NodeService:
     def _start_child(
         self, name: str, target: Callable[..., None], args: tuple[object, ...]
     ) -> None:
-        process = self._spawn.Process(target=target, args=args, name=name, daemon=False)
+        ready = self._spawn.Event()
+        process = self._spawn.Process(target=target, args=(*args, ready), name=name, daemon=False)
         started_at = time.time()
         process.start()
-        self._children.append(_Child(name, target, args, process, started_at))
+        self._children.append(_Child(name, target, args, process, started_at, ready))
 
     def _supervise(self) -> None:
         assert self._receiver is not None
@@ -265,6 +281,7 @@ class NodeService:
             self._record_processes()
             if child.name.startswith("receiver") or child.name == "http":
                 self._check_after_crash(child)
+        self._announce_when_ready()
 
     def _check_after_crash(self, child: _Child) -> None:
         """Re-record, once the other receivers' commits are surely done, the files the
@@ -296,10 +313,12 @@ class NodeService:
             self._run_crash_check(check_id)
 
     def _record_processes(self) -> None:
-        processes = {"main": os.getpid()}
-        for child in self._children:
-            if child.process.pid is not None:
-                processes[child.name] = child.process.pid
+        processes = [RecordedProcess(name="main", pid=os.getpid(), ready=True)]
+        processes += [
+            RecordedProcess(name=child.name, pid=child.process.pid, ready=child.ready.is_set())
+            for child in self._children
+            if child.process.pid is not None
+        ]
         record_processes(self.settings.storage.path, processes)
 
 
@@ -329,6 +348,8 @@ class _Child:
     args: tuple[object, ...]
     process: BaseProcess
     started_at: float
+    ready: Event
+    """Set by the child once it serves."""
 
 
 CRASH_CHECK_DELAY_SECONDS = 3 * RECEIVE_BUSY_TIMEOUT_SECONDS

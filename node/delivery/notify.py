@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from node.config import Settings
 from node.store.db.models import Notification, WorkState
-from node.store.leased import LeasedQueue, RetryPolicy, newest
+from node.store.leased import Held, Lease, LeasedQueue, LeasedWorkLoop, RetryPolicy, newest
 
 log = logging.getLogger(__name__)
 
@@ -47,60 +47,69 @@ def list_notifications(engine: Engine, limit: int = 200) -> list[NotificationVie
     return newest(engine, Notification, NotificationView, limit)
 
 
-class Notifier:
+@dataclass(frozen=True)
+class Post:
+    """A notification taken for posting: to which target, what."""
+
+    target: str
+    payload: dict[str, Any]
+
+
+class Notifier(LeasedWorkLoop[Post]):
     """Claims due notifications and posts them; one per node (the main process)."""
 
+    kind = "notification"
+
     def __init__(self, engine: Engine, settings: Settings) -> None:
-        self._engine = engine
+        super().__init__(
+            engine,
+            LeasedQueue(engine, Notification, RetryPolicy.of(settings.notify)),
+            owner=f"notifier-{os.getpid()}",
+            lease_seconds=max(LEASE_SECONDS, settings.notify.timeout_seconds * 2),
+            batch=8,
+        )
         self._settings = settings
-        self.queue = LeasedQueue(engine, Notification, RetryPolicy.of(settings.dispatch))
-        self._owner = f"notifier-{os.getpid()}"
 
-    def run_due(self) -> int:
-        with self._engine.begin() as conn:
-            leases = self.queue.claim(conn, self._owner, LEASE_SECONDS, limit=8)
-            rows = {
-                row.id: row
-                for row in conn.execute(
-                    select(Notification.id, Notification.target, Notification.payload).where(
-                        Notification.id.in_([lease.id for lease in leases])
-                    )
+    def load(self, conn: Connection, leases: list[Lease]) -> list[Held[Post]]:
+        rows = {
+            row.id: row
+            for row in conn.execute(
+                select(Notification.id, Notification.target, Notification.payload).where(
+                    Notification.id.in_([lease.id for lease in leases])
                 )
-            }
-        for lease in leases:
-            row = rows[lease.id]
-            self._post(lease.id, row.target, json.loads(row.payload))
-        return len(leases)
+            )
+        }
+        return [
+            Held(lease, Post(rows[lease.id].target, json.loads(rows[lease.id].payload)))
+            for lease in leases
+        ]
 
-    def _post(self, notification_id: int, name: str, payload: dict[str, Any]) -> None:
+    def handle(self, held: Held[Post]) -> None:
         import httpx  # here, not at the top: `ainode status` lists notifications without it
 
+        lease, name, payload = held.lease, held.row.target, held.row.payload
         target = self._settings.notifications.get(name)
         if target is None:
-            error = f"notification {name!r} is no longer configured"
-            self.queue.fail(notification_id, self._owner, error, permanent=True)
+            self.fail(lease, f"notification {name!r} is no longer configured", permanent=True)
             return
         try:
             response = httpx.post(
                 target.url,
                 json=payload,
                 headers=target.headers,
-                timeout=self._settings.dispatch.timeout_seconds,
+                timeout=self._settings.notify.timeout_seconds,
                 verify=target.verify_tls,
             )
         except httpx.HTTPError as exc:
-            self._failed(notification_id, name, f"{type(exc).__name__}: {exc}")
+            self._failed(lease, name, f"{type(exc).__name__}: {exc}")
             return
         if response.is_success:
-            with self._engine.begin() as conn:
-                status = f"HTTP {response.status_code}"
-                self.queue.succeed(conn, notification_id, self._owner, status=status)
-            log.info(
-                "notification %d (%s) to %s: %s", notification_id, payload["event"], name, status
-            )
+            status = f"HTTP {response.status_code}"
+            self.succeed(lease, status=status)
+            log.info("notification %d (%s) to %s: %s", lease.id, payload["event"], name, status)
             return
-        self._failed(notification_id, name, f"HTTP {response.status_code}: {response.text[:200]}")
+        self._failed(lease, name, f"HTTP {response.status_code}: {response.text[:200]}")
 
-    def _failed(self, notification_id: int, name: str, error: str) -> None:
-        state = self.queue.fail(notification_id, self._owner, error, permanent=False)
-        log.warning("notification %d to %s failed (%s): %s", notification_id, name, state, error)
+    def _failed(self, lease: Lease, name: str, error: str) -> None:
+        state = self.fail(lease, error, permanent=False)
+        log.warning("notification %d to %s failed (%s): %s", lease.id, name, state, error)

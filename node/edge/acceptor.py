@@ -355,6 +355,7 @@ class _Connection(socketserver.BaseRequestHandler):
         try:
             self.request = self.server.tls.wrap_socket(self.request, server_side=True)
         except ssl.SSLError as exc:
+            self._heard = not isinstance(exc, ssl.SSLEOFError)  # a probe sends no ClientHello
             raise OSError(f"TLS handshake failed: {exc.reason or exc}") from exc
 
     def _negotiate(self) -> Association | None:

@@ -133,10 +133,6 @@ class JobQueue:
             for lease in leases
         ]
 
-    def renew(self, job_id: int, owner: str, lease_seconds: float) -> bool:
-        """Extend the lease; False if the job is no longer ours (expired, cancelled)."""
-        return self.leased.renew(job_id, owner, lease_seconds)
-
     def set_stage(self, job_id: int, owner: str, stage: str) -> None:
         """Note what the job does now (while `owner` holds it)."""
         with self._engine.begin() as conn:

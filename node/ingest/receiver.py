@@ -14,7 +14,7 @@ from node.config import Settings
 from node.edge.scp import StorageSCP
 from node.ingest.dimse import DimseIntake
 from node.ingest.intake import Intake
-from node.ops.lifecycle import stop_when_parent_exits, wait_for_stop
+from node.ops.lifecycle import Ready, stop_when_parent_exits, wait_for_stop
 from node.ops.logs import configure_logging
 from node.store.catalog import Catalog
 from node.store.db.engine import make_engine
@@ -53,7 +53,7 @@ class Receiver:
             self.engine.dispose()
 
 
-def run_receiver_process(settings: Settings) -> None:
+def run_receiver_process(settings: Settings, ready: Ready) -> None:
     """Entry point of an extra receiver process: serve until SIGTERM."""
     configure_logging(settings.logging.level)
     receiver = Receiver(settings, reuse_port=True)
@@ -62,5 +62,6 @@ def run_receiver_process(settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     stop_when_parent_exits(stopping)
     receiver.start()
+    ready.set()
     wait_for_stop(stopping)
     receiver.stop()

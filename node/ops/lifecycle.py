@@ -1,5 +1,6 @@
 """Child processes (receivers, workers, the HTTP server) follow their parent: they stop when
-it is gone. Start-up failures a child cannot report itself are found in the parent."""
+it is gone, and tell it when they serve (`Ready`). Start-up failures a child cannot report
+itself are found in the parent."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import threading
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,12 @@ def stop_when_parent_exits(stopping: threading.Event) -> None:
         stopping.set()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class Ready(Protocol):
+    """How a child process tells its parent that it serves (a `multiprocessing.Event`)."""
+
+    def set(self) -> None: ...
 
 
 def wait_for_stop(stopping: threading.Event) -> None:

@@ -1,13 +1,12 @@
 """The node's processes as its main process records them (`<storage>/.processes.json`): the
-HTTP process reads the file to say which are alive and what each worker runs."""
+HTTP process reads the file to say which are alive, which serve, and what each worker runs."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from sqlalchemy import Engine, select
 
 from node.store.db.models import Job, WorkState
@@ -15,28 +14,36 @@ from node.store.db.models import Job, WorkState
 PROCESSES_FILE = ".processes.json"
 
 
-class ProcessStatus(BaseModel):
+class RecordedProcess(BaseModel):
     name: str
-    """`main` (scheduler, dispatcher and the first receiver), `receiver`, `worker-N`, `http`."""
+    """`main` (scheduler, dispatcher and the first receiver), `receiver-N`, `worker-N`, `http`."""
     pid: int
+    ready: bool
+    """The process serves (the main process's record, updated as its children report)."""
+
+
+class ProcessStatus(RecordedProcess):
     alive: bool
     job: int | None = None
     """The job a worker runs now."""
 
 
-def record_processes(storage: Path, processes: dict[str, int]) -> None:
-    """Write name -> pid in one rename (a reader never sees half a file)."""
+_RECORDS = TypeAdapter(list[RecordedProcess])
+
+
+def record_processes(storage: Path, processes: list[RecordedProcess]) -> None:
+    """Write the records in one rename (a reader never sees half a file)."""
     target = storage / PROCESSES_FILE
     temp = target.with_suffix(f".{os.getpid()}")
-    temp.write_text(json.dumps(processes), encoding="utf-8")
+    temp.write_bytes(_RECORDS.dump_json(processes))
     os.replace(temp, target)
 
 
 def process_statuses(storage: Path, engine: Engine) -> list[ProcessStatus]:
     """Each recorded process, alive or not, with the job a worker holds the lease of."""
     try:
-        recorded: dict[str, int] = json.loads((storage / PROCESSES_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
+        recorded = _RECORDS.validate_json((storage / PROCESSES_FILE).read_bytes())
+    except (OSError, ValueError):  # none yet, or written by an older version: restarted soon
         return []
     with engine.connect() as conn:
         running = conn.execute(
@@ -45,12 +52,11 @@ def process_statuses(storage: Path, engine: Engine) -> list[ProcessStatus]:
     jobs = {str(owner).rpartition("-")[2]: job_id for owner, job_id in running}
     return [
         ProcessStatus(
-            name=name,
-            pid=pid,
-            alive=_alive(pid),
-            job=jobs.get(str(pid)) if name.startswith("worker") else None,
+            **process.model_dump(),
+            alive=_alive(process.pid),
+            job=jobs.get(str(process.pid)) if process.name.startswith("worker") else None,
         )
-        for name, pid in recorded.items()
+        for process in recorded
     ]
 
 

@@ -1,5 +1,6 @@
 """One leased queue for every kind of durable work: jobs, dispatches, fetches and notifications
-(rows with the `LeasedWork` columns).
+(rows with the `LeasedWork` columns), and one loop that consumes it (`LeasedWorkLoop`, with
+`renewing` for work that outlasts a lease).
 
 A consumer claims the most urgent due rows atomically (PostgreSQL: FOR UPDATE SKIP LOCKED;
 SQLite: the engine's BEGIN IMMEDIATE) and holds each with a lease it renews. It records the
@@ -11,11 +12,15 @@ to the row's `max_attempts`, then go `dead`; errors that a retry cannot fix go s
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import ColumnElement, Connection, Engine, Update, select, update
 
@@ -23,6 +28,9 @@ from node.store.db.models import Dispatch, Fetch, Job, Notification, WorkState, 
 
 LeasedTable = type[Job] | type[Dispatch] | type[Fetch] | type[Notification]
 View = TypeVar("View")
+Row = TypeVar("Row")
+
+log = logging.getLogger(__name__)
 
 
 class Retries(Protocol):
@@ -286,3 +294,117 @@ class LeasedQueue:
         return update(table).where(
             table.id == row_id, table.state == WorkState.RUNNING, table.lease_owner == owner
         )
+
+
+@dataclass(frozen=True)
+class Held(Generic[Row]):
+    """A claimed row as its consumer loaded it, and the lease it holds it by."""
+
+    lease: Lease
+    row: Row
+
+
+class LeasedWorkLoop(Generic[Row]):
+    """claim -> load -> handle -> settle, the loop of every consumer of a leased queue
+    (dispatcher, notifier, fetcher; the worker claims with its own batching).
+
+    `run_due` claims up to `batch` due rows and loads them in one transaction, then handles
+    each (on `threads` threads when more than one). A handler settles its row with `succeed`
+    or `fail`; one that raises has its row retried, with the error recorded, so a bug never
+    leaves a row waiting for its lease to expire."""
+
+    kind = "work"
+    """What a row is, for log lines (`dispatch`, `notification`, `fetch`)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        queue: LeasedQueue,
+        owner: str,
+        lease_seconds: float,
+        batch: int,
+        threads: int = 1,
+    ) -> None:
+        self._engine = engine
+        self.queue = queue
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self._batch = batch
+        self._pool = (
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix=self.kind)
+            if threads > 1
+            else None
+        )
+
+    def load(self, conn: Connection, leases: list[Lease]) -> list[Held[Row]]:
+        """The claimed rows as the handler needs them, read in the claim's transaction."""
+        raise NotImplementedError
+
+    def handle(self, held: Held[Row]) -> None:
+        """Do the work of one row and settle it (`succeed` or `fail`)."""
+        raise NotImplementedError
+
+    def run_due(self) -> int:
+        """Claim, load and handle what is due; how many rows were handled."""
+        with self._engine.begin() as conn:
+            leases = self.queue.claim(conn, self.owner, self.lease_seconds, limit=self._batch)
+            claimed = self.load(conn, leases) if leases else []
+        if self._pool is None:
+            for held in claimed:
+                self._handle(held)
+        else:
+            list(self._pool.map(self._handle, claimed))
+        return len(claimed)
+
+    def succeed(self, lease: Lease, **values: object) -> bool:
+        """Settle a row as done; False (and a warning) when its lease was lost meanwhile."""
+        with self._engine.begin() as conn:
+            kept = self.queue.succeed(conn, lease.id, self.owner, **values)
+        if not kept:
+            log.warning("%s %d finished after losing its lease", self.kind, lease.id)
+        return kept
+
+    def fail(self, lease: Lease, error: str, permanent: bool) -> WorkState | None:
+        """Settle a row as failed: retried later, unless `permanent` or out of attempts."""
+        return self.queue.fail(lease.id, self.owner, error, permanent=permanent)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _handle(self, held: Held[Row]) -> None:
+        try:
+            self.handle(held)
+        except Exception as exc:  # a handler's bug: the row is retried, the loop goes on
+            log.exception("%s %d: unexpected error", self.kind, held.lease.id)
+            self.fail(held.lease, f"{type(exc).__name__}: {exc}", permanent=False)
+
+
+@contextmanager
+def renewing(
+    queue: LeasedQueue, ids: list[int], owner: str, lease_seconds: float, kind: str
+) -> Iterator[None]:
+    """Renew the leases of `ids` every third of `lease_seconds` while the block runs (a
+    consumer that dies stops renewing, and its rows go back to the queue). A lease lost to a
+    cancel or an expiry is logged and no longer renewed."""
+    stop = threading.Event()
+    held = list(ids)
+
+    def renew() -> None:
+        while held and not stop.wait(lease_seconds / 3):
+            for row_id in list(held):
+                if not queue.renew(row_id, owner, lease_seconds):
+                    log.warning(
+                        "%s %d: lease lost (cancelled or expired)",
+                        queue.table.__tablename__,
+                        row_id,
+                    )
+                    held.remove(row_id)
+
+    thread = threading.Thread(target=renew, name="lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -198,7 +198,7 @@ def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
         query = FetchQuery(**request.model_dump(exclude={"source"}))
     except ValidationError as exc:
         raise _invalid("study", "give one of study, accession or patient_id") from exc
-    max_attempts = context.settings.dispatch.max_attempts
+    max_attempts = context.settings.fetch.max_attempts
     fetch_id = enqueue(context.engine, request.source, query, max_attempts)
     return _done(context, principal, Action.QUEUE_FETCH, fetch_id, None, WorkState.QUEUED)
 

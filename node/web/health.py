@@ -86,17 +86,20 @@ def _dimse(context: WebContext) -> Check:
 
 
 def _processes(context: WebContext) -> Check:
-    """Every process the node records (receivers, workers, HTTP) alive, as many as the
-    config asks for."""
+    """Every process the node records (receivers, workers, HTTP) alive and serving, as many
+    as the config asks for."""
     settings = context.settings
     expected = settings.node.receivers + settings.workers.count + 1
     processes = process_statuses(settings.storage.path, context.engine)
-    alive = sum(process.alive for process in processes)
+    up = sum(process.alive and process.ready for process in processes)
     dead = [process.name for process in processes if not process.alive]
-    detail = f"{alive} of {expected} processes alive" + (
-        f"; down: {', '.join(dead)}" if dead else ""
-    )
-    return Check(alive >= expected and not dead, detail)
+    starting = [process.name for process in processes if process.alive and not process.ready]
+    detail = f"{up} of {expected} processes up"
+    if starting:
+        detail += f"; starting: {', '.join(starting)}"
+    if dead:
+        detail += f"; down: {', '.join(dead)}"
+    return Check(up >= expected and not dead, detail)
 
 
 def _rules(context: WebContext) -> Check:

@@ -13,7 +13,7 @@ import threading
 import uvicorn
 
 from node.config import HttpSettings, Settings
-from node.ops.lifecycle import CannotListen, stop_when_parent_exits
+from node.ops.lifecycle import CannotListen, Ready, stop_when_parent_exits
 from node.ops.logs import configure_logging
 from node.web.limits import HttpLimits, guarded_protocol
 
@@ -41,8 +41,9 @@ def listen(http: HttpSettings) -> socket.socket:
     return sock
 
 
-def run_http_process(settings: Settings, sock: socket.socket) -> None:
-    """Entry point of the HTTP process: serve until SIGTERM or the parent is gone."""
+def run_http_process(settings: Settings, sock: socket.socket, ready: Ready) -> None:
+    """Entry point of the HTTP process: serve until SIGTERM or the parent is gone; `ready`
+    is set once uvicorn serves."""
     from node.web.app import build_app
 
     configure_logging(settings.logging.level)
@@ -77,6 +78,13 @@ def run_http_process(settings: Settings, sock: socket.socket) -> None:
         stopping.wait()
         server.should_exit = True
 
+    def tell_when_serving() -> None:
+        while not (server.started or stopping.wait(0.05)):
+            pass
+        if server.started:
+            ready.set()
+
     threading.Thread(target=stop_with_parent, name="parent-stop", daemon=True).start()
+    threading.Thread(target=tell_when_serving, name="ready", daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     server.run(sockets=[sock])

@@ -77,7 +77,8 @@ class FinishedJob:
 
 
 class OutcomeRecorder:
-    """Writes job successes; `dispatch_attempts` is each new dispatch's `max_attempts`."""
+    """Writes job successes; `dispatch_attempts` and `notify_attempts` are each new dispatch's
+    and notification's `max_attempts`."""
 
     def __init__(
         self,
@@ -85,6 +86,7 @@ class OutcomeRecorder:
         dispatch_attempts: int = 8,
         notifications: Mapping[str, NotificationTarget] | None = None,
         link: str | None = None,
+        notify_attempts: int = 8,
     ) -> None:
         """`notifications`: the configured targets of `notify:`; `link`: where the node's
         HTTP server is, for the notifications' JSON."""
@@ -92,6 +94,7 @@ class OutcomeRecorder:
         self._jobs = LeasedQueue(engine, Job, RetryPolicy())
         self._dispatch_attempts = dispatch_attempts
         self._notifications = notifications or {}
+        self._notify_attempts = notify_attempts
         self._link = link
 
     def record(self, outcome: JobOutcome) -> bool:
@@ -146,7 +149,7 @@ class OutcomeRecorder:
                 outcome.job_id,
                 self._notifications,
                 {"done", "positive"} if summary.positive else {"done"},
-                self._dispatch_attempts,
+                self._notify_attempts,
                 version=summary.version,
                 positive=summary.positive,
                 findings=summary.findings,

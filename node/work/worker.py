@@ -27,13 +27,13 @@ from node.flow.queue import ClaimedJob, JobQueue
 from node.ingest.intake import Delivery, Intake, Sender
 from node.ingest.part10 import read_part10
 from node.ops.audit import JobEnded, record_quietly
-from node.ops.lifecycle import stop_when_parent_exits
+from node.ops.lifecycle import Ready, stop_when_parent_exits
 from node.ops.logs import configure_logging
 from node.ops.metrics import GPU_MEMORY, JOB_SECONDS, JOBS
 from node.store.catalog import Catalog
 from node.store.db.engine import make_engine
 from node.store.db.models import Instance, Job, Source, WorkState
-from node.store.leased import RetryPolicy
+from node.store.leased import RetryPolicy, renewing
 from node.store.notifications import queue_notifications
 from node.store.storage import InstanceStore
 from node.work.guard import GuardScore, series_score
@@ -61,7 +61,11 @@ class Worker:
         self._engine = make_engine(settings.database.url)
         self.queue = JobQueue(self._engine, retry_policy(settings))
         self._outcomes = OutcomeRecorder(
-            self._engine, settings.dispatch.max_attempts, settings.notifications, api_link(settings)
+            self._engine,
+            settings.dispatch.max_attempts,
+            settings.notifications,
+            api_link(settings),
+            notify_attempts=settings.notify.max_attempts,
         )
         self._store = InstanceStore(settings.storage.path)
         self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)
@@ -92,12 +96,7 @@ class Worker:
                 claimed.revision,
                 claimed.attempt,
             )
-        stop_renewing = threading.Event()
-        renewer = threading.Thread(
-            target=self._renew, args=(jobs, stop_renewing), name="lease", daemon=True
-        )
-        renewer.start()
-        try:
+        with renewing(self.queue.leased, [claimed.id for claimed in jobs], self.name, lease, "job"):
             if len(jobs) > 1 and isinstance(pipeline, BatchedPipeline):
                 self._run_batch(pipeline, jobs)
             else:
@@ -107,9 +106,6 @@ class Worker:
                 except Exception as exc:
                     done = exc
                 self._settle(job, done, started)
-        finally:
-            stop_renewing.set()
-            renewer.join()
         return True
 
     def _more_jobs(self, job: ClaimedJob, limit: int) -> list[ClaimedJob]:
@@ -314,7 +310,7 @@ class Worker:
                     job_id,
                     settings.notifications,
                     {"failed"},
-                    settings.dispatch.max_attempts,
+                    settings.notify.max_attempts,
                     state=state,
                     error=error,
                     link=api_link(settings),
@@ -349,15 +345,6 @@ class Worker:
         finally:
             self._intake.close(delivery, released=True)
 
-    def _renew(self, jobs: list[ClaimedJob], stop: threading.Event) -> None:
-        lease = self._settings.workers.lease_seconds
-        held = [job.id for job in jobs]
-        while held and not stop.wait(lease / 3):
-            for job_id in list(held):
-                if not self.queue.renew(job_id, self.name, lease):
-                    log.warning("job %d: lease lost (cancelled or expired)", job_id)
-                    held.remove(job_id)
-
 
 def summarize(done: Processed, batch: int = 1) -> ResultSummary:
     """What the job records of its result."""
@@ -372,7 +359,7 @@ def summarize(done: Processed, batch: int = 1) -> ResultSummary:
     )
 
 
-def run_worker_process(settings: Settings, index: int) -> None:
+def run_worker_process(settings: Settings, index: int, ready: Ready) -> None:
     """Entry point of a worker process: work until SIGTERM, finishing the job in hand.
 
     While it loads its pipelines (torch and the models: seconds, more under load) a SIGTERM
@@ -391,4 +378,5 @@ def run_worker_process(settings: Settings, index: int) -> None:
                 log.warning("pipeline %s is unavailable: %s", name, problem)
     worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines)
     share_in(worker.derived_folder)  # a series' lungs segmented once for every worker process
+    ready.set()
     worker.run(stopping)

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,9 +15,13 @@ from tests.peers import free_port, storescp
 REPO = Path(__file__).resolve().parents[2]
 
 
-def ainode(*args: str) -> subprocess.CompletedProcess[str]:
+def ainode(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "node", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -74,6 +79,18 @@ def test_read_commands_never_migrate(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path}/db.sqlite")
     assert inspect(engine).get_table_names() == []
     engine.dispose()
+
+
+def test_the_config_comes_from_ainode_config_when_not_given(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 104)
+    missing = ainode("status", env={"AINODE_CONFIG": ""})
+    assert missing.returncode == 2 and "--config" in missing.stderr
+    found = ainode("status", env={"AINODE_CONFIG": str(config)})  # the unit sets it
+    assert found.returncode == 2 and "no tables yet" in found.stderr  # it read that database
+    given = ainode(
+        "status", "--config", str(tmp_path / "absent.yaml"), env={"AINODE_CONFIG": str(config)}
+    )
+    assert given.returncode == 2 and "absent.yaml" in given.stderr  # --config wins
 
 
 def test_status_json_of_an_empty_node(tmp_path: Path) -> None:

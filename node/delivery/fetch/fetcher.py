@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from pydicom.uid import UID
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from node.config import DicomWebDestination, Settings
 from node.delivery.fetch.query import FetchQuery, choose
@@ -31,84 +29,102 @@ from node.ops.metrics import FETCHES
 from node.store.catalog import Catalog
 from node.store.db.models import Fetch, Study, WorkState, utcnow
 from node.store.db.upsert import insert_into
-from node.store.leased import Lease, LeasedQueue, RetryPolicy
+from node.store.leased import Held, Lease, LeasedQueue, LeasedWorkLoop, RetryPolicy, renewing
 from node.store.storage import InstanceStore
 
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 120.0
-"""Renewed as instances arrive: a fetch whose process died is retried this much later."""
+"""Renewed while the fetch runs: a fetch whose process died is retried this much later."""
 PARALLEL = 2
 
 
-class Fetcher:
+@dataclass(frozen=True)
+class Wanted:
+    """A fetch taken for running: from where, what, and whose prior it is."""
+
+    source: str
+    query: FetchQuery
+    prior_of: str | None
+
+
+class Fetcher(LeasedWorkLoop[Wanted]):
     """Runs due fetches (the node's scheduler) or one fetch at once (`ainode fetch`)."""
+
+    kind = "fetch"
 
     def __init__(
         self, engine: Engine, settings: Settings, owner: str | None = None, actor: str = "node"
     ) -> None:
         """`actor`: who asked, for the audit trail (the node itself, or a person at the CLI)."""
-        self._engine = engine
+        super().__init__(
+            engine,
+            LeasedQueue(engine, Fetch, RetryPolicy.of(settings.fetch)),
+            owner=owner or f"fetcher-{os.getpid()}",
+            lease_seconds=LEASE_SECONDS,
+            batch=PARALLEL,
+            threads=PARALLEL,
+        )
         self._actor = actor
         self._settings = settings
-        self.queue = LeasedQueue(engine, Fetch, RetryPolicy.of(settings.dispatch))
-        self._owner = owner or f"fetcher-{os.getpid()}"
         store = InstanceStore(settings.storage.path)
         self._intake = Intake(store, Catalog(engine), settings.storage.min_free_mb)
-        self._pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="fetch")
-
-    def run_due(self) -> int:
-        with self._engine.begin() as conn:
-            leases = self.queue.claim(conn, self._owner, LEASE_SECONDS, limit=PARALLEL)
-        list(self._pool.map(self.run, leases))
-        return len(leases)
 
     def start(self, source: str, query: FetchQuery) -> Lease:
         """A new fetch, leased to this fetcher at once (to `run` now, as `ainode fetch` does)."""
-        max_attempts = self._settings.dispatch.max_attempts
+        max_attempts = self._settings.fetch.max_attempts
         fetch_id = enqueue(
-            self._engine, source, query, max_attempts, claimed_by=self._owner,
+            self._engine, source, query, max_attempts, claimed_by=self.owner,
             lease_seconds=LEASE_SECONDS,
         )  # fmt: skip
         return Lease(fetch_id, 1, max_attempts)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def load(self, conn: Connection, leases: list[Lease]) -> list[Held[Wanted]]:
+        rows = conn.execute(
+            select(Fetch.id, Fetch.source, Fetch.prior_of, Fetch.query).where(
+                Fetch.id.in_([lease.id for lease in leases])
+            )
+        ).all()
+        wanted = {
+            row.id: Wanted(row.source, FetchQuery.model_validate_json(row.query), row.prior_of)
+            for row in rows
+        }
+        return [Held(lease, wanted[lease.id]) for lease in leases]
+
+    def handle(self, held: Held[Wanted]) -> None:
+        self._run(held, None)
 
     def run(self, lease: Lease, progress: Callable[[str, int], None] | None = None) -> WorkState:
-        """Run one leased fetch; its resulting state."""
-        source, state = self._run(lease, progress)
-        FETCHES.labels(source, str(state)).inc()
+        """Run one leased fetch now; its resulting state."""
+        with self._engine.connect() as conn:
+            (held,) = self.load(conn, [lease])
+        return self._run(held, progress)
+
+    def _run(self, held: Held[Wanted], progress: Callable[[str, int], None] | None) -> WorkState:
+        wanted = held.row
+        with renewing(self.queue, [held.lease.id], self.owner, LEASE_SECONDS, self.kind):
+            state = self._fetch(held.lease, wanted, progress)
+        FETCHES.labels(wanted.source, str(state)).inc()
         return state
 
-    def _run(
-        self, lease: Lease, progress: Callable[[str, int], None] | None
-    ) -> tuple[str, WorkState]:
-        with self._engine.connect() as conn:
-            source_name, prior_of, text = conn.execute(
-                select(Fetch.source, Fetch.prior_of, Fetch.query).where(Fetch.id == lease.id)
-            ).one()
-        query = FetchQuery.model_validate_json(text)
-        renewer = _Renewer(self.queue, lease.id, self._owner)
+    def _fetch(
+        self, lease: Lease, wanted: Wanted, progress: Callable[[str, int], None] | None
+    ) -> WorkState:
+        source_name, query, prior_of = wanted.source, wanted.query, wanted.prior_of
         try:
             source = self._source(source_name)
             hits = choose(query, source.find(query))
             if not hits and prior_of is None:
-                problem = f"no study at {source_name} matches {query.describe()}"
-                return source_name, self._fail(lease, problem)
+                return self._fail(lease, f"no study at {source_name} matches {query.describe()}")
             studies, instances = [], 0
             for hit in hits:
                 if prior_of is not None:
                     self._mark_prior(hit.study_uid, prior_of)
-                instances += self._retrieve(source, hit.study_uid, progress, renewer)
+                instances += self._retrieve(source, hit.study_uid, progress)
                 studies.append(hit.study_uid)
         except (RetrieveFailed, OSError, ValueError) as exc:
-            return source_name, self._fail(lease, str(exc), retry=True)
-        with self._engine.begin() as conn:
-            if not self.queue.succeed(
-                conn, lease.id, self._owner, studies=studies, instances=instances
-            ):
-                log.warning("fetch %d finished after losing its lease", lease.id)
+            return self._fail(lease, str(exc), retry=True)
+        self.succeed(lease, studies=studies, instances=instances)
         log.info(
             "fetch %d from %s: %d studies, %d instances", lease.id, source_name, len(studies),
             instances,
@@ -122,12 +138,12 @@ class Fetcher:
             prior_of=prior_of,
         )
         record_quietly(self._engine, self._actor, facts, prior_of)
-        return source_name, WorkState.SUCCEEDED
+        return WorkState.SUCCEEDED
 
     def _source(self, name: str) -> StudySource:
         settings = self._settings
         found = settings.source(name)
-        timeout = settings.dispatch.timeout_seconds
+        timeout = settings.fetch.timeout_seconds
         if found is None:
             raise ValueError(f"{name!r} is neither a peer nor a dicomweb server")
         if isinstance(found, DicomWebDestination):
@@ -139,7 +155,6 @@ class Fetcher:
         source: StudySource,
         study_uid: str,
         progress: Callable[[str, int], None] | None,
-        renewer: _Renewer,
     ) -> int:
         ae_title = self._settings.node.ae_title
         sender = Sender(uuid.uuid4().hex, source.name, ae_title, None, source.transport)
@@ -150,7 +165,6 @@ class Fetcher:
             return self._intake.accept(delivery, dataset, syntax).status == Status.SUCCESS
 
         def arrived(count: int) -> None:
-            renewer.tick()
             if progress is not None:
                 progress(study_uid, count)
 
@@ -172,22 +186,6 @@ class Fetcher:
             )
 
     def _fail(self, lease: Lease, error: str, retry: bool = False) -> WorkState:
-        state = self.queue.fail(lease.id, self._owner, error, permanent=not retry)
+        state = self.fail(lease, error, permanent=not retry)
         log.warning("fetch %d failed (%s): %s", lease.id, state, error)
         return state or WorkState.FAILED
-
-
-class _Renewer:
-    """Renews a fetch's lease while instances keep arriving (at most every 20 s)."""
-
-    def __init__(self, queue: LeasedQueue, fetch_id: int, owner: str) -> None:
-        self._queue, self._id, self._owner = queue, fetch_id, owner
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-
-    def tick(self) -> None:
-        with self._lock:
-            if time.monotonic() - self._last < 20:
-                return
-            self._last = time.monotonic()
-        self._queue.renew(self._id, self._owner, LEASE_SECONDS)

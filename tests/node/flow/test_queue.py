@@ -166,7 +166,7 @@ def test_bad_input_fails_at_once_and_cancel_stops_a_running_job(engine: Engine) 
     running = queue.claim("w", 30)
     assert running is not None and running.id == cancelled
     assert queue.cancel(cancelled)
-    assert not queue.renew(cancelled, "w", 30)
+    assert not queue.leased.renew(cancelled, "w", 30)
     assert not finish(engine, cancelled, "w")
     states = {view.id: view.state for view in queue.list()}
     assert states == {bad: "failed", cancelled: "cancelled"}

@@ -7,14 +7,15 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 
 from node.flow.queue import JobQueue
 from node.flow.routing.engine import JobRequest
 from node.flow.routing.rules import Priority
 from node.store.db.models import Dispatch, WorkState, utcnow
-from node.store.leased import LeasedQueue, RetryPolicy
+from node.store.leased import Held, Lease, LeasedQueue, LeasedWorkLoop, RetryPolicy, renewing
 from node.work.outcome import create_dispatches
+from tests.peers import wait_until
 from tests.rows import add_series
 
 
@@ -90,3 +91,57 @@ def test_a_restarted_single_consumer_takes_back_what_it_left_running(engine: Eng
     }
     with engine.begin() as conn:
         assert len(queue.claim(conn, "after-restart", 30, limit=5)) == 2
+
+
+class Flaky(LeasedWorkLoop[int]):
+    """Handles rows in claim order: raises on the first, succeeds on the others."""
+
+    kind = "test"
+
+    def __init__(self, engine: Engine, batch: int) -> None:
+        super().__init__(
+            engine, LeasedQueue(engine, Dispatch, RetryPolicy()), "loop", 30, batch=batch
+        )
+        self.handled: list[int] = []
+
+    def load(self, conn: Connection, leases: list[Lease]) -> list[Held[int]]:
+        return [Held(lease, lease.id) for lease in leases]
+
+    def handle(self, held: Held[int]) -> None:
+        self.handled.append(held.row)
+        if len(self.handled) == 1:
+            raise KeyError("a handler's bug")
+        self.succeed(held.lease, status="sent")
+
+
+def test_the_loop_retries_a_row_whose_handler_raised_and_goes_on(engine: Engine) -> None:
+    first, second = dispatches(engine, [0, 1])
+    loop = Flaky(engine, batch=5)
+    assert loop.run_due() == 2
+    assert loop.handled == [first, second]
+    with engine.connect() as conn:
+        error = conn.execute(select(Dispatch.error).where(Dispatch.id == first)).scalar_one()
+    assert state_of(engine, first) == WorkState.RETRYING and "KeyError" in error
+    assert state_of(engine, second) == WorkState.SUCCEEDED
+    assert loop.run_due() == 0  # the retry waits for its backoff
+
+
+def test_renewing_holds_a_lease_past_its_length_until_it_is_lost(engine: Engine) -> None:
+    kept, cancelled = dispatches(engine, [0, 1])
+    queue = LeasedQueue(engine, Dispatch, RetryPolicy())
+    with engine.begin() as conn:
+        queue.claim(conn, "me", 6, limit=2)
+
+    def expires(row_id: int) -> object:
+        with engine.connect() as conn:
+            return conn.execute(
+                select(Dispatch.lease_expires_at).where(Dispatch.id == row_id)
+            ).scalar_one()
+
+    first = expires(kept)
+    with renewing(queue, [kept, cancelled], "me", 6, "dispatch"):
+        assert queue.cancel(cancelled)
+        wait_until(lambda: expires(kept) != first, 10)  # renewed, without being asked
+        assert queue.requeue_expired() == 0
+    assert state_of(engine, kept) == WorkState.RUNNING
+    assert state_of(engine, cancelled) == WorkState.CANCELLED

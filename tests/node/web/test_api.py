@@ -72,7 +72,9 @@ def test_readiness_names_what_is_wrong(start_web_node, tmp_path: Path) -> None:
     ready = wait_until(lambda: (r := httpx.get(f"{web.url}/readyz")).status_code == 200 and r, 30)
     checks = ready.json()["checks"]
     assert set(checks) == {"database", "storage", "dimse", "processes", "rules"}
-    assert checks["processes"]["detail"] == "2 of 2 processes alive"  # main and HTTP
+    assert checks["processes"]["detail"] == "2 of 2 processes up"  # main and HTTP
+    # Each probe connected to the DICOM port and left without a byte: no log line each.
+    assert "before association" not in web.node.log()
 
     rules.write_text(
         "rules:\n  - name: broken\n    match: {NoSuchKeyword: 1}\n    pipelines: [echo]\n"

@@ -107,7 +107,15 @@ def test_processes_and_the_job_each_worker_runs(start_web_node) -> None:
     assert set(processes) == {"main", "receiver-1", "worker-0", "http"}
     assert all(p["alive"] for p in processes.values())
     assert web.node.proc is not None and processes["main"]["pid"] == web.node.proc.pid
-    ready = httpx.get(f"{web.url}/readyz").json()["checks"]["processes"]
-    assert ready == {"ok": True, "detail": "4 of 4 processes alive"}
+    # Ready once the worker has loaded its pipelines and the HTTP server serves, and only
+    # then is "ready" logged.
+    ready = wait_until(
+        lambda: (c := httpx.get(f"{web.url}/readyz").json()["checks"]["processes"])["ok"] and c,
+        60,
+    )
+    assert ready == {"ok": True, "detail": "4 of 4 processes up"}
+    assert all(p["ready"] for p in api(web, "GET", "/processes", "viewer").json())
+    log = wait_until(lambda: "node AINODE ready" in (text := web.node.log()) and text, 10)
+    assert log.index("node AINODE ready") > log.index("Started server process")
     status = web.node.status()
     assert {p["name"] for p in status["processes"]} == set(processes)
