@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads n
     from rich.progress import Progress, TaskID
     from sqlalchemy import Engine
 
+    from node.admin.actions import Changed
     from node.flow.queue import JobQueue
     from node.flow.routing.admin import Explanation
     from node.flow.routing.engine import SeriesFacts
@@ -332,29 +334,32 @@ def jobs_list(
 @jobs_app.command("retry")
 def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
     """Queue a job again with a fresh set of attempts."""
-    from node.ops.audit import Action, AdminAction
+    from node.admin import actions
 
-    engine = _engine(_settings(config))
-    done = _queue(engine).retry(job_id)
-    if done:
-        _audit(engine, AdminAction(action=Action.RETRY_JOB, id=job_id))
-    engine.dispose()
-    typer.echo(f"job {job_id} queued again" if done else f"job {job_id}: not found or running")
-    raise typer.Exit(0 if done else 1)
+    _act(config, lambda engine, actor: actions.retry_job(engine, actor, job_id), "queued again")
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
     """Cancel a job that has not finished."""
-    from node.ops.audit import Action, AdminAction
+    from node.admin import actions
+
+    _act(config, lambda engine, actor: actions.cancel_job(engine, actor, job_id), "cancelled")
+
+
+def _act(config: Path, action: Callable[[Engine, str], Changed], done: str) -> None:
+    """Run an admin action as the person at the terminal: exit 0, or 1 with why not."""
+    from node.admin.actions import Conflict, NotFound
 
     engine = _engine(_settings(config))
-    done = _queue(engine).cancel(job_id)
-    if done:
-        _audit(engine, AdminAction(action=Action.CANCEL_JOB, id=job_id))
-    engine.dispose()
-    typer.echo(f"job {job_id} cancelled" if done else f"job {job_id}: not found or finished")
-    raise typer.Exit(0 if done else 1)
+    try:
+        changed = action(engine, _operator())
+    except (NotFound, Conflict) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        engine.dispose()
+    typer.echo(f"job {changed.id} {done}")
 
 
 @models_app.command("list")
@@ -593,10 +598,15 @@ def _staged(progress: Progress, task: TaskID, series_uid: str, stage: str) -> No
     progress.update(task, description=f"{series_uid[-24:]} {stage}")
 
 
+def _operator() -> str:
+    """Who acts at the CLI, as the audit trail names them."""
+    return f"cli:{getpass.getuser()}"
+
+
 def _audit(engine: Engine, facts: AdminAction) -> None:
     from node.ops.audit import record
 
-    record(engine, f"cli:{getpass.getuser()}", facts)
+    record(engine, _operator(), facts)
 
 
 @audit_app.command("list")

@@ -11,6 +11,7 @@ import enum
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,13 @@ ENV_SEPARATOR = "__"
 ORIGIN = "origin"
 """The destination that means the peer that sent the series."""
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+@dataclass(frozen=True)
+class NoDestination:
+    """Why results cannot go where a rule sends them (no such destination, no address)."""
+
+    reason: str
 
 
 class ConfigError(Exception):
@@ -171,12 +179,23 @@ class DicomWebDestination(_Section):
     """Fetching from it: QIDO-RS, then WADO-RS."""
 
 
+class NotifyOn(enum.StrEnum):
+    """When a notification target is told of a job (`notifications.NAME.on`)."""
+
+    POSITIVE = "positive"
+    """The job succeeded with a positive result."""
+    FAILED = "failed"
+    """The job failed for good (failed or dead)."""
+    DONE = "done"
+    """The job succeeded, positive or not."""
+
+
 class NotificationTarget(_Section):
     """An HTTP endpoint told when a job of a rule with `notify: [NAME]` ends as it asks."""
 
     url: str = Field(pattern=r"^https?://")
     headers: dict[str, str] = {}
-    on: list[Literal["positive", "failed", "done"]] = ["positive"]
+    on: list[NotifyOn] = [NotifyOn.POSITIVE]
     verify_tls: bool = True
 
 
@@ -417,18 +436,20 @@ class Settings(_Section):
         """Names rules may send results to (besides `origin`)."""
         return {*self.peers, *self.dicomweb}
 
-    def destination(self, name: str, origin_ae: str | None) -> Peer | DicomWebDestination | str:
+    def destination(
+        self, name: str, origin_ae: str | None
+    ) -> Peer | DicomWebDestination | NoDestination:
         """Where results named `name` go, or why they cannot go there. `origin` is the peer
         whose AE title is `origin_ae`, or (for a DICOMweb sender) the `dicomweb` destination
         named like the sender's token."""
         if name == ORIGIN:
             sender = origin_ae or ""
             found = self.peer_by_ae_title(sender) or self.dicomweb.get(sender)
-            return found or f"origin {sender!r} is not a configured peer: no address"
+            return found or NoDestination(f"origin {sender!r} is not a configured peer: no address")
         return (
             self.peers.get(name)
             or self.dicomweb.get(name)
-            or f"destination {name!r} is not configured"
+            or NoDestination(f"destination {name!r} is not configured")
         )
 
     def peer_by_ae_title(self, ae_title: str) -> Peer | None:

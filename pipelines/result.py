@@ -1,6 +1,10 @@
 """What a pipeline returns: masks with coded segments, measurements per region, findings and
 detections. Encoders (SR, SEG) read this; nothing here writes DICOM.
 
+Every type checks itself when built and raises ValueError naming the field and why (a mask
+that is not 3-D, a probability outside 0..1, a region that names a mask the result lacks), so
+a pipeline's mistake stops at the pipeline, not in an encoder.
+
 Masks lie on the volume's voxel grid (slice, row, column), in the volume's slice order.
 Coordinates are DICOM patient coordinates (LPS, mm).
 """
@@ -44,6 +48,13 @@ class Segment:
 class Mask:
     segment: Segment
     array: np.ndarray
+    """(slice, row, column) on the volume's grid, boolean or 0/1."""
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"mask {self.segment.label!r}: {self.array.ndim}-D, not 3-D")
+        if self.array.dtype != bool and not np.isin(self.array, (0, 1)).all():
+            raise ValueError(f"mask {self.segment.label!r}: values other than 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,10 @@ class Measurement:
     concept: Code
     value: float
     unit: Code
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.value):
+            raise ValueError(f"measurement {self.concept.meaning!r}: {self.value} is not finite")
 
     def as_json(self) -> dict[str, object]:
         return {"concept": self.concept.as_json(), "value": self.value, "unit": self.unit.value}
@@ -89,6 +104,9 @@ class Finding:
     present: bool
     normal: bool = False
 
+    def __post_init__(self) -> None:
+        _probability(f"finding {self.concept.meaning!r}", self.probability)
+
     def as_json(self) -> dict[str, object]:
         return {
             "concept": self.concept.as_json(),
@@ -110,6 +128,14 @@ class Detection:
     finding_site: Code | None = None
     segment: str | None = None
     measurements: tuple[Measurement, ...] = ()
+
+    def __post_init__(self) -> None:
+        what = f"detection {self.label.meaning!r}"
+        _probability(what, self.score)
+        if len(self.box_min) != 3 or len(self.box_max) != 3:
+            raise ValueError(f"{what}: box corners are not 3-D points")
+        if any(low > high for low, high in zip(self.box_min, self.box_max, strict=True)):
+            raise ValueError(f"{what}: box_min {self.box_min} exceeds box_max {self.box_max}")
 
     @property
     def center(self) -> tuple[float, float, float]:
@@ -153,6 +179,25 @@ class PipelineResult:
     the node's series input guard scores."""
     timings: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError unless the parts agree: masks of one shape and distinct labels,
+        and every segment a region, a span or a detection names among the masks. Called when
+        built, and again by whoever runs the pipeline (its lists may grow after)."""
+        labels = [m.segment.label for m in self.masks]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"{self.pipeline}: mask labels repeat: {labels}")
+        shapes = {m.array.shape for m in self.masks}
+        if len(shapes) > 1:
+            raise ValueError(f"{self.pipeline}: masks of different shapes {sorted(shapes)}")
+        named = [(f"region {r.name!r}", s) for r in self.regions for s in (r.segment, *r.spans)]
+        named += [(f"detection {d.label.meaning!r}", d.segment) for d in self.detections]
+        for what, label in named:
+            if label is not None and label not in labels:
+                raise ValueError(f"{self.pipeline}: {what} names mask {label!r}, not in {labels}")
+
     @property
     def positive(self) -> bool:
         """Something was found: a finding other than normal, or a detection."""
@@ -164,14 +209,20 @@ class PipelineResult:
         return bool(self.masks or self.regions or self.findings or self.detections)
 
     def region(self, name: str) -> Region:
-        return next(r for r in self.regions if r.name == name)
+        found = next((r for r in self.regions if r.name == name), None)
+        if found is None:
+            raise KeyError(f"{self.pipeline}: no region {name!r}")
+        return found
 
     def mask(self, label: str) -> Mask:
-        return next(m for m in self.masks if m.segment.label == label)
+        return self.masks[self.segment_number(label) - 1]
 
     def segment_number(self, label: str) -> int:
         """The SEG segment number of a mask (1-based, in result order)."""
-        return next(n for n, m in enumerate(self.masks, start=1) if m.segment.label == label)
+        for number, mask in enumerate(self.masks, start=1):
+            if mask.segment.label == label:
+                return number
+        raise KeyError(f"{self.pipeline}: no mask {label!r}")
 
     def region_mask(self, region: Region) -> np.ndarray | None:
         """The voxels of a region: its segment's mask, or the union of the masks it spans."""
@@ -209,3 +260,8 @@ class PipelineResult:
         if self.masks:
             packed = {m.segment.label: np.packbits(m.array, axis=-1) for m in self.masks}
             np.savez_compressed(folder / MASKS_FILE, allow_pickle=False, **packed)
+
+
+def _probability(what: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"{what}: probability {value} is outside 0..1")

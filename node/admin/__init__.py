@@ -1,2 +1,3 @@
-"""What an operator sees and changes, one service behind both the CLI and the HTTP API:
-the node's status report (`report`)."""
+"""What an operator sees and changes, one service behind both the CLI and the HTTP API: the
+actions on the node's work (`actions`: retry, cancel, resend, route again, queue a fetch) and
+the status report (`report`). Routing rules have theirs in `node.flow.routing.admin`."""

@@ -1,4 +1,6 @@
-"""The DICOM upper layer as an association acceptor: one blocking thread per association.
+"""The DICOM upper layer as an association acceptor: one blocking thread per association, its
+state machine from the first byte to release or abort. The PDUs are `pdu`'s, the command sets
+`messages`', what a peer may take `limits`'.
 
 pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the presentation contexts and encodes the
 A-ASSOCIATE-AC and -RJ. The data phase is done here: P-DATA-TF reassembly and the C-STORE and
@@ -20,7 +22,6 @@ import logging
 import socket
 import socketserver
 import ssl
-import struct
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from typing import Protocol
 
 from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
@@ -45,10 +46,28 @@ from pynetdicom.presentation import (
     negotiate_as_acceptor,
 )
 
+from node.edge.limits import (
+    FIRST_READ,
+    MAX_ASSOCIATE_RQ_BYTES,
+    MAX_COMMAND_BYTES,
+    READ_STEP,
+    Deadline,
+    Limits,
+)
+from node.edge.messages import Reply, StoreRequest, as_us, command_elements, response, store_request
+from node.edge.pdu import (
+    PDU_HEADER,
+    PDU_TYPES,
+    RELEASE_RP,
+    ProtocolError,
+    check_contexts,
+    decode_associate_rq,
+    p_data,
+    pdvs,
+)
 from node.edge.protocol import (
     ADDRESS_LIMIT_EXCEEDED,
     APPLICATION_CONTEXT,
-    COMMAND_GROUP,
     LOCAL_LIMIT_EXCEEDED,
     NO_DATA_SET,
     UNSUPPORTED_APPLICATION_CONTEXT,
@@ -58,7 +77,6 @@ from node.edge.protocol import (
     AssociateResult,
     CommandField,
     CommandTag,
-    MessageControl,
     PduType,
     Rejection,
     ResultSource,
@@ -67,66 +85,6 @@ from node.edge.status import Status
 from node.ops.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
-
-PDU_CEILING = 4 << 20
-"""The largest PDU the node announces when `max_pdu_size` is 0 ("no limit" in PS3.8)."""
-MAX_ASSOCIATE_RQ_BYTES = 1 << 20
-MAX_COMMAND_BYTES = 64 << 10
-FIRST_READ = 64 << 10
-READ_STEP = 1 << 20
-"""A PDU body is read into a buffer of `FIRST_READ` bytes that doubles as bytes arrive, by
-`READ_STEP` at most: what a peer announces costs nothing until it sends it."""
-
-_PDU_HEADER = struct.Struct(">BxI")
-_PDV_HEADER = struct.Struct(">IBB")
-_ELEMENT_HEADER = struct.Struct("<HHI")
-_RELEASE_RP = _PDU_HEADER.pack(PduType.RELEASE_RP, 4) + b"\0\0\0\0"
-PDU_TYPES = frozenset(PduType)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one peer may take of the node (`node.*` settings)."""
-
-    max_pdu_size: int = 16384
-    max_associations: int = 16
-    max_pending: int = 32
-    """Connections that have not finished association negotiation."""
-    max_dataset_bytes: int = 4 << 30
-    association_timeout: float = 30.0
-    """ARTIM: the whole A-ASSOCIATE-RQ must have arrived this long after the connection."""
-    network_timeout: float = 60.0
-    """Each PDU must have arrived whole this long after the node starts waiting for it."""
-    min_bytes_per_second: float = 32 * 1024
-    """A whole message must arrive at least this fast on average, after `network_timeout`:
-    a peer that trickles a few bytes per PDU cannot hold its slot for ever."""
-    max_per_address: int = 8
-    """Associations one peer address may hold at once."""
-
-    def message_deadline(self, started: float, received: int) -> float:
-        """When a message begun at `started`, `received` bytes in, must have arrived whole."""
-        return started + self.network_timeout + received / self.min_bytes_per_second
-
-    @property
-    def announced_pdu_size(self) -> int:
-        return self.max_pdu_size or PDU_CEILING
-
-    @property
-    def receive_limit(self) -> int:
-        """The largest PDU body accepted: what was announced, with room for a sloppy peer."""
-        return 2 * self.announced_pdu_size
-
-
-class ProtocolError(Exception):
-    """The peer broke the upper-layer protocol; the association is aborted."""
-
-    def __init__(self, message: str, reason: AbortReason = AbortReason.INVALID_PDU_PARAMETER):
-        super().__init__(message)
-        self.reason = reason
-
-
-class Deadline(TimeoutError):
-    """A PDU did not arrive whole in time."""
 
 
 @dataclass
@@ -139,25 +97,6 @@ class Association:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     released: bool = False
     contexts: dict[int, PresentationContext] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StoreRequest:
-    """A C-STORE-RQ: its command set and the transfer syntax its dataset is encoded in."""
-
-    message_id: int
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: UID
-    priority: int
-
-
-@dataclass(frozen=True)
-class Reply:
-    """The status of a DIMSE response, with an optional Error Comment."""
-
-    status: int
-    comment: str | None = None
 
 
 class Services(Protocol):
@@ -337,7 +276,7 @@ class _Connection(socketserver.BaseRequestHandler):
         """Send an A-ABORT and close the connection; a blocked read ends."""
         body = bytes([0, 0, source, reason if source == AbortSource.SERVICE_PROVIDER else 0])
         with contextlib.suppress(OSError, ValueError):
-            self._send(_PDU_HEADER.pack(PduType.ABORT, len(body)) + body)
+            self._send(PDU_HEADER.pack(PduType.ABORT, len(body)) + body)
         with contextlib.suppress(OSError, ValueError):
             self.request.shutdown(socket.SHUT_RDWR)
 
@@ -366,7 +305,7 @@ class _Connection(socketserver.BaseRequestHandler):
             raise ProtocolError(
                 f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", AbortReason.UNEXPECTED_PDU
             )
-        request = _decode_associate_rq(body)
+        request = decode_associate_rq(body)
         calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
         rejection = None
         if request.application_context_name != APPLICATION_CONTEXT:
@@ -397,7 +336,7 @@ class _Connection(socketserver.BaseRequestHandler):
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
         }
         proposed = request.presentation_context_definition_list
-        _check_contexts(proposed)
+        check_contexts(proposed)
         try:
             results, role_replies = negotiate_as_acceptor(proposed, self.server.contexts, roles)
         except (TypeError, ValueError, AttributeError) as exc:
@@ -462,7 +401,7 @@ class _Connection(socketserver.BaseRequestHandler):
             if pdu_type == PduType.RELEASE_RQ:
                 if command is not None or command_parts:
                     raise ProtocolError("A-RELEASE-RQ inside a message", AbortReason.UNEXPECTED_PDU)
-                self._send(_RELEASE_RP)
+                self._send(RELEASE_RP)
                 return
             if pdu_type == PduType.ABORT:
                 raise EOFError("aborted by the peer")
@@ -473,7 +412,7 @@ class _Connection(socketserver.BaseRequestHandler):
             if message_started is None:
                 message_started = time.monotonic()
             message_bytes += len(body)
-            for context_id, is_command, is_last, value in _pdvs(body):
+            for context_id, is_command, is_last, value in pdvs(body):
                 if context_id not in association.contexts:
                     raise ProtocolError(f"presentation context {context_id} was not accepted")
                 if message_context is not None and context_id != message_context:
@@ -490,9 +429,9 @@ class _Connection(socketserver.BaseRequestHandler):
                         raise ProtocolError("command set larger than 64 KiB")
                     if not is_last:
                         continue
-                    command = _command_elements(b"".join(command_parts))
+                    command = command_elements(b"".join(command_parts))
                     command_parts.clear()
-                    if _as_us(command, CommandTag.COMMAND_DATA_SET_TYPE) != NO_DATA_SET:
+                    if as_us(command, CommandTag.COMMAND_DATA_SET_TYPE) != NO_DATA_SET:
                         continue
                     yield context_id, command, None
                 else:
@@ -521,7 +460,7 @@ class _Connection(socketserver.BaseRequestHandler):
         command: dict[int, bytes],
         dataset: bytes | None,
     ) -> Reply:
-        field_ = _as_us(command, CommandTag.COMMAND_FIELD)
+        field_ = as_us(command, CommandTag.COMMAND_FIELD)
         context = association.contexts[context_id]
         if field_ == CommandField.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
             return Reply(Status.SUCCESS)
@@ -529,13 +468,7 @@ class _Connection(socketserver.BaseRequestHandler):
             return Reply(Status.UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are served")
         if dataset is None:
             return Reply(Status.CANNOT_UNDERSTAND, "C-STORE-RQ without a dataset")
-        request = StoreRequest(
-            message_id=_as_us(command, CommandTag.MESSAGE_ID),
-            sop_class_uid=_as_uid(command, CommandTag.AFFECTED_SOP_CLASS_UID),
-            sop_instance_uid=_as_uid(command, CommandTag.AFFECTED_SOP_INSTANCE_UID),
-            transfer_syntax=UID(context.transfer_syntax[0]),
-            priority=_as_us(command, CommandTag.PRIORITY, default=0),
-        )
+        request = store_request(command, UID(context.transfer_syntax[0]))
         if request.sop_class_uid != context.abstract_syntax:
             return Reply(
                 Status.SOP_CLASS_NOT_SUPPORTED,
@@ -548,31 +481,12 @@ class _Connection(socketserver.BaseRequestHandler):
             return Reply(Status.PROCESSING_FAILURE, "processing failure in the receiver")
 
     def _respond(self, context_id: int, command: dict[int, bytes], reply: Reply) -> None:
-        field_ = _as_us(command, CommandTag.COMMAND_FIELD) | CommandField.RESPONSE
-        elements = [
-            (
-                CommandTag.AFFECTED_SOP_CLASS_UID,
-                command.get(CommandTag.AFFECTED_SOP_CLASS_UID, b""),
-            ),
-            (CommandTag.COMMAND_FIELD, struct.pack("<H", field_)),
-            (CommandTag.MESSAGE_ID_BEING_RESPONDED_TO, command.get(CommandTag.MESSAGE_ID, b"\0\0")),
-            (CommandTag.COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
-            (CommandTag.STATUS, struct.pack("<H", reply.status)),
-        ]
-        if reply.comment:
-            comment = _padded(reply.comment[:64].encode("ascii", "replace"))
-            elements.append((CommandTag.ERROR_COMMENT, comment))
-        if CommandTag.AFFECTED_SOP_INSTANCE_UID in command:
-            uid = command[CommandTag.AFFECTED_SOP_INSTANCE_UID]
-            elements.append((CommandTag.AFFECTED_SOP_INSTANCE_UID, uid))
-        body = b"".join(_element(tag, value) for tag, value in elements)
-        encoded = _element(CommandTag.GROUP_LENGTH, struct.pack("<I", len(body))) + body
-        self._send(_p_data(context_id, encoded, self._peer_max_pdu))
+        self._send(p_data(context_id, response(command, reply), self._peer_max_pdu))
 
     def _read_pdu(self, limit: int, deadline: float, what: str) -> tuple[int, bytearray]:
         """One whole PDU, or Deadline if it has not all arrived by `deadline`."""
-        header = self._read_exactly(_PDU_HEADER.size, deadline, what)
-        pdu_type, length = _PDU_HEADER.unpack(header)
+        header = self._read_exactly(PDU_HEADER.size, deadline, what)
+        pdu_type, length = PDU_HEADER.unpack(header)
         if pdu_type not in PDU_TYPES:
             raise ProtocolError(f"unknown PDU type {pdu_type:#04x}", AbortReason.UNRECOGNIZED_PDU)
         if length > limit:
@@ -609,32 +523,6 @@ class _Connection(socketserver.BaseRequestHandler):
             self.request.sendall(data)
 
 
-def _decode_associate_rq(body: bytearray) -> A_ASSOCIATE:
-    """The A-ASSOCIATE-RQ as pynetdicom reads it; ProtocolError for anything malformed (its
-    decoder raises AssertionError, KeyError, struct.error, UnicodeDecodeError...)."""
-    pdu = A_ASSOCIATE_RQ()
-    try:
-        pdu.decode(_PDU_HEADER.pack(PduType.ASSOCIATE_RQ, len(body)) + bytes(body))
-        request = pdu.to_primitive()
-        request.calling_ae_title.strip()
-        request.called_ae_title.strip()
-    except Exception as exc:
-        detail = str(exc) or type(exc).__name__
-        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {detail}") from exc
-    return request
-
-
-def _check_contexts(proposed: list[PresentationContext]) -> None:
-    """Each proposed presentation context names one abstract syntax and a transfer syntax."""
-    if not proposed:
-        raise ProtocolError("A-ASSOCIATE-RQ proposes no presentation context")
-    for context in proposed:
-        if context.context_id is None or not context.abstract_syntax:
-            raise ProtocolError(f"presentation context {context.context_id} has no abstract syntax")
-        if not context.transfer_syntax:
-            raise ProtocolError(f"presentation context {context.context_id} has no transfer syntax")
-
-
 def _peer_of(connection: socket.socket) -> object:
     try:
         return connection.getpeername()
@@ -646,80 +534,3 @@ def _address(client_address: object) -> str:
     if isinstance(client_address, tuple) and len(client_address) >= 2:
         return f"{client_address[0]}:{client_address[1]}"
     return str(client_address)
-
-
-def _pdvs(body: bytearray) -> Iterator[tuple[int, bool, bool, memoryview]]:
-    """The presentation data values of a P-DATA-TF body: context, command?, last?, value."""
-    view = memoryview(body)
-    offset = 0
-    if not body:
-        raise ProtocolError("P-DATA-TF without presentation data values")
-    while offset < len(body):
-        if offset + 6 > len(body):
-            raise ProtocolError("truncated presentation data value item")
-        length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
-        end = offset + 4 + length
-        if length < 2 or end > len(body):
-            raise ProtocolError(f"presentation data value item of invalid length {length}")
-        flags = MessageControl(control & (MessageControl.COMMAND | MessageControl.LAST))
-        yield (
-            context_id,
-            MessageControl.COMMAND in flags,
-            MessageControl.LAST in flags,
-            view[offset + 6 : end],
-        )
-        offset = end
-
-
-def _p_data(context_id: int, message: bytes, peer_max_pdu: int) -> bytes:
-    """A command as P-DATA-TF PDUs, each within the peer's maximum PDU length."""
-    room = peer_max_pdu - 6 if peer_max_pdu else len(message)
-    room = max(room, 1)
-    pdus = []
-    for start in range(0, len(message), room):
-        fragment = message[start : start + room]
-        control = MessageControl.COMMAND
-        if start + room >= len(message):
-            control |= MessageControl.LAST
-        pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
-        pdus.append(_PDU_HEADER.pack(PduType.P_DATA_TF, len(pdv)) + pdv)
-    return b"".join(pdus)
-
-
-def _command_elements(data: bytes) -> dict[int, bytes]:
-    """The elements of a command set (Implicit VR Little Endian, PS3.7 6.3.1) by tag."""
-    elements = {}
-    offset = 0
-    while offset < len(data):
-        if offset + 8 > len(data):
-            raise ProtocolError("truncated command set")
-        group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
-        offset += 8
-        if group != COMMAND_GROUP:
-            raise ProtocolError(f"command set holds element ({group:04X},{element:04X})")
-        if offset + length > len(data):
-            raise ProtocolError(f"command element ({group:04X},{element:04X}) is truncated")
-        elements[(group << 16) | element] = data[offset : offset + length]
-        offset += length
-    return elements
-
-
-def _as_us(command: dict[int, bytes], tag: int, default: int | None = None) -> int:
-    value = command.get(tag)
-    if value is None and default is not None:
-        return default
-    if value is None or len(value) != 2:
-        raise ProtocolError(f"command element {tag:08X} is missing or not a US")
-    return int(struct.unpack("<H", value)[0])
-
-
-def _as_uid(command: dict[int, bytes], tag: int) -> str:
-    return command.get(tag, b"").decode("ascii", "replace").rstrip("\0 ")
-
-
-def _element(tag: int, value: bytes) -> bytes:
-    return _ELEMENT_HEADER.pack(tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def _padded(value: bytes) -> bytes:
-    return value + b" " if len(value) % 2 else value

@@ -15,7 +15,9 @@ import time
 from typing import Protocol
 
 from node.config import InboundTlsSettings, Peer, Settings
-from node.edge.acceptor import Acceptor, Association, Limits, Reply, StoreRequest
+from node.edge.acceptor import Acceptor, Association
+from node.edge.limits import Limits
+from node.edge.messages import Reply, StoreRequest
 from node.edge.protocol import (
     CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,

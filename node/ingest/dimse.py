@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from node.edge.acceptor import Association, Reply, StoreRequest
+from node.edge.acceptor import Association
+from node.edge.messages import Reply, StoreRequest
 from node.edge.status import Status
 from node.ingest.intake import Answer, Delivery, Intake, Sender
 from node.ingest.metadata import InstanceMetadata

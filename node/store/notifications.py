@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 
 from sqlalchemy import Connection, select
 
-from node.config import NotificationTarget
+from node.config import NotificationTarget, NotifyOn
 from node.store.db.models import Job, Notification, Series, Study, utcnow
 from node.store.db.upsert import insert_into
 from node.store.leased import queued
@@ -18,7 +18,7 @@ def queue_notifications(
     conn: Connection,
     job_id: int,
     targets: Mapping[str, NotificationTarget],
-    events: Iterable[str],
+    events: Iterable[NotifyOn],
     max_attempts: int,
     **facts: object,
 ) -> int:

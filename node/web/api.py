@@ -5,13 +5,14 @@ thread pool, where their database work belongs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, ValidationError
-from sqlalchemy import select
 
+from node.admin import actions
 from node.admin.report import (
     DiskStatus,
     PipelineStatus,
@@ -27,16 +28,14 @@ from node.admin.report import (
 from node.config import Role
 from node.delivery.dispatch.records import list_dispatches
 from node.delivery.fetch.query import FetchQuery
-from node.delivery.fetch.records import enqueue, list_fetches
+from node.delivery.fetch.records import list_fetches
 from node.delivery.notify import list_notifications
-from node.flow.queue import JobQueue, list_jobs
-from node.flow.routing.router import route_again
-from node.ops.audit import Action, AdminAction, list_events, record
+from node.flow.queue import list_jobs
+from node.ops.audit import list_events
 from node.ops.processes import ProcessStatus, process_statuses
-from node.store.db.models import Dispatch, Job, Series, SeriesState, Source, WorkState
-from node.store.leased import LeasedQueue, RetryPolicy
+from node.store.db.models import WorkState
 from node.web.auth import Principal
-from node.web.context import Context, WebContext, authenticated, requires
+from node.web.context import Context, authenticated, requires
 
 router = APIRouter(prefix="/api/v1")
 MAX_ROW_ID = 2**63 - 1
@@ -125,49 +124,26 @@ class Done(BaseModel):
 @router.post("/jobs/{job_id}/retry")
 def retry_job(job_id: RowId, context: Context, principal: Operator) -> Done:
     """Queue a job again with a fresh set of attempts (409 while it runs)."""
-    before = _state(context, Job, job_id)
-    if not JobQueue(context.engine).retry(job_id):
-        raise HTTPException(409, detail=f"job {job_id} is running")
-    return _done(context, principal, Action.RETRY_JOB, job_id, before, WorkState.QUEUED)
+    return _answer(lambda: actions.retry_job(context.engine, principal.name, job_id))
 
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job(job_id: RowId, context: Context, principal: Operator) -> Done:
     """Cancel a job that has not finished (409 when it has)."""
-    before = _state(context, Job, job_id)
-    if not JobQueue(context.engine).cancel(job_id):
-        raise HTTPException(409, detail=f"job {job_id} has finished")
-    return _done(context, principal, Action.CANCEL_JOB, job_id, before, WorkState.CANCELLED)
+    return _answer(lambda: actions.cancel_job(context.engine, principal.name, job_id))
 
 
 @router.post("/dispatches/{dispatch_id}/retry")
 def resend(dispatch_id: RowId, context: Context, principal: Operator) -> Done:
     """Send a dispatch again with a fresh set of attempts (409 while it is being sent)."""
-    before = _state(context, Dispatch, dispatch_id)
-    queue = LeasedQueue(context.engine, Dispatch, RetryPolicy())
-    if not queue.retry(dispatch_id):
-        raise HTTPException(409, detail=f"dispatch {dispatch_id} is being sent")
-    return _done(context, principal, Action.RESEND_DISPATCH, dispatch_id, before, WorkState.QUEUED)
+    return _answer(lambda: actions.resend_dispatch(context.engine, principal.name, dispatch_id))
 
 
 @router.post("/series/{series_uid}/route")
 def reroute(series_uid: str, context: Context, principal: Operator) -> Done:
     """Route the series' current revision again with the current rules at the router's next
     pass: jobs the rules now ask for are created; those that exist are not repeated."""
-    with context.engine.begin() as conn:
-        found = conn.execute(
-            select(Series.id, Series.revision, Series.state, Series.source).where(
-                Series.series_instance_uid == series_uid
-            )
-        ).one_or_none()
-        if found is None:
-            raise HTTPException(404, detail=f"no series {series_uid}")
-        if found.state != SeriesState.COMPLETE or found.source == Source.NODE:
-            raise HTTPException(409, detail=f"series {series_uid} is {found.state}, not routable")
-        route_again(conn, found.id, found.revision)
-    facts = AdminAction(action=Action.ROUTE_SERIES, series=[series_uid], revision=found.revision)
-    record(context.engine, principal.name, facts)
-    return Done(id=found.id, state="routing", by=principal.name)
+    return _answer(lambda: actions.route_series(context.engine, principal.name, series_uid))
 
 
 @router.get("/audit", dependencies=[Depends(requires(Role.ADMIN))])
@@ -198,9 +174,10 @@ def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
         query = FetchQuery(**request.model_dump(exclude={"source"}))
     except ValidationError as exc:
         raise _invalid("study", "give one of study, accession or patient_id") from exc
-    max_attempts = context.settings.fetch.max_attempts
-    fetch_id = enqueue(context.engine, request.source, query, max_attempts)
-    return _done(context, principal, Action.QUEUE_FETCH, fetch_id, None, WorkState.QUEUED)
+    changed = actions.queue_fetch(
+        context.engine, context.settings, principal.name, request.source, query
+    )
+    return Done(id=changed.id, state=changed.after, by=changed.by)
 
 
 def _invalid(field: str, message: str) -> HTTPException:
@@ -209,26 +186,12 @@ def _invalid(field: str, message: str) -> HTTPException:
     return HTTPException(422, detail=[problem])
 
 
-def _state(context: WebContext, table: type[Job] | type[Dispatch], row_id: int) -> WorkState:
-    """The row's state; 404 when there is no such row."""
-    with context.engine.connect() as conn:
-        state = conn.execute(select(table.state).where(table.id == row_id)).scalar_one_or_none()
-    if state is None:
-        noun = "job" if table is Job else "dispatch"
-        raise HTTPException(404, detail=f"no {noun} {row_id}")
-    return state
-
-
-def _done(
-    context: WebContext,
-    principal: Principal,
-    action: Action,
-    row_id: int,
-    before: WorkState | None,
-    after: WorkState,
-) -> Done:
-    """Record who did what in the audit trail; the answer names them too."""
-    before_value = before.value if before else None
-    facts = AdminAction(action=action, id=row_id, before=before_value, after=after.value)
-    record(context.engine, principal.name, facts)
-    return Done(id=row_id, state=after, by=principal.name)
+def _answer(action: Callable[[], actions.Changed]) -> Done:
+    """Run an admin action: 404 for a row that does not exist, 409 for one in the wrong state."""
+    try:
+        changed = action()
+    except actions.NotFound as exc:
+        raise HTTPException(404, detail=str(exc)) from exc
+    except actions.Conflict as exc:
+        raise HTTPException(409, detail=str(exc)) from exc
+    return Done(id=changed.id, state=changed.after, by=changed.by)

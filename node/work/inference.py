@@ -79,8 +79,16 @@ def finish_series(
     stage: Stage,
     guard: GuardScore | None = None,
 ) -> Processed:
-    """Encode `result` of the loaded series as DICOM and save it to `folder_for(volume)`."""
+    """Check `result` against the loaded series, encode it as DICOM and save it to
+    `folder_for(volume)`; ValueError when the pipeline returned something inconsistent."""
     volume = loaded.volume
+    result.check()
+    for mask in result.masks:
+        if mask.array.shape != volume.voxels.shape:
+            raise ValueError(
+                f"{pipeline.name}: mask {mask.segment.label!r} of shape {mask.array.shape} "
+                f"on a volume of {volume.voxels.shape}"
+            )
     result.timings = {"load": loaded.seconds, **result.timings}
     stage("encode")
     folder = folder_for(volume)

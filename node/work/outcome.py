@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, select, update
 
-from node.config import NotificationTarget
+from node.config import NotificationTarget, NotifyOn
 from node.flow.routing.router import route_again
 from node.store.db.models import Dispatch, Embedding, Job, Series, WorkState, utcnow
 from node.store.db.upsert import insert_into, upsert
@@ -27,6 +27,63 @@ from node.work.guard import GuardScore, score_profile
 log = logging.getLogger(__name__)
 
 
+class CodedConcept(BaseModel):
+    value: str
+    scheme: str
+    meaning: str
+
+
+class MeasuredValue(BaseModel):
+    concept: CodedConcept
+    value: float
+    unit: str
+    """The UCUM code."""
+
+
+class SegmentSummary(BaseModel):
+    """A mask of the result: its coded segment and how many voxels it holds."""
+
+    label: str
+    category: CodedConcept
+    type: CodedConcept
+    anatomic_region: CodedConcept | None = None
+    color_rgb: tuple[int, int, int]
+    voxels: int
+
+
+class RegionSummary(BaseModel):
+    name: str
+    finding_site: CodedConcept
+    segment: str | None = None
+    measurements: list[MeasuredValue] = []
+
+
+class FindingSummary(BaseModel):
+    concept: CodedConcept
+    probability: float
+    present: bool
+    normal: bool = False
+
+
+class DetectionSummary(BaseModel):
+    label: CodedConcept
+    score: float
+    box_min_mm: tuple[float, float, float]
+    box_max_mm: tuple[float, float, float]
+    center_mm: tuple[float, float, float]
+    finding_site: CodedConcept | None = None
+    segment: str | None = None
+    measurements: list[MeasuredValue] = []
+
+
+class ProfileSummary(BaseModel):
+    """A value per slice (e.g. % high attenuation), in volume slice order."""
+
+    name: str
+    unit: str
+    values: list[float]
+
+
 class ResultSummary(BaseModel):
     """What a job records of its result (`result` in `ainode jobs list --json`): the
     pipeline's result without voxels, where it was written and what was encoded."""
@@ -34,11 +91,11 @@ class ResultSummary(BaseModel):
     pipeline: str
     version: str
     positive: bool
-    segments: list[dict[str, object]] = []
-    regions: list[dict[str, object]] = []
-    findings: list[dict[str, object]] = []
-    detections: list[dict[str, object]] = []
-    profiles: list[dict[str, object]] = []
+    segments: list[SegmentSummary] = []
+    regions: list[RegionSummary] = []
+    findings: list[FindingSummary] = []
+    detections: list[DetectionSummary] = []
+    profiles: list[ProfileSummary] = []
     embedding_dim: int | None = None
     guard_distance: float | None = None
     """The series' distance to the site's reference (`node.work.guard`): about 1 is like it."""
@@ -148,12 +205,12 @@ class OutcomeRecorder:
                 conn,
                 outcome.job_id,
                 self._notifications,
-                {"done", "positive"} if summary.positive else {"done"},
+                {NotifyOn.DONE, NotifyOn.POSITIVE} if summary.positive else {NotifyOn.DONE},
                 self._notify_attempts,
                 version=summary.version,
                 positive=summary.positive,
-                findings=summary.findings,
-                detections=summary.detections,
+                findings=[finding.model_dump() for finding in summary.findings],
+                detections=[detection.model_dump() for detection in summary.detections],
                 link=self._link,
             )
         return True

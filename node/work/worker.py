@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from node.config import Settings, api_link
+from node.config import NotifyOn, Settings, api_link
 from node.edge.status import Status
 from node.flow.queue import ClaimedJob, JobQueue
 from node.ingest.intake import Delivery, Intake, Sender
@@ -309,7 +309,7 @@ class Worker:
                     conn,
                     job_id,
                     settings.notifications,
-                    {"failed"},
+                    {NotifyOn.FAILED},
                     settings.notify.max_attempts,
                     state=state,
                     error=error,

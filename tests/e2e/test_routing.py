@@ -78,7 +78,7 @@ def test_routed_series_runs_its_pipeline_and_the_other_does_not(
         timeout=60,
     )
     assert cancelled.returncode == 1  # a finished job cannot be cancelled
-    assert "not found or finished" in cancelled.stdout
+    assert f"job {job_id} has finished" in cancelled.stderr
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import Connection, Engine, select
 
-from node.config import Settings
+from node.config import NoDestination, Settings
 from node.delivery.dispatch.senders import Delivery, send
 from node.edge.scu import StoreResult
 from node.ops.audit import Sent, record_quietly
@@ -91,9 +91,9 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
         lease, outgoing = held.lease, held.row
         destination = outgoing.destination
         target = self._settings.destination(destination, outgoing.calling_ae)
-        if isinstance(target, str):
-            self.fail(lease, target, permanent=True)
-            log.warning("dispatch %d to %s failed: %s", lease.id, destination, target)
+        if isinstance(target, NoDestination):
+            self.fail(lease, target.reason, permanent=True)
+            log.warning("dispatch %d to %s failed: %s", lease.id, destination, target.reason)
             return
         delivery = Delivery(
             outgoing.files,

@@ -21,7 +21,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from node.edge.acceptor import Acceptor, Association, Limits, Reply, StoreRequest
+from node.edge.acceptor import Acceptor, Association
+from node.edge.limits import Limits
+from node.edge.messages import Reply, StoreRequest
 from node.edge.protocol import CALLING_AE_NOT_RECOGNIZED, Rejection
 from tests import dicom_wire as wire
 

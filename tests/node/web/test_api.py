@@ -95,6 +95,8 @@ def test_the_audit_trail_records_who_did_what(start_web_node, tmp_path: Path) ->
     job = wait_until(lambda: (api(web, "GET", "/jobs", "viewer").json() or [None])[0], 30)
     assert api(web, "POST", f"/jobs/{job['id']}/cancel").status_code == 200
     assert web.node.cli("jobs", "retry", str(job["id"])).returncode == 0
+    missing = web.node.cli("jobs", "retry", "9999")  # the CLI and the API share one service
+    assert missing.returncode == 1 and "no job 9999" in missing.stderr
 
     fetched = api(web, "POST", "/fetches", json={"source": "modality", "study": "1.2.3"})
     assert fetched.status_code == 202
@@ -108,6 +110,9 @@ def test_the_audit_trail_records_who_did_what(start_web_node, tmp_path: Path) ->
     cancel = next(e for e in events if e["detail"].get("action") == "cancel job")
     assert cancel["actor"] == "it-admin"
     assert (cancel["detail"]["before"], cancel["detail"]["after"]) == ("queued", "cancelled")
+    retry = next(e for e in events if e["detail"].get("action") == "retry job")
+    assert retry["actor"].startswith("cli:")
+    assert (retry["detail"]["before"], retry["detail"]["after"]) == ("cancelled", "queued")
     queued = next(e for e in events if e["detail"].get("action") == "queue fetch")
     assert queued["actor"] == "it-admin" and queued["detail"]["id"] == fetched.json()["id"]
     listed = web.node.cli("audit", "list", "--json")
