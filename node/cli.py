@@ -383,10 +383,12 @@ def models_verify(
 def _models(config: Path, as_json: bool, verify: bool) -> None:
     import json
 
-    from node.work.model_check import model_reports, render_models
+    from node.work.model_check import model_reports, render_models, verified
 
     settings = _settings(config)
-    reports = model_reports(_pipelines(settings), settings.pipelines, verify)
+    reports = model_reports(settings.pipelines)
+    if verify:
+        reports = verified(reports, settings.pipelines, _pipelines(settings))
     if as_json:
         typer.echo(json.dumps({"models": [r.model_dump() for r in reports]}, indent=2))
     else:

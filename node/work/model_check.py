@@ -1,16 +1,20 @@
 """`ainode models list` / `ainode models verify`: every configured model, where it comes
-from, its SHA-256, the device it would run on, and whether it loads."""
+from, its SHA-256, the device, and whether it loads. Listing reads the settings and checks the
+files (no torch); verifying hashes and loads each model on the device it resolves to."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from pipelines.base import Pipeline, Unavailable
-from pipelines.device import resolve_device
-from pipelines.model_pipeline import ModelPipeline
+from pipelines.registry import availability
 from pipelines.settings import PipelineSettings
+
+if TYPE_CHECKING:
+    from pipelines.model_pipeline import ModelPipeline
 
 
 class ModelReport(BaseModel):
@@ -27,38 +31,48 @@ class ModelReport(BaseModel):
     problem: str | None
 
 
-def model_reports(
-    pipelines: Mapping[str, Pipeline],
-    configured: Mapping[str, PipelineSettings],
-    verify: bool,
-) -> list[ModelReport]:
-    """A report per configured pipeline that takes a model; with `verify`, each model is
-    hashed and loaded onto its device (a failure is reported, never raised)."""
+def model_reports(configured: Mapping[str, PipelineSettings]) -> list[ModelReport]:
+    """A report per configured pipeline that takes a model, from its settings alone: where
+    the model is, the device asked for, and why it cannot run (files checked, not loaded).
+    Imports no torch."""
+    available = availability(configured)
     reports = []
     for name, settings in sorted(configured.items()):
-        pipeline = pipelines[name]
-        source = pipeline.source if isinstance(pipeline, ModelPipeline) else None
-        if source is None and settings.model is None:
+        source = settings.model_source()
+        if source is None:
             continue
-        problem: str | None
-        try:
-            device = str(resolve_device(settings.device))
-        except RuntimeError as exc:
-            device, problem = settings.device, str(exc)
-        else:
-            problem = pipeline.problem()
-        report = ModelReport(
-            pipeline=name,
-            type=settings.type or name,
-            source=source.kind if source else None,
-            path=str(source.path) if source else None,
-            sha256_configured=settings.model.sha256 if settings.model else None,
-            device=device,
-            problem=problem,
+        reports.append(
+            ModelReport(
+                pipeline=name,
+                type=settings.type or name,
+                source=source.kind,
+                path=str(source.path),
+                sha256_configured=settings.model.sha256 if settings.model else None,
+                device=settings.device,
+                problem=available[name].problem,
+            )
         )
-        if verify and isinstance(pipeline, ModelPipeline) and problem is None:
+    return reports
+
+
+def verified(
+    reports: list[ModelReport],
+    configured: Mapping[str, PipelineSettings],
+    pipelines: Mapping[str, Pipeline],
+) -> list[ModelReport]:
+    """The reports with each model hashed and loaded onto the device it resolves to (a
+    failure is reported, never raised)."""
+    from pipelines.device import resolve_device
+    from pipelines.model_pipeline import ModelPipeline
+
+    for report in reports:
+        try:
+            report.device = str(resolve_device(configured[report.pipeline].device))
+        except RuntimeError as exc:
+            report.problem = report.problem or str(exc)
+        pipeline = pipelines[report.pipeline]
+        if report.problem is None and isinstance(pipeline, ModelPipeline):
             _verify(report, pipeline)
-        reports.append(report)
     return reports
 
 

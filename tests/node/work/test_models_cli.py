@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,19 @@ def test_models_list_and_verify(tmp_path: Path) -> None:
     assert models["covid-triage"]["problem"] is None
     assert "model not found" in models["nodule-detection"]["problem"]
     assert models["thoracic-findings"]["problem"] is None  # listing does not load
+    loaded = subprocess.run(  # the listing reads settings and files: no torch, no MONAI
+        [
+            sys.executable,
+            "-c",
+            "import sys; from typer.testing import CliRunner; from node.cli import app; "
+            f"CliRunner().invoke(app, ['models', 'list', '--config', {str(config)!r}]); "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stderr
 
     verified = ainode("models", "verify", "--config", str(config), "--json")
     assert verified.returncode == 1
