@@ -79,6 +79,7 @@ class NodeService:
         self._announced = False
         """Whether "ready" was logged: once every child serves, not before."""
         self._ready_recorded: set[str] = set()
+        """The children the process table last written says are ready."""
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5}
         )
@@ -118,11 +119,9 @@ class NodeService:
     def _announce_when_ready(self) -> None:
         """Log "ready" once every child process serves (the HTTP server answers, receivers
         listen, workers have loaded their pipelines), and record who is ready."""
-        ready = {child.name for child in self._children if child.ready.is_set()}
-        if ready != self._ready_recorded:
-            self._ready_recorded = ready
+        if self._ready_children() != self._ready_recorded:
             self._record_processes()
-        if not self._announced and len(ready) == len(self._children):
+        if not self._announced and len(self._ready_recorded) == len(self._children):
             self._announced = True
             log.info("node %s ready", self.settings.node.ae_title)
 
@@ -312,10 +311,16 @@ class NodeService:
         for check_id in list(self._crash_checks):
             self._run_crash_check(check_id)
 
+    def _ready_children(self) -> set[str]:
+        return {child.name for child in self._children if child.ready.is_set()}
+
     def _record_processes(self) -> None:
+        self._ready_recorded = self._ready_children()
         processes = [RecordedProcess(name="main", pid=os.getpid(), ready=True)]
         processes += [
-            RecordedProcess(name=child.name, pid=child.process.pid, ready=child.ready.is_set())
+            RecordedProcess(
+                name=child.name, pid=child.process.pid, ready=child.name in self._ready_recorded
+            )
             for child in self._children
             if child.process.pid is not None
         ]

@@ -394,11 +394,7 @@ def renewing(
         while held and not stop.wait(lease_seconds / 3):
             for row_id in list(held):
                 if not queue.renew(row_id, owner, lease_seconds):
-                    log.warning(
-                        "%s %d: lease lost (cancelled or expired)",
-                        queue.table.__tablename__,
-                        row_id,
-                    )
+                    log.warning("%s %d: lease lost (cancelled or expired)", kind, row_id)
                     held.remove(row_id)
 
     thread = threading.Thread(target=renew, name="lease", daemon=True)

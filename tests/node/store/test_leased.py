@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Connection, Engine, select, update
 
 from node.flow.queue import JobQueue
@@ -126,7 +127,9 @@ def test_the_loop_retries_a_row_whose_handler_raised_and_goes_on(engine: Engine)
     assert loop.run_due() == 0  # the retry waits for its backoff
 
 
-def test_renewing_holds_a_lease_past_its_length_until_it_is_lost(engine: Engine) -> None:
+def test_renewing_holds_a_lease_past_its_length_until_it_is_lost(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     kept, cancelled = dispatches(engine, [0, 1])
     queue = LeasedQueue(engine, Dispatch, RetryPolicy())
     with engine.begin() as conn:
@@ -145,3 +148,5 @@ def test_renewing_holds_a_lease_past_its_length_until_it_is_lost(engine: Engine)
         assert queue.requeue_expired() == 0
     assert state_of(engine, kept) == WorkState.RUNNING
     assert state_of(engine, cancelled) == WorkState.CANCELLED
+    # the tick that renewed one lease found the other lost, before the block could end
+    assert f"dispatch {cancelled}: lease lost (cancelled or expired)" in caplog.text
