@@ -50,10 +50,11 @@ from node.store.db.engine import (
 )
 from node.store.db.migrate import upgrade
 from node.store.db.models import utcnow
+from node.store.leased import RetryPolicy
 from node.store.retention import RetentionSweeper
 from node.store.storage import InstanceStore
 from node.web.server import listen, run_http_process
-from node.work.worker import retry_policy, run_worker_process
+from node.work.process import run_worker_process
 from pipelines.registry import pipeline_names
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class NodeService:
 
     def _schedule(self, engine: Engine) -> None:
         settings = self.settings
-        queue = JobQueue(engine, retry_policy(settings))
+        queue = JobQueue(engine, RetryPolicy.of(settings.workers))
         rules = RulesSource(
             settings.routing.rules_file,
             pipeline_names(settings.pipelines),

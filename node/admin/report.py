@@ -40,6 +40,8 @@ class SeriesStatus(BaseModel):
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
+    routed: bool = False
+    """The routing rules have been applied to this revision (jobs made, or none matched)."""
     guard_distance: float | None = None
     """Its distance to the site's reference series (`node.work.guard`) at this revision."""
 
@@ -140,6 +142,7 @@ SERIES_COLUMNS = (
     Series.first_received_at,
     Series.last_received_at,
     Series.completed_at,
+    (Series.routed_revision >= Series.revision).label("routed"),
     distance_of(Series.id, Series.revision).label("guard_distance"),
 )
 """What a series shows, read as columns: no ORM objects (10,000 series in tens of ms)."""

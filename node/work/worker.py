@@ -8,8 +8,6 @@ dies stops renewing, and the scheduler puts the job back in the queue.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import threading
 import time
@@ -27,8 +25,6 @@ from node.flow.queue import ClaimedJob, JobQueue
 from node.ingest.intake import Delivery, Intake, Sender
 from node.ingest.part10 import read_part10
 from node.ops.audit import JobEnded, record_quietly
-from node.ops.lifecycle import Ready, stop_when_parent_exits
-from node.ops.logs import configure_logging
 from node.ops.metrics import GPU_MEMORY, JOB_SECONDS, JOBS
 from node.store.catalog import Catalog
 from node.store.db.engine import make_engine
@@ -39,17 +35,11 @@ from node.store.storage import InstanceStore
 from node.work.guard import GuardScore, series_score
 from node.work.inference import Loaded, Processed, finish_series, load_series, process_series
 from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary
-from pipelines.anatomy.shared import share_in
 from pipelines.base import BadInput, BatchedPipeline, Pipeline, Stage, Unavailable
-from pipelines.registry import build_pipelines
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume
 
 log = logging.getLogger(__name__)
-
-
-def retry_policy(settings: Settings) -> RetryPolicy:
-    return RetryPolicy.of(settings.workers)
 
 
 class Worker:
@@ -59,7 +49,7 @@ class Worker:
         self.name = name
         self._settings = settings
         self._engine = make_engine(settings.database.url)
-        self.queue = JobQueue(self._engine, retry_policy(settings))
+        self.queue = JobQueue(self._engine, RetryPolicy.of(settings.workers))
         self._outcomes = OutcomeRecorder(
             self._engine,
             settings.dispatch.max_attempts,
@@ -357,26 +347,3 @@ def summarize(done: Processed, batch: int = 1) -> ResultSummary:
             "dropped": list(done.volume.dropped),
         }
     )
-
-
-def run_worker_process(settings: Settings, index: int, ready: Ready) -> None:
-    """Entry point of a worker process: work until SIGTERM, finishing the job in hand.
-
-    While it loads its pipelines (torch and the models: seconds, more under load) a SIGTERM
-    ends it at once: there is nothing in hand to finish yet."""
-    configure_logging(settings.logging.level)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    pipelines = build_pipelines(settings.pipelines)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    stop_when_parent_exits(stopping)
-    if index == 0:
-        for name, pipeline in sorted(pipelines.items()):
-            problem = pipeline.problem()
-            if problem:
-                log.warning("pipeline %s is unavailable: %s", name, problem)
-    worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines)
-    share_in(worker.derived_folder)  # a series' lungs segmented once for every worker process
-    ready.set()
-    worker.run(stopping)

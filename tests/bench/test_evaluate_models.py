@@ -39,7 +39,7 @@ def test_the_model_evaluation_prints_its_table(real_series, tmp_path: Path) -> N
                     },
                     "nodule-detection": {
                         "device": "cpu",
-                        "model": {"path": str(blob_detector_bundle(tmp_path / "nodules", 7, 2))},
+                        "model": {"path": str(blob_detector_bundle(tmp_path / "nodules", 3, 4))},
                         "detection": {"threshold": 0.3, "max_detections": 5},
                     },
                 },

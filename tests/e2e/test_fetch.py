@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,10 +188,9 @@ def test_a_completed_study_fetches_its_most_recent_prior(
 
     def settled() -> list[dict] | None:
         series = list(node.series().values())
-        return series if all(s["state"] == "complete" for s in series) else None
+        return series if all(s["state"] == "complete" and s["routed"] for s in series) else None
 
     wait_until(settled, timeout=60, interval=0.5)
-    time.sleep(2)  # routing runs every second
     jobs = node.status()["jobs"]
     routed = {j["series_instance_uid"] for j in jobs}
     assert routed == {str(current_ds.SeriesInstanceUID)}  # the prior matched no rule

@@ -58,7 +58,7 @@ def pipeline_config(models: Path) -> dict[str, object]:
         },
         "nodule-detection": {
             "device": "cpu",
-            "model": {"path": str(blob_detector_bundle(models / "nodules", 7.0, 2.0))},
+            "model": {"path": str(blob_detector_bundle(models / "nodules", 3.0, 4.0))},
             "detection": {"threshold": 0.3, "max_detections": 3},
         },
         "ct-embedding": ct_fm_embedding(models, 6.0),

@@ -66,10 +66,11 @@ def test_receivers_share_the_port_survive_a_crash_and_stop_together(
         )
 
 
-def test_a_receiver_process_loads_no_model_library() -> None:
-    """Receivers and config checks start in a fraction of a second: no torch, no MONAI."""
+def test_the_main_process_and_a_receiver_load_no_model_library() -> None:
+    """The main process (which starts every other), receivers and config checks start in a
+    fraction of a second: no torch, no MONAI. Only a worker loads them."""
     probe = (
-        "import sys, node.ingest.receiver, node.config; "
+        "import sys, node.service, node.ingest.receiver, node.config; "
         "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
     )
     out = subprocess.run(

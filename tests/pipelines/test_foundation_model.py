@@ -97,14 +97,12 @@ def test_the_pipeline_names_the_weights_and_reports_what_is_missing() -> None:
 
 
 @pytest.mark.slow
-def test_real_series_embed_deterministically_and_the_two_kernels_are_neighbours(
-    real_series: dict[str, list[Path]], astra_embeddings: dict[str, np.ndarray]
+def test_real_series_embed_as_unit_vectors_and_the_two_kernels_are_neighbours(
+    astra_embeddings: dict[str, np.ndarray],
 ) -> None:
     for vector in astra_embeddings.values():
         assert vector.shape == (2048,)
         assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
-    again = embedder("astra").run(load_volume(real_series["lung-kernel"])).embedding
-    np.testing.assert_allclose(again, astra_embeddings["lung-kernel"], atol=1e-5)
 
     names = list(astra_embeddings)
     vectors = np.stack([astra_embeddings[n] for n in names])
@@ -119,11 +117,11 @@ def test_real_series_embed_deterministically_and_the_two_kernels_are_neighbours(
 
 
 @pytest.mark.slow
-def test_the_two_kernels_in_one_batch_embed_as_they_do_alone(
+def test_the_two_kernels_embed_again_in_one_batch_as_they_did_alone(
     real_series: dict[str, list[Path]], astra_results: dict[str, PipelineResult]
 ) -> None:
-    """I3ResNet in a batch of two (as a GPU worker runs waiting series) gives each series
-    the embedding and profile it gets alone."""
+    """Deterministic, and batched alike: I3ResNet run again on two series in one batch (as a
+    GPU worker runs waiting series) gives each the embedding and profile it got alone."""
     kernels = ["lung-kernel", "body-kernel"]
     together = embedder("astra").run_batch([load_volume(real_series[k]) for k in kernels])
     for name, result in zip(kernels, together, strict=True):

@@ -182,16 +182,18 @@ def test_a_state_dict_with_its_network_in_config(tmp_path: Path, phantom: Volume
     torchvision-free feature extractor in its expression."""
     import torch
 
-    from tests.models import blob_detector
+    from tests.models import blob_detector, filter_size
 
     weights = tmp_path / "retinanet.pt"
     diameter = 2 * BALL_RADIUS / SPACING_MM
     torch.save(blob_detector(diameter).state_dict(), weights)
+    size = filter_size(diameter)
     extractor = (
         "$pipelines.detection_network.resnet_fpn_feature_extractor("
         "monai.networks.nets.resnet.ResNet(block='basic',layers=[1,1,1,1],"
         "block_inplanes=[8,16,32,64],spatial_dims=3,n_input_channels=1,"
-        "conv1_t_size=[11,11,11],conv1_t_stride=[1,1,1]),3,False,[1,2],fpn_channels=16)"
+        f"conv1_t_size=[{size},{size},{size}],conv1_t_stride=[1,1,1]),3,False,[1,2],"
+        "fpn_channels=16)"
     )
     settings = PIPELINE_SETTINGS.validate_python(
         {
@@ -211,7 +213,7 @@ def test_a_state_dict_with_its_network_in_config(tmp_path: Path, phantom: Volume
             "preprocessing": {"spacing_mm": [SPACING_MM] * 3, "roi_size": [96, 96, 64]},
             "detection": {
                 "threshold": 0.5,
-                "anchor_shapes": [[7, 7, 7]],
+                "anchor_shapes": [[int(np.ceil(diameter))] * 3],
                 "feature_map_scales": [1, 1, 1],
             },
         }

@@ -1,0 +1,43 @@
+"""A worker process's entry point, light to import: the main process names it when it starts
+a worker without loading torch, the pipelines or the encoders (seconds of start-up it does not
+need); the worker process imports them itself."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from node.config import Settings
+from node.ops.lifecycle import Ready, stop_when_parent_exits
+from node.ops.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+def run_worker_process(settings: Settings, index: int, ready: Ready) -> None:
+    """Work until SIGTERM, finishing the job in hand.
+
+    While it loads torch and its pipelines (seconds, more under load) a SIGTERM ends it at
+    once: there is nothing in hand to finish yet."""
+    configure_logging(settings.logging.level)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from node.work.worker import Worker
+    from pipelines.anatomy.shared import share_in
+    from pipelines.registry import build_pipelines
+
+    pipelines = build_pipelines(settings.pipelines)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    stop_when_parent_exits(stopping)
+    if index == 0:
+        for name, pipeline in sorted(pipelines.items()):
+            problem = pipeline.problem()
+            if problem:
+                log.warning("pipeline %s is unavailable: %s", name, problem)
+    worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines)
+    share_in(worker.derived_folder)  # a series' lungs segmented once for every worker process
+    ready.set()
+    worker.run(stopping)
