@@ -25,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipelines.context import Context  # noqa: E402
 from pipelines.i3resnet import I3ResNet152  # noqa: E402
 from pipelines.models import LoadedModel, PackageSource  # noqa: E402
 from pipelines.registry import build_pipelines  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
         volume = load_volume(files)
         loaded = time.perf_counter() - start
         start = time.perf_counter()
-        image = torch.as_tensor(pipeline.preprocess(volume, model)["image"])
+        image = torch.as_tensor(pipeline.preprocess(volume, model, Context.of(pipeline))["image"])
         prepared = time.perf_counter() - start
         images.append(image)
         inference = "-"

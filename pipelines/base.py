@@ -1,4 +1,5 @@
-"""What every pipeline is: a name, a version, its requirements, and `run(volume) -> result`."""
+"""What every pipeline is: a name, a version, its requirements, what it needs from its context,
+and `run(volume, context) -> result`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from pipelines.context import Context
     from pipelines.result import PipelineResult
     from pipelines.volume import Volume
 
@@ -60,13 +62,16 @@ class Pipeline(Protocol):
     name: str
     version: str
     requirements: Requirements
+    # optional: `needs: frozenset[Need]`, what it asks its `Context` for (the lungs); a context
+    # refuses what was not declared (`pipelines.context.needs_of`)
 
     def problem(self) -> str | None:
         """Why the pipeline cannot run here (e.g. its weights are missing), else None."""
         ...
 
-    def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
-        """Process the volume; raise BadInput for input it cannot handle."""
+    def run(self, volume: Volume, context: Context | Stage | None = None) -> PipelineResult:
+        """Process the volume; raise BadInput for input it cannot handle. `context`: the
+        job's (`pipelines.context`); a bare stage callback or none gets a context of its own."""
         ...
 
 
@@ -78,6 +83,8 @@ class BatchedPipeline(Pipeline, Protocol):
         """How many waiting series a worker may hand over in one call now."""
         ...
 
-    def run_batch(self, volumes: list[Volume], stage: Stage | None = None) -> list[PipelineResult]:
+    def run_batch(
+        self, volumes: list[Volume], context: Context | Stage | None = None
+    ) -> list[PipelineResult]:
         """`run` of each volume, in order, computed together."""
         ...

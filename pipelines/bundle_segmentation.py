@@ -18,7 +18,8 @@ from monai.transforms import Compose, Invertd
 
 from pipelines import codes
 from pipelines.availability import of_segmentation
-from pipelines.base import Stage, StageTimer
+from pipelines.base import StageTimer
+from pipelines.context import Context
 from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
 from pipelines.models import LoadedModel
@@ -45,8 +46,8 @@ class BundleSegmentationPipeline(ModelPipeline):
             for value, label in sorted(labels.items())
         }
 
-    def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
-        timed = StageTimer(stage)
+    def infer(self, volume: Volume, device: torch.device, context: Context) -> PipelineResult:
+        timed = StageTimer(context)
         with timed("model", "load model"):
             model = self.model(device)
             preprocessing, inferer, postprocessing = self._transforms(model)

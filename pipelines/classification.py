@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 
 from pipelines import codes
-from pipelines.base import Requirements, Stage, StageTimer
+from pipelines.base import Requirements, StageTimer
+from pipelines.context import Context
 from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
 from pipelines.result import Finding, PipelineResult
@@ -79,12 +80,12 @@ class ScanClassifierPipeline(ModelPipeline):
         configured = settings.classes if isinstance(settings, ClassifierSettings) else None
         self.classes = configured or self.default_classes
 
-    def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
-        timed = StageTimer(stage)
+    def infer(self, volume: Volume, device: torch.device, context: Context) -> PipelineResult:
+        timed = StageTimer(context)
         with timed("model", "load model"):
             model = self.model(device)
         with timed("preprocessing", "preprocess"):
-            image = torch.as_tensor(self.preprocess(volume, model)["image"])
+            image = torch.as_tensor(self.preprocess(volume, model, context)["image"])
         with timed("inference"), inference_mode(device):
             logits = first_tensor(model.network(image[None].to(device))).float().cpu().flatten()
         if logits.numel() != len(self.classes):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pipelines import codes
 from pipelines.availability import ECHO
 from pipelines.base import Requirements, Stage
+from pipelines.context import Context, Need
 from pipelines.result import Measurement, PipelineResult, Region
 from pipelines.volume import Volume
 
@@ -14,11 +15,12 @@ class EchoPipeline:
     name = "echo"
     version = ECHO.version
     requirements = Requirements(modalities=("CT",), min_slices=3)
+    needs: frozenset[Need] = frozenset()
 
     def problem(self) -> str | None:
         return ECHO.problem
 
-    def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
+    def run(self, volume: Volume, context: Context | Stage | None = None) -> PipelineResult:
         slices = volume.voxels.shape[0]
         spacing = volume.spacing[0]
         geometry = (

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from pipelines.availability import of_probe
-from pipelines.base import Requirements, Stage, StageTimer
+from pipelines.base import Requirements, StageTimer
+from pipelines.context import Context
 from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
 from pipelines.networks import CT_FM_ENCODER, axial_profile, pooled_features
@@ -73,20 +74,20 @@ class CTEmbeddingPipeline(ModelPipeline):
             )
         super().__init__(name, settings)
 
-    def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
-        [result] = self.infer_batch([volume], device, stage)
+    def infer(self, volume: Volume, device: torch.device, context: Context) -> PipelineResult:
+        [result] = self.infer_batch([volume], device, context)
         return result
 
     def infer_batch(
-        self, volumes: list[Volume], device: torch.device, stage: Stage
+        self, volumes: list[Volume], device: torch.device, context: Context
     ) -> list[PipelineResult]:
         """Inputs of one shape go through the network together (the published I3ResNet
         preprocessing makes every series 224x224x160; CT-FM's crop does not)."""
-        timed = StageTimer(stage)
+        timed = StageTimer(context)
         with timed("model", "load model"):
             model = self.model(device)
         with timed("preprocessing", "preprocess"):
-            images = [torch.as_tensor(self.preprocess(v, model)["image"]) for v in volumes]
+            images = [torch.as_tensor(self.preprocess(v, model, context)["image"]) for v in volumes]
         features: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with timed("inference"), inference_mode(device):
             for indices in _by_shape(images):
@@ -123,16 +124,16 @@ class EmbeddingProbePipeline(CTEmbeddingPipeline):
         self._probe: Probe | None = None
 
     def infer_batch(
-        self, volumes: list[Volume], device: torch.device, stage: Stage
+        self, volumes: list[Volume], device: torch.device, context: Context
     ) -> list[PipelineResult]:
         return [
-            self._probed(embedded, stage)
-            for embedded in super().infer_batch(volumes, device, stage)
+            self._probed(embedded, context)
+            for embedded in super().infer_batch(volumes, device, context)
         ]
 
-    def _probed(self, embedded: PipelineResult, stage: Stage) -> PipelineResult:
+    def _probed(self, embedded: PipelineResult, context: Context) -> PipelineResult:
         assert embedded.embedding is not None
-        timed = StageTimer(stage)
+        timed = StageTimer(context)
         with timed("probe"):
             findings = self.probe().findings(embedded.embedding)
         return PipelineResult(

@@ -18,9 +18,9 @@ import torch
 
 from pipelines import codes
 from pipelines.anatomy.grid import SLAB, WorkingGrid
-from pipelines.anatomy.shared import lungs_of
 from pipelines.availability import LUNG_QUANT
 from pipelines.base import BadInput, DevicePreference, Requirements, Stage
+from pipelines.context import Context, Need, context_for
 from pipelines.device import run_on
 from pipelines.morphology import dilate, erode, opening
 from pipelines.result import Mask, Measurement, PipelineResult, Region, Segment, SliceProfile
@@ -68,6 +68,7 @@ class LungQuantPipeline:
         body_parts=("CHEST", "LUNG", "THORAX", "CHEST_ABDOMEN", "CHESTABDOMEN", "CHEST_TO_PELVIS"),
         min_coverage_mm=100.0,
     )
+    needs = frozenset({Need.LUNGS})
 
     def __init__(self, device: DevicePreference = "auto") -> None:
         self.device_preference = device
@@ -80,22 +81,21 @@ class LungQuantPipeline:
     def problem(self) -> str | None:
         return LUNG_QUANT.problem
 
-    def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
+    def run(self, volume: Volume, context: Context | Stage | None = None) -> PipelineResult:
+        job = context_for(self, context)
         return run_on(
-            self.device_preference,
-            self.name,
-            lambda device: self._run(volume, device, stage or (lambda _: None)),
+            self.device_preference, self.name, lambda device: self._run(volume, device, job)
         )
 
-    def _run(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
+    def _run(self, volume: Volume, device: torch.device, context: Context) -> PipelineResult:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        stage("segment lungs")
+        context("segment lungs")
         hu = torch.from_numpy(volume.voxels).to(device)
-        left, right, airway, aerated = lungs_of(volume, device)
+        left, right, airway, aerated = context.lungs(volume, device)
         timings["segmentation"] = time.perf_counter() - started
         started = time.perf_counter()
-        stage("measure")
+        context("measure")
         high = high_attenuation(hu, aerated, WorkingGrid.for_volume(volume))
         del aerated  # a 600-slice mask is 160 MB
         lungs = left | right

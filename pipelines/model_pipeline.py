@@ -12,6 +12,7 @@ from monai.bundle import ConfigParser
 
 from pipelines.availability import of_model
 from pipelines.base import Requirements, Stage, Unavailable
+from pipelines.context import Context, Need, context_for
 from pipelines.device import release, run_on, with_cpu_fallback
 from pipelines.models import LoadedModel
 from pipelines.preprocessing import crop_box, preprocessing_for, strip_io, to_meta_tensor
@@ -39,11 +40,16 @@ class ModelPipeline:
         self.source = settings.model_source()
         self.version = self.check(name, settings).version
         self.preprocessing_settings = settings.preprocessing or self.default_preprocessing
+        self.needs = self.needs_for(self.preprocessing_settings)
         self._loaded: dict[str, LoadedModel] = {}
         self._gpu_batch = GPU_BATCH
 
     def problem(self) -> str | None:
         return self.check(self.name, self.settings).problem
+
+    def needs_for(self, preprocessing: PreprocessingSettings) -> frozenset[Need]:
+        """The lungs when the input is cropped to them."""
+        return frozenset({Need.LUNGS}) if preprocessing.crop == "lungs" else frozenset()
 
     def prepare(self, parser: ConfigParser) -> None:
         """Adjust a bundle's config before its network is built."""
@@ -58,21 +64,21 @@ class ModelPipeline:
             self._loaded[str(device)] = self.source.load(device, self.prepare)
         return self._loaded[str(device)]
 
-    def preprocess(self, volume: Volume, model: LoadedModel) -> dict[str, Any]:
+    def preprocess(self, volume: Volume, model: LoadedModel, context: Context) -> dict[str, Any]:
         """`{"image": ...}`: the volume, cropped as configured, through the bundle's
         preprocessing or the configured one."""
         settings = self.preprocessing_settings
         transform = preprocessing_for(model.bundle, settings)
-        return transform({"image": to_meta_tensor(volume, crop_box(volume, settings))})
+        box = crop_box(volume, settings, context)
+        return transform({"image": to_meta_tensor(volume, box)})
 
-    def run(self, volume: Volume, stage: Stage | None = None) -> PipelineResult:
+    def run(self, volume: Volume, context: Context | Stage | None = None) -> PipelineResult:
+        job = context_for(self, context)
         return run_on(
-            self.settings.device,
-            self.name,
-            lambda device: self.infer(volume, device, stage or (lambda _: None)),
+            self.settings.device, self.name, lambda device: self.infer(volume, device, job)
         )
 
-    def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
+    def infer(self, volume: Volume, device: torch.device, context: Context) -> PipelineResult:
         raise NotImplementedError
 
     def batch_limit(self) -> int:
@@ -86,25 +92,27 @@ class ModelPipeline:
             return 1
         return self._gpu_batch
 
-    def run_batch(self, volumes: list[Volume], stage: Stage | None = None) -> list[PipelineResult]:
+    def run_batch(
+        self, volumes: list[Volume], context: Context | Stage | None = None
+    ) -> list[PipelineResult]:
         """Each volume's result, the volumes through the network together. When the GPU runs
         out of memory the batch is halved (and so is what this worker takes from then on);
         a single series then runs on the CPU, as `run` does."""
         return run_on(
             self.settings.device,
             self.name,
-            lambda device: self._halving(volumes, device, stage or (lambda _: None)),
+            lambda device: self._halving(volumes, device, context_for(self, context)),
         )
 
     def _halving(
-        self, volumes: list[Volume], device: torch.device, stage: Stage
+        self, volumes: list[Volume], device: torch.device, context: Context
     ) -> list[PipelineResult]:
         if len(volumes) == 1:
             return with_cpu_fallback(
-                device, self.name, lambda on: self.infer_batch(volumes, on, stage)
+                device, self.name, lambda on: self.infer_batch(volumes, on, context)
             )
         try:
-            return self.infer_batch(volumes, device, stage)
+            return self.infer_batch(volumes, device, context)
         except torch.cuda.OutOfMemoryError:
             release(device)
             half = len(volumes) // 2
@@ -115,10 +123,10 @@ class ModelPipeline:
                 len(volumes),
                 self._gpu_batch,
             )
-            first = self._halving(volumes[:half], device, stage)
-            return first + self._halving(volumes[half:], device, stage)
+            first = self._halving(volumes[:half], device, context)
+            return first + self._halving(volumes[half:], device, context)
 
     def infer_batch(
-        self, volumes: list[Volume], device: torch.device, stage: Stage
+        self, volumes: list[Volume], device: torch.device, context: Context
     ) -> list[PipelineResult]:
-        return [self.infer(volume, device, stage) for volume in volumes]
+        return [self.infer(volume, device, context) for volume in volumes]

@@ -22,8 +22,8 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.bundle import ConfigParser
 
 from pipelines import codes
-from pipelines.anatomy.shared import lungs_of
-from pipelines.base import BadInput, Requirements, Stage, StageTimer
+from pipelines.base import BadInput, Requirements, StageTimer
+from pipelines.context import Context, Need
 from pipelines.detection_network import MONAI_EXTRACTOR, OUR_EXTRACTOR
 from pipelines.device import inference_mode
 from pipelines.model_pipeline import ModelPipeline
@@ -58,6 +58,8 @@ class NoduleDetectionPipeline(ModelPipeline):
         self.detection = (
             settings.detection if isinstance(settings, DetectorSettings) else DetectionSettings()
         )
+        if self.detection.lung_side:
+            self.needs = self.needs | {Need.LUNGS}
 
     def prepare(self, parser: ConfigParser) -> None:
         """The bundle as a node runs it: resampling on (its default assumes LUNA16 data
@@ -69,17 +71,17 @@ class NoduleDetectionPipeline(ModelPipeline):
             parser["feature_extractor"] = extractor.replace(MONAI_EXTRACTOR, OUR_EXTRACTOR)
         strip_io(parser)
 
-    def infer(self, volume: Volume, device: torch.device, stage: Stage) -> PipelineResult:
-        timed = StageTimer(stage)
+    def infer(self, volume: Volume, device: torch.device, context: Context) -> PipelineResult:
+        timed = StageTimer(context)
         with timed("model", "load model"):
             model = self.model(device)
             detector = self.detector(model)
         with timed("preprocessing", "preprocess"):
-            image = self.preprocess(volume, model)["image"]
+            image = self.preprocess(volume, model, context)["image"]
         with timed("inference"), inference_mode(device):
             found = detector([image.as_tensor().to(device)], use_inferer=True)[0]
         with timed("measurement", "measure"):
-            result = self.measure(volume, found, detector, image.affine.numpy())
+            result = self.measure(volume, found, detector, image.affine.numpy(), context)
         result.timings = timed.timings
         return result
 
@@ -89,6 +91,7 @@ class NoduleDetectionPipeline(ModelPipeline):
         found: dict[str, torch.Tensor],
         detector: RetinaNetDetector,
         ras_affine: np.ndarray,
+        context: Context,
     ) -> PipelineResult:
         """The detections above the operating threshold, each with its segment and side."""
         settings = self.detection
@@ -96,7 +99,11 @@ class NoduleDetectionPipeline(ModelPipeline):
         boxes = found[detector.target_box_key].float().cpu().numpy()
         keep = np.flatnonzero(scores >= settings.threshold)[: settings.max_detections]
         world = [patient_box(boxes[i], ras_affine) for i in keep]
-        sides = self.sides(volume, world) if settings.lung_side and world else [None] * len(world)
+        sides = (
+            self.sides(volume, world, context)
+            if settings.lung_side and world
+            else [None] * len(world)
+        )
         result = PipelineResult(self.name, self.version)
         for number, (i, (low, high), side) in enumerate(
             zip(keep, world, sides, strict=True), start=1
@@ -154,11 +161,11 @@ class NoduleDetectionPipeline(ModelPipeline):
         return detector.eval()
 
     def sides(
-        self, volume: Volume, boxes: list[tuple[np.ndarray, np.ndarray]]
+        self, volume: Volume, boxes: list[tuple[np.ndarray, np.ndarray]], context: Context
     ) -> list[codes.Code | None]:
         """Left or right lung for each box centre, from lung-quant's lung masks."""
         try:
-            lungs = lungs_of(volume)
+            lungs = context.lungs(volume)
             left, right = lungs.left.numpy(), lungs.right.numpy()
         except BadInput as exc:
             log.info("%s: no lung masks for the nodules' side: %s", self.name, exc)

@@ -20,8 +20,8 @@ from monai.transforms import (
     Spacingd,
 )
 
-from pipelines.anatomy.shared import lungs_of
 from pipelines.base import BadInput
+from pipelines.context import Context
 from pipelines.settings import PreprocessingSettings
 from pipelines.volume import Volume
 
@@ -47,9 +47,9 @@ def to_meta_tensor(volume: Volume, box: Box | None = None) -> MetaTensor:
     return MetaTensor(torch.from_numpy(array), affine=torch.from_numpy(ras))
 
 
-def lung_box(volume: Volume, margin_mm: float) -> Box:
+def lung_box(volume: Volume, margin_mm: float, context: Context) -> Box:
     """The voxels around both lungs (lung-quant's segmentation), with a margin."""
-    found = lungs_of(volume)
+    found = context.lungs(volume)
     lungs = (found.left | found.right).numpy()
     if not lungs.any():
         raise BadInput("no lungs found to crop the scan to")
@@ -77,9 +77,9 @@ def bounding_box(mask: np.ndarray, margins: list[int]) -> Box:
     return slices, rows, columns
 
 
-def crop_box(volume: Volume, settings: PreprocessingSettings) -> Box | None:
+def crop_box(volume: Volume, settings: PreprocessingSettings, context: Context) -> Box | None:
     if settings.crop == "lungs":
-        return lung_box(volume, settings.crop_margin_mm)
+        return lung_box(volume, settings.crop_margin_mm, context)
     if settings.crop == "foreground":
         return foreground_box(volume, settings.foreground_hu)
     return None

@@ -6,7 +6,7 @@ naming the pipelines a node has, which routing needs, imports no torch.
 
 An entry point names a class; it is built as `cls(name, settings)` when it accepts
 configuration, else `cls()`. It must have `name`, `version`, `requirements`, `problem()` and
-`run(volume, stage)` (see pipelines/base.py).
+`run(volume, context)` (see pipelines/base.py and pipelines/context.py); it may declare `needs`.
 """
 
 from __future__ import annotations

@@ -12,8 +12,21 @@ from node.work.guard import GuardScore
 from node.work.results.encode import encode_result
 from node.work.results.identity import ResultIdentity
 from pipelines.base import BadInput, Pipeline, Stage, Unavailable
+from pipelines.context import Context
 from pipelines.result import PipelineResult
 from pipelines.volume import Progress, Volume, VolumeOptions, load_volume
+
+
+@dataclass(frozen=True)
+class ResultTarget:
+    """Where a job's result is written and what it says of itself: the series revision it
+    was made from, the node's AE title (its Station Name), the folder for a volume, and the
+    series' input-guard score, which the SR reports."""
+
+    revision: int
+    station: str
+    folder_for: Callable[[Volume], Path]
+    guard: GuardScore | None = None
 
 
 @dataclass
@@ -28,20 +41,15 @@ def process_series(
     pipeline: Pipeline,
     files: Sequence[Path],
     options: VolumeOptions,
-    revision: int,
-    station: str,
-    folder_for: Callable[[Volume], Path],
+    target: ResultTarget,
+    context: Context,
     decoded: Progress | None = None,
-    stage: Stage | None = None,
-    guard: GuardScore | None = None,
 ) -> Processed:
     """Run `pipeline` on the series in `files` and write its result (result.json, masks.npz,
-    SEG, SR, key images) to `folder_for(volume)`. Raises BadInput or Unavailable.
-    `guard`: the series' input-guard score, which the SR reports."""
-    stage = stage or (lambda _: None)
-    loaded = load_series(pipeline, files, options, stage, decoded)
-    result = pipeline.run(loaded.volume, stage)
-    return finish_series(pipeline, loaded, result, revision, station, folder_for, stage, guard)
+    SEG, SR, key images) to `target.folder_for(volume)`. Raises BadInput or Unavailable."""
+    loaded = load_series(pipeline, files, options, context, decoded)
+    result = pipeline.run(loaded.volume, context)
+    return finish_series(pipeline, loaded, result, target, context)
 
 
 @dataclass
@@ -73,14 +81,12 @@ def finish_series(
     pipeline: Pipeline,
     loaded: Loaded,
     result: PipelineResult,
-    revision: int,
-    station: str,
-    folder_for: Callable[[Volume], Path],
+    target: ResultTarget,
     stage: Stage,
-    guard: GuardScore | None = None,
 ) -> Processed:
     """Check `result` against the loaded series, encode it as DICOM and save it to
-    `folder_for(volume)`; ValueError when the pipeline returned something inconsistent."""
+    `target.folder_for(volume)`; ValueError when the pipeline returned something
+    inconsistent."""
     volume = loaded.volume
     result.check()
     for mask in result.masks:
@@ -91,12 +97,12 @@ def finish_series(
             )
     result.timings = {"load": loaded.seconds, **result.timings}
     stage("encode")
-    folder = folder_for(volume)
+    folder = target.folder_for(volume)
     identity = ResultIdentity(
-        pipeline.name, pipeline.version, volume.series_instance_uid, revision, station
+        pipeline.name, pipeline.version, volume.series_instance_uid, target.revision, target.station
     )
     clock = time.perf_counter()
-    objects = encode_result(result, volume, identity, folder, guard)
+    objects = encode_result(result, volume, identity, folder, target.guard)
     result.timings["encoding"] = time.perf_counter() - clock
     result.save(folder)
     return Processed(volume, result, folder, objects)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from node.work.inference import process_series
+from node.work.inference import ResultTarget, process_series
 from pipelines.base import BadInput, Pipeline, Unavailable
+from pipelines.context import Context
 from pipelines.result import PipelineResult
 from pipelines.volume import Progress, VolumeOptions
 
@@ -55,8 +56,9 @@ def run_series(
 ) -> OfflineRun:
     run = OfflineRun(uid, len(files))
     try:
+        target = ResultTarget(1, station, lambda volume: output / uid)
         done = process_series(
-            pipeline, files, options, 1, station, lambda volume: output / uid, decoded, stage
+            pipeline, files, options, target, Context.of(pipeline, stage), decoded
         )
     except (BadInput, Unavailable) as exc:
         run.error = str(exc)

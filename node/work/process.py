@@ -25,7 +25,6 @@ def run_worker_process(settings: Settings, index: int, ready: Ready) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from node.work.worker import Worker
-    from pipelines.anatomy.shared import share_in
     from pipelines.registry import build_pipelines
 
     pipelines = build_pipelines(settings.pipelines)
@@ -38,6 +37,5 @@ def run_worker_process(settings: Settings, index: int, ready: Ready) -> None:
             if problem:
                 log.warning("pipeline %s is unavailable: %s", name, problem)
     worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines)
-    share_in(worker.derived_folder)  # a series' lungs segmented once for every worker process
     ready.set()
     worker.run(stopping)

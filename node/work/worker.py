@@ -33,9 +33,18 @@ from node.store.leased import RetryPolicy, renewing
 from node.store.notifications import queue_notifications
 from node.store.storage import InstanceStore
 from node.work.guard import GuardScore, series_score
-from node.work.inference import Loaded, Processed, finish_series, load_series, process_series
+from node.work.inference import (
+    Loaded,
+    Processed,
+    ResultTarget,
+    finish_series,
+    load_series,
+    process_series,
+)
 from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary
+from pipelines.anatomy.shared import Anatomy
 from pipelines.base import BadInput, BatchedPipeline, Pipeline, Stage, Unavailable
+from pipelines.context import Context
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume
 
@@ -60,6 +69,7 @@ class Worker:
         self._store = InstanceStore(settings.storage.path)
         self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)
         self._pipelines = pipelines
+        self._anatomy = Anatomy(self.derived_folder)  # a series' lungs, once for every worker
 
     def derived_folder(self, volume: Volume) -> Path:
         """Where the pipelines keep what they derive from `volume`'s series."""
@@ -164,10 +174,10 @@ class Worker:
                 ready.append((job, loaded, guard))
         if not ready:
             return
-        stage = self._stage(*(job for job, _, _ in ready))
+        context = self._context(pipeline, *(job for job, _, _ in ready))
         try:
             results: list[PipelineResult | Exception] = list(
-                pipeline.run_batch([loaded.volume for _, loaded, _ in ready], stage)
+                pipeline.run_batch([loaded.volume for _, loaded, _ in ready], context)
             )
         except Exception as exc:
             log.warning(
@@ -190,7 +200,7 @@ class Worker:
         self, pipeline: Pipeline, loaded: Loaded, job: ClaimedJob
     ) -> PipelineResult | Exception:
         try:
-            return pipeline.run(loaded.volume, self._stage(job))
+            return pipeline.run(loaded.volume, self._context(pipeline, job))
         except Exception as exc:
             return exc
 
@@ -209,11 +219,8 @@ class Worker:
             pipeline,
             files,
             self._settings.volume.options(),
-            job.revision,
-            self._settings.node.ae_title,
-            self._folder_for(job, pipeline),
-            stage=self._stage(job),
-            guard=guard,
+            self._target(job, pipeline, guard),
+            self._context(pipeline, job),
         )
 
     def _finish(
@@ -225,15 +232,19 @@ class Worker:
         guard: GuardScore | None,
     ) -> Processed:
         return finish_series(
-            pipeline,
-            loaded,
-            result,
-            job.revision,
-            self._settings.node.ae_title,
-            self._folder_for(job, pipeline),
-            self._stage(job),
-            guard,
+            pipeline, loaded, result, self._target(job, pipeline, guard), self._stage(job)
         )
+
+    def _target(
+        self, job: ClaimedJob, pipeline: Pipeline, guard: GuardScore | None
+    ) -> ResultTarget:
+        return ResultTarget(
+            job.revision, self._settings.node.ae_title, self._folder_for(job, pipeline), guard
+        )
+
+    def _context(self, pipeline: Pipeline, *jobs: ClaimedJob) -> Context:
+        """The jobs' context: their stages reported, the worker's shared anatomy."""
+        return Context.of(pipeline, self._stage(*jobs), self._anatomy)
 
     def _pipeline(self, job: ClaimedJob) -> Pipeline:
         pipeline = self._pipelines.get(job.pipeline)

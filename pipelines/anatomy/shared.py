@@ -2,7 +2,7 @@
 (lung-quant, the classifiers' lung crop, the nodules' side).
 
 The last volume's masks are kept in memory, bit-packed (a 600-slice series: 60 MB, not 470).
-Where the node names a folder per series (`share_in`), they are also kept on disk there,
+Where the node names a folder per series (`Anatomy(folder_of)`), they are also kept on disk there,
 compressed, for the node's other worker processes and for jobs after a restart: a file is
 written whole (temp file, then rename) under the folder's lock, so a second process that asks
 while the first segments waits for its masks instead of segmenting too."""
@@ -62,38 +62,48 @@ class _Refused:
         raise BadInput(self.reason)
 
 
-_last: list[_Packed | _Refused] = []
-_folder_of: list[FolderOf] = []
+class Anatomy:
+    """The lungs of the last volume asked for, segmented once; with `folder_of`, also kept on
+    disk in `folder_of(volume)` for the node's other worker processes and for later jobs.
+    One per worker process (or per `ainode run`), handed to each job in its `Context`."""
 
+    def __init__(self, folder_of: FolderOf | None = None) -> None:
+        self._folder_of = folder_of
+        self._last: _Packed | _Refused | None = None
 
-def share_in(folder_of: FolderOf | None) -> None:
-    """Keep each volume's masks on disk too, in `folder_of(volume)` (None: memory only)."""
-    _folder_of[:] = [folder_of] if folder_of else []
+    def lungs(self, volume: Volume, device: torch.device | None = None) -> Lungs:
+        """`segment_lungs` of the volume, segmented once per volume."""
+        device = device or torch.device("cpu")
+        key = _key(volume)
+        if self._last is not None and self._last.key == key:
+            return self._last.unpacked(device)
+        if self._folder_of is None:
+            return self._segmented(volume, key, device)
+        folder = self._folder_of(volume)
+        path = folder / f"lungs-{key}.npz"
+        with _locked(folder, volume.series_instance_uid) as locked:
+            packed = _read(path, key, volume.voxels.shape) if locked else None
+            if packed is None:
+                try:
+                    return self._segmented(volume, key, device)
+                finally:  # the masks, or why there are none
+                    if locked and self._last is not None and self._last.key == key:
+                        _write(path, self._last, volume.series_instance_uid)
+        log.debug(
+            "lungs of series %s: segmented before, read from %s", volume.series_instance_uid, path
+        )
+        self._last = packed
+        return packed.unpacked(device)
 
-
-def lungs_of(volume: Volume, device: torch.device | None = None) -> Lungs:
-    """`segment_lungs` of the volume, segmented once per volume."""
-    device = device or torch.device("cpu")
-    key = _key(volume)
-    if _last and _last[0].key == key:
-        return _last[0].unpacked(device)
-    if not _folder_of:
-        return _segmented(volume, key, device)
-    folder = _folder_of[0](volume)
-    path = folder / f"lungs-{key}.npz"
-    with _locked(folder, volume.series_instance_uid) as locked:
-        packed = _read(path, key, volume.voxels.shape) if locked else None
-        if packed is None:
-            try:
-                return _segmented(volume, key, device)
-            finally:  # the masks, or why there are none
-                if locked and _last and _last[0].key == key:
-                    _write(path, _last[0], volume.series_instance_uid)
-    log.debug(
-        "lungs of series %s: segmented before, read from %s", volume.series_instance_uid, path
-    )
-    _last[:] = [packed]
-    return packed.unpacked(device)
+    def _segmented(self, volume: Volume, key: str, device: torch.device) -> Lungs:
+        """The lungs, segmented and kept in memory; a volume without lungs is kept as such."""
+        try:
+            found = segment_lungs(torch.from_numpy(volume.voxels).to(device), volume)
+        except BadInput as exc:
+            self._last = _Refused(key, str(exc))
+            raise
+        self._last = _Packed.of(key, found)
+        return found
 
 
 def _key(volume: Volume) -> str:
@@ -105,17 +115,6 @@ def _key(volume: Volume) -> str:
     digest.update(f"{volume.series_instance_uid}/{voxels.shape}".encode())
     digest.update(np.ascontiguousarray(volume.affine).tobytes())
     return digest.hexdigest()
-
-
-def _segmented(volume: Volume, key: str, device: torch.device) -> Lungs:
-    """The lungs, segmented and kept in memory; a volume without lungs is kept as such."""
-    try:
-        found = segment_lungs(torch.from_numpy(volume.voxels).to(device), volume)
-    except BadInput as exc:
-        _last[:] = [_Refused(key, str(exc))]
-        raise
-    _last[:] = [_Packed.of(key, found)]
-    return found
 
 
 @contextmanager

@@ -320,18 +320,34 @@ def test_the_airway_is_one_structure_in_the_mediastinum(real_results, name: str)
     assert 3 < airway.sum() * volume.voxel_volume_ml < 150
 
 
-def test_the_lungs_of_a_volume_are_segmented_once_and_shared(tmp_path: Path) -> None:
-    """lung-quant, the classifiers' lung crop and the nodules' side ask for the same series'
-    lungs: the second ask gets the kept masks, a changed volume is segmented anew."""
-    from pipelines.anatomy import shared as anatomy
+def test_the_lungs_of_a_volume_are_segmented_once_and_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lung-quant, the classifiers' lung crop and the nodules' side ask one job context for
+    the same series' lungs: the second ask gets the kept masks, a changed volume is
+    segmented anew; a pipeline that did not declare it needs lungs is refused them."""
+    from pipelines.anatomy import shared
+    from pipelines.context import Context, Need
 
+    segmented = []
+    real = shared.segment_lungs
+
+    def segment(*args):
+        segmented.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(shared, "segment_lungs", segment)
+    anatomy = shared.Anatomy()
+    context = Context("lung-quant", frozenset({Need.LUNGS}), anatomy=anatomy)
     volume = load_volume(write_series(tmp_path / "a", chest_geometry(), chest()))
-    first = anatomy.lungs_of(volume)
-    kept = anatomy._last[0]
-    again = anatomy.lungs_of(volume)
-    assert anatomy._last[0] is kept
-    for made, shared in zip(first, again, strict=True):
-        assert torch.equal(made, shared)
+    first = context.lungs(volume)
+    again = context.lungs(volume)
+    assert len(segmented) == 1
+    for made, kept in zip(first, again, strict=True):
+        assert torch.equal(made, kept)
     moved = load_volume(write_series(tmp_path / "b", chest_geometry(), chest((40, 0, 0))))
-    other = anatomy.lungs_of(moved)
-    assert anatomy._last[0] is not kept and not torch.equal(other.left, first.left)
+    other = context.lungs(moved)
+    assert len(segmented) == 2 and not torch.equal(other.left, first.left)
+    undeclared = Context("echo", anatomy=anatomy)
+    with pytest.raises(LookupError, match="echo asked for lungs"):
+        undeclared.lungs(volume)

@@ -21,14 +21,15 @@ def volume(tmp_path: Path) -> Volume:
 
 
 @pytest.fixture
-def kept(tmp_path: Path):
-    """Masks kept on disk in `tmp_path / kept`, memory cleared before and after."""
-    folder = tmp_path / "kept"
-    shared._last.clear()
-    shared.share_in(lambda _: folder)
-    yield folder
-    shared.share_in(None)
-    shared._last.clear()
+def kept(tmp_path: Path) -> Path:
+    """Where `keeping` keeps masks on disk."""
+    return tmp_path / "kept"
+
+
+def keeping(folder: Path) -> shared.Anatomy:
+    """A worker process's anatomy (a new one: what another process, or this one after a
+    restart, has), keeping the masks in `folder`."""
+    return shared.Anatomy(lambda _: folder)
 
 
 def refuse_to_segment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,11 +42,10 @@ def refuse_to_segment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_another_process_reads_the_masks_instead_of_segmenting(
     volume: Volume, kept: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = shared.lungs_of(volume)
+    first = keeping(kept).lungs(volume)
     assert len(list(kept.glob("lungs-*.npz"))) == 1
-    shared._last.clear()  # what another worker process, or this one after a restart, has
     refuse_to_segment(monkeypatch)
-    again = shared.lungs_of(volume)
+    again = keeping(kept).lungs(volume)
     for made, read in zip(first, again, strict=True):
         assert torch.equal(made, read)
 
@@ -53,28 +53,25 @@ def test_another_process_reads_the_masks_instead_of_segmenting(
 def test_unreadable_kept_masks_are_segmented_again_and_replaced(
     volume: Volume, kept: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = shared.lungs_of(volume)
+    first = keeping(kept).lungs(volume)
     (path,) = kept.glob("lungs-*.npz")
     path.write_bytes(path.read_bytes()[:100])  # cut short
-    shared._last.clear()
     with caplog.at_level(logging.WARNING):
-        again = shared.lungs_of(volume)
+        again = keeping(kept).lungs(volume)
     assert "unreadable" in caplog.text
     assert torch.equal(first.left, again.left)
-    shared._last.clear()
-    assert torch.equal(shared.lungs_of(volume).right, first.right)  # the file was replaced
+    assert torch.equal(keeping(kept).lungs(volume).right, first.right)  # the file was replaced
 
 
 def test_masks_that_cannot_be_kept_are_still_returned(
     volume: Volume, kept: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    shared.lungs_of(volume)
+    keeping(kept).lungs(volume)
     (path,) = kept.glob("lungs-*.npz")
     path.unlink()
     (path / "in-the-way").mkdir(parents=True)  # the file cannot be read or written
-    shared._last.clear()
     with caplog.at_level(logging.WARNING):
-        lungs = shared.lungs_of(volume)
+        lungs = keeping(kept).lungs(volume)
     assert lungs.left.any() and lungs.right.any()
     assert "cannot share the lungs" in caplog.text
     assert volume.series_instance_uid in caplog.text
@@ -86,7 +83,7 @@ def test_without_a_folder_to_keep_them_in_the_lungs_are_still_segmented(
     kept.parent.mkdir(exist_ok=True)
     kept.write_text("a file where the folder should be")
     with caplog.at_level(logging.WARNING):
-        lungs = shared.lungs_of(volume)
+        lungs = keeping(kept).lungs(volume)
     assert lungs.left.any() and lungs.right.any()
     assert "cannot share the lungs" in caplog.text
 
@@ -101,8 +98,7 @@ def _lungs_in_child(series: Path, folder: Path, log: Path) -> int:
         return real(*args)
 
     shared.segment_lungs = segment
-    shared.share_in(lambda _: folder)
-    return int(shared.lungs_of(load_volume(sorted(series.glob("*.dcm")))).left.sum())
+    return int(keeping(folder).lungs(load_volume(sorted(series.glob("*.dcm")))).left.sum())
 
 
 def test_two_workers_asking_at_once_segment_once(volume: Volume, tmp_path: Path) -> None:
@@ -125,12 +121,12 @@ def test_a_volume_without_lungs_is_segmented_once_too(
         body_without_lungs,
     )
     volume = load_volume(files)
+    anatomy = keeping(kept)
     with pytest.raises(BadInput, match="no lungs found") as first:
-        shared.lungs_of(volume)
+        anatomy.lungs(volume)
     refuse_to_segment(monkeypatch)
     with pytest.raises(BadInput) as again:
-        shared.lungs_of(volume)
-    shared._last.clear()  # another process: the refusal is read from disk
-    with pytest.raises(BadInput) as elsewhere:
-        shared.lungs_of(volume)
+        anatomy.lungs(volume)
+    with pytest.raises(BadInput) as elsewhere:  # another process: the refusal is read from disk
+        keeping(kept).lungs(volume)
     assert str(first.value) == str(again.value) == str(elsewhere.value)
