@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from node.config import ConfigError, Settings, load_settings
+from node.config import ConfigError, Role, Settings, load_settings
 from node.ops.logs import configure_logging
 
 if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads no torch
@@ -767,18 +767,16 @@ def fetch(
 @token_app.command("new")
 def token_new(
     name: Annotated[str, typer.Argument(help="Who holds it: a sender's name, a person.")],
-    role: Annotated[
-        list[str], typer.Option("--role", "-r", help="sender, reader, operator or admin.")
-    ],
+    role: Annotated[list[Role], typer.Option("--role", "-r", help="What the holder may do.")],
 ) -> None:
     """Make a token: print it once, and the `http.auth.tokens` entry that stores its hash."""
     import hashlib
     import secrets
 
-    from node.config import Role, TokenSettings
+    from node.config import TokenSettings
 
     try:
-        entry = TokenSettings(name=name, sha256="0" * 64, roles=[Role(r) for r in role])
+        entry = TokenSettings(name=name, sha256="0" * 64, roles=role)
     except ValueError as exc:
         typer.echo(f"not a token: {exc}", err=True)
         raise typer.Exit(2) from exc

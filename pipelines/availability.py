@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipelines.probe import ProbeError, read_probe
 from pipelines.settings import PipelineSettings, ProbeSettings, SegmentationSettings
 
 
@@ -49,6 +48,8 @@ def of_segmentation(name: str, settings: PipelineSettings) -> Availability:
 def of_probe(name: str, settings: PipelineSettings) -> Availability:
     """The embedding model is there and the probe file is one fitted on it; the version
     names the model and the probe file's hash."""
+    from pipelines.probe import ProbeError, read_probe  # numpy: only where a probe is set
+
     found = of_model(name, settings)
     if not isinstance(settings, ProbeSettings) or settings.probe is None:
         return Availability(found.version, f"no probe file configured (pipelines.{name}.probe)")

@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from node.config import Settings
 from node.ingest.intake import Intake
@@ -65,6 +66,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(docs.router)
     app.state.hosts = HostCheck(settings.http)
+    app.add_middleware(HeadAsGet)  # innermost: the log and the CORS answer see HEAD
     app.middleware("http")(_answer_and_log)
     app.add_middleware(  # JSON and XML only: DICOM files and images are compressed already
         GZipMiddleware,
@@ -85,6 +87,20 @@ def build_app(settings: Settings) -> FastAPI:
             max_age=600,
         )
     return app
+
+
+class HeadAsGet:
+    """HEAD is GET without the body (RFC 9110 9.3.2), on every GET route: monitors and
+    proxies probe with it. The route answers a GET; the server sends only the head, since it
+    knows the request was a HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 async def _answer_and_log(

@@ -86,8 +86,10 @@ def explain(request: ExplainRequest, context: Context, principal: Admin) -> admi
     settings = context.settings
     file = _rules_file(context)
     try:
-        text = admin.current_text(settings) if request.rules is None else request.rules
-        rules = admin.parse(settings, text, file)
+        if request.rules is None:
+            rules = admin.parse(settings, admin.current_text(settings), file)
+        else:
+            rules = admin.parse(settings, request.rules, admin.proposed(file))
     except RulesError as exc:
         raise _invalid(exc) from exc
     try:

@@ -5,6 +5,7 @@ start with a clear line) and hands the socket to the child, and to its successor
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
@@ -49,6 +50,7 @@ def run_http_process(settings: Settings, sock: socket.socket, ready: Ready) -> N
     configure_logging(settings.logging.level)
     http = settings.http
     assert http is not None
+    os.nice(http.nice)  # image intake first when the CPU is short (an unprivileged call)
     config = uvicorn.Config(
         build_app(settings),
         log_config=None,

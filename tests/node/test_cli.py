@@ -198,3 +198,22 @@ def test_read_commands_import_no_model_library(tmp_path: Path) -> None:
     (covid,) = [p for p in status["pipelines"] if p["name"] == "covid"]
     assert covid["available"] is False
     assert covid["problem"].startswith("model not found at")
+
+
+def test_a_new_token_prints_its_hash_entry_and_a_bad_role_lists_the_good_ones() -> None:
+    import hashlib
+    import re
+
+    made = ainode("token", "new", "pacs-web", "--role", "sender", "-r", "reader")
+    assert made.returncode == 0, made.stderr
+    token = made.stderr.split(": ", 1)[1].strip()
+    entry = re.fullmatch(
+        r"- \{name: pacs-web, sha256: ([0-9a-f]{64}), roles: \[(.*)\]\}\n", made.stdout
+    )
+    assert entry is not None, made.stdout
+    assert entry[1] == hashlib.sha256(token.encode()).hexdigest()
+    assert entry[2] == "sender, reader"
+
+    refused = ainode("token", "new", "bob", "--role", "superuser")
+    assert refused.returncode == 2
+    assert all(role in refused.stderr for role in ("sender", "reader", "operator", "admin"))

@@ -106,11 +106,20 @@ def current_text(settings: Settings) -> str:
         raise RulesError(path, [Problem(1, 1, f"cannot read: {exc.strerror}")]) from exc
 
 
+def proposed(file: Path | str) -> str:
+    """What the problems of a text proposed for `file` are attributed to: not the file,
+    which still holds the rules in force."""
+    return f"{file} (proposed)"
+
+
 def check(settings: Settings, text: str | None = None) -> RulesCheck:
     """The configured file (or a proposed `text` for it) checked against this node."""
     file = str(rules_file(settings))
     try:
-        rules = parse(settings, current_text(settings) if text is None else text, file)
+        if text is None:
+            rules = parse(settings, current_text(settings), file)
+        else:
+            rules = parse(settings, text, proposed(file))
     except RulesError as exc:
         return RulesCheck(file=file, valid=False, rules=0, problems=problems_of(exc))
     return RulesCheck(file=file, valid=True, rules=len(rules.rules), problems=[])
@@ -166,7 +175,7 @@ def replace(settings: Settings, text: str) -> Replaced:
     the new one, never half of it); the old file is kept as `<name>.<UTC time>`. Raises
     RulesError and changes nothing when `text` has problems."""
     path = rules_file(settings)
-    rules = parse(settings, text, path)
+    rules = parse(settings, text, proposed(path))
     backup = None
     if path.exists():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")

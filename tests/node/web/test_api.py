@@ -135,3 +135,30 @@ def test_series_and_studies_page_newest_first(web_node: WebNode) -> None:
     (study,) = api(web_node, "GET", "/studies?limit=1&newest=true", "viewer").json()
     assert study["study_instance_uid"] == newest[0]["study_instance_uid"]
     assert api(web_node, "GET", "/series?limit=0", "viewer").status_code == 422
+
+
+def test_head_answers_as_get_without_the_body(web_node: WebNode) -> None:
+    """Monitors and proxies probe with HEAD: the same status and headers as GET, no body,
+    the same refusal without a token."""
+    ds = ct_dataset(generate_uid())
+    assert post(web_node, body(part10(ds))).status_code == 200
+    instance = (
+        f"{web_node.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    reader = {**web_node.auth("viewer"), "Accept": "multipart/related; type=application/dicom"}
+    for url, headers in [
+        (f"{web_node.url}/", {}),
+        (f"{web_node.url}/healthz", {}),
+        (instance, reader),
+        (instance, {}),
+    ]:
+        got = httpx.get(url, headers=headers)
+        head = httpx.head(url, headers=headers)
+        assert head.status_code == got.status_code != 405, url
+        assert head.content == b""
+        kind = [head.headers.get("content-type", ""), got.headers.get("content-type", "")]
+        assert [k.split("boundary=")[0] for k in kind] == [kind[1].split("boundary=")[0]] * 2
+        assert head.headers.get("content-length") == got.headers.get("content-length"), url
+    assert httpx.head(instance).status_code == 401
+    assert f"HEAD /dicom-web/studies/{ds.StudyInstanceUID}" in web_node.node.log()

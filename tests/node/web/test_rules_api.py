@@ -4,6 +4,7 @@ and what the workers run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -50,7 +51,7 @@ def test_rules_checked_explained_replaced_and_a_series_routed_again(
     checked = api(web, "POST", "/rules/check", content=BROKEN, headers=YAML).json()
     assert checked["valid"] is False
     (problem,) = checked["problems"]
-    assert (problem["file"], problem["line"]) == (str(rules), 4)
+    assert (problem["file"], problem["line"]) == (f"{rules} (proposed)", 4)  # not the file
     assert "no-such-pipeline" in problem["message"]
     assert api(web, "POST", "/rules/check").json() == {
         "file": str(rules),
@@ -119,3 +120,7 @@ def test_processes_and_the_job_each_worker_runs(start_web_node) -> None:
     assert log.index("node AINODE ready") > log.index("Started server process")
     status = web.node.status()
     assert {p["name"] for p in status["processes"]} == set(processes)
+    # the HTTP process yields the CPU to the receivers (http.nice, default 5)
+    niceness = {name: os.getpriority(os.PRIO_PROCESS, p["pid"]) for name, p in processes.items()}
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness == {"main": base, "receiver-1": base, "worker-0": base, "http": base + 5}

@@ -31,3 +31,14 @@ def test_require_current_names_what_is_missing(tmp_path) -> None:
     with pytest.raises(SchemaNotCurrent, match=r"at 0004, this version needs 0\d{3}:"):
         require_current(engine)
     engine.dispose()
+
+
+def test_the_head_a_command_checks_without_alembic_is_alembics_head() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from node.store.db.migrate import HEAD, MIGRATIONS_DIR
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(config).get_heads() == [HEAD]
