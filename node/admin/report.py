@@ -49,6 +49,11 @@ class SeriesStatus(BaseModel):
 class StudyStatus(BaseModel):
     study_instance_uid: str
     study_description: str | None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    """What an operator looks a study up by (shown to the roles that may read the API)."""
     prior_of: str | None = None
     """Fetched as a prior of this study."""
     series: int
@@ -192,6 +197,10 @@ def list_studies(
         select(
             Study.study_instance_uid,
             Study.study_description,
+            Study.patient_name,
+            Study.patient_id,
+            Study.accession_number,
+            Study.study_date,
             Study.prior_of,
             func.count(Series.id).label("series"),
             func.coalesce(func.sum(Series.instance_count), 0).label("instances"),

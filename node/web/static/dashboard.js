@@ -59,6 +59,13 @@ function shortUid(uid) {
   return uid && uid.length > 24 ? `…${uid.slice(-20)}` : uid;
 }
 
+function studyLabel(study, uid) {
+  const name = (study?.patient_name || "").replaceAll("^", " ").trim();
+  const who = [name, study?.patient_id && `(${study.patient_id})`].filter(Boolean).join(" ");
+  const label = [who, study?.accession_number, study?.study_date].filter(Boolean).join(" · ");
+  return label || shortUid(uid);
+}
+
 function when(iso) {
   return iso ? new Date(iso).toLocaleString() : "";
 }
@@ -72,7 +79,7 @@ function renderSeries(status) {
       : `the newest ${SHOWN_SERIES} series`;
   fill("#series", newest, (row, s) => {
     const study = studies.get(s.study_instance_uid);
-    cell(row, shortUid(s.study_instance_uid), "uid").title = s.study_instance_uid;
+    cell(row, studyLabel(study, s.study_instance_uid)).title = s.study_instance_uid;
     cell(row, shortUid(s.series_instance_uid), "uid").title = s.series_instance_uid;
     cell(row, s.series_description || study?.study_description || "");
     cell(row, s.state, `state-${s.state}`);

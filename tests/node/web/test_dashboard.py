@@ -45,6 +45,7 @@ def test_dashboard_shows_a_sent_series_and_retries_a_failed_job(
     )
     dataset = ct_dataset(generate_uid())
     dataset.SeriesDescription = HOSTILE  # what a peer sends is shown, never run
+    dataset.PatientID, dataset.AccessionNumber, dataset.StudyDate = "PID-7", "ACC-42", "20261206"
     sent = tmp_path / "sent.dcm"
     dataset.save_as(sent, enforce_file_format=True)
     storescu(web.node.port, [sent])
@@ -72,6 +73,8 @@ def test_dashboard_shows_a_sent_series_and_retries_a_failed_job(
             ".map(c => c.textContent)"
         )
         assert row[2:8] == [HOSTILE, "complete", "1", "1", "STORESCU", "dimse"]
+        # the study by what an operator looks for, its UID on hover
+        assert row[0] == "Test Phantom (PID-7) · ACC-42 · 20261206"
         assert page.evaluate("document.querySelectorAll('img').length") == 0
         assert "ready" in page.evaluate("document.querySelector('#pipelines').textContent")
         retry = f"button[data-retry='job-{job['id']}']"
