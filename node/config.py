@@ -300,6 +300,9 @@ class Role(enum.StrEnum):
     """Act on work: retry, cancel, re-send, fetch."""
     ADMIN = "admin"
     """Change the configuration: rules."""
+    PHI = "phi"
+    """See patients' names and IDs, accession numbers and study dates in the admin API and
+    the dashboard, each view audited (DICOMweb always serves what was stored, to readers)."""
 
 
 class TokenSettings(_Section):

@@ -53,7 +53,7 @@ class StudyStatus(BaseModel):
     patient_id: str | None = None
     accession_number: str | None = None
     study_date: str | None = None
-    """What an operator looks a study up by (shown to the roles that may read the API)."""
+    """What an operator looks a study up by (the API shows them to the `phi` role only)."""
     prior_of: str | None = None
     """Fetched as a prior of this study."""
     series: int

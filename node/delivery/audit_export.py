@@ -58,6 +58,7 @@ TRANSFERRED = Coded("110104", "DCM", "DICOM Instances Transferred")
 ACCESSED = Coded("110103", "DCM", "DICOM Instances Accessed")
 SECURITY_ALERT = Coded("110113", "DCM", "Security Alert")
 APPLICATION_ACTIVITY = Coded("110100", "DCM", "Application Activity")
+PATIENT_RECORD = Coded("110110", "DCM", "Patient Record")
 SOFTWARE_CONFIGURATION = Coded("110131", "DCM", "Software Configuration")
 RESTRICTED_FUNCTION = Coded("110132", "DCM", "Use of Restricted Function")
 APPLICATION_START = Coded("110120", "DCM", "Application Start")
@@ -293,6 +294,8 @@ def _event(event: Event) -> tuple[str, Coded, int]:
         return "R", ACCESSED, 4 if failed else 0
     if event.kind == Kind.APPLICATION:
         return "E", APPLICATION_ACTIVITY, 0
+    if event.kind == Kind.PATIENT_RECORD:
+        return "R", PATIENT_RECORD, 0
     return "E", SECURITY_ALERT, 0
 
 

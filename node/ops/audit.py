@@ -36,6 +36,8 @@ class Kind(enum.StrEnum):
     """An action through the API or the command line."""
     APPLICATION = "application"
     """The node started or stopped."""
+    PATIENT_RECORD = "patient record"
+    """Patient identifiers shown through the API or the dashboard (PS3.15 Patient Record)."""
 
 
 class Action(enum.StrEnum):
@@ -136,9 +138,23 @@ class ApplicationEvent(Facts):
     action: Literal["start", "stop"]
 
 
+class PatientRecordRead(Facts):
+    kind = Kind.PATIENT_RECORD
+    route: str
+    studies: int
+
+
 FACTS: dict[str, type[Facts]] = {
     model.kind.value: model
-    for model in (Received, JobEnded, Sent, Fetched, AdminAction, ApplicationEvent)
+    for model in (
+        Received,
+        JobEnded,
+        Sent,
+        Fetched,
+        AdminAction,
+        ApplicationEvent,
+        PatientRecordRead,
+    )
 }
 
 

@@ -31,7 +31,7 @@ from node.delivery.fetch.query import FetchQuery
 from node.delivery.fetch.records import list_fetches
 from node.delivery.notify import list_notifications
 from node.flow.queue import list_jobs
-from node.ops.audit import list_events
+from node.ops.audit import PatientRecordRead, list_events, record_quietly
 from node.ops.processes import ProcessStatus, process_statuses
 from node.store.db.models import WorkState
 from node.web.auth import Principal
@@ -43,7 +43,10 @@ MAX_ROW_ID = 2**63 - 1
 Limit = Annotated[int | None, Query(ge=1, le=100_000)]
 RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 Reader = Depends(requires(Role.READER))
+Viewer = Annotated[Principal, Depends(requires(Role.READER))]
 Operator = Annotated[Principal, Depends(requires(Role.OPERATOR))]
+PATIENT_FIELDS = ("patient_name", "patient_id", "accession_number", "study_date")
+"""What a caller without the `phi` role does not see of a study."""
 
 
 class Caller(BaseModel):
@@ -57,17 +60,36 @@ def whoami(principal: Annotated[Principal, Depends(authenticated)]) -> Caller:
     return Caller(name=principal.name, roles=sorted(principal.roles))
 
 
-@router.get("/status", dependencies=[Reader])
-def status(context: Context) -> StatusReport:
-    """Everything `ainode status --json` shows."""
-    return node_status(context.settings, context.engine)
+@router.get("/status")
+def status(context: Context, principal: Viewer) -> StatusReport:
+    """Everything `ainode status --json` shows (patient identifiers to the `phi` role)."""
+    report = node_status(context.settings, context.engine)
+    report.studies = shown(context, principal, "/api/v1/status", report.studies)
+    return report
 
 
-@router.get("/studies", dependencies=[Reader])
-def studies(context: Context, limit: Limit = None, newest: bool = False) -> list[StudyStatus]:
-    """Oldest first, or `newest` first; at most `limit`."""
+@router.get("/studies")
+def studies(
+    context: Context, principal: Viewer, limit: Limit = None, newest: bool = False
+) -> list[StudyStatus]:
+    """Oldest first, or `newest` first; at most `limit` (patient identifiers to the `phi`
+    role)."""
     with context.engine.connect() as conn:
-        return list_studies(conn, limit, newest)
+        found = list_studies(conn, limit, newest)
+    return shown(context, principal, "/api/v1/studies", found)
+
+
+def shown(
+    context: Context, principal: Principal, route: str, studies: list[StudyStatus]
+) -> list[StudyStatus]:
+    """The studies with their patient identifiers for a caller with the `phi` role (the view
+    is an audit event, once a minute per caller and route), without them for the others."""
+    if not principal.may(Role.PHI):
+        return [s.model_copy(update=dict.fromkeys(PATIENT_FIELDS)) for s in studies]
+    if studies and context.patient_views.due(f"{principal.name} {route}") is not None:
+        facts = PatientRecordRead(route=route, studies=len(studies))
+        record_quietly(context.engine, principal.name, facts)
+    return studies
 
 
 @router.get("/series", dependencies=[Reader])

@@ -22,10 +22,12 @@ log = logging.getLogger(__name__)
 ROLE_GRANTS: dict[Role, frozenset[Role]] = {
     Role.SENDER: frozenset({Role.SENDER}),
     Role.READER: frozenset({Role.READER}),
-    Role.OPERATOR: frozenset({Role.OPERATOR, Role.READER}),
+    Role.OPERATOR: frozenset({Role.OPERATOR, Role.READER, Role.PHI}),
     Role.ADMIN: frozenset(Role),
+    Role.PHI: frozenset({Role.PHI, Role.READER}),
 }
-"""What each role allows: an operator also reads, an administrator does everything."""
+"""What each role allows: an operator also reads and finds studies by patient, an
+administrator does everything; a reader sees no patient identifiers in the admin API."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from node.config import HttpSettings, Role, Settings
 from node.ingest.intake import Intake
+from node.ops.logs import Throttle
 from node.store.storage import InstanceStore
 from node.web.auth import Authenticator, NotAuthenticated, Principal
 
@@ -22,6 +23,8 @@ class WebContext:
     store: InstanceStore
     intake: Intake
     auth: Authenticator
+    patient_views: Throttle = field(default_factory=Throttle)
+    """Each caller's views of patient identifiers, audited once a minute per route."""
 
     @property
     def http(self) -> HttpSettings:

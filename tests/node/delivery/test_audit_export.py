@@ -228,6 +228,7 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
         AdminAction,
         ApplicationEvent,
         JobEnded,
+        PatientRecordRead,
         Received,
         Sent,
         record,
@@ -254,6 +255,7 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
     sent = Sent(destination="pacs", dispatch=1, sop_instances=[generate_uid()], status="1 of 1")
     record(engine, "AINODE", sent, study)
     record(engine, "it-admin", AdminAction(action=Action.RETRY_JOB, id=1))
+    record(engine, "it-admin", PatientRecordRead(route="/api/v1/status", studies=1))
     port = free_port()
     collector = Collector()
     settings = Settings.model_validate(
@@ -264,12 +266,14 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
     )
     with tcp_listener(port, collector):
         exporter = AuditExporter(engine, settings)
-        assert exporter.run_due() == 6
+        assert exporter.run_due() == 7
         exporter.close()
-        audits = wait_until(lambda: len(collector.audits()) == 6 and collector.audits(), 10)
+        audits = wait_until(lambda: len(collector.audits()) == 7 and collector.audits(), 10)
     assert [event_id(a) for a in audits] == [
-        "110100", "110104", "110103", "110103", "110104", "110113",
+        "110100", "110104", "110103", "110103", "110104", "110113", "110110",
     ]  # fmt: skip
+    patient_record = audits[6].find("EventIdentification")
+    assert patient_record.get("EventActionCode") == "R"
     failed, succeeded = audits[2], audits[3]
     assert failed.find("EventIdentification").get("EventOutcomeIndicator") == "4"
     assert succeeded.find("EventIdentification").get("EventOutcomeIndicator") == "0"

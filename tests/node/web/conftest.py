@@ -19,6 +19,7 @@ TOKENS = {
     "modality-web": ("sender-secret", ["sender"]),
     "viewer": ("reader-secret", ["reader"]),
     "it-admin": ("admin-secret", ["admin"]),
+    "records-clerk": ("phi-secret", ["phi"]),
 }
 
 

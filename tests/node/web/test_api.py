@@ -162,3 +162,39 @@ def test_head_answers_as_get_without_the_body(web_node: WebNode) -> None:
         assert head.headers.get("content-length") == got.headers.get("content-length"), url
     assert httpx.head(instance).status_code == 401
     assert f"HEAD /dicom-web/studies/{ds.StudyInstanceUID}" in web_node.node.log()
+
+
+def test_patient_identifiers_go_to_the_phi_role_only_and_each_view_is_audited(
+    web_node: WebNode,
+) -> None:
+    ds = ct_dataset(generate_uid())
+    ds.PatientID, ds.AccessionNumber, ds.StudyDate = "PID-7", "ACC-42", "20261206"
+    assert post(web_node, body(part10(ds))).status_code == 200
+    patient = {
+        "patient_name": "Test^Phantom",
+        "patient_id": "PID-7",
+        "accession_number": "ACC-42",
+        "study_date": "20261206",
+    }
+
+    def study(who: str, path: str) -> dict:
+        answer = api(web_node, "GET", path, who).json()
+        found = answer["studies"] if path == "/status" else answer
+        (only,) = [s for s in found if s["study_instance_uid"] == ds.StudyInstanceUID]
+        return {key: only[key] for key in patient}
+
+    for path in ("/status", "/studies"):
+        assert study("viewer", path) == dict.fromkeys(patient)  # a reader: UIDs only
+        assert study("records-clerk", path) == patient
+        assert study("it-admin", path) == patient
+        assert study("it-admin", path) == patient  # again within the minute: one event
+    events = [e for e in api(web_node, "GET", "/audit").json() if e["kind"] == "patient record"]
+    assert sorted((e["actor"], e["detail"]["route"]) for e in events) == [
+        ("it-admin", "/api/v1/status"),
+        ("it-admin", "/api/v1/studies"),
+        ("records-clerk", "/api/v1/status"),
+        ("records-clerk", "/api/v1/studies"),
+    ]
+    assert all(e["detail"]["studies"] == 1 for e in events)
+    whoami = api(web_node, "GET", "/whoami", "records-clerk").json()
+    assert whoami["roles"] == ["phi", "reader"]
