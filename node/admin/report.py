@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import Connection, Engine, Result, func, select
+from sqlalchemy import Connection, Engine, Result, func, or_, select
 
 from node.config import Settings
 from node.delivery.dispatch.records import DispatchView, list_dispatches
@@ -188,12 +188,12 @@ def list_series(
 
 
 def list_studies(
-    conn: Connection, limit: int | None = None, newest: bool = False
+    conn: Connection, limit: int | None = None, newest: bool = False, find: str | None = None
 ) -> list[StudyStatus]:
     """Oldest first (newest first with `newest`), at most `limit`, with their series and
-    instance counts."""
+    instance counts; with `find`, those whose patient ID or accession number it is."""
     order = (Study.first_received_at, Study.id)
-    result = conn.execute(
+    statement = (
         select(
             Study.study_instance_uid,
             Study.study_description,
@@ -213,7 +213,9 @@ def list_studies(
         .order_by(*(column.desc() for column in order) if newest else order)
         .limit(limit)
     )
-    return _validated(result, StudyStatus)
+    if find is not None:
+        statement = statement.where(or_(Study.patient_id == find, Study.accession_number == find))
+    return _validated(conn.execute(statement), StudyStatus)
 
 
 def _validated(result: Result[*tuple[Any, ...]], model: type[M]) -> list[M]:

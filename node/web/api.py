@@ -68,25 +68,45 @@ def status(context: Context, principal: Viewer) -> StatusReport:
     return report
 
 
+Find = Annotated[
+    str | None,
+    Query(min_length=1, max_length=64, description="a patient ID or accession number"),
+]
+
+
 @router.get("/studies")
 def studies(
-    context: Context, principal: Viewer, limit: Limit = None, newest: bool = False
+    context: Context,
+    principal: Viewer,
+    limit: Limit = None,
+    newest: bool = False,
+    find: Find = None,
 ) -> list[StudyStatus]:
-    """Oldest first, or `newest` first; at most `limit` (patient identifiers to the `phi`
-    role)."""
+    """Oldest first, or `newest` first; at most `limit`; with `find`, the studies of that
+    patient ID or accession number (the `phi` role: 403 for others). Patient identifiers
+    go to the `phi` role only."""
+    if find is not None and not principal.may(Role.PHI):
+        raise HTTPException(403, detail="finding studies by patient needs the phi role")
     with context.engine.connect() as conn:
-        found = list_studies(conn, limit, newest)
-    return shown(context, principal, "/api/v1/studies", found)
+        found = list_studies(conn, limit, newest, find)
+    if find is None:
+        return shown(context, principal, "/api/v1/studies", found)
+    return shown(context, principal, "/api/v1/studies?find", found, lookup=find)
 
 
 def shown(
-    context: Context, principal: Principal, route: str, studies: list[StudyStatus]
+    context: Context,
+    principal: Principal,
+    route: str,
+    studies: list[StudyStatus],
+    lookup: str = "",
 ) -> list[StudyStatus]:
     """The studies with their patient identifiers for a caller with the `phi` role (the view
-    is an audit event, once a minute per caller and route), without them for the others."""
+    is an audit event, once a minute per caller, route and `lookup`), without them for the
+    others."""
     if not principal.may(Role.PHI):
         return [s.model_copy(update=dict.fromkeys(PATIENT_FIELDS)) for s in studies]
-    if studies and context.patient_views.due(f"{principal.name} {route}") is not None:
+    if studies and context.patient_views.due(f"{principal.name} {route} {lookup}") is not None:
         facts = PatientRecordRead(route=route, studies=len(studies))
         record_quietly(context.engine, principal.name, facts)
     return studies

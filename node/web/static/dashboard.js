@@ -276,6 +276,7 @@ async function signIn() {
   try {
     const caller = await api("GET", "/api/v1/whoami");
     $("#who").textContent = `${caller.name} (${caller.roles.join(", ")})`;
+    $("#find-form").hidden = !caller.roles.includes("phi");
     $("#login").hidden = true;
     $("#logout").hidden = false;
     $("#board").hidden = false;
@@ -284,6 +285,20 @@ async function signIn() {
   } catch (error) {
     const tried = token ? "that token was not accepted" : "";
     signOut(error.status === 401 ? tried : `cannot reach the node: ${error.message}`);
+  }
+}
+
+async function findStudies(event) {
+  event.preventDefault();
+  const wanted = $("#find").value.trim();
+  if (!wanted) return;
+  try {
+    const found = await api("GET", `/api/v1/studies?find=${encodeURIComponent(wanted)}`);
+    $("#find-result").textContent = found.length
+      ? found.map((s) => `${studyLabel(s, s.study_instance_uid)} — ${s.study_instance_uid}`).join("; ")
+      : `no study of ${wanted}`;
+  } catch (error) {
+    $("#find-result").textContent = `cannot find: ${error.message}`;
   }
 }
 
@@ -308,6 +323,7 @@ document.addEventListener("DOMContentLoaded", () => {
     signIn();
   });
   $("#logout").addEventListener("click", () => signOut("signed out"));
+  $("#find-form").addEventListener("submit", findStudies);
   $("#rules-check").addEventListener("click", checkRules);
   $("#rules-explain").addEventListener("click", explainRules);
   refreshReadiness();

@@ -188,13 +188,24 @@ def test_patient_identifiers_go_to_the_phi_role_only_and_each_view_is_audited(
         assert study("records-clerk", path) == patient
         assert study("it-admin", path) == patient
         assert study("it-admin", path) == patient  # again within the minute: one event
+    # finding a study by patient: the phi role only
+    (found,) = api(web_node, "GET", "/studies?find=ACC-42", "records-clerk").json()
+    assert found["study_instance_uid"] == ds.StudyInstanceUID
+    assert api(web_node, "GET", "/studies?find=PID-7", "it-admin").json()[0] == found
+    assert api(web_node, "GET", "/studies?find=nobody", "it-admin").json() == []
+    assert api(web_node, "GET", "/studies?find=PID-7", "viewer").status_code == 403
+    assert api(web_node, "GET", "/studies?find=" + "x" * 65, "it-admin").status_code == 422
+    assert "PID-7" not in web_node.node.log()  # the query string is never logged
     events = [e for e in api(web_node, "GET", "/audit").json() if e["kind"] == "patient record"]
     assert sorted((e["actor"], e["detail"]["route"]) for e in events) == [
         ("it-admin", "/api/v1/status"),
         ("it-admin", "/api/v1/studies"),
+        ("it-admin", "/api/v1/studies?find"),  # one a search that found a study
         ("records-clerk", "/api/v1/status"),
         ("records-clerk", "/api/v1/studies"),
+        ("records-clerk", "/api/v1/studies?find"),
     ]
     assert all(e["detail"]["studies"] == 1 for e in events)
+    assert not any("PID-7" in json.dumps(e) or "ACC-42" in json.dumps(e) for e in events)
     whoami = api(web_node, "GET", "/whoami", "records-clerk").json()
     assert whoami["roles"] == ["phi", "reader"]

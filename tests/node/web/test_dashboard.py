@@ -75,6 +75,10 @@ def test_dashboard_shows_a_sent_series_and_retries_a_failed_job(
         assert row[2:8] == [HOSTILE, "complete", "1", "1", "STORESCU", "dimse"]
         # the study by what an operator looks for, its UID on hover
         assert row[0] == "Test Phantom (PID-7) · ACC-42 · 20261206"
+        page.type_into("#find", "ACC-42")  # an operator finds the study by its accession
+        page.click("#find-form button")
+        found = page.wait_for("document.querySelector('#find-result').textContent")
+        assert found == f"Test Phantom (PID-7) · ACC-42 · 20261206 — {dataset.StudyInstanceUID}"
         assert page.evaluate("document.querySelectorAll('img').length") == 0
         assert "ready" in page.evaluate("document.querySelector('#pipelines').textContent")
         retry = f"button[data-retry='job-{job['id']}']"
