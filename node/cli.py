@@ -335,8 +335,14 @@ def jobs_list(
 def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -> None:
     """Queue a job again with a fresh set of attempts."""
     from node.admin import actions
+    from node.store.leased import RetryPolicy
 
-    _act(config, lambda engine, actor: actions.retry_job(engine, actor, job_id), "queued again")
+    policy = RetryPolicy.of(_settings(config).workers)
+    _act(
+        config,
+        lambda engine, actor: actions.retry_job(engine, actor, job_id, policy),
+        "queued again",
+    )
 
 
 @jobs_app.command("cancel")

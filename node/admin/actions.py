@@ -38,10 +38,12 @@ class Changed:
     by: str
 
 
-def retry_job(engine: Engine, actor: str, job_id: int) -> Changed:
-    """Queue a job again with a fresh set of attempts."""
+def retry_job(
+    engine: Engine, actor: str, job_id: int, policy: RetryPolicy | None = None
+) -> Changed:
+    """Queue a job again with a fresh set of `policy`'s attempts (`workers:`)."""
     before = _state(engine, Job, job_id)
-    if not JobQueue(engine).retry(job_id):
+    if not JobQueue(engine, policy).retry(job_id):
         raise Conflict(f"job {job_id} is running")
     return _recorded(engine, actor, Action.RETRY_JOB, job_id, before, WorkState.QUEUED)
 
@@ -54,10 +56,12 @@ def cancel_job(engine: Engine, actor: str, job_id: int) -> Changed:
     return _recorded(engine, actor, Action.CANCEL_JOB, job_id, before, WorkState.CANCELLED)
 
 
-def resend_dispatch(engine: Engine, actor: str, dispatch_id: int) -> Changed:
-    """Send a dispatch again with a fresh set of attempts."""
+def resend_dispatch(
+    engine: Engine, actor: str, dispatch_id: int, policy: RetryPolicy | None = None
+) -> Changed:
+    """Send a dispatch again with a fresh set of `policy`'s attempts (`dispatch:`)."""
     before = _state(engine, Dispatch, dispatch_id)
-    if not LeasedQueue(engine, Dispatch, RetryPolicy()).retry(dispatch_id):
+    if not LeasedQueue(engine, Dispatch, policy or RetryPolicy()).retry(dispatch_id):
         raise Conflict(f"dispatch {dispatch_id} is being sent")
     return _recorded(engine, actor, Action.RESEND_DISPATCH, dispatch_id, before, WorkState.QUEUED)
 

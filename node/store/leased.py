@@ -195,7 +195,8 @@ class LeasedQueue:
                 state, run_after = WorkState.DEAD, now
             else:
                 state = WorkState.RETRYING
-                run_after = now + timedelta(seconds=self.policy.delay(attempts))
+                this_set = attempts - max_attempts + self.policy.max_attempts  # since a retry
+                run_after = now + timedelta(seconds=self.policy.delay(this_set))
             changed = conn.execute(
                 self.owned(row_id, owner).values(
                     state=state,
@@ -255,7 +256,8 @@ class LeasedQueue:
             ).rowcount
 
     def retry(self, row_id: int) -> bool:
-        """Run a row that is not running again, with a fresh set of attempts."""
+        """Run a row that is not running again, with a fresh set of the policy's attempts;
+        its count of attempts goes on (its history: how often it ran)."""
         table = self.table
         with self._engine.begin() as conn:
             return bool(
@@ -264,7 +266,7 @@ class LeasedQueue:
                     .where(table.id == row_id, table.state != WorkState.RUNNING)
                     .values(
                         state=WorkState.QUEUED,
-                        attempts=0,
+                        max_attempts=table.attempts + self.policy.max_attempts,
                         run_after=utcnow(),
                         finished_at=None,
                     )

@@ -34,6 +34,7 @@ from node.flow.queue import list_jobs
 from node.ops.audit import PatientRecordRead, list_events, record_quietly
 from node.ops.processes import ProcessStatus, process_statuses
 from node.store.db.models import WorkState
+from node.store.leased import RetryPolicy
 from node.web.auth import Principal
 from node.web.context import Context, authenticated, requires
 
@@ -166,7 +167,8 @@ class Done(BaseModel):
 @router.post("/jobs/{job_id}/retry")
 def retry_job(job_id: RowId, context: Context, principal: Operator) -> Done:
     """Queue a job again with a fresh set of attempts (409 while it runs)."""
-    return _answer(lambda: actions.retry_job(context.engine, principal.name, job_id))
+    policy = RetryPolicy.of(context.settings.workers)
+    return _answer(lambda: actions.retry_job(context.engine, principal.name, job_id, policy))
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -178,7 +180,10 @@ def cancel_job(job_id: RowId, context: Context, principal: Operator) -> Done:
 @router.post("/dispatches/{dispatch_id}/retry")
 def resend(dispatch_id: RowId, context: Context, principal: Operator) -> Done:
     """Send a dispatch again with a fresh set of attempts (409 while it is being sent)."""
-    return _answer(lambda: actions.resend_dispatch(context.engine, principal.name, dispatch_id))
+    policy = RetryPolicy.of(context.settings.dispatch)
+    return _answer(
+        lambda: actions.resend_dispatch(context.engine, principal.name, dispatch_id, policy)
+    )
 
 
 @router.post("/series/{series_uid}/route")

@@ -151,8 +151,19 @@ def test_failures_retry_with_growing_delays_then_die(engine: Engine) -> None:
     assert 7.5 <= delays[0] <= 12.5 and 15 <= delays[1] <= 25 and 30 <= delays[2] <= 50
     [view] = queue.list()
     assert (view.state, view.attempts, view.error) == ("dead", 4, "boom 4")
+    # retried by hand: a fresh set of 4 attempts, backing off from the start again, and
+    # the count goes on (a job retried, then cancelled, shows that it ran before)
     assert queue.retry(job_id)
-    assert queue.claim("w", 30) is not None
+    job = queue.claim("w", 30)
+    assert job is not None and job.attempt == 5
+    failed_at = utcnow()
+    assert queue.fail(job_id, "w", "boom 5", permanent=False) == WorkState.RETRYING
+    with engine.connect() as conn:
+        run_after = conn.execute(select(Job.run_after).where(Job.id == job_id)).scalar_one()
+    assert 7.5 <= (run_after - failed_at).total_seconds() <= 12.5
+    assert queue.cancel(job_id)
+    [view] = queue.list()
+    assert (view.state, view.attempts) == ("cancelled", 5)
 
 
 def test_bad_input_fails_at_once_and_cancel_stops_a_running_job(engine: Engine) -> None:
