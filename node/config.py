@@ -189,6 +189,8 @@ class NotifyOn(enum.StrEnum):
     """The job failed for good (failed or dead)."""
     DONE = "done"
     """The job succeeded, positive or not."""
+    UNDELIVERED = "undelivered"
+    """Its results could not be delivered: a dispatch to a destination went dead."""
 
 
 class NotificationTarget(_Section):
@@ -212,7 +214,13 @@ class DeliverySettings(_Section):
 
 
 class DispatchSettings(DeliverySettings):
-    """How results are sent, and retried when a destination refuses or is down."""
+    """How results are sent, and retried when a destination refuses or is down: by default
+    for about eight hours (24 attempts, waits doubling from 5 s to 30 min), so the results
+    of the night's scans outlast a PACS's maintenance window; then `dead`, which tells the
+    rule's `undelivered` notification targets."""
+
+    max_attempts: int = Field(default=24, ge=1)
+    retry_max_seconds: float = Field(default=1800.0, gt=0)
 
 
 class NotifySettings(DeliverySettings):

@@ -13,13 +13,14 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import Connection, Engine, select
 
-from node.config import NoDestination, Settings
+from node.config import NoDestination, NotifyOn, Settings, api_link
 from node.delivery.dispatch.senders import Delivery, send
 from node.edge.scu import StoreResult
 from node.ops.audit import Sent, record_quietly
 from node.ops.metrics import DISPATCHES
 from node.store.db.models import Dispatch, Job, Series, WorkState
 from node.store.leased import Held, Lease, LeasedQueue, LeasedWorkLoop, RetryPolicy
+from node.store.notifications import queue_notifications
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ SENDING_THREADS = 4
 class Outgoing:
     """A dispatch taken for sending: what, and where to."""
 
+    job_id: int
     destination: str
     files: list[Path]
     calling_ae: str | None
@@ -64,6 +66,7 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
         rows = conn.execute(
             select(
                 Dispatch.id,
+                Dispatch.job_id,
                 Dispatch.destination,
                 Dispatch.objects,
                 Series.calling_ae,
@@ -78,6 +81,7 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
             Held(
                 lease,
                 Outgoing(
+                    by_id[lease.id].job_id,
                     by_id[lease.id].destination,
                     [Path(p) for p in by_id[lease.id].objects],
                     by_id[lease.id].calling_ae,
@@ -121,6 +125,7 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
                 lease.attempt,
                 outcome.detail,
             )
+            self._alert(lease, outgoing, outcome.detail)
         else:
             log.warning(
                 "dispatch %d to %s failed (attempt %d of %d, %s): %s",
@@ -131,6 +136,25 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
                 state,
                 outcome.detail,
             )
+
+    def _alert(self, lease: Lease, outgoing: Outgoing, error: str) -> None:
+        """Tell the job's `undelivered` notification targets (the metric counts it too)."""
+        settings = self._settings
+        try:
+            with self._engine.begin() as conn:
+                queue_notifications(
+                    conn,
+                    outgoing.job_id,
+                    settings.notifications,
+                    {NotifyOn.UNDELIVERED},
+                    settings.notify.max_attempts,
+                    destination=outgoing.destination,
+                    dispatch=lease.id,
+                    error=error,
+                    link=api_link(settings),
+                )
+        except Exception as exc:  # the dispatch is recorded dead; its alert is not
+            log.error("dispatch %d: undelivered notification not queued: %s", lease.id, exc)
 
     def _audit(self, lease: Lease, outgoing: Outgoing, outcome: StoreResult) -> None:
         """A `sent` audit event: where to, and the SOP instances the destination took."""

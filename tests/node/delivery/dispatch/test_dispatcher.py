@@ -3,11 +3,13 @@ failed at once when the destination has no address; delivered to a real storescp
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select, update
 
 from node.config import Settings
 from node.delivery.dispatch.dispatcher import Dispatcher
@@ -17,33 +19,43 @@ from node.flow.routing.engine import JobRequest
 from node.flow.routing.rules import Priority
 from node.ingest.metadata import InstanceMetadata
 from node.store.catalog import Catalog, Receipt
-from node.store.db.models import utcnow
+from node.store.db.models import Dispatch, Notification, utcnow
 from tests.peers import free_port, storescp
 from tests.rows import finish
 
 
-def succeeded_job(engine: Engine, destinations: tuple[str, ...], files: list[Path]) -> None:
-    """A series received from AE 'CT' and its job finished with `files` as its objects."""
+def succeeded_job(
+    engine: Engine,
+    destinations: tuple[str, ...],
+    files: list[Path],
+    attempts: int = 2,
+    notify: tuple[str, ...] = (),
+) -> None:
+    """A series received from AE 'CT' and its job (its rule notifying `notify`) finished with
+    `files` as its objects, each dispatch allowed `attempts`."""
     catalog = Catalog(engine)
     catalog.open_association("a1", "CT", "AINODE", None)
     meta = InstanceMetadata.from_dataset(pydicom.dcmread(files[0], stop_before_pixels=True))
     receipt = Receipt("a1", "CT", "AINODE", "1.2.840.10008.1.2", 1, utcnow())
     recorded = catalog.record_instance(meta, receipt, content_changed=True, link=True)
     queue = JobQueue(engine)
-    queue.enqueue(
-        recorded.series_id, 1, [JobRequest("x", "echo", destinations, Priority.ROUTINE, ("r",))]
-    )
+    request = JobRequest("x", "echo", destinations, Priority.ROUTINE, ("r",), notify=notify)
+    queue.enqueue(recorded.series_id, 1, [request])
     job = queue.claim("w", 30)
     assert job is not None
-    assert finish(engine, job.id, objects=tuple(files), dispatch_attempts=2)
+    assert finish(engine, job.id, objects=tuple(files), dispatch_attempts=attempts)
 
 
-def settings(peer_port: int, known_origin: bool) -> Settings:
+def settings(peer_port: int, known_origin: bool, **sections: object) -> Settings:
     peers = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": peer_port}}
     if known_origin:
         peers["ct"] = {"ae_title": "CT", "host": "127.0.0.1", "port": peer_port}
     return Settings.model_validate(
-        {"peers": peers, "dispatch": {"retry_base_seconds": 0.05, "retry_max_seconds": 0.1}}
+        {
+            "peers": peers,
+            "dispatch": {"retry_base_seconds": 0.05, "retry_max_seconds": 0.1},
+            **sections,
+        }
     )
 
 
@@ -61,6 +73,57 @@ def test_retry_then_dead_and_unknown_origin_fails(engine: Engine, real_series) -
     assert dispatcher.run_due() == 1
     (pacs,) = [d for d in list_dispatches(engine) if d.destination == "pacs"]
     assert pacs.state == "dead" and pacs.attempts == 2
+    dispatcher.close()
+
+
+def test_a_pacs_down_four_hours_gets_the_results_with_the_defaults(
+    engine: Engine, real_series, tmp_path: Path
+) -> None:
+    """A night's maintenance window: the PACS refuses for four hours (each retry's wait is
+    skipped by moving the clock on), then comes back and takes the results."""
+    files = real_series["lung-kernel"][:2]
+    port = free_port()
+    config = Settings.model_validate(
+        {"peers": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port}}}
+    )
+    succeeded_job(engine, ("pacs",), files, attempts=config.dispatch.max_attempts)
+    dispatcher = Dispatcher(engine, config)
+    down = timedelta()
+    while down < timedelta(hours=4):
+        assert dispatcher.run_due() == 1
+        (dispatch,) = list_dispatches(engine)
+        assert dispatch.state == "retrying", (down, dispatch.attempts)
+        with engine.begin() as conn:  # the clock moves on to the retry
+            wait = conn.execute(select(Dispatch.run_after)).scalar_one() - utcnow()
+            conn.execute(update(Dispatch).values(run_after=utcnow()))
+        down += wait
+    with storescp(port, tmp_path / "received"):
+        assert dispatcher.run_due() == 1
+    (dispatch,) = list_dispatches(engine)
+    assert dispatch.state == "succeeded" and dispatch.attempts > 10
+    assert len(list((tmp_path / "received").iterdir())) == 2
+    dispatcher.close()
+
+
+def test_a_dead_dispatch_tells_the_undelivered_targets(engine: Engine, real_series) -> None:
+    files = real_series["lung-kernel"][:1]
+    succeeded_job(engine, ("pacs",), files, attempts=1, notify=("ward", "quiet"))
+    hooks = {
+        "ward": {"url": "http://127.0.0.1:9/hook", "on": ["undelivered", "failed"]},
+        "quiet": {"url": "http://127.0.0.1:9/hook", "on": ["positive"]},
+    }
+    dispatcher = Dispatcher(engine, settings(free_port(), False, notifications=hooks))
+    assert dispatcher.run_due() == 1
+    (dispatch,) = list_dispatches(engine)
+    assert dispatch.state == "dead"
+    with engine.connect() as conn:
+        (told,) = conn.execute(
+            select(Notification.target, Notification.event, Notification.payload)
+        )
+    assert (told.target, told.event) == ("ward", "undelivered")
+    payload = json.loads(told.payload)
+    assert payload["destination"] == "pacs" and payload["dispatch"] == dispatch.id
+    assert "no association with PACS@127.0.0.1" in payload["error"]
     dispatcher.close()
 
 
