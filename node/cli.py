@@ -104,6 +104,8 @@ def config_check(
 ) -> None:
     """Validate a configuration file; exit 0 if it is usable."""
     settings = _settings(file)
+    for doubt in settings.doubts():
+        typer.echo(f"{file}: warning: {doubt}", err=True)
     typer.echo(
         f"{file}: ok ({settings.node.ae_title} on port {settings.node.port}, "
         f"{len(settings.peers)} peers)"

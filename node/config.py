@@ -472,6 +472,18 @@ class Settings(_Section):
             or NoDestination(f"destination {name!r} is not configured")
         )
 
+    def doubts(self) -> list[str]:
+        """What is valid but likely not meant (`config check` prints it, `serve` logs it):
+        a DICOMweb sender with no `dicomweb` destination of its token's name, whose results
+        cannot go back to it (`origin`)."""
+        tokens = self.http.auth.tokens if self.http is not None else []
+        return [
+            f"http.auth.tokens: {token.name!r} may send (STOW-RS) but dicomweb has no "
+            f"{token.name!r} destination: results of what it sends cannot go back to it"
+            for token in tokens
+            if Role.SENDER in token.roles and token.name not in self.dicomweb
+        ]
+
     def peer_by_ae_title(self, ae_title: str) -> Peer | None:
         return next((p for p in self.peers.values() if p.ae_title == ae_title), None)
 

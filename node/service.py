@@ -138,6 +138,8 @@ class NodeService:
         rules.current()
         if settings.routing.rules_file is None:
             log.warning("no routing.rules_file: series are stored, not processed")
+        for doubt in settings.doubts():
+            log.warning("%s", doubt)
         priors = PriorsQueue(engine, settings.fetch.max_attempts)
         router = Router(engine, settings.storage.path, rules, queue, priors)
         sessions = make_session_factory(engine)

@@ -1,8 +1,11 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from node.config import ConfigError, load_settings
+from node.config import ConfigError, Peer, load_settings
 from pipelines.settings import ClassifierSettings, SegmentationSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,3 +113,34 @@ def test_each_pipeline_type_takes_its_own_settings(tmp_path: Path) -> None:
     assert f"{config}:5: pipelines.lung-quant.labels: Extra inputs are not permitted" in str(
         caught.value
     )
+
+
+def test_the_example_sends_the_sender_its_sr_seg_and_key_images() -> None:
+    """The README's quick start: results go back to `origin`, storescu's STORESCU, key images
+    included."""
+    settings = load_settings(REPO / "config.example.yaml", environ={})
+    origin = settings.destination("origin", "STORESCU")
+    assert isinstance(origin, Peer) and origin.key_images and origin.port == 11113
+    assert settings.doubts() == []
+
+
+def test_a_dicomweb_sender_whose_results_cannot_go_back_is_doubted(tmp_path: Path) -> None:
+    config = tmp_path / "node.yaml"
+    token = {"name": "modality-web", "sha256": "0" * 64, "roles": ["sender"]}
+    settings = {
+        "node": {"accept_unknown_peers": True},
+        "http": {"auth": {"tokens": [token, {**token, "name": "viewer", "roles": ["reader"]}]}},
+    }
+    config.write_text(yaml.safe_dump(settings))
+    checked = subprocess.run(
+        [sys.executable, "-m", "node", "config", "check", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stderr  # a warning, not an error: it may only store
+    (warning,) = checked.stderr.splitlines()
+    assert "'modality-web' may send (STOW-RS) but dicomweb has no 'modality-web'" in warning
+    settings["dicomweb"] = {"modality-web": {"url": "https://modality.example/dicom-web"}}
+    config.write_text(yaml.safe_dump(settings))
+    assert load_settings(config, environ={}).doubts() == []
