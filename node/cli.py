@@ -128,6 +128,37 @@ def status(
 
 
 @app.command()
+def verify(
+    config: ConfigOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Check every stored instance file against the catalog: exit 0 when they agree, 1 with
+    what is missing, unrecorded, changed or mislabelled (nothing is changed)."""
+    import json
+    from dataclasses import asdict
+
+    from node.admin.verify import verify_store
+    from node.store.storage import InstanceStore
+
+    settings = _settings(config)
+    engine = _engine(settings)
+    try:
+        found = verify_store(engine, InstanceStore(settings.storage.path))
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps({**asdict(found), "clean": found.clean}, indent=2))
+    else:
+        for problem in ("missing", "unrecorded", "changed", "mislabelled"):
+            for path in getattr(found, problem):
+                typer.echo(f"{problem}: {path}")
+        verdict = "every file matches the catalog" if found.clean else "problems above"
+        typer.echo(f"{found.checked} files checked: {verdict}")
+    if not found.clean:
+        raise typer.Exit(1)
+
+
+@app.command()
 def echo(
     config: ConfigOption,
     peer: Annotated[str, typer.Argument(help="Peer name from the config, or its AE title.")],
