@@ -159,6 +159,48 @@ def verify(
 
 
 @app.command()
+def backup(
+    config: ConfigOption,
+    dest: Annotated[Path, typer.Argument(help="A new or empty folder.")],
+) -> None:
+    """Copy the catalog, the store (hard links where it can) and the config while the node
+    runs; exit 1 with the reason when it cannot."""
+    from node.admin.backup import BackupError
+    from node.admin.backup import backup as make_backup
+
+    settings = _settings(config)
+    rules = settings.routing.rules_file
+    config_files = [config, *([rules] if rules is not None and rules.exists() else [])]
+    try:
+        copied = make_backup(settings, config_files, dest)
+    except (BackupError, OSError) as exc:
+        typer.echo(f"backup failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(
+        f"backed up to {dest}: the catalog, {copied.files} files ({copied.bytes >> 20} MiB, "
+        f"{copied.linked} hard-linked), the config"
+    )
+
+
+@app.command()
+def restore(
+    config: ConfigOption,
+    source: Annotated[Path, typer.Argument(help="A folder `ainode backup` made.")],
+) -> None:
+    """Bring a backup into this config's new database and empty storage, before the node's
+    first start there; exit 1 with the reason when it cannot."""
+    from node.admin.backup import BackupError
+    from node.admin.backup import restore as bring_back
+
+    try:
+        copied = bring_back(_settings(config), source)
+    except (BackupError, OSError) as exc:
+        typer.echo(f"restore failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"restored from {source}: the catalog and {copied.files} files")
+
+
+@app.command()
 def echo(
     config: ConfigOption,
     peer: Annotated[str, typer.Argument(help="Peer name from the config, or its AE title.")],
