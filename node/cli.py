@@ -87,10 +87,11 @@ def serve(config: ConfigOption) -> None:
     from node.ops.lifecycle import CannotListen
     from node.service import serve as run
     from node.store.db.engine import DatabaseNotWritable
+    from node.store.db.migrate import SchemaNewer
 
     try:
         run(settings)
-    except (DatabaseNotWritable, CannotListen) as exc:
+    except (DatabaseNotWritable, CannotListen, SchemaNewer) as exc:
         logging.getLogger("node.service").error("not starting: %s", exc)
         raise typer.Exit(1) from exc
     finally:

@@ -27,22 +27,43 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+class SchemaNotCurrent(RuntimeError):
+    """The database is not at the newest migration (only `ainode serve` migrates)."""
+
+
+class SchemaNewer(SchemaNotCurrent):
+    """The database was migrated by a newer version: this one must not touch it."""
+
+
 def upgrade(engine: Engine) -> None:
-    """Apply every migration not yet applied."""
+    """Apply every migration not yet applied; SchemaNewer for a database a newer version
+    migrated (this one neither downgrades nor runs on it)."""
     from alembic import command
 
+    _refuse_newer(engine, _stored_revisions(engine))
     command.upgrade(alembic_config(engine), "head")
 
 
-class SchemaNotCurrent(RuntimeError):
-    """The database is not at the newest migration (only `ainode serve` migrates)."""
+def _refuse_newer(engine: Engine, stored: set[str]) -> None:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(alembic_config(engine))
+    unknown = sorted(r for r in stored if r not in {s.revision for s in scripts.walk_revisions()})
+    if unknown:
+        raise SchemaNewer(
+            f"the database schema is at {', '.join(unknown)}, newer than this version knows "
+            f"(it needs {HEAD}): a newer ainode migrated it; run that version, or restore the "
+            "backup taken before its upgrade"
+        )
 
 
 def require_current(engine: Engine) -> None:
     """Raise SchemaNotCurrent unless every migration has been applied: commands that only
     read or edit rows never change the schema."""
-    if _stored_revisions(engine) == {HEAD}:
+    stored = _stored_revisions(engine)
+    if stored == {HEAD}:
         return
+    _refuse_newer(engine, stored)
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
