@@ -202,6 +202,86 @@ def restore(
 
 
 @app.command()
+def upgrade(
+    config: ConfigOption,
+    backup_to: Annotated[
+        Path, typer.Option("--backup", help="Where to back up first (a new or empty folder).")
+    ],
+) -> None:
+    """With the node stopped: list the migrations this version brings, back up, migrate.
+    `ainode rollback` puts the backup's catalog back for the previous version."""
+    from node.admin.backup import BackupError
+    from node.admin.backup import backup as make_backup
+    from node.store.db.engine import make_engine
+    from node.store.db.migrate import SchemaNewer, pending
+    from node.store.db.migrate import upgrade as migrate
+
+    settings = _settings(config)
+    running = _running_pid(settings)
+    if running is not None:
+        typer.echo(f"the node runs (pid {running}): stop it before upgrading", err=True)
+        raise typer.Exit(1)
+    engine = make_engine(settings.database.url)
+    try:
+        steps = pending(engine)
+        if not steps:
+            typer.echo("the database is at this version's schema: nothing to migrate")
+            return
+        for revision, doc in steps:
+            typer.echo(f"will apply {revision}: {doc}")
+        rules = settings.routing.rules_file
+        files = [config, *([rules] if rules is not None and rules.exists() else [])]
+        make_backup(settings, files, backup_to)
+        typer.echo(f"backed up to {backup_to}")
+        migrate(engine)
+    except (SchemaNewer, BackupError, OSError) as exc:
+        typer.echo(f"not upgraded: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"migrated to {steps[-1][0]}; to go back: ainode rollback --config {config} "
+        f"{backup_to}, then run the previous version"
+    )
+
+
+@app.command()
+def rollback(
+    config: ConfigOption,
+    source: Annotated[Path, typer.Argument(help="The backup `ainode upgrade` made.")],
+) -> None:
+    """With the node stopped: put a backup's catalog back (the store stays; what arrived
+    since is recorded at the next start), for the version the backup was taken with."""
+    from node.admin.backup import BackupError
+    from node.admin.backup import rollback as roll_back
+
+    settings = _settings(config)
+    running = _running_pid(settings)
+    if running is not None:
+        typer.echo(f"the node runs (pid {running}): stop it before rolling back", err=True)
+        raise typer.Exit(1)
+    try:
+        kept = roll_back(settings, source)
+    except (BackupError, OSError) as exc:
+        typer.echo(f"not rolled back: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    aside = f" (the replaced one kept as {kept})" if kept else ""
+    typer.echo(f"the catalog of {source} is back in place{aside}")
+
+
+def _running_pid(settings: Settings) -> int | None:
+    """The pid of a node running on this store, from its running note (None if none is)."""
+    from node.store.storage import RUNNING_MARKER
+
+    try:
+        pid = int((settings.storage.path / RUNNING_MARKER).read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+@app.command()
 def echo(
     config: ConfigOption,
     peer: Annotated[str, typer.Argument(help="Peer name from the config, or its AE title.")],

@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
@@ -71,6 +72,34 @@ def restore(settings: Settings, source: Path) -> Copied:
     copied = _copy_tree(source / STORE, storage, None)
     (storage / RUNNING_MARKER).write_text("restored\n")
     return copied
+
+
+def rollback(settings: Settings, source: Path) -> Path | None:
+    """Put the backup's catalog in place of this config's (a SQLite file is kept beside, as
+    `<name>.rolled-back-<time>`, and returned), keep the store (files are only ever added),
+    and mark it for the first start's check, which records what arrived since the backup.
+    For the version the backup was taken with, after an upgrade that went wrong."""
+    parsed = make_url(settings.database.url)
+    database = sqlite_file(parsed)
+    kept = None
+    if database is not None:
+        if not (source / SQLITE_COPY).exists():
+            raise BackupError(f"{source} holds no SQLite catalog ({SQLITE_COPY})")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        kept = database.with_name(f"{database.name}.rolled-back-{stamp}")
+        if database.exists():
+            database.rename(kept)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
+        shutil.copy2(source / SQLITE_COPY, database)
+    else:
+        if not (source / POSTGRES_DUMP).exists():
+            raise BackupError(f"{source} holds no PostgreSQL dump ({POSTGRES_DUMP})")
+        dump = str(source / POSTGRES_DUMP)
+        _run_pg("pg_restore", parsed, ["--no-owner", "--clean", "--if-exists", dump])
+    settings.storage.path.mkdir(parents=True, exist_ok=True)
+    (settings.storage.path / RUNNING_MARKER).write_text("rolled back\n")
+    return kept
 
 
 def _copy_catalog(url: str, dest: Path) -> None:

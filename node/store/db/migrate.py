@@ -44,6 +44,19 @@ def upgrade(engine: Engine) -> None:
     command.upgrade(alembic_config(engine), "head")
 
 
+def pending(engine: Engine) -> list[tuple[str, str]]:
+    """(revision, what it does) of each migration not applied yet, oldest first;
+    SchemaNewer for a database a newer version migrated."""
+    from alembic.script import ScriptDirectory
+
+    stored = _stored_revisions(engine)
+    _refuse_newer(engine, stored)
+    scripts = ScriptDirectory.from_config(alembic_config(engine))
+    current = next(iter(stored), None)
+    revisions = scripts.iterate_revisions("heads", current or "base")
+    return [(r.revision, r.doc or "") for r in reversed(list(revisions)) if r.revision != current]
+
+
 def _refuse_newer(engine: Engine, stored: set[str]) -> None:
     from alembic.script import ScriptDirectory
 
