@@ -39,6 +39,7 @@ from node.flow.queue import JobQueue
 from node.flow.routing.router import Router, RulesSource
 from node.ingest.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_receiver_process
 from node.ingest.recovery import recover_after_restart, rerecord_unrecorded
+from node.ops import systemd
 from node.ops.audit import ApplicationEvent, record_quietly
 from node.ops.lifecycle import wait_for_stop
 from node.ops.processes import RecordedProcess, record_processes
@@ -125,6 +126,7 @@ class NodeService:
         if not self._announced and len(self._ready_recorded) == len(self._children):
             self._announced = True
             log.info("node %s ready", self.settings.node.ae_title)
+            systemd.notify("READY=1\nSTATUS=every process serves")
 
     def _schedule(self, engine: Engine) -> None:
         settings = self.settings
@@ -189,6 +191,9 @@ class NodeService:
         if self._children:
             add(self._supervise, "interval", seconds=1, id="supervise")
         add(self._guard_database, "interval", seconds=1, id="database-guard")
+        watchdog = systemd.watchdog_interval()
+        if watchdog is not None:  # the scheduler runs: this process is alive
+            add(systemd.notify, "interval", args=("WATCHDOG=1",), seconds=watchdog, id="watchdog")
 
     def _unless_unwritable(self, work: Callable[..., object]) -> Callable[..., None]:
         """`work`, which stops the node instead of failing when the database has turned
@@ -220,6 +225,7 @@ class NodeService:
 
     def stop(self) -> None:
         log.info("stopping: refusing new associations")
+        systemd.notify("STOPPING=1")
         # Supervision first: it would take a child we stop for a crashed one and respawn it.
         self._scheduler.shutdown(wait=True)
         if self._dispatcher is not None:
