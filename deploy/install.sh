@@ -10,6 +10,12 @@
 #   deploy/install.sh --test   also the weights, the test extras and the test peers (DCMTK, dicom3tools,
 #                              Orthanc, PostgreSQL, and Chromium, nginx and npm for the OHIF
 #                              viewer check); combine with --cpu or --cuda as needed
+#   deploy/install.sh --system as root, for production: the `ainode` system user, the code in
+#                              /opt/ainode (its own .venv), /etc/ainode (config, rules: 0750/0640),
+#                              /var/lib/ainode (storage, database, models: 0750), the hardened
+#                              unit enabled and started; idempotent (a config there is kept).
+#                              With --root DIR, only the files and folders, under DIR (to check
+#                              what it would do: no user, no venv, no systemctl)
 # The test peers are started by the tests, never as system services: apt does not start them
 # (policy-rc.d) and, where systemd runs, they are left disabled.
 set -euo pipefail
@@ -18,15 +24,72 @@ cd "$(dirname "$0")/.."
 with_tests=false
 with_models=false
 torch_from=default
-for argument in "$@"; do
-  case "$argument" in
-    --test) with_tests=true; with_models=true ;;
-    --models) with_models=true ;;
-    --cpu) torch_from=cpu ;;
-    --cuda) torch_from=cuda ;;
-    *) echo "unknown option $argument (use --test, --models, --cpu, --cuda)" >&2; exit 2 ;;
+system=false
+root=""
+passed=()
+while (($#)); do
+  case "$1" in
+    --test) with_tests=true; with_models=true; passed+=("$1") ;;
+    --models) with_models=true; passed+=("$1") ;;
+    --cpu) torch_from=cpu; passed+=("$1") ;;
+    --cuda) torch_from=cuda; passed+=("$1") ;;
+    --system) system=true ;;
+    --root) root=${2:?--root needs a folder}; shift ;;
+    *) echo "unknown option $1 (use --test, --models, --cpu, --cuda, --system [--root DIR])" >&2; exit 2 ;;
   esac
+  shift
 done
+
+# --system: lay out a production install, then (without --root) install the code there.
+install_system() {
+  local said=()
+  say() { said+=("$*"); }
+  if [[ -z $root ]]; then
+    [[ $(id -u) -eq 0 ]] || { echo "--system needs root (or --root DIR to see what it does)" >&2; exit 2; }
+    if ! id ainode >/dev/null 2>&1; then
+      useradd --system --home-dir /var/lib/ainode --no-create-home --shell /usr/sbin/nologin ainode
+      say "created the system user ainode"
+    fi
+  fi
+  local etc=$root/etc/ainode lib=$root/var/lib/ainode opt=$root/opt/ainode
+  local unit=$root/etc/systemd/system/ainode.service
+  install -d -m 0750 "$etc" "$lib" "$lib/storage" "$lib/models"
+  say "folders $etc (0750), $lib with storage/ and models/ (0750)"
+  if [[ ! -e $etc/config.yaml ]]; then
+    sed -e 's|^  path: ./var/storage |  path: /var/lib/ainode/storage |' \
+        -e 's|^  url: sqlite:///./var/ainode.db |  url: sqlite:////var/lib/ainode/ainode.db |' \
+        -e 's|^  rules_file: rules.example.yaml |  rules_file: rules.yaml |' \
+        config.example.yaml > "$etc/config.yaml"
+    chmod 0640 "$etc/config.yaml"
+    say "config $etc/config.yaml (0640) from config.example.yaml: data under /var/lib/ainode"
+  else
+    say "config $etc/config.yaml kept as it is"
+  fi
+  if [[ ! -e $etc/rules.yaml ]]; then
+    install -m 0640 rules.example.yaml "$etc/rules.yaml"
+    say "rules $etc/rules.yaml (0640) from rules.example.yaml"
+  fi
+  install -d -m 0755 "$(dirname "$unit")" "$opt"
+  install -m 0644 deploy/ainode.service "$unit"
+  say "unit $unit"
+  if [[ -z $root ]]; then
+    chown -R root:ainode "$etc" && chown -R ainode:ainode "$lib"
+    tar --exclude=./.git --exclude=./.venv --exclude=./var -cf - . | tar -xf - -C "$opt"
+    (cd "$opt" && deploy/install.sh "${passed[@]}" >/dev/null)
+    say "the code in $opt, with its own .venv"
+    if [[ -d /run/systemd/system ]]; then
+      systemctl daemon-reload && systemctl enable --now ainode >/dev/null 2>&1
+      say "ainode.service enabled and started (systemctl status ainode)"
+    else
+      say "no systemd running here: start it with $opt/.venv/bin/ainode serve --config $etc/config.yaml"
+    fi
+  fi
+  printf '%s\n' "${said[@]}"
+}
+if $system; then
+  install_system
+  exit 0
+fi
 
 sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
