@@ -81,7 +81,7 @@ function renderSeries(status) {
     const study = studies.get(s.study_instance_uid);
     cell(row, studyLabel(study, s.study_instance_uid)).title = s.study_instance_uid;
     cell(row, shortUid(s.series_instance_uid), "uid").title = s.series_instance_uid;
-    cell(row, s.series_description || study?.study_description || "");
+    cell(row, s.series_description || study?.study_description || "", "reason");
     cell(row, s.state, `state-${s.state}`);
     cell(row, s.revision);
     cell(row, s.instances);

@@ -59,7 +59,7 @@ def test_dashboard_shows_a_sent_series_and_retries_a_failed_job(
     assert "model not found" in job["error"]
 
     with browser() as page:
-        page.goto(f"{web.url}/")
+        page.goto(f"{web.url}/", width=1280)  # the narrowest a PACS administrator's screen is
         page.wait_for("!document.querySelector('#login').hidden")
         assert page.evaluate("document.querySelector('#board').hidden") is True
         page.screenshot(SHOTS / "dashboard-login.png")
@@ -84,6 +84,11 @@ def test_dashboard_shows_a_sent_series_and_retries_a_failed_job(
         retry = f"button[data-retry='job-{job['id']}']"
         page.wait_for(f"document.querySelector({json.dumps(retry)}) !== null")
         page.screenshot(SHOTS / "dashboard-board.png")
+        overflowing = (
+            "[...document.querySelectorAll('section')]"
+            ".filter(s => s.scrollWidth > s.clientWidth).length"
+        )
+        assert page.evaluate(overflowing) == 0  # at 1,280 px nothing scrolls sideways
 
         page.click(retry)
         message = page.wait_for(
