@@ -66,6 +66,13 @@ function studyLabel(study, uid) {
   return label || shortUid(uid);
 }
 
+function patientOf(status, seriesUid) {
+  // The patient of a series the page shows (the newest ones), for a caller who may see it.
+  const series = status.series.find((s) => s.series_instance_uid === seriesUid);
+  const study = series && status.studies.find((s) => s.study_instance_uid === series.study_instance_uid);
+  return study?.patient_name || study?.patient_id ? studyLabel(study, "") : "";
+}
+
 function when(iso) {
   return iso ? new Date(iso).toLocaleString() : "";
 }
@@ -99,7 +106,8 @@ function renderSeries(status) {
   if (chosen) select.value = chosen;
 }
 
-function renderQueue(jobs) {
+function renderQueue(status) {
+  const jobs = status.jobs;
   const counts = {};
   for (const job of jobs) {
     counts[job.state] ??= [0, 0, 0];
@@ -112,7 +120,9 @@ function renderQueue(jobs) {
   fill("#running", jobs.filter((j) => j.state === "running"), (row, job) => {
     cell(row, job.id);
     cell(row, job.pipeline);
-    cell(row, shortUid(job.series_instance_uid), "uid").title = job.series_instance_uid;
+    const patient = patientOf(status, job.series_instance_uid);
+    cell(row, patient || shortUid(job.series_instance_uid), patient ? "" : "uid").title =
+      job.series_instance_uid;
     cell(row, job.stage || "starting");
     cell(row, when(job.started_at));
   });
@@ -139,7 +149,11 @@ function renderAttention(status) {
   const items = [
     ...status.jobs
       .filter((j) => ATTENTION.has(j.state))
-      .map((j) => ({ noun: "job", id: j.id, what: `job ${j.id} ${j.pipeline}`, ...j })),
+      .map((j) => {
+        const patient = patientOf(status, j.series_instance_uid);
+        const what = `job ${j.id} ${j.pipeline}${patient ? ` · ${patient}` : ""}`;
+        return { noun: "job", id: j.id, what, ...j };
+      }),
     ...status.dispatches
       .filter((d) => ATTENTION.has(d.state))
       .map((d) => ({ noun: "dispatch", id: d.id, what: `dispatch ${d.id} → ${d.destination}`, ...d })),
@@ -215,7 +229,7 @@ async function refresh() {
   try {
     const status = await readStatus();
     renderSeries(status);
-    renderQueue(status.jobs);
+    renderQueue(status);
     renderAttention(status);
     renderSystem(status);
     if (!rulesLoaded) {

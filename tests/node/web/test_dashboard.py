@@ -81,6 +81,10 @@ def test_dashboard_shows_a_sent_series_and_retries_a_failed_job(
         assert found == f"Test Phantom (PID-7) · ACC-42 · 20261206 — {dataset.StudyInstanceUID}"
         assert page.evaluate("document.querySelectorAll('img').length") == 0
         assert "ready" in page.evaluate("document.querySelector('#pipelines').textContent")
+        attention = "document.querySelector('#failed tbody td').textContent"
+        assert page.wait_for(attention) == (  # the failed job with its patient
+            f"job {job['id']} triage · Test Phantom (PID-7) · ACC-42 · 20261206"
+        )
         retry = f"button[data-retry='job-{job['id']}']"
         page.wait_for(f"document.querySelector({json.dumps(retry)}) !== null")
         page.screenshot(SHOTS / "dashboard-board.png")
