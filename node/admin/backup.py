@@ -52,6 +52,7 @@ def backup(settings: Settings, config_files: list[Path], dest: Path) -> Copied:
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty")
     dest.mkdir(parents=True, exist_ok=True)
+    dest.chmod(0o700)  # patient data: its owner's alone, whatever the umask
     _copy_catalog(settings.database.url, dest)
     copied = _copy_tree(settings.storage.path, dest / STORE, dest / MANIFEST)
     (dest / CONFIG).mkdir()

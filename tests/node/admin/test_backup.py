@@ -52,6 +52,7 @@ def test_a_backup_taken_during_a_send_restores_every_acknowledged_instance(
     assert not sending.is_alive()  # storescu succeeded: every file acknowledged
     node.stop()
     assert "hard-linked" in made.stdout and (backup / "config" / "config.yaml").exists()
+    assert backup.stat().st_mode & 0o777 == 0o700  # patient data
 
     home = tmp_path / "elsewhere"
     settings = node_settings(home, free_port(), new_database("second"))
