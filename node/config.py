@@ -386,12 +386,13 @@ class HttpSettings(_Section):
         1000, ge=1, description="open connections at once (503 beyond; LimitNOFILE above it)"
     )
     nice: int = Field(
-        5,
+        0,
         ge=0,
         le=19,
         description="how much lower the HTTP process's CPU priority is than the DICOM "
         "receivers' (nice increment): when the CPU is short, a storm of HTTP requests slows "
-        "the HTTP face, not image intake; 0: the same priority",
+        "the HTTP face rather than DICOM intake; STOW-RS and WADO-RS then yield too, to the "
+        "workers' inference as well, so it is off by default",
     )
     cors_origins: list[str] = Field(
         [],

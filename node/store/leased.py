@@ -195,7 +195,8 @@ class LeasedQueue:
                 state, run_after = WorkState.DEAD, now
             else:
                 state = WorkState.RETRYING
-                this_set = attempts - max_attempts + self.policy.max_attempts  # since a retry
+                retried_at = max(0, max_attempts - self.policy.max_attempts)  # a retry's count
+                this_set = attempts - retried_at
                 run_after = now + timedelta(seconds=self.policy.delay(this_set))
             changed = conn.execute(
                 self.owned(row_id, owner).values(

@@ -100,7 +100,7 @@ def test_rules_checked_explained_replaced_and_a_series_routed_again(
 
 
 def test_processes_and_the_job_each_worker_runs(start_web_node) -> None:
-    web = start_web_node(workers={"count": 1}, node={"receivers": 2})
+    web = start_web_node(workers={"count": 1}, node={"receivers": 2}, http_extra={"nice": 5})
     listed = wait_until(
         lambda: api(web, "GET", "/processes", "viewer").json(), 30, retry_on=(httpx.HTTPError,)
     )
@@ -120,7 +120,7 @@ def test_processes_and_the_job_each_worker_runs(start_web_node) -> None:
     assert log.index("node AINODE ready") > log.index("Started server process")
     status = web.node.status()
     assert {p["name"] for p in status["processes"]} == set(processes)
-    # the HTTP process yields the CPU to the receivers (http.nice, default 5)
+    # the HTTP process yields the CPU to the receivers (http.nice: 5 here, off by default)
     niceness = {name: os.getpriority(os.PRIO_PROCESS, p["pid"]) for name, p in processes.items()}
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert niceness == {"main": base, "receiver-1": base, "worker-0": base, "http": base + 5}
