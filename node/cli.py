@@ -170,10 +170,8 @@ def backup(
     from node.admin.backup import backup as make_backup
 
     settings = _settings(config)
-    rules = settings.routing.rules_file
-    config_files = [config, *([rules] if rules is not None and rules.exists() else [])]
     try:
-        copied = make_backup(settings, config_files, dest)
+        copied = make_backup(settings, _config_files(config, settings), dest)
     except (BackupError, OSError) as exc:
         typer.echo(f"backup failed: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -229,9 +227,7 @@ def upgrade(
             return
         for revision, doc in steps:
             typer.echo(f"will apply {revision}: {doc}")
-        rules = settings.routing.rules_file
-        files = [config, *([rules] if rules is not None and rules.exists() else [])]
-        make_backup(settings, files, backup_to)
+        make_backup(settings, _config_files(config, settings), backup_to)
         typer.echo(f"backed up to {backup_to}")
         migrate(engine)
     except (SchemaNewer, BackupError, OSError) as exc:
@@ -267,6 +263,12 @@ def rollback(
         raise typer.Exit(1) from exc
     aside = f" (the replaced one kept as {kept})" if kept else ""
     typer.echo(f"the catalog of {source} is back in place{aside}")
+
+
+def _config_files(config: Path, settings: Settings) -> list[Path]:
+    """What a backup keeps of the configuration: the config file and its rules file."""
+    rules = settings.routing.rules_file
+    return [config, *([rules] if rules is not None and rules.exists() else [])]
 
 
 def _running_pid(settings: Settings) -> int | None:
