@@ -22,6 +22,7 @@ bench:
 	.venv/bin/python bench/api.py
 	.venv/bin/python bench/embedding.py
 	.venv/bin/python bench/jobs.py
+	.venv/bin/python bench/qr.py
 	.venv/bin/python bench/lung_quant.py
 	.venv/bin/python bench/seg_encoding.py
 	.venv/bin/python bench/latency.py

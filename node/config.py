@@ -151,6 +151,17 @@ class TlsSettings(_Section):
     key_file: Path | None = None
 
 
+class Service(enum.StrEnum):
+    """What a peer may ask of the node beyond storing and echo (`peers.NAME.allow`)."""
+
+    FIND = "find"
+    """C-FIND what the node holds (Patient Root and Study Root)."""
+    MOVE = "move"
+    """C-MOVE it to a configured peer."""
+    GET = "get"
+    """C-GET it on its own association."""
+
+
 class Peer(_Section):
     """A known DICOM application entity: allowed to send, and a place to send results."""
 
@@ -162,6 +173,8 @@ class Peer(_Section):
     retrieve: Literal["move", "get"] = "move"
     """How `ainode fetch` and `fetch_priors` retrieve from it after C-FIND: C-MOVE to the
     node's own AE title (the peer must know it) or C-GET on the same association."""
+    allow: list[Service] = []
+    """What it may query and retrieve of what the node holds; nothing by default."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -82,6 +82,27 @@ def c_store_rq(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
     )
 
 
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def c_find_rq(
+    sop_class: str = STUDY_ROOT_FIND,
+    message_id: int = 1,
+    with_dataset: bool = True,
+    command_field: int = 0x0020,
+) -> bytes:
+    """A C-FIND-RQ (or another query/retrieve command on the same elements)."""
+    return command_set(
+        [
+            (0x00000002, uid_value(sop_class)),
+            (0x00000100, struct.pack("<H", command_field)),
+            (0x00000110, struct.pack("<H", message_id)),
+            (0x00000700, struct.pack("<H", 0)),
+            (0x00000800, struct.pack("<H", 0x0000 if with_dataset else 0x0101)),
+        ]
+    )
+
+
 def c_echo_rq(message_id: int = 1) -> bytes:
     return command_set(
         [

@@ -31,7 +31,9 @@ from node.ops.audit import (
     Fetched,
     JobEnded,
     Kind,
+    Queried,
     Received,
+    Retrieved,
     Sent,
     list_events_after,
 )
@@ -59,6 +61,7 @@ ACCESSED = Coded("110103", "DCM", "DICOM Instances Accessed")
 SECURITY_ALERT = Coded("110113", "DCM", "Security Alert")
 APPLICATION_ACTIVITY = Coded("110100", "DCM", "Application Activity")
 PATIENT_RECORD = Coded("110110", "DCM", "Patient Record")
+QUERY = Coded("110112", "DCM", "Query")
 SOFTWARE_CONFIGURATION = Coded("110131", "DCM", "Software Configuration")
 RESTRICTED_FUNCTION = Coded("110132", "DCM", "Use of Restricted Function")
 APPLICATION_START = Coded("110120", "DCM", "Application Start")
@@ -105,7 +108,8 @@ def audit_message(event: Event, node_ae: str, studies: Iterable[StudyFacts]) -> 
         if address:
             participant.set("NetworkAccessPointID", address)
             participant.set("NetworkAccessPointTypeCode", "2")
-        _code(participant, "RoleIDCode", role)
+        if role is not None:
+            _code(participant, "RoleIDCode", role)
     source = _add(root, "AuditSourceIdentification", AuditSourceID=node_ae)
     _code(source, "AuditSourceTypeCode", Coded("4", "RFC-3881", "Application Server"))
     for study in studies:
@@ -242,7 +246,7 @@ class AuditExporter:
 
     def _studies(self, event: Event) -> list[StudyFacts]:
         facts = event.facts
-        listed = facts.studies if isinstance(facts, Received | Fetched) else []
+        listed = facts.studies if isinstance(facts, Received | Fetched | Retrieved) else []
         uids = listed or ([event.study_instance_uid] if event.study_instance_uid else [])
         if not uids:
             return []
@@ -289,6 +293,10 @@ def _event(event: Event) -> tuple[str, Coded, int]:
         return "C", TRANSFERRED, 0
     if event.kind == Kind.SENT:
         return "R", TRANSFERRED, 0
+    if event.kind == Kind.RETRIEVE:
+        return "R", TRANSFERRED, 4 if isinstance(facts, Retrieved) and facts.failed else 0
+    if event.kind == Kind.QUERY:
+        return "E", QUERY, 0
     if event.kind == Kind.JOB:
         failed = isinstance(facts, JobEnded) and facts.state != "succeeded"
         return "R", ACCESSED, 4 if failed else 0
@@ -309,8 +317,9 @@ def _event_type(event: Event) -> Coded | None:
     return None
 
 
-def _participants(event: Event, node_ae: str) -> list[tuple[str, bool, Coded, str | None]]:
-    """(UserID, UserIsRequestor, role, network address) of each active participant."""
+def _participants(event: Event, node_ae: str) -> list[tuple[str, bool, Coded | None, str | None]]:
+    """(UserID, UserIsRequestor, role, network address) of each active participant (a third
+    party that asked for a transfer has no role)."""
     facts = event.facts
     if isinstance(facts, Received):
         return [
@@ -327,6 +336,14 @@ def _participants(event: Event, node_ae: str) -> list[tuple[str, bool, Coded, st
             (node_ae, True, SOURCE, None),
             (facts.destination, False, DESTINATION, None),
         ]
+    if isinstance(facts, Retrieved):
+        return [
+            (node_ae, False, SOURCE, None),
+            (facts.destination, facts.destination == event.actor, DESTINATION, None),
+            *([(event.actor, True, None, None)] if facts.destination != event.actor else []),
+        ]
+    if isinstance(facts, Queried):
+        return [(event.actor, True, SOURCE, None), (node_ae, False, DESTINATION, None)]
     if event.kind == Kind.APPLICATION:
         return [
             (node_ae, False, APPLICATION, None),

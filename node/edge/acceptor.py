@@ -4,7 +4,9 @@ state machine from the first byte to release or abort. The PDUs are `pdu`'s, the
 
 pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the presentation contexts and encodes the
 A-ASSOCIATE-AC and -RJ. The data phase is done here: P-DATA-TF reassembly and the C-STORE and
-C-ECHO command sets, read and answered straight from the socket. pynetdicom's own acceptor runs
+C-ECHO command sets, read and answered straight from the socket; C-FIND, C-MOVE and C-GET are
+handed to the services with an `_Exchange` for their responses, their C-CANCEL and (C-GET) the
+C-STORE sub-operations on the same association. pynetdicom's own acceptor runs
 two polling reactors per association (its DUL and its association loop), decodes every command
 set into a pydicom Dataset and deep-copies its 120 presentation contexts for each association;
 measured with `bench/ingest.py`, that kept the node at 0.13 x storescp, bound on the CPU.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import socketserver
 import ssl
@@ -29,8 +32,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -54,7 +59,18 @@ from node.edge.limits import (
     Deadline,
     Limits,
 )
-from node.edge.messages import Reply, StoreRequest, as_us, command_elements, response, store_request
+from node.edge.messages import (
+    QueryRequest,
+    Reply,
+    StoreRequest,
+    as_us,
+    command_elements,
+    query_request,
+    response,
+    store_request,
+    store_rq,
+    us,
+)
 from node.edge.pdu import (
     PDU_HEADER,
     PDU_TYPES,
@@ -81,7 +97,18 @@ from node.edge.protocol import (
     Rejection,
     ResultSource,
 )
-from node.edge.status import Status
+from node.edge.qr import (
+    PATIENT_ROOT,
+    QUERY_RETRIEVE_CLASSES,
+    QUERY_SYNTAXES,
+    STUDY_ROOT,
+    Exchange,
+    Sendable,
+    SubOperations,
+    decoded,
+    encoded,
+)
+from node.edge.status import RetrieveStatus, Status
 from node.ops.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -108,17 +135,39 @@ class Services(Protocol):
 
     def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply: ...
 
+    def query_retrieve(
+        self, association: Association, request: QueryRequest, exchange: Exchange
+    ) -> None:
+        """Answer a C-FIND, C-MOVE or C-GET through `exchange`."""
+
     def closed(self, association: Association) -> None: ...
 
 
+QUERY_COMMANDS = {
+    CommandField.C_FIND_RQ: frozenset({PATIENT_ROOT[CommandField.C_FIND_RQ],
+                                       STUDY_ROOT[CommandField.C_FIND_RQ]}),
+    CommandField.C_MOVE_RQ: frozenset({PATIENT_ROOT[CommandField.C_MOVE_RQ],
+                                       STUDY_ROOT[CommandField.C_MOVE_RQ]}),
+    CommandField.C_GET_RQ: frozenset({PATIENT_ROOT[CommandField.C_GET_RQ],
+                                      STUDY_ROOT[CommandField.C_GET_RQ]}),
+}  # fmt: skip
+"""Each query/retrieve command, and the SOP classes it is served on."""
+C_STORE_RSP = CommandField.C_STORE_RQ | CommandField.RESPONSE
+
+
 def supported_contexts() -> list[PresentationContext]:
-    """Verification and every Storage SOP class, in every transfer syntax pydicom knows."""
-    storage = [context.abstract_syntax for context in StoragePresentationContexts]
-    return [
-        build_context(abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        for abstract_syntax in (VERIFICATION, *storage)
-        if abstract_syntax is not None
-    ]
+    """Verification and every Storage SOP class, in every transfer syntax pydicom knows (the
+    storage classes also in the SCU role, for C-GET); the Query/Retrieve classes in Implicit
+    and Explicit VR Little Endian."""
+    contexts = [build_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)]
+    contexts.extend(build_context(uid, list(QUERY_SYNTAXES)) for uid in QUERY_RETRIEVE_CLASSES)
+    for storage in StoragePresentationContexts:
+        if storage.abstract_syntax is None:
+            continue
+        context = build_context(storage.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        context.scu_role = context.scp_role = True  # the peer may take C-GET's C-STOREs
+        contexts.append(context)
+    return contexts
 
 
 class Acceptor(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -337,8 +386,11 @@ class _Connection(socketserver.BaseRequestHandler):
         }
         proposed = request.presentation_context_definition_list
         check_contexts(proposed)
+        contexts = self.server.contexts
+        if any(scp for _, scp in roles.values()):
+            contexts = _in_their_order(proposed, contexts, roles)
         try:
-            results, role_replies = negotiate_as_acceptor(proposed, self.server.contexts, roles)
+            results, role_replies = negotiate_as_acceptor(proposed, contexts, roles)
         except (TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(f"presentation contexts cannot be negotiated: {exc}") from exc
         association.contexts = {
@@ -374,10 +426,47 @@ class _Connection(socketserver.BaseRequestHandler):
             self.request.shutdown(socket.SHUT_WR)
 
     def _serve(self, association: Association) -> None:
-        for context_id, command, dataset in self._messages(association):
+        messages = self._messages(association)
+        for context_id, command, dataset in messages:
+            field_ = as_us(command, CommandTag.COMMAND_FIELD)
+            if field_ == CommandField.C_CANCEL_RQ:
+                continue  # for a request already answered
+            if field_ in QUERY_COMMANDS:
+                self._query_retrieve(association, messages, context_id, command, dataset)
+                continue
             reply = self._dispatch(association, context_id, command, dataset)
             self._respond(context_id, command, reply)
         association.released = True
+
+    def _query_retrieve(
+        self,
+        association: Association,
+        messages: Iterator[tuple[int, dict[int, bytes], bytes | None]],
+        context_id: int,
+        command: dict[int, bytes],
+        dataset: bytes | None,
+    ) -> None:
+        context = association.contexts[context_id]
+        field_ = CommandField(as_us(command, CommandTag.COMMAND_FIELD))
+        if context.abstract_syntax not in QUERY_COMMANDS[field_]:
+            comment = f"{field_.name} is not served on {context.abstract_syntax}"
+            self._respond(context_id, command, Reply(Status.SOP_CLASS_NOT_SUPPORTED, comment))
+            return
+        if dataset is None:
+            comment = f"{field_.name} without an identifier"
+            self._respond(context_id, command, Reply(RetrieveStatus.UNABLE_TO_PROCESS, comment))
+            return
+        request = query_request(command, dataset, UID(context.transfer_syntax[0]))
+        exchange = _Exchange(self, association, messages, context_id, command)
+        try:
+            self.server.services.query_retrieve(association, request, exchange)
+        except (OSError, EOFError, ProtocolError, Deadline):
+            raise
+        except Exception:  # a fault of ours must not take the association down with it
+            log.exception("association %s: %s failed", association.id, field_.name)
+            if not exchange.answered:
+                comment = "processing failure in the query/retrieve SCP"
+                exchange.respond(RetrieveStatus.UNABLE_TO_PROCESS, comment=comment)
 
     def _messages(
         self, association: Association
@@ -465,7 +554,9 @@ class _Connection(socketserver.BaseRequestHandler):
         if field_ == CommandField.C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
             return Reply(Status.SUCCESS)
         if field_ != CommandField.C_STORE_RQ or context.abstract_syntax == VERIFICATION:
-            return Reply(Status.UNRECOGNIZED_OPERATION, "only C-STORE and C-ECHO are served")
+            return Reply(
+                Status.UNRECOGNIZED_OPERATION, "C-STORE, C-ECHO, C-FIND, C-MOVE, C-GET are served"
+            )
         if dataset is None:
             return Reply(Status.CANNOT_UNDERSTAND, "C-STORE-RQ without a dataset")
         request = store_request(command, UID(context.transfer_syntax[0]))
@@ -521,6 +612,158 @@ class _Connection(socketserver.BaseRequestHandler):
         with self._send_lock:
             self.request.settimeout(self.server.limits.network_timeout)
             self.request.sendall(data)
+
+
+def _in_their_order(
+    proposed: list[PresentationContext],
+    supported: list[PresentationContext],
+    roles: dict[UID, tuple[bool | None, bool | None]],
+) -> list[PresentationContext]:
+    """`supported`, where the peer takes the SCP role (C-GET's C-STOREs come to it): its
+    transfer syntaxes in the order the peer proposed them, so it gets the stored bytes in
+    the syntax it prefers (pynetdicom picks by the acceptor's order)."""
+    theirs: dict[str, list[str]] = {}
+    for context in proposed:
+        if roles.get(UID(context.abstract_syntax or ""), (None, None))[1]:
+            theirs.setdefault(str(context.abstract_syntax), list(context.transfer_syntax))
+    reordered = []
+    for context in supported:
+        order = theirs.get(str(context.abstract_syntax))
+        if order is None:
+            reordered.append(context)
+            continue
+        ours = set(context.transfer_syntax)
+        syntaxes: list[str | UID] = [syntax for syntax in order if syntax in ours]
+        preferred = build_context(str(context.abstract_syntax), syntaxes or list(ours))
+        preferred.scu_role, preferred.scp_role = context.scu_role, context.scp_role
+        reordered.append(preferred)
+    return reordered
+
+
+class _Exchange:
+    """One query/retrieve request's side of its association: its responses (the last one
+    final), the C-CANCEL the peer may send meanwhile, and C-GET's C-STORE sub-operations."""
+
+    def __init__(
+        self,
+        connection: _Connection,
+        association: Association,
+        messages: Iterator[tuple[int, dict[int, bytes], bytes | None]],
+        context_id: int,
+        command: dict[int, bytes],
+    ) -> None:
+        self._connection = connection
+        self._association = association
+        self._messages = messages
+        self._context_id = context_id
+        self._command = command
+        self._message_id = as_us(command, CommandTag.MESSAGE_ID)
+        self._implicit = association.contexts[context_id].transfer_syntax[0] == QUERY_SYNTAXES[0]
+        self._sub_message_id = 0
+        self._cancelled = False
+        self.answered = False
+
+    def respond(
+        self,
+        status: int,
+        identifier: Dataset | None = None,
+        counts: SubOperations | None = None,
+        comment: str | None = None,
+    ) -> None:
+        pending = status in (RetrieveStatus.PENDING, RetrieveStatus.PENDING_WARNING)
+        extra: dict[int, bytes] = {}
+        if counts is not None:
+            if pending or status == RetrieveStatus.CANCELED:
+                extra[CommandTag.REMAINING_SUBOPERATIONS] = us(counts.remaining)
+            extra[CommandTag.COMPLETED_SUBOPERATIONS] = us(counts.completed)
+            extra[CommandTag.FAILED_SUBOPERATIONS] = us(counts.failed)
+            extra[CommandTag.WARNING_SUBOPERATIONS] = us(counts.warning)
+        message = response(self._command, Reply(status, comment), extra, identifier is not None)
+        connection, peer_max = self._connection, self._connection._peer_max_pdu
+        data = p_data(self._context_id, message, peer_max)
+        if identifier is not None:
+            encoded_identifier = encode(identifier, self._implicit, True)
+            if encoded_identifier is None:
+                raise ValueError("the response identifier cannot be encoded")
+            data += p_data(self._context_id, encoded_identifier, peer_max, command=False)
+        connection._send(data)
+        self.answered = not pending
+
+    def cancelled(self) -> bool:
+        """Whether the peer has sent a C-CANCEL-RQ for this request (read if waiting)."""
+        while not self._cancelled and self._readable():
+            self._take(self._next())
+        return self._cancelled
+
+    def store(self, file: Sendable) -> int | str:
+        """Send `file` as a C-STORE-RQ on this association, and wait for its response."""
+        found = self._context_for(file)
+        if isinstance(found, str):
+            return found
+        context_id, syntax = found
+        try:
+            if syntax == file.transfer_syntax_uid:
+                _, offset = split_dataset(file.path)
+                with file.path.open("rb") as stored:
+                    stored.seek(offset)
+                    data = stored.read()
+            else:
+                data = encoded(decoded(file.path), UID(syntax))
+        except (OSError, ValueError, RuntimeError) as exc:
+            return f"the stored file cannot be sent: {exc}"
+        self._sub_message_id = self._sub_message_id % 0xFFFF + 1
+        command = store_rq(self._sub_message_id, file.sop_class_uid, file.sop_instance_uid)
+        peer_max = self._connection._peer_max_pdu
+        self._connection._send(
+            p_data(context_id, command, peer_max) + p_data(context_id, data, peer_max, False)
+        )
+        while True:
+            answer = self._next()
+            field_ = as_us(answer, CommandTag.COMMAND_FIELD)
+            responded_to = as_us(answer, CommandTag.MESSAGE_ID_BEING_RESPONDED_TO, default=0)
+            if field_ == C_STORE_RSP and responded_to == self._sub_message_id:
+                return as_us(answer, CommandTag.STATUS)
+            self._take(answer)
+
+    def _context_for(self, file: Sendable) -> tuple[int, str] | str:
+        """The accepted context to send `file` on (the node as SCU): in its stored syntax,
+        else in an uncompressed one (decoded); or why there is none."""
+        usable = [
+            (context_id, str(context.transfer_syntax[0]))
+            for context_id, context in self._association.contexts.items()
+            if context.abstract_syntax == file.sop_class_uid and context.as_scu
+        ]
+        for preferred in (file.transfer_syntax_uid, *QUERY_SYNTAXES):
+            for context_id, syntax in usable:
+                if syntax == preferred:
+                    return context_id, syntax
+        return f"no context for {file.sop_class_uid} was accepted with the peer as C-STORE SCP"
+
+    def _next(self) -> dict[int, bytes]:
+        try:
+            _, command, _ = next(self._messages)
+        except StopIteration:
+            raise EOFError("the peer released the association inside an operation") from None
+        return command
+
+    def _take(self, command: dict[int, bytes]) -> None:
+        """A message that arrived while this request is being answered: its C-CANCEL."""
+        field_ = as_us(command, CommandTag.COMMAND_FIELD)
+        responded_to = as_us(command, CommandTag.MESSAGE_ID_BEING_RESPONDED_TO, default=0)
+        if field_ != CommandField.C_CANCEL_RQ:
+            raise ProtocolError(
+                f"command {field_:#06x} arrived while message {self._message_id} is being "
+                "answered (asynchronous operations are not negotiated)",
+                AbortReason.UNEXPECTED_PDU_PARAMETER,
+            )
+        if responded_to == self._message_id:
+            self._cancelled = True
+
+    def _readable(self) -> bool:
+        sock = self._connection.request
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
 
 
 def _peer_of(connection: socket.socket) -> object:

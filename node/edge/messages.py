@@ -1,5 +1,6 @@
 """DIMSE messages (PS3.7 6, 9.3): a command set's elements read by tag (Implicit VR Little
-Endian), the C-STORE-RQ the acceptor hands to its services, and the response it sends back."""
+Endian), the C-STORE-RQ and the query/retrieve requests the acceptor hands to its services,
+the responses it sends back, and the C-STORE-RQ of a C-GET's sub-operation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pydicom.uid import UID
 
 from node.edge.pdu import ProtocolError
-from node.edge.protocol import COMMAND_GROUP, NO_DATA_SET, CommandField, CommandTag
+from node.edge.protocol import COMMAND_GROUP, DATA_SET, NO_DATA_SET, CommandField, CommandTag
 
 ELEMENT_HEADER = struct.Struct("<HHI")
 
@@ -23,6 +24,19 @@ class StoreRequest:
     sop_instance_uid: str
     transfer_syntax: UID
     priority: int
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    """A C-FIND-, C-MOVE- or C-GET-RQ: its SOP class (the information model), its identifier
+    as encoded in `transfer_syntax`, and for C-MOVE the AE title to send to."""
+
+    command: CommandField
+    message_id: int
+    sop_class_uid: str
+    identifier: bytes
+    transfer_syntax: UID
+    move_destination: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,27 +58,70 @@ def store_request(command: dict[int, bytes], transfer_syntax: UID) -> StoreReque
     )
 
 
-def response(command: dict[int, bytes], reply: Reply) -> bytes:
-    """The encoded response command set to `command`, with `reply`'s status and comment."""
+def query_request(command: dict[int, bytes], identifier: bytes, syntax: UID) -> QueryRequest:
+    """The C-FIND-, C-MOVE- or C-GET-RQ of a command set with its identifier."""
+    return QueryRequest(
+        command=CommandField(as_us(command, CommandTag.COMMAND_FIELD)),
+        message_id=as_us(command, CommandTag.MESSAGE_ID),
+        sop_class_uid=as_uid(command, CommandTag.AFFECTED_SOP_CLASS_UID),
+        identifier=identifier,
+        transfer_syntax=syntax,
+        move_destination=as_uid(command, CommandTag.MOVE_DESTINATION),
+    )
+
+
+def response(
+    command: dict[int, bytes],
+    reply: Reply,
+    extra: dict[int, bytes] | None = None,
+    with_dataset: bool = False,
+) -> bytes:
+    """The encoded response command set to `command`, with `reply`'s status and comment,
+    the `extra` elements, and whether a dataset follows."""
     field_ = as_us(command, CommandTag.COMMAND_FIELD) | CommandField.RESPONSE
-    elements = [
-        (
-            CommandTag.AFFECTED_SOP_CLASS_UID,
-            command.get(CommandTag.AFFECTED_SOP_CLASS_UID, b""),
-        ),
-        (CommandTag.COMMAND_FIELD, struct.pack("<H", field_)),
-        (CommandTag.MESSAGE_ID_BEING_RESPONDED_TO, command.get(CommandTag.MESSAGE_ID, b"\0\0")),
-        (CommandTag.COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
-        (CommandTag.STATUS, struct.pack("<H", reply.status)),
-    ]
+    elements: dict[int, bytes] = {
+        CommandTag.AFFECTED_SOP_CLASS_UID: command.get(CommandTag.AFFECTED_SOP_CLASS_UID, b""),
+        CommandTag.COMMAND_FIELD: us(field_),
+        CommandTag.MESSAGE_ID_BEING_RESPONDED_TO: command.get(CommandTag.MESSAGE_ID, b"\0\0"),
+        CommandTag.COMMAND_DATA_SET_TYPE: us(DATA_SET if with_dataset else NO_DATA_SET),
+        CommandTag.STATUS: us(reply.status),
+    }
     if reply.comment:
-        comment = padded(reply.comment[:64].encode("ascii", "replace"))
-        elements.append((CommandTag.ERROR_COMMENT, comment))
+        elements[CommandTag.ERROR_COMMENT] = padded(reply.comment[:64].encode("ascii", "replace"))
     if CommandTag.AFFECTED_SOP_INSTANCE_UID in command:
         uid = command[CommandTag.AFFECTED_SOP_INSTANCE_UID]
-        elements.append((CommandTag.AFFECTED_SOP_INSTANCE_UID, uid))
-    body = b"".join(element(tag, value) for tag, value in elements)
+        elements[CommandTag.AFFECTED_SOP_INSTANCE_UID] = uid
+    return command_set({**elements, **(extra or {})})
+
+
+def store_rq(
+    message_id: int, sop_class_uid: str, sop_instance_uid: str, priority: int = 0
+) -> bytes:
+    """A C-STORE-RQ command set (a dataset follows)."""
+    return command_set({
+        CommandTag.AFFECTED_SOP_CLASS_UID: uid_value(sop_class_uid),
+        CommandTag.COMMAND_FIELD: us(CommandField.C_STORE_RQ),
+        CommandTag.MESSAGE_ID: us(message_id),
+        CommandTag.PRIORITY: us(priority),
+        CommandTag.COMMAND_DATA_SET_TYPE: us(DATA_SET),
+        CommandTag.AFFECTED_SOP_INSTANCE_UID: uid_value(sop_instance_uid),
+    })  # fmt: skip
+
+
+def command_set(elements: dict[int, bytes]) -> bytes:
+    """A command set of `elements` in tag order, its group length first."""
+    body = b"".join(element(tag, elements[tag]) for tag in sorted(elements))
     return element(CommandTag.GROUP_LENGTH, struct.pack("<I", len(body))) + body
+
+
+def us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def uid_value(uid: str) -> bytes:
+    """A UI value: ASCII, padded to an even length with NUL."""
+    encoded = uid.encode("ascii")
+    return encoded + b"\0" if len(encoded) % 2 else encoded
 
 
 def command_elements(data: bytes) -> dict[int, bytes]:

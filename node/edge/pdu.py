@@ -76,14 +76,15 @@ def pdvs(body: bytearray) -> Iterator[tuple[int, bool, bool, memoryview]]:
         offset = end
 
 
-def p_data(context_id: int, message: bytes, peer_max_pdu: int) -> bytes:
-    """A command as P-DATA-TF PDUs, each within the peer's maximum PDU length."""
+def p_data(context_id: int, message: bytes, peer_max_pdu: int, command: bool = True) -> bytes:
+    """A command set (or a dataset) as P-DATA-TF PDUs, each within the peer's maximum PDU
+    length."""
     room = peer_max_pdu - 6 if peer_max_pdu else len(message)
     room = max(room, 1)
     pdus = []
     for start in range(0, len(message), room):
         fragment = message[start : start + room]
-        control = MessageControl.COMMAND
+        control = MessageControl.COMMAND if command else MessageControl(0)
         if start + room >= len(message):
             control |= MessageControl.LAST
         pdv = PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment

@@ -98,7 +98,11 @@ class CommandField(enum.IntEnum):
     """PS3.7 E.1."""
 
     C_STORE_RQ = 0x0001
+    C_GET_RQ = 0x0010
+    C_FIND_RQ = 0x0020
+    C_MOVE_RQ = 0x0021
     C_ECHO_RQ = 0x0030
+    C_CANCEL_RQ = 0x0FFF
     RESPONSE = 0x8000
     """Set in the response to a request."""
 
@@ -115,11 +119,20 @@ class CommandTag(enum.IntEnum):
     COMMAND_DATA_SET_TYPE = 0x00000800
     STATUS = 0x00000900
     ERROR_COMMENT = 0x00000902
+    MOVE_DESTINATION = 0x00000600
     AFFECTED_SOP_INSTANCE_UID = 0x00001000
+    REMAINING_SUBOPERATIONS = 0x00001020
+    COMPLETED_SUBOPERATIONS = 0x00001021
+    FAILED_SUBOPERATIONS = 0x00001022
+    WARNING_SUBOPERATIONS = 0x00001023
+    MOVE_ORIGINATOR_AE_TITLE = 0x00001030
+    MOVE_ORIGINATOR_MESSAGE_ID = 0x00001031
 
 
 NO_DATA_SET = 0x0101
 """Command Data Set Type: the message has no dataset."""
+DATA_SET = 0x0001
+"""Command Data Set Type: a dataset follows (any value but `NO_DATA_SET` says so)."""
 COMMAND_GROUP = 0x0000
 """Every element of a command set is in this group."""
 

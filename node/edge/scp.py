@@ -17,13 +17,14 @@ from typing import Protocol
 from node.config import InboundTlsSettings, Peer, Settings
 from node.edge.acceptor import Acceptor, Association
 from node.edge.limits import Limits
-from node.edge.messages import Reply, StoreRequest
+from node.edge.messages import QueryRequest, Reply, StoreRequest
 from node.edge.protocol import (
     CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,
     TEMPORARILY_UNAVAILABLE,
     Rejection,
 )
+from node.edge.qr import Archive, Exchange, QueryRetrieveSCP
 from node.edge.status import Status
 from node.ops.lifecycle import CannotListen
 
@@ -45,11 +46,15 @@ class InstanceHandler(Protocol):
 
 
 class StorageSCP:
-    """Verification and every Storage SOP class, in every transfer syntax pydicom knows."""
+    """Verification and every Storage SOP class, in every transfer syntax pydicom knows; with
+    an `archive`, Query/Retrieve (C-FIND, C-MOVE, C-GET) over what the node holds."""
 
-    def __init__(self, settings: Settings, handler: InstanceHandler) -> None:
+    def __init__(
+        self, settings: Settings, handler: InstanceHandler, archive: Archive | None = None
+    ) -> None:
         self._settings = settings
         self._handler = handler
+        self._query_retrieve = None if archive is None else QueryRetrieveSCP(settings, archive)
         self._peer_addresses = {peer.ae_title: _addresses(peer) for peer in settings.peers.values()}
         self._acceptors: list[Acceptor] = []
         self._lock = threading.Lock()
@@ -140,6 +145,15 @@ class StorageSCP:
 
     def closed(self, association: Association) -> None:
         self._handler.closed(association)
+
+    def query_retrieve(
+        self, association: Association, request: QueryRequest, exchange: Exchange
+    ) -> None:
+        if self._query_retrieve is None:
+            comment = "this receiver serves no query/retrieve"
+            exchange.respond(Status.SOP_CLASS_NOT_SUPPORTED, comment=comment)
+            return
+        self._query_retrieve.serve(association.calling_ae, request, exchange)
 
     def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply:
         with self._lock:

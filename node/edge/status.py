@@ -30,7 +30,17 @@ class Status(enum.IntEnum):
 
 
 class RetrieveStatus(enum.IntEnum):
-    """Statuses of C-FIND, C-MOVE and C-GET responses beside success (PS3.4 C.4)."""
+    """Statuses of C-FIND, C-MOVE and C-GET responses beside success (PS3.4 C.4), and the
+    general one for a peer that may not query (PS3.7 C)."""
+
+    NOT_AUTHORIZED = 0x0124
+    OUT_OF_RESOURCES = 0xA700
+    CANNOT_CALCULATE_MATCHES = 0xA701
+    CANNOT_PERFORM_SUBOPERATIONS = 0xA702
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    UNABLE_TO_PROCESS = 0xC000
+    CANCELED = 0xFE00
 
     SUBOPERATIONS_WARNING = 0xB000
     """Sub-operations complete, one or more failed or warned."""

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from node.config import Settings
 from node.edge.scp import StorageSCP
+from node.ingest.archive import CatalogArchive
 from node.ingest.dimse import DimseIntake
 from node.ingest.intake import Intake
 from node.ops.lifecycle import Ready, stop_when_parent_exits, wait_for_stop
@@ -39,7 +40,8 @@ class Receiver:
         self.catalog = Catalog(self.engine)
         self.store = InstanceStore(settings.storage.path)
         intake = Intake(self.store, self.catalog, settings.storage.min_free_mb)
-        self.scp = StorageSCP(settings, DimseIntake(intake))
+        archive = CatalogArchive(self.engine, settings.storage.path)
+        self.scp = StorageSCP(settings, DimseIntake(intake), archive)
         self._reuse_port = reuse_port
 
     def start(self) -> None:

@@ -38,6 +38,10 @@ class Kind(enum.StrEnum):
     """The node started or stopped."""
     PATIENT_RECORD = "patient record"
     """Patient identifiers shown through the API or the dashboard (PS3.15 Patient Record)."""
+    QUERY = "query"
+    """A peer's C-FIND answered (PS3.15 Query)."""
+    RETRIEVE = "retrieve"
+    """Instances a peer's C-MOVE or C-GET sent (PS3.15 DICOM Instances Transferred)."""
 
 
 class Action(enum.StrEnum):
@@ -144,6 +148,23 @@ class PatientRecordRead(Facts):
     studies: int
 
 
+class Queried(Facts):
+    kind = Kind.QUERY
+    level: str
+    matches: int
+
+
+class Retrieved(Facts):
+    kind = Kind.RETRIEVE
+    service: str
+    """C-MOVE or C-GET."""
+    level: str
+    destination: str
+    instances: int
+    failed: int
+    studies: list[str]
+
+
 FACTS: dict[str, type[Facts]] = {
     model.kind.value: model
     for model in (
@@ -154,6 +175,8 @@ FACTS: dict[str, type[Facts]] = {
         AdminAction,
         ApplicationEvent,
         PatientRecordRead,
+        Queried,
+        Retrieved,
     )
 }
 
