@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (  # noqa: E402
     StudyRootQueryRetrieveInformationModelMove as MOVE,
 )
 
+from bench.ingest import wait_until_settled  # noqa: E402
 from tests.node.edge.test_scp import ct_dataset  # noqa: E402
 from tests.peers import (  # noqa: E402
     DCMTK_ENV,
@@ -73,8 +74,8 @@ def send(port: int, called: str, folder: Path) -> None:
 
 
 @contextmanager
-def targets(work: Path, dest_port: int) -> Iterator[dict[str, tuple[int, str]]]:
-    """The node and Orthanc, each knowing BENCH (may find and move) and DEST."""
+def targets(work: Path, dest_port: int) -> Iterator[tuple[dict[str, tuple[int, str]], int]]:
+    """The node and Orthanc, each knowing BENCH (may find and move) and DEST; the node's pid."""
     node_port = free_port()
     orthanc = OrthancServer(work / "orthanc", node_port).start()
     for name, port in (("BENCH", 1), ("DEST", dest_port)):
@@ -95,8 +96,10 @@ def targets(work: Path, dest_port: int) -> Iterator[dict[str, tuple[int, str]]]:
         workers={"count": 0}, logging={"level": "WARNING"},
     )  # fmt: skip
     node = NodeProcess(home, node_port, settings).start()
+    assert node.proc is not None
     try:
-        yield {"ainode": (node_port, "AINODE"), "orthanc": (orthanc.dicom_port, "ORTHANC")}
+        found = {"ainode": (node_port, "AINODE"), "orthanc": (orthanc.dicom_port, "ORTHANC")}
+        yield found, node.proc.pid
     finally:
         node.stop()
         orthanc.stop()
@@ -168,13 +171,13 @@ def main() -> None:
         patient, study = catalog(work / "catalog", args.series)
         dest_port = free_port()
         out = work / "dest"
-        with storescp(dest_port, out, "+B"), targets(work, dest_port) as found:
+        with storescp(dest_port, out, "+B"), targets(work, dest_port) as (found, pid):
             for name, (port, called) in found.items():
                 started = time.perf_counter()
                 send(port, called, work / "catalog")
-                print(
-                    f"{name}: {args.series} series stored in {time.perf_counter() - started:.1f} s"
-                )
+                seconds = time.perf_counter() - started
+                print(f"{name}: {args.series} series stored in {seconds:.1f} s")
+            wait_until_settled(pid, timeout=900)  # the node routed what it received
             print(f"\nC-FIND over {args.series} series, median (p95) of {args.runs} runs, ms")
             print(f"{'query':40} {'matches':>7} {'ainode':>14} {'orthanc':>14} {'ratio':>6}")
             for label, query in queries(patient, study).items():

@@ -22,7 +22,7 @@ from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, Association
+from pynetdicom import AE, Association, _config
 from pynetdicom.dsutils import decode, encode
 
 from node.config import Peer, Service, Settings
@@ -32,6 +32,10 @@ from node.edge.scu import STORED, associate
 from node.edge.status import RetrieveStatus, Status
 
 log = logging.getLogger(__name__)
+
+_config.STORE_SEND_CHUNKED_DATASET = True
+"""pynetdicom sends a file given by its path from the file's bytes after the meta header
+(else it reads, decodes and encodes it again): C-MOVE sends the bytes as stored."""
 
 PATIENT_ROOT = {
     CommandField.C_FIND_RQ: UID("1.2.840.10008.5.1.4.1.2.1.1"),

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, exists, func, select
 from sqlalchemy.orm import InstrumentedAttribute, aliased
 
@@ -429,7 +431,23 @@ _QUERIES = {
 
 
 def _attributes(row: Any, attributes: Sequence[tuple[str, Any]]) -> Dataset:
+    """The row's values as elements (built from their dictionary entries directly: a
+    keyword assignment costs a lookup each, thousands per query)."""
     ds = Dataset()
     for keyword, column in attributes:
-        setattr(ds, keyword, getattr(row, column.key))
+        tag, vr = _ENTRIES[keyword]
+        ds.add(DataElement(tag, vr, getattr(row, column.key)))
     return ds
+
+
+def _entry(keyword: str) -> tuple[int, str]:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return tag, dictionary_VR(tag)
+
+
+_ENTRIES = {
+    keyword: _entry(keyword)
+    for keyword, _ in (*PATIENT_ATTRIBUTES, *STUDY_ATTRIBUTES, *SERIES_ATTRIBUTES,
+                       *INSTANCE_ATTRIBUTES, *IMAGE_ATTRIBUTES)
+}  # fmt: skip

@@ -70,6 +70,10 @@ class RulesSource:
         self.error = message
 
 
+ROUTE_BATCH = 200
+"""Series routed in one pass at most (each reads one stored header)."""
+
+
 class JobSink(Protocol):
     """Where routing decisions go (`node.flow.queue.JobQueue`): jobs created once per series
     revision and pipeline; returns the ids of those new."""
@@ -88,8 +92,10 @@ class Router:
         rules: RulesSource,
         queue: JobSink,
         priors: PriorsSink | None = None,
+        batch: int = ROUTE_BATCH,
     ) -> None:
         self._engine = engine
+        self._batch = batch
         self._storage = storage
         self._rules = rules
         self._queue = queue
@@ -109,7 +115,8 @@ class Router:
         return None
 
     def route_pending(self) -> int:
-        """Route every complete series revision not routed yet; return how many.
+        """Route up to `batch` complete series revisions not routed yet, oldest first (a
+        pass stays short, so the node stops promptly whatever arrived); return how many.
 
         Marking a revision routed happens after its jobs exist, and creating jobs is
         idempotent, so a crash in between loses nothing and duplicates nothing. The mark
@@ -125,6 +132,8 @@ class Router:
                     Series.routed_revision < Series.revision,
                     Series.source != Source.NODE,  # the node's own results
                 )
+                .order_by(Series.id)
+                .limit(self._batch)
             ).all()
         if not pending:
             return 0

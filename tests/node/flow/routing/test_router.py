@@ -58,14 +58,27 @@ def store_series(engine: Engine, storage: Path, thickness: float, slices: int) -
     return recorded.series_id
 
 
-def router(engine: Engine, storage: Path, rules_file: Path) -> Router:
+def router(engine: Engine, storage: Path, rules_file: Path, batch: int = 200) -> Router:
     source = RulesSource(rules_file, {"echo", "lung-quant"}, set())
-    return Router(engine, storage, source, JobQueue(engine))
+    return Router(engine, storage, source, JobQueue(engine), batch=batch)
 
 
 def jobs(engine: Engine) -> list[tuple[int, str]]:
     with engine.connect() as conn:
         return list(conn.execute(select(Job.series_id, Job.pipeline).order_by(Job.id)).all())
+
+
+def test_a_pass_routes_at_most_its_batch_oldest_first(engine: Engine, tmp_path: Path) -> None:
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(RULES)
+    first = store_series(engine, tmp_path / "store", thickness=1.0, slices=3)
+    second = store_series(engine, tmp_path / "store", thickness=2.0, slices=3)
+    routing = router(engine, tmp_path / "store", rules_file, batch=1)
+    assert routing.route_pending() == 1
+    assert jobs(engine) == [(first, "echo")]
+    assert routing.route_pending() == 1
+    assert routing.route_pending() == 0
+    assert jobs(engine) == [(first, "echo"), (second, "echo")]
 
 
 def test_each_complete_revision_is_routed_once(engine: Engine, tmp_path: Path) -> None:
