@@ -1,6 +1,7 @@
 """Query/retrieve served by the node and by Orthanc, measured in the same run: C-FIND latency
 over a catalog of N series (one small CT instance each, sent to both over DIMSE), and C-MOVE
-throughput of a real chest CT series (COVID-CT-MD) to a DCMTK storescp.
+throughput of a real chest CT series (COVID-CT-MD, JPEG Lossless) to a DCMTK storescp that
+takes every syntax (the instances go as stored).
 
     python bench/qr.py [--series 10000] [--runs 20] [--moves 3]
 """
@@ -171,7 +172,7 @@ def main() -> None:
         patient, study = catalog(work / "catalog", args.series)
         dest_port = free_port()
         out = work / "dest"
-        with storescp(dest_port, out, "+B"), targets(work, dest_port) as (found, pid):
+        with storescp(dest_port, out, "+B", "+xa"), targets(work, dest_port) as (found, pid):
             for name, (port, called) in found.items():
                 started = time.perf_counter()
                 send(port, called, work / "catalog")

@@ -175,9 +175,10 @@ def backup(
     except (BackupError, OSError) as exc:
         typer.echo(f"backup failed: {exc}", err=True)
         raise typer.Exit(1) from exc
+    vanished = f"; {copied.vanished} removed meanwhile, skipped" if copied.vanished else ""
     typer.echo(
         f"backed up to {dest}: the catalog, {copied.files} files ({copied.bytes >> 20} MiB, "
-        f"{copied.linked} hard-linked), the config"
+        f"{copied.linked} hard-linked{vanished}), the config"
     )
 
 
@@ -495,10 +496,11 @@ def jobs_retry(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) -
     from node.admin import actions
     from node.store.leased import RetryPolicy
 
-    policy = RetryPolicy.of(_settings(config).workers)
     _act(
         config,
-        lambda engine, actor: actions.retry_job(engine, actor, job_id, policy),
+        lambda engine, actor, settings: actions.retry_job(
+            engine, actor, job_id, RetryPolicy.of(settings.workers)
+        ),
         "queued again",
     )
 
@@ -508,16 +510,18 @@ def jobs_cancel(config: ConfigOption, job_id: Annotated[int, typer.Argument()]) 
     """Cancel a job that has not finished."""
     from node.admin import actions
 
-    _act(config, lambda engine, actor: actions.cancel_job(engine, actor, job_id), "cancelled")
+    _act(config, lambda engine, actor, _: actions.cancel_job(engine, actor, job_id), "cancelled")
 
 
-def _act(config: Path, action: Callable[[Engine, str], Changed], done: str) -> None:
-    """Run an admin action as the person at the terminal: exit 0, or 1 with why not."""
+def _act(config: Path, action: Callable[[Engine, str, Settings], Changed], done: str) -> None:
+    """Run an admin action as the person at the terminal (with the config, read once):
+    exit 0, or 1 with why not."""
     from node.admin.actions import Conflict, NotFound
 
-    engine = _engine(_settings(config))
+    settings = _settings(config)
+    engine = _engine(settings)
     try:
-        changed = action(engine, _operator())
+        changed = action(engine, _operator(), settings)
     except (NotFound, Conflict) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc

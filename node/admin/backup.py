@@ -45,6 +45,8 @@ class Copied:
     bytes: int
     linked: int
     """Of `files`, how many are hard links (no bytes copied)."""
+    vanished: int = 0
+    """Files listed but gone when their turn came (retention removed them meanwhile)."""
 
 
 def backup(settings: Settings, config_files: list[Path], dest: Path) -> Copied:
@@ -153,8 +155,9 @@ def _run_pg(tool: str, url: URL, arguments: list[str]) -> None:
 
 def _copy_tree(root: Path, dest: Path, manifest: Path | None) -> Copied:
     """Every file under `root` but the store's temp folder and running marker, hard-linked
-    into `dest` where it can be, else copied; listed in `manifest` (path, size)."""
-    files = size = linked = 0
+    into `dest` where it can be, else copied; listed in `manifest` (path, size). A file gone
+    by its turn (the node's retention runs meanwhile) is counted, not an error."""
+    files = size = linked = vanished = 0
     lines: list[str] = []
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = [name for name in subfolders if name != INCOMING_DIR]
@@ -165,13 +168,19 @@ def _copy_tree(root: Path, dest: Path, manifest: Path | None) -> Copied:
                 continue
             target = dest / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            linked += _link_or_copy(path, target)
-            stat = target.stat()
+            try:
+                was_linked = _link_or_copy(path, target)
+                stat = target.stat()
+            except FileNotFoundError:
+                target.unlink(missing_ok=True)
+                vanished += 1
+                continue
+            linked += was_linked
             files, size = files + 1, size + stat.st_size
             lines.append(f"{relative}\t{stat.st_size}\n")
     if manifest is not None:
         manifest.write_text("".join(lines), encoding="utf-8")
-    return Copied(files, size, linked)
+    return Copied(files, size, linked, vanished)
 
 
 def _link_or_copy(path: Path, target: Path) -> bool:

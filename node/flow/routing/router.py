@@ -127,7 +127,8 @@ class Router:
             pending = conn.execute(
                 select(
                     Series.id, Series.series_instance_uid, Series.revision, Series.route_requests
-                ).where(
+                )
+                .where(
                     Series.state == SeriesState.COMPLETE,
                     Series.routed_revision < Series.revision,
                     Series.source != Source.NODE,  # the node's own results

@@ -157,9 +157,7 @@ class Series(Base):
     __table_args__ = (Index("ix_series_state_last_received", "state", "last_received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(
-        ForeignKey("studies.id", ondelete="CASCADE"), index=True
-    )
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     revision: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[SeriesState] = mapped_column(

@@ -83,3 +83,19 @@ def test_a_backup_taken_during_a_send_restores_every_acknowledged_instance(
     wait_until(complete, 60)  # what arrived after the catalog's copy is recorded on start
     verified = restored.cli("verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_file_gone_by_its_turn_is_skipped_and_counted(tmp_path: Path) -> None:
+    """Retention runs while a backup walks the store: a file it removes between the walk's
+    listing and its link is skipped, not an error (a dangling link is such a file: listed,
+    gone when linked)."""
+    from node.admin.backup import _copy_tree
+
+    store = tmp_path / "store"
+    (store / "study" / "series").mkdir(parents=True)
+    (store / "study" / "series" / "kept.dcm").write_bytes(b"kept")
+    (store / "study" / "series" / "removed.dcm").symlink_to(store / "no-longer-there.dcm")
+    copied = _copy_tree(store, tmp_path / "copy", tmp_path / "manifest.tsv")
+    assert (copied.files, copied.linked, copied.vanished) == (1, 1, 1)
+    assert (tmp_path / "copy" / "study" / "series" / "kept.dcm").read_bytes() == b"kept"
+    assert (tmp_path / "manifest.tsv").read_text() == "study/series/kept.dcm\t4\n"
