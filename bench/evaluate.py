@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines import codes
 from pipelines.anatomy.lungs import BONE_HU, segment_lungs
+from pipelines.kernel import reconstruction
 from pipelines.lung_quant import LungQuantPipeline
-from pipelines.result import PipelineResult
+from pipelines.result import PipelineResult, Region
 from pipelines.volume import Volume, load_volume
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -95,6 +96,11 @@ def tumour_boxes(annotations: Path, volume: Volume) -> np.ndarray:
     return boxes
 
 
+def measured(region: Region, concept: codes.Code) -> float:
+    """A region's measurement, NaN where it was not measured (densitometry on a sharp kernel)."""
+    return next((m.value for m in region.measurements if m.concept == concept), float("nan"))
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
@@ -122,8 +128,9 @@ def main() -> None:
         seconds = time.perf_counter() - clock
         results[name] = (volume, result)
         lungs = (result.mask("Left lung").array | result.mask("Right lung").array).any(axis=(1, 2))
-        percent = np.asarray(result.profiles[0].values)
-        area = np.asarray(result.profiles[1].values)
+        nothing = [float("nan")] * len(volume.sources)  # a sharp kernel: no densitometry
+        percent = np.asarray(result.profiles[0].values if result.profiles else nothing)
+        area = np.asarray(result.profiles[1].values if result.profiles else nothing)
         auc_percent = auc_area = float("nan")
         if relative.startswith("covid-ct-md"):
             truth = (
@@ -143,10 +150,14 @@ def main() -> None:
             f"{result.region('Left lung').value(codes.VOLUME):>7.0f} "
             f"{result.region('Right lung').value(codes.VOLUME):>7.0f} "
             f"{both.value(codes.VOLUME):>7.0f} {both.value(codes.MEAN_ATTENUATION):>6.0f} "
-            f"{both.value(codes.LAA950):>8.2f} {both.value(codes.PERC15):>7.0f} "
-            f"{both.value(codes.HIGH_ATTENUATION):>6.2f} {auc_percent:>6.3f} {auc_area:>8.3f} "
+            f"{measured(both, codes.LAA950):>8.2f} {measured(both, codes.PERC15):>7.0f} "
+            f"{measured(both, codes.HIGH_ATTENUATION):>6.2f} {auc_percent:>6.3f} {auc_area:>8.3f} "
             f"{seconds:>5.1f}"
         )
+    print("\nwhat each SR says of its reconstruction (kernel class, densitometry measured or not):")
+    for name, (volume, result) in results.items():
+        kind = reconstruction(volume.file_headers[0]).kind
+        print(f"{name:<18} {kind:<7} {' '.join(note.text for note in result.notes)}")
     pooled = roc_auc(np.concatenate(pooled_scores), np.concatenate(pooled_labels))
     print(f"\nslice-level ROC AUC, HAA area, 3 COVID-CT-MD cases pooled: {pooled:.3f}")
     (_, lung), (volume, body) = results["A0001 lung kernel"], results["A0001 body kernel"]

@@ -67,6 +67,7 @@ ABNORMAL_OPACITY = dcm("112033", "Abnormal opacity")
 VOLUME = sct("118565006", "Volume")
 MEAN_ATTENUATION = dcm("112181", "Mean Attenuation Coefficient")
 PERC15 = private("PERC15", "15th percentile of lung attenuation")
+DENSITOMETRY = private("DENSITOMETRY", "Lung densitometry reconstruction")
 LAA950 = private("LAA950", "Lung volume below -950 HU")
 HIGH_ATTENUATION = private("HAA", "Lung volume from -700 to -100 HU, vessels excluded")
 

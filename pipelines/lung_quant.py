@@ -8,6 +8,10 @@ High attenuation is looked for in the aerated lung (before the pleural reconstru
 dense lesions the reconstruction adds count in the lung's volume, and their partial-volume
 rims are not parenchyma of high attenuation (on COVID-CT-MD's labels the per-slice profile
 ranks infected slices better so: `make eval`).
+
+Densitometry (LAA-950, Perc15, high attenuation, their masks and profile) is measured only on
+a soft or standard reconstruction kernel (`pipelines.kernel`); on a sharp one the report says
+why it is not, and on a kernel it does not recognise it says what it assumed.
 """
 
 from __future__ import annotations
@@ -22,8 +26,17 @@ from pipelines.availability import LUNG_QUANT
 from pipelines.base import BadInput, DevicePreference, Requirements, Stage
 from pipelines.context import Context, Need, context_for
 from pipelines.device import run_on
+from pipelines.kernel import KernelClass, Reconstruction, reconstruction
 from pipelines.morphology import dilate, erode, opening
-from pipelines.result import Mask, Measurement, PipelineResult, Region, Segment, SliceProfile
+from pipelines.result import (
+    Mask,
+    Measurement,
+    Note,
+    PipelineResult,
+    Region,
+    Segment,
+    SliceProfile,
+)
 from pipelines.settings import PipelineSettings
 from pipelines.volume import Volume
 
@@ -96,17 +109,25 @@ class LungQuantPipeline:
         timings["segmentation"] = time.perf_counter() - started
         started = time.perf_counter()
         context("measure")
-        high = high_attenuation(hu, aerated, WorkingGrid.for_volume(volume))
-        del aerated  # a 600-slice mask is 160 MB
+        recon = reconstruction(volume.file_headers[0] if volume.file_headers else None)
         lungs = left | right
-        low = lungs & (hu < LAA_HU)
+        segments = [(LEFT, left), (RIGHT, right)]
+        profiles = []
+        high = None
+        if recon.kind != KernelClass.SHARP:
+            high = high_attenuation(hu, aerated, WorkingGrid.for_volume(volume))
+            percent, area = _slice_profiles(lungs, high, volume)
+            profiles = [
+                SliceProfile("High attenuation lung per slice", codes.PERCENT, percent),
+                SliceProfile("High attenuation area per slice", codes.SQUARE_CENTIMETER, area),
+            ]
+            segments += [(LOW, lungs & (hu < LAA_HU)), (HIGH, high)]
+        del aerated  # a 600-slice mask is 160 MB
         regions = [
             _region("Left lung", codes.LEFT_LUNG, hu, left, high, volume, LEFT.label),
             _region("Right lung", codes.RIGHT_LUNG, hu, right, high, volume, RIGHT.label),
             _region("Both lungs", codes.LUNG, hu, lungs, high, volume, None, SPANS_BOTH),
         ]
-        percent, area = _slice_profiles(lungs, high, volume)
-        segments = [(LEFT, left), (RIGHT, right), (LOW, low), (HIGH, high)]
         if airway.any():
             segments.append((AIRWAY, airway))
         masks = [Mask(segment, mask.cpu().numpy()) for segment, mask in segments]
@@ -116,10 +137,8 @@ class LungQuantPipeline:
             version=self.version,
             masks=masks,
             regions=regions,
-            profiles=[
-                SliceProfile("High attenuation lung per slice", codes.PERCENT, percent),
-                SliceProfile("High attenuation area per slice", codes.SQUARE_CENTIMETER, area),
-            ],
+            profiles=profiles,
+            notes=[Note(codes.DENSITOMETRY, densitometry_note(recon))],
             timings=timings,
         )
 
@@ -148,16 +167,34 @@ def _high_attenuation_slab(
     return opening(candidate, full)
 
 
+def densitometry_note(recon: Reconstruction) -> str:
+    """What the report says of the reconstruction its densitometry was (not) measured on."""
+    if recon.kind == KernelClass.SHARP:
+        return (
+            f"LAA-950, Perc15 and high attenuation not measured: reconstruction kernel "
+            f"{recon.described} is sharp, and its noise biases lung density; they need a soft "
+            "or standard kernel (QIBA lung density profile). Volumes and masks are valid."
+        )
+    if recon.kind == KernelClass.SOFT:
+        return f"Densitometry measured on a soft or standard kernel: {recon.described}."
+    return (
+        f"Densitometry measured on reconstruction kernel {recon.described}, not recognised as "
+        "soft or sharp: it assumes a soft or standard kernel; on a sharp one LAA-950 reads high."
+    )
+
+
 def _region(
     name: str,
     site: codes.Code,
     hu: torch.Tensor,
     mask: torch.Tensor,
-    high: torch.Tensor,
+    high: torch.Tensor | None,
     volume: Volume,
     segment: str | None,
     spans: tuple[str, ...] = (),
 ) -> Region:
+    """The region's volume and mean attenuation; with `high` (a soft or unknown kernel), its
+    densitometry too."""
     histogram = _histogram(hu, mask)
     voxels = int(histogram.sum())
     if voxels == 0:
@@ -166,17 +203,20 @@ def _region(
     mean = float((histogram * values).sum()) / voxels
     perc15 = float(values[int(torch.searchsorted(histogram.cumsum(0), 0.15 * voxels))])
     below = int(histogram[: LAA_HU - HISTOGRAM_MIN].sum())
-    measurements = (
+    measurements: tuple[Measurement, ...] = (
         Measurement(codes.VOLUME, round(voxels * volume.voxel_volume_ml, 1), codes.MILLILITER),
         Measurement(codes.MEAN_ATTENUATION, round(mean, 1), codes.HOUNSFIELD_UNIT),
-        Measurement(codes.PERC15, round(perc15, 1), codes.HOUNSFIELD_UNIT),
-        Measurement(codes.LAA950, round(100.0 * below / voxels, 2), codes.PERCENT),
-        Measurement(
-            codes.HIGH_ATTENUATION,
-            round(100.0 * int(torch.count_nonzero(high & mask)) / voxels, 2),
-            codes.PERCENT,
-        ),
     )
+    if high is not None:
+        measurements += (
+            Measurement(codes.PERC15, round(perc15, 1), codes.HOUNSFIELD_UNIT),
+            Measurement(codes.LAA950, round(100.0 * below / voxels, 2), codes.PERCENT),
+            Measurement(
+                codes.HIGH_ATTENUATION,
+                round(100.0 * int(torch.count_nonzero(high & mask)) / voxels, 2),
+                codes.PERCENT,
+            ),
+        )
     return Region(name, site, measurements, segment, spans)
 
 

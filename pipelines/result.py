@@ -117,6 +117,19 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class Note:
+    """What a reader must know of how a result was made, in words (the SR's qualitative
+    evaluations carry it as text): e.g. on which reconstruction densitometry was measured,
+    or why it was not."""
+
+    concept: Code
+    text: str
+
+    def as_json(self) -> dict[str, object]:
+        return {"concept": self.concept.as_json(), "text": self.text}
+
+
+@dataclass(frozen=True)
 class Detection:
     """A detected object: its box in patient coordinates (mm) and its score; optionally where
     it lies, its own segment (a mask of that label) and further measurements."""
@@ -173,6 +186,7 @@ class PipelineResult:
     findings: list[Finding] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)
     profiles: list[SliceProfile] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
     embedding: np.ndarray | None = None
     profile: np.ndarray | None = None
     """The embedding's coarse layout along the body axis (`networks.axial_profile`), which
@@ -242,6 +256,7 @@ class PipelineResult:
             "regions": [r.as_json() for r in self.regions],
             "findings": [f.as_json() for f in self.findings],
             "detections": [d.as_json() for d in self.detections],
+            "notes": [n.as_json() for n in self.notes],
             "profiles": [
                 {"name": p.name, "unit": p.unit.value, "values": list(p.values)}
                 for p in self.profiles

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from pipelines import codes
 from pipelines.base import BadInput
-from pipelines.lung_quant import LungQuantPipeline
+from pipelines.lung_quant import HIGH, LOW, LungQuantPipeline
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume, load_volume
 from tests.peers import DATA
@@ -55,6 +55,25 @@ def test_synthetic_chest_volumes_sides_trachea_and_ground_glass(tmp_path: Path) 
     profile = np.asarray(result.profiles[0].values)
     assert len(profile) == 47 and 2.0 < profile.max() < 4.5  # ~707 of ~21,400 mm² of lung
     assert volume.to_patient((int(profile.argmax()), 0, 0))[2] == pytest.approx(-20, abs=5)
+
+
+def test_a_sharp_kernel_gets_volumes_and_a_reason_not_densitometry(tmp_path: Path) -> None:
+    files = write_series(tmp_path, chest_geometry(), chest((65, 0, 0), (-65, 0, 0)))
+    volume = load_volume(files)
+    headers = []
+    for header in volume.file_headers:
+        header.Manufacturer, header.ConvolutionKernel = "SIEMENS", "B70f"
+        headers.append(header)
+    result = LungQuantPipeline("cpu").run(replace(volume, file_headers=tuple(headers)))
+    both = result.region("Both lungs")
+    assert [m.concept for m in both.measurements] == [codes.VOLUME, codes.MEAN_ATTENUATION]
+    assert both.value(codes.VOLUME) == pytest.approx(2 * ELLIPSOID_ML, rel=0.06)
+    assert [m.segment.label for m in result.masks][:2] == ["Left lung", "Right lung"]
+    assert not {LOW.label, HIGH.label} & {m.segment.label for m in result.masks}
+    assert result.profiles == []
+    (note,) = result.notes
+    assert note.concept == codes.DENSITOMETRY
+    assert "not measured" in note.text and "B70f (SIEMENS) is sharp" in note.text
 
 
 def test_touching_lungs_are_separated(tmp_path: Path) -> None:
@@ -253,10 +272,26 @@ def test_both_kernels_of_one_acquisition_give_the_same_lungs(real_results) -> No
 
 
 @pytest.mark.slow
+def test_one_acquisitions_densitometry_comes_from_its_soft_kernel_only(real_results) -> None:
+    """A0001's two kernels: the lung kernel (Philips L) once read LAA-950 13 %, the body
+    kernel 0.1 %; the sharp one now reports volumes and why it has no densitometry."""
+    (_, sharp), (_, soft) = real_results["lung-kernel"], real_results["body-kernel"]
+    (note,) = sharp.notes
+    assert note.text.startswith("LAA-950, Perc15 and high attenuation not measured")
+    assert "L (Philips) is sharp" in note.text
+    measured = {m.concept for m in sharp.region("Both lungs").measurements}
+    assert measured == {codes.VOLUME, codes.MEAN_ATTENUATION}
+    assert soft.notes[0].text == "Densitometry measured on a soft or standard kernel: B (Philips)."
+    assert soft.region("Both lungs").value(codes.LAA950) < 2.0
+    for name in ("covid", "cap", "normal"):  # Siemens D40s
+        assert real_results[name][1].notes[0].text.endswith("kernel: D40s (SIEMENS).")
+
+
+@pytest.mark.slow
 def test_infected_lungs_have_more_high_attenuation_than_the_normal_one(real_results) -> None:
     haa = {
-        n: r.region("Both lungs").value(codes.HIGH_ATTENUATION)
-        for n, (_, r) in real_results.items()
+        n: real_results[n][1].region("Both lungs").value(codes.HIGH_ATTENUATION)
+        for n in ("covid", "cap", "normal")
     }
     assert haa["covid"] > haa["normal"] and haa["cap"] > haa["normal"]
 

@@ -181,7 +181,8 @@ def _most_urgent(*priorities: Priority | None) -> Priority | None:
 def route_study(
     rules: RuleSet, series: list[SeriesFacts]
 ) -> tuple[list[JobRequest], list[RuleTrace]]:
-    """Jobs of the study-trigger rules: each picks the best matching series of the study."""
+    """Jobs of the study-trigger rules: each picks the best matching series of the study, or
+    of each of its acquisitions."""
     requests: list[JobRequest] = []
     traces: list[RuleTrace] = []
     for rule in rules.rules:
@@ -194,19 +195,29 @@ def route_study(
             and (rule.match is None or evaluate(rule.match, facts))
             and (rule.select.match is None or evaluate(rule.select.match, facts))
         ]
-        best = select_series(rule.select, candidates)
-        traces.append(
-            RuleTrace(
-                rule.name,
-                best is not None,
-                note=f"selected {best.series_instance_uid}" if best else "no eligible series",
-            )
-        )
-        if best is not None and not rule.discard:
-            requests.extend(merge(best.series_instance_uid, [rule]))
-        if best is not None and rule.stop:
+        groups = by_acquisition(candidates) if rule.select.per_acquisition else [candidates]
+        chosen = [best for group in groups if (best := select_series(rule.select, group))]
+        picked = ", ".join(best.series_instance_uid for best in chosen)
+        note = f"selected {picked}" if chosen else "no eligible series"
+        traces.append(RuleTrace(rule.name, bool(chosen), note=note))
+        if not rule.discard:
+            for best in chosen:
+                requests.extend(merge(best.series_instance_uid, [rule]))
+        if chosen and rule.stop:
             break
     return requests, traces
+
+
+def by_acquisition(series: list[SeriesFacts]) -> list[list[SeriesFacts]]:
+    """The series grouped by acquisition: reconstructions of one acquisition share its frame
+    of reference and were acquired in the same minute (a series without them is its own)."""
+    groups: dict[tuple[str, ...], list[SeriesFacts]] = {}
+    for facts in series:
+        frame = _text(facts.value("FrameOfReferenceUID"))
+        when = _text(facts.value("AcquisitionDate")) + _text(facts.value("AcquisitionTime"))[:4]
+        key = (frame, when) if frame and when else (facts.series_instance_uid,)
+        groups.setdefault(key, []).append(facts)
+    return list(groups.values())
 
 
 def select_series(selection: SeriesSelection, candidates: list[SeriesFacts]) -> SeriesFacts | None:

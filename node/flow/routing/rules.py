@@ -86,7 +86,7 @@ RULE_KEYS = frozenset(
         "notify",
     }
 )
-SELECT_KEYS = frozenset({"match", "prefer_kernel"})
+SELECT_KEYS = frozenset({"match", "prefer_kernel", "per"})
 PRIORS_KEYS = frozenset({"from", "modality", "count", "within_days"})
 
 
@@ -127,10 +127,12 @@ Expression = Condition | Combination
 
 @dataclass(frozen=True)
 class SeriesSelection:
-    """How a study-trigger rule picks the best series of a study."""
+    """How a study-trigger rule picks the best series of a study, or of each acquisition in
+    it (`per: acquisition`: the reconstructions of one acquisition give one answer)."""
 
     match: Expression | None = None
     prefer_kernel: re.Pattern[str] | None = None
+    per_acquisition: bool = False
 
 
 @dataclass(frozen=True)
@@ -413,18 +415,23 @@ class _Parser:
         if not isinstance(node, yaml.MappingNode):
             self.problem(node, "'select' must be a mapping")
             return None
-        match, prefer = None, None
+        match, prefer, per_acquisition = None, None, False
         for key, value in node.value:
             if key.value not in SELECT_KEYS:
                 self.problem(key, f"unknown select key {key.value!r}")
             elif key.value == "match":
                 match = self.expression(value)
+            elif key.value == "per":
+                per = str(_scalar(value))
+                if per not in ("study", "acquisition"):
+                    self.problem(value, "per must be one of study | acquisition")
+                per_acquisition = per == "acquisition"
             else:
                 try:
                     prefer = re.compile(str(_scalar(value)), re.IGNORECASE)
                 except re.error as exc:
                     self.problem(value, f"bad regular expression: {exc}")
-        return SeriesSelection(match, prefer)
+        return SeriesSelection(match, prefer, per_acquisition)
 
     def priors(self, node: yaml.Node) -> PriorsRequest | None:
         if not isinstance(node, yaml.MappingNode):

@@ -3,6 +3,8 @@ Secondary Capture series, for PACS and viewers that show neither SR nor SEG."""
 
 from __future__ import annotations
 
+import textwrap
+
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,6 +19,8 @@ KEY_IMAGES_SERIES_NUMBER = 9003
 LUNG_WINDOW = (-1350.0, 150.0)
 ALPHA = 0.35
 FRACTIONS = (0.3, 0.5, 0.7)
+NOTE_WIDTH = 80
+"""Characters a line of a note takes on a 512-column slice in PIL's default font."""
 
 
 def key_slices(result: PipelineResult, slices: int, count: int = len(FRACTIONS)) -> list[int]:
@@ -51,6 +55,8 @@ def render(result: PipelineResult, volume: Volume, index: int) -> np.ndarray:
     for finding in result.findings:
         called = "PRESENT" if finding.present else "absent"
         lines.append(f"{finding.concept.meaning}: {called} (p={finding.probability:.2f})")
+    for note in result.notes:  # what the SR says of how the numbers were made
+        lines.extend(textwrap.wrap(note.text, NOTE_WIDTH))
     draw.multiline_text((6, 6), "\n".join(lines), fill=(255, 255, 0), spacing=2)
     return np.asarray(image)
 

@@ -9,7 +9,7 @@ from node.work.guard import GuardScore
 from node.work.results.identity import MANUFACTURER, ResultIdentity
 from node.work.results.outline import Outline, detection_box, representative_outline, source_of
 from pipelines import codes
-from pipelines.result import Detection, Finding, PipelineResult, Region
+from pipelines.result import Detection, Finding, Note, PipelineResult, Region
 from pipelines.volume import Volume
 
 SR_SERIES_NUMBER = 9002
@@ -18,6 +18,8 @@ Group = (
     hd.sr.MeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
+Evaluation = hd.sr.CodeContentItem | hd.sr.TextContentItem
+"""An item of the Qualitative Evaluations container: a coded evaluation, or a note."""
 
 
 def build_report(
@@ -47,7 +49,8 @@ def build_report(
         _detection_group(number, detection, result, volume, segmentation, identity, cited)
         for number, detection in enumerate(result.detections, start=1)
     ]
-    evaluations = [_finding(finding) for finding in result.findings]
+    evaluations: list[Evaluation] = [_finding(finding) for finding in result.findings]
+    evaluations += [_note(note) for note in result.notes]
     if guard is not None:
         evaluations.append(_guard_evaluation(guard))
     report = measurement_report(
@@ -75,7 +78,7 @@ def build_report(
 def measurement_report(
     context: hd.sr.ObservationContext,
     groups: list[Group],
-    evaluations: list[hd.sr.CodeContentItem],
+    evaluations: list[Evaluation],
     library: list[Dataset],
     placeholder: Group,
 ) -> hd.sr.MeasurementReport:
@@ -206,9 +209,7 @@ def _tracking_only(identity: ResultIdentity) -> Group:
     )
 
 
-def _qualitative_evaluations(
-    evaluations: list[hd.sr.CodeContentItem],
-) -> hd.sr.ContainerContentItem:
+def _qualitative_evaluations(evaluations: list[Evaluation]) -> hd.sr.ContainerContentItem:
     """Whole-scan evaluations in TID 1500's Qualitative Evaluations container.
 
     Not measurement groups: a finding of the whole scan has no place on an image, and OHIF
@@ -219,6 +220,15 @@ def _qualitative_evaluations(
     )
     container.ContentSequence = hd.sr.ContentSequence(evaluations)
     return container
+
+
+def _note(note: Note) -> hd.sr.TextContentItem:
+    """A note on how the result was made, as TID 1500 allows text in the container."""
+    return hd.sr.TextContentItem(
+        name=note.concept.as_dicom(),
+        value=note.text,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
 
 
 def _finding(finding: Finding) -> hd.sr.CodeContentItem:

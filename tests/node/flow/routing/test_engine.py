@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,40 @@ def test_study_trigger_picks_the_lung_kernel_series(real_series) -> None:
         jobs, traces = route_study(ruleset, order)
         assert [j.series_instance_uid for j in jobs] == [lung.series_instance_uid]
         assert traces[0].note == f"selected {lung.series_instance_uid}"
+
+
+SOFT_PER_ACQUISITION = """
+rules:
+  - name: densitometry
+    trigger: study
+    match: {Modality: CT}
+    select: {prefer_kernel: "^B$|^B[1-4]|standard|soft", per: acquisition}
+    pipelines: [echo]
+"""
+
+
+def test_one_answer_per_acquisition_from_its_soft_kernel(real_series) -> None:
+    """A0001's two reconstructions of one acquisition (same frame of reference, same time)
+    give one job, on the body kernel; another acquisition in the study gets its own."""
+    ruleset = rules(SOFT_PER_ACQUISITION)
+    lung = facts_of(real_series["lung-kernel"])
+    body = facts_of(real_series["body-kernel"])
+    assert lung.value("FrameOfReferenceUID") == body.value("FrameOfReferenceUID")
+    jobs, traces = route_study(ruleset, [lung, body])
+    assert [j.series_instance_uid for j in jobs] == [body.series_instance_uid]
+    later = SeriesFacts("1.9", {**lung.attributes, "AcquisitionTime": "201500", "Modality": "CT"})
+    jobs, traces = route_study(ruleset, [lung, body, later])
+    assert sorted(j.series_instance_uid for j in jobs) == sorted([body.series_instance_uid, "1.9"])
+    assert traces[0].note == f"selected {body.series_instance_uid}, 1.9"
+
+
+def test_per_takes_study_or_acquisition() -> None:
+    import pytest
+
+    from node.flow.routing.rules import RulesError
+
+    with pytest.raises(RulesError, match=re.escape("per must be one of study | acquisition")):
+        rules("rules: [{name: s, trigger: study, pipelines: [echo], select: {per: series}}]")
 
 
 def test_selection_skips_localizers_and_prefers_thin_then_many() -> None:

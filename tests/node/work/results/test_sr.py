@@ -55,6 +55,8 @@ def test_sr_holds_the_pipelines_values_and_dsrdump_reads_it(encoded, tmp_path: P
     tree = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, check=True)
     assert "Imaging Measurement Report" in tree.stdout
     assert "Tracking Identifier" in tree.stdout and '"Both lungs"' in tree.stdout
+    (note,) = result.notes  # the reconstruction densitometry was measured on, in words
+    assert "Lung densitometry reconstruction" in tree.stdout and note.text[:25] in tree.stdout
 
 
 def test_a_detection_is_a_box_on_the_slice_through_its_centre(tmp_path: Path) -> None:
