@@ -66,7 +66,11 @@ def test_dashboard_shows_a_sent_series_and_retries_a_failed_job(
 
         page.type_into("#token", TOKENS["it-admin"][0])
         page.click("#login button")
-        page.wait_for(f"document.querySelector('#series td[title=\"{series}\"]') !== null")
+        try:
+            page.wait_for(f"document.querySelector('#series td[title=\"{series}\"]') !== null")
+        except TimeoutError:  # seen once under CI load: say what the page and the node said
+            said = page.evaluate("document.querySelector('#message').textContent")
+            raise AssertionError(f"page: {said!r}\nlog:\n{web.node.log()[-3000:]}") from None
         assert page.evaluate("document.querySelector('#who').textContent").startswith("it-admin")
         row = page.evaluate(
             f"[...document.querySelector('#series td[title=\"{series}\"]').parentElement.cells]"
