@@ -229,7 +229,9 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
         ApplicationEvent,
         JobEnded,
         PatientRecordRead,
+        Queried,
         Received,
+        Retrieved,
         Sent,
         record,
     )
@@ -256,6 +258,12 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
     record(engine, "AINODE", sent, study)
     record(engine, "it-admin", AdminAction(action=Action.RETRY_JOB, id=1))
     record(engine, "it-admin", PatientRecordRead(route="/api/v1/status", studies=1))
+    record(engine, "WORKSTATION", Queried(level="STUDY", matches=3))
+    moved = Retrieved(
+        service="C-MOVE", level="STUDY", destination="PACS", instances=2, failed=1,
+        studies=[study],
+    )  # fmt: skip
+    record(engine, "WORKSTATION", moved, study)
     port = free_port()
     collector = Collector()
     settings = Settings.model_validate(
@@ -266,12 +274,17 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
     )
     with tcp_listener(port, collector):
         exporter = AuditExporter(engine, settings)
-        assert exporter.run_due() == 7
+        assert exporter.run_due() == 9
         exporter.close()
-        audits = wait_until(lambda: len(collector.audits()) == 7 and collector.audits(), 10)
+        audits = wait_until(lambda: len(collector.audits()) == 9 and collector.audits(), 10)
     assert [event_id(a) for a in audits] == [
-        "110100", "110104", "110103", "110103", "110104", "110113", "110110",
+        "110100", "110104", "110103", "110103", "110104", "110113", "110110", "110112", "110104",
     ]  # fmt: skip
+    query, retrieve = audits[7], audits[8]
+    assert [p.get("UserID") for p in query.iter("ActiveParticipant")] == ["WORKSTATION", "AINODE"]
+    assert retrieve.find("EventIdentification").get("EventOutcomeIndicator") == "4"  # one failed
+    who = [(p.get("UserID"), p.get("UserIsRequestor")) for p in retrieve.iter("ActiveParticipant")]
+    assert who == [("AINODE", "false"), ("PACS", "false"), ("WORKSTATION", "true")]
     patient_record = audits[6].find("EventIdentification")
     assert patient_record.get("EventActionCode") == "R"
     failed, succeeded = audits[2], audits[3]
