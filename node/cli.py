@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from node.config import ConfigError, Role, Settings, load_settings
 from node.ops.logs import configure_logging
+from node.roles import Role
 
 if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads no torch
     from rich.progress import Progress, TaskID
     from sqlalchemy import Engine
 
     from node.admin.actions import Changed
+    from node.config import Settings
     from node.flow.queue import JobQueue
     from node.flow.routing.admin import Explanation
     from node.flow.routing.engine import SeriesFacts
@@ -67,6 +68,8 @@ ConfigOption = Annotated[
 
 
 def _settings(path: Path) -> Settings:
+    from node.config import ConfigError, load_settings
+
     try:
         return load_settings(path)
     except ConfigError as exc:
@@ -421,6 +424,8 @@ def run(
     from pipelines.settings import settings_class
 
     default = {"node": {"accept_unknown_peers": True}}
+    from node.config import Settings
+
     settings = _settings(config) if config else Settings.model_validate(default)
     if device is not None:
         if device not in ("auto", "cuda", "cpu"):

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from node.roles import Role
 from pipelines.settings import TAGS, AnyPipelineSettings, PipelineSettings, VolumeSettings
 
 ENV_PREFIX = "AINODE_"
@@ -308,22 +309,6 @@ class LoggingSettings(_Section):
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
         return value
-
-
-class Role(enum.StrEnum):
-    """What an HTTP caller may do; each role also grants those it lists in `ROLE_GRANTS`."""
-
-    SENDER = "sender"
-    """Store instances (STOW-RS)."""
-    READER = "reader"
-    """Query and retrieve (QIDO-RS, WADO-RS), read the API."""
-    OPERATOR = "operator"
-    """Act on work: retry, cancel, re-send, fetch."""
-    ADMIN = "admin"
-    """Change the configuration: rules."""
-    PHI = "phi"
-    """See patients' names and IDs, accession numbers and study dates in the admin API and
-    the dashboard, each view audited (DICOMweb always serves what was stored, to readers)."""
 
 
 class TokenSettings(_Section):

@@ -25,7 +25,6 @@ from node.admin.report import (
     node_status,
     pipeline_statuses,
 )
-from node.config import Role
 from node.delivery.dispatch.records import list_dispatches
 from node.delivery.fetch.query import FetchQuery
 from node.delivery.fetch.records import list_fetches
@@ -33,6 +32,7 @@ from node.delivery.notify import list_notifications
 from node.flow.queue import list_jobs
 from node.ops.audit import PatientRecordRead, list_events, record_quietly
 from node.ops.processes import ProcessStatus, process_statuses
+from node.roles import Role
 from node.store.db.models import WorkState
 from node.store.leased import RetryPolicy
 from node.web.auth import Principal

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import jwt
 
-from node.config import AuthSettings, JwtSettings, Role
+from node.config import AuthSettings, JwtSettings
+from node.roles import Role
 
 log = logging.getLogger(__name__)
 

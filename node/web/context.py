@@ -9,9 +9,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import Engine
 
-from node.config import HttpSettings, Role, Settings
+from node.config import HttpSettings, Settings
 from node.ingest.intake import Intake
 from node.ops.logs import Throttle
+from node.roles import Role
 from node.store.storage import InstanceStore
 from node.web.auth import Authenticator, NotAuthenticated, Principal
 

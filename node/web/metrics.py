@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from node.config import Role
+from node.roles import Role
 from node.store.db.models import Dispatch, Fetch, Job
 from node.web.context import Context, WebContext, requires
 

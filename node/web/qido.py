@@ -11,8 +11,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 
-from node.config import Role
 from node.ops.logs import escaped
+from node.roles import Role
 from node.store.query import RETURNED, Criteria, Level, QueryError, criteria, find
 from node.web.context import Context, WebContext, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response

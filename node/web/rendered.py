@@ -14,7 +14,7 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.pixels.utils import pixel_array
 
-from node.config import Role
+from node.roles import Role
 from node.web.context import requires
 from node.web.multipart import accepted
 from node.web.wado import Found, Stored

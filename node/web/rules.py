@@ -13,11 +13,11 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from node.admin.report import RulesStatus, rules_status
-from node.config import Role
 from node.flow.routing import admin
 from node.flow.routing.router import NoInstanceLeft
 from node.flow.routing.rules import RulesError
 from node.ops.audit import Action, AdminAction, record
+from node.roles import Role
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires
 

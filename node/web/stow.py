@@ -23,12 +23,12 @@ from pydicom import Dataset
 from pydicom.uid import UID
 from starlette.concurrency import run_in_threadpool
 
-from node.config import Role
 from node.edge.status import Status
 from node.ingest.intake import Answer, Delivery, Sender
 from node.ingest.metadata import InstanceMetadata
 from node.ingest.part10 import read_part10
 from node.ops.metrics import INSTANCES
+from node.roles import Role
 from node.store.db.models import Source
 from node.store.storage import FileRegion
 from node.web.auth import Principal

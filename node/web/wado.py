@@ -40,7 +40,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from node.config import Role
+from node.roles import Role
 from node.store.db.models import Instance, Series, Study
 from node.web.context import Context, requires, retrieve_url
 from node.web.dicom_json import dicom_json_response

@@ -12,7 +12,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from node.config import AuthSettings, Role
+from node.config import AuthSettings
+from node.roles import Role
 from node.web.auth import Authenticator, NotAuthenticated
 from tests.node.web.conftest import TOKENS
 
