@@ -30,6 +30,7 @@ from node.edge.messages import QueryRequest
 from node.edge.protocol import CommandField
 from node.edge.scu import STORED, associate
 from node.edge.status import RetrieveStatus, Status
+from node.edge.transcode import transcoded
 
 log = logging.getLogger(__name__)
 
@@ -449,11 +450,9 @@ def _store_over(
 
 
 def decoded(path: Path) -> Dataset:
-    """The stored instance with its pixel data decoded (Explicit VR Little Endian)."""
-    dataset = dcmread(path)
-    if dataset.file_meta.TransferSyntaxUID.is_compressed:
-        dataset.decompress()
-    return dataset
+    """The stored instance with its pixel data decoded (Explicit VR Little Endian), its
+    UIDs kept."""
+    return transcoded(dcmread(path), ExplicitVRLittleEndian)
 
 
 def encoded(dataset: Dataset, syntax: UID) -> bytes:

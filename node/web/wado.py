@@ -40,6 +40,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
+from node.edge.transcode import transcoded
 from node.roles import Role
 from node.store.db.models import Instance, Series, Study
 from node.web.context import Context, requires, retrieve_url
@@ -56,13 +57,6 @@ CHUNK_BYTES = 8 << 20
 """Most CT instances are read in one go."""
 TRANSCODABLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 PIXEL_DATA = 0x7FE00010
-ALWAYS_LOSSY = {
-    JPEGBaseline8Bit: "ISO_10918_1",
-    JPEGExtended12Bit: "ISO_10918_1",
-    JPEGLSNearLossless: "ISO_14495_1",
-}
-"""Syntaxes whose pixels are never lossless, and the method their decoded pixels are marked
-with; JPEG 2000 and the rest may be either, and their files say which."""
 STORED_FRAME_TYPES = {
     **dict.fromkeys(
         (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1), "image/jpeg"
@@ -288,20 +282,6 @@ def _instance_bytes(item: Stored, target: UID | None) -> Iterator[bytes]:
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     yield buffer.getvalue()
-
-
-def transcoded(dataset: Dataset, target: UID) -> Dataset:
-    """The stored instance in another transfer syntax: the same UIDs and attributes, only the
-    pixel encoding changes. Pixels decoded from a lossy syntax say so (PS3.3 C.7.6.1.1.5)."""
-    stored = UID(dataset.file_meta.TransferSyntaxUID)
-    if stored.is_compressed:
-        dataset.decompress(generate_instance_uid=False)
-        if stored in ALWAYS_LOSSY and dataset.get("LossyImageCompression") != "01":
-            dataset.LossyImageCompression = "01"
-            if "LossyImageCompressionMethod" not in dataset:
-                dataset.LossyImageCompressionMethod = ALWAYS_LOSSY[stored]
-    dataset.file_meta.TransferSyntaxUID = target
-    return dataset
 
 
 def _metadata(item: Stored, base: str) -> dict[str, Any]:

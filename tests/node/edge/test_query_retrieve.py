@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -374,6 +375,36 @@ def test_movescu_and_getscu_retrieve_the_stored_bytes(
             )
             assert dataset_bytes(path) == stored[uid]
 
+        # Peers that take no JPEG: the node decodes, and every UID stays the stored one.
+        series_keys = ["-k", "QueryRetrieveLevel=SERIES",
+                       "-k", f"StudyInstanceUID={real.StudyInstanceUID}",
+                       "-k", f"SeriesInstanceUID={real.SeriesInstanceUID}"]  # fmt: skip
+        plain_get, plain_move = tmp_path / "plain-get", tmp_path / "plain-move"
+        plain_get.mkdir()
+        result = subprocess.run(
+            [dcmtk("getscu"), "-S", "-aet", "WORKSTATION", "-aec", "AINODE", "-od",
+             str(plain_get), *series_keys, "127.0.0.1", str(node.port)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        with storescp(pacs_port, plain_move):  # DCMTK's default: uncompressed syntaxes only
+            result = subprocess.run(
+                [dcmtk("movescu"), "-S", "-aet", "WORKSTATION", "-aec", "AINODE", "-aem", "PACS",
+                 *series_keys, "127.0.0.1", str(node.port)],
+                env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert wait_until(lambda: len(list(plain_move.glob("*"))) == 3, 10)
+        originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in files[3:]}
+        for path in [*plain_get.iterdir(), *plain_move.iterdir()]:
+            copy = pydicom.dcmread(path)
+            original = originals[copy.SOPInstanceUID]  # the stored UID, not a new one
+            assert not copy.file_meta.TransferSyntaxUID.is_compressed
+            assert (copy.StudyInstanceUID, copy.SeriesInstanceUID) == (
+                original.StudyInstanceUID, original.SeriesInstanceUID
+            )  # fmt: skip
+            assert np.array_equal(copy.pixel_array, original.pixel_array)  # lossless
+
     unknown = subprocess.run(
         [dcmtk("movescu"), "-v", "-S", "-aet", "WORKSTATION", "-aec", "AINODE", "-aem", "NOWHERE",
          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={jane.StudyInstanceUID}",
@@ -386,7 +417,7 @@ def test_movescu_and_getscu_retrieve_the_stored_bytes(
         "service": "C-MOVE", "level": "STUDY", "destination": "PACS", "instances": 3, "failed": 0,
         "studies": [str(jane.StudyInstanceUID)],
     }) in retrieves  # fmt: skip
-    assert len(retrieves) == (2 if len(files) > 3 else 1)
+    assert len(retrieves) == (4 if len(files) > 3 else 1)
 
 
 def test_a_cancel_stops_a_get_and_a_get_without_its_key_is_refused(
