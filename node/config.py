@@ -176,6 +176,9 @@ class Peer(_Section):
     node's own AE title (the peer must know it) or C-GET on the same association."""
     allow: list[Service] = []
     """What it may query and retrieve of what the node holds; nothing by default."""
+    commitment: bool = False
+    """Ask it for storage commitment of the results sent to it (PS3.4 J): a dispatch is
+    delivered only when its report says every instance is committed."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -235,6 +238,9 @@ class DispatchSettings(DeliverySettings):
 
     max_attempts: int = Field(default=24, ge=1)
     retry_max_seconds: float = Field(default=1800.0, gt=0)
+    commitment_timeout_seconds: float = Field(default=600.0, gt=0)
+    """How long a destination asked to commit (`peers.NAME.commitment`) may take to report
+    before the results are sent and the commitment asked again (an attempt spent)."""
 
 
 class NotifySettings(DeliverySettings):

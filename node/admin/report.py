@@ -324,9 +324,10 @@ def render_text(report: StatusReport) -> str:
     lines.extend(render_job(job) for job in report.jobs)
     for d in report.dispatches:
         problem = f"  error: {d.error.splitlines()[0][:120]}" if d.error else ""
+        commitment = f"  commitment {d.commitment}" if d.commitment else ""
         lines.append(
             f"dispatch {d.id:>5}  job {d.job_id} -> {d.destination:<12} {d.state:<9} "
-            f"attempts {d.attempts}  {d.status or ''}{problem}".rstrip()
+            f"attempts {d.attempts}  {d.status or ''}{commitment}{problem}".rstrip()
         )
     for f in report.fetches:
         problem = f"  error: {f.error.splitlines()[0][:120]}" if f.error else ""

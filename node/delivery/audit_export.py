@@ -27,6 +27,7 @@ from node.config import Settings, SyslogSettings
 from node.ops.audit import (
     AdminAction,
     ApplicationEvent,
+    Committed,
     Event,
     Fetched,
     JobEnded,
@@ -264,7 +265,7 @@ class AuditExporter:
                 .join(Series, Instance.series_id == Series.id)
                 .join(Study, Series.study_id == Study.id)
             )
-            if isinstance(facts, Sent) and facts.sop_instances:
+            if isinstance(facts, Sent | Committed) and facts.sop_instances:
                 classes = classes.where(Instance.sop_instance_uid.in_(facts.sop_instances))
             elif isinstance(facts, Received | JobEnded) and facts.series:
                 classes = classes.where(Series.series_instance_uid.in_(facts.series))
@@ -295,6 +296,8 @@ def _event(event: Event) -> tuple[str, Coded, int]:
         return "R", TRANSFERRED, 0
     if event.kind == Kind.RETRIEVE:
         return "R", TRANSFERRED, 4 if isinstance(facts, Retrieved) and facts.failed else 0
+    if event.kind == Kind.COMMITMENT:  # the destination's word on a transfer: kept or not
+        return "R", TRANSFERRED, 4 if isinstance(facts, Committed) and facts.failed else 0
     if event.kind == Kind.QUERY:
         return "E", QUERY, 0
     if event.kind == Kind.JOB:
@@ -331,7 +334,7 @@ def _participants(event: Event, node_ae: str) -> list[tuple[str, bool, Coded | N
             (facts.source, False, SOURCE, None),
             (node_ae, True, DESTINATION, None),
         ]
-    if isinstance(facts, Sent):
+    if isinstance(facts, Sent | Committed):
         return [
             (node_ae, True, SOURCE, None),
             (facts.destination, False, DESTINATION, None),

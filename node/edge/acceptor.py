@@ -4,12 +4,13 @@ state machine from the first byte to release or abort. The PDUs are `pdu`'s, the
 
 pynetdicom decodes the A-ASSOCIATE-RQ, negotiates the presentation contexts and encodes the
 A-ASSOCIATE-AC and -RJ. The data phase is done here: P-DATA-TF reassembly and the C-STORE and
-C-ECHO command sets, read and answered straight from the socket; C-FIND, C-MOVE and C-GET are
-handed to the services with an `_Exchange` for their responses, their C-CANCEL and (C-GET) the
-C-STORE sub-operations on the same association. pynetdicom's own acceptor runs
-two polling reactors per association (its DUL and its association loop), decodes every command
-set into a pydicom Dataset and deep-copies its 120 presentation contexts for each association;
-measured with `bench/ingest.py`, that kept the node at 0.13 x storescp, bound on the CPU.
+C-ECHO command sets, read and answered straight from the socket, and the N-EVENT-REPORTs of
+storage commitment; C-FIND, C-MOVE and C-GET are handed to the services with an `_Exchange`
+for their responses, their C-CANCEL and (C-GET) the C-STORE sub-operations on the same
+association. pynetdicom's own acceptor runs two polling reactors per association (its DUL
+and its association loop), decodes every command set into a pydicom Dataset and deep-copies
+its 120 presentation contexts for each association; measured with `bench/ingest.py`, that
+kept the node at 0.13 x storescp, bound on the CPU.
 
 Every peer may be broken or hostile. What it sends is read against deadlines for whole PDUs
 (ARTIM for the A-ASSOCIATE-RQ, PS3.8 9.1.5; the network timeout after it), into buffers that
@@ -51,6 +52,15 @@ from pynetdicom.presentation import (
     negotiate_as_acceptor,
 )
 
+from node.edge.commitment import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    BadReport,
+    CommitmentReport,
+    EventReportStatus,
+    report_of,
+)
 from node.edge.limits import (
     FIRST_READ,
     MAX_ASSOCIATE_RQ_BYTES,
@@ -63,6 +73,7 @@ from node.edge.messages import (
     QueryRequest,
     Reply,
     StoreRequest,
+    as_uid,
     as_us,
     command_elements,
     query_request,
@@ -140,6 +151,9 @@ class Services(Protocol):
     ) -> None:
         """Answer a C-FIND, C-MOVE or C-GET through `exchange`."""
 
+    def commitment_report(self, association: Association, report: CommitmentReport) -> Reply:
+        """Record a peer's storage commitment report."""
+
     def closed(self, association: Association) -> None: ...
 
 
@@ -157,10 +171,14 @@ C_STORE_RSP = CommandField.C_STORE_RQ | CommandField.RESPONSE
 
 def supported_contexts() -> list[PresentationContext]:
     """Verification and every Storage SOP class, in every transfer syntax pydicom knows (the
-    storage classes also in the SCU role, for C-GET); the Query/Retrieve classes in Implicit
-    and Explicit VR Little Endian."""
+    storage classes also in the SCU role, for C-GET); the Query/Retrieve classes, and Storage
+    Commitment for the reports of the peers the node sends to (the peer as its SCP), in
+    Implicit and Explicit VR Little Endian."""
     contexts = [build_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)]
     contexts.extend(build_context(uid, list(QUERY_SYNTAXES)) for uid in QUERY_RETRIEVE_CLASSES)
+    commitment = build_context(STORAGE_COMMITMENT, list(COMMITMENT_SYNTAXES))
+    commitment.scu_role = commitment.scp_role = True
+    contexts.append(commitment)
     for storage in StoragePresentationContexts:
         if storage.abstract_syntax is None:
             continue
@@ -434,6 +452,9 @@ class _Connection(socketserver.BaseRequestHandler):
             if field_ in QUERY_COMMANDS:
                 self._query_retrieve(association, messages, context_id, command, dataset)
                 continue
+            if field_ == CommandField.N_EVENT_REPORT_RQ:
+                self._event_report(association, context_id, command, dataset)
+                continue
             reply = self._dispatch(association, context_id, command, dataset)
             self._respond(context_id, command, reply)
         association.released = True
@@ -467,6 +488,41 @@ class _Connection(socketserver.BaseRequestHandler):
             if not exchange.answered:
                 comment = "processing failure in the query/retrieve SCP"
                 exchange.respond(RetrieveStatus.UNABLE_TO_PROCESS, comment=comment)
+
+    def _event_report(
+        self,
+        association: Association,
+        context_id: int,
+        command: dict[int, bytes],
+        dataset: bytes | None,
+    ) -> None:
+        """A storage commitment report: recorded by the services, answered with their
+        status (the Event Type ID echoed, as PS3.7 10.3.1 has it)."""
+        context = association.contexts[context_id]
+        event_type = as_us(command, CommandTag.EVENT_TYPE_ID, default=0)
+        extra: dict[int, bytes] = {CommandTag.EVENT_TYPE_ID: us(event_type)}
+        instance = as_uid(command, CommandTag.AFFECTED_SOP_INSTANCE_UID)
+        if context.abstract_syntax != STORAGE_COMMITMENT:
+            comment = "N-EVENT-REPORT is taken for Storage Commitment only"
+            reply = Reply(EventReportStatus.NO_SUCH_SOP_CLASS, comment)
+        elif instance != STORAGE_COMMITMENT_INSTANCE:
+            reply = Reply(EventReportStatus.NO_SUCH_SOP_INSTANCE, f"SOP Instance {instance[:40]}")
+        else:
+            implicit = context.transfer_syntax[0] == COMMITMENT_SYNTAXES[0]
+            try:
+                report = report_of(event_type, dataset, implicit)
+            except BadReport as exc:
+                reply = Reply(exc.status, str(exc))
+            else:
+                reply = self._recorded(association, report)
+        self._respond(context_id, command, reply, extra)
+
+    def _recorded(self, association: Association, report: CommitmentReport) -> Reply:
+        try:
+            return self.server.services.commitment_report(association, report)
+        except Exception:  # a fault of ours must not take the association down with it
+            log.exception("association %s: a storage commitment report failed", association.id)
+            return Reply(EventReportStatus.PROCESSING_FAILURE, "the report cannot be recorded")
 
     def _messages(
         self, association: Association
@@ -555,7 +611,8 @@ class _Connection(socketserver.BaseRequestHandler):
             return Reply(Status.SUCCESS)
         if field_ != CommandField.C_STORE_RQ or context.abstract_syntax == VERIFICATION:
             return Reply(
-                Status.UNRECOGNIZED_OPERATION, "C-STORE, C-ECHO, C-FIND, C-MOVE, C-GET are served"
+                Status.UNRECOGNIZED_OPERATION,
+                "C-STORE, C-ECHO, C-FIND, C-MOVE, C-GET, N-EVENT-REPORT are served",
             )
         if dataset is None:
             return Reply(Status.CANNOT_UNDERSTAND, "C-STORE-RQ without a dataset")
@@ -571,8 +628,14 @@ class _Connection(socketserver.BaseRequestHandler):
             log.exception("association %s: storing %s failed", association.id, request.message_id)
             return Reply(Status.PROCESSING_FAILURE, "processing failure in the receiver")
 
-    def _respond(self, context_id: int, command: dict[int, bytes], reply: Reply) -> None:
-        self._send(p_data(context_id, response(command, reply), self._peer_max_pdu))
+    def _respond(
+        self,
+        context_id: int,
+        command: dict[int, bytes],
+        reply: Reply,
+        extra: dict[int, bytes] | None = None,
+    ) -> None:
+        self._send(p_data(context_id, response(command, reply, extra), self._peer_max_pdu))
 
     def _read_pdu(self, limit: int, deadline: float, what: str) -> tuple[int, bytearray]:
         """One whole PDU, or Deadline if it has not all arrived by `deadline`."""

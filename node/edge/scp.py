@@ -16,6 +16,7 @@ from typing import Protocol
 
 from node.config import InboundTlsSettings, Peer, Settings
 from node.edge.acceptor import Acceptor, Association
+from node.edge.commitment import CommitmentReport, EventReportStatus, Reports
 from node.edge.limits import Limits
 from node.edge.messages import QueryRequest, Reply, StoreRequest
 from node.edge.protocol import (
@@ -47,13 +48,19 @@ class InstanceHandler(Protocol):
 
 class StorageSCP:
     """Verification and every Storage SOP class, in every transfer syntax pydicom knows; with
-    an `archive`, Query/Retrieve (C-FIND, C-MOVE, C-GET) over what the node holds."""
+    an `archive`, Query/Retrieve (C-FIND, C-MOVE, C-GET) over what the node holds; with
+    `reports`, the storage commitment reports of the peers the node sends to."""
 
     def __init__(
-        self, settings: Settings, handler: InstanceHandler, archive: Archive | None = None
+        self,
+        settings: Settings,
+        handler: InstanceHandler,
+        archive: Archive | None = None,
+        reports: Reports | None = None,
     ) -> None:
         self._settings = settings
         self._handler = handler
+        self._reports = reports
         self._query_retrieve = None if archive is None else QueryRetrieveSCP(settings, archive)
         self._peer_addresses = {peer.ae_title: _addresses(peer) for peer in settings.peers.values()}
         self._acceptors: list[Acceptor] = []
@@ -154,6 +161,12 @@ class StorageSCP:
             exchange.respond(Status.SOP_CLASS_NOT_SUPPORTED, comment=comment)
             return
         self._query_retrieve.serve(association.calling_ae, request, exchange)
+
+    def commitment_report(self, association: Association, report: CommitmentReport) -> Reply:
+        if self._reports is None:
+            comment = "this receiver takes no storage commitment reports"
+            return Reply(EventReportStatus.NO_SUCH_SOP_CLASS, comment)
+        return self._reports.report(association.calling_ae, report)
 
     def store(self, association: Association, request: StoreRequest, dataset: bytes) -> Reply:
         with self._lock:

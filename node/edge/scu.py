@@ -1,4 +1,5 @@
-"""The node as a DIMSE client: associations with configured peers, C-ECHO and C-STORE."""
+"""The node as a DIMSE client: associations with configured peers, C-ECHO, C-STORE, and the
+storage commitment request that follows a C-STORE."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, Association, evt
 
 from node.config import Peer
+from node.edge.commitment import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT,
+    Reference,
+    request_commitment,
+)
 from node.edge.protocol import VERIFICATION
 from node.edge.status import Status, StoreWarning
 
@@ -82,6 +89,9 @@ def associate(
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if assoc.is_rejected:
         return f"association rejected by {where}"
+    refused = sorted({UID(cx.abstract_syntax or "").name for cx in assoc.rejected_contexts})
+    if refused and not assoc.accepted_contexts:
+        return f"{where} accepts none of the SOP classes proposed: {', '.join(refused)}"
     return f"no association with {where} (down, unreachable or aborted)"
 
 
@@ -151,3 +161,28 @@ def store(
     if failures:
         return StoreResult(False, f"{counts}; " + "; ".join(failures), tuple(stored))
     return StoreResult(True, counts, tuple(stored))
+
+
+def ask_commitment(
+    local_ae_title: str,
+    peer: Peer,
+    transaction_uid: str,
+    references: Sequence[Reference],
+    timeout: float = 30.0,
+) -> str | None:
+    """Ask `peer` to commit `references` under `transaction_uid` (an N-ACTION on an
+    association of its own, opened once the request is on record, so the report can come
+    at once); why it was not taken, or None."""
+    ae = AE(ae_title=local_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(STORAGE_COMMITMENT, list(COMMITMENT_SYNTAXES))
+    assoc = associate(ae, peer)
+    if isinstance(assoc, str):
+        return assoc
+    try:
+        return request_commitment(assoc, transaction_uid, references)
+    except ValueError:  # no accepted context for it
+        return f"{peer.ae_title} does not accept the Storage Commitment Push Model"
+    finally:
+        if assoc.is_established:
+            assoc.release()

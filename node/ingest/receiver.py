@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from node.config import Settings
 from node.edge.scp import StorageSCP
 from node.ingest.archive import CatalogArchive
+from node.ingest.commitments import CatalogReports
 from node.ingest.dimse import DimseIntake
 from node.ingest.intake import Intake
 from node.ops.lifecycle import Ready, stop_when_parent_exits, wait_for_stop
@@ -41,7 +42,8 @@ class Receiver:
         self.store = InstanceStore(settings.storage.path)
         intake = Intake(self.store, self.catalog, settings.storage.min_free_mb)
         archive = CatalogArchive(self.engine, settings.storage.path)
-        self.scp = StorageSCP(settings, DimseIntake(intake), archive)
+        reports = CatalogReports(self.engine, settings)
+        self.scp = StorageSCP(settings, DimseIntake(intake), archive, reports)
         self._reuse_port = reuse_port
 
     def start(self) -> None:

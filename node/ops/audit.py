@@ -42,6 +42,8 @@ class Kind(enum.StrEnum):
     """A peer's C-FIND answered (PS3.15 Query)."""
     RETRIEVE = "retrieve"
     """Instances a peer's C-MOVE or C-GET sent (PS3.15 DICOM Instances Transferred)."""
+    COMMITMENT = "commitment"
+    """A destination's storage commitment report on sent results."""
 
 
 class Action(enum.StrEnum):
@@ -111,6 +113,17 @@ class Sent(Facts):
     status: str
 
 
+class Committed(Facts):
+    kind = Kind.COMMITMENT
+    destination: str
+    dispatch: int
+    transaction_uid: str
+    sop_instances: list[str]
+    """What the destination committed."""
+    failed: list[str] = []
+    """Sent, and reported failed or not reported: the dispatch is sent again."""
+
+
 class Fetched(Facts):
     kind = Kind.FETCHED
     source: str
@@ -171,6 +184,7 @@ FACTS: dict[str, type[Facts]] = {
         Received,
         JobEnded,
         Sent,
+        Committed,
         Fetched,
         AdminAction,
         ApplicationEvent,

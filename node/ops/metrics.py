@@ -40,6 +40,12 @@ DISPATCHES = Counter(
     "Attempts to send results, by destination and outcome",
     ["destination", "outcome"],
 )
+COMMITMENTS = Counter(
+    "ainode_storage_commitments",
+    "Storage commitment outcomes of sent results, by destination: committed, failed "
+    "(the destination reported failures) or unreported (no report in time)",
+    ["destination", "outcome"],
+)
 FETCHES = Counter("ainode_fetches", "Fetch runs, by source and outcome", ["source", "outcome"])
 GPU_MEMORY = Gauge(
     "ainode_gpu_memory_peak_bytes",

@@ -184,6 +184,48 @@ class LeasedQueue:
     ) -> WorkState | None:
         """Record a failure: `failed` if permanent, `dead` after the last attempt, else
         `retrying` after the policy's delay. None when the lease was lost."""
+        return self._failed(self.owned(row_id, owner), row_id, error, permanent, **values)
+
+    def wait(
+        self, conn: Connection, row_id: int, owner: str, until: datetime, **values: object
+    ) -> bool:
+        """Settle a leased row as waiting for a peer's answer until `until` (with `values`),
+        in the caller's transaction; False when the lease was lost."""
+        return bool(
+            conn.execute(
+                self.owned(row_id, owner).values(
+                    state=WorkState.WAITING,
+                    run_after=until,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    **values,
+                )
+            ).rowcount
+        )
+
+    def overdue(self) -> list[int]:
+        """The waiting rows whose time is up (or whose answer was a failure)."""
+        table = self.table
+        with self._engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(table.id).where(
+                        table.state == WorkState.WAITING, table.run_after <= utcnow()
+                    )
+                ).scalars()
+            )
+
+    def give_up_waiting(self, row_id: int, error: str, **values: object) -> WorkState | None:
+        """A waiting row's answer failed or never came: retried, or dead after its last
+        attempt. None when it no longer waits (answered, cancelled meanwhile)."""
+        waiting = update(self.table).where(
+            self.table.id == row_id, self.table.state == WorkState.WAITING
+        )
+        return self._failed(waiting, row_id, error, permanent=False, **values)
+
+    def _failed(
+        self, change: Update, row_id: int, error: str, permanent: bool, **values: object
+    ) -> WorkState | None:
         table, now = self.table, utcnow()
         with self._engine.begin() as conn:
             attempts, max_attempts = conn.execute(
@@ -199,7 +241,7 @@ class LeasedQueue:
                 this_set = attempts - retried_at
                 run_after = now + timedelta(seconds=self.policy.delay(this_set))
             changed = conn.execute(
-                self.owned(row_id, owner).values(
+                change.values(
                     state=state,
                     error=error[:ERROR_LENGTH],
                     run_after=run_after,

@@ -1,6 +1,11 @@
 """Dispatches: each (job, destination) is sent, retried with backoff when it fails, and
 recorded. Created with the job's success (same transaction), so no result is ever lost
 between the worker and the sender; destinations are independent of one another.
+
+A destination asked for storage commitment (`peers.NAME.commitment`) is sent the results and
+then the request; the dispatch waits for the report (`node.store.commitments` records it)
+and is delivered only when every instance is committed. A report of failures, or none
+within `dispatch.commitment_timeout_seconds`, spends an attempt: sent again, or dead.
 """
 
 from __future__ import annotations
@@ -8,17 +13,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import generate_uid
 from sqlalchemy import Connection, Engine, select
 
-from node.config import NoDestination, NotifyOn, Settings, api_link
-from node.delivery.dispatch.senders import Delivery, send
+from node.config import NoDestination, NotifyOn, Peer, Settings, api_link
+from node.delivery.dispatch.senders import Delivery, ask_to_commit, send
 from node.edge.scu import StoreResult
 from node.ops.audit import Sent, record_quietly
-from node.ops.metrics import DISPATCHES
-from node.store.db.models import Dispatch, Job, Series, WorkState
+from node.ops.metrics import COMMITMENTS, DISPATCHES
+from node.store.db.models import CommitmentState, Dispatch, Job, Series, WorkState, utcnow
 from node.store.leased import Held, Lease, LeasedQueue, LeasedWorkLoop, RetryPolicy
 from node.store.notifications import queue_notifications
 
@@ -61,6 +68,11 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
         """Dispatches left running by a stopped node go out again (UIDs are stable, so a
         resend replaces, never duplicates)."""
         return self.queue.requeue_running()
+
+    def run_due(self) -> int:
+        """Give up the commitments that failed or timed out, then send what is due."""
+        self._settle_commitments()
+        return super().run_due()
 
     def load(self, conn: Connection, leases: list[Lease]) -> list[Held[Outgoing]]:
         rows = conn.execute(
@@ -109,52 +121,136 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
             outcome = send(target, delivery)
         except Exception as exc:  # a sender bug or an unreadable file: record, retry
             outcome = StoreResult(False, f"{type(exc).__name__}: {exc}")
-        if outcome.ok:
-            self.succeed(lease, status=outcome.detail, sent=outcome.stored)
-            log.info("dispatch %d to %s: %s", lease.id, destination, outcome.detail)
-            DISPATCHES.labels(destination, "succeeded").inc()
-            self._audit(lease, outgoing, outcome)
+        if not outcome.ok:
+            state = self.fail(lease, outcome.detail, permanent=False)
+            DISPATCHES.labels(destination, str(state)).inc()
+            self._failed(
+                lease.id, outgoing.job_id, destination, state, lease.attempt, outcome.detail
+            )
             return
-        state = self.fail(lease, outcome.detail, permanent=False)
-        DISPATCHES.labels(destination, str(state)).inc()
+        log.info("dispatch %d to %s: %s", lease.id, destination, outcome.detail)
+        DISPATCHES.labels(destination, "succeeded").inc()
+        self._audit(lease, outgoing, outcome)
+        if isinstance(target, Peer) and target.commitment:
+            self._ask_commitment(lease, outgoing, target, delivery, outcome)
+        else:
+            self.succeed(lease, status=outcome.detail, sent=outcome.stored)
+
+    def _ask_commitment(
+        self,
+        lease: Lease,
+        outgoing: Outgoing,
+        peer: Peer,
+        delivery: Delivery,
+        outcome: StoreResult,
+    ) -> None:
+        """Sent: the dispatch waits for the report of a request recorded before it is made
+        (the peer may report at once), or spends its attempt when the peer refuses it."""
+        uid = generate_uid()
+        until = utcnow() + timedelta(seconds=self._settings.dispatch.commitment_timeout_seconds)
+        with self._engine.begin() as conn:
+            waits = self.queue.wait(
+                conn,
+                lease.id,
+                self.owner,
+                until,
+                status=outcome.detail,
+                sent=outcome.stored,
+                commitment=CommitmentState.PENDING,
+                transaction_uid=uid,
+            )
+        if not waits:
+            log.warning("dispatch %d sent after losing its lease", lease.id)
+            return
+        refused = ask_to_commit(peer, delivery, uid, outcome.stored)
+        if refused is None:
+            log.info("dispatch %d to %s: storage commitment asked", lease.id, outgoing.destination)
+            return
+        state = self.queue.give_up_waiting(lease.id, refused, commitment=CommitmentState.FAILED)
+        if state is not None:
+            DISPATCHES.labels(outgoing.destination, str(state)).inc()
+            self._failed(
+                lease.id, outgoing.job_id, outgoing.destination, state, lease.attempt, refused
+            )
+
+    def _settle_commitments(self) -> None:
+        """Each waiting dispatch whose report named failures, or that had none in time, is
+        sent again later, or is dead (and alerts) after its last attempt."""
+        for dispatch_id in self.queue.overdue():
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    select(
+                        Dispatch.destination,
+                        Dispatch.commitment,
+                        Dispatch.error,
+                        Dispatch.attempts,
+                        Dispatch.job_id,
+                    ).where(Dispatch.id == dispatch_id)
+                ).one()
+            reported = row.commitment == CommitmentState.FAILED
+            error = (
+                row.error
+                if reported and row.error
+                else f"no storage commitment report from {row.destination} within "
+                f"{self._settings.dispatch.commitment_timeout_seconds:g} s"
+            )
+            state = self.queue.give_up_waiting(
+                dispatch_id, error, commitment=CommitmentState.FAILED
+            )
+            if state is None:
+                continue  # answered or cancelled meanwhile
+            if not reported:
+                COMMITMENTS.labels(row.destination, "unreported").inc()
+            DISPATCHES.labels(row.destination, str(state)).inc()
+            self._failed(dispatch_id, row.job_id, row.destination, state, row.attempts, error)
+
+    def _failed(
+        self,
+        dispatch_id: int,
+        job_id: int,
+        destination: str,
+        state: WorkState | None,
+        attempt: int,
+        error: str,
+    ) -> None:
+        """Log a failed attempt; a dead dispatch alerts."""
         if state == WorkState.DEAD:
             log.error(
                 "dispatch %d to %s dead after %d attempts: %s",
-                lease.id,
+                dispatch_id,
                 destination,
-                lease.attempt,
-                outcome.detail,
+                attempt,
+                error,
             )
-            self._alert(lease, outgoing, outcome.detail)
+            self._alert(dispatch_id, job_id, destination, error)
         else:
             log.warning(
-                "dispatch %d to %s failed (attempt %d of %d, %s): %s",
-                lease.id,
+                "dispatch %d to %s failed (attempt %d, %s): %s",
+                dispatch_id,
                 destination,
-                lease.attempt,
-                lease.max_attempts,
+                attempt,
                 state,
-                outcome.detail,
+                error,
             )
 
-    def _alert(self, lease: Lease, outgoing: Outgoing, error: str) -> None:
+    def _alert(self, dispatch_id: int, job_id: int, destination: str, error: str) -> None:
         """Tell the job's `undelivered` notification targets (the metric counts it too)."""
         settings = self._settings
         try:
             with self._engine.begin() as conn:
                 queue_notifications(
                     conn,
-                    outgoing.job_id,
+                    job_id,
                     settings.notifications,
                     {NotifyOn.UNDELIVERED},
                     settings.notify.max_attempts,
-                    destination=outgoing.destination,
-                    dispatch=lease.id,
+                    destination=destination,
+                    dispatch=dispatch_id,
                     error=error,
                     link=api_link(settings),
                 )
         except Exception as exc:  # the dispatch is recorded dead; its alert is not
-            log.error("dispatch %d: undelivered notification not queued: %s", lease.id, exc)
+            log.error("dispatch %d: undelivered notification not queued: %s", dispatch_id, exc)
 
     def _audit(self, lease: Lease, outgoing: Outgoing, outcome: StoreResult) -> None:
         """A `sent` audit event: where to, and the SOP instances the destination took."""

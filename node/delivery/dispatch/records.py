@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
-from node.store.db.models import Dispatch, WorkState
+from node.store.db.models import CommitmentState, Dispatch, WorkState
 from node.store.leased import newest
 
 
@@ -27,6 +27,9 @@ class DispatchView:
     """The job's result files, queued for every destination."""
     sent: list[str] | None
     """The SOP Instance UIDs this destination took (None until sent)."""
+    commitment: CommitmentState | None
+    """pending, committed or failed where the destination is asked for storage commitment
+    (`peers.NAME.commitment`); delivered only when committed."""
     created_at: datetime
     finished_at: datetime | None
 

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
+
 from node.config import DicomWebDestination, Peer
 from node.delivery.dispatch.dicomweb import stow
-from node.edge.scu import CStorePriority, StoreResult, store
+from node.edge.commitment import Reference
+from node.edge.scu import CStorePriority, StoreResult, ask_commitment, store
 from node.flow.routing.rules import Priority
 from node.work.results.files import is_key_image
 
@@ -31,6 +34,18 @@ def send_dimse(peer: Peer, delivery: Delivery) -> StoreResult:
     priority = CStorePriority.HIGH if delivery.priority == Priority.STAT else CStorePriority.MEDIUM
     files = wanted(delivery.files, peer.key_images)
     return store(delivery.ae_title, peer, files, delivery.timeout, priority)
+
+
+def ask_to_commit(peer: Peer, delivery: Delivery, uid: str, stored: Sequence[str]) -> str | None:
+    """Ask a DIMSE peer to commit the instances of `delivery` it stored, under `uid`; why it
+    did not take the request, or None."""
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in delivery.files]
+    references = [
+        Reference(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+        for ds in headers
+        if str(ds.SOPInstanceUID) in stored
+    ]
+    return ask_commitment(delivery.ae_title, peer, uid, references, delivery.timeout)
 
 
 def send_stow(destination: DicomWebDestination, delivery: Delivery) -> StoreResult:

@@ -240,7 +240,8 @@ class SeriesAssociation(Base):
 
 class WorkState(enum.StrEnum):
     """States of leased work (jobs, dispatches): queued -> running -> succeeded | failed |
-    retrying -> (running ...) | dead; cancelled. See `node.store.leased`."""
+    retrying -> (running ...) | dead; cancelled; a dispatch may wait between running and
+    succeeded for its destination's storage commitment. See `node.store.leased`."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -249,6 +250,21 @@ class WorkState(enum.StrEnum):
     RETRYING = "retrying"
     DEAD = "dead"
     CANCELLED = "cancelled"
+    WAITING = "waiting"
+    """Done on our side, waiting for the peer's answer until `run_after` (a dispatch for
+    the destination's storage commitment report)."""
+
+
+class CommitmentState(enum.StrEnum):
+    """A dispatch's storage commitment (PS3.4 J) by a destination that gives it."""
+
+    PENDING = "pending"
+    """Asked (N-ACTION answered), no report yet."""
+    COMMITTED = "committed"
+    """The destination reported every instance sent as committed."""
+    FAILED = "failed"
+    """The report named failures, or none came in time: the dispatch is sent again, or is
+    dead after its last attempt."""
 
 
 class LeasedWork:
@@ -308,6 +324,10 @@ class Dispatch(LeasedWork, Base):
     sent: Mapped[list[str] | None] = mapped_column(TextList)
     """The SOP Instance UIDs the destination acknowledged (None until sent)."""
     status: Mapped[str | None] = mapped_column(Text)
+    commitment: Mapped[CommitmentState | None] = mapped_column(StateText(CommitmentState))
+    """None for a destination not asked to commit (`peers.NAME.commitment`)."""
+    transaction_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    """The storage commitment request's Transaction UID (each request a new one)."""
 
 
 class Notification(LeasedWork, Base):

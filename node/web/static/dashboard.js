@@ -5,6 +5,7 @@
 
 const REFRESH_MS = 3000;
 const SHOWN_SERIES = 50;
+const SHOWN_DISPATCHES = 10;
 const PRIORITIES = ["stat", "routine", "low"];
 const ATTENTION = new Set(["failed", "dead", "retrying"]);
 const RETRYABLE = new Set(["failed", "dead", "cancelled"]);
@@ -167,6 +168,18 @@ function renderAttention(status) {
   });
 }
 
+function renderDeliveries(status) {
+  fill("#deliveries", status.dispatches.slice(0, SHOWN_DISPATCHES), (row, d) => {
+    cell(row, d.id);
+    cell(row, d.job_id);
+    cell(row, d.destination);
+    cell(row, d.state, `state-${d.state}`);
+    cell(row, d.commitment || "not asked", d.commitment ? `state-${d.commitment}` : "");
+    cell(row, d.attempts);
+    cell(row, when(d.finished_at));
+  });
+}
+
 function renderSystem(status) {
   fill("#pipelines", status.pipelines, (row, p) => {
     cell(row, p.name);
@@ -231,6 +244,7 @@ async function refresh() {
     renderSeries(status);
     renderQueue(status);
     renderAttention(status);
+    renderDeliveries(status);
     renderSystem(status);
     if (!rulesLoaded) {
       $("#rules-text").value = status.rules.text ?? "";

@@ -227,6 +227,7 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
         Action,
         AdminAction,
         ApplicationEvent,
+        Committed,
         JobEnded,
         PatientRecordRead,
         Queried,
@@ -264,6 +265,11 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
         studies=[study],
     )  # fmt: skip
     record(engine, "WORKSTATION", moved, study)
+    committed = Committed(
+        destination="pacs", dispatch=1, transaction_uid=generate_uid(),
+        sop_instances=sent.sop_instances[:0], failed=sent.sop_instances,
+    )  # fmt: skip
+    record(engine, "ORTHANC", committed, study)
     port = free_port()
     collector = Collector()
     settings = Settings.model_validate(
@@ -274,12 +280,17 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
     )
     with tcp_listener(port, collector):
         exporter = AuditExporter(engine, settings)
-        assert exporter.run_due() == 9
+        assert exporter.run_due() == 10
         exporter.close()
-        audits = wait_until(lambda: len(collector.audits()) == 9 and collector.audits(), 10)
+        audits = wait_until(lambda: len(collector.audits()) == 10 and collector.audits(), 10)
     assert [event_id(a) for a in audits] == [
         "110100", "110104", "110103", "110103", "110104", "110113", "110110", "110112", "110104",
+        "110104",
     ]  # fmt: skip
+    commitment = audits[9]  # the PACS's word on a transfer: here, it kept nothing
+    assert commitment.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    who = [p.get("UserID") for p in commitment.iter("ActiveParticipant")]
+    assert who == ["AINODE", "pacs"]
     query, retrieve = audits[7], audits[8]
     assert [p.get("UserID") for p in query.iter("ActiveParticipant")] == ["WORKSTATION", "AINODE"]
     assert retrieve.find("EventIdentification").get("EventOutcomeIndicator") == "4"  # one failed
