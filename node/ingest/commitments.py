@@ -39,7 +39,11 @@ class CatalogReports:
             comment = f"{calling_ae} is not asked for storage commitment"
             return Reply(EventReportStatus.INVALID_ARGUMENT_VALUE, comment)
         recorded = record_report(
-            self._engine, names, report.transaction_uid, report.committed, report.failed
+            self._engine,
+            (calling_ae, names),
+            report.transaction_uid,
+            report.committed,
+            report.failed,
         )
         if recorded.answered == Answered.UNKNOWN:
             log.warning(

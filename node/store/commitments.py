@@ -8,8 +8,9 @@ import enum
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, and_, or_, select, update
 
+from node.config import ORIGIN
 from node.store.db.models import (
     CommitmentState,
     Dispatch,
@@ -49,14 +50,16 @@ class Recorded:
 
 def record_report(
     engine: Engine,
-    destinations: Collection[str],
+    peer: tuple[str, Collection[str]],
     transaction_uid: str,
     committed: Collection[str],
     failed: Mapping[str, int],
 ) -> Recorded:
-    """Record a report of `transaction_uid` from the peer known as `destinations` (its
-    names in `peers`): `committed` SOP Instance UIDs and `failed` ones with their Failure
-    Reason. An instance sent but named in neither list counts as failed."""
+    """Record a report of `transaction_uid` from `peer` (its AE title, and its names in
+    `peers`; a dispatch to `origin` is its when it sent the series): `committed` SOP
+    Instance UIDs and `failed` ones with their Failure Reason. An instance sent but named in
+    neither list counts as failed."""
+    ae_title, names = peer
     with engine.begin() as conn:
         row = conn.execute(
             select(
@@ -71,7 +74,10 @@ def record_report(
             .join(Study, Study.id == Series.study_id)
             .where(
                 Dispatch.transaction_uid == transaction_uid,
-                Dispatch.destination.in_(list(destinations)),
+                or_(
+                    Dispatch.destination.in_(list(names)),
+                    and_(Dispatch.destination == ORIGIN, Series.calling_ae == ae_title),
+                ),
             )
         ).first()
         if row is None:

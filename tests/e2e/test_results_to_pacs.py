@@ -38,7 +38,12 @@ def start_node_for(
         port=orthanc.node_port,
         routing={"rules_file": str(rules)},
         peers={
-            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+            "pacs": {
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "commitment": True,  # delivered when Orthanc's report commits it
+            },
             "offline": {"ae_title": "GONE", "host": "127.0.0.1", "port": free_port()},
         },
         dicomweb={"pacs-web": {"url": orthanc.dicomweb_url, "key_images": True}},
@@ -109,9 +114,13 @@ def test_results_arrive_in_the_same_study_by_c_store(
     }
     assert referenced == source_uids
 
-    # one destination down never holds back another
-    dispatches = {d["destination"]: d for d in node.status()["dispatches"]}
-    assert dispatches["origin"]["state"] == "succeeded"
+    # delivered once Orthanc committed it; one destination down never holds back another
+    def committed() -> dict | None:
+        dispatches = {d["destination"]: d for d in node.status()["dispatches"]}
+        return dispatches if dispatches["origin"]["state"] == "succeeded" else None
+
+    dispatches = wait_until(committed, timeout=60, interval=0.5)
+    assert dispatches["origin"]["commitment"] == "committed"
     assert dispatches["origin"]["status"] == "2 of 2 stored"
     assert dispatches["offline"]["state"] in ("retrying", "running")
 
