@@ -135,9 +135,13 @@ def status(
 def verify(
     config: ConfigOption,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Compare sizes only, not every file's SHA-256.")
+    ] = False,
 ) -> None:
     """Check every stored instance file against the catalog: exit 0 when they agree, 1 with
-    what is missing, unrecorded, changed or mislabelled (nothing is changed)."""
+    what is missing, unrecorded, changed (size or SHA-256) or mislabelled (nothing is
+    changed)."""
     import json
     from dataclasses import asdict
 
@@ -147,7 +151,7 @@ def verify(
     settings = _settings(config)
     engine = _engine(settings)
     try:
-        found = verify_store(engine, InstanceStore(settings.storage.path))
+        found = verify_store(engine, InstanceStore(settings.storage.path), quick)
     finally:
         engine.dispose()
     if as_json:
@@ -157,7 +161,9 @@ def verify(
             for path in getattr(found, problem):
                 typer.echo(f"{problem}: {path}")
         verdict = "every file matches the catalog" if found.clean else "problems above"
-        typer.echo(f"{found.checked} files checked: {verdict}")
+        how = "sizes" if quick else "sizes and SHA-256"
+        older = f"; {found.unhashed} recorded without a hash, by size" if found.unhashed else ""
+        typer.echo(f"{found.checked} files checked ({how}{older}): {verdict}")
     if not found.clean:
         raise typer.Exit(1)
 

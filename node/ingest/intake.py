@@ -31,6 +31,7 @@ from node.store.storage import (
     StorageError,
     StorageFull,
     WriteOutcome,
+    content_hash,
 )
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class Intake:
             size_bytes=len(header) + len(dataset),
             received_at=utcnow(),
             source=sender.source,
+            sha256=content_hash((header, body)) if outcome is WriteOutcome.CREATED else None,
         )
         opening = None
         if not delivery.recorded:

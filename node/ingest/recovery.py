@@ -27,7 +27,7 @@ from node.ingest.metadata import InstanceMetadata
 from node.store.catalog import Catalog, Receipt
 from node.store.db.engine import sqlite_file
 from node.store.db.models import Instance
-from node.store.storage import InstanceStore, InvalidUID
+from node.store.storage import InstanceStore, InvalidUID, file_hash
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def rerecord_unrecorded(
                 transfer_syntax_uid=transfer_syntax,
                 size_bytes=stat.st_size,
                 received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
+                sha256=file_hash(path),
             )
             catalog.record_instance(meta, receipt, content_changed=True, link=True)
             recorded += 1

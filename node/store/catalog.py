@@ -80,6 +80,8 @@ class Receipt:
     size_bytes: int
     received_at: datetime
     source: Source = Source.DIMSE
+    sha256: str | None = None
+    """Of the file as stored (None when the bytes were already there: a re-send)."""
 
 
 @dataclass(frozen=True)
@@ -347,6 +349,7 @@ INSTANCE_COLUMNS = (
     "number_of_frames",
     "path",
     "size_bytes",
+    "sha256",
     "revision",
     "calling_ae",
     "association_id",
@@ -370,6 +373,7 @@ def _instance_values(
         "number_of_frames": meta.number_of_frames,
         "path": str(meta.key.relative_path),
         "size_bytes": receipt.size_bytes,
+        "sha256": receipt.sha256,
         "revision": revision,
         "calling_ae": receipt.calling_ae,
         "association_id": receipt.association_id,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import hashlib
 import itertools
 import os
 import re
@@ -274,6 +275,24 @@ def _same_content(path: Path, chunks: tuple[Chunk, ...]) -> bool:
             if file.read(end - start) != theirs:
                 return False
         return True
+
+
+def content_hash(chunks: tuple[Chunk, ...]) -> str:
+    """The SHA-256 of a file made of `chunks` (hex), as `file_hash` reads it back."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        if isinstance(chunk, FileRegion):
+            for start in range(0, len(chunk), COMPARE_STEP):
+                digest.update(chunk.read(start, min(COMPARE_STEP, len(chunk) - start)))
+        else:
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    """The SHA-256 of a stored file (hex)."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _write_synced(path: Path, chunks: tuple[Chunk, ...]) -> None:

@@ -202,6 +202,8 @@ class Instance(Base):
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    """Of the file as stored, for `ainode verify` (None in rows older than it)."""
     revision: Mapped[int] = mapped_column(Integer)
     calling_ae: Mapped[str | None] = mapped_column(SENDER)
     association_id: Mapped[str | None] = mapped_column(String(32))
