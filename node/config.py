@@ -251,6 +251,19 @@ class FetchSettings(DeliverySettings):
     """How studies and priors are pulled from a PACS, and retried when it fails."""
 
 
+class WorkitemSettings(_Section):
+    """The UPS-RS worklist (IHE AIW-I): how the node performs the workitems asked of it, and
+    whether it announces the jobs its rules start as workitems too."""
+
+    fetch_from: str | None = None
+    """A peer or `dicomweb` server (by name) to fetch a workitem's input study from when the
+    node does not hold it; without one, the workitem waits for the study to be sent."""
+    announce: bool = False
+    """Every job the routing rules start is also a workitem (IN PROGRESS, performed by the
+    node), so a worklist subscriber sees every AI task the node runs."""
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
 class SyslogSettings(_Section):
     """Where DICOM audit messages (PS3.15 A.5, RFC 3881 XML) go: a syslog collector over
     UDP (RFC 5426), TCP (RFC 6587, octet counting) or TLS (RFC 5425)."""
@@ -426,6 +439,7 @@ class Settings(_Section):
     dispatch: DispatchSettings = DispatchSettings()
     notify: NotifySettings = NotifySettings()
     fetch: FetchSettings = FetchSettings()
+    workitems: WorkitemSettings = WorkitemSettings()
     logging: LoggingSettings = LoggingSettings()
     http: HttpSettings | None = None
     notifications: dict[str, NotificationTarget] = {}
@@ -451,6 +465,9 @@ class Settings(_Section):
                 "no peers are configured and node.accept_unknown_peers is false: "
                 "no one could send to this node"
             )
+        source = self.workitems.fetch_from
+        if source is not None and self.source(source) is None:
+            raise ValueError(f"workitems.fetch_from: {source!r} is no peer or dicomweb server")
         return self
 
     def source(self, name: str) -> Peer | DicomWebDestination | None:

@@ -34,9 +34,11 @@ from node.delivery.dispatch.dispatcher import Dispatcher
 from node.delivery.fetch.fetcher import Fetcher
 from node.delivery.fetch.priors import PriorsQueue
 from node.delivery.notify import Notifier
+from node.delivery.performer import Performer
+from node.flow.announce import AnnouncedJobs
 from node.flow.completion import SeriesCompletionTracker, StudyCompletionTracker
 from node.flow.queue import JobQueue
-from node.flow.routing.router import Router, RulesSource
+from node.flow.routing.router import JobSink, Router, RulesSource
 from node.ingest.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_receiver_process
 from node.ingest.recovery import recover_after_restart, rerecord_unrecorded
 from node.ops import systemd
@@ -143,7 +145,10 @@ class NodeService:
         for doubt in settings.doubts():
             log.warning("%s", doubt)
         priors = PriorsQueue(engine, settings.fetch.max_attempts)
-        router = Router(engine, settings.storage.path, rules, queue, priors)
+        jobs: JobSink = queue
+        if settings.workitems.announce:
+            jobs = AnnouncedJobs(queue, engine, settings.node.ae_title)
+        router = Router(engine, settings.storage.path, rules, jobs, priors)
         sessions = make_session_factory(engine)
         series_tracker = SeriesCompletionTracker(sessions, settings.completion)
         study_tracker = StudyCompletionTracker(sessions, settings.completion)
@@ -184,6 +189,8 @@ class NodeService:
         self._fetcher = fetcher = Fetcher(engine, settings)
         add(fetcher.run_due, "interval", seconds=settings.fetch.poll_seconds, id="fetch")
         add(fetcher.queue.requeue_expired, "interval", seconds=30, id="fetch-leases")
+        performer = Performer(engine, settings)
+        add(performer.run_due, "interval", seconds=settings.workitems.poll_seconds, id="workitems")
         syslog = settings.audit.syslog
         if syslog is not None:
             self._exporter = exporter = AuditExporter(engine, settings)

@@ -73,3 +73,11 @@ def test_every_private_code_is_declared(statement: str) -> None:
     assert private
     for code in private:
         assert f"| `{code.value}` | {code.meaning} |" in statement, code
+
+
+def test_every_task_a_workitem_may_ask_for_is_declared(statement: str) -> None:
+    from pipelines.registry import type_names
+
+    annex = statement.split("## Annex A.4", 1)[1]
+    for name in type_names():
+        assert f"| `{name}` |" in annex, name

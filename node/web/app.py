@@ -34,6 +34,7 @@ from node.web import (
     rules,
     stow,
     wado,
+    workitems,
 )
 from node.web.auth import Authenticator
 from node.web.context import WebContext
@@ -57,7 +58,10 @@ def build_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     app.state.web = WebContext(settings, engine, store, intake, Authenticator(settings.http.auth))
-    for router in (capabilities.router, stow.router, qido.router, wado.router, rendered.router):
+    for router in (
+        capabilities.router, stow.router, qido.router, wado.router, rendered.router,
+        workitems.router,
+    ):  # fmt: skip
         app.include_router(router, prefix="/dicom-web")
     app.include_router(api.router)
     app.include_router(rules.router)

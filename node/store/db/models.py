@@ -423,3 +423,86 @@ class GuardReference(Base):
     series: Mapped[list[str]] = mapped_column(TextList)
     fitted_at: Mapped[datetime] = mapped_column(UTCDateTime)
     model: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class WorkitemState(enum.StrEnum):
+    """A Unified Procedure Step's Procedure Step State (PS3.4 CC.1.1)."""
+
+    SCHEDULED = "SCHEDULED"
+    IN_PROGRESS = "IN PROGRESS"
+    CANCELED = "CANCELED"
+    COMPLETED = "COMPLETED"
+
+
+class Workitem(Base):
+    """A UPS-RS workitem (IHE AIW-I): an AI task asked of the node, or announced by it.
+    `dataset` is its DICOM JSON as it stands; the columns are what the node acts on."""
+
+    __tablename__ = "workitems"
+    __table_args__ = (Index("ix_workitems_state", "state"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    state: Mapped[WorkitemState] = mapped_column(StateText(WorkitemState))
+    transaction_uid: Mapped[str | None] = mapped_column(UID)
+    """The lock of whoever claimed it (IN PROGRESS); never shown to anyone else."""
+    performer: Mapped[str | None] = mapped_column(String(64))
+    """Who claimed it: this node's AE title, or the caller that did."""
+    pipeline: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    series_instance_uids: Mapped[list[str]] = mapped_column(TextList, default=list)
+    """The input series it names (none: the study's CT series)."""
+    destinations: Mapped[list[str]] = mapped_column(TextList, default=list)
+    jobs: Mapped[list[str]] = mapped_column(TextList, default=list)
+    """The ids of the jobs that perform it."""
+    fetch_id: Mapped[int | None] = mapped_column(Integer)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    progress: Mapped[str | None] = mapped_column(String(64))
+    """The last progress reported (percent and description), so each is reported once."""
+    dataset: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WorkitemEvent(Base):
+    """An event report of a workitem (PS3.4 CC.2.4), kept in order for the subscribers'
+    channels; `for_ae` names the one subscriber an initial state report is for."""
+
+    __tablename__ = "workitem_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workitem_uid: Mapped[str] = mapped_column(UID, index=True)
+    event_type: Mapped[int] = mapped_column(Integer)
+    report: Mapped[str] = mapped_column(Text)
+    """The event report as DICOM JSON."""
+    for_ae: Mapped[str | None] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WorkitemSubscription(Base):
+    """An AE's subscription to one workitem, or to the worklist (`workitem_uid` None);
+    `delivered` is the last event its channel sent (events after it wait for it)."""
+
+    __tablename__ = "workitem_subscriptions"
+    __table_args__ = (
+        UniqueConstraint("ae_title", "workitem_uid", name="uq_workitem_subscription"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), index=True)
+    workitem_uid: Mapped[str | None] = mapped_column(UID)
+    deletion_lock: Mapped[bool] = mapped_column(Boolean, default=False)
+    suspended: Mapped[bool] = mapped_column(Boolean, default=False)
+    since_event: Mapped[int] = mapped_column(Integer, default=0)
+    """Events after this one are the subscription's (earlier ones predate it)."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WorkitemChannel(Base):
+    """How far an AE's event channel (WebSocket) has read: reconnecting, it gets the rest."""
+
+    __tablename__ = "workitem_channels"
+
+    ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
+    delivered: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
