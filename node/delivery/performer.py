@@ -38,12 +38,13 @@ from node.store.db.models import (
     WorkState,
     utcnow,
 )
-from node.store.workitems import Performed, WorkitemError
+from node.store.workitems import PRIORITIES, Performed, WorkitemError
+from pipelines.codes import PRIVATE_SCHEME
 from pipelines.registry import pipeline_names
 
 log = logging.getLogger(__name__)
 
-PRIORITY = {"HIGH": Priority.STAT, "MEDIUM": Priority.ROUTINE, "LOW": Priority.LOW}
+PRIORITY = dict(zip(PRIORITIES, (Priority.STAT, Priority.ROUTINE, Priority.LOW), strict=True))
 ENDED = (WorkState.FAILED, WorkState.DEAD, WorkState.CANCELLED)
 
 
@@ -221,7 +222,7 @@ class Performer:
         performed.PerformedWorkitemCodeSequence = scheduled.get("ScheduledWorkitemCodeSequence", [])
         station = Dataset()
         station.CodeValue = self._ae
-        station.CodingSchemeDesignator = "99AINODE"
+        station.CodingSchemeDesignator = PRIVATE_SCHEME
         station.CodeMeaning = f"ainode {self._ae}"
         performed.PerformedStationNameCodeSequence = [station]
         performed.ActualHumanPerformersSequence = []

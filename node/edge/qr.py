@@ -330,8 +330,13 @@ class QueryRetrieveSCP:
         for sop_class, syntax in sorted(_contexts_for(files)):  # one each: the peer takes each
             ae.add_requested_context(sop_class, syntax)
         assoc = associate(ae, peer)
-        if isinstance(assoc, str):
-            raise Refused(RetrieveStatus.CANNOT_PERFORM_SUBOPERATIONS, assoc)
+        if isinstance(assoc, str):  # every sub-operation fails: counted, audited, A702
+            log.warning(
+                "C-MOVE from %s: %d sub-operations failed: %s", calling_ae, len(files), assoc
+            )
+            counts.failed, counts.remaining = counts.failed + counts.remaining, 0
+            failed.extend(file.sop_instance_uid for file in files)
+            return True
         try:
             for index, file in enumerate(files):
                 if exchange.cancelled():

@@ -15,13 +15,10 @@ from node.flow.routing.engine import JobRequest
 from node.flow.routing.router import JobSink
 from node.store import workitems
 from node.store.db.models import Job, Series, Study, utcnow
-from node.store.workitems import NewWorkitem, WorkitemError
+from node.store.workitems import PRIORITIES, NewWorkitem, WorkitemError
+from pipelines.codes import PRIVATE_SCHEME
 
 log = logging.getLogger(__name__)
-
-PRIORITIES = ("HIGH", "MEDIUM", "LOW")
-"""ScheduledProcedureStepPriority by job priority (stat, routine, low)."""
-TASK_SCHEME = "99AINODE"
 
 
 class AnnouncedJobs:
@@ -67,7 +64,7 @@ class AnnouncedJobs:
         dataset.ScheduledProcedureStepStartDateTime = utcnow().strftime("%Y%m%d%H%M%S")
         task = Dataset()
         task.CodeValue = job.pipeline
-        task.CodingSchemeDesignator = TASK_SCHEME
+        task.CodingSchemeDesignator = PRIVATE_SCHEME
         task.CodeMeaning = f"ainode pipeline {job.pipeline}"
         dataset.ScheduledWorkitemCodeSequence = [task]
         source = Dataset()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,6 +34,8 @@ WORKLIST = "1.2.840.10008.5.1.4.34.5"
 """The well-known UID that names the whole worklist in a (global) subscription."""
 FILTERED_WORKLIST = "1.2.840.10008.5.1.4.34.5.1"
 FINAL = (WorkitemState.COMPLETED, WorkitemState.CANCELED)
+PRIORITIES = ("HIGH", "MEDIUM", "LOW")
+"""Scheduled Procedure Step Priority, most urgent first (as jobs: stat, routine, low)."""
 READINESS_TAG = "00404041"
 """Input Readiness State, as DICOM JSON keys it."""
 
@@ -117,15 +120,91 @@ def get(engine: Engine, uid: str) -> Dataset:
     return Dataset.from_json(text)
 
 
-def search(
-    engine: Engine, states: Sequence[WorkitemState], limit: int, offset: int
-) -> list[Dataset]:
-    """Workitems, oldest first, in `states` (all when empty)."""
-    statement = select(Workitem.dataset).order_by(Workitem.id).limit(limit).offset(offset)
-    if states:
-        statement = statement.where(Workitem.state.in_(list(states)))
+@dataclass(frozen=True)
+class WorkitemQuery:
+    """A search: states, and attribute paths (keywords, a sequence's items by a dot) with the
+    value each must match (PS3.4 C.2.2.2: empty is universal, `*` and `?` wildcards, a
+    backslash list of UIDs, a date or date-time range `from-to`)."""
+
+    states: tuple[WorkitemState, ...] = ()
+    keys: tuple[tuple[tuple[str, ...], str], ...] = ()
+
+
+SEARCH_BATCH = 500
+
+
+def search(engine: Engine, query: WorkitemQuery, limit: int, offset: int) -> list[Dataset]:
+    """The matching workitems, oldest first. State, SOP Instance UID, the input study and
+    the task are matched by the database; other keys on each workitem it selects."""
+    statement = select(Workitem.id, Workitem.dataset).order_by(Workitem.id)
+    if query.states:
+        statement = statement.where(Workitem.state.in_(list(query.states)))
+    others = []
+    for path, value in query.keys:
+        column = _COLUMNS.get(path)
+        if column is not None and value and not _is_pattern(value):
+            statement = statement.where(column.in_(value.split("\\")))
+        else:
+            others.append((path, value))
+    found: list[Dataset] = []
+    skipped, after = 0, 0
     with engine.connect() as conn:
-        return [Dataset.from_json(text) for text in conn.execute(statement).scalars()]
+        while len(found) < limit:
+            rows = conn.execute(statement.where(Workitem.id > after).limit(SEARCH_BATCH)).all()
+            if not rows:
+                break
+            after = rows[-1].id
+            for row in rows:
+                dataset = Dataset.from_json(row.dataset)
+                if not all(_matches(dataset, path, value) for path, value in others):
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                found.append(dataset)
+                if len(found) == limit:
+                    break
+    return found
+
+
+_COLUMNS: dict[tuple[str, ...], Any] = {
+    ("SOPInstanceUID",): Workitem.sop_instance_uid,
+    ("InputInformationSequence", "StudyInstanceUID"): Workitem.study_instance_uid,
+    ("ScheduledWorkitemCodeSequence", "CodeValue"): Workitem.pipeline,
+}
+"""Keys the database matches (single values and UID lists)."""
+
+
+def _is_pattern(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _matches(dataset: Dataset, path: tuple[str, ...], pattern: str) -> bool:
+    """Whether an attribute on `path` has a value matching `pattern` (any item of a
+    sequence on the way); an empty pattern matches anything, even no attribute."""
+    if not pattern:
+        return True
+    keyword, rest = path[0], path[1:]
+    if keyword not in dataset:
+        return False
+    element = dataset[keyword]
+    if element.VR == "SQ":
+        return bool(rest) and any(_matches(item, rest, pattern) for item in element.value)
+    values = element.value if element.VM > 1 else [element.value]
+    return any(_value_matches(str(value), pattern, element.VR) for value in values)
+
+
+def _value_matches(value: str, pattern: str, vr: str) -> bool:
+    if vr in ("DA", "DT", "TM") and "-" in pattern:
+        low, _, high = pattern.partition("-")
+        return (not low or value >= low) and (not high or value[: len(high)] <= high)
+    if vr == "UI":
+        return value in pattern.split("\\")
+    if _is_pattern(pattern):
+        flags = re.IGNORECASE if vr == "PN" else 0
+        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+        return re.fullmatch(regex, value, flags) is not None
+    return value.lower() == pattern.lower() if vr == "PN" else value == pattern
 
 
 def change_state(

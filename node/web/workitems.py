@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, WebSocket
 from pydicom import Dataset
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.uid import generate_uid
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
@@ -28,20 +29,26 @@ from node.roles import Role
 from node.store import workitems
 from node.store.db.models import WorkitemState
 from node.store.storage import InvalidUID, check_uid
-from node.store.workitems import FILTERED_WORKLIST, WORKLIST, NewWorkitem, WorkitemError
+from node.store.workitems import (
+    FILTERED_WORKLIST,
+    PRIORITIES,
+    WORKLIST,
+    NewWorkitem,
+    WorkitemError,
+    WorkitemQuery,
+)
 from node.web.auth import NotAuthenticated, Principal
 from node.web.context import Context, WebContext, requires
 from node.web.dicom_json import dicom_json_response
+from pipelines.codes import PRIVATE_SCHEME
 from pipelines.registry import pipeline_names
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-TASK_SCHEME = "99AINODE"
 MAX_BODY_BYTES = 1 << 20
 MAX_RESULTS = 1000
 CHANNEL_POLL_SECONDS = 0.2
-PRIORITIES = ("HIGH", "MEDIUM", "LOW")
 READINESS = ("READY", "UNAVAILABLE", "INCOMPLETE")
 REQUIRED = (
     "ScheduledProcedureStepPriority",
@@ -70,10 +77,10 @@ async def create_workitem(request: Request, context: Context, caller: Operator) 
 
 @router.get("/workitems")
 async def search_workitems(request: Request, context: Context, caller: Reader) -> Response:
-    """Search for Workitems (PS3.18 11.9) by Procedure Step State; other keys are not
-    matched, and named in a Warning."""
+    """Search for Workitems (PS3.18 11.9): by any attribute (a sequence's by `Seq.Key`), with
+    the matching of QIDO-RS; keys that are no attribute are not matched, and named in a
+    Warning."""
     params = request.query_params
-    states = [WorkitemState(s) for s in _states(params.getlist("ProcedureStepState"))]
     try:
         limit = min(int(params.get("limit", MAX_RESULTS)), MAX_RESULTS)
         offset = int(params.get("offset", 0))
@@ -81,11 +88,11 @@ async def search_workitems(request: Request, context: Context, caller: Reader) -
         raise HTTPException(400, detail="limit and offset are whole numbers") from exc
     if limit < 0 or offset < 0:
         raise HTTPException(400, detail="limit and offset are whole numbers")
-    found = await run_in_threadpool(workitems.search, context.engine, states, limit, offset)
+    query, ignored = _query(params.multi_items())
+    found = await run_in_threadpool(workitems.search, context.engine, query, limit, offset)
     response = dicom_json_response(found)
-    ignored = sorted(set(params) - {"ProcedureStepState", "00741000", "limit", "offset"})
     if ignored:
-        names = ", ".join(name[:64] for name in ignored[:10])
+        names = ", ".join(name[:64] for name in sorted(ignored)[:10])
         response.headers["Warning"] = f'299 ainode "not matched (unsupported keys): {names}"'
     return response
 
@@ -267,11 +274,11 @@ def _task(dataset: Dataset, settings: Settings, problems: list[str]) -> str:
     code = codes[0]
     value, scheme = str(code.get("CodeValue", "")), str(code.get("CodingSchemeDesignator", ""))
     tasks = pipeline_names(settings.pipelines)
-    if scheme != TASK_SCHEME or value not in tasks:
+    if scheme != PRIVATE_SCHEME or value not in tasks:
         offered = ", ".join(sorted(tasks)) or "none"
         problems.append(
             f"unknown task ({value[:64]!r}, {scheme[:16]!r}): the tasks are the pipelines, "
-            f"coding scheme {TASK_SCHEME}: {offered}"
+            f"coding scheme {PRIVATE_SCHEME}: {offered}"
         )
     return value
 
@@ -353,13 +360,37 @@ def _ae(ae_title: str) -> str:
     return ae_title.strip()
 
 
-def _states(values: list[str]) -> list[str]:
-    states = [state.strip() for value in values for state in value.split(",") if state.strip()]
-    known = {state.value for state in WorkitemState}
-    unknown = [state for state in states if state not in known]
-    if unknown:
-        raise HTTPException(400, detail=f"ProcedureStepState is one of {', '.join(sorted(known))}")
-    return states
+def _query(params: list[tuple[str, str]]) -> tuple[WorkitemQuery, set[str]]:
+    """A search's states and attribute keys, and the parameters that are neither."""
+    states: list[WorkitemState] = []
+    keys: list[tuple[tuple[str, ...], str]] = []
+    ignored: set[str] = set()
+    for name, value in params:
+        if name in ("limit", "offset", "includefield", "fuzzymatching"):
+            continue
+        path = tuple(_keyword(part) for part in name.split("."))
+        if not all(path) or len(path) > 3:
+            ignored.add(name)
+        elif path == ("ProcedureStepState",):
+            states.extend(_state(v) for v in value.split(",") if v.strip())
+        else:
+            keys.append((path, value.strip()))
+    return WorkitemQuery(tuple(states), tuple(keys)), ignored
+
+
+def _keyword(name: str) -> str:
+    """A DICOM keyword, also when given as a tag (`00100020`); empty when it is neither."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        return keyword_for_tag(int(name, 16)) or ""
+    return name if tag_for_keyword(name) is not None else ""
+
+
+def _state(value: str) -> WorkitemState:
+    try:
+        return WorkitemState(value.strip())
+    except ValueError as exc:
+        known = ", ".join(state.value for state in WorkitemState)
+        raise HTTPException(400, detail=f"ProcedureStepState is one of {known}") from exc
 
 
 def _subscription_target(uid: str) -> str | None:

@@ -412,12 +412,24 @@ def test_movescu_and_getscu_retrieve_the_stored_bytes(
         env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert "Refused: MoveDestinationUnknown" in unknown.stdout + unknown.stderr  # A801
+    down = subprocess.run(  # the PACS (storescp) has stopped: no sub-operation can be done
+        [dcmtk("movescu"), "-v", "-S", "-aet", "WORKSTATION", "-aec", "AINODE", "-aem", "PACS",
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={jane.StudyInstanceUID}",
+         "127.0.0.1", str(node.port)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    said = down.stdout + down.stderr
+    assert "Refused: OutOfResourcesSubOperations" in said, said[-2000:]  # A702
     retrieves = audited(node, "retrieve")
     assert ("WORKSTATION", {
         "service": "C-MOVE", "level": "STUDY", "destination": "PACS", "instances": 3, "failed": 0,
         "studies": [str(jane.StudyInstanceUID)],
     }) in retrieves  # fmt: skip
-    assert len(retrieves) == (4 if len(files) > 3 else 1)
+    assert len(retrieves) == (5 if len(files) > 3 else 2)
+    assert ("WORKSTATION", {
+        "service": "C-MOVE", "level": "STUDY", "destination": "PACS", "instances": 0, "failed": 3,
+        "studies": [str(jane.StudyInstanceUID)],
+    }) in retrieves  # fmt: skip
 
 
 def test_a_cancel_stops_a_get_and_a_get_without_its_key_is_refused(

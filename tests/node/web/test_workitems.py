@@ -261,8 +261,32 @@ def test_invalid_workitems_and_state_changes_are_refused_and_change_nothing(
     assert get(web, f"/workitems/{generate_uid()}").status_code == 404
     assert get(web, "/workitems/1.2.x").status_code == 400
     assert get(web, "/workitems?ProcedureStepState=LATER").status_code == 400
-    answer = get(web, "/workitems?PatientID=123")
-    assert answer.status_code == 200 and "PatientID" in answer.headers["warning"]
+
+    def found(query: str) -> list[str]:
+        answer = get(web, f"/workitems?{query}")
+        assert answer.status_code == 200, answer.text
+        return sorted(Dataset.from_json(f).SOPInstanceUID for f in answer.json())
+
+    other_study = generate_uid()
+    patient = generate_uid()
+    assert post(
+        web, f"/workitems?workitem={patient}",
+        workitem(other_study, PatientID="PID-9", PatientName="Doe^Jane"),
+    ).status_code == 201  # fmt: skip
+    assert found("PatientID=PID-9") == [patient]
+    assert found("00100020=PID-9") == [patient]
+    assert found("PatientName=doe*") == [patient]  # names without regard to case
+    assert found(f"InputInformationSequence.StudyInstanceUID={other_study}") == [patient]
+    assert found(f"SOPInstanceUID={uid}\\{waiting}") == sorted([uid, waiting])
+    assert found("ScheduledWorkitemCodeSequence.CodeValue=ech?") == sorted([uid, waiting, patient])
+    assert found("ScheduledProcedureStepStartDateTime=20261206-20261206") == sorted(
+        [uid, waiting, patient]
+    )
+    assert found("ScheduledProcedureStepStartDateTime=20270101-") == []
+    assert found("ProcedureStepState=SCHEDULED&PatientID=PID-9") == [patient]
+    assert found("ProcedureStepState=COMPLETED&limit=1&offset=0") == [uid]
+    answer = get(web, "/workitems?NoSuchKeyword=1&PatientID=PID-9")
+    assert "NoSuchKeyword" in answer.headers["warning"] and len(answer.json()) == 1
     assert post(web, f"/workitems/{WORKLIST}.1/subscribers/RIS", "").status_code == 501
     assert post(web, f"/workitems/{WORKLIST}/subscribers/{'A' * 17}", "").status_code == 400
 
