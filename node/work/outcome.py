@@ -144,10 +144,13 @@ class OutcomeRecorder:
         notifications: Mapping[str, NotificationTarget] | None = None,
         link: str | None = None,
         notify_attempts: int = 8,
+        storage_root: Path | None = None,
     ) -> None:
         """`notifications`: the configured targets of `notify:`; `link`: where the node's
-        HTTP server is, for the notifications' JSON."""
+        HTTP server is, for the notifications' JSON; `storage_root`: the store, whose files
+        dispatches name relative to it (a restored backup's still send)."""
         self._engine = engine
+        self._storage_root = storage_root
         self._jobs = LeasedQueue(engine, Job, RetryPolicy())
         self._dispatch_attempts = dispatch_attempts
         self._notifications = notifications or {}
@@ -184,7 +187,7 @@ class OutcomeRecorder:
                 conn,
                 outcome.job_id,
                 job.destinations,
-                outcome.objects,
+                [_relative(path, self._storage_root) for path in outcome.objects],
                 self._dispatch_attempts,
                 priority,
             )
@@ -262,6 +265,10 @@ def _escalate_study(conn: Connection, series_id: int, priority: int) -> None:
     )
 
 
+def _relative(path: Path, root: Path | None) -> Path:
+    return path.relative_to(root) if root is not None and path.is_relative_to(root) else path
+
+
 def create_dispatches(
     conn: Connection,
     job_id: int,
@@ -270,7 +277,8 @@ def create_dispatches(
     max_attempts: int,
     priority: int,
 ) -> None:
-    """Queue the sending of `objects` to each destination (again, if the job ran before)."""
+    """Queue the sending of `objects` (absolute, or relative to the store) to each
+    destination (again, if the job ran before)."""
     if not objects or not destinations:
         return
     now = utcnow()

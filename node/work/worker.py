@@ -65,6 +65,7 @@ class Worker:
             settings.notifications,
             api_link(settings),
             notify_attempts=settings.notify.max_attempts,
+            storage_root=settings.storage.path,
         )
         self._store = InstanceStore(settings.storage.path)
         self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)

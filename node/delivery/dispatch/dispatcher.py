@@ -95,7 +95,7 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
                 Outgoing(
                     by_id[lease.id].job_id,
                     by_id[lease.id].destination,
-                    [Path(p) for p in by_id[lease.id].objects],
+                    [self._settings.storage.path / p for p in by_id[lease.id].objects],
                     by_id[lease.id].calling_ae,
                     by_id[lease.id].priority,
                 ),

@@ -312,7 +312,7 @@ class Job(LeasedWork, Base):
 
 
 class Dispatch(LeasedWork, Base):
-    """Sending one job's result objects (their paths) to one destination."""
+    """Sending one job's result objects (their paths, relative to the store) to one destination."""
 
     __tablename__ = "dispatches"
     __table_args__ = (

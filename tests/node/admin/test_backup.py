@@ -5,16 +5,19 @@ and `ainode verify` finds the store and the catalog in agreement. On SQLite and 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
 import uuid
 from pathlib import Path
 
+import pydicom
 import pytest
 import yaml
 
-from tests.peers import free_port, node_settings, storescu, wait_until
+from tests.peers import free_port, node_settings, storescp, storescu, wait_until
+from tests.phantoms import chest, chest_geometry, write_series
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -83,6 +86,74 @@ def test_a_backup_taken_during_a_send_restores_every_acknowledged_instance(
     wait_until(complete, 60)  # what arrived after the catalog's copy is recorded on start
     verified = restored.cli("verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+ECHO_TO_PACS = """
+rules:
+  - name: every-ct
+    match: {Modality: CT}
+    pipelines: [echo]
+    destinations: [pacs]
+"""
+
+
+def test_a_restored_node_runs_the_queued_jobs_and_sends_the_undelivered_results(
+    start_node, tmp_path: Path
+) -> None:
+    """At backup time a result waits for a PACS that is down and a job is queued again; the
+    backup restored on another machine (other paths) sends the one and runs the other, its
+    results to the PACS too."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ECHO_TO_PACS)
+    pacs_port = free_port()
+    pacs = {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}
+    peers = {"modality": {"ae_title": "STORESCU", "host": "127.0.0.1", "port": 104}, "pacs": pacs}
+    node = start_node(
+        workers={"count": 1}, peers=peers, routing={"rules_file": str(rules)},
+        completion={"quiet_seconds": 1, "release_grace_seconds": 0.2},
+    )  # fmt: skip
+    for name in ("first", "second"):
+        storescu(node.port, write_series(tmp_path / name, chest_geometry(), chest()))
+
+    def undelivered() -> list[dict] | None:
+        dispatches = node.status()["dispatches"]
+        waiting = len(dispatches) == 2 and all(d["state"] == "retrying" for d in dispatches)
+        return dispatches if waiting else None
+
+    waiting = wait_until(undelivered, 90)
+    node.stop()
+    rerun = max(job["id"] for job in node.status()["jobs"])
+    assert node.cli("jobs", "retry", str(rerun)).returncode == 0  # queued again, offline
+    backup = tmp_path / "backup"
+    made = ainode("backup", "--config", node.config_path, backup)
+    assert made.returncode == 0, made.stderr
+    shutil.rmtree(node.settings["storage"]["path"])  # the first machine is gone
+
+    home = tmp_path / "elsewhere"
+    home.mkdir()
+    settings = node_settings(home, free_port(), f"sqlite:///{home / 'ainode.db'}")
+    config = home / "config.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    brought = ainode("restore", "--config", config, backup)
+    assert brought.returncode == 0, brought.stderr
+    received = tmp_path / "pacs"
+    with storescp(pacs_port, received):
+        restored = start_node(
+            database_url=settings["database"]["url"], storage=settings["storage"],
+            workers={"count": 1}, peers=peers, routing={"rules_file": str(rules)},
+        )  # fmt: skip
+
+        def delivered() -> list[dict] | None:
+            status = restored.status()
+            done = [j["state"] for j in status["jobs"]] == ["succeeded"] * 2
+            sent = [d["state"] for d in status["dispatches"]] == ["succeeded"] * 2
+            return status["dispatches"] if done and sent else None
+
+        dispatches = wait_until(delivered, 90, interval=0.5)
+        wait_until(lambda: len(list(received.iterdir())) == 2, 10)
+    # the one that waited for the PACS, from its own files; the rerun job's, anew
+    assert sorted(d["id"] for d in dispatches) == sorted(d["id"] for d in waiting)
+    assert {pydicom.dcmread(sr).Modality for sr in received.iterdir()} == {"SR"}
 
 
 def test_a_file_gone_by_its_turn_is_skipped_and_counted(tmp_path: Path) -> None:
