@@ -4,8 +4,12 @@ loads, the rules, the unit; run again, it keeps the config an administrator chan
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from node.config import load_settings
 
@@ -47,3 +51,31 @@ def test_the_system_install_lays_out_config_data_and_unit(tmp_path: Path) -> Non
     assert again.returncode == 0, again.stderr
     assert config.read_text().endswith("# changed by the administrator\n")
     assert "kept as it is" in again.stdout
+
+
+def test_systemd_finds_the_installed_unit_sound_and_confined(tmp_path: Path) -> None:
+    """`systemd-analyze verify` has nothing to say of the unit (its command stood in for by an
+    executable of the temporary root), and `systemd-analyze security` rates it 2.0 or less
+    (0 is fully confined, 10 not at all)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    root = tmp_path / "root"
+    assert install(root).returncode == 0
+    unit = (root / "etc/systemd/system/ainode.service").read_text()
+    command = re.search(r"^ExecStart=(\S+)", unit, re.MULTILINE)
+    assert command is not None
+    stand_in = root / command.group(1).lstrip("/")
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    checked = tmp_path / "ainode.service"
+    checked.write_text(unit.replace(command.group(1), str(stand_in)))
+    verified = subprocess.run([analyze, "verify", str(checked)], capture_output=True, text=True)
+    assert verified.returncode == 0 and verified.stdout + verified.stderr == ""
+    rated = subprocess.run(
+        [analyze, "security", "--offline=yes", str(checked)], capture_output=True, text=True
+    )
+    exposure = re.search(r"Overall exposure level for ainode.service: ([0-9.]+)", rated.stdout)
+    assert exposure is not None, rated.stdout[-500:] + rated.stderr[-500:]
+    assert float(exposure.group(1)) <= 2.0
