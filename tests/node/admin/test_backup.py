@@ -98,7 +98,7 @@ rules:
 
 
 def test_a_restored_node_runs_the_queued_jobs_and_sends_the_undelivered_results(
-    start_node, tmp_path: Path
+    start_node, new_database, tmp_path: Path
 ) -> None:
     """At backup time a result waits for a PACS that is down and a job is queued again; the
     backup restored on another machine (other paths) sends the one and runs the other, its
@@ -109,10 +109,11 @@ def test_a_restored_node_runs_the_queued_jobs_and_sends_the_undelivered_results(
     pacs = {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}
     peers = {"modality": {"ae_title": "STORESCU", "host": "127.0.0.1", "port": 104}, "pacs": pacs}
     node = start_node(
+        database_url=new_database("first"),
         workers={"count": 1}, peers=peers, routing={"rules_file": str(rules)},
         completion={"quiet_seconds": 1, "release_grace_seconds": 0.2},
     )  # fmt: skip
-    for name in ("first", "second"):
+    for name in ("ct-1", "ct-2"):
         storescu(node.port, write_series(tmp_path / name, chest_geometry(), chest()))
 
     def undelivered() -> list[dict] | None:
@@ -131,7 +132,7 @@ def test_a_restored_node_runs_the_queued_jobs_and_sends_the_undelivered_results(
 
     home = tmp_path / "elsewhere"
     home.mkdir()
-    settings = node_settings(home, free_port(), f"sqlite:///{home / 'ainode.db'}")
+    settings = node_settings(home, free_port(), new_database("second"))
     config = home / "config.yaml"
     config.write_text(yaml.safe_dump(settings))
     brought = ainode("restore", "--config", config, backup)

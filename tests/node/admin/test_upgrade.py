@@ -96,7 +96,7 @@ PREVIOUS_RELEASE = "ec93671"
 
 @pytest.mark.slow
 def test_instances_the_previous_release_stored_are_kept_by_an_upgrade_and_a_rollback(
-    real_series, tmp_path: Path
+    database_url: str, real_series, tmp_path: Path
 ) -> None:
     """The previous release's own code receives a real series; this release upgrades its
     database and finds every instance, byte for byte; a rollback gives the previous release
@@ -117,7 +117,7 @@ def test_instances_the_previous_release_stored_are_kept_by_an_upgrade_and_a_roll
     config.write_text(yaml.safe_dump({
         "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": port},
         "peers": {"modality": {"ae_title": "STORESCU", "host": "127.0.0.1", "port": 104}},
-        "database": {"url": f"sqlite:///{tmp_path / 'ainode.db'}"},
+        "database": {"url": database_url},
         "storage": {"path": str(tmp_path / "storage")},
         "workers": {"count": 0},
     }))  # fmt: skip
