@@ -64,7 +64,7 @@ Operator = Annotated[Principal, Depends(requires(Role.OPERATOR))]
 Reader = Annotated[Principal, Depends(requires(Role.READER))]
 
 
-@router.post("/workitems")
+@router.post("/workitems", response_class=Response)
 async def create_workitem(request: Request, context: Context, caller: Operator) -> Response:
     """Create Workitem (PS3.18 11.4): 201 with its URL; 409 when its UID exists."""
     dataset = await _body(request)
@@ -75,7 +75,7 @@ async def create_workitem(request: Request, context: Context, caller: Operator) 
     return Response(status_code=201, headers={"Location": url, "Content-Location": url})
 
 
-@router.get("/workitems")
+@router.get("/workitems", response_class=Response)
 async def search_workitems(request: Request, context: Context, caller: Reader) -> Response:
     """Search for Workitems (PS3.18 11.9): by any attribute (a sequence's by `Seq.Key`), with
     the matching of QIDO-RS; keys that are no attribute are not matched, and named in a
@@ -97,14 +97,14 @@ async def search_workitems(request: Request, context: Context, caller: Reader) -
     return response
 
 
-@router.get("/workitems/{uid}")
+@router.get("/workitems/{uid}", response_class=Response)
 async def retrieve_workitem(uid: str, context: Context, caller: Reader) -> Response:
     """Retrieve Workitem (PS3.18 11.5), without its Transaction UID."""
     dataset = await run_in_threadpool(_refusing, workitems.get, context.engine, _uid(uid))
     return dicom_json_response([dataset])
 
 
-@router.post("/workitems/{uid}")
+@router.post("/workitems/{uid}", response_class=Response)
 async def update_workitem(
     uid: str, request: Request, context: Context, caller: Operator
 ) -> Response:
@@ -123,8 +123,8 @@ async def update_workitem(
     return Response(status_code=200)
 
 
-@router.put("/workitems/{uid}/state")
-@router.put("/workitems/{uid}/state/{performer}")
+@router.put("/workitems/{uid}/state", response_class=Response)
+@router.put("/workitems/{uid}/state/{performer}", response_class=Response)
 async def change_state(
     uid: str, request: Request, context: Context, caller: Operator, performer: str | None = None
 ) -> Response:
@@ -148,8 +148,8 @@ async def change_state(
     return Response(status_code=200)
 
 
-@router.post("/workitems/{uid}/cancelrequest")
-@router.post("/workitems/{uid}/cancelrequest/{requestor}")
+@router.post("/workitems/{uid}/cancelrequest", response_class=Response)
+@router.post("/workitems/{uid}/cancelrequest/{requestor}", response_class=Response)
 async def request_cancellation(
     uid: str, request: Request, context: Context, caller: Operator, requestor: str | None = None
 ) -> Response:
@@ -164,7 +164,7 @@ async def request_cancellation(
     return Response(status_code=202)
 
 
-@router.post("/workitems/{uid}/subscribers/{ae_title}")
+@router.post("/workitems/{uid}/subscribers/{ae_title}", response_class=Response)
 async def subscribe(
     uid: str, ae_title: str, request: Request, context: Context, caller: Reader
 ) -> Response:
@@ -179,7 +179,7 @@ async def subscribe(
     return Response(status_code=201, headers={"Content-Location": channel})
 
 
-@router.delete("/workitems/{uid}/subscribers/{ae_title}")
+@router.delete("/workitems/{uid}/subscribers/{ae_title}", response_class=Response)
 async def unsubscribe(uid: str, ae_title: str, context: Context, caller: Reader) -> Response:
     """Unsubscribe (PS3.18 11.11); from the worklist, from every workitem as well."""
     target = _subscription_target(uid)
@@ -189,7 +189,7 @@ async def unsubscribe(uid: str, ae_title: str, context: Context, caller: Reader)
     return Response(status_code=200)
 
 
-@router.post("/workitems/{uid}/subscribers/{ae_title}/suspend")
+@router.post("/workitems/{uid}/subscribers/{ae_title}/suspend", response_class=Response)
 async def suspend(uid: str, ae_title: str, context: Context, caller: Reader) -> Response:
     """Suspend Global Subscription (PS3.18 11.12): the workitems followed stay followed."""
     if _subscription_target(uid) is not None:
