@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import Engine, and_, select
+from sqlalchemy import Engine, and_, or_, select
 
 from node.config import Settings
 from node.delivery.fetch.query import FetchQuery
@@ -157,8 +157,8 @@ class Performer:
         )
 
     def _inputs(self, item: Performed) -> list[tuple[int, int, str, SeriesState]]:
-        """The input series held: (id, revision, UID, state); the study's CT series when the
-        workitem names none."""
+        """The input series held: (id, revision, UID, state); the study's CT series (not its
+        localizers) when the workitem names none."""
         statement = (
             select(Series.id, Series.revision, Series.series_instance_uid, Series.state)
             .join(Study, Study.id == Series.study_id)
@@ -167,7 +167,10 @@ class Performer:
         if item.series_instance_uids:
             statement = statement.where(Series.series_instance_uid.in_(item.series_instance_uids))
         else:
-            statement = statement.where(and_(Series.modality == "CT", Series.source != Source.NODE))
+            statement = statement.where(
+                and_(Series.modality == "CT", Series.source != Source.NODE),
+                or_(Series.image_type.is_(None), Series.image_type.not_like("%LOCALIZER%")),
+            )
         with self._engine.connect() as conn:
             rows = [tuple(row) for row in conn.execute(statement.order_by(Series.id))]
         if item.series_instance_uids and len(rows) < len(item.series_instance_uids):

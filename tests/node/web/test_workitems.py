@@ -378,8 +378,16 @@ def test_a_study_the_node_lacks_is_fetched_from_the_pacs_for_its_workitem(
     """Orthanc holds the study; the workitem names it; the node C-MOVEs it from Orthanc,
     performs the task and completes. A study Orthanc does not hold cancels its workitem."""
     files = write_series(tmp_path / "ct", chest_geometry(), chest())
-    storescu(orthanc.dicom_port, files, calling_ae="TESTSCU", called_ae="ORTHANC")
     header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    scout = write_series(
+        tmp_path / "scout", chest_geometry(), chest(),
+        image_type=lambda k: ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+    )[:3]  # fmt: skip
+    for path in scout:  # a localizer in the same study: no input of the task
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = header.StudyInstanceUID
+        ds.save_as(path)
+    storescu(orthanc.dicom_port, files + scout, calling_ae="TESTSCU", called_ae="ORTHANC")
     web = start_web_node(
         port=orthanc.node_port,
         workers={"count": 1},
@@ -401,5 +409,7 @@ def test_a_study_the_node_lacks_is_fetched_from_the_pacs_for_its_workitem(
     performed = Dataset.from_json(done).UnifiedProcedureStepPerformedProcedureSequence[0]
     assert performed.OutputInformationSequence[0].ReferencedSOPSequence
     assert web.node.series()[str(header.SeriesInstanceUID)]["instances"] == len(files)
+    (job,) = web.node.status()["jobs"]  # the CT series only, not the localizer
+    assert job["series_instance_uid"] == header.SeriesInstanceUID
     (canceled,) = get(web, f"/workitems/{missing}").json()
     assert "not fetched from pacs" in Dataset.from_json(canceled).ReasonForCancellation
