@@ -36,6 +36,7 @@ from node.ops.audit import (
     Received,
     Retrieved,
     Sent,
+    WorkitemChanged,
     list_events_after,
 )
 from node.store.db.models import AuditExport, Instance, Series, Study, utcnow
@@ -63,6 +64,7 @@ SECURITY_ALERT = Coded("110113", "DCM", "Security Alert")
 APPLICATION_ACTIVITY = Coded("110100", "DCM", "Application Activity")
 PATIENT_RECORD = Coded("110110", "DCM", "Patient Record")
 QUERY = Coded("110112", "DCM", "Query")
+PROCEDURE_RECORD = Coded("110111", "DCM", "Procedure Record")
 SOFTWARE_CONFIGURATION = Coded("110131", "DCM", "Software Configuration")
 RESTRICTED_FUNCTION = Coded("110132", "DCM", "Use of Restricted Function")
 APPLICATION_START = Coded("110120", "DCM", "Application Start")
@@ -300,6 +302,9 @@ def _event(event: Event) -> tuple[str, Coded, int]:
         return "R", TRANSFERRED, 4 if isinstance(facts, Committed) and facts.failed else 0
     if event.kind == Kind.QUERY:
         return "E", QUERY, 0
+    if event.kind == Kind.WORKITEM:  # a new task is created, every later change an update
+        created = isinstance(facts, WorkitemChanged) and facts.action == "created"
+        return "C" if created else "U", PROCEDURE_RECORD, 0
     if event.kind == Kind.JOB:
         failed = isinstance(facts, JobEnded) and facts.state != "succeeded"
         return "R", ACCESSED, 4 if failed else 0

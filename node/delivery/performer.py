@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import pydicom
 from pydicom import Dataset
@@ -26,6 +27,7 @@ from node.delivery.fetch.records import enqueue as enqueue_fetch
 from node.flow.queue import JobQueue
 from node.flow.routing.engine import JobRequest
 from node.flow.routing.rules import Priority
+from node.ops.audit import WorkitemChanged, record_quietly
 from node.store import workitems
 from node.store.db.models import (
     Fetch,
@@ -119,6 +121,7 @@ class Performer:
         workitems.change_state(
             self._engine, item.uid, WorkitemState.IN_PROGRESS, transaction, self._ae, started
         )
+        self._audit(item, "claimed")
         return transaction
 
     def _follow(self, item: Performed) -> bool:
@@ -205,6 +208,10 @@ class Performer:
     def _priority(self, item: Performed) -> str:
         return str(workitems.get(self._engine, item.uid).get("ScheduledProcedureStepPriority", ""))
 
+    def _audit(self, item: Performed, action: Literal["claimed", "completed", "canceled"]) -> None:
+        facts = WorkitemChanged(action=action, workitem=item.uid, pipeline=item.pipeline)
+        record_quietly(self._engine, self._ae, facts, item.study_instance_uid)
+
     def _end(
         self,
         item: Performed,
@@ -235,6 +242,7 @@ class Performer:
             final.ReasonForCancellation = (reason or "")[:1024]
             final.ProcedureStepCancellationDateTime = _now()
         workitems.change_state(self._engine, item.uid, state, transaction, self._ae, final)
+        self._audit(item, "completed" if state == WorkitemState.COMPLETED else "canceled")
         log.log(
             logging.INFO if state == WorkitemState.COMPLETED else logging.WARNING,
             "workitem %s %s%s",

@@ -44,6 +44,9 @@ class Kind(enum.StrEnum):
     """Instances a peer's C-MOVE or C-GET sent (PS3.15 DICOM Instances Transferred)."""
     COMMITMENT = "commitment"
     """A destination's storage commitment report on sent results."""
+    WORKITEM = "workitem"
+    """An AI task on the UPS worklist created, claimed, completed, canceled or asked to be
+    (PS3.15 Procedure Record)."""
 
 
 class Action(enum.StrEnum):
@@ -124,6 +127,13 @@ class Committed(Facts):
     """Sent, and reported failed or not reported: the dispatch is sent again."""
 
 
+class WorkitemChanged(Facts):
+    kind = Kind.WORKITEM
+    action: Literal["created", "claimed", "completed", "canceled", "cancel requested"]
+    workitem: str
+    pipeline: str | None = None
+
+
 class Fetched(Facts):
     kind = Kind.FETCHED
     source: str
@@ -185,6 +195,7 @@ FACTS: dict[str, type[Facts]] = {
         JobEnded,
         Sent,
         Committed,
+        WorkitemChanged,
         Fetched,
         AdminAction,
         ApplicationEvent,

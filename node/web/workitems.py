@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, WebSocket
 from pydicom import Dataset
@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
 from node.config import Settings
+from node.ops.audit import WorkitemChanged, record_quietly
 from node.roles import Role
 from node.store import workitems
 from node.store.db.models import WorkitemState
@@ -60,6 +61,12 @@ REQUIRED = (
 )
 """What a new workitem must carry (Type 1 of PS3.4 Table CC.2.5-3 that the node acts on)."""
 AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+CHANGES: dict[WorkitemState, Literal["claimed", "completed", "canceled"]] = {
+    WorkitemState.IN_PROGRESS: "claimed",
+    WorkitemState.COMPLETED: "completed",
+    WorkitemState.CANCELED: "canceled",
+}
+"""The audit trail's word for each state a workitem is changed to."""
 Operator = Annotated[Principal, Depends(requires(Role.OPERATOR))]
 Reader = Annotated[Principal, Depends(requires(Role.READER))]
 
@@ -71,6 +78,10 @@ async def create_workitem(request: Request, context: Context, caller: Operator) 
     new = checked(dataset, context.settings, request.query_params.get("workitem"))
     await run_in_threadpool(_refusing, workitems.create, context.engine, new)
     log.info("workitem %s created by %s: %s", new.uid, caller.name, new.pipeline)
+    facts = WorkitemChanged(action="created", workitem=new.uid, pipeline=new.pipeline)
+    await run_in_threadpool(
+        record_quietly, context.engine, caller.name, facts, new.study_instance_uid
+    )
     url = f"{context.base_url(request)}/workitems/{new.uid}"
     return Response(status_code=201, headers={"Location": url, "Content-Location": url})
 
@@ -145,6 +156,9 @@ async def change_state(
         _refusing, workitems.change_state, context.engine, _uid(uid), to, transaction, who
     )
     log.info("workitem %s: %s by %s", uid, to, who)
+    action = CHANGES[to]
+    facts = WorkitemChanged(action=action, workitem=uid)
+    await run_in_threadpool(record_quietly, context.engine, who, facts)
     return Response(status_code=200)
 
 
@@ -161,6 +175,8 @@ async def request_cancellation(
     await run_in_threadpool(
         _refusing, workitems.request_cancel, context.engine, _uid(uid), who, reason
     )
+    facts = WorkitemChanged(action="cancel requested", workitem=uid)
+    await run_in_threadpool(record_quietly, context.engine, who, facts)
     return Response(status_code=202)
 
 

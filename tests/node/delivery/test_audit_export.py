@@ -234,6 +234,7 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
         Received,
         Retrieved,
         Sent,
+        WorkitemChanged,
         record,
     )
     from node.store.db.models import AuditEvent
@@ -270,6 +271,7 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
         sop_instances=sent.sop_instances[:0], failed=sent.sop_instances,
     )  # fmt: skip
     record(engine, "ORTHANC", committed, study)
+    record(engine, "RIS", WorkitemChanged(action="created", workitem=generate_uid()), study)
     port = free_port()
     collector = Collector()
     settings = Settings.model_validate(
@@ -280,13 +282,14 @@ def test_job_and_admin_events_export_and_the_export_goes_on(engine, tmp_path: Pa
     )
     with tcp_listener(port, collector):
         exporter = AuditExporter(engine, settings)
-        assert exporter.run_due() == 10
+        assert exporter.run_due() == 11
         exporter.close()
-        audits = wait_until(lambda: len(collector.audits()) == 10 and collector.audits(), 10)
+        audits = wait_until(lambda: len(collector.audits()) == 11 and collector.audits(), 10)
     assert [event_id(a) for a in audits] == [
         "110100", "110104", "110103", "110103", "110104", "110113", "110110", "110112", "110104",
-        "110104",
+        "110104", "110111",
     ]  # fmt: skip
+    assert audits[10].find("EventIdentification").get("EventActionCode") == "C"
     commitment = audits[9]  # the PACS's word on a transfer: here, it kept nothing
     assert commitment.find("EventIdentification").get("EventOutcomeIndicator") == "4"
     who = [p.get("UserID") for p in commitment.iter("ActiveParticipant")]

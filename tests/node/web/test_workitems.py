@@ -158,6 +158,11 @@ def test_the_node_performs_a_requested_task_and_a_subscriber_sees_every_change(
     (sent,) = list((tmp_path / "pacs").iterdir())
     assert pydicom.dcmread(sent).SOPInstanceUID == result.ReferencedSOPInstanceUID
     assert performed.PerformedWorkitemCodeSequence[0].CodeValue == "echo"
+    events = httpx.get(f"{web.url}/api/v1/audit", headers=web.auth("it-admin")).json()
+    trail = [
+        (e["actor"], e["detail"]["action"]) for e in reversed(events) if e["kind"] == "workitem"
+    ]
+    assert trail == [("it-admin", "created"), ("AINODE", "claimed"), ("AINODE", "completed")]
 
     found = get(web, "/workitems?ProcedureStepState=COMPLETED").json()
     assert [Dataset.from_json(f).SOPInstanceUID for f in found] == [uid]
@@ -287,6 +292,16 @@ def test_invalid_workitems_and_state_changes_are_refused_and_change_nothing(
     assert found("ProcedureStepState=COMPLETED&limit=1&offset=0") == [uid]
     answer = get(web, "/workitems?NoSuchKeyword=1&PatientID=PID-9")
     assert "NoSuchKeyword" in answer.headers["warning"] and len(answer.json()) == 1
+    trail = [
+        (e["actor"], e["detail"]["action"], e["detail"]["workitem"])
+        for e in reversed(httpx.get(f"{web.url}/api/v1/audit", headers=web.auth("it-admin")).json())
+        if e["kind"] == "workitem"
+    ]  # oldest first; the refused requests left nothing
+    assert trail == [
+        ("it-admin", "created", uid), ("it-admin", "claimed", uid),
+        ("PERFORMER", "completed", uid), ("it-admin", "created", waiting),
+        ("RIS", "cancel requested", waiting), ("it-admin", "created", patient),
+    ]  # fmt: skip
     assert post(web, f"/workitems/{WORKLIST}.1/subscribers/RIS", "").status_code == 501
     assert post(web, f"/workitems/{WORKLIST}/subscribers/{'A' * 17}", "").status_code == 400
 
