@@ -50,7 +50,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _check_ae_title(value: str) -> str:
+def check_ae_title(value: str) -> str:
+    """`value` as an AE title (stripped); ValueError when it cannot be one."""
     if not _AE_TITLE.match(value) or not value.strip():
         raise ValueError("an AE title is 1 to 16 printable characters, no backslash")
     return value.strip()
@@ -113,7 +114,7 @@ class NodeSettings(_Section):
         None, ge=1, le=65535, description="TLS on this second port; without it, on `port`"
     )
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    _ae = field_validator("ae_title")(check_ae_title)
 
 
 class StorageSettings(_Section):
@@ -180,7 +181,7 @@ class Peer(_Section):
     """Ask it for storage commitment of the results sent to it (PS3.4 J): a dispatch is
     delivered only when its report says every instance is committed."""
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    _ae = field_validator("ae_title")(check_ae_title)
 
 
 class DicomWebDestination(_Section):

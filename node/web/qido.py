@@ -57,7 +57,7 @@ def _search(
 ) -> Response:
     _check_accept(request.headers.get("accept"))
     query = _criteria(request, level, fixed)
-    limit, offset = _paging(request)
+    limit, offset = paging(request)
     base = context.base_url(request)
     with context.engine.connect() as conn:
         datasets = find(conn, query, limit, offset)
@@ -73,7 +73,7 @@ def _search(
     if request.query_params.get("fuzzymatching", "").lower() == "true":
         warnings.append("fuzzymatching is not supported: names were matched as given")
     if warnings:
-        response.headers["Warning"] = ", ".join(f'299 ainode "{_quotable(t)}"' for t in warnings)
+        response.headers["Warning"] = warning(warnings)
     return response
 
 
@@ -83,6 +83,11 @@ def _retrieve_url(base: str, level: Level, ds: Dataset) -> str:
     if level == Level.SERIES:
         return retrieve_url(base, ds.StudyInstanceUID, ds.SeriesInstanceUID)
     return retrieve_url(base, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
+def warning(texts: list[str]) -> str:
+    """A Warning header of `texts` (RFC 9110 warn-code 299)."""
+    return ", ".join(f'299 ainode "{_quotable(text)}"' for text in texts)
 
 
 def _quotable(text: str) -> str:
@@ -101,7 +106,7 @@ def _not_returned(request: Request, level: Level) -> set[str]:
         if name.strip() and name.strip().lower() != "all"
     }
     returned = RETURNED[level] | {URL_ATTRIBUTE}
-    return {name for name in asked if _keyword(name) not in returned}
+    return {name for name in asked if keyword_of(name) not in returned}
 
 
 JSON_TYPES = frozenset({"application/dicom+json", "application/json", "application/*", "*/*"})
@@ -126,8 +131,8 @@ def _criteria(request: Request, level: Level, fixed: dict[str, str | None]) -> C
     ]
     if len(matching) > MAX_MATCHING_KEYS:
         raise HTTPException(400, detail=f"at most {MAX_MATCHING_KEYS} matching keys per query")
-    spelled = {_keyword(name): name for name, _ in matching}
-    pairs = [(_keyword(name), value) for name, value in matching]
+    spelled = {keyword_of(name): name for name, _ in matching}
+    pairs = [(keyword_of(name), value) for name, value in matching]
     pairs.extend((name, value) for name, value in fixed.items() if value)
     try:
         query = criteria(level, pairs)
@@ -137,7 +142,7 @@ def _criteria(request: Request, level: Level, fixed: dict[str, str | None]) -> C
     return query
 
 
-def _keyword(name: str) -> str:
+def keyword_of(name: str) -> str:
     """A keyword, also when given as a tag (`0020000D`)."""
     if len(name) == 8:
         try:
@@ -147,12 +152,13 @@ def _keyword(name: str) -> str:
     return name
 
 
-def _paging(request: Request) -> tuple[int, int]:
+def paging(request: Request, most: int = MAX_RESULTS) -> tuple[int, int]:
+    """`limit` (at most `most`) and `offset`; 400 when they are not whole numbers in range."""
     try:
-        limit = int(request.query_params.get("limit", MAX_RESULTS))
+        limit = int(request.query_params.get("limit", most))
         offset = int(request.query_params.get("offset", 0))
     except ValueError as exc:
         raise HTTPException(400, detail="limit and offset are whole numbers") from exc
     if limit < 0 or offset < 0 or offset > MAX_OFFSET:
         raise HTTPException(400, detail=f"limit and offset are whole numbers to {MAX_OFFSET}")
-    return min(limit, MAX_RESULTS), offset
+    return min(limit, most), offset

@@ -19,12 +19,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, WebSocket
 from pydicom import Dataset
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 from pydicom.uid import generate_uid
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from node.config import Settings
+from node.config import Settings, check_ae_title
 from node.ops.audit import WorkitemChanged, record_quietly
 from node.roles import Role
 from node.store import workitems
@@ -41,6 +41,7 @@ from node.store.workitems import (
 from node.web.auth import NotAuthenticated, Principal
 from node.web.context import Context, WebContext, requires
 from node.web.dicom_json import dicom_json_response
+from node.web.qido import keyword_of, paging, warning
 from pipelines.codes import PRIVATE_SCHEME
 from pipelines.registry import pipeline_names
 
@@ -60,7 +61,6 @@ REQUIRED = (
     "InputReadinessState",
 )
 """What a new workitem must carry (Type 1 of PS3.4 Table CC.2.5-3 that the node acts on)."""
-AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 CHANGES: dict[WorkitemState, Literal["claimed", "completed", "canceled"]] = {
     WorkitemState.IN_PROGRESS: "claimed",
     WorkitemState.COMPLETED: "completed",
@@ -91,20 +91,13 @@ async def search_workitems(request: Request, context: Context, caller: Reader) -
     """Search for Workitems (PS3.18 11.9): by any attribute (a sequence's by `Seq.Key`), with
     the matching of QIDO-RS; keys that are no attribute are not matched, and named in a
     Warning."""
-    params = request.query_params
-    try:
-        limit = min(int(params.get("limit", MAX_RESULTS)), MAX_RESULTS)
-        offset = int(params.get("offset", 0))
-    except ValueError as exc:
-        raise HTTPException(400, detail="limit and offset are whole numbers") from exc
-    if limit < 0 or offset < 0:
-        raise HTTPException(400, detail="limit and offset are whole numbers")
-    query, ignored = _query(params.multi_items())
+    limit, offset = paging(request, MAX_RESULTS)
+    query, ignored = _query(request.query_params.multi_items())
     found = await run_in_threadpool(workitems.search, context.engine, query, limit, offset)
     response = dicom_json_response(found)
     if ignored:
-        names = ", ".join(name[:64] for name in sorted(ignored)[:10])
-        response.headers["Warning"] = f'299 ainode "not matched (unsupported keys): {names}"'
+        names = ", ".join(sorted(ignored)[:10])
+        response.headers["Warning"] = warning([f"not matched (unsupported keys): {names}"])
     return response
 
 
@@ -226,7 +219,7 @@ async def channel(websocket: WebSocket, ae_title: str) -> None:
     except NotAuthenticated:
         await websocket.close(code=1008, reason="a bearer token is required")
         return
-    if not caller.may(Role.READER) or not AE_TITLE.fullmatch(ae_title):
+    if not caller.may(Role.READER) or not _is_ae_title(ae_title):
         await websocket.close(code=1008, reason="not allowed")
         return
     await websocket.accept()
@@ -371,9 +364,10 @@ def _uid(uid: str) -> str:
 
 
 def _ae(ae_title: str) -> str:
-    if not AE_TITLE.fullmatch(ae_title) or not ae_title.strip():
-        raise HTTPException(400, detail="an AE title is 1 to 16 characters, no backslash")
-    return ae_title.strip()
+    try:
+        return check_ae_title(ae_title)
+    except ValueError as exc:
+        raise HTTPException(400, detail=str(exc)) from exc
 
 
 def _query(params: list[tuple[str, str]]) -> tuple[WorkitemQuery, set[str]]:
@@ -384,7 +378,7 @@ def _query(params: list[tuple[str, str]]) -> tuple[WorkitemQuery, set[str]]:
     for name, value in params:
         if name in ("limit", "offset", "includefield", "fuzzymatching"):
             continue
-        path = tuple(_keyword(part) for part in name.split("."))
+        path = tuple(_attribute(part) for part in name.split("."))
         if not all(path) or len(path) > 3:
             ignored.add(name)
         elif path == ("ProcedureStepState",):
@@ -394,11 +388,10 @@ def _query(params: list[tuple[str, str]]) -> tuple[WorkitemQuery, set[str]]:
     return WorkitemQuery(tuple(states), tuple(keys)), ignored
 
 
-def _keyword(name: str) -> str:
+def _attribute(name: str) -> str:
     """A DICOM keyword, also when given as a tag (`00100020`); empty when it is neither."""
-    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
-        return keyword_for_tag(int(name, 16)) or ""
-    return name if tag_for_keyword(name) is not None else ""
+    found = keyword_of(name)
+    return found if tag_for_keyword(found) is not None else ""
 
 
 def _state(value: str) -> WorkitemState:
@@ -407,6 +400,14 @@ def _state(value: str) -> WorkitemState:
     except ValueError as exc:
         known = ", ".join(state.value for state in WorkitemState)
         raise HTTPException(400, detail=f"ProcedureStepState is one of {known}") from exc
+
+
+def _is_ae_title(ae_title: str) -> bool:
+    try:
+        check_ae_title(ae_title)
+    except ValueError:
+        return False
+    return True
 
 
 def _subscription_target(uid: str) -> str | None:

@@ -292,6 +292,9 @@ def test_invalid_workitems_and_state_changes_are_refused_and_change_nothing(
     assert found("ProcedureStepState=COMPLETED&limit=1&offset=0") == [uid]
     answer = get(web, "/workitems?NoSuchKeyword=1&PatientID=PID-9")
     assert "NoSuchKeyword" in answer.headers["warning"] and len(answer.json()) == 1
+    answer = get(web, '/workitems?%E2%82%AC"%0A=1')  # a key no header may hold as it is
+    assert answer.status_code == 200 and '\\u20ac\\"' in answer.headers["warning"]
+    assert get(web, f"/workitems?offset={2**63}").status_code == 400
     trail = [
         (e["actor"], e["detail"]["action"], e["detail"]["workitem"])
         for e in reversed(httpx.get(f"{web.url}/api/v1/audit", headers=web.auth("it-admin")).json())
