@@ -181,7 +181,7 @@ class Performer:
         return rows  # type: ignore[return-value]
 
     def _queue_jobs(self, item: Performed, inputs: list[tuple[int, int, str, SeriesState]]) -> None:
-        priority = PRIORITY.get(self._priority(item), Priority.ROUTINE)
+        priority = PRIORITY.get(item.priority, Priority.ROUTINE)
         ids = []
         for series_id, revision, series_uid, _ in inputs:
             request = JobRequest(
@@ -204,9 +204,6 @@ class Performer:
                     )
                 ).scalar_one()
             )
-
-    def _priority(self, item: Performed) -> str:
-        return str(workitems.get(self._engine, item.uid).get("ScheduledProcedureStepPriority", ""))
 
     def _audit(self, item: Performed, action: Literal["claimed", "completed", "canceled"]) -> None:
         facts = WorkitemChanged(action=action, workitem=item.uid, pipeline=item.pipeline)

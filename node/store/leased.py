@@ -203,16 +203,17 @@ class LeasedQueue:
             ).rowcount
         )
 
-    def overdue(self) -> list[int]:
-        """The waiting rows whose time is up (or whose answer was a failure)."""
+    def overdue(self, *columns: Any) -> list[Any]:
+        """The waiting rows whose time is up (or whose answer was a failure): their id and
+        `columns`."""
         table = self.table
         with self._engine.connect() as conn:
             return list(
                 conn.execute(
-                    select(table.id).where(
+                    select(table.id, *columns).where(
                         table.state == WorkState.WAITING, table.run_after <= utcnow()
                     )
-                ).scalars()
+                ).all()
             )
 
     def give_up_waiting(self, row_id: int, error: str, **values: object) -> WorkState | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydicom import Dataset
 from sqlalchemy import Connection, Engine, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from node.store.db.models import (
     Workitem,
@@ -36,8 +37,8 @@ FILTERED_WORKLIST = "1.2.840.10008.5.1.4.34.5.1"
 FINAL = (WorkitemState.COMPLETED, WorkitemState.CANCELED)
 PRIORITIES = ("HIGH", "MEDIUM", "LOW")
 """Scheduled Procedure Step Priority, most urgent first (as jobs: stat, routine, low)."""
-READINESS_TAG = "00404041"
-"""Input Readiness State, as DICOM JSON keys it."""
+READINESS_TAG, PRIORITY_TAG = "00404041", "00741200"
+"""Input Readiness State and Scheduled Procedure Step Priority, as DICOM JSON keys them."""
 
 
 class EventType(enum.IntEnum):
@@ -80,33 +81,44 @@ def create(engine: Engine, new: NewWorkitem, claim: tuple[str, str] | None = Non
     """Keep a new workitem, SCHEDULED, or with `claim` (performer, Transaction UID) IN
     PROGRESS already (a task the node announces as it starts it); CONFLICT when one with its
     UID exists."""
-    now = utcnow()
     state = WorkitemState.SCHEDULED if claim is None else WorkitemState.IN_PROGRESS
     dataset = new.dataset
     dataset.SOPClassUID = UPS_PUSH
     dataset.SOPInstanceUID = new.uid
     dataset.ProcedureStepState = state.value
-    with engine.begin() as conn:
-        if conn.execute(select(Workitem.id).where(Workitem.sop_instance_uid == new.uid)).first():
-            raise WorkitemError(Refusal.CONFLICT, f"workitem {new.uid} exists")
-        conn.execute(
-            insert(Workitem).values(
-                sop_instance_uid=new.uid,
-                state=state,
-                performer=None if claim is None else claim[0],
-                transaction_uid=None if claim is None else claim[1],
-                pipeline=new.pipeline,
-                study_instance_uid=new.study_instance_uid,
-                series_instance_uids=list(new.series_instance_uids),
-                destinations=list(new.destinations),
-                jobs=[],
-                cancel_requested=False,
-                dataset=json.dumps(dataset.to_json_dict()),
-                created_at=now,
-                updated_at=now,
-            )
+    try:
+        with engine.begin() as conn:
+            _insert_workitem(conn, new, dataset, state, claim)
+            _report_state(conn, new.uid, dataset)
+    except IntegrityError as exc:  # its UID is taken (the table's unique constraint)
+        raise WorkitemError(Refusal.CONFLICT, f"workitem {new.uid} exists") from exc
+
+
+def _insert_workitem(
+    conn: Connection,
+    new: NewWorkitem,
+    dataset: Dataset,
+    state: WorkitemState,
+    claim: tuple[str, str] | None,
+) -> None:
+    now = utcnow()
+    conn.execute(
+        insert(Workitem).values(
+            sop_instance_uid=new.uid,
+            state=state,
+            performer=None if claim is None else claim[0],
+            transaction_uid=None if claim is None else claim[1],
+            pipeline=new.pipeline,
+            study_instance_uid=new.study_instance_uid,
+            series_instance_uids=list(new.series_instance_uids),
+            destinations=list(new.destinations),
+            jobs=[],
+            cancel_requested=False,
+            dataset=_json(dataset),
+            created_at=now,
+            updated_at=now,
         )
-        _report_state(conn, new.uid, dataset)
+    )
 
 
 def get(engine: Engine, uid: str) -> Dataset:
@@ -242,7 +254,7 @@ def change_state(
         if final is not None:
             dataset.update(final)
         dataset.ProcedureStepState = to.value
-        values: dict[str, Any] = {"state": to, "dataset": json.dumps(dataset.to_json_dict())}
+        values: dict[str, Any] = {"state": to, "dataset": _json(dataset)}
         if to == WorkitemState.IN_PROGRESS:
             values |= {"transaction_uid": transaction_uid, "performer": performer}
         _save(conn, uid, values)
@@ -262,7 +274,7 @@ def set_attributes(engine: Engine, uid: str, changes: Dataset, transaction_uid: 
             )
         dataset = Dataset.from_json(row["dataset"])
         dataset.update(changes)
-        _save(conn, uid, {"dataset": json.dumps(dataset.to_json_dict())})
+        _save(conn, uid, {"dataset": _json(dataset)})
         if "ProcedureStepProgressInformationSequence" in changes:
             _report_progress(conn, uid, changes)
 
@@ -281,7 +293,7 @@ def report_progress(engine: Engine, uid: str, percent: int, description: str) ->
         progress.ProcedureStepProgressInformationSequence = [item]
         dataset = Dataset.from_json(row["dataset"])
         dataset.update(progress)
-        _save(conn, uid, {"dataset": json.dumps(dataset.to_json_dict()), "progress": label})
+        _save(conn, uid, {"dataset": _json(dataset), "progress": label})
         _report_progress(conn, uid, progress)
     return True
 
@@ -325,7 +337,6 @@ def subscribe(engine: Engine, ae_title: str, uid: str | None, deletion_lock: boo
                 ae_title=ae_title,
                 workitem_uid=uid,
                 deletion_lock=deletion_lock,
-                suspended=False,
                 since_event=since,
                 created_at=utcnow(),
             )
@@ -379,7 +390,6 @@ def suspend(engine: Engine, ae_title: str) -> bool:
                         ae_title=ae_title,
                         workitem_uid=uid,
                         deletion_lock=worklist["deletion_lock"],
-                        suspended=False,
                         since_event=worklist["since_event"],
                         created_at=utcnow(),
                     )
@@ -463,6 +473,8 @@ class Performed:
     cancel_requested: bool
     ready: bool
     """Its Input Readiness State is READY (its inputs may be used)."""
+    priority: str
+    """Its Scheduled Procedure Step Priority (HIGH, MEDIUM, LOW)."""
     created_at: datetime
 
 
@@ -490,7 +502,7 @@ def performed_by(engine: Engine, performer: str, pipelines: Iterable[str]) -> li
             [int(job) for job in row["jobs"]],
             row["fetch_id"],
             row["cancel_requested"],
-            _readiness(row["dataset"]) == "READY",
+            *_readiness_and_priority(row["dataset"]),
             row["created_at"],
         )
         for row in rows
@@ -510,9 +522,11 @@ def note_work(
         _save(conn, uid, values)
 
 
-def _readiness(dataset: str) -> str:
-    values = json.loads(dataset).get(READINESS_TAG, {}).get("Value") or ["READY"]
-    return str(values[0])
+def _readiness_and_priority(dataset: str) -> tuple[bool, str]:
+    content = json.loads(dataset)
+    readiness = content.get(READINESS_TAG, {}).get("Value") or ["READY"]
+    priority = content.get(PRIORITY_TAG, {}).get("Value") or ["MEDIUM"]
+    return readiness[0] == "READY", str(priority[0])
 
 
 def _locked(conn: Connection, uid: str) -> Any:

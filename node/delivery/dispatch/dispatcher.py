@@ -176,17 +176,14 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
     def _settle_commitments(self) -> None:
         """Each waiting dispatch whose report named failures, or that had none in time, is
         sent again later, or is dead (and alerts) after its last attempt."""
-        for dispatch_id in self.queue.overdue():
-            with self._engine.connect() as conn:
-                row = conn.execute(
-                    select(
-                        Dispatch.destination,
-                        Dispatch.commitment,
-                        Dispatch.error,
-                        Dispatch.attempts,
-                        Dispatch.job_id,
-                    ).where(Dispatch.id == dispatch_id)
-                ).one()
+        overdue = self.queue.overdue(
+            Dispatch.destination,
+            Dispatch.commitment,
+            Dispatch.error,
+            Dispatch.attempts,
+            Dispatch.job_id,
+        )
+        for row in overdue:
             reported = row.commitment == CommitmentState.FAILED
             error = (
                 row.error
@@ -194,15 +191,13 @@ class Dispatcher(LeasedWorkLoop[Outgoing]):
                 else f"no storage commitment report from {row.destination} within "
                 f"{self._settings.dispatch.commitment_timeout_seconds:g} s"
             )
-            state = self.queue.give_up_waiting(
-                dispatch_id, error, commitment=CommitmentState.FAILED
-            )
+            state = self.queue.give_up_waiting(row.id, error, commitment=CommitmentState.FAILED)
             if state is None:
                 continue  # answered or cancelled meanwhile
             if not reported:
                 COMMITMENTS.labels(row.destination, "unreported").inc()
             DISPATCHES.labels(row.destination, str(state)).inc()
-            self._failed(dispatch_id, row.job_id, row.destination, state, row.attempts, error)
+            self._failed(row.id, row.job_id, row.destination, state, row.attempts, error)
 
     def _failed(
         self,

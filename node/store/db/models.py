@@ -492,7 +492,6 @@ class WorkitemSubscription(Base):
     ae_title: Mapped[str] = mapped_column(String(16), index=True)
     workitem_uid: Mapped[str | None] = mapped_column(UID)
     deletion_lock: Mapped[bool] = mapped_column(Boolean, default=False)
-    suspended: Mapped[bool] = mapped_column(Boolean, default=False)
     since_event: Mapped[int] = mapped_column(Integer, default=0)
     """Events after this one are the subscription's (earlier ones predate it)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -51,7 +51,6 @@ def upgrade() -> None:
         sa.Column("ae_title", sa.String(16), nullable=False),
         sa.Column("workitem_uid", sa.String(64), nullable=True),
         sa.Column("deletion_lock", sa.Boolean(), nullable=False),
-        sa.Column("suspended", sa.Boolean(), nullable=False),
         sa.Column("since_event", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("ae_title", "workitem_uid", name="uq_workitem_subscription"),
