@@ -1,6 +1,7 @@
 """Storage Commitment Push Model (PS3.4 J) as its SCU: the N-ACTION that asks a peer to
 commit the instances just sent, and the N-EVENT-REPORT by which the peer answers, on a
-later association of its own (as Orthanc and dcm4chee do) or on the sending one."""
+later association of its own (as Orthanc and dcm4chee do: the node releases the one that
+carried the request)."""
 
 from __future__ import annotations
 
@@ -116,14 +117,10 @@ def request_commitment(
     status, _ = assoc.send_n_action(
         information, REQUEST_COMMITMENT, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
     )
-    code = int(status.Status) if "Status" in status else None
-    if code == 0:
-        return None
-    return (
-        "no response to the storage commitment request"
-        if code is None
-        else (f"storage commitment request refused: status 0x{code:04X}")
-    )
+    if "Status" not in status:
+        return "no response to the storage commitment request"
+    code = int(status.Status)
+    return None if code == 0 else f"storage commitment request refused: status 0x{code:04X}"
 
 
 def _item(reference: Reference) -> Dataset:
