@@ -213,6 +213,11 @@ async def channel(websocket: WebSocket, ae_title: str) -> None:
     """The event channel of a subscriber (PS3.18 11.13): each event report as a DICOM JSON
     text message, in order; a reconnecting subscriber gets what it has not had."""
     context: WebContext = websocket.app.state.web
+    host = websocket.headers.get("host")
+    if not websocket.app.state.hosts.allows(host):  # the HTTP middleware sees no WebSocket
+        log.warning("event channel refused: Host %r is not this node", host)
+        await websocket.close(code=1008, reason="the Host header names no host of this node")
+        return
     try:
         client = websocket.client.host if websocket.client else None
         caller = context.auth.authenticate(websocket.headers.get("authorization"), client)

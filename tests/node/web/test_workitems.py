@@ -7,6 +7,7 @@ changes and callers without the role are refused and change nothing."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pydicom.uid import generate_uid
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.node.web.conftest import WebNode
+from tests.node.web.conftest import TOKENS, WebNode
 from tests.peers import free_port, storescp, storescu, wait_until
 from tests.phantoms import chest, chest_geometry, write_series
 
@@ -334,6 +335,16 @@ def test_callers_without_the_role_are_refused(start_web_node) -> None:
             connect(url, additional_headers=headers, open_timeout=10)
         assert refused.value.response.status_code == 403
     assert state_of(web, uid) == "SCHEDULED"
+    port = int(web.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:  # DNS rebinding
+        raw.sendall(
+            b"GET /dicom-web/ws/subscribers/WATCHER HTTP/1.1\r\nHost: evil.example\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            + f"Authorization: Bearer {TOKENS['viewer'][0]}\r\n\r\n".encode()
+        )
+        answer = raw.recv(200)
+    assert answer.startswith(b"HTTP/1.1 403"), answer
 
 
 def _put(web: WebNode, path: str, body: str, who: str = "it-admin") -> httpx.Response:
