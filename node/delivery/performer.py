@@ -27,7 +27,7 @@ from node.delivery.fetch.records import enqueue as enqueue_fetch
 from node.flow.queue import JobQueue
 from node.flow.routing.engine import JobRequest
 from node.flow.routing.rules import Priority
-from node.ops.audit import WorkitemChanged, record_quietly
+from node.ops.audit import WorkitemChanged, appender
 from node.store import workitems
 from node.store.db.models import (
     Fetch,
@@ -40,7 +40,7 @@ from node.store.db.models import (
     WorkState,
     utcnow,
 )
-from node.store.workitems import PRIORITIES, Performed, WorkitemError
+from node.store.workitems import PRIORITIES, Audit, Performed, WorkitemError
 from pipelines.codes import PRIVATE_SCHEME
 from pipelines.registry import pipeline_names
 
@@ -119,9 +119,14 @@ class Performer:
         performed.PerformedProcedureStepStartDateTime = _now()
         started.UnifiedProcedureStepPerformedProcedureSequence = [performed]
         workitems.change_state(
-            self._engine, item.uid, WorkitemState.IN_PROGRESS, transaction, self._ae, started
+            self._engine,
+            item.uid,
+            WorkitemState.IN_PROGRESS,
+            transaction,
+            self._ae,
+            started,
+            self._audit(item, "claimed"),
         )
-        self._audit(item, "claimed")
         return transaction
 
     def _follow(self, item: Performed) -> bool:
@@ -205,9 +210,9 @@ class Performer:
                 ).scalar_one()
             )
 
-    def _audit(self, item: Performed, action: Literal["claimed", "completed", "canceled"]) -> None:
+    def _audit(self, item: Performed, action: Literal["claimed", "completed", "canceled"]) -> Audit:
         facts = WorkitemChanged(action=action, workitem=item.uid, pipeline=item.pipeline)
-        record_quietly(self._engine, self._ae, facts, item.study_instance_uid)
+        return appender(self._ae, facts, item.study_instance_uid)
 
     def _end(
         self,
@@ -238,8 +243,8 @@ class Performer:
         if state == WorkitemState.CANCELED:
             final.ReasonForCancellation = (reason or "")[:1024]
             final.ProcedureStepCancellationDateTime = _now()
-        workitems.change_state(self._engine, item.uid, state, transaction, self._ae, final)
-        self._audit(item, "completed" if state == WorkitemState.COMPLETED else "canceled")
+        audit = self._audit(item, "completed" if state == WorkitemState.COMPLETED else "canceled")
+        workitems.change_state(self._engine, item.uid, state, transaction, self._ae, final, audit)
         log.log(
             logging.INFO if state == WorkitemState.COMPLETED else logging.WARNING,
             "workitem %s %s%s",

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, select
 
 from node.flow.routing.engine import JobRequest
 from node.flow.routing.router import JobSink
-from node.ops.audit import WorkitemChanged, record_quietly
+from node.ops.audit import WorkitemChanged, appender
 from node.store import workitems
 from node.store.db.models import Job, Series, Study, utcnow
 from node.store.workitems import PRIORITIES, NewWorkitem, WorkitemError
@@ -83,7 +83,7 @@ class AnnouncedJobs:
             tuple(job.destinations),
             dataset,
         )
-        workitems.create(self._engine, new, claim=(self._ae, generate_uid()))
-        workitems.note_work(self._engine, uid, jobs=[job_id])
         facts = WorkitemChanged(action="created", workitem=uid, pipeline=job.pipeline)
-        record_quietly(self._engine, self._ae, facts, job.study_instance_uid)
+        audit = appender(self._ae, facts, job.study_instance_uid)
+        workitems.create(self._engine, new, claim=(self._ae, generate_uid()), audit=audit)
+        workitems.note_work(self._engine, uid, jobs=[job_id])

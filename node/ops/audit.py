@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -238,6 +239,13 @@ def record(
         return
     with target.begin() as conn:
         conn.execute(statement)
+
+
+def appender(
+    actor: str, facts: Facts, study_uid: str | None = None
+) -> Callable[[Connection], None]:
+    """`record` of one event, in the transaction of the change it describes."""
+    return lambda conn: record(conn, actor, facts, study_uid)
 
 
 def record_quietly(engine: Engine, actor: str, facts: Facts, study_uid: str | None = None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,6 +34,8 @@ UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
 WORKLIST = "1.2.840.10008.5.1.4.34.5"
 """The well-known UID that names the whole worklist in a (global) subscription."""
 FILTERED_WORKLIST = "1.2.840.10008.5.1.4.34.5.1"
+Audit = Callable[[Connection], None]
+"""Appends an audit event in the transaction of the change it describes."""
 FINAL = (WorkitemState.COMPLETED, WorkitemState.CANCELED)
 PRIORITIES = ("HIGH", "MEDIUM", "LOW")
 """Scheduled Procedure Step Priority, most urgent first (as jobs: stat, routine, low)."""
@@ -77,10 +79,15 @@ class NewWorkitem:
     dataset: Dataset
 
 
-def create(engine: Engine, new: NewWorkitem, claim: tuple[str, str] | None = None) -> None:
+def create(
+    engine: Engine,
+    new: NewWorkitem,
+    claim: tuple[str, str] | None = None,
+    audit: Audit | None = None,
+) -> None:
     """Keep a new workitem, SCHEDULED, or with `claim` (performer, Transaction UID) IN
     PROGRESS already (a task the node announces as it starts it); CONFLICT when one with its
-    UID exists."""
+    UID exists. `audit` appends its audit event in the same transaction."""
     state = WorkitemState.SCHEDULED if claim is None else WorkitemState.IN_PROGRESS
     dataset = new.dataset
     dataset.SOPClassUID = UPS_PUSH
@@ -90,6 +97,7 @@ def create(engine: Engine, new: NewWorkitem, claim: tuple[str, str] | None = Non
         with engine.begin() as conn:
             _insert_workitem(conn, new, dataset, state, claim)
             _report_state(conn, new.uid, dataset)
+            _append(conn, audit)
     except IntegrityError as exc:  # its UID is taken (the table's unique constraint)
         raise WorkitemError(Refusal.CONFLICT, f"workitem {new.uid} exists") from exc
 
@@ -226,10 +234,12 @@ def change_state(
     transaction_uid: str,
     performer: str,
     final: Dataset | None = None,
+    audit: Audit | None = None,
 ) -> None:
     """Claim a SCHEDULED workitem (IN PROGRESS, locked by `transaction_uid`), or complete or
     cancel one IN PROGRESS under the same lock (`final`'s attributes added: outputs, reason);
-    CONFLICT for any other change (PS3.4 CC.2.1.2)."""
+    CONFLICT for any other change (PS3.4 CC.2.1.2). `audit` appends its audit event in the
+    same transaction."""
     with engine.begin() as conn:
         row = _locked(conn, uid)
         state = row["state"]
@@ -259,6 +269,7 @@ def change_state(
             values |= {"transaction_uid": transaction_uid, "performer": performer}
         _save(conn, uid, values)
         _report_state(conn, uid, dataset)
+        _append(conn, audit)
 
 
 def set_attributes(engine: Engine, uid: str, changes: Dataset, transaction_uid: str | None) -> None:
@@ -298,13 +309,17 @@ def report_progress(engine: Engine, uid: str, percent: int, description: str) ->
     return True
 
 
-def request_cancel(engine: Engine, uid: str, requestor: str, reason: str | None) -> WorkitemState:
+def request_cancel(
+    engine: Engine, uid: str, requestor: str, reason: str | None, audit: Audit | None = None
+) -> WorkitemState:
     """Ask for a workitem's cancellation: a SCHEDULED one is CANCELED at once, one IN
-    PROGRESS is flagged for its performer (and the request reported); its state after."""
+    PROGRESS is flagged for its performer (and the request reported); its state after.
+    `audit` appends its audit event in the same transaction."""
     with engine.begin() as conn:
         row = _locked(conn, uid)
         if row["state"] in FINAL:
             raise WorkitemError(Refusal.CONFLICT, f"workitem {uid} is {row['state']} already")
+        _append(conn, audit)
         dataset = Dataset.from_json(row["dataset"])
         if reason:
             dataset.ReasonForCancellation = reason[:1024]
@@ -527,6 +542,11 @@ def _readiness_and_priority(dataset: str) -> tuple[bool, str]:
     readiness = content.get(READINESS_TAG, {}).get("Value") or ["READY"]
     priority = content.get(PRIORITY_TAG, {}).get("Value") or ["MEDIUM"]
     return readiness[0] == "READY", str(priority[0])
+
+
+def _append(conn: Connection, audit: Audit | None) -> None:
+    if audit is not None:
+        audit(conn)
 
 
 def _locked(conn: Connection, uid: str) -> Any:

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
 from node.config import Settings, check_ae_title
-from node.ops.audit import WorkitemChanged, record_quietly
+from node.ops.audit import WorkitemChanged, appender
 from node.roles import Role
 from node.store import workitems
 from node.store.db.models import WorkitemState
@@ -76,12 +76,10 @@ async def create_workitem(request: Request, context: Context, caller: Operator) 
     """Create Workitem (PS3.18 11.4): 201 with its URL; 409 when its UID exists."""
     dataset = await _body(request)
     new = checked(dataset, context.settings, request.query_params.get("workitem"))
-    await run_in_threadpool(_refusing, workitems.create, context.engine, new)
-    log.info("workitem %s created by %s: %s", new.uid, caller.name, new.pipeline)
     facts = WorkitemChanged(action="created", workitem=new.uid, pipeline=new.pipeline)
-    await run_in_threadpool(
-        record_quietly, context.engine, caller.name, facts, new.study_instance_uid
-    )
+    audit = appender(caller.name, facts, new.study_instance_uid)
+    await run_in_threadpool(_refusing, workitems.create, context.engine, new, None, audit)
+    log.info("workitem %s created by %s: %s", new.uid, caller.name, new.pipeline)
     url = f"{context.base_url(request)}/workitems/{new.uid}"
     return Response(status_code=201, headers={"Location": url, "Content-Location": url})
 
@@ -144,14 +142,22 @@ async def change_state(
         to = WorkitemState(state)
     except (InvalidUID, ValueError) as exc:
         raise HTTPException(400, detail=f"not a state change: {str(exc)[:120]}") from exc
+    if to not in CHANGES:
+        raise HTTPException(400, detail="a workitem never goes back to SCHEDULED")
     who = _ae(performer) if performer else caller.name
+    audit = appender(who, WorkitemChanged(action=CHANGES[to], workitem=uid))
     await run_in_threadpool(
-        _refusing, workitems.change_state, context.engine, _uid(uid), to, transaction, who
+        _refusing,
+        workitems.change_state,
+        context.engine,
+        _uid(uid),
+        to,
+        transaction,
+        who,
+        None,
+        audit,
     )
     log.info("workitem %s: %s by %s", uid, to, who)
-    action = CHANGES[to]
-    facts = WorkitemChanged(action=action, workitem=uid)
-    await run_in_threadpool(record_quietly, context.engine, who, facts)
     return Response(status_code=200)
 
 
@@ -165,11 +171,10 @@ async def request_cancellation(
     body = await _body(request, optional=True)
     reason = str(body.get("ReasonForCancellation", "")) or None
     who = _ae(requestor) if requestor else caller.name[:16]
+    audit = appender(who, WorkitemChanged(action="cancel requested", workitem=uid))
     await run_in_threadpool(
-        _refusing, workitems.request_cancel, context.engine, _uid(uid), who, reason
+        _refusing, workitems.request_cancel, context.engine, _uid(uid), who, reason, audit
     )
-    facts = WorkitemChanged(action="cancel requested", workitem=uid)
-    await run_in_threadpool(record_quietly, context.engine, who, facts)
     return Response(status_code=202)
 
 
