@@ -67,7 +67,6 @@ ABNORMAL_OPACITY = dcm("112033", "Abnormal opacity")
 VOLUME = sct("118565006", "Volume")
 MEAN_ATTENUATION = dcm("112181", "Mean Attenuation Coefficient")
 PERC15 = private("PERC15", "15th percentile of lung attenuation")
-DENSITOMETRY = private("DENSITOMETRY", "Lung densitometry reconstruction")
 LAA950 = private("LAA950", "Lung volume below -950 HU")
 HIGH_ATTENUATION = private("HAA", "Lung volume from -700 to -100 HU, vessels excluded")
 
@@ -90,7 +89,7 @@ SHORT_NAMES = {
 
 # Whole-scan findings: CT-RATE's 18 labels (thoracic-findings)
 MEDICAL_MATERIAL = private("MEDMAT", "Medical material")
-ARTERIAL_WALL_CALCIFICATION = private("ARTCALC", "Arterial wall calcification")
+ARTERIAL_WALL_CALCIFICATION = sct("237897009", "Vascular calcification")  # CID 3491
 CARDIOMEGALY = sct("287272002", "Cardiomegaly")
 PERICARDIAL_EFFUSION = sct("373945007", "Pericardial effusion")
 CORONARY_CALCIFICATION = private("CORCALC", "Coronary artery wall calcification")
@@ -104,7 +103,7 @@ MOSAIC_PATTERN = dcm("112130", "Mosaic pattern")
 PERIBRONCHIAL_THICKENING = private("PERIBRON", "Peribronchial thickening")
 CONSOLIDATION = sct("95436008", "Lung consolidation")
 BRONCHIECTASIS = sct("12295008", "Bronchiectasis")
-SEPTAL_THICKENING = private("ILSEPT", "Interlobular septal thickening")
+SEPTAL_THICKENING = dcm("112114", "Septal line(s)")  # CID 6102: thickened interlobular septa
 
 # Triage (covid-triage, the COVID-CT-MD classes)
 COVID_19 = sct("840539006", "COVID-19")  # the full meaning exceeds LO (64)
@@ -114,7 +113,7 @@ CUBIC_MILLIMETER = Code("mm3", "UCUM", "cubic millimeter")
 
 # Scan geometry (echo)
 SLICES = private("SLICES", "Number of slices")
-SLICE_SPACING = private("SLICESPACING", "Slice spacing")
+SLICE_SPACING = dcm("112226", "Spacing between slices")
 EXTENT = private("EXTENT", "Scan length along the slice normal")
 
 # Detections (TID 1410 rows)
@@ -126,7 +125,7 @@ INPUT_GUARD = private("INPUTGUARD", "Series like the site's reference series")
 GUARD_DISTANCE = private("GUARDDIST", "Distance to the site's reference series")
 GUARD_THRESHOLD = private("GUARDLIMIT", "Guard distance threshold")
 
-# Report structure (TID 1500, its observer and equipment)
+# Report structure (TID 1500, its observer and equipment; a note in words is a Comment)
 CT_CHEST = Code("24627-2", "LN", "CT Chest")
 IMAGING_MEASUREMENTS = dcm("126010", "Imaging Measurements")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
@@ -135,3 +134,4 @@ ABSENT = sct("272519000", "Absent")
 DEVICE_OBSERVER = dcm("121007", "Device")
 ARTIFICIAL_INTELLIGENCE = dcm("123110", "Artificial Intelligence")
 PROCESSING_EQUIPMENT = dcm("109102", "Processing Equipment")
+COMMENT = dcm("121106", "Comment")

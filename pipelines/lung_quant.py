@@ -138,7 +138,7 @@ class LungQuantPipeline:
             masks=masks,
             regions=regions,
             profiles=profiles,
-            notes=[Note(codes.DENSITOMETRY, densitometry_note(recon))],
+            notes=[Note(codes.COMMENT, densitometry_note(recon))],
             timings=timings,
         )
 

@@ -3,6 +3,7 @@ what an SR's Qualitative Evaluations say."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +16,15 @@ def dciodvfy_errors(path: Path) -> list[str]:
     report = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
     output = report.stdout + report.stderr
     return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+def dciodvfy_unknown_schemes(path: Path) -> list[str]:
+    """The coding scheme designators dciodvfy does not know, once per use."""
+    report = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+    return re.findall(
+        r"CodingSchemeDesignator\(0008,0102\)\[1\]> - Unrecognized defined term = <([^>]*)>",
+        report.stdout + report.stderr,
+    )
 
 
 def validate(path: Path) -> None:

@@ -51,7 +51,7 @@ def test_routed_series_runs_its_pipeline_and_the_other_does_not(
     geometry = {
         m["concept"]["value"]: m["value"] for m in job["result"]["regions"][0]["measurements"]
     }
-    assert geometry == {"SLICES": 64.0, "SLICESPACING": 5.0, "EXTENT": 315.0}
+    assert geometry == {"SLICES": 64.0, "112226": 5.0, "EXTENT": 315.0}
     assert jobs_of(node, uid_of(body)) == []
     series = node.series()[uid_of(body)]
     assert series["state"] == "complete"

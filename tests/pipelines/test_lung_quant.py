@@ -72,7 +72,7 @@ def test_a_sharp_kernel_gets_volumes_and_a_reason_not_densitometry(tmp_path: Pat
     assert not {LOW.label, HIGH.label} & {m.segment.label for m in result.masks}
     assert result.profiles == []
     (note,) = result.notes
-    assert note.concept == codes.DENSITOMETRY
+    assert note.concept == codes.COMMENT
     assert "not measured" in note.text and "B70f (SIEMENS) is sharp" in note.text
 
 

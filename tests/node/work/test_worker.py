@@ -90,7 +90,7 @@ def test_worker_records_each_outcome(worker: Worker) -> None:
     geometry = {
         m["concept"]["value"]: m["value"] for m in jobs["echo"].result["regions"][0]["measurements"]
     }
-    assert geometry == {SLICES.value: 3.0, "SLICESPACING": 5.0, EXTENT.value: 10.0}
+    assert geometry == {SLICES.value: 3.0, "112226": 5.0, EXTENT.value: 10.0}
     assert (Path(jobs["echo"].result["output"]) / "result.json").is_file()
     assert jobs["no-weights"].state == "failed"
     assert (
