@@ -16,7 +16,7 @@ from node.ingest.archive import CatalogArchive
 from node.ingest.commitments import CatalogReports
 from node.ingest.dimse import DimseIntake
 from node.ingest.intake import Intake
-from node.ops.lifecycle import Ready, stop_when_parent_exits, wait_for_stop
+from node.ops.lifecycle import Ready, exit_child, stop_when_parent_exits, wait_for_stop
 from node.ops.logs import configure_logging
 from node.store.catalog import Catalog
 from node.store.db.engine import make_engine
@@ -69,3 +69,4 @@ def run_receiver_process(settings: Settings, ready: Ready) -> None:
     ready.set()
     wait_for_stop(stopping)
     receiver.stop()
+    exit_child()

@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
+import sys
 import threading
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -44,3 +46,14 @@ def wait_for_stop(stopping: threading.Event) -> None:
     untimed wait can leave a SIGTERM unanswered (seen: 30 s)."""
     while not stopping.wait(1.0):
         pass
+
+
+def exit_child() -> NoReturn:
+    """End a child process once its work has stopped, its log flushed, without the
+    interpreter's teardown: the atexit callbacks walk registries (weakref finalizers) that
+    daemon threads still running (pynetdicom's, the parent watch, a request's) may change,
+    and printed `dictionary changed size during iteration` when the parent was killed."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

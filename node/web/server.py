@@ -14,7 +14,7 @@ import threading
 import uvicorn
 
 from node.config import HttpSettings, Settings
-from node.ops.lifecycle import CannotListen, Ready, stop_when_parent_exits
+from node.ops.lifecycle import CannotListen, Ready, exit_child, stop_when_parent_exits
 from node.ops.logs import configure_logging
 from node.web.limits import HttpLimits, guarded_protocol
 
@@ -90,3 +90,4 @@ def run_http_process(settings: Settings, sock: socket.socket, ready: Ready) -> N
     threading.Thread(target=tell_when_serving, name="ready", daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     server.run(sockets=[sock])
+    exit_child()

@@ -10,7 +10,7 @@ import signal
 import threading
 
 from node.config import Settings
-from node.ops.lifecycle import Ready, stop_when_parent_exits
+from node.ops.lifecycle import Ready, exit_child, stop_when_parent_exits
 from node.ops.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -39,3 +39,4 @@ def run_worker_process(settings: Settings, index: int, ready: Ready) -> None:
     worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines)
     ready.set()
     worker.run(stopping)
+    exit_child()

@@ -367,6 +367,53 @@ def test_an_http_process_killed_mid_stow_leaves_no_orphan(web_node: WebNode) -> 
     assert list((web_node.node.storage / ".incoming").iterdir()) == []
 
 
+@pytest.mark.slow
+def test_the_children_of_a_killed_main_process_stop_quietly(start_web_node, tmp_path: Path) -> None:
+    """Finding 15: SIGKILL the main process while STOW-RS and C-STORE stream in and a worker
+    runs: every child (receivers, worker, HTTP) logs that its parent is gone and stops, and
+    none prints a traceback on its way out (seen: `dictionary changed size during iteration`
+    from an atexit callback, with the child's threads still running)."""
+    import os
+    import signal
+    import threading
+
+    from tests.peers import storescu
+    from tests.phantoms import chest, chest_geometry, write_series
+
+    web = start_web_node(node={"receivers": 2}, workers={"count": 1})
+    children = wait_until(lambda: len(web.node.children()) >= 4 and web.node.children(), 30)
+    study = generate_uid()
+    parts = [part10(ct_dataset(generate_uid(), study)) for _ in range(300)]
+    files = write_series(tmp_path / "ct", chest_geometry(), chest())
+
+    def stow() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(
+                f"{web.dicomweb}/studies",
+                content=body(*parts),
+                headers={"Content-Type": CONTENT_TYPE, **web.auth("modality-web")},
+                timeout=60,
+            )
+
+    senders = [threading.Thread(target=stow)]
+    senders += [
+        threading.Thread(target=storescu, args=(web.node.port, files), kwargs={"check": False})
+    ]
+    for sender in senders:
+        sender.start()
+    wait_until(lambda: len(list(web.node.storage.rglob("*.dcm"))) > 20, 30)
+    assert web.node.proc is not None
+    os.kill(web.node.proc.pid, signal.SIGKILL)
+    web.node.proc.wait()
+    for sender in senders:
+        sender.join()
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 60)
+    log = web.node.log()
+    for child in ("receiver-1", "worker-0", "http"):
+        assert f"{child} node.ops.lifecycle: parent process" in log, log[-3000:]
+    assert "Traceback" not in log and "Exception ignored" not in log, log[-3000:]
+
+
 def test_clients_get_what_they_ask_for_or_406(web_node: WebNode, tmp_path: Path) -> None:
     """Finding 17: frames as stored when the stored image type is asked for, decoded when
     octet-stream is, 406 for what cannot be served; QIDO answers DICOM JSON or 406."""
