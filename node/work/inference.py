@@ -11,6 +11,7 @@ from pathlib import Path
 from node.work.guard import GuardScore
 from node.work.results.encode import encode_result
 from node.work.results.identity import ResultIdentity
+from node.work.siblings import Reconstruction
 from pipelines.base import BadInput, Pipeline, Stage, Unavailable
 from pipelines.context import Context
 from pipelines.result import PipelineResult
@@ -20,13 +21,15 @@ from pipelines.volume import Progress, Volume, VolumeOptions, load_volume
 @dataclass(frozen=True)
 class ResultTarget:
     """Where a job's result is written and what it says of itself: the series revision it
-    was made from, the node's AE title (its Station Name), the folder for a volume, and the
-    series' input-guard score, which the SR reports."""
+    was made from, the node's AE title (its Station Name), the folder for a volume, the
+    series' input-guard score and the acquisition's other reconstructions, which the SR
+    reports."""
 
     revision: int
     station: str
     folder_for: Callable[[Volume], Path]
     guard: GuardScore | None = None
+    siblings: tuple[Reconstruction, ...] = ()
 
 
 @dataclass
@@ -102,7 +105,7 @@ def finish_series(
         pipeline.name, pipeline.version, volume.series_instance_uid, target.revision, target.station
     )
     clock = time.perf_counter()
-    objects = encode_result(result, volume, identity, folder, target.guard)
+    objects = encode_result(result, volume, identity, folder, target.guard, target.siblings)
     result.timings["encoding"] = time.perf_counter() - clock
     result.save(folder)
     return Processed(volume, result, folder, objects)

@@ -42,6 +42,7 @@ from node.work.inference import (
     process_series,
 )
 from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary
+from node.work.siblings import other_reconstructions
 from pipelines.anatomy.shared import Anatomy
 from pipelines.base import BadInput, BatchedPipeline, Pipeline, Stage, Unavailable
 from pipelines.context import Context
@@ -239,8 +240,14 @@ class Worker:
     def _target(
         self, job: ClaimedJob, pipeline: Pipeline, guard: GuardScore | None
     ) -> ResultTarget:
+        with self._engine.connect() as conn:
+            siblings = other_reconstructions(conn, self._settings.storage.path, job.series_id)
         return ResultTarget(
-            job.revision, self._settings.node.ae_title, self._folder_for(job, pipeline), guard
+            job.revision,
+            self._settings.node.ae_title,
+            self._folder_for(job, pipeline),
+            guard,
+            tuple(siblings),
         )
 
     def _context(self, pipeline: Pipeline, *jobs: ClaimedJob) -> Context:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from tests.dicom_checks import dciodvfy_errors
 from tests.peers import NodeProcess, storescu, wait_until
 
 ECHO_LUNG_KERNEL = """
@@ -105,3 +107,47 @@ def test_rules_reload_on_change_and_a_broken_file_keeps_the_last_good_rules(
     assert "keeping the last good ones" in node.log()
     text = node.cli("status")
     assert "routing rules INVALID" in text.stdout
+
+
+@pytest.mark.slow
+def test_the_sr_lists_the_other_reconstructions_of_the_acquisition_as_evidence(
+    start_node: Callable[..., NodeProcess], real_series: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    """Issue 29: two reconstructions of one acquisition (Lung-PET-CT-Dx A0001, lung and body
+    kernels): the result of the one processed names the other in words and lists each of its
+    images as evidence; a series of another study is no sibling."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(ECHO_LUNG_KERNEL)
+    node = start_node(routing={"rules_file": str(rules)})
+    lung, body, other = real_series["lung-kernel"], real_series["body-kernel"], real_series["cap"]
+    storescu(node.port, body + other)
+    wait_until(
+        lambda: all(node.series()[uid_of(s)]["state"] == "complete" for s in (body, other)),
+        timeout=60,
+        interval=0.5,
+    )
+    storescu(node.port, lung)
+    wait_until(lambda: finished_job(node, uid_of(lung)), timeout=60, interval=0.5)
+
+    (sr_path,) = node.storage.rglob("sr.dcm")
+    sr = pydicom.dcmread(sr_path)
+    evidence = {
+        series.SeriesInstanceUID: {
+            item.ReferencedSOPInstanceUID for item in series.ReferencedSOPSequence
+        }
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+    }
+    body_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in body}
+    assert evidence[uid_of(body)] == body_uids
+    assert uid_of(other) not in evidence
+    notes = [
+        item.TextValue
+        for item in sr.ContentSequence[-1].ContentSequence
+        if item.ValueType == "TEXT" and "Other reconstructions" in item.TextValue
+    ]
+    kernel = pydicom.dcmread(body[0], stop_before_pixels=True).ConvolutionKernel
+    assert len(notes) == 1 and f"kernel {kernel}" in notes[0], notes
+    assert f"({len(body)} images)" in notes[0]
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(sr_path) == []

@@ -3,6 +3,7 @@ key images (sent only to destinations that ask for them)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataelem import DataElement
@@ -14,6 +15,7 @@ from node.work.results.identity import ResultIdentity, with_type2_attributes
 from node.work.results.key_images import build_key_images
 from node.work.results.seg import build_segmentation
 from node.work.results.sr import build_report
+from node.work.siblings import Reconstruction
 from pipelines import codes
 from pipelines.result import PipelineResult
 from pipelines.volume import Volume
@@ -49,9 +51,11 @@ def encode_result(
     identity: ResultIdentity,
     folder: Path,
     guard: GuardScore | None = None,
+    siblings: Sequence[Reconstruction] = (),
 ) -> list[Path]:
     """Write seg.dcm, sr.dcm and key-image-N.dcm to `folder` (each when there is something
-    for it); returns the files written. `guard`: the series' input-guard score, for the SR."""
+    for it); returns the files written. `guard`: the series' input-guard score, and
+    `siblings`: the acquisition's other reconstructions, for the SR."""
     sources = source_headers(volume)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -62,7 +66,7 @@ def encode_result(
         segmentation.save_as(folder / SEG_FILE, enforce_file_format=True)
         written.append(folder / SEG_FILE)
     if result.reportable:
-        report = build_report(result, volume, sources, segmentation, identity, guard)
+        report = build_report(result, volume, sources, segmentation, identity, guard, siblings)
         declare_private_codes(report)
         report.save_as(folder / SR_FILE, enforce_file_format=True)
         written.append(folder / SR_FILE)

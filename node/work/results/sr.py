@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
 from pydicom.dataset import Dataset
 
 from node.work.guard import GuardScore
 from node.work.results.identity import MANUFACTURER, ResultIdentity
 from node.work.results.outline import Outline, detection_box, representative_outline, source_of
+from node.work.siblings import Reconstruction
 from pipelines import codes
 from pipelines.result import Detection, Finding, Note, PipelineResult, Region
 from pipelines.volume import Volume
@@ -29,8 +32,10 @@ def build_report(
     segmentation: hd.seg.Segmentation | None,
     identity: ResultIdentity,
     guard: GuardScore | None = None,
+    siblings: Sequence[Reconstruction] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """`guard`: the series' input-guard score, reported as a quality evaluation."""
+    """`guard`: the series' input-guard score, reported as a quality evaluation; `siblings`:
+    the other reconstructions of the acquisition, listed as evidence and named in a note."""
     device = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER.as_dicom()),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -51,6 +56,8 @@ def build_report(
     ]
     evaluations: list[Evaluation] = [_finding(finding) for finding in result.findings]
     evaluations += [_note(note) for note in result.notes]
+    if siblings:
+        evaluations.append(_siblings_note(siblings))
     if guard is not None:
         evaluations.append(_guard_evaluation(guard))
     report = measurement_report(
@@ -60,7 +67,9 @@ def build_report(
         [source for source in sources if source.SOPInstanceUID in cited],
         _tracking_only(identity),
     )
-    evidence = [*sources, _reference(segmentation)] if segmentation is not None else sources
+    evidence = [*sources, *_sibling_references(siblings)]
+    if segmentation is not None:
+        evidence.append(_reference(segmentation))
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -229,6 +238,29 @@ def _note(note: Note) -> hd.sr.TextContentItem:
         value=note.text,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
+
+
+def _siblings_note(siblings: Sequence[Reconstruction]) -> hd.sr.TextContentItem:
+    """Which reconstructions of the acquisition this result was not made from."""
+    named = "; ".join(sibling.described() for sibling in siblings)
+    text = (
+        "Measured on this series only. Other reconstructions of the same acquisition, listed "
+        f"as evidence, not measured here: {named}."
+    )
+    return _note(Note(codes.COMMENT, text))
+
+
+def _sibling_references(siblings: Sequence[Reconstruction]) -> list[Dataset]:
+    references = []
+    for sibling in siblings:
+        for sop_class_uid, sop_instance_uid in sibling.instances:
+            reference = Dataset()
+            reference.StudyInstanceUID = sibling.study_instance_uid
+            reference.SeriesInstanceUID = sibling.series_instance_uid
+            reference.SOPClassUID = sop_class_uid
+            reference.SOPInstanceUID = sop_instance_uid
+            references.append(reference)
+    return references
 
 
 def _finding(finding: Finding) -> hd.sr.CodeContentItem:
