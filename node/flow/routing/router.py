@@ -11,7 +11,6 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import Connection, Engine, case, select, update
 
 from node.flow.routing.engine import JobRequest, SeriesFacts, evaluate, route_series, route_study
@@ -104,6 +103,8 @@ class Router:
     def facts(self, series_id: int) -> SeriesFacts | None:
         """The series' facts; None (and a log line) when it has no readable instance left:
         its instances moved to another series, or its stored header cannot be read."""
+        from pydicom.errors import InvalidDicomError  # here: `ainode status` loads this module
+
         try:
             return stored_series_facts(self._engine, self._storage, series_id)
         except NoInstanceLeft as exc:

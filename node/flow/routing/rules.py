@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from pydicom.datadict import tag_for_keyword
 
 from node.config import ORIGIN
 
@@ -347,7 +346,7 @@ class _Parser:
             if any(c is None for c in children):
                 return None
             return Combination(name, tuple(children))  # type: ignore[arg-type]
-        if name not in CONTEXT_KEYS and tag_for_keyword(name) is None:
+        if name not in CONTEXT_KEYS and not _is_keyword(name):
             self.problem(key, f"unknown DICOM keyword {name!r}")
             return None
         return self.condition(name, value)
@@ -522,3 +521,11 @@ def _scalar(node: yaml.Node) -> Scalar:
         return None
     value = yaml.safe_load(yaml.serialize(node))
     return value if value is None or isinstance(value, str | int | float) else str(node.value)
+
+
+def _is_keyword(name: str) -> bool:
+    """A DICOM keyword (pydicom, imported here: `ainode status` and the job queue load this
+    module, and pydicom's import is a quarter of a second)."""
+    from pydicom.datadict import tag_for_keyword
+
+    return tag_for_keyword(name) is not None
