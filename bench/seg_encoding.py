@@ -1,5 +1,5 @@
 """SEG encodings of lung-quant's masks on real series: size, encode and decode time, and
-whether dciodvfy accepts each (the node sends BINARY, uncompressed).
+whether dciodvfy accepts each (the node stores and sends BINARY, deflated).
 
     python bench/seg_encoding.py [--runs 3]
 """

@@ -663,9 +663,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "audit": audit,
             "routing": settings.routing.model_copy(update={"rules_file": rules_file}),
             "storage": settings.storage.model_copy(update={"path": storage.resolve()}),
-            "database": settings.database.model_copy(
-                update={"url": url}
-            ),
+            "database": settings.database.model_copy(update={"url": url}),
         }
     )
 

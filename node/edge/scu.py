@@ -126,17 +126,17 @@ def store(
     timeout: float = 30.0,
     priority: CStorePriority = CStorePriority.MEDIUM,
 ) -> StoreResult:
-    """C-STORE every file in one association. Each SOP class is proposed in the file's own
-    transfer syntax and in Explicit VR Little Endian, so a peer that refuses the first still
-    gets the objects."""
+    """C-STORE every file in one association. Each SOP class is proposed in each file's own
+    transfer syntax and in Explicit VR Little Endian, one presentation context each, so that
+    a peer takes the object as stored (a deflated SEG is a hundredth of its size) where it
+    can, and still gets it where it refuses that syntax."""
     datasets = [pydicom.dcmread(path) for path in files]
     ae = AE(ae_title=local_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        syntaxes = {
-            str(ds.file_meta.TransferSyntaxUID) for ds in datasets if ds.SOPClassUID == sop_class
-        }
-        ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian}))
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    contexts |= {(sop_class, ExplicitVRLittleEndian) for sop_class, _ in contexts}
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, syntax)
     assoc = associate(ae, peer)
     if isinstance(assoc, str):
         return StoreResult(False, assoc)

@@ -12,6 +12,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from tests.dicom_checks import dciodvfy_errors
 from tests.e2e.test_routing import uid_of
@@ -96,6 +97,10 @@ def test_results_arrive_in_the_same_study_by_c_store(
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     sr, seg = pydicom.dcmread(sr_path), pydicom.dcmread(seg_path)
     assert sr.StudyInstanceUID == seg.StudyInstanceUID == source.StudyInstanceUID
+    # the SEG went as stored, deflated (a peer that refuses Deflate gets it inflated)
+    (seg_instance,) = found["SEG"][0]["Instances"]
+    seg_syntax = orthanc.get(f"/instances/{seg_instance}/metadata/TransferSyntax")
+    assert seg_syntax == DeflatedExplicitVRLittleEndian.encode()
 
     (job,) = [j for j in node.status()["jobs"] if j["series_instance_uid"] == uid_of(files)]
     expected = {

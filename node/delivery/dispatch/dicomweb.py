@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 import requests
+from pydicom.uid import ExplicitVRLittleEndian
 
 from node.config import DicomWebDestination
 from node.delivery.webclient import dicomweb_client
@@ -15,8 +16,9 @@ from node.edge.scu import StoreResult
 
 def stow(destination: DicomWebDestination, files: Sequence[Path], timeout: float) -> StoreResult:
     """Store the files in one STOW-RS request; ok only when the server lists each as stored
-    (some servers answer 200 with a FailedSOPSequence)."""
-    datasets = [pydicom.dcmread(path) for path in files]
+    (some servers answer 200 with a FailedSOPSequence). A deflated object goes inflated: an
+    origin server must take Explicit VR Little Endian, not Deflate (PS3.18 10.5)."""
+    datasets = [_inflated(pydicom.dcmread(path)) for path in files]
     client = dicomweb_client(destination, timeout)
     try:
         response = client.store_instances(datasets)
@@ -36,3 +38,9 @@ def stow(destination: DicomWebDestination, files: Sequence[Path], timeout: float
         detail = "; ".join(failed) or f"not acknowledged: {', '.join(missing)}"
         return StoreResult(False, f"{counts}; {detail}", sent)
     return StoreResult(True, counts, sent)
+
+
+def _inflated(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    if dataset.file_meta.TransferSyntaxUID.is_deflated:
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return dataset

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from node.config import Peer
 from node.edge.scu import store
@@ -116,3 +117,24 @@ def test_store_over_tls_verifies_the_peer(results: list[Path], tmp_path: Path) -
     assert trusted.ok, trusted.detail
     assert not refused.ok and "no association with PACS@127.0.0.1" in refused.detail
     assert len(list((tmp_path / "out").iterdir())) == 2
+
+
+@pytest.mark.parametrize("accepts_deflate", [True, False])
+def test_a_deflated_object_goes_as_stored_or_inflated(
+    results: list[Path], tmp_path: Path, accepts_deflate: bool
+) -> None:
+    """The node's SEG is stored deflated: a peer that takes Deflate gets it so, one that does
+    not (storescp's default) gets the same dataset in Explicit VR Little Endian."""
+    dataset = pydicom.dcmread(results[0])
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = tmp_path / "deflated.dcm"
+    dataset.save_as(deflated, enforce_file_format=True)
+    port = free_port()
+    options = ("+xd",) if accepts_deflate else ()
+    with storescp(port, tmp_path / "out", *options):
+        outcome = store("AINODE", Peer(ae_title="PACS", host="127.0.0.1", port=port), [deflated])
+    assert outcome.ok, outcome.detail
+    (received,) = [pydicom.dcmread(p) for p in (tmp_path / "out").iterdir()]
+    expected = DeflatedExplicitVRLittleEndian if accepts_deflate else ExplicitVRLittleEndian
+    assert received.file_meta.TransferSyntaxUID == expected
+    assert received == pydicom.dcmread(deflated)  # the dataset itself, element for element
