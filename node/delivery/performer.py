@@ -154,7 +154,8 @@ class Performer:
             return True
         done = [job for job in jobs if job.state == WorkState.SUCCEEDED]
         if len(done) == len(jobs):
-            objects = [path for job in jobs for path in _results(job.result)]
+            root = self._settings.storage.path
+            objects = [path for job in jobs for path in _results(job.result, root)]
             self._end(item, item.transaction_uid, WorkitemState.COMPLETED, None, objects)
             return True
         running = next((job for job in jobs if job.state == WorkState.RUNNING), None)
@@ -254,9 +255,11 @@ class Performer:
         )
 
 
-def _results(summary: str | None) -> list[Path]:
-    """A finished job's result files (its summary names them in its output folder)."""
+def _results(summary: str | None, storage_root: Path) -> list[Path]:
+    """A finished job's result files, where its summary says each is kept."""
     result = json.loads(summary or "{}")
+    if result.get("files"):
+        return [storage_root / path for path in result["files"]]
     return [Path(result.get("output", "")) / name for name in result.get("objects", [])]
 
 

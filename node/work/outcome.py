@@ -106,6 +106,9 @@ class ResultSummary(BaseModel):
     the batch's)."""
     output: str = ""
     objects: list[str] = []
+    files: list[str] = []
+    """Where each of `objects` is kept, relative to the storage root: the node's store (a
+    result is kept once), or `output` when the store did not take it."""
     dropped: list[str] = []
 
 

@@ -142,18 +142,19 @@ class Worker:
         else:
             self._measure(job.pipeline, done, time.monotonic() - started)
             result = done.result
+            kept = self._keep_results(job.id, done.objects)
             outcome = JobOutcome(
                 job.id,
                 self.name,
-                summarize(done, batch),
-                done.objects,
+                summarize(done, batch, [self._stored(path) for path in kept]),
+                kept,
                 result.embedding,
                 result.profile,
             )
             if self._outcomes.record(outcome):
                 log.info("job %d succeeded in %.2f s", job.id, time.monotonic() - started)
                 self._audit(job, "succeeded", done)
-                self._keep_results(job.id, done.objects)
+                _remove_copies(done.objects, kept)
             else:
                 log.warning("job %d finished after losing its lease; result dropped", job.id)
                 self._audit(job, "dropped", done)
@@ -336,33 +337,51 @@ class Worker:
             GPU_MEMORY.labels(self.name).set(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
 
-    def _keep_results(self, job_id: int, objects: list[Path]) -> None:
+    def _keep_results(self, job_id: int, objects: list[Path]) -> list[Path]:
         """The job's SR and SEG join their study in the node's own store, where QIDO-RS and
-        WADO-RS serve them beside the images (routing never takes them for input)."""
+        WADO-RS serve them beside the images (routing never takes them for input); where
+        each object is now kept: in the store, or where it was written when the store did
+        not take it (a result is kept once)."""
         ae_title = self._settings.node.ae_title
         delivery = Delivery(Sender(uuid.uuid4().hex, ae_title, ae_title, None, Source.NODE))
+        kept = list(objects)
         try:
-            for path in objects:
+            for index, path in enumerate(objects):
                 data = path.read_bytes()
                 header = read_part10(data)
                 dataset = data[header.dataset_offset :]
                 answer = self._intake.accept(delivery, dataset, header.transfer_syntax)
-                if answer.status != Status.SUCCESS:
+                if answer.status == Status.SUCCESS and answer.meta is not None:
+                    kept[index] = self._store.path_of(answer.meta.key)
+                else:
                     log.warning("job %d: %s not kept: %s", job_id, path.name, answer.reason)
         except (OSError, ValueError) as exc:
             log.warning("job %d: results not kept in the store: %s", job_id, exc)
         finally:
             self._intake.close(delivery, released=True)
+        return kept
+
+    def _stored(self, path: Path) -> str:
+        """`path` as the job's result names it: relative to the storage root."""
+        return str(path.relative_to(self._settings.storage.path))
 
 
-def summarize(done: Processed, batch: int = 1) -> ResultSummary:
-    """What the job records of its result."""
+def _remove_copies(written: list[Path], kept: list[Path]) -> None:
+    """Remove each object where it was written once the store holds it."""
+    for path, home in zip(written, kept, strict=True):
+        if home != path:
+            path.unlink(missing_ok=True)
+
+
+def summarize(done: Processed, batch: int = 1, files: list[str] | None = None) -> ResultSummary:
+    """What the job records of its result; `files`: where each object is kept."""
     return ResultSummary.model_validate(
         {
             **done.result.as_json(),
             "batch": batch,
             "output": str(done.folder),
             "objects": [path.name for path in done.objects],
+            "files": files or [],
             "dropped": list(done.volume.dropped),
         }
     )

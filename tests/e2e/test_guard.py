@@ -98,7 +98,7 @@ def test_the_guard_holds_a_series_unlike_the_reference_and_passes_one_like_it(
     wait_until(lambda: node.log().count(routed) == 2, timeout=30, interval=0.5)  # scored
     assert [j["pipeline"] for j in jobs_of(node, uid_of(unlike))] == ["ct-embedding"]
 
-    report_path = Path(echo["result"]["output"]) / "sr.dcm"
+    (report_path,) = [node.storage / path for path in echo["result"]["files"]]
     validate(report_path)
     evaluations = qualitative_evaluations(hd.sr.srread(report_path))
     verdict, distance = evaluations["Series like the site's reference series"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from tests.e2e.test_routing import finished_job, uid_of
 from tests.peers import NodeProcess, storescu, wait_until
@@ -61,8 +62,15 @@ def test_a_routed_series_is_quantified_by_the_service(
         "key-image-2.dcm",
         "key-image-3.dcm",
     ]
-    seg = pydicom.dcmread(output / "seg.dcm", stop_before_pixels=True)
+    # kept once: in the store, as instances of their study; only result.json and the masks
+    # stay in the output folder
+    kept = [node.storage / path for path in job["result"]["files"]]
+    assert all(path.is_file() and path.parent.parent.parent == node.storage for path in kept)
+    assert not list(output.glob("*.dcm"))
+    seg = pydicom.dcmread(kept[0], stop_before_pixels=True)
+    assert seg.Modality == "SEG"
     assert seg.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
+    assert seg.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
 
     status = node.status()
     pipelines = {p["name"]: p for p in status["pipelines"]}

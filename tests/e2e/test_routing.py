@@ -127,9 +127,9 @@ def test_the_sr_lists_the_other_reconstructions_of_the_acquisition_as_evidence(
         interval=0.5,
     )
     storescu(node.port, lung)
-    wait_until(lambda: finished_job(node, uid_of(lung)), timeout=60, interval=0.5)
+    job = wait_until(lambda: finished_job(node, uid_of(lung)), timeout=60, interval=0.5)
 
-    (sr_path,) = node.storage.rglob("sr.dcm")
+    (sr_path,) = [node.storage / path for path in job["result"]["files"]]
     sr = pydicom.dcmread(sr_path)
     evidence = {
         series.SeriesInstanceUID: {

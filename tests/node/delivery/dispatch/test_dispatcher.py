@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import SecondaryCaptureImageStorage as SC
 from sqlalchemy import Engine, select, update
 
 from node.config import Settings
@@ -154,6 +155,9 @@ def test_the_audit_and_the_status_name_what_the_destination_took(
     files = [objects / name for name in names]
     for source, target in zip(real_series["lung-kernel"], files, strict=False):
         target.write_bytes(source.read_bytes())
+    key_image = pydicom.dcmread(files[2])  # a key image is a Secondary Capture
+    key_image.SOPClassUID = key_image.file_meta.MediaStorageSOPClassUID = SC
+    key_image.save_as(files[2])
     succeeded_job(engine, ("pacs",), files)
     port = free_port()
     dispatcher = Dispatcher(engine, settings(port, known_origin=False))
