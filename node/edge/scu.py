@@ -13,7 +13,7 @@ from typing import Any
 
 import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pynetdicom import AE, Association, evt
+from pynetdicom import AE, Association, _config, evt
 
 from node.config import Peer
 from node.edge.commitment import (
@@ -27,6 +27,9 @@ from node.edge.status import Status, StoreWarning
 
 STORED = {Status.SUCCESS, *StoreWarning}
 """The C-STORE response statuses of an instance the peer kept."""
+_config.STORE_SEND_CHUNKED_DATASET = True
+"""A file sent by path goes as its stored bytes, read in chunks (not decoded, re-encoded and
+held whole in memory); a Dataset is sent as before."""
 
 
 class CStorePriority(enum.IntEnum):
@@ -127,37 +130,45 @@ def store(
     priority: CStorePriority = CStorePriority.MEDIUM,
 ) -> StoreResult:
     """C-STORE every file in one association. Each SOP class is proposed in each file's own
-    transfer syntax and in Explicit VR Little Endian, one presentation context each, so that
-    a peer takes the object as stored (a deflated SEG is a hundredth of its size) where it
-    can, and still gets it where it refuses that syntax."""
-    datasets = [pydicom.dcmread(path) for path in files]
+    transfer syntax and in Explicit VR Little Endian, one presentation context each: a peer
+    that takes the file's own syntax gets its bytes as stored (a deflated SEG is a hundredth
+    of its size, and nothing is decoded), one that refuses it gets the dataset re-encoded.
+    Structured reports go first: small, they are in the PACS while the images follow."""
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    order = sorted(range(len(files)), key=lambda i: headers[i].get("Modality") != "SR")
+    files, headers = [files[i] for i in order], [headers[i] for i in order]
     ae = AE(ae_title=local_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in headers}
     contexts |= {(sop_class, ExplicitVRLittleEndian) for sop_class, _ in contexts}
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, syntax)
     assoc = associate(ae, peer)
     if isinstance(assoc, str):
         return StoreResult(False, assoc)
+    accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
     stored: list[str] = []
     failures: list[str] = []
     try:
-        for ds in datasets:
-            response = assoc.send_c_store(ds, priority=priority)
+        for path, header in zip(files, headers, strict=True):
+            as_stored = (str(header.SOPClassUID), header.file_meta.TransferSyntaxUID) in accepted
+            message = path if as_stored else pydicom.dcmread(path)
+            response = assoc.send_c_store(message, priority=priority)
             code = int(response.Status) if "Status" in response else None
             if code in STORED:
-                stored.append(str(ds.SOPInstanceUID))
+                stored.append(str(header.SOPInstanceUID))
                 continue
             comment = str(response.get("ErrorComment", "")).strip()
             status = "no response" if code is None else f"status 0x{code:04X}"
-            failures.append(f"{ds.SOPInstanceUID}: {status}{f' ({comment})' if comment else ''}")
+            failures.append(
+                f"{header.SOPInstanceUID}: {status}{f' ({comment})' if comment else ''}"
+            )
             if code is None:
                 break
     finally:
         if assoc.is_established:
             assoc.release()
-    counts = f"{len(stored)} of {len(datasets)} stored"
+    counts = f"{len(stored)} of {len(files)} stored"
     if failures:
         return StoreResult(False, f"{counts}; " + "; ".join(failures), tuple(stored))
     return StoreResult(True, counts, tuple(stored))

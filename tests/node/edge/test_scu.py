@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+)
 
 from node.config import Peer
 from node.edge.scu import store
@@ -138,3 +142,19 @@ def test_a_deflated_object_goes_as_stored_or_inflated(
     expected = DeflatedExplicitVRLittleEndian if accepts_deflate else ExplicitVRLittleEndian
     assert received.file_meta.TransferSyntaxUID == expected
     assert received == pydicom.dcmread(deflated)  # the dataset itself, element for element
+
+
+def test_structured_reports_go_first(results: list[Path], tmp_path: Path) -> None:
+    """The SR is small and what a viewer opens first: it is sent before the images."""
+    report = pydicom.dcmread(results[1])
+    report.Modality = "SR"
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = Comprehensive3DSRStorage
+    report_path = tmp_path / "sr.dcm"
+    report.save_as(report_path)
+    port = free_port()
+    with storescp(port, tmp_path / "out"):
+        outcome = store(
+            "AINODE", Peer(ae_title="PACS", host="127.0.0.1", port=port), [results[0], report_path]
+        )
+    assert outcome.ok, outcome.detail
+    assert outcome.stored == (report.SOPInstanceUID, pydicom.dcmread(results[0]).SOPInstanceUID)
