@@ -32,3 +32,4 @@ eval:
 	.venv/bin/python bench/evaluate.py
 	.venv/bin/python bench/evaluate_models.py --config config.example.yaml
 	.venv/bin/python bench/evaluate_guard.py
+	.venv/bin/python bench/evaluate_haa.py
