@@ -23,6 +23,9 @@ HEAD_FIRST = Geometry(
     slice_step=5.0,
     slices=40,
 )
+"""The same grid stored head first and feet first: every voxel centre of one is a voxel centre
+of the other (`tests/pipelines/test_lung_quant.py`'s pair is the same chest on grids 0.2 mm
+apart)."""
 FEET_FIRST = Geometry(
     rows=64,
     columns=80,
