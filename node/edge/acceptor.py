@@ -167,6 +167,8 @@ QUERY_COMMANDS = {
 }  # fmt: skip
 """Each query/retrieve command, and the SOP classes it is served on."""
 C_STORE_RSP = CommandField.C_STORE_RQ | CommandField.RESPONSE
+REJECTED_CLOSE_SECONDS = 2.0
+"""How long a rejected requestor is given to close the connection itself."""
 
 
 def supported_contexts() -> list[PresentationContext]:
@@ -442,6 +444,17 @@ class _Connection(socketserver.BaseRequestHandler):
         self._send(pdu.encode())
         with contextlib.suppress(OSError):
             self.request.shutdown(socket.SHUT_WR)
+            self._await_close(REJECTED_CLOSE_SECONDS)
+
+    def _await_close(self, seconds: float) -> None:
+        """Wait (bounded) for the requestor to close the connection (PS3.8 Sta13): a
+        connection closed first by us can reach it as a reset that discards the A-ASSOCIATE-RJ
+        still unread, and the peer sees an abort where it was told why it was rejected."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.request.settimeout(left)
+            if not self.request.recv(4096):
+                return
 
     def _serve(self, association: Association) -> None:
         messages = self._messages(association)
