@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, select
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Connection, Engine, select
 
 from node.flow.routing.engine import SeriesFacts, by_acquisition
+from node.flow.routing.router import NoInstanceLeft, stored_series_facts
 from node.store.db.models import Instance, Series, SeriesState, Study
 
 
@@ -35,48 +37,46 @@ class Reconstruction:
 
 
 def other_reconstructions(
-    conn: Connection, storage_root: Path, series_id: int
+    engine: Engine, storage_root: Path, series_id: int
 ) -> list[Reconstruction]:
     """The complete CT series that are other reconstructions of `series_id`'s acquisition,
-    by series number."""
-    study_id, study_uid = conn.execute(
-        select(Study.id, Study.study_instance_uid)
-        .join(Series, Series.study_id == Study.id)
-        .where(Series.id == series_id)
-    ).one()
-    first_instance = (
-        select(Instance.series_id, func.min(Instance.path).label("path"))
-        .group_by(Instance.series_id)
-        .subquery()
-    )
-    rows = conn.execute(
-        select(
-            Series.id,
-            Series.series_instance_uid,
-            Series.series_number,
-            Series.series_description,
-            Series.convolution_kernel,
-            Series.image_type,
-            first_instance.c.path,
-        )
-        .join(first_instance, first_instance.c.series_id == Series.id)
-        .where(Series.study_id == study_id, Series.modality == "CT")
-        .where((Series.id == series_id) | (Series.state == SeriesState.COMPLETE))
-    ).all()
-    facts = {
-        row.id: SeriesFacts.read(storage_root / row.path, row.series_instance_uid, {})
-        for row in rows
-        if not _is_localizer(row.image_type) and (storage_root / row.path).is_file()
-    }
+    by series number; a series whose stored header cannot be read is left out."""
+    with engine.connect() as conn:
+        study_id, study_uid = conn.execute(
+            select(Study.id, Study.study_instance_uid)
+            .join(Series, Series.study_id == Study.id)
+            .where(Series.id == series_id)
+        ).one()
+        rows = conn.execute(
+            select(
+                Series.id,
+                Series.series_instance_uid,
+                Series.series_number,
+                Series.series_description,
+                Series.convolution_kernel,
+                Series.image_type,
+            )
+            .where(Series.study_id == study_id, Series.modality == "CT")
+            .where((Series.id == series_id) | (Series.state == SeriesState.COMPLETE))
+        ).all()
+    facts: dict[int, SeriesFacts] = {}
+    for row in rows:
+        if _is_localizer(row.image_type):
+            continue
+        try:  # what routing's per-acquisition selection reads of a series
+            facts[row.id] = stored_series_facts(engine, storage_root, row.id)
+        except (NoInstanceLeft, OSError, InvalidDicomError, ValueError):
+            continue
     if series_id not in facts:
         return []
     own = facts[series_id].series_instance_uid
-    group = _uids(next(g for g in by_acquisition(list(facts.values())) if own in _uids(g)))
+    group = next(_uids(g) for g in by_acquisition(list(facts.values())) if own in _uids(g))
     siblings = [row for row in rows if row.series_instance_uid in group and row.id != series_id]
-    return [
-        _reconstruction(conn, row, study_uid)
-        for row in sorted(siblings, key=lambda row: (row.series_number or 0, row.id))
-    ]
+    with engine.connect() as conn:
+        return [
+            _reconstruction(conn, row, study_uid)
+            for row in sorted(siblings, key=lambda row: (row.series_number or 0, row.id))
+        ]
 
 
 def _uids(group: list[SeriesFacts]) -> set[str]:
@@ -87,7 +87,8 @@ def _is_localizer(image_type: str | None) -> bool:
     return "LOCALIZER" in (image_type or "").upper()
 
 
-def _reconstruction(conn: Connection, series: Row[Any], study_uid: str) -> Reconstruction:
+def _reconstruction(conn: Connection, series: Any, study_uid: str) -> Reconstruction:
+    """`series`: a row of `other_reconstructions` (id, UID, number, description, kernel)."""
     instances = conn.execute(
         select(Instance.sop_class_uid, Instance.sop_instance_uid)
         .where(Instance.series_id == series.id)

@@ -241,8 +241,7 @@ class Worker:
     def _target(
         self, job: ClaimedJob, pipeline: Pipeline, guard: GuardScore | None
     ) -> ResultTarget:
-        with self._engine.connect() as conn:
-            siblings = other_reconstructions(conn, self._settings.storage.path, job.series_id)
+        siblings = other_reconstructions(self._engine, self._settings.storage.path, job.series_id)
         return ResultTarget(
             job.revision,
             self._settings.node.ae_title,
