@@ -16,25 +16,29 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy's errors; a deflated file (which the 2022 dicom3tools cannot read) is checked
-    as the same dataset inflated to Explicit VR Little Endian, as pydicom reads it."""
+    """dciodvfy's errors."""
+    return [line for line in _dciodvfy(path).splitlines() if line.startswith("Error")]
+
+
+def dciodvfy_unknown_schemes(path: Path) -> list[str]:
+    """The coding scheme designators dciodvfy does not know, once per use."""
+    return re.findall(
+        r"CodingSchemeDesignator\(0008,0102\)\[1\]> - Unrecognized defined term = <([^>]*)>",
+        _dciodvfy(path),
+    )
+
+
+def _dciodvfy(path: Path) -> str:
+    """What dciodvfy prints of `path`; a deflated file (which the 2022 dicom3tools cannot
+    read) is checked as the same dataset inflated to Explicit VR Little Endian, as pydicom
+    reads it."""
     with tempfile.TemporaryDirectory() as folder:
         report = subprocess.run(
             ["dciodvfy", "-new", str(_readable(path, Path(folder)))],
             capture_output=True,
             text=True,
         )
-    output = report.stdout + report.stderr
-    return [line for line in output.splitlines() if line.startswith("Error")]
-
-
-def dciodvfy_unknown_schemes(path: Path) -> list[str]:
-    """The coding scheme designators dciodvfy does not know, once per use."""
-    report = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
-    return re.findall(
-        r"CodingSchemeDesignator\(0008,0102\)\[1\]> - Unrecognized defined term = <([^>]*)>",
-        report.stdout + report.stderr,
-    )
+    return report.stdout + report.stderr
 
 
 def _readable(path: Path, folder: Path) -> Path:

@@ -251,16 +251,11 @@ def _siblings_note(siblings: Sequence[Reconstruction]) -> hd.sr.TextContentItem:
 
 
 def _sibling_references(siblings: Sequence[Reconstruction]) -> list[Dataset]:
-    references = []
-    for sibling in siblings:
-        for sop_class_uid, sop_instance_uid in sibling.instances:
-            reference = Dataset()
-            reference.StudyInstanceUID = sibling.study_instance_uid
-            reference.SeriesInstanceUID = sibling.series_instance_uid
-            reference.SOPClassUID = sop_class_uid
-            reference.SOPInstanceUID = sop_instance_uid
-            references.append(reference)
-    return references
+    return [
+        _identified(sibling.study_instance_uid, sibling.series_instance_uid, *instance)
+        for sibling in siblings
+        for instance in sibling.instances
+    ]
 
 
 def _finding(finding: Finding) -> hd.sr.CodeContentItem:
@@ -307,9 +302,21 @@ def _evaluation(
 
 def _reference(dataset: Dataset) -> Dataset:
     """Just the identifying attributes of an evidence object (not its pixel data)."""
+    return _identified(
+        dataset.StudyInstanceUID,
+        dataset.SeriesInstanceUID,
+        dataset.SOPClassUID,
+        dataset.SOPInstanceUID,
+    )
+
+
+def _identified(study: str, series: str, sop_class: str, sop_instance: str) -> Dataset:
+    """An evidence object as the SR lists it: its four UIDs."""
     reference = Dataset()
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
-        setattr(reference, keyword, getattr(dataset, keyword))
+    reference.StudyInstanceUID = study
+    reference.SeriesInstanceUID = series
+    reference.SOPClassUID = sop_class
+    reference.SOPInstanceUID = sop_instance
     return reference
 
 
