@@ -559,6 +559,7 @@ class _Connection(socketserver.BaseRequestHandler):
             if pdu_type == PduType.RELEASE_RQ:
                 if command is not None or command_parts:
                     raise ProtocolError("A-RELEASE-RQ inside a message", AbortReason.UNEXPECTED_PDU)
+                self.server._ended(self)  # before the reply: the peer may associate again at once
                 self._send(RELEASE_RP)
                 return
             if pdu_type == PduType.ABORT:
