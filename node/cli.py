@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from node.ops.logs import configure_logging
-from node.roles import Role
+from node.roles import Role, ServiceRole
 
 if TYPE_CHECKING:  # each command imports what it needs: `ainode status` loads no torch
     from rich.progress import Progress, TaskID
@@ -77,11 +77,26 @@ def _settings(path: Path) -> Settings:
         raise typer.Exit(2) from exc
 
 
+ServiceRoleOption = Annotated[
+    list[ServiceRole] | None,
+    typer.Option(
+        "--role",
+        "-r",
+        help="Run this role only (repeat for several); every role when not given.",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
-def serve(config: ConfigOption) -> None:
+def serve(config: ConfigOption, role: ServiceRoleOption = None) -> None:
     """Receive DICOM and run the node in the foreground until SIGTERM or Ctrl-C."""
     settings = _settings(config)
     configure_logging(settings.logging.level)
+    roles = frozenset(role or ServiceRole)
+    if ServiceRole.HTTP in roles and role and settings.http is None:
+        typer.echo(f"{config}: the http role needs an http section", err=True)
+        raise typer.Exit(2)
     metrics = None
     if settings.http is not None:  # every process counts in one place, /metrics sums them
         metrics = tempfile.mkdtemp(prefix="ainode-metrics-")
@@ -93,13 +108,36 @@ def serve(config: ConfigOption) -> None:
     from node.store.db.migrate import SchemaNewer
 
     try:
-        run(settings)
+        run(settings, roles)
     except (DatabaseNotWritable, CannotListen, SchemaNewer) as exc:
         logging.getLogger("node.service").error("not starting: %s", exc)
         raise typer.Exit(1) from exc
     finally:
         if metrics is not None:
             shutil.rmtree(metrics, ignore_errors=True)
+
+
+HEALTH_STALE_SECONDS = 10.0
+"""A process tree that has not marked itself alive for this long (it does every 2 s) is not."""
+
+
+@app.command()
+def health(
+    config: ConfigOption,
+    role: ServiceRoleOption = None,
+    alive: Annotated[
+        bool, typer.Option("--alive", help="Only whether the tree is alive, not whether it serves.")
+    ] = False,
+) -> None:
+    """Exit 0 when the process tree started with these roles serves (a probe for a service
+    manager or Kubernetes); 1, with the reason, when it does not."""
+    from node.ops.processes import tree_health
+
+    settings = _settings(config)
+    tree = tree_health(settings.storage.path, set(role or ServiceRole), HEALTH_STALE_SECONDS)
+    ok = tree.alive if alive else tree.serving
+    typer.echo(tree.reason, err=not ok)
+    raise typer.Exit(0 if ok else 1)
 
 
 @config_app.command("check")

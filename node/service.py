@@ -1,21 +1,25 @@
-"""`ainode serve`: the receiver processes, the HTTP server, the completion sweep, clean start
-and stop.
+"""`ainode serve`: the receiver processes, the HTTP server, the coordinator's periodic work
+and the workers (every role, or those named), clean start and stop.
 
 Start-up migrates the database, clears temp files, closes associations left open by a crash
 and, after an operating-system restart, re-records instances a power loss took from the
 database (`node.ingest.recovery`). `node.receivers` processes share the DICOM port
 (SO_REUSEPORT); the first one is this process, which also runs the periodic work and restarts
-a receiver that dies.
+a receiver that dies. Started with some roles only (`ainode serve --role`), a process tree
+runs those; of several trees with the coordinator role, one coordinates and the others stand
+by (`node.flow.leadership`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import ipaddress
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +31,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import HttpSettings, Settings
 from node.delivery.audit_export import AuditExporter
@@ -37,6 +42,7 @@ from node.delivery.notify import Notifier
 from node.delivery.performer import Performer
 from node.flow.announce import AnnouncedJobs
 from node.flow.completion import SeriesCompletionTracker, StudyCompletionTracker
+from node.flow.leadership import COORDINATOR, Lease
 from node.flow.queue import JobQueue
 from node.flow.routing.router import JobSink, Router, RulesSource
 from node.ingest.receiver import RECEIVE_BUSY_TIMEOUT_SECONDS, Receiver, run_receiver_process
@@ -44,7 +50,14 @@ from node.ingest.recovery import recover_after_restart, rerecord_unrecorded
 from node.ops import systemd
 from node.ops.audit import ApplicationEvent, record_quietly
 from node.ops.lifecycle import wait_for_stop
-from node.ops.processes import RecordedProcess, record_processes
+from node.ops.processes import (
+    RecordedProcess,
+    forget_processes,
+    mark_alive,
+    record_processes,
+)
+from node.roles import ServiceRole
+from node.store.catalog import Catalog
 from node.store.db.engine import (
     DatabaseNotWritable,
     check_writable,
@@ -66,12 +79,19 @@ log = logging.getLogger(__name__)
 class NodeService:
     """Everything `ainode serve` runs, started and stopped in order."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, roles: frozenset[ServiceRole] = frozenset(ServiceRole)
+    ) -> None:
         self.settings = settings
+        self.roles = roles
         self._spawn = multiprocessing.get_context("spawn")
         self._children: list[_Child] = []
         self._engine: Engine | None = None
         self._receiver: Receiver | None = None
+        self._catalog: Catalog | None = None
+        self._lease: Lease | None = None
+        self._on_lead: list[Callable[[], object]] = []
+        """Run each time this tree becomes the active coordinator."""
         self._dispatcher: Dispatcher | None = None
         self._fetcher: Fetcher | None = None
         self._exporter: AuditExporter | None = None
@@ -93,32 +113,45 @@ class NodeService:
         self._engine = engine = make_engine(settings.database.url)
         check_writable(engine.url)
         upgrade(engine)
-        self._store = store = InstanceStore(settings.storage.path)
-        store.prepare()
+        self._store = InstanceStore(settings.storage.path)
+        self._store.prepare()
+        if ServiceRole.EDGE in self.roles:
+            self._start_edge(engine, self._store)
+        else:
+            self._catalog = Catalog(engine)
+        if ServiceRole.HTTP in self.roles and settings.http is not None:
+            http_socket = listen(settings.http)
+            self._start_child("http", run_http_process, (settings, http_socket))
+            log.info("HTTP server on %s:%d", settings.http.host, settings.http.port)
+            _warn_if_anonymous_beyond_loopback(settings.http)
+        if ServiceRole.EDGE in self.roles:
+            for index in range(1, settings.node.receivers):  # receiver 0 is this process
+                self._start_child(f"receiver-{index}", run_receiver_process, (settings,))
+        if ServiceRole.WORKER in self.roles:
+            for index in range(settings.workers.count):
+                self._start_child(f"worker-{index}", run_worker_process, (settings, index))
+        record_quietly(engine, _operator(), ApplicationEvent(action="start"))
+        self._schedule(engine)
+        self._record_processes()
+        self._scheduler.start()
+        self._announce_when_ready()
+
+    def _start_edge(self, engine: Engine, store: InstanceStore) -> None:
+        """The first receiver, after the checks a start owes the stored instances: the
+        associations an earlier run left open are closed, what a crash or power loss took
+        from the database is recorded again."""
+        settings = self.settings
         unclean = store.mark_running()
         if unclean:
             log.warning("the node did not stop cleanly last time: checking the stored files")
         several = settings.node.receivers > 1
         self._receiver = receiver = Receiver(settings, reuse_port=several)
+        self._catalog = receiver.catalog
         stale = receiver.catalog.close_stale_associations()
         if stale:
             log.warning("closed %d associations left open by an earlier run", stale)
         recover_after_restart(engine, store, receiver.catalog, settings.node.ae_title, unclean)
         receiver.start()
-        if settings.http is not None:
-            http_socket = listen(settings.http)
-            self._start_child("http", run_http_process, (settings, http_socket))
-            log.info("HTTP server on %s:%d", settings.http.host, settings.http.port)
-            _warn_if_anonymous_beyond_loopback(settings.http)
-        for index in range(1, settings.node.receivers):  # receiver 0 is this process
-            self._start_child(f"receiver-{index}", run_receiver_process, (settings,))
-        for index in range(settings.workers.count):
-            self._start_child(f"worker-{index}", run_worker_process, (settings, index))
-        self._record_processes()
-        record_quietly(engine, _operator(), ApplicationEvent(action="start"))
-        self._schedule(engine)
-        self._scheduler.start()
-        self._announce_when_ready()
 
     def _announce_when_ready(self) -> None:
         """Log "ready" once every child process serves (the HTTP server answers, receivers
@@ -127,11 +160,38 @@ class NodeService:
             self._record_processes()
         if not self._announced and len(self._ready_recorded) == len(self._children):
             self._announced = True
-            log.info("node %s ready", self.settings.node.ae_title)
+            roles = "" if self.roles >= frozenset(ServiceRole) else f" ({', '.join(self.roles)})"
+            log.info("node %s ready%s", self.settings.node.ae_title, roles)
             systemd.notify("READY=1\nSTATUS=every process serves")
 
     def _schedule(self, engine: Engine) -> None:
+        if ServiceRole.COORDINATOR in self.roles:
+            self._coordinate(engine)
+        if self._children:
+            self._scheduler.add_job(self._supervise, "interval", seconds=1, id="supervise")
+        add = self._add
+        add(self._guard_database, "interval", seconds=1, id="database-guard")
+        add(self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
+        watchdog = systemd.watchdog_interval()
+        if watchdog is not None:  # the scheduler runs: this process is alive
+            add(systemd.notify, "interval", args=("WATCHDOG=1",), seconds=watchdog, id="watchdog")
+
+    def _add(self, work: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        self._scheduler.add_job(self._unless_unwritable(work), *args, **kwargs)
+
+    def _coordinate(self, engine: Engine) -> None:
+        """The coordinator's periodic work, each round run only while this tree holds the
+        coordinator's lease."""
         settings = self.settings
+        holder = f"{socket.gethostname()}-{os.getpid()}"
+        self._lease = lease = Lease(engine, COORDINATOR, holder, COORDINATOR_LEASE_SECONDS)
+        self._scheduler.add_job(
+            self._unless_unwritable(self._lead),
+            "interval",
+            seconds=COORDINATOR_LEASE_SECONDS / 3,
+            id="leadership",
+            next_run_time=utcnow(),
+        )
         queue = JobQueue(engine, RetryPolicy.of(settings.workers))
         rules = RulesSource(
             settings.routing.rules_file,
@@ -163,7 +223,7 @@ class NodeService:
         interval = settings.completion.check_interval_seconds
 
         def add(work: Callable[..., object], *args: Any, **kwargs: Any) -> None:
-            self._scheduler.add_job(self._unless_unwritable(work), *args, **kwargs)
+            self._add(self._while_leading(lease, work), *args, **kwargs)
 
         add(complete_and_route, "interval", seconds=interval, id="completion")
         add(complete_studies, "interval", seconds=1, id="studies")
@@ -178,9 +238,13 @@ class NodeService:
             sweeper = RetentionSweeper(engine, settings.storage.path, retention)
             add(sweeper.sweep, "interval", hours=1, id="retention", next_run_time=utcnow())
         self._dispatcher = dispatcher = Dispatcher(engine, settings)
-        interrupted = dispatcher.requeue_interrupted()
-        if interrupted:
-            log.warning("%d dispatches interrupted by an earlier stop go out again", interrupted)
+
+        def requeue_interrupted() -> None:
+            interrupted = dispatcher.requeue_interrupted()
+            if interrupted:
+                log.warning("%d interrupted dispatches go out again", interrupted)
+
+        self._on_lead.append(requeue_interrupted)
         add(dispatcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="dispatch")
         add(dispatcher.queue.requeue_expired, "interval", seconds=60, id="dispatch-leases")
         notifier = Notifier(engine, settings)
@@ -195,12 +259,34 @@ class NodeService:
         if syslog is not None:
             self._exporter = exporter = AuditExporter(engine, settings)
             add(exporter.run_due, "interval", seconds=syslog.poll_seconds, id="audit-export")
-        if self._children:
-            add(self._supervise, "interval", seconds=1, id="supervise")
-        add(self._guard_database, "interval", seconds=1, id="database-guard")
-        watchdog = systemd.watchdog_interval()
-        if watchdog is not None:  # the scheduler runs: this process is alive
-            add(systemd.notify, "interval", args=("WATCHDOG=1",), seconds=watchdog, id="watchdog")
+
+    def _lead(self) -> None:
+        """Take or renew the coordinator's lease; a database that cannot be reached makes this
+        tree stand by (its rounds would fail too) until it can."""
+        assert self._lease is not None
+        was_active = self._lease.active
+        try:
+            active = self._lease.hold()
+        except DatabaseNotWritable:
+            raise
+        except SQLAlchemyError as exc:
+            if was_active:
+                log.error("coordinator: standing by, the lease cannot be renewed: %s", exc)
+            self._lease.active = False
+            return
+        if active and not was_active:
+            for work in self._on_lead:
+                work()
+        if active != was_active:
+            self._record_processes()
+
+    @staticmethod
+    def _while_leading(lease: Lease, work: Callable[..., object]) -> Callable[..., None]:
+        def run(*args: object) -> None:
+            if lease.active:
+                work(*args)
+
+        return run
 
     def _unless_unwritable(self, work: Callable[..., object]) -> Callable[..., None]:
         """`work`, which stops the node instead of failing when the database has turned
@@ -235,6 +321,9 @@ class NodeService:
         systemd.notify("STOPPING=1")
         # Supervision first: it would take a child we stop for a crashed one and respawn it.
         self._scheduler.shutdown(wait=True)
+        if self._lease is not None and self.fault is None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._lease.release()  # the stand-by takes over at its next round
         if self._dispatcher is not None:
             self._dispatcher.close()
         if self._fetcher is not None:
@@ -262,7 +351,9 @@ class NodeService:
                 self._exporter.close()
             self._engine.dispose()
         if self._store is not None:
-            self._store.mark_stopped()
+            if ServiceRole.EDGE in self.roles:
+                self._store.mark_stopped()
+            forget_processes(self.settings.storage.path, self.roles)
         log.info("node stopped")
 
     def _start_child(
@@ -275,12 +366,12 @@ class NodeService:
         self._children.append(_Child(name, target, args, process, started_at, ready))
 
     def _supervise(self) -> None:
-        assert self._receiver is not None
+        assert self._catalog is not None
         for child in list(self._children):
             process = child.process
             if process.is_alive() or process.pid is None:
                 continue
-            closed = self._receiver.catalog.close_stale_associations([process.pid])
+            closed = self._catalog.close_stale_associations([process.pid])
             temp = self._store.clear_temp_files_of(process.pid) if self._store else 0
             log.error(
                 "%s process %d exited with %s; %d associations closed, %d temp files removed; "
@@ -313,12 +404,12 @@ class NodeService:
         )
 
     def _run_crash_check(self, check_id: str) -> None:
-        assert self._receiver is not None and self._store is not None and self._engine
+        assert self._catalog is not None and self._store is not None and self._engine
         window = self._crash_checks.pop(check_id, None)
         if window is None:
             return
         rerecord_unrecorded(
-            self._engine, self._store, self._receiver.catalog, self.settings.node.ae_title, window
+            self._engine, self._store, self._catalog, self.settings.node.ae_title, window
         )
 
     def _run_pending_crash_checks(self) -> None:
@@ -332,7 +423,15 @@ class NodeService:
 
     def _record_processes(self) -> None:
         self._ready_recorded = self._ready_children()
-        processes = [RecordedProcess(name="main", pid=os.getpid(), ready=True)]
+        coordinating = None if self._lease is None else self._lease.active
+        main = RecordedProcess(
+            name="main",
+            pid=os.getpid(),
+            ready=True,
+            roles=sorted(self.roles),
+            coordinating=coordinating,
+        )
+        processes = [main]
         processes += [
             RecordedProcess(
                 name=child.name, pid=child.process.pid, ready=child.name in self._ready_recorded
@@ -340,7 +439,11 @@ class NodeService:
             for child in self._children
             if child.process.pid is not None
         ]
-        record_processes(self.settings.storage.path, processes)
+        record_processes(self.settings.storage.path, self.roles, processes)
+
+    def _heartbeat(self) -> None:
+        """Tell `ainode health` this tree is alive (its process table is touched)."""
+        mark_alive(self.settings.storage.path, self.roles)
 
 
 def _warn_if_anonymous_beyond_loopback(http: HttpSettings) -> None:
@@ -373,6 +476,11 @@ class _Child:
     """Set by the child once it serves."""
 
 
+COORDINATOR_LEASE_SECONDS = 15.0
+"""How long the active coordinator holds its lease unrenewed (it renews every third of it): a
+stand-by takes over this long after the active one stopped without a word."""
+HEARTBEAT_SECONDS = 2.0
+"""How often a process tree touches its process table (`ainode health` reads how long ago)."""
 CRASH_CHECK_DELAY_SECONDS = 3 * RECEIVE_BUSY_TIMEOUT_SECONDS
 """After a receiver crashes, the files written while it lived are checked this much later:
 by then every other receiver has recorded (or removed) what it wrote in that time."""
@@ -381,10 +489,10 @@ PRIVATE_UMASK = 0o027
 only: they hold study descriptions, dates and images."""
 
 
-def serve(settings: Settings) -> None:
-    """Run the node in the foreground until SIGTERM or SIGINT."""
+def serve(settings: Settings, roles: frozenset[ServiceRole] = frozenset(ServiceRole)) -> None:
+    """Run the node (every role, or those given) in the foreground until SIGTERM or SIGINT."""
     os.umask(PRIVATE_UMASK)  # inherited by the receiver and worker processes
-    service = NodeService(settings)
+    service = NodeService(settings, roles)
 
     def _request_stop(signum: int, _frame: object) -> None:
         log.info("received %s", signal.Signals(signum).name)

@@ -156,11 +156,13 @@ class NodeProcess:
     home: Path
     port: int
     settings: dict[str, Any]
+    roles: tuple[str, ...] = ()
+    """`serve --role` each (every role when empty)."""
     log_path: Path = field(init=False)
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
-        self.log_path = self.home / "node.log"
+        self.log_path = self.home / f"node{''.join(f'-{r}' for r in self.roles)}.log"
 
     @property
     def config_path(self) -> Path:
@@ -174,7 +176,10 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.settings))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node", "serve", "--config", str(self.config_path)],
+                [
+                    *(sys.executable, "-m", "node", "serve", "--config", str(self.config_path)),
+                    *(arg for role in self.roles for arg in ("--role", role)),
+                ],
                 cwd=self.home,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -188,6 +193,10 @@ class NodeProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        if self.roles:
+            from node.ops.processes import tree_health
+
+            return tree_health(self.storage, self.roles, stale_seconds=10).serving
         ports = [self.port, self.settings.get("node", {}).get("tls_port")]
         http = self.settings.get("http") or {}
         return all(_accepts(port) for port in ports if port) and (

@@ -217,3 +217,21 @@ def test_a_new_token_prints_its_hash_entry_and_a_bad_role_lists_the_good_ones() 
     refused = ainode("token", "new", "bob", "--role", "superuser")
     assert refused.returncode == 2
     assert all(role in refused.stderr for role in ("sender", "reader", "operator", "admin"))
+
+
+def test_health_says_why_no_tree_serves_and_serve_refuses_a_role_it_cannot_run(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, free_port())
+    for roles in ((), ("--role", "worker"), ("--role", "edge", "--role", "coordinator")):
+        probe = ainode("health", "--config", str(config), *roles)
+        assert probe.returncode == 1
+        assert "no process tree with roles" in probe.stderr
+    assert ainode("health", "--config", str(config), "--alive").returncode == 1
+
+    unknown = ainode("serve", "--config", str(config), "--role", "scheduler")
+    assert unknown.returncode == 2
+    assert all(role in unknown.stderr for role in ("edge", "http", "coordinator", "worker"))
+    no_http = ainode("serve", "--config", str(config), "--role", "http")
+    assert no_http.returncode == 2
+    assert "the http role needs an http section" in no_http.stderr

@@ -3,6 +3,9 @@ idempotent), or check that it is there (every other command)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +16,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-HEAD = "0019"
+HEAD = "0020"
 """The newest migration's revision (a test checks it against Alembic's heads): a database
 there is current without loading Alembic (a tenth of a second of every command)."""
 
@@ -40,8 +43,35 @@ def upgrade(engine: Engine) -> None:
     migrated (this one neither downgrades nor runs on it)."""
     from alembic import command
 
-    _refuse_newer(engine, _stored_revisions(engine))
-    command.upgrade(alembic_config(engine), "head")
+    with _one_migrator(engine):
+        _refuse_newer(engine, _stored_revisions(engine))
+        command.upgrade(alembic_config(engine), "head")
+
+
+MIGRATION_LOCK = 0x41494E4F
+"""PostgreSQL's advisory lock key that one migrating process holds ("AINO")."""
+
+
+@contextlib.contextmanager
+def _one_migrator(engine: Engine) -> Iterator[None]:
+    """One process migrates at a time (roles started together would race to create the
+    same tables): a PostgreSQL advisory lock, or a lock file beside a SQLite database."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+                conn.commit()
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrating", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def pending(engine: Engine) -> list[tuple[str, str]]:

@@ -505,3 +505,14 @@ class WorkitemChannel(Base):
     ae_title: Mapped[str] = mapped_column(String(16), primary_key=True)
     delivered: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Leadership(Base):
+    """Who holds a duty that exactly one process may do at a time (the coordinator's), and
+    until when: a holder renews it, a stand-by takes it once it has expired."""
+
+    __tablename__ = "leadership"
+
+    duty: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
