@@ -117,6 +117,67 @@ def serve(config: ConfigOption, role: ServiceRoleOption = None) -> None:
             shutil.rmtree(metrics, ignore_errors=True)
 
 
+@app.command()
+def worker(
+    node: Annotated[
+        str, typer.Option("--node", help="The node's HTTP URL, e.g. https://ainode.hospital:8088.")
+    ],
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token",
+            envvar="AINODE_WORKER_TOKEN",
+            help="A token with the worker role (better from $AINODE_WORKER_TOKEN: argv is public).",
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", envvar=CONFIG_ENV, help="A config for its pipelines and volume."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The worker's name (default: the host name).")
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option("--ca-file", help="The CA that signed the node's certificate.")
+    ] = None,
+) -> None:
+    """Run the node's jobs on this host, with only its URL and a worker token, until SIGTERM
+    or Ctrl-C (the job in hand is finished first)."""
+    import re
+    import signal
+    import socket
+    import threading
+
+    from node.config import Settings
+    from node.work.protocol import NAME
+
+    settings = (
+        _settings(config)
+        if config
+        else Settings.model_validate({"node": {"accept_unknown_peers": True}})
+    )
+    configure_logging(settings.logging.level)
+    worker_name = name or socket.gethostname().split(".")[0][:32]
+    if re.fullmatch(NAME, worker_name) is None:
+        typer.echo(f"--name {worker_name!r}: 1 to 32 letters, digits, '.', '_' or '-'", err=True)
+        raise typer.Exit(2)
+    from node.work.remote import NodeClient, RemoteWorker, device_description
+
+    pipelines = _pipelines(settings)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    verify: bool | str = str(ca_file) if ca_file else True
+    client = NodeClient(node, token, worker_name, verify)
+    device = device_description()
+    logging.getLogger("node.work.remote").info(
+        "worker %s runs %s on %s for %s", worker_name, ", ".join(sorted(pipelines)), device, node
+    )
+    RemoteWorker(client, settings, pipelines, device).run(stopping)
+
+
 HEALTH_STALE_SECONDS = 10.0
 """A process tree that has not marked itself alive for this long (it does every 2 s) is not."""
 

@@ -18,6 +18,9 @@ class Role(enum.StrEnum):
     """Act on work: retry, cancel, re-send, fetch."""
     ADMIN = "admin"
     """Change the configuration: rules."""
+    WORKER = "worker"
+    """Claim jobs, read their series (WADO-RS) and record their results: a worker on another
+    host (`ainode worker --node URL`)."""
     PHI = "phi"
     """See patients' names and IDs, accession numbers and study dates in the admin API and
     the dashboard, each view audited (DICOMweb always serves what was stored, to readers)."""

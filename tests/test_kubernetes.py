@@ -134,3 +134,22 @@ def test_only_the_gpu_overlay_s_workers_ask_for_a_gpu() -> None:
         containers = node_containers(rendered(overlay))
         asking = {r for r, c in containers.items() if "nvidia.com/gpu" in c["resources"]["limits"]}
         assert asking == wanted
+
+
+def test_the_remote_worker_overlay_needs_only_the_url_and_a_token() -> None:
+    docs = rendered("remote-worker")
+    assert {doc["kind"] for doc in docs} == {"Deployment"}
+    (deployment,) = docs
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][:2] == ["worker", "--node"]
+    assert container["args"][2].startswith("https://")
+    (token,) = [e for e in container["env"] if e["name"] == "AINODE_WORKER_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "ainode-worker-token"
+    assert not any(e["name"].startswith("AINODE_DATABASE") for e in container["env"])
+    assert not any("persistentVolumeClaim" in volume for volume in pod["volumes"])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # a pod's name is its worker's name: at most 32 characters with the ReplicaSet's suffix
+    assert len(deployment["metadata"]["name"]) + len("-5d8f7c9b4f-x2k7q") <= 32

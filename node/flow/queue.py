@@ -8,6 +8,7 @@ success. This module reads and writes the `jobs` table and nothing after it.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -85,9 +86,12 @@ class JobQueue:
                     created.append(int(row[0]))
         return created
 
-    def claim(self, owner: str, lease_seconds: float) -> ClaimedJob | None:
-        """Take the most urgent runnable job, or None."""
-        claimed = self._claim(owner, lease_seconds, 1)
+    def claim(
+        self, owner: str, lease_seconds: float, pipelines: Collection[str] | None = None
+    ) -> ClaimedJob | None:
+        """Take the most urgent runnable job (of one of `pipelines`, where given), or None."""
+        where = None if pipelines is None else Job.pipeline.in_(list(pipelines))
+        claimed = self._claim(owner, lease_seconds, 1, where)
         return claimed[0] if claimed else None
 
     def claim_more(

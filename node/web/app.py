@@ -34,6 +34,7 @@ from node.web import (
     rules,
     stow,
     wado,
+    workers,
     workitems,
 )
 from node.web.auth import Authenticator
@@ -64,6 +65,7 @@ def build_app(settings: Settings) -> FastAPI:
     ):  # fmt: skip
         app.include_router(router, prefix="/dicom-web")
     app.include_router(api.router)
+    app.include_router(workers.router)
     app.include_router(rules.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -26,9 +26,11 @@ ROLE_GRANTS: dict[Role, frozenset[Role]] = {
     Role.OPERATOR: frozenset({Role.OPERATOR, Role.READER, Role.PHI}),
     Role.ADMIN: frozenset(Role),
     Role.PHI: frozenset({Role.PHI, Role.READER}),
+    Role.WORKER: frozenset({Role.WORKER, Role.READER}),
 }
 """What each role allows: an operator also reads and finds studies by patient, an
-administrator does everything; a reader sees no patient identifiers in the admin API."""
+administrator does everything; a reader sees no patient identifiers in the admin API; a
+worker reads the series of the jobs it claims."""
 
 
 @dataclass(frozen=True)

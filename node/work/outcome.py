@@ -11,13 +11,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, select, update
 
-from node.config import NotificationTarget, NotifyOn
+from node.config import NotificationTarget, NotifyOn, Settings, api_link
+from node.flow.queue import ClaimedJob
 from node.flow.routing.router import route_again
+from node.ops.audit import JobEnded, record_quietly
+from node.ops.metrics import JOBS
 from node.store.db.models import Dispatch, Embedding, Job, Series, WorkState, utcnow
 from node.store.db.upsert import insert_into, upsert
 from node.store.leased import DUE, LeasedQueue, RetryPolicy, queued
@@ -340,3 +344,56 @@ def store_embedding(
         "created_at": utcnow(),
     }
     upsert(conn, Embedding, row, ["series_id", "pipeline"])
+
+
+class Concluded(Protocol):
+    """What the audit of a job's end reads of its result."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def positive(self) -> bool: ...
+
+
+def audit_job_end(
+    engine: Engine,
+    settings: Settings,
+    owner: str,
+    job: ClaimedJob,
+    state: str,
+    result: Concluded | None = None,
+    study: str | None = None,
+) -> None:
+    """Count, audit and (for a failure or a dead job) notify how a job ended, whichever
+    worker ran it."""
+    JOBS.labels(job.pipeline, state).inc()
+    if state in (WorkState.FAILED, WorkState.DEAD):
+        _notify_failure(engine, settings, job.id, state)
+    facts = JobEnded(
+        job=job.id,
+        pipeline=job.pipeline,
+        series=[job.series_instance_uid],
+        revision=job.revision,
+        state=state,
+        version=result.version if result is not None else None,
+        positive=result.positive if result is not None else None,
+    )
+    record_quietly(engine, owner, facts, study)
+
+
+def _notify_failure(engine: Engine, settings: Settings, job_id: int, state: str) -> None:
+    try:
+        with engine.begin() as conn:
+            error = conn.execute(select(Job.error).where(Job.id == job_id)).scalar_one()
+            queue_notifications(
+                conn,
+                job_id,
+                settings.notifications,
+                {NotifyOn.FAILED},
+                settings.notify.max_attempts,
+                state=state,
+                error=error,
+                link=api_link(settings),
+            )
+    except Exception as exc:  # the job's failure is recorded; its notice is not
+        log.error("job %d: failure notification not queued: %s", job_id, exc)

@@ -19,18 +19,16 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from node.config import NotifyOn, Settings, api_link
+from node.config import Settings, api_link
 from node.edge.status import Status
 from node.flow.queue import ClaimedJob, JobQueue
 from node.ingest.intake import Delivery, Intake, Sender
 from node.ingest.part10 import read_part10
-from node.ops.audit import JobEnded, record_quietly
-from node.ops.metrics import GPU_MEMORY, JOB_SECONDS, JOBS
+from node.ops.metrics import GPU_MEMORY, JOB_SECONDS
 from node.store.catalog import Catalog
 from node.store.db.engine import make_engine
-from node.store.db.models import Instance, Job, Source, WorkState
+from node.store.db.models import Instance, Source
 from node.store.leased import RetryPolicy, renewing
-from node.store.notifications import queue_notifications
 from node.store.storage import InstanceStore
 from node.work.guard import GuardScore, series_score
 from node.work.inference import (
@@ -41,7 +39,7 @@ from node.work.inference import (
     load_series,
     process_series,
 )
-from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary
+from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary, audit_job_end
 from node.work.siblings import other_reconstructions
 from pipelines.anatomy.shared import Anatomy
 from pipelines.base import BadInput, BatchedPipeline, Pipeline, Stage, Unavailable
@@ -294,38 +292,15 @@ class Worker:
             log.debug("job %d: stage %r not recorded: %s", job_id, stage, exc)
 
     def _audit(self, job: ClaimedJob, state: str, done: Processed | None) -> None:
-        JOBS.labels(job.pipeline, state).inc()
-        if state in (WorkState.FAILED, WorkState.DEAD):
-            self._notify_failure(job.id, state)
-        facts = JobEnded(
-            job=job.id,
-            pipeline=job.pipeline,
-            series=[job.series_instance_uid],
-            revision=job.revision,
-            state=state,
-            version=done.result.version if done is not None else None,
-            positive=done.result.positive if done is not None else None,
+        audit_job_end(
+            self._engine,
+            self._settings,
+            self.name,
+            job,
+            state,
+            done.result if done is not None else None,
+            done.volume.study_instance_uid if done is not None else None,
         )
-        study = done.volume.study_instance_uid if done is not None else None
-        record_quietly(self._engine, self.name, facts, study)
-
-    def _notify_failure(self, job_id: int, state: str) -> None:
-        settings = self._settings
-        try:
-            with self._engine.begin() as conn:
-                error = conn.execute(select(Job.error).where(Job.id == job_id)).scalar_one()
-                queue_notifications(
-                    conn,
-                    job_id,
-                    settings.notifications,
-                    {NotifyOn.FAILED},
-                    settings.notify.max_attempts,
-                    state=state,
-                    error=error,
-                    link=api_link(settings),
-                )
-        except Exception as exc:  # the job's failure is recorded; its notice is not
-            log.error("job %d: failure notification not queued: %s", job_id, exc)
 
     def _measure(self, pipeline: str, done: Processed, seconds: float) -> None:
         for stage, stage_seconds in done.result.timings.items():

@@ -20,6 +20,8 @@ TOKENS = {
     "viewer": ("reader-secret", ["reader"]),
     "it-admin": ("admin-secret", ["admin"]),
     "records-clerk": ("phi-secret", ["phi"]),
+    "gpu-host": ("worker-secret", ["worker"]),
+    "other-gpu-host": ("other-worker-secret", ["worker"]),
 }
 
 
