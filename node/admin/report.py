@@ -19,6 +19,7 @@ from node.flow.routing import admin
 from node.ops.processes import ProcessStatus, process_statuses
 from node.store.catalog import distance_of
 from node.store.db.models import Association, Embedding, GuardReference, Series, Study
+from node.store.remote_workers import RemoteWorkerStatus, list_remote_workers
 from node.store.storage import InstanceStore
 from pipelines.registry import availability
 
@@ -119,6 +120,7 @@ class StatusReport(BaseModel):
     notifications: list[NotificationView] = []
     disk: DiskStatus | None = None
     processes: list[ProcessStatus] = []
+    remote_workers: list[RemoteWorkerStatus] = []
     guards: list[GuardStatus] = []
 
 
@@ -272,6 +274,7 @@ def node_status(settings: Settings, engine: Engine) -> StatusReport:
     report.notifications = list_notifications(engine)
     report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
     report.processes = process_statuses(settings.storage.path, engine)
+    report.remote_workers = list_remote_workers(engine)
     with engine.connect() as conn:
         report.guards = guard_statuses(conn)
     return report
@@ -345,6 +348,12 @@ def render_text(report: StatusReport) -> str:
     for pipeline in report.pipelines:
         state = "ready" if pipeline.available else f"UNAVAILABLE: {pipeline.problem}"
         lines.append(f"pipeline {pipeline.name} {pipeline.version}  {state}")
+    for w in report.remote_workers:
+        doing = f"job {w.job}" if w.job is not None else "idle"
+        lines.append(
+            f"remote worker {w.owner}  {', '.join(w.pipelines)} on {w.device or '?'}  {doing}, "
+            f"seen {w.seen_at:%Y-%m-%d %H:%M:%S}"
+        )
     for g in report.guards:
         lines.append(
             f"guard {g.pipeline}: reference of {g.reference_series} series "

@@ -35,6 +35,7 @@ from node.ops.processes import ProcessStatus, process_statuses
 from node.roles import Role
 from node.store.db.models import WorkState
 from node.store.leased import RetryPolicy
+from node.store.remote_workers import RemoteWorkerStatus, list_remote_workers
 from node.web.auth import Principal
 from node.web.context import Context, authenticated, requires
 
@@ -130,6 +131,12 @@ def pipelines(context: Context) -> list[PipelineStatus]:
 def processes(context: Context) -> list[ProcessStatus]:
     """Receivers, workers and the HTTP server: pid, alive, the job a worker runs."""
     return process_statuses(context.settings.storage.path, context.engine)
+
+
+@router.get("/workers", dependencies=[Reader])
+def remote_workers(context: Context) -> list[RemoteWorkerStatus]:
+    """The workers on other hosts: their pipelines, device, when last seen, the job they run."""
+    return list_remote_workers(context.engine)
 
 
 @router.get("/disk", dependencies=[Reader])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from functools import cache
 from typing import Annotated, Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from starlette.concurrency import run_in_threadpool
 
 from node.edge.status import Status
@@ -32,6 +33,7 @@ from node.ingest.part10 import read_part10
 from node.roles import Role
 from node.store.db.models import Instance, Job, Series, Source, Study, WorkState
 from node.store.leased import RetryPolicy
+from node.store.remote_workers import Sightings
 from node.web.api import RowId
 from node.web.auth import Principal
 from node.web.context import Context, WebContext, requires
@@ -64,6 +66,7 @@ def claim(body: ClaimRequest, context: Context, caller: Caller) -> Work | Respon
     """The most urgent runnable job of one of the worker's pipelines, leased to it; 204 when
     there is none."""
     owner = _owner(caller, body.worker)
+    _sightings(context.engine).claimed(owner, body.pipelines, body.device)
     lease = context.settings.workers.lease_seconds
     job = _queue(context).claim(owner, lease, body.pipelines)
     if job is None:
@@ -87,6 +90,7 @@ def renew(job_id: RowId, worker: WorkerName, context: Context, caller: Caller) -
     lease = context.settings.workers.lease_seconds
     if not _queue(context).leased.renew(job_id, owner, lease):
         raise HTTPException(409, detail=f"job {job_id} is not leased to {owner}")
+    _sightings(context.engine).renewed(owner)
     return Response(status_code=204)
 
 
@@ -249,6 +253,11 @@ def _owner(caller: Principal, worker: str) -> str:
             403, detail="the credential's and the worker's names exceed 64 characters"
         )
     return owner
+
+
+@cache
+def _sightings(engine: Engine) -> Sightings:
+    return Sightings(engine)
 
 
 def _queue(context: WebContext) -> JobQueue:

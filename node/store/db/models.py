@@ -516,3 +516,16 @@ class Leadership(Base):
     duty: Mapped[str] = mapped_column(String(32), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RemoteWorker(Base):
+    """A worker on another host as it last made itself known (`ainode worker --node`): what
+    it runs and on what device."""
+
+    __tablename__ = "remote_workers"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """`<credential>/<worker>`, the owner of the leases it takes."""
+    pipelines: Mapped[list[str]] = mapped_column(TextList)
+    device: Mapped[str] = mapped_column(String(200))
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)

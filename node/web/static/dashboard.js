@@ -192,6 +192,13 @@ function renderSystem(status) {
     cell(row, p.alive ? "yes" : "NO", p.alive ? "state-complete" : "state-failed");
     cell(row, p.job ?? "");
   });
+  fill("#remote-workers", status.remote_workers, (row, w) => {
+    cell(row, w.owner);
+    cell(row, w.pipelines.join(", "));
+    cell(row, w.device);
+    cell(row, w.seen_at);
+    cell(row, w.job ?? "idle");
+  });
   const disk = status.disk;
   $("#disk").textContent = disk
     ? `Storage: ${Math.round(disk.free_mb)} MB free (refuses below ${disk.min_free_mb} MB)` +
@@ -230,6 +237,7 @@ async function readStatus() {
     dispatches: "/api/v1/dispatches",
     pipelines: "/api/v1/pipelines",
     processes: "/api/v1/processes",
+    remote_workers: "/api/v1/workers",
     disk: "/api/v1/disk",
     rules: "/api/v1/rules",
   };

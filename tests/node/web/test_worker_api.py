@@ -97,6 +97,9 @@ def test_a_worker_with_only_the_url_and_a_token_sends_its_result_to_the_pacs(
         assert evidence[0].SeriesInstanceUID == pydicom.dcmread(files[0]).SeriesInstanceUID
         (job,) = web.node.status()["jobs"]
         assert job["state"] == "succeeded" and job["attempts"] == 1
+        (seen,) = web.node.status()["remote_workers"]
+        assert seen["owner"] == "gpu-host/gpu-1" and seen["device"] == "cpu"
+        assert set(seen["pipelines"]) == {"echo", "lung-quant"} and seen["job"] is None
         audit = web.node.cli("audit", "list", "--json").stdout
         assert "gpu-host/gpu-1" in audit and "worker-secret" not in audit
     finally:
@@ -146,6 +149,11 @@ def test_a_lease_is_its_holder_s_and_an_upload_must_be_a_result_of_the_job(
     work = Work.model_validate_json(taken.content)
     assert work.pipeline == "echo" and len(work.instances) == len(files)
     assert claim(web, worker="w2").status_code == 204  # the only job is leased
+    listed = requests.get(f"{web.url}/api/v1/workers", headers=WebNode.auth("viewer"), timeout=30)
+    assert sorted((w["owner"], w["pipelines"], w["device"], w["job"]) for w in listed.json()) == [
+        ("gpu-host/w1", ["echo"], "cpu", work.job),
+        ("gpu-host/w2", ["echo"], "cpu", None),
+    ]
 
     job = work.job
     for token, worker in (("gpu-host", "w2"), ("other-gpu-host", "w1")):
