@@ -27,6 +27,7 @@ bench:
 	.venv/bin/python bench/seg_encoding.py
 	.venv/bin/python bench/latency.py
 	.venv/bin/python bench/pipelines.py
+	.venv/bin/python bench/scale.py
 
 eval:
 	.venv/bin/python bench/evaluate.py
