@@ -257,6 +257,16 @@ class NodeProcess:
         return {s.series_instance_uid: s.model_dump() for s in report.series}
 
 
+ECHO_TO_PACS = """
+rules:
+  - name: every-ct
+    match: {Modality: CT}
+    pipelines: [echo]
+    destinations: [pacs]
+"""
+"""Routing rules: `echo` on every CT series, its SR to the peer named `pacs`."""
+
+
 def node_settings(home: Path, port: int, database_url: str, **overrides: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": port},

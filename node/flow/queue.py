@@ -12,7 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Engine, select
+from sqlalchemy import ColumnElement, Engine, Row, select
 from sqlalchemy.orm import Session
 
 from node.flow.routing.engine import JobRequest
@@ -111,31 +111,19 @@ class JobQueue:
             leases = self.leased.claim(conn, owner, lease_seconds, limit, where)
             if not leases:
                 return []
-            rows = conn.execute(
-                select(
-                    Job.id,
-                    Job.series_id,
-                    Series.series_instance_uid,
-                    Job.revision,
-                    Job.pipeline,
-                    Job.destinations,
-                )
-                .join(Series, Series.id == Job.series_id)
-                .where(Job.id.in_([lease.id for lease in leases]))
-            ).all()
+            rows = conn.execute(_CLAIMED.where(Job.id.in_([lease.id for lease in leases]))).all()
         found = {row.id: row for row in rows}
-        return [
-            ClaimedJob(
-                lease.id,
-                found[lease.id].series_id,
-                found[lease.id].series_instance_uid,
-                found[lease.id].revision,
-                found[lease.id].pipeline,
-                tuple(found[lease.id].destinations),
-                lease.attempt,
-            )
-            for lease in leases
-        ]
+        return [_claimed(found[lease.id], lease.attempt) for lease in leases]
+
+    def held(self, job_id: int, owner: str) -> ClaimedJob | None:
+        """The job, while `owner` holds its lease (None otherwise)."""
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                _CLAIMED.where(
+                    Job.id == job_id, Job.state == WorkState.RUNNING, Job.lease_owner == owner
+                )
+            ).first()
+        return None if row is None else _claimed(row, row.attempts)
 
     def set_stage(self, job_id: int, owner: str, stage: str) -> None:
         """Note what the job does now (while `owner` holds it)."""
@@ -160,6 +148,30 @@ class JobQueue:
 
     def list(self, state: str | None = None, limit: int = 1000) -> list[JobView]:
         return list_jobs(self._engine, state, limit)
+
+
+_CLAIMED = select(
+    Job.id,
+    Job.series_id,
+    Series.series_instance_uid,
+    Job.revision,
+    Job.pipeline,
+    Job.destinations,
+    Job.attempts,
+).join(Series, Series.id == Job.series_id)
+"""What a worker is told of a job it holds."""
+
+
+def _claimed(row: Row[int, int, str, int, str, list[str], int], attempt: int) -> ClaimedJob:
+    return ClaimedJob(
+        row.id,
+        row.series_id,
+        row.series_instance_uid,
+        row.revision,
+        row.pipeline,
+        tuple(row.destinations),
+        attempt,
+    )
 
 
 def list_jobs(engine: Engine, state: str | None = None, limit: int = 1000) -> list[JobView]:

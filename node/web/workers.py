@@ -31,7 +31,7 @@ from node.flow.queue import ClaimedJob, JobQueue
 from node.ingest.intake import Delivery, Sender
 from node.ingest.part10 import read_part10
 from node.roles import Role
-from node.store.db.models import Instance, Job, Series, Source, Study, WorkState
+from node.store.db.models import Instance, Series, Source, Study, WorkState
 from node.store.leased import RetryPolicy
 from node.store.remote_workers import Sightings
 from node.web.api import RowId
@@ -265,36 +265,11 @@ def _queue(context: WebContext) -> JobQueue:
 
 
 def _held(context: WebContext, job_id: int, owner: str) -> ClaimedJob:
-    """The job, if `owner` holds its lease (409 otherwise, 404 where there is none)."""
-    with context.engine.connect() as conn:
-        row = conn.execute(
-            select(
-                Job.id,
-                Job.series_id,
-                Series.series_instance_uid,
-                Job.revision,
-                Job.pipeline,
-                Job.destinations,
-                Job.attempts,
-                Job.state,
-                Job.lease_owner,
-            )
-            .join(Series, Series.id == Job.series_id)
-            .where(Job.id == job_id)
-        ).first()
-    if row is None:
-        raise HTTPException(404, detail=f"no job {job_id}")
-    if row.state != WorkState.RUNNING or row.lease_owner != owner:
+    """The job, if `owner` holds its lease (409 otherwise)."""
+    job = _queue(context).held(job_id, owner)
+    if job is None:
         raise HTTPException(409, detail=f"job {job_id} is not leased to {owner}")
-    return ClaimedJob(
-        row.id,
-        row.series_id,
-        row.series_instance_uid,
-        row.revision,
-        row.pipeline,
-        tuple(row.destinations),
-        row.attempts,
-    )
+    return job
 
 
 def _study_of(context: WebContext, job: ClaimedJob) -> str:

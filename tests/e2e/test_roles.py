@@ -13,16 +13,17 @@ import pydicom
 import pytest
 
 from node.ops.processes import tree_health
-from tests.peers import NodeProcess, free_port, node_settings, storescp, storescu, wait_until
+from tests.peers import (
+    ECHO_TO_PACS,
+    NodeProcess,
+    free_port,
+    node_settings,
+    storescp,
+    storescu,
+    wait_until,
+)
 from tests.phantoms import chest, chest_geometry, write_series
 
-ECHO_TO_PACS = """
-rules:
-  - name: every-ct
-    match: {Modality: CT}
-    pipelines: [echo]
-    destinations: [pacs]
-"""
 TOPOLOGY = (("edge",), ("http",), ("coordinator",), ("coordinator",), ("worker",))
 
 

@@ -117,6 +117,7 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
         "fetches": [],
         "notifications": [],
         "processes": [],
+        "remote_workers": [],
         "guards": [],
     }
 

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 import yaml
 
-from tests.peers import free_port, node_settings, storescp, storescu, wait_until
+from tests.peers import ECHO_TO_PACS, free_port, node_settings, storescp, storescu, wait_until
 from tests.phantoms import chest, chest_geometry, write_series
 
 
@@ -86,15 +86,6 @@ def test_a_backup_taken_during_a_send_restores_every_acknowledged_instance(
     wait_until(complete, 60)  # what arrived after the catalog's copy is recorded on start
     verified = restored.cli("verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
-
-
-ECHO_TO_PACS = """
-rules:
-  - name: every-ct
-    match: {Modality: CT}
-    pipelines: [echo]
-    destinations: [pacs]
-"""
 
 
 def test_a_restored_node_runs_the_queued_jobs_and_sends_the_undelivered_results(

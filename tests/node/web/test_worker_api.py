@@ -24,16 +24,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.work.protocol import Work
 from tests.node.web.conftest import TOKENS, WebNode
-from tests.peers import free_port, storescp, storescu, wait_until
+from tests.peers import ECHO_TO_PACS, free_port, storescp, storescu, wait_until
 from tests.phantoms import chest, chest_geometry, write_series
-
-ECHO_TO_PACS = """
-rules:
-  - name: every-ct
-    match: {Modality: CT}
-    pipelines: [echo]
-    destinations: [pacs]
-"""
 
 
 def worker_node(
