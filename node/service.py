@@ -52,6 +52,7 @@ from node.ops.audit import ApplicationEvent, record_quietly
 from node.ops.lifecycle import wait_for_stop
 from node.ops.processes import (
     RecordedProcess,
+    association_holders,
     forget_processes,
     mark_alive,
     record_processes,
@@ -147,7 +148,9 @@ class NodeService:
         several = settings.node.receivers > 1
         self._receiver = receiver = Receiver(settings, reuse_port=several)
         self._catalog = receiver.catalog
-        stale = receiver.catalog.close_stale_associations()
+        stale = receiver.catalog.close_orphaned_associations(
+            association_holders(settings.storage.path)
+        )
         if stale:
             log.warning("closed %d associations left open by an earlier run", stale)
         recover_after_restart(engine, store, receiver.catalog, settings.node.ae_title, unclean)
@@ -167,9 +170,9 @@ class NodeService:
     def _schedule(self, engine: Engine) -> None:
         if ServiceRole.COORDINATOR in self.roles:
             self._coordinate(engine)
-        if self._children:
-            self._scheduler.add_job(self._supervise, "interval", seconds=1, id="supervise")
         add = self._add
+        if self._children:
+            add(self._supervise, "interval", seconds=1, id="supervise")
         add(self._guard_database, "interval", seconds=1, id="database-guard")
         add(self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS, id="heartbeat")
         watchdog = systemd.watchdog_interval()
@@ -249,6 +252,7 @@ class NodeService:
         add(dispatcher.queue.requeue_expired, "interval", seconds=60, id="dispatch-leases")
         notifier = Notifier(engine, settings)
         add(notifier.run_due, "interval", seconds=settings.notify.poll_seconds, id="notify")
+        add(self._close_orphaned_associations, "interval", seconds=60, id="associations")
         add(notifier.queue.requeue_expired, "interval", seconds=60, id="notify-leases")
         self._fetcher = fetcher = Fetcher(engine, settings)
         add(fetcher.run_due, "interval", seconds=settings.fetch.poll_seconds, id="fetch")
@@ -259,6 +263,16 @@ class NodeService:
         if syslog is not None:
             self._exporter = exporter = AuditExporter(engine, settings)
             add(exporter.run_due, "interval", seconds=syslog.poll_seconds, id="audit-export")
+
+    def _close_orphaned_associations(self) -> None:
+        """Close the associations of processes that died on another host (an edge pod gone
+        for good): their series would wait for them for ever."""
+        assert self._catalog is not None
+        closed = self._catalog.close_orphaned_associations(
+            association_holders(self.settings.storage.path)
+        )
+        if closed:
+            log.warning("closed %d associations whose process is gone", closed)
 
     def _lead(self) -> None:
         """Take or renew the coordinator's lease; a database that cannot be reached makes this
@@ -430,6 +444,7 @@ class NodeService:
             ready=True,
             roles=sorted(self.roles),
             coordinating=coordinating,
+            host=socket.gethostname(),
         )
         processes = [main]
         processes += [

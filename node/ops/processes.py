@@ -9,7 +9,8 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter
@@ -31,6 +32,8 @@ class RecordedProcess(BaseModel):
     """The roles of the tree (the main process's record)."""
     coordinating: bool | None = None
     """Whether the tree is the active coordinator (None: it has no coordinator role)."""
+    host: str = ""
+    """The tree's host (the main process's record)."""
 
 
 class ProcessStatus(RecordedProcess):
@@ -120,6 +123,47 @@ def tree_health(storage: Path, roles: Collection[str], stale_seconds: float) -> 
         reason = f"starting: {', '.join(starting)}"
         return TreeHealth(alive=True, serving=False, reason=reason)
     return TreeHealth(alive=True, serving=True, reason="every process serves")
+
+
+def association_holders(storage: Path) -> Callable[[str, int, datetime], bool]:
+    """Whether an association opened at `opened_at` by process `pid` on `host` is still held:
+    on this host, by a live process that started before it opened (not a later one that
+    reuses the pid); elsewhere, on a host where a process tree still runs, or opened within
+    the last minute."""
+    here = socket.gethostname()
+    hosts = {here} | {
+        process.host
+        for path in storage.glob(".processes*.json")
+        if _age(path) <= STALE_TABLE_SECONDS
+        for process in read_table(path)
+        if process.host
+    }
+
+    recent = datetime.now(UTC) - timedelta(seconds=STALE_TABLE_SECONDS)
+
+    def held(host: str, pid: int, opened_at: datetime) -> bool:
+        if host != here:  # a tree there that is just starting has no table yet
+            return host in hosts or opened_at > recent
+        started = _started_at(pid)
+        return started is not None and started <= opened_at + timedelta(seconds=1)
+
+    return held
+
+
+def _started_at(pid: int) -> datetime | None:
+    """When a live process started (None when there is none, or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        booted = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, IndexError, StopIteration, ValueError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return datetime.fromtimestamp(booted + int(fields[19]) / os.sysconf("SC_CLK_TCK"), UTC)
 
 
 def _age(path: Path) -> float:

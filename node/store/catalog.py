@@ -7,12 +7,23 @@ delivered them. Series completion reads what the catalog writes; it never reache
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, ScalarSelect, bindparam, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    ScalarSelect,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from node.store.db.group_commit import GroupCommit
 from node.store.db.models import (
@@ -30,6 +41,9 @@ from node.store.db.models import (
 from node.store.db.prepared import PreparedStatement
 from node.store.db.upsert import insert_into
 from node.store.storage import InstanceKey
+
+HOST = socket.gethostname()
+"""This host, as the associations its processes hold name it."""
 
 
 class InstanceMetadata(Protocol):
@@ -179,12 +193,34 @@ class Catalog:
             )
 
     def close_stale_associations(self, pids: list[int] | None = None) -> int:
-        """Close associations left open by processes that died (all, or those of `pids`)."""
-        statement = update(Association).where(Association.closed_at.is_(None))
+        """Close associations left open on this host by processes that died (all, or those
+        of `pids`)."""
+        statement = update(Association).where(
+            Association.closed_at.is_(None),
+            or_(Association.host == HOST, Association.host.is_(None)),
+        )
         if pids is not None:
             statement = statement.where(Association.pid.in_(pids))
         with self.engine.begin() as conn:
             return conn.execute(statement.values(closed_at=utcnow(), released=False)).rowcount
+
+    def close_orphaned_associations(self, held: Callable[[str, int, datetime], bool]) -> int:
+        """Close the open associations whose holder `held(host, pid, opened_at)` says is gone
+        (a row of an older version counts as this host's)."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(
+                    Association.id, Association.host, Association.pid, Association.opened_at
+                ).where(Association.closed_at.is_(None))
+            ).all()
+            gone = [row.id for row in rows if not held(row.host or HOST, row.pid, row.opened_at)]
+            if not gone:
+                return 0
+            return conn.execute(
+                update(Association)
+                .where(Association.id.in_(gone), Association.closed_at.is_(None))
+                .values(closed_at=utcnow(), released=False)
+            ).rowcount
 
     def record_instance(
         self,
@@ -330,6 +366,7 @@ def _insert_association(conn: Connection, record: AssociationRecord) -> None:
             peer_address=record.peer_address,
             source=record.source,
             pid=os.getpid(),
+            host=HOST,
             opened_at=utcnow(),
             released=False,
             instances_received=0,

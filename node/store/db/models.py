@@ -221,6 +221,8 @@ class Association(Base):
     source: Mapped[Source] = mapped_column(StateText(Source), server_default=Source.DIMSE.value)
     peer_address: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str | None] = mapped_column(String(255))
+    """The host of `pid` (None: recorded before hosts were)."""
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     released: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -2,9 +2,15 @@
 new bytes under a known UID replace (and recount both series when it moves), a released
 association stamps the series it delivered, stale associations are closed."""
 
-from sqlalchemy import Engine, select
+import os
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from node.store.catalog import Catalog, Receipt
+from sqlalchemy import Engine, insert, select
+
+from node.ops.processes import association_holders
+from node.store.catalog import HOST, Catalog, Receipt
 from node.store.db.models import Association, Instance, Series, SeriesState
 from tests.rows import T0, metadata, receive
 
@@ -66,3 +72,41 @@ def test_stale_associations_of_dead_processes_are_closed(engine: Engine) -> None
     assert catalog.close_stale_associations([999_999_999]) == 0
     assert catalog.close_stale_associations() == 1
     assert catalog.close_stale_associations() == 0
+
+
+def test_an_association_is_closed_once_its_process_or_its_host_is_gone(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Trees on several hosts share the catalog: an edge that starts (and the coordinator,
+    every minute) closes the associations of dead processes here and of hosts where no tree
+    runs any more, never one a live process holds or a host just starting opened."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    now = datetime.now(UTC)
+    live_table = tmp_path / ".processes-edge-live-pod-1.json"
+    live_table.write_text('[{"name": "main", "pid": 1, "ready": true, "host": "live-pod"}]')
+    rows = {
+        "held-here": (HOST, os.getpid(), now),
+        "dead-here": (HOST, gone.pid, now),
+        "pid-reused": (HOST, os.getpid(), now - timedelta(days=365)),
+        "old-row-dead": (None, gone.pid, now),
+        "gone-pod": ("gone-pod", 7, now - timedelta(hours=1)),
+        "live-pod": ("live-pod", 7, now - timedelta(hours=1)),
+        "new-pod": ("new-pod", 7, now - timedelta(seconds=5)),
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Association),
+            [
+                {"id": key, "calling_ae": "CT", "called_ae": "AINODE", "pid": pid, "host": host,
+                 "opened_at": opened, "released": False, "instances_received": 0}
+                for key, (host, pid, opened) in rows.items()
+            ],
+        )  # fmt: skip
+    catalog = Catalog(engine)
+    assert catalog.close_orphaned_associations(association_holders(tmp_path)) == 4
+    with engine.connect() as conn:
+        still_open = set(
+            conn.execute(select(Association.id).where(Association.closed_at.is_(None))).scalars()
+        )
+    assert still_open == {"held-here", "live-pod", "new-pod"}
