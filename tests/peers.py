@@ -173,6 +173,11 @@ class NodeProcess:
         return Path(self.settings["storage"]["path"])
 
     def start(self) -> NodeProcess:
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> NodeProcess:
+        """Start the process without waiting for it to serve (several start together)."""
         self.config_path.write_text(yaml.safe_dump(self.settings))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -186,6 +191,9 @@ class NodeProcess:
                 start_new_session=True,  # as a service manager runs it: signals sent to the
                 # test process's group (other tests' tools) do not reach it
             )
+        return self
+
+    def wait_ready(self) -> NodeProcess:
         wait_until(self._listening, timeout=60)
         return self
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 
 from node.ops.processes import tree_health
 from tests.peers import (
     ECHO_TO_PACS,
     NodeProcess,
+    PostgresServer,
     free_port,
     node_settings,
     storescp,
@@ -42,16 +42,14 @@ def one_active(node: NodeProcess, among: set[int]) -> int | None:
     return active[0] if set(held) == among and len(active) == 1 else None
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def test_roles_started_apart_serve_and_a_standby_coordinator_takes_over(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    postgres: PostgresServer, tmp_path: Path
 ) -> None:
+    """On PostgreSQL, the database trees on several hosts share (one host's trees on SQLite
+    work the same way: every other end-to-end test runs them in one tree)."""
     home = tmp_path / "node"
     home.mkdir()
-    if backend == "sqlite":
-        url = f"sqlite:///{home / 'ainode.db'}"
-    else:
-        url = request.getfixturevalue("postgres").new_database("roles")
+    url = postgres.new_database("roles")
     rules = tmp_path / "rules.yaml"
     rules.write_text(ECHO_TO_PACS)
     pacs_port, port = free_port(), free_port()
@@ -69,7 +67,9 @@ def test_roles_started_apart_serve_and_a_standby_coordinator_takes_over(
     received = tmp_path / "pacs"
     try:
         for tree in trees:
-            tree.start()
+            tree.launch()
+        for tree in trees:
+            tree.wait_ready()
         by_pid = {tree.proc.pid: tree for tree in trees if tree.proc is not None}
         standing = {tree.proc.pid for tree in trees[2:4] if tree.proc is not None}
         active = wait_until(lambda: one_active(trees[0], standing), timeout=30, interval=0.5)

@@ -62,14 +62,14 @@ STUDIES = {
 """The study of each real series: the two kernels are one acquisition."""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker that runs other modules in between
 def astra_results(real_series: dict[str, list[Path]]) -> dict[str, PipelineResult]:
     """Each real series' Astra result (about 15 s a series on two cores)."""
     pipeline = embedder("astra")
     return {name: pipeline.run(load_volume(files)) for name, files in real_series.items()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def astra_embeddings(astra_results: dict[str, PipelineResult]) -> dict[str, np.ndarray]:
     return {name: result.embedding for name, result in astra_results.items()}
 
