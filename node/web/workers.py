@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from starlette.concurrency import run_in_threadpool
 
 from node.edge.status import Status
@@ -151,8 +151,8 @@ async def complete(
 
 def _record(context: WebContext, job_id: int, owner: str, body: Result) -> Ended:
     job = _held(context, job_id, owner)
-    study = _study_of(context, job)
     with context.engine.connect() as conn:
+        study = _study_of(conn, job)
         found = dict(
             conn.execute(
                 select(Instance.sop_instance_uid, Instance.path)
@@ -171,17 +171,10 @@ def _record(context: WebContext, job_id: int, owner: str, body: Result) -> Ended
     root = context.settings.storage.path
     paths = [root / found[uid] for uid in body.objects]
     summary = body.summary.model_copy(update={"files": [found[uid] for uid in body.objects]})
-    recorder = OutcomeRecorder(
-        context.engine,
-        context.settings.dispatch.max_attempts,
-        context.settings.notifications,
-        notify_attempts=context.settings.notify.max_attempts,
-        storage_root=root,
-    )
     outcome = JobOutcome(
         job_id, owner, summary, paths, _vector(body.embedding), _vector(body.profile)
     )
-    if not recorder.record(outcome):
+    if not OutcomeRecorder.of(context.engine, context.settings).record(outcome):
         raise HTTPException(409, detail=f"job {job_id} is not leased to {owner}")
     log.info("job %d succeeded on %s", job_id, owner)
     audit_job_end(context.engine, context.settings, owner, job, "succeeded", summary, study)
@@ -190,13 +183,14 @@ def _record(context: WebContext, job_id: int, owner: str, body: Result) -> Ended
 
 def _store(context: WebContext, job_id: int, owner: str, data: bytes) -> Stored:
     job = _held(context, job_id, owner)
-    study = _study_of(context, job)
+    with context.engine.connect() as conn:
+        study, instances = _study_of(conn, job), _instances(conn, job)
     try:
         header = read_part10(data)
         dataset = dcmread(DicomBytesIO(data), stop_before_pixels=True)
     except Exception as exc:  # whatever a malformed file provokes in the parsers
         raise HTTPException(400, detail=f"not a DICOM Part 10 file: {str(exc)[:200]}") from exc
-    problem = _not_a_result_of(dataset, study, job, _instances(context, job))
+    problem = _not_a_result_of(dataset, study, job, instances)
     if problem:
         raise HTTPException(422, detail=problem)
     ae_title = context.settings.node.ae_title
@@ -272,40 +266,40 @@ def _held(context: WebContext, job_id: int, owner: str) -> ClaimedJob:
     return job
 
 
-def _study_of(context: WebContext, job: ClaimedJob) -> str:
-    with context.engine.connect() as conn:
-        return str(
-            conn.execute(
-                select(Study.study_instance_uid)
-                .join(Series, Series.study_id == Study.id)
-                .where(Series.id == job.series_id)
-            ).scalar_one()
-        )
+def _study_of(conn: Connection, job: ClaimedJob) -> str:
+    return str(
+        conn.execute(
+            select(Study.study_instance_uid)
+            .join(Series, Series.study_id == Study.id)
+            .where(Series.id == job.series_id)
+        ).scalar_one()
+    )
 
 
-def _instances(context: WebContext, job: ClaimedJob) -> list[str]:
-    with context.engine.connect() as conn:
-        return list(
-            conn.execute(
-                select(Instance.sop_instance_uid).where(
-                    Instance.series_id == job.series_id, Instance.revision <= job.revision
-                )
-            ).scalars()
-        )
+def _instances(conn: Connection, job: ClaimedJob) -> list[str]:
+    """The SOP Instance UIDs of the job's series revision."""
+    return list(
+        conn.execute(
+            select(Instance.sop_instance_uid).where(
+                Instance.series_id == job.series_id, Instance.revision <= job.revision
+            )
+        ).scalars()
+    )
 
 
 def _work(context: WebContext, job: ClaimedJob, lease: float) -> Work:
     with context.engine.connect() as conn:
         guard = series_score(conn, job.series_id, job.revision)
+        study, instances = _study_of(conn, job), _instances(conn, job)
     siblings = other_reconstructions(context.engine, context.settings.storage.path, job.series_id)
     return Work(
         job=job.id,
         attempt=job.attempt,
         pipeline=job.pipeline,
-        study_instance_uid=_study_of(context, job),
+        study_instance_uid=study,
         series_instance_uid=job.series_instance_uid,
         revision=job.revision,
-        instances=_instances(context, job),
+        instances=instances,
         lease_seconds=lease,
         station=context.settings.node.ae_title,
         guard=guard,

@@ -164,6 +164,18 @@ class OutcomeRecorder:
         self._notify_attempts = notify_attempts
         self._link = link
 
+    @classmethod
+    def of(cls, engine: Engine, settings: Settings) -> OutcomeRecorder:
+        """The recorder a node's settings make, for its local and its remote workers alike."""
+        return cls(
+            engine,
+            settings.dispatch.max_attempts,
+            settings.notifications,
+            api_link(settings),
+            notify_attempts=settings.notify.max_attempts,
+            storage_root=settings.storage.path,
+        )
+
     def record(self, outcome: JobOutcome) -> bool:
         """Record the success and its consequences; False (nothing written) when the job was
         no longer the worker's (lease lost, cancelled)."""

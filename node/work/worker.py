@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from node.config import Settings, api_link
+from node.config import Settings
 from node.edge.status import Status
 from node.flow.queue import ClaimedJob, JobQueue
 from node.ingest.intake import Delivery, Intake, Sender
@@ -58,14 +58,7 @@ class Worker:
         self._settings = settings
         self._engine = make_engine(settings.database.url)
         self.queue = JobQueue(self._engine, RetryPolicy.of(settings.workers))
-        self._outcomes = OutcomeRecorder(
-            self._engine,
-            settings.dispatch.max_attempts,
-            settings.notifications,
-            api_link(settings),
-            notify_attempts=settings.notify.max_attempts,
-            storage_root=settings.storage.path,
-        )
+        self._outcomes = OutcomeRecorder.of(self._engine, settings)
         self._store = InstanceStore(settings.storage.path)
         self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)
         self._pipelines = pipelines
