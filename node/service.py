@@ -91,8 +91,6 @@ class NodeService:
         self._receiver: Receiver | None = None
         self._catalog: Catalog | None = None
         self._lease: Lease | None = None
-        self._on_lead: list[Callable[[], object]] = []
-        """Run each time this tree becomes the active coordinator."""
         self._dispatcher: Dispatcher | None = None
         self._fetcher: Fetcher | None = None
         self._exporter: AuditExporter | None = None
@@ -241,13 +239,6 @@ class NodeService:
             sweeper = RetentionSweeper(engine, settings.storage.path, retention)
             add(sweeper.sweep, "interval", hours=1, id="retention", next_run_time=utcnow())
         self._dispatcher = dispatcher = Dispatcher(engine, settings)
-
-        def requeue_interrupted() -> None:
-            interrupted = dispatcher.requeue_interrupted()
-            if interrupted:
-                log.warning("%d interrupted dispatches go out again", interrupted)
-
-        self._on_lead.append(requeue_interrupted)
         add(dispatcher.run_due, "interval", seconds=settings.dispatch.poll_seconds, id="dispatch")
         add(dispatcher.queue.requeue_expired, "interval", seconds=60, id="dispatch-leases")
         notifier = Notifier(engine, settings)
@@ -281,16 +272,15 @@ class NodeService:
         was_active = self._lease.active
         try:
             active = self._lease.hold()
-        except DatabaseNotWritable:
-            raise
         except SQLAlchemyError as exc:
             if was_active:
                 log.error("coordinator: standing by, the lease cannot be renewed: %s", exc)
             self._lease.active = False
             return
-        if active and not was_active:
-            for work in self._on_lead:
-                work()
+        if active and not was_active and self._dispatcher is not None:
+            interrupted = self._dispatcher.requeue_interrupted()  # an earlier holder's sends
+            if interrupted:
+                log.warning("%d interrupted dispatches go out again", interrupted)
         if active != was_active:
             self._record_processes()
 
