@@ -28,6 +28,7 @@ bench:
 	.venv/bin/python bench/latency.py
 	.venv/bin/python bench/pipelines.py
 	.venv/bin/python bench/scale.py
+	.venv/bin/python bench/cli.py
 
 eval:
 	.venv/bin/python bench/evaluate.py

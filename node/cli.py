@@ -588,8 +588,6 @@ def jobs_list(
     import json
     from dataclasses import asdict
 
-    from node.admin.report import render_job
-
     engine = _engine(_settings(config))
     jobs = _queue(engine).list(state)
     engine.dispose()
@@ -597,7 +595,7 @@ def jobs_list(
         typer.echo(json.dumps([asdict(job) for job in jobs], indent=2, default=str))
         return
     for job in jobs:
-        typer.echo(render_job(job))
+        typer.echo(job.line())
 
 
 @jobs_app.command("retry")

@@ -141,3 +141,12 @@ def ohif(orthanc, tmp_path: Path) -> Iterator[str]:
     """The OHIF viewer against `orthanc`; yields its URL."""
     with serve_ohif(orthanc.dicomweb_url, tmp_path / "ohif") as url:
         yield url
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fast tier runs in the test's own process: a test that starts the node as a process
+    (the `start_node` fixture, also behind `start_web_node`) or lives under e2e/ is slow."""
+    for item in items:
+        uses = getattr(item, "fixturenames", ())
+        if "start_node" in uses or "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.slow)

@@ -287,6 +287,8 @@ def node_settings(home: Path, port: int, database_url: str, **overrides: Any) ->
         "completion": {"quiet_seconds": 10, "release_grace_seconds": 1, "study_quiet_seconds": 3},
         "logging": {"level": "INFO"},
     }
+    if "routing" not in overrides:  # no rules, no jobs: a worker would only load torch
+        settings["workers"] = {"count": 0}
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(settings.get(section), dict):
             settings[section].update(values)

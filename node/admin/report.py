@@ -14,7 +14,7 @@ from node.config import Settings
 from node.delivery.dispatch.records import DispatchView, list_dispatches
 from node.delivery.fetch.records import FetchView, list_fetches
 from node.delivery.notify import NotificationView, list_notifications
-from node.flow.queue import JobView, list_jobs
+from node.flow.queue import JobView, list_jobs, running_jobs
 from node.flow.routing import admin
 from node.ops.processes import ProcessStatus, process_statuses
 from node.store.catalog import distance_of
@@ -273,7 +273,7 @@ def node_status(settings: Settings, engine: Engine) -> StatusReport:
     report.fetches = list_fetches(engine)
     report.notifications = list_notifications(engine)
     report.disk = disk_status(settings.storage.path, settings.storage.min_free_mb)
-    report.processes = process_statuses(settings.storage.path, engine)
+    report.processes = process_statuses(settings.storage.path, running_jobs(engine))
     report.remote_workers = list_remote_workers(engine)
     with engine.connect() as conn:
         report.guards = guard_statuses(conn)
@@ -297,15 +297,6 @@ def rules_status(settings: Settings) -> RulesStatus:
     )
 
 
-def render_job(job: JobView) -> str:
-    """One line per job, for `ainode status` and `ainode jobs list`."""
-    error = f"  error: {job.error.splitlines()[0][:120]}" if job.error else ""
-    return (
-        f"job {job.id:>5}  {job.pipeline:<16} {job.state:<9} attempts {job.attempts}  "
-        f"series {job.series_instance_uid} rev {job.revision}{error}"
-    )
-
-
 def render_text(report: StatusReport) -> str:
     """A plain table for people."""
     lines = [f"{len(report.studies)} studies, {len(report.series)} series"]
@@ -324,7 +315,7 @@ def render_text(report: StatusReport) -> str:
                 f"{s.state:<9} rev {s.revision}  {s.instances:>5} instances  "
                 f"from {s.calling_ae or '-'}{guard}  {s.series_description or ''}".rstrip()
             )
-    lines.extend(render_job(job) for job in report.jobs)
+    lines.extend(job.line() for job in report.jobs)
     for d in report.dispatches:
         problem = f"  error: {d.error.splitlines()[0][:120]}" if d.error else ""
         commitment = f"  commitment {d.commitment}" if d.commitment else ""

@@ -51,6 +51,14 @@ class JobView:
     result: dict[str, object] | None
     stage: str | None = None
 
+    def line(self) -> str:
+        """One line for people, in `ainode status` and `ainode jobs list`."""
+        error = f"  error: {self.error.splitlines()[0][:120]}" if self.error else ""
+        return (
+            f"job {self.id:>5}  {self.pipeline:<16} {self.state:<9} attempts {self.attempts}  "
+            f"series {self.series_instance_uid} rev {self.revision}{error}"
+        )
+
 
 class JobQueue:
     def __init__(self, engine: Engine, policy: RetryPolicy | None = None) -> None:
@@ -172,6 +180,15 @@ def _claimed(row: Row[int, int, str, int, str, list[str], int], attempt: int) ->
         tuple(row.destinations),
         attempt,
     )
+
+
+def running_jobs(engine: Engine) -> dict[str, int]:
+    """Each running job by the owner of its lease."""
+    with engine.connect() as conn:
+        running = conn.execute(
+            select(Job.lease_owner, Job.id).where(Job.state == WorkState.RUNNING)
+        ).all()
+    return {str(owner): job_id for owner, job_id in running}
 
 
 def list_jobs(engine: Engine, state: str | None = None, limit: int = 1000) -> list[JobView]:

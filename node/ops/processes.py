@@ -9,15 +9,13 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter
-from sqlalchemy import Engine, select
 
 from node.roles import ServiceRole
-from node.store.db.models import Job, WorkState
 
 PROCESSES_FILE = ".processes.json"
 
@@ -173,17 +171,13 @@ def _age(path: Path) -> float:
         return float("inf")
 
 
-def process_statuses(storage: Path, engine: Engine) -> list[ProcessStatus]:
+def process_statuses(storage: Path, leases: Mapping[str, int]) -> list[ProcessStatus]:
     """Each recorded process of every tree, alive or not, with the job a worker holds the
-    lease of."""
+    lease of (`leases`: lease owner to job, as `node.flow.queue.running_jobs` gives)."""
     recorded = [
         process for path in sorted(storage.glob(".processes*.json")) for process in read_table(path)
     ]
-    with engine.connect() as conn:
-        running = conn.execute(
-            select(Job.lease_owner, Job.id).where(Job.state == WorkState.RUNNING)
-        ).all()
-    jobs = {str(owner).rpartition("-")[2]: job_id for owner, job_id in running}
+    jobs = {owner.rpartition("-")[2]: job_id for owner, job_id in leases.items()}
     return [
         ProcessStatus(
             **process.model_dump(),

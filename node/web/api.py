@@ -29,7 +29,7 @@ from node.delivery.dispatch.records import list_dispatches
 from node.delivery.fetch.query import FetchQuery
 from node.delivery.fetch.records import list_fetches
 from node.delivery.notify import list_notifications
-from node.flow.queue import list_jobs
+from node.flow.queue import list_jobs, running_jobs
 from node.ops.audit import PatientRecordRead, list_events, record_quietly
 from node.ops.processes import ProcessStatus, process_statuses
 from node.roles import Role
@@ -130,7 +130,7 @@ def pipelines(context: Context) -> list[PipelineStatus]:
 @router.get("/processes", dependencies=[Reader])
 def processes(context: Context) -> list[ProcessStatus]:
     """Receivers, workers and the HTTP server: pid, alive, the job a worker runs."""
-    return process_statuses(context.settings.storage.path, context.engine)
+    return process_statuses(context.settings.storage.path, running_jobs(context.engine))
 
 
 @router.get("/workers", dependencies=[Reader])

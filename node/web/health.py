@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from node.flow.queue import running_jobs
 from node.flow.routing import admin
 from node.ops.processes import process_statuses
 from node.web.context import Context, WebContext
@@ -90,7 +91,7 @@ def _processes(context: WebContext) -> Check:
     as the config asks for."""
     settings = context.settings
     expected = settings.node.receivers + settings.workers.count + 1
-    processes = process_statuses(settings.storage.path, context.engine)
+    processes = process_statuses(settings.storage.path, running_jobs(context.engine))
     up = sum(process.alive and process.ready for process in processes)
     dead = [process.name for process in processes if not process.alive]
     starting = [process.name for process in processes if process.alive and not process.ready]

@@ -122,6 +122,7 @@ def test_status_json_of_an_empty_node(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow  # a real series through the whole pipeline and both encoders, end to end
 def test_run_writes_a_result_per_series_and_reports_failures(
     tmp_path: Path, real_series: dict[str, list[Path]]
 ) -> None:

@@ -25,7 +25,10 @@ BALL_CENTER = np.array([-62.0, 14.0, 9.0])  # patient's right lung, off centre
 BALL_RADIUS = 7.0
 WHOLE_PHANTOM = [168, 136, 80]
 """An inference window holding the resampled phantom whole: one window, not eight overlapping
-ones (three times the work). The first test keeps the bundle's sliding window."""
+ones (three times the work)."""
+TWO_WINDOWS = [96, 136, 80]
+"""Windows that slide along the first axis only: the first test stitches two overlapping
+windows, not the bundle's eight."""
 
 
 def with_ball(hu, center=BALL_CENTER, radius=BALL_RADIUS, inside=30.0):
@@ -79,7 +82,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Volume:
 
 
 def test_the_box_lands_on_the_ball(bundle: Path, phantom: Volume, tmp_path: Path) -> None:
-    pipeline = NoduleDetectionPipeline("nodule-detection", settings(bundle))
+    pipeline = NoduleDetectionPipeline("nodule-detection", settings(bundle, roi_size=TWO_WINDOWS))
     assert pipeline.problem() is None
     result = pipeline.run(phantom)
 

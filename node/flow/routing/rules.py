@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from node.config import ORIGIN
+from node.config import ORIGIN, YAML_LOADER
 
 CONTEXT_KEYS = frozenset(
     {"calling_ae", "called_ae", "instance_count", "source", "is_prior", "guard_distance"}
@@ -227,7 +227,7 @@ def parse_rules(
     notifications: Collection[str] | None = None,
 ) -> RuleSet:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -519,7 +519,7 @@ def _scalar(node: yaml.Node) -> Scalar:
     else YAML reads as neither text nor number stays text)."""
     if not isinstance(node, yaml.ScalarNode):
         return None
-    value = yaml.safe_load(yaml.serialize(node))
+    value = yaml.load(yaml.serialize(node), Loader=YAML_LOADER)
     return value if value is None or isinstance(value, str | int | float) else str(node.value)
 
 

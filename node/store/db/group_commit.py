@@ -18,13 +18,13 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-import psycopg
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -110,6 +110,7 @@ def _database_unavailable(exc: BaseException) -> bool:
     """Locked, unreachable or out of space: a failure of the database, not of one unit, so
     retrying the units one by one would only multiply the wait (statements on the DBAPI
     cursor raise the driver's own errors)."""
-    return isinstance(
-        exc, OperationalError | InterfaceError | sqlite3.OperationalError | psycopg.OperationalError
-    )
+    if isinstance(exc, OperationalError | InterfaceError | sqlite3.OperationalError):
+        return True
+    psycopg = sys.modules.get("psycopg")  # loaded where the database is PostgreSQL
+    return psycopg is not None and isinstance(exc, psycopg.OperationalError)
