@@ -36,6 +36,7 @@ from node.store.leased import RetryPolicy
 from node.store.remote_workers import Sightings
 from node.web.api import RowId
 from node.web.auth import Principal
+from node.web.body import read_bounded
 from node.web.context import Context, WebContext, requires
 from node.work.guard import series_score
 from node.work.outcome import JobOutcome, OutcomeRecorder, audit_job_end
@@ -118,15 +119,9 @@ async def upload(
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/dicom":
         raise HTTPException(415, detail="send one object as application/dicom")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_OBJECT_BYTES:
-        raise HTTPException(413, detail=f"an object is at most {MAX_OBJECT_BYTES >> 20} MiB")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_OBJECT_BYTES:
-            raise HTTPException(413, detail=f"an object is at most {MAX_OBJECT_BYTES >> 20} MiB")
-    return await run_in_threadpool(_store, context, job_id, owner, bytes(data))
+    too_large = f"an object is at most {MAX_OBJECT_BYTES >> 20} MiB"
+    data = await read_bounded(request, MAX_OBJECT_BYTES, too_large)
+    return await run_in_threadpool(_store, context, job_id, owner, data)
 
 
 @router.post("/jobs/{job_id}/result")
@@ -137,13 +132,10 @@ async def complete(
     worker's are); 409 when the lease is no longer the worker's, 422 for an object it did not
     upload."""
     owner = _owner(caller, worker)
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_RESULT_BYTES:
-            raise HTTPException(413, detail=f"a result is at most {MAX_RESULT_BYTES >> 20} MiB")
+    too_large = f"a result is at most {MAX_RESULT_BYTES >> 20} MiB"
+    raw = await read_bounded(request, MAX_RESULT_BYTES, too_large)
     try:
-        body = Result.model_validate_json(bytes(raw))
+        body = Result.model_validate_json(raw)
     except ValidationError as exc:  # answered as FastAPI answers a body it validated
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
     return await run_in_threadpool(_record, context, job_id, owner, body)

@@ -39,6 +39,7 @@ from node.store.workitems import (
     WorkitemQuery,
 )
 from node.web.auth import NotAuthenticated, Principal
+from node.web.body import read_bounded
 from node.web.context import Context, WebContext, requires
 from node.web.dicom_json import dicom_json_response
 from node.web.qido import keyword_of, paging, warning
@@ -334,14 +335,8 @@ def _destinations(dataset: Dataset, settings: Settings, problems: list[str]) -> 
 async def _body(request: Request, optional: bool = False) -> Dataset:
     """The request's one dataset in DICOM JSON (400, 413 or 415 when it is not)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPException(413, detail=f"a workitem is at most {MAX_BODY_BYTES >> 10} KiB")
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise HTTPException(413, detail=f"a workitem is at most {MAX_BODY_BYTES >> 10} KiB")
+    too_large = f"a workitem is at most {MAX_BODY_BYTES >> 10} KiB"
+    raw = await read_bounded(request, MAX_BODY_BYTES, too_large)
     if not raw and optional:
         return Dataset()
     if kind not in ("application/dicom+json", "application/json"):

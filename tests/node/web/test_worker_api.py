@@ -6,10 +6,12 @@ holder's result is recorded, once."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -203,6 +205,49 @@ def test_a_lease_is_its_holder_s_and_an_upload_must_be_a_result_of_the_job(
     assert "worker-secret" not in web.node.log()
 
 
+def test_a_foreign_host_and_a_trickling_upload_reach_no_lease(
+    start_web_node: Callable[..., WebNode], tmp_path: Path
+) -> None:
+    """DNS rebinding claims nothing (400 for a Host that is not the node); an upload that
+    trickles below node.min_transfer_kbps is cut and stores nothing, and its worker still
+    holds the job; a result declared over its limit is refused before it is read."""
+    web = worker_node(
+        start_web_node, tmp_path, workers={"count": 0},
+        http_extra={"body_idle_seconds": 1}, node={"min_transfer_kbps": 1},
+    )  # fmt: skip
+    files = a_job_waits(web, tmp_path)
+    rebound = api(web, "POST", "/claim", json={"worker": "w1", "pipelines": ["echo"]},
+                  headers={"Host": "evil.example"})  # fmt: skip
+    assert rebound.status_code == 400
+    assert claim(web, worker="w2").status_code == 200  # the job was still there to claim
+    job = web.node.status()["jobs"][0]["id"]
+
+    sr = sr_of(files, tmp_path).read_bytes()
+    port = web.node.settings["http"]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(
+            f"PUT /api/v1/worker/jobs/{job}/objects?worker=w2 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {TOKENS['gpu-host'][0]}\r\n"
+            f"Content-Type: application/dicom\r\nContent-Length: {len(sr)}\r\n\r\n".encode()
+            + sr[:256]
+        )
+        closed = False
+        with contextlib.suppress(OSError):
+            for byte in sr[256:316]:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(0.3)
+                with contextlib.suppress(TimeoutError):
+                    if sock.recv(1) == b"":
+                        closed = True
+                        break
+        assert closed, "the node kept reading an upload that trickled"
+    assert "below node.min_transfer_kbps" in web.node.log()
+    assert api(web, "PUT", f"/jobs/{job}/lease", worker="w2").status_code == 204
+    assert declared_too_big(web, f"/api/v1/worker/jobs/{job}/result?worker=w2", "POST") == 413
+    stored = api(web, "PUT", f"/jobs/{job}/objects", worker="w2", data=sr, headers=dicom())
+    assert stored.status_code == 201, stored.text
+
+
 @pytest.mark.slow
 def test_a_worker_that_stops_renewing_loses_the_job_and_only_the_holder_records_it(
     start_web_node: Callable[..., WebNode], tmp_path: Path
@@ -275,13 +320,13 @@ def sr_of(files: list[Path], tmp_path: Path, study: str = "", series: str = "") 
     return path
 
 
-def declared_too_big(web: WebNode, path: str) -> int:
+def declared_too_big(web: WebNode, path: str, method: str = "PUT") -> int:
     """The status answered to a body declared one byte past the object limit, of which only
     1 KiB is sent: refused on the declaration, not after reading 256 MiB."""
     port = web.node.settings["http"]["port"]
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        connection.putrequest("PUT", path)
+        connection.putrequest(method, path)
         for name, value in {**WebNode.auth("gpu-host"), **dicom()}.items():
             connection.putheader(name, value)
         connection.putheader("Content-Length", str((256 << 20) + 1))
