@@ -318,7 +318,9 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing_acknowledged(
 def test_sigkill_mid_transfer_keeps_every_acknowledged_instance(
     start_node: StartNode, real_series: dict[str, list[Path]]
 ) -> None:
-    node = start_node(completion={"quiet_seconds": 2, "release_grace_seconds": 1})
+    node = start_node(
+        completion={"quiet_seconds": 2, "release_grace_seconds": 1}, workers={"count": 1}
+    )
     files = real_series["covid"] + real_series["cap"]
     sender = subprocess.Popen(
         [dcmtk("storescu"), "-v", "-aet", "STORESCU", "-aec", "AINODE", "-R", "-xs"]
