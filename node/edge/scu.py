@@ -88,6 +88,7 @@ def associate(
         evt_handlers=[(evt.EVT_CONN_OPEN, _send_at_once), *(handlers or [])],
     )
     if assoc.is_established:
+        _answers_only_to_waiters(assoc)
         return assoc
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     if assoc.is_rejected:
@@ -96,6 +97,23 @@ def associate(
     if refused and not assoc.accepted_contexts:
         return f"{where} accepts none of the SOP classes proposed: {', '.join(refused)}"
     return f"no association with {where} (down, unreachable or aborted)"
+
+
+def _answers_only_to_waiters(assoc: Association) -> None:
+    """Only a caller that waits for a message (a send_* method) takes it off the queue.
+
+    pynetdicom's reactor thread polls the queue, without waiting, for requests to serve.
+    A send_* pauses it by clearing a checkpoint and then reading a flag, but the reactor sets
+    that flag before its wait. Under load it can slip past the pause and take the response
+    itself: "Received unexpected C-STORE service message", and the sender waits out the DIMSE
+    timeout (pynetdicom#875). An association this node opens serves no requests: C-GET's
+    C-STOREs come to send_c_get's own wait."""
+    take = assoc.dimse.get_msg
+
+    def waited_for(block: bool = False) -> Any:
+        return take(block=True) if block else (None, None)
+
+    assoc.dimse.get_msg = waited_for  # type: ignore[method-assign]
 
 
 def _send_at_once(event: evt.Event) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -14,9 +17,10 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
 )
+from pynetdicom import AE
 
 from node.config import Peer
-from node.edge.scu import store
+from node.edge.scu import associate, store
 from tests.peers import free_port, storescp
 
 
@@ -158,3 +162,46 @@ def test_structured_reports_go_first(results: list[Path], tmp_path: Path) -> Non
         )
     assert outcome.ok, outcome.detail
     assert outcome.stored == (report.SOPInstanceUID, pydicom.dcmread(results[0]).SOPInstanceUID)
+
+
+class LateCheckpoint(threading.Event):
+    """pynetdicom's reactor checkpoint as a loaded machine runs it: after a wait that did not
+    block, the reactor thread is preempted for 50 ms, so a sender that pauses it reads the
+    flag the reactor set before the wait and sends while the reactor is about to poll."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)
+        time.sleep(0.05)
+        return passed
+
+
+def test_a_reactor_slow_to_pause_leaves_every_response_to_the_sender(
+    results: list[Path], tmp_path: Path
+) -> None:
+    """The race behind a dispatch that waited out its DIMSE timeout on a loaded machine: the
+    reactor took the C-STORE response ("Received unexpected C-STORE service message"). Both
+    threads are preempted where a loaded machine did: the reactor after its checkpoint, the
+    sender between sending and waiting for the response."""
+    port = free_port()
+    ae = AE(ae_title="AINODE")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(pydicom.dcmread(results[0]).SOPClassUID, ExplicitVRLittleEndian)
+    with storescp(port, tmp_path / "received"):
+        assoc = associate(ae, Peer(ae_title="PACS", host="127.0.0.1", port=port))
+        assert not isinstance(assoc, str), assoc
+        assoc._reactor_checkpoint = LateCheckpoint()
+        assoc._reactor_checkpoint.set()
+        send = assoc.dimse.send_msg
+
+        def send_then_stall(*args: Any) -> None:
+            send(*args)
+            time.sleep(0.1)
+
+        assoc.dimse.send_msg = send_then_stall
+        try:
+            statuses = [
+                assoc.send_c_store(pydicom.dcmread(path)).get("Status") for path in results * 2
+            ]
+        finally:
+            assoc.release()
+    assert statuses == [0x0000] * 4

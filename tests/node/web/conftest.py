@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,18 @@ class WebNode:
     @staticmethod
     def auth(name: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {TOKENS[name][0]}"}
+
+
+def trickled_until_closed(sock: socket.socket, data: bytes) -> bool:
+    """Send `data` a byte every 0.3 s; True once the node closes the connection."""
+    with contextlib.suppress(OSError):
+        for byte in data:
+            sock.sendall(bytes([byte]))
+            sock.settimeout(0.3)
+            with contextlib.suppress(TimeoutError):
+                if sock.recv(1) == b"":
+                    return True
+    return False
 
 
 def http_settings(port: int, **auth: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from node.ops.logs import escaped
 from tests.node.edge.test_scp import ct_dataset
-from tests.node.web.conftest import WebNode
+from tests.node.web.conftest import WebNode, trickled_until_closed
 from tests.node.web.test_stow import CONTENT_TYPE, body, part10, post
 from tests.peers import wait_until
 
@@ -268,15 +268,7 @@ def test_a_trickling_stow_is_cut_and_its_series_completes(strict_web: WebNode) -
             + f"Authorization: {strict_web.auth('modality-web')['Authorization']}\r\n\r\n".encode()
             + head
         )
-        closed = False
-        with contextlib.suppress(OSError):
-            for byte in content[len(head) : len(head) + 60]:
-                sock.sendall(bytes([byte]))
-                sock.settimeout(0.3)
-                with contextlib.suppress(TimeoutError):
-                    if sock.recv(1) == b"":
-                        closed = True
-                        break
+        closed = trickled_until_closed(sock, content[len(head) : len(head) + 60])
         assert closed, "the node kept reading a body that trickled"
     uid = str(first.SeriesInstanceUID)
     series = wait_until(

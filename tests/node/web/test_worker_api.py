@@ -6,7 +6,6 @@ holder's result is recorded, once."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -25,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.work.protocol import Work
-from tests.node.web.conftest import TOKENS, WebNode
+from tests.node.web.conftest import TOKENS, WebNode, trickled_until_closed
 from tests.peers import ECHO_TO_PACS, free_port, storescp, storescu, wait_until
 from tests.phantoms import chest, chest_geometry, write_series
 
@@ -231,15 +230,7 @@ def test_a_foreign_host_and_a_trickling_upload_reach_no_lease(
             f"Content-Type: application/dicom\r\nContent-Length: {len(sr)}\r\n\r\n".encode()
             + sr[:256]
         )
-        closed = False
-        with contextlib.suppress(OSError):
-            for byte in sr[256:316]:
-                sock.sendall(bytes([byte]))
-                sock.settimeout(0.3)
-                with contextlib.suppress(TimeoutError):
-                    if sock.recv(1) == b"":
-                        closed = True
-                        break
+        closed = trickled_until_closed(sock, sr[256:316])
         assert closed, "the node kept reading an upload that trickled"
     assert "below node.min_transfer_kbps" in web.node.log()
     assert api(web, "PUT", f"/jobs/{job}/lease", worker="w2").status_code == 204
