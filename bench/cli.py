@@ -58,7 +58,12 @@ def idle_node(home: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_until(lambda: _healthy(home), timeout=90)
+    try:
+        wait_until(lambda: _healthy(home), timeout=90)
+    except BaseException:  # a node that never serves is not left running
+        node.terminate()
+        node.wait(timeout=60)
+        raise
     return node
 
 
