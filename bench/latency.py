@@ -4,9 +4,11 @@ sent the last instance and released the association, to the moment Orthanc lists
 a running node: each node first handles a series of another study (A0001's body kernel; for
 A0001's own series, normal001), so its worker has loaded its pipelines, as in a hospital.
 
-    python bench/latency.py [--runs 3]
+    python bench/latency.py [--runs 3] [--series covid]
 
-Prints, per real series, the median of `--runs` and its breakdown from the node's own
+Prints, per real series, with the worker decoding CT series as they arrive (the default) and
+without (`workers.prefetch_mb: 0`), runs alternating, the median of `--runs` and its
+breakdown from the node's own
 records: completion wait (last instance -> series complete), queue (complete -> job start),
 load (decode), segmentation, measurement, encoding (SEG + SR), sending (job end -> dispatch
 stored), and the rest (polling, bookkeeping).
@@ -45,6 +47,8 @@ rules:
     pipelines: [lung-quant]
     destinations: [pacs]
 """
+PREFETCH_MB = 1024
+"""The default `workers.prefetch_mb`: decoded while arriving."""
 STAGES = ("completion", "queue", "load", "segmentation", "measurement", "encoding", "sending")
 
 
@@ -52,7 +56,9 @@ def seconds(later: str, earlier: str) -> float:
     return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
 
 
-def one_run(home: Path, files: list[Path], warm_up: list[Path]) -> dict[str, float]:
+def one_run(
+    home: Path, files: list[Path], warm_up: list[Path], prefetch_mb: int
+) -> dict[str, float]:
     home.mkdir(parents=True)
     node_port = free_port()
     orthanc = OrthancServer(home / "orthanc", node_port).start()
@@ -68,6 +74,7 @@ def one_run(home: Path, files: list[Path], warm_up: list[Path]) -> dict[str, flo
             "modality": {"ae_title": "STORESCU", "host": "127.0.0.1", "port": 104},
         },
         logging={"level": "WARNING"},
+        workers={"count": 1, "prefetch_mb": prefetch_mb},
     )
     node = NodeProcess(home, node_port, settings).start()
     try:
@@ -118,25 +125,31 @@ def sr_stored(orthanc: OrthancServer, study_uid: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--series", nargs="*", choices=sorted(REAL_SERIES), help="default: all")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"no data at {DATA}")
     print(f"send -> SR stored in Orthanc, lung-quant on the CPU, medians of {args.runs} runs (s)")
-    print(f"{'series':<18} {'slices':>6} {'total':>6} " + " ".join(f"{s:>12}" for s in STAGES))
+    print(
+        f"{'series':<18} {'slices':>6} {'ahead':>5} {'total':>6} "
+        + " ".join(f"{s:>12}" for s in STAGES)
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        for name, folder in REAL_SERIES.items():
-            files = sorted(folder.glob("*.dcm"))
+        for name in args.series or REAL_SERIES:
+            files = sorted(REAL_SERIES[name].glob("*.dcm"))
             other = "normal" if name.endswith("kernel") else "body-kernel"  # another study
             warm_up = sorted(REAL_SERIES[other].glob("*.dcm"))
-            runs = [
-                one_run(Path(tmp) / f"{name}-{i}".replace(" ", "_"), files, warm_up)
-                for i in range(args.runs)
-            ]
-            medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            print(
-                f"{name:<18} {len(files):>6} {medians['total']:>6.2f} "
-                + " ".join(f"{medians[s]:>12.2f}" for s in STAGES)
-            )
+            runs: dict[int, list[dict[str, float]]] = {0: [], PREFETCH_MB: []}
+            for i in range(args.runs):
+                for prefetch_mb, done in runs.items():
+                    home = Path(tmp) / f"{name}-{prefetch_mb}-{i}".replace(" ", "_")
+                    done.append(one_run(home, files, warm_up, prefetch_mb))
+            for prefetch_mb, done in runs.items():
+                medians = {k: statistics.median(r[k] for r in done) for k in done[0]}
+                print(
+                    f"{name:<18} {len(files):>6} {'yes' if prefetch_mb else 'no':>5} "
+                    f"{medians['total']:>6.2f} " + " ".join(f"{medians[s]:>12.2f}" for s in STAGES)
+                )
 
 
 if __name__ == "__main__":

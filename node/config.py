@@ -313,6 +313,12 @@ class WorkerSettings(_Section):
     count: int = Field(1, ge=0, le=64)
     lease_seconds: float = Field(30.0, gt=1)
     poll_seconds: float = Field(0.1, gt=0, le=5)
+    prefetch_mb: int = Field(
+        1024,
+        ge=0,
+        description="the first worker decodes CT series as they arrive and keeps this much "
+        "of their pixels for their jobs; 0: jobs decode their series when they start",
+    )
     max_attempts: int = Field(5, ge=1)
     retry_base_seconds: float = Field(5.0, gt=0)
     retry_max_seconds: float = Field(600.0, gt=0)

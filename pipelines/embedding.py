@@ -127,13 +127,15 @@ class EmbeddingProbePipeline(CTEmbeddingPipeline):
         self, volumes: list[Volume], device: torch.device, context: Context
     ) -> list[PipelineResult]:
         return [
-            self._probed(embedded, context)
+            self.probed(embedded, context)
             for embedded in super().infer_batch(volumes, device, context)
         ]
 
-    def _probed(self, embedded: PipelineResult, context: Context) -> PipelineResult:
+    def probed(self, embedded: PipelineResult, context: Context | None = None) -> PipelineResult:
+        """The probe head's findings on a series' embedding result (this pipeline's backbone
+        made it)."""
         assert embedded.embedding is not None
-        timed = StageTimer(context)
+        timed = StageTimer(context or Context.of(self))
         with timed("probe"):
             findings = self.probe().findings(embedded.embedding)
         return PipelineResult(

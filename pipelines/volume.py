@@ -36,6 +36,8 @@ TILT_TOLERANCE_DEGREES = 0.5
 AIR_HU = -1024
 
 Progress = Callable[[int, int], None]
+FrameReader = Callable[[Path], np.ndarray]
+"""A file's stored pixel values as (frames, rows, columns): `stored_frames`, or a cache of it."""
 
 
 class GeometryError(BadInput):
@@ -132,8 +134,10 @@ def load_volume(
     options: VolumeOptions | None = None,
     requirements: Requirements | None = None,
     progress: Progress | None = None,
+    frames: FrameReader | None = None,
 ) -> Volume:
-    """Read, check and decode a series. Raises BadInput (GeometryError) with the reason."""
+    """Read, check and decode a series (`frames` reads each file's pixels: `stored_frames`
+    unless given). Raises BadInput (GeometryError) with the reason."""
     options = options or VolumeOptions()
     headers: list[FrameHeader] = []
     datasets: dict[Path, Dataset] = {}
@@ -148,7 +152,7 @@ def load_volume(
     if requirements is not None:
         _check_requirements(kept, requirements)
     ordered, affine, shifts = _geometry(kept, options)
-    voxels = _decode(ordered, shifts, options.decode_threads, progress)
+    voxels = _decode(ordered, shifts, options.decode_threads, progress, frames or stored_frames)
     file_headers = tuple(datasets[path] for path in dict.fromkeys(h.source.path for h in ordered))
     return Volume(
         voxels=voxels,
@@ -380,6 +384,7 @@ def _decode(
     shifts: np.ndarray | None,
     threads: int,
     progress: Progress | None,
+    frames: FrameReader,
 ) -> np.ndarray:
     exact = all(h.slope == 1 and float(h.intercept).is_integer() for h in ordered)
     dtype = np.int16 if exact else np.float32
@@ -391,10 +396,7 @@ def _decode(
     done = 0
 
     def decode_file(path: Path) -> int:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
-        if ds.get("NumberOfFrames", 1) in (None, "", 1) or pixels.ndim == 2:
-            pixels = pixels.reshape((1, *pixels.shape[-2:]))
+        pixels = frames(path)
         for index in by_file[path]:
             header = ordered[index]
             frame = pixels[(header.source.frame_number or 1) - 1].astype(np.float32)
@@ -410,6 +412,15 @@ def _decode(
             if progress is not None:
                 progress(done, len(ordered))
     return voxels
+
+
+def stored_frames(path: Path) -> np.ndarray:
+    """The file's stored pixel values as (frames, rows, columns), before rescaling."""
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if ds.get("NumberOfFrames", 1) in (None, "", 1) or pixels.ndim == 2:
+        pixels = pixels.reshape((1, *pixels.shape[-2:]))
+    return pixels
 
 
 def _shift(frame: np.ndarray, shift: np.ndarray) -> np.ndarray:

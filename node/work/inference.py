@@ -15,7 +15,7 @@ from node.work.siblings import Reconstruction
 from pipelines.base import BadInput, Pipeline, Stage, Unavailable
 from pipelines.context import Context
 from pipelines.result import PipelineResult
-from pipelines.volume import Progress, Volume, VolumeOptions, load_volume
+from pipelines.volume import FrameReader, Progress, Volume, VolumeOptions, load_volume
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,11 @@ def process_series(
     target: ResultTarget,
     context: Context,
     decoded: Progress | None = None,
+    frames: FrameReader | None = None,
 ) -> Processed:
     """Run `pipeline` on the series in `files` and write its result (result.json, masks.npz,
     SEG, SR, key images) to `target.folder_for(volume)`. Raises BadInput or Unavailable."""
-    loaded = load_series(pipeline, files, options, context, decoded)
+    loaded = load_series(pipeline, files, options, context, decoded, frames)
     result = pipeline.run(loaded.volume, context)
     return finish_series(pipeline, loaded, result, target, context)
 
@@ -67,8 +68,10 @@ def load_series(
     options: VolumeOptions,
     stage: Stage,
     decoded: Progress | None = None,
+    frames: FrameReader | None = None,
 ) -> Loaded:
-    """The series in `files` as the pipeline wants it; raises BadInput or Unavailable."""
+    """The series in `files` as the pipeline wants it (`frames`: where decoded pixels come
+    from, the files themselves by default); raises BadInput or Unavailable."""
     problem = pipeline.problem()
     if problem:
         raise Unavailable(problem)
@@ -76,7 +79,7 @@ def load_series(
         raise BadInput("the series has no stored instances")
     stage("decode")
     clock = time.perf_counter()
-    volume = load_volume(files, options, pipeline.requirements, decoded)
+    volume = load_volume(files, options, pipeline.requirements, decoded, frames)
     return Loaded(volume, time.perf_counter() - clock)
 
 

@@ -8,10 +8,14 @@ import logging
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from node.config import Settings
 from node.ops.lifecycle import Ready, exit_child, stop_when_parent_exits
 from node.ops.logs import configure_logging
+
+if TYPE_CHECKING:
+    from node.work.prefetch import DecodedFrames
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,17 @@ def run_worker_process(settings: Settings, index: int, ready: Ready) -> None:
             problem = pipeline.problem()
             if problem:
                 log.warning("pipeline %s is unavailable: %s", name, problem)
-    worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines)
+    worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines, _decoded(settings, index))
     ready.set()
     worker.run(stopping)
     exit_child()
+
+
+def _decoded(settings: Settings, index: int) -> DecodedFrames | None:
+    """The first worker decodes CT series as they arrive (the others would decode them
+    again): where it keeps them, unless `workers.prefetch_mb` is 0."""
+    if index != 0 or settings.workers.prefetch_mb == 0:
+        return None
+    from node.work.prefetch import DecodedFrames
+
+    return DecodedFrames(settings.workers.prefetch_mb * 2**20)

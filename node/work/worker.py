@@ -40,6 +40,7 @@ from node.work.inference import (
     process_series,
 )
 from node.work.outcome import JobOutcome, OutcomeRecorder, ResultSummary, audit_job_end
+from node.work.prefetch import DecodedFrames, Prefetcher
 from node.work.siblings import other_reconstructions
 from pipelines.anatomy.shared import Anatomy
 from pipelines.base import BadInput, BatchedPipeline, Pipeline, Stage, Unavailable
@@ -53,7 +54,14 @@ log = logging.getLogger(__name__)
 class Worker:
     """Runs jobs with `pipelines` (name -> pipeline, loaded once per process)."""
 
-    def __init__(self, settings: Settings, name: str, pipelines: Mapping[str, Pipeline]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        pipelines: Mapping[str, Pipeline],
+        decoded: DecodedFrames | None = None,
+    ) -> None:
+        """`decoded`: where this worker keeps the CT series it decodes as they arrive."""
         self.name = name
         self._settings = settings
         self._engine = make_engine(settings.database.url)
@@ -63,6 +71,8 @@ class Worker:
         self._intake = Intake(self._store, Catalog(self._engine), settings.storage.min_free_mb)
         self._pipelines = pipelines
         self._anatomy = Anatomy(self.derived_folder)  # a series' lungs, once for every worker
+        self._decoded = decoded
+        self._frames = decoded.frames if decoded is not None else None
 
     def derived_folder(self, volume: Volume) -> Path:
         """Where the pipelines keep what they derive from `volume`'s series."""
@@ -160,7 +170,11 @@ class Worker:
             try:
                 files, guard = self._inputs(job)
                 loaded = load_series(
-                    pipeline, files, self._settings.volume.options(), self._stage(job)
+                    pipeline,
+                    files,
+                    self._settings.volume.options(),
+                    self._stage(job),
+                    frames=self._frames,
                 )
             except Exception as exc:
                 self._settle(job, exc, started)
@@ -200,6 +214,11 @@ class Worker:
 
     def run(self, stopping: threading.Event) -> None:
         poll = self._settings.workers.poll_seconds
+        if self._decoded is not None:
+            prefetcher = Prefetcher(self._engine, self._settings.storage.path, self._decoded)
+            threading.Thread(
+                target=prefetcher.run, args=(stopping, poll), name="prefetch", daemon=True
+            ).start()
         while not stopping.is_set():
             if not self.run_once():
                 stopping.wait(poll)
@@ -215,6 +234,7 @@ class Worker:
             self._settings.volume.options(),
             self._target(job, pipeline, guard),
             self._context(pipeline, job),
+            frames=self._frames,
         )
 
     def _finish(

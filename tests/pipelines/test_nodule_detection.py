@@ -165,9 +165,11 @@ def test_a_ball_inserted_in_a_real_scan_is_found_where_it_was_put(bundle: Path, 
     inside = np.argwhere(right.numpy())
     index = inside[np.argmin(np.linalg.norm(inside - inside.mean(axis=0), axis=1))]
     center = volume.to_patient(index)
-    grid = np.stack(np.indices(volume.voxels.shape), axis=-1).reshape(-1, 3)
-    near = np.linalg.norm(grid - index, axis=1) < 2 * BALL_RADIUS / min(volume.spacing)
-    points = grid[near]
+    reach = int(np.ceil(2 * BALL_RADIUS / min(volume.spacing)))  # voxels around the centre
+    low = np.maximum(index - reach, 0)
+    high = np.minimum(index + reach + 1, volume.voxels.shape)
+    axes = [np.arange(start, stop) for start, stop in zip(low, high, strict=True)]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
     patient = points @ volume.affine[:3, :3].T + volume.affine[:3, 3]
     ball = points[np.linalg.norm(patient - center, axis=1) <= BALL_RADIUS]
     volume.voxels[tuple(ball.T)] = 30.0

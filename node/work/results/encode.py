@@ -61,8 +61,9 @@ def encode_result(
     siblings: Sequence[Reconstruction] = (),
 ) -> list[Path]:
     """Write seg.dcm, sr.dcm and key-image-N.dcm to `folder` (each when there is something
-    for it); returns the files written. `guard`: the series' input-guard score, and
-    `siblings`: the acquisition's other reconstructions, for the SR."""
+    for it); returns the files written in the order they are sent: the SR (small, what the
+    radiologist reads first), the SEG, the key images. `guard`: the series' input-guard
+    score, and `siblings`: the acquisition's other reconstructions, for the SR."""
     sources = source_headers(volume)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -77,7 +78,7 @@ def encode_result(
         report = build_report(result, volume, sources, segmentation, identity, guard, siblings)
         declare_private_codes(report)
         report.save_as(folder / SR_FILE, enforce_file_format=True)
-        written.append(folder / SR_FILE)
+        written.insert(0, folder / SR_FILE)
     for number, image in enumerate(build_key_images(result, volume, sources, identity), 1):
         path = folder / key_image_file(number)
         image.save_as(path, enforce_file_format=True)

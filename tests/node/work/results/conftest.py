@@ -17,7 +17,7 @@ def encoded(real_series, tmp_path_factory: pytest.TempPathFactory):
     result = LungQuantPipeline("cpu").run(volume)
     identity = ResultIdentity("lung-quant", "1.0", volume.series_instance_uid, 1, "AINODE")
     folder = tmp_path_factory.mktemp("encoded")
-    seg_path, sr_path, *key_images = encode_result(result, volume, identity, folder)
+    sr_path, seg_path, *key_images = encode_result(result, volume, identity, folder)
     assert [p.name for p in key_images] == [f"key-image-{n}.dcm" for n in (1, 2, 3)]
     return volume, result, identity, pydicom.dcmread(seg_path), pydicom.dcmread(sr_path)
 

@@ -54,6 +54,7 @@ def test_key_images_are_valid_secondary_captures_in_the_source_study(
 ) -> None:
     volume, result, identity, *_ = encoded
     files = encode_result(result, volume, identity, tmp_path)
+    assert [p.name for p in files[:2]] == ["sr.dcm", "seg.dcm"]  # sent first, in this order
     images = [pydicom.dcmread(p) for p in files if p.name.startswith("key-image-")]
     assert len(images) == 3
     for image in images:
