@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -28,22 +27,32 @@ def source_headers(volume: Volume) -> list[Dataset]:
     return [with_type2_attributes(ds) for ds in volume.file_headers]
 
 
+CODELESS = frozenset({"PerFrameFunctionalGroupsSequence", "PixelData"})
+"""What holds no code of ours: a SEG's per-frame positions and derivations (DCM codes), its
+frames. Not walked: they are most of a SEG's elements."""
+
+
 def declare_private_codes(dataset: Dataset) -> None:
     """Name the private coding scheme in the object when it uses it (PS3.3 C.12.1.1.2)."""
-    used = []
-
-    def note(_: Dataset, element: DataElement) -> None:
-        if element.keyword == "CodingSchemeDesignator" and element.value == codes.PRIVATE_SCHEME:
-            used.append(element)
-
-    dataset.walk(note)
-    if not used:
+    if not _uses_private_codes(dataset):
         return
     item = Dataset()
     item.CodingSchemeDesignator = codes.PRIVATE_SCHEME
     item.CodingSchemeName = codes.PRIVATE_SCHEME_NAME
     item.CodingSchemeResponsibleOrganization = "ainode project"
     dataset.CodingSchemeIdentificationSequence = [item]
+
+
+def _uses_private_codes(dataset: Dataset) -> bool:
+    for element in dataset:
+        if element.keyword in CODELESS:
+            continue
+        if element.VR == "SQ":
+            if any(_uses_private_codes(item) for item in element.value):
+                return True
+        elif element.keyword == "CodingSchemeDesignator" and element.value == codes.PRIVATE_SCHEME:
+            return True
+    return False
 
 
 SEG_TRANSFER_SYNTAX = DeflatedExplicitVRLittleEndian
