@@ -41,6 +41,7 @@ def run_worker_process(settings: Settings, index: int, ready: Ready) -> None:
             if problem:
                 log.warning("pipeline %s is unavailable: %s", name, problem)
     worker = Worker(settings, f"worker-{index}-{os.getpid()}", pipelines, _decoded(settings, index))
+    worker.start_decoding_ahead(stopping)  # before ready: a series sent then is decoded
     ready.set()
     worker.run(stopping)
     exit_child()

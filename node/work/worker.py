@@ -212,13 +212,23 @@ class Worker:
         except Exception as exc:
             return exc
 
+    def start_decoding_ahead(self, stopping: threading.Event) -> None:
+        """With a `decoded` store, note where the catalog stands now (what is stored from
+        here on is decoded as it arrives), then decode in a thread until `stopping`."""
+        if self._decoded is None:
+            return
+        prefetcher = Prefetcher(self._engine, self._settings.storage.path, self._decoded)
+        try:
+            prefetcher.decode_arrived()
+        except Exception as exc:  # the thread tries again
+            log.warning("decoding ahead not started: %s", exc)
+        poll = self._settings.workers.poll_seconds
+        threading.Thread(
+            target=prefetcher.run, args=(stopping, poll), name="prefetch", daemon=True
+        ).start()
+
     def run(self, stopping: threading.Event) -> None:
         poll = self._settings.workers.poll_seconds
-        if self._decoded is not None:
-            prefetcher = Prefetcher(self._engine, self._settings.storage.path, self._decoded)
-            threading.Thread(
-                target=prefetcher.run, args=(stopping, poll), name="prefetch", daemon=True
-            ).start()
         while not stopping.is_set():
             if not self.run_once():
                 stopping.wait(poll)
@@ -228,7 +238,8 @@ class Worker:
         """Run the job's pipeline on the stored instances of its series revision."""
         pipeline = self._pipeline(job)
         files, guard = self._inputs(job)
-        return process_series(
+        hits = self._decoded.hits if self._decoded is not None else 0
+        done = process_series(
             pipeline,
             files,
             self._settings.volume.options(),
@@ -236,6 +247,10 @@ class Worker:
             self._context(pipeline, job),
             frames=self._frames,
         )
+        if self._decoded is not None:
+            ahead = self._decoded.hits - hits
+            log.info("job %d: %d of %d files decoded as they arrived", job.id, ahead, len(files))
+        return done
 
     def _finish(
         self,
