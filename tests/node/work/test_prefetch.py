@@ -8,7 +8,6 @@ import numpy as np
 import pydicom
 from sqlalchemy import Engine, select, update
 
-from node.config import Settings
 from node.flow.queue import JobQueue
 from node.flow.routing.engine import JobRequest
 from node.flow.routing.rules import Priority
@@ -18,7 +17,7 @@ from node.work.prefetch import DecodedFrames, Prefetcher
 from node.work.worker import Worker
 from pipelines.registry import build_pipelines
 from pipelines.volume import load_volume, stored_frames
-from tests.node.work.test_worker import store_phantom
+from tests.node.work.test_worker import store_phantom, worker_settings
 
 
 def stored_files(engine: Engine, root: Path, series_id: int) -> list[Path]:
@@ -84,13 +83,7 @@ def test_a_worker_runs_its_job_on_the_series_it_decoded_while_it_arrived(
     engine: Engine, database_url: str, tmp_path: Path
 ) -> None:
     storage = tmp_path / "store"
-    settings = Settings.model_validate(
-        {
-            "node": {"accept_unknown_peers": True},
-            "storage": {"path": str(storage)},
-            "database": {"url": database_url},
-        }
-    )
+    settings = worker_settings(storage, database_url)
     store = InstanceStore(storage)
     store.prepare()
     cache = DecodedFrames(256 * 2**20)

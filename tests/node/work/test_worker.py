@@ -47,15 +47,21 @@ class WithoutWeights(Exploding):
         return "model not found at /models/x"
 
 
-@pytest.fixture
-def worker(engine: Engine, database_url: str, tmp_path: Path, real_series) -> Worker:
-    settings = Settings.model_validate(
+def worker_settings(storage: Path, database_url: str, **sections: object) -> Settings:
+    """A worker's settings: its store, its database and any other `sections`."""
+    return Settings.model_validate(
         {
             "node": {"accept_unknown_peers": True},
-            "storage": {"path": str(tmp_path)},
+            "storage": {"path": str(storage)},
             "database": {"url": database_url},
+            **sections,
         }
     )
+
+
+@pytest.fixture
+def worker(engine: Engine, database_url: str, tmp_path: Path, real_series) -> Worker:
+    settings = worker_settings(tmp_path, database_url)
     store = InstanceStore(tmp_path)
     store.prepare()
     catalog = Catalog(engine)
@@ -130,16 +136,8 @@ def test_waiting_series_of_a_batching_pipeline_run_together(
     """`batch_size: 2`: the worker takes two embedding jobs at once, and a series the
     pipeline refuses (MR) fails alone without failing the one beside it."""
     storage = tmp_path / "store"
-    settings = Settings.model_validate(
-        {
-            "node": {"accept_unknown_peers": True},
-            "storage": {"path": str(storage)},
-            "database": {"url": database_url},
-            "pipelines": {
-                "ct-embedding": {**ct_fm_embedding(tmp_path, 6.0), "batch_size": 2},
-            },
-        }
-    )
+    embedding = {**ct_fm_embedding(tmp_path, 6.0), "batch_size": 2}
+    settings = worker_settings(storage, database_url, pipelines={"ct-embedding": embedding})
     store = InstanceStore(storage)
     store.prepare()
     queue = JobQueue(engine)
