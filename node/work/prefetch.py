@@ -43,7 +43,8 @@ class DecodedFrames:
             if held is not None:
                 self._held.move_to_end(path)
         if held is not None and held[0] == _identity(path):
-            self.hits += 1
+            with self._lock:  # a job reads its files from several threads
+                self.hits += 1
             return held[1]
         return stored_frames(path)
 
