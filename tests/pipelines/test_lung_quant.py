@@ -18,6 +18,7 @@ from pipelines.volume import Volume, load_volume
 from tests.peers import DATA
 from tests.phantoms import Geometry, body_without_lungs, chest, chest_geometry, write_series
 
+pytestmark = pytest.mark.xdist_group("real-lungs")  # one worker segments the real series, once
 ELLIPSOID_ML = 4 / 3 * np.pi * 50 * 70 * 90 / 1000
 GGO_ML = 4 / 3 * np.pi * 15**3 / 1000
 SLICE_LABELS = DATA / "covid-ct-md"
@@ -202,10 +203,6 @@ def test_bowel_gas_joined_to_a_lung_base_is_not_lung(tmp_path: Path, geometry: G
     assert result.region("Left lung").value(codes.VOLUME) == pytest.approx(ELLIPSOID_ML, rel=0.06)
 
 
-REAL_LUNGS = pytest.mark.xdist_group("real-lungs")
-"""On the tests that read `real_results`: one worker runs lung-quant on the real series, once."""
-
-
 @pytest.fixture(scope="module")
 def real_results(real_series) -> dict[str, tuple[Volume, PipelineResult]]:
     pipeline = LungQuantPipeline("cpu")
@@ -227,7 +224,6 @@ def outside_air(volume: Volume) -> np.ndarray:
     return outside
 
 
-@REAL_LUNGS
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["covid", "cap", "normal", "lung-kernel", "body-kernel"])
 def test_real_lungs_are_what_a_radiologist_expects(real_results, name: str) -> None:
@@ -268,7 +264,6 @@ def _central_air_column(volume: Volume, z: int) -> np.ndarray:
     return best
 
 
-@REAL_LUNGS
 @pytest.mark.slow
 def test_both_kernels_of_one_acquisition_give_the_same_lungs(real_results) -> None:
     (_, lung), (_, body) = real_results["lung-kernel"], real_results["body-kernel"]
@@ -277,7 +272,6 @@ def test_both_kernels_of_one_acquisition_give_the_same_lungs(real_results) -> No
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.97
 
 
-@REAL_LUNGS
 @pytest.mark.slow
 def test_one_acquisitions_densitometry_comes_from_its_soft_kernel_only(real_results) -> None:
     """A0001's two kernels: the lung kernel (Philips L) once read LAA-950 13 %, the body
@@ -294,7 +288,6 @@ def test_one_acquisitions_densitometry_comes_from_its_soft_kernel_only(real_resu
         assert real_results[name][1].notes[0].text.endswith("kernel: D40s (SIEMENS).")
 
 
-@REAL_LUNGS
 @pytest.mark.slow
 def test_infected_lungs_have_more_high_attenuation_than_the_normal_one(real_results) -> None:
     haa = {
