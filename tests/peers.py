@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,13 +54,21 @@ def free_port() -> int:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     start = low + (worker * band) % max(first_ephemeral - low - band, band)
     for port in random.sample(range(start, start + band), band):
+        if port in _DRAWN:  # drawn but maybe not bound yet: a node's second port, say
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _DRAWN.append(port)
             return port
     raise RuntimeError(f"no free port in {start}..{start + band}")
+
+
+_DRAWN: deque[int] = deque(maxlen=100)
+"""The ports this process drew last, not drawn again: two drawn before either is bound
+(a node's DICOM and HTTP ports) could otherwise be one."""
 
 
 def wait_until(
