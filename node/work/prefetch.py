@@ -106,6 +106,7 @@ class Prefetcher:
             latest = conn.execute(select(func.coalesce(func.max(Instance.id), 0))).scalar_one()
             if self._last is None:  # what was stored before the worker started is not ours
                 self._last = latest
+            if latest <= self._last:  # nothing stored since: an idle node costs one query
                 return []
             rows = conn.execute(
                 select(Instance.id, Instance.path)

@@ -1,10 +1,11 @@
 """`make eval`'s model table runs with the small test models (its figures mean nothing with
 them, but every line from the config to the table runs) and says which pipelines are not
-configured."""
+configured. The script runs in the test's process, as `python bench/evaluate_models.py` runs
+it (a subprocess would import torch and MONAI again: 10 s a run)."""
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_the_model_evaluation_prints_its_table(real_series, tmp_path: Path) -> None:
+def test_the_model_evaluation_prints_its_table(
+    real_series, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     triage = tmp_path / "triage.pt"
     torch.save(fixed_classifier([0.1, 0.2, 1.0]).state_dict(), triage)
     network = {
@@ -46,25 +49,24 @@ def test_the_model_evaluation_prints_its_table(real_series, tmp_path: Path) -> N
             }
         )
     )
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "evaluate_models.py"), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()[2:]}
+    table = evaluate_models(capsys, monkeypatch, "--config", str(config))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "sensitivity" in rows["nodule-detection"] and "FP per scan" in rows["nodule-detection"]
     assert "2 scans, 1 tumours" in rows["nodule-detection"]  # one tumour, both kernels
     # the fixed logits always say normal: right on one case of three
     assert "accuracy 0.33 (1/3)" in rows["covid-triage"]
     assert "normal001: Normal" in rows["covid-triage"]
 
-    unconfigured = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "evaluate_models.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert unconfigured.returncode == 0, unconfigured.stderr
-    assert "| nodule-detection | - | not configured in config.example.yaml |" in unconfigured.stdout
+    unconfigured = evaluate_models(capsys, monkeypatch)
+    assert "| nodule-detection | - | not configured in config.example.yaml |" in unconfigured
+
+
+def evaluate_models(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str
+) -> str:
+    """What `python bench/evaluate_models.py ARGS` prints."""
+    script = REPO / "bench" / "evaluate_models.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    capsys.readouterr()
+    runpy.run_path(str(script), run_name="__main__")
+    return capsys.readouterr().out

@@ -81,9 +81,14 @@ def test_the_packaged_backbones_load_strictly(backbone: str) -> None:
     state = source.state_dict(source.weights(), torch.device("cpu"))
     network.load_state_dict(state, strict=True)  # every tensor named, none left over
     assert sum(p.numel() for p in network.parameters()) == 117_366_208
+    inputs = torch.rand(2, 1, 64, 64, 32)
     with torch.inference_mode():
-        features = network.eval()(torch.rand(1, 1, 64, 64, 32))
-    assert features.shape == (1, 2048, 2, 2, 2)  # [B, 2048, Z/16, X/32, Y/32]
+        together = network.eval()(inputs)
+        alone = [network(image[None]) for image in inputs]
+    assert together.shape == (2, 2048, 2, 2, 2)  # [B, 2048, Z/16, X/32, Y/32]
+    # a GPU worker runs waiting series as one batch: each gets what it gets alone
+    for row, single in zip(together, alone, strict=True):
+        torch.testing.assert_close(row[None], single, atol=1e-4, rtol=1e-4)
 
 
 def test_the_pipeline_names_the_weights_and_reports_what_is_missing() -> None:
@@ -120,8 +125,8 @@ def test_real_series_embed_as_unit_vectors_and_the_two_kernels_are_neighbours(
 def test_the_guard_passes_held_out_real_chests_and_flags_perturbed_ones(
     real_series: dict[str, list[Path]], astra_results: dict[str, PipelineResult]
 ) -> None:
-    """The real chest goes through I3ResNet again in a batch beside a perturbed one, as a GPU
-    worker runs waiting series: it gets the embedding and profile it got alone."""
+    """Two of `make eval`'s four perturbations, one I3ResNet pass each (40 s on two loaded
+    cores): the chest flipped head to feet, the subtlest, and a corner with no chest in it."""
     profiles = {name: result.profile for name, result in astra_results.items()}
     assert all(p.shape == (5 * 2048,) for p in profiles.values())
     fitted = guard.fit(profiles, STUDIES)
@@ -129,18 +134,12 @@ def test_the_guard_passes_held_out_real_chests_and_flags_perturbed_ones(
     assert max(fitted.held_out.values()) <= guard.DEFAULT_THRESHOLD, fitted.held_out
     pipeline = embedder("astra")
     real = load_volume(real_series["covid"])
-    kinds, volumes = zip(*perturbed(real), strict=True)
-    [again, *results] = pipeline.run_batch([real, volumes[0]]) + [
-        pipeline.run(volume)
-        for volume in volumes[1:]  # batches of more: slower on a CPU
-    ]
-    np.testing.assert_allclose(again.embedding, astra_results["covid"].embedding, atol=1e-4)
-    np.testing.assert_allclose(again.profile, astra_results["covid"].profile, atol=1e-3)
     scores = {
-        kind: fitted.model.distance(result.profile)
-        for kind, result in zip(kinds, results, strict=True)
+        kind: fitted.model.distance(pipeline.run(volume).profile)
+        for kind, volume in perturbed(real)
+        if kind in ("flipped", "corner")
     }
-    assert all(d > guard.DEFAULT_THRESHOLD for d in scores.values()), scores
+    assert len(scores) == 2 and all(d > guard.DEFAULT_THRESHOLD for d in scores.values()), scores
 
 
 @pytest.mark.slow
