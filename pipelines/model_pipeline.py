@@ -14,7 +14,7 @@ from pipelines.availability import of_model
 from pipelines.base import Requirements, Stage, Unavailable
 from pipelines.context import Context, Need, context_for
 from pipelines.device import release, run_on, with_cpu_fallback
-from pipelines.models import LoadedModel
+from pipelines.models import LoadedModel, channels_last
 from pipelines.preprocessing import crop_box, preprocessing_for, strip_io, to_meta_tensor
 from pipelines.result import PipelineResult
 from pipelines.settings import PipelineSettings, PreprocessingSettings
@@ -33,6 +33,8 @@ class ModelPipeline:
     """Its version and availability from its settings (what `ainode status` reports)."""
     batched = False
     """Whether `infer_batch` puts several series through the network at once."""
+    runs_channels_last = True
+    """Whether the network runs channels-last on the CPU (`pipelines.models.channels_last`)."""
 
     def __init__(self, name: str, settings: PipelineSettings) -> None:
         self.name = name
@@ -61,7 +63,10 @@ class ModelPipeline:
             problem = self.problem()
             if problem or self.source is None:
                 raise Unavailable(problem or "no model")
-            self._loaded[str(device)] = self.source.load(device, self.prepare)
+            loaded = self.source.load(device, self.prepare)
+            if device.type == "cpu" and self.runs_channels_last:
+                channels_last(loaded.network)
+            self._loaded[str(device)] = loaded
         return self._loaded[str(device)]
 
     def preprocess(self, volume: Volume, model: LoadedModel, context: Context) -> dict[str, Any]:

@@ -46,6 +46,7 @@ NODULE_COLOR = (255, 64, 64)
 
 class NoduleDetectionPipeline(ModelPipeline):
     requirements = Requirements(modalities=("CT",), min_slices=10, max_slice_thickness_mm=5.0)
+    runs_channels_last = False  # MONAI's RetinaNet finds other boxes in that layout
     default_preprocessing = PreprocessingSettings(
         orientation="RAS",
         spacing_mm=(0.703125, 0.703125, 1.25),

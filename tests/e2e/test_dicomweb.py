@@ -103,7 +103,7 @@ def test_orthanc_pushes_by_stow_and_the_node_serves_the_study_with_its_results(
     shots = Path(__file__).resolve().parents[2] / "var" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with serve_ohif(node_web, tmp_path / "ohif") as ohif:
-        viewer_shot(ohif, study_uid, shots / "node-seg.png", "--seg", "--slice", "40")
+        viewer_shot(ohif, study_uid, shots / "node-seg.png", "--seg", "--yes", "--slice", "40")
 
 
 @pytest.mark.slow

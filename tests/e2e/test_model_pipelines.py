@@ -183,10 +183,10 @@ def test_model_pipelines_report_to_the_pacs_and_the_radiologist_sees_them_in_ohi
     shots = Path(__file__).resolve().parents[2] / "var" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with serve_ohif(orthanc.dicomweb_url, tmp_path / "ohif") as ohif:
-        for out, series in [
-            ("nodules-seg.png", segs["nodule-detection"]),
-            ("nodules-sr.png", srs["nodule-detection"]),
-            ("triage-key-image.png", key_images["covid-triage"]),
+        for out, series, options in [
+            ("nodules-seg.png", segs["nodule-detection"], ["--yes"]),
+            ("nodules-sr.png", srs["nodule-detection"], []),
+            ("triage-key-image.png", key_images["covid-triage"], []),
         ]:
             uid = series["MainDicomTags"]["SeriesInstanceUID"]
-            viewer_shot(ohif, study_uid, shots / out, "--series", uid)
+            viewer_shot(ohif, study_uid, shots / out, "--series", uid, *options)

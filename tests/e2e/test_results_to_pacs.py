@@ -155,7 +155,7 @@ def test_results_arrive_in_the_same_study_by_c_store_and_open_in_ohif(
     shots.mkdir(parents=True, exist_ok=True)
     with serve_ohif(orthanc.dicomweb_url, tmp_path / "ohif") as ohif:
         study_uid = str(source.StudyInstanceUID)
-        viewer_shot(ohif, study_uid, shots / "seg-tumour.png", "--seg", "--slice", "17")
+        viewer_shot(ohif, study_uid, shots / "seg-tumour.png", "--seg", "--yes", "--slice", "17")
         console = viewer_shot(ohif, study_uid, shots / "sr.png", "--sr")
     assert "No spatial coordinates" not in console
 
@@ -188,11 +188,12 @@ def test_stow_rs_to_a_pacs_that_was_down_delivers_once_it_is_back(
 
 def viewer_shot(ohif_url: str, study_uid: str, out: Path, *options: str) -> str:
     """Open the study in OHIF (headless Chromium); return the console log. Fails the test when
-    the viewer did not render or reported an error."""
+    the viewer did not render or reported an error. A SEG needs `--yes` (OHIF asks whether to
+    open it); elsewhere it waits 5 s for a prompt that never comes."""
     from tests.peers import TOOLS
 
     shot = subprocess.run(
-        [str(TOOLS / "viewer-shot"), *options, "--yes", ohif_url, study_uid, str(out)],
+        [str(TOOLS / "viewer-shot"), *options, ohif_url, study_uid, str(out)],
         capture_output=True,
         text=True,
         timeout=300,

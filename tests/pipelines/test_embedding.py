@@ -113,3 +113,21 @@ def test_a_batch_the_gpu_cannot_hold_is_halved(tmp_path: Path) -> None:
     assert sizes == [4, 2, 2]
     for volume, result in zip(volumes, results, strict=True):
         np.testing.assert_allclose(result.embedding, pipeline.run(volume).embedding, atol=1e-5)
+
+
+def test_on_the_cpu_the_network_runs_channels_last_and_answers_the_same(tmp_path: Path) -> None:
+    pipeline = embedder(encoder_model(tmp_path / "model"))
+    cpu = torch.device("cpu")
+    network = pipeline.model(cpu).network
+    as_saved = pipeline.source.load(cpu).network  # the same weights in torch's default layout
+    kernels = [p for p in network.parameters() if p.dim() == 5]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in kernels)
+    assert not any(
+        p.is_contiguous(memory_format=torch.channels_last_3d)
+        for p in as_saved.parameters()
+        if p.dim() == 5 and p.shape[1] > 1
+    )
+    image = torch.rand(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        for ours, theirs in zip(network(image), as_saved(image), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
