@@ -185,7 +185,7 @@ def test_model_pipelines_report_to_the_pacs_and_the_radiologist_sees_them_in_ohi
     with serve_ohif(orthanc.dicomweb_url, tmp_path / "ohif") as ohif:
         for out, series, options in [
             ("nodules-seg.png", segs["nodule-detection"], ["--yes"]),
-            ("nodules-sr.png", srs["nodule-detection"], []),
+            ("nodules-sr.png", srs["nodule-detection"], ["--yes"]),
             ("triage-key-image.png", key_images["covid-triage"], []),
         ]:
             uid = series["MainDicomTags"]["SeriesInstanceUID"]

@@ -188,8 +188,9 @@ def test_stow_rs_to_a_pacs_that_was_down_delivers_once_it_is_back(
 
 def viewer_shot(ohif_url: str, study_uid: str, out: Path, *options: str) -> str:
     """Open the study in OHIF (headless Chromium); return the console log. Fails the test when
-    the viewer did not render or reported an error. A SEG needs `--yes` (OHIF asks whether to
-    open it); elsewhere it waits 5 s for a prompt that never comes."""
+    the viewer did not render or reported an error. `--yes` answers the prompt OHIF shows for
+    a SEG and a detection report; where none comes (a key image; the lung SR opened by its
+    thumbnail) it would wait 5 s for one."""
     from tests.peers import TOOLS
 
     shot = subprocess.run(
