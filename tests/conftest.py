@@ -15,6 +15,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+# Set before anything loads torch (its OpenMP reads it once), and inherited by every node the
+# tests start: the xdist workers and their nodes' processes share two cores, and OpenMP
+# threads that spin while they wait take the cores from the others (the pipeline tests'
+# fast tier, `-n 2`: 97-103 s spinning, 76 s passive).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from node.store.db.engine import make_engine
 from node.store.db.migrate import upgrade
 from tests.peers import (

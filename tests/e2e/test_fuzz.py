@@ -131,10 +131,17 @@ def test_six_hundred_mutated_exchanges_leave_the_node_as_it_was(start_node: Star
         return now_sockets == sockets and now_threads <= threads + SCHEDULER_THREADS
 
     wait_until(as_before, timeout=15)
-    held = [associate(node.port) for _ in range(8)]  # every association slot is free again
-    assert all(assoc.is_established for assoc in held)
+    # every association slot is free again: eight at once are accepted (each is read as it
+    # is made: on a loaded machine the node's 0.5 s idle timeout may end the first before
+    # the eighth is up)
+    held, established = [], []
+    for _ in range(8):
+        held.append(associate(node.port))
+        established.append(held[-1].is_established)
+    assert all(established), established
     for assoc in held:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     log = node.log()
     assert "Traceback" not in log
     assert "connection from" in log  # the mutants were answered and logged
