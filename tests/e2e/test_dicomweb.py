@@ -71,7 +71,8 @@ def test_orthanc_pushes_by_stow_and_the_node_serves_the_study_with_its_results(
     files = real_series["lung-kernel"]
     storescu(orthanc.dicom_port, files, calling_ae="TESTSCU", called_ae="ORTHANC")
     (study,) = orthanc.get("/studies")
-    node_web = f"http://127.0.0.1:{node.settings['http']['port']}/dicom-web"  # drawn again?
+    # the port the node serves on: start_node draws its ports again when one was taken
+    node_web = f"http://127.0.0.1:{node.settings['http']['port']}/dicom-web"
     put(
         orthanc,
         "/dicom-web/servers/ainode",

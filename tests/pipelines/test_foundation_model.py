@@ -136,8 +136,7 @@ def test_the_guard_passes_held_out_real_chests_and_flags_perturbed_ones(
     real = load_volume(real_series["covid"])
     scores = {
         kind: fitted.model.distance(pipeline.run(volume).profile)
-        for kind, volume in perturbed(real)
-        if kind in ("flipped", "corner")
+        for kind, volume in perturbed(real, kinds=("flipped", "corner"))
     }
     assert len(scores) == 2 and all(d > guard.DEFAULT_THRESHOLD for d in scores.values()), scores
 
