@@ -26,6 +26,7 @@ import pydicom
 from numpy.typing import ArrayLike
 from pydicom.dataset import Dataset
 
+from pipelines import decoding
 from pipelines.base import BadInput, Requirements
 
 log = logging.getLogger(__name__)
@@ -417,7 +418,7 @@ def _decode(
 def stored_frames(path: Path) -> np.ndarray:
     """The file's stored pixel values as (frames, rows, columns), before rescaling."""
     ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
+    pixels = decoding.pixel_array(ds)
     if ds.get("NumberOfFrames", 1) in (None, "", 1) or pixels.ndim == 2:
         pixels = pixels.reshape((1, *pixels.shape[-2:]))
     return pixels

@@ -49,15 +49,41 @@ def downsample(hu: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def upsample(mask: torch.Tensor, factor: int, shape: torch.Size) -> torch.Tensor:
-    """Bilinear upsampling of a coarse mask to the full grid, a slab of slices at a time."""
+    """Bilinear upsampling of a coarse mask to the full grid, a slab of slices at a time, over
+    the mask's bounding box only (a voxel beyond it is 0 either way)."""
     if factor == 1:
         return mask
-    out = torch.empty(shape, dtype=torch.bool, device=mask.device)
-    for start in range(0, shape[0], SLAB):
-        slab = mask[start : start + SLAB, None].float()
+    out = torch.zeros(shape, dtype=torch.bool, device=mask.device)
+    box = _bounding_box(mask, margin=1)
+    if box is None:
+        return out
+    (z0, z1), (y0, y1), (x0, x1) = box
+    rows, columns = slice(y0 * factor, y1 * factor), slice(x0 * factor, x1 * factor)
+    height = min(shape[1], y1 * factor) - y0 * factor
+    width = min(shape[2], x1 * factor) - x0 * factor
+    for start in range(z0, z1, SLAB):
+        stop = min(start + SLAB, z1)
+        slab = mask[start:stop, None, y0:y1, x0:x1].float()
         smooth = F.interpolate(slab, scale_factor=factor, mode="bilinear")
-        out[start : start + SLAB] = smooth[:, 0, : shape[1], : shape[2]] >= 0.5
+        out[start:stop, rows, columns] = smooth[:, 0, :height, :width] >= 0.5
     return out
+
+
+def _bounding_box(
+    mask: torch.Tensor, margin: int
+) -> tuple[tuple[int, int], ...] | None:
+    """(start, stop) per axis of the voxels set in `mask`, widened by `margin` in-plane
+    (bilinear upsampling reads one neighbour) and kept inside the mask's shape."""
+    spans = []
+    for axis, widen in ((0, 0), (1, margin), (2, margin)):
+        others = tuple(a for a in range(3) if a != axis)
+        (present,) = torch.nonzero(mask.any(dim=others[1]).any(dim=others[0]), as_tuple=True)
+        if present.numel() == 0:
+            return None
+        start = max(0, int(present[0]) - widen)
+        stop = min(mask.shape[axis], int(present[-1]) + 1 + widen)
+        spans.append((start, stop))
+    return tuple(spans)
 
 
 def smooth_in_plane(hu: torch.Tensor) -> torch.Tensor:
