@@ -69,9 +69,7 @@ def upsample(mask: torch.Tensor, factor: int, shape: torch.Size) -> torch.Tensor
     return out
 
 
-def _bounding_box(
-    mask: torch.Tensor, margin: int
-) -> tuple[tuple[int, int], ...] | None:
+def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[tuple[int, int], ...] | None:
     """(start, stop) per axis of the voxels set in `mask`, widened by `margin` in-plane
     (bilinear upsampling reads one neighbour) and kept inside the mask's shape."""
     spans = []

@@ -1,8 +1,8 @@
 """The model pipelines end to end: Orthanc sends a real study to `ainode serve`, which runs
 covid-triage, thoracic-findings, nodule-detection and ct-embedding with small models of the
 real architectures; the SRs and the nodule SEG arrive in Orthanc's study, dciodvfy-clean,
-with the values the jobs recorded, and open in OHIF; the embeddings make `ainode similar`
-answer."""
+with the values the jobs recorded; OHIF draws the detection SR and the triage key image; the
+embeddings make `ainode similar` answer."""
 
 from __future__ import annotations
 
@@ -171,7 +171,8 @@ def test_model_pipelines_report_to_the_pacs_and_the_radiologist_sees_them_in_ohi
     assert nearest["series_instance_uid"] == uid_of(body)
     assert jobs[("ct-embedding", lung_uid)]["result"]["embedding_dim"] == 16
 
-    # what the radiologist sees: a nodule SEG and a detection SR; OHIF 3.13 cannot open a
+    # what the radiologist sees: the detection SR's boxes (the SEG is the encoder
+    # test_results_to_pacs.py and test_dicomweb.py look at in OHIF); OHIF 3.13 cannot open a
     # measurement report without drawable measurements (it fails on the triage SR, standard as
     # it is): the triage reaches the radiologist as a key image
     def triage_key_images() -> dict[str, dict] | None:
@@ -184,7 +185,6 @@ def test_model_pipelines_report_to_the_pacs_and_the_radiologist_sees_them_in_ohi
     shots.mkdir(parents=True, exist_ok=True)
     with serve_ohif(orthanc.dicomweb_url, tmp_path / "ohif") as ohif:
         for out, series, options in [
-            ("nodules-seg.png", segs["nodule-detection"], ["--yes"]),
             ("nodules-sr.png", srs["nodule-detection"], ["--yes"]),
             ("triage-key-image.png", key_images["covid-triage"], []),
         ]:
