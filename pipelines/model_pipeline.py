@@ -14,7 +14,7 @@ from pipelines.availability import of_model
 from pipelines.base import Requirements, Stage, Unavailable
 from pipelines.context import Context, Need, context_for
 from pipelines.device import release, run_on, with_cpu_fallback
-from pipelines.models import LoadedModel, channels_last
+from pipelines.models import LoadedModel, channels_last, fold_batch_norms
 from pipelines.preprocessing import crop_box, preprocessing_for, strip_io, to_meta_tensor
 from pipelines.result import PipelineResult
 from pipelines.settings import PipelineSettings, PreprocessingSettings
@@ -64,6 +64,7 @@ class ModelPipeline:
             if problem or self.source is None:
                 raise Unavailable(problem or "no model")
             loaded = self.source.load(device, self.prepare)
+            fold_batch_norms(loaded.network)
             if device.type == "cpu" and self.runs_channels_last:
                 channels_last(loaded.network)
             self._loaded[str(device)] = loaded

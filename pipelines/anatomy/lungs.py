@@ -75,6 +75,7 @@ def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> L
     """The lungs and airway of `hu` (slice, row, column); without `pathology`, the aerated
     lung only (steps 1-5, for comparison)."""
     grid = WorkingGrid.for_volume(volume)
+    full_shape = hu.shape
     coarse = downsample(hu, grid.factor)
     body = torch.from_numpy(
         fill_holes_per_slice(largest_component((coarse > BODY_HU).cpu().numpy()))
@@ -83,24 +84,29 @@ def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> L
     airways = segment_airway(coarse, air, grid, volume)
     candidates = (air & ~dilate(airways, (0, 1, 1))).cpu().numpy()
     left, right = _split_lungs(candidates, grid, volume)
+    # From here on, only the lungs' surroundings: every step is local (box radii, distances
+    # within the lungs' reach, holes enclosed by them), so cropping changes no voxel.
+    region = _lung_region(left | right, grid)
+    left, right = np.ascontiguousarray(left[region]), np.ascontiguousarray(right[region])
+    coarse, body = coarse[region].contiguous(), body[region].contiguous()
     coarse_hu = coarse.cpu().numpy()
     (left, left_gas), (right, right_gas) = (
         _without_gas(lung, coarse_hu, grid, volume) for lung in (left, right)
     )
     not_gas = ~torch.from_numpy(left_gas | right_gas).to(hu.device)
-    full_shape = hu.shape
     nearer_left = torch.from_numpy(_nearer(left, right, grid)).to(hu.device) if pathology else None
+    around_airway = airways[region].contiguous()
     lungs, aerated = [], []
     for lung, other in ((left, right), (right, left)):
         filled = closing(torch.from_numpy(lung).to(hu.device), grid.radii(4.0, 0.0))
         filled = torch.from_numpy(fill_holes_per_slice(filled.cpu().numpy())).to(hu.device)
-        allowed = body & ~airways & ~torch.from_numpy(other).to(hu.device) & not_gas
+        allowed = body & ~around_airway & ~torch.from_numpy(other).to(hu.device) & not_gas
         filled &= allowed
         aerated.append(filled)
         if nearer_left is not None:
             own_side = nearer_left if lung is left else ~nearer_left
             filled = with_pathology(filled, allowed & own_side & (coarse < BONE_HU), grid)
-        lungs.append(upsample(filled, grid.factor, full_shape))
+        lungs.append(upsample(_placed(filled, region, airways.shape), grid.factor, full_shape))
     left_full, right_full = lungs
     overlap = left_full & right_full  # in place from here: a 600-slice mask is 160 MB
     left_full ^= overlap
@@ -109,9 +115,39 @@ def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> L
     both = left_full | right_full
     airway = upsample(airways, grid.factor, full_shape)
     airway &= ~both
-    aerated_full = upsample(aerated[0] | aerated[1], grid.factor, full_shape)
+    aerated_both = _placed(aerated[0] | aerated[1], region, airways.shape)
+    aerated_full = upsample(aerated_both, grid.factor, full_shape)
     aerated_full &= both
     return Lungs(left_full, right_full, airway, aerated_full)
+
+
+def _lung_region(lungs: np.ndarray, grid: WorkingGrid) -> tuple[slice, slice, slice]:
+    """Every slice, and the rows and columns of `lungs` widened by more than any box radius
+    the steps after the split use (the 4 mm closing, the 6 mm opening, the gas erosion) and
+    a pleural block, the first row and column on the pleural grid's block boundaries (its
+    blocks stay the same)."""
+    factor = _pleural_factor(grid)
+    margin = max(grid.radii(PLEURAL_OPENING_MM, 0.0)) + factor + 2
+
+    def span(axis: int) -> slice:
+        present = np.flatnonzero(lungs.any(axis=(0, 3 - axis)))
+        start = max(0, int(present[0]) - margin)
+        return slice(start - start % factor, int(present[-1]) + 1 + margin)
+
+    return slice(None), span(1), span(2)
+
+
+def _placed(
+    mask: torch.Tensor, region: tuple[slice, slice, slice], shape: torch.Size
+) -> torch.Tensor:
+    """`mask` of `region` back on the whole working grid."""
+    whole = torch.zeros(shape, dtype=torch.bool, device=mask.device)
+    whole[region] = mask
+    return whole
+
+
+def _pleural_factor(grid: WorkingGrid) -> int:
+    return max(1, round(PLEURAL_GRID_MM / grid.spacing[1]))
 
 
 def _pleural_grid(
@@ -119,7 +155,7 @@ def _pleural_grid(
 ) -> tuple[np.ndarray, tuple[float, float, float], int]:
     """`mask` on the ~3.5 mm grid of the pleural reconstruction (a voxel is in when most of
     its block is), the grid's spacing and its in-plane factor."""
-    factor = max(1, round(PLEURAL_GRID_MM / grid.spacing[1]))
+    factor = _pleural_factor(grid)
     pooled = F.avg_pool2d(torch.from_numpy(mask)[:, None].float(), factor, ceil_mode=True)
     spacing = (grid.spacing[0], grid.spacing[1] * factor, grid.spacing[2] * factor)
     return pooled[:, 0].numpy() >= 0.5, spacing, factor

@@ -18,7 +18,7 @@ from node.work import guard
 from node.work.results.encode import encode_result
 from node.work.results.identity import ResultIdentity
 from pipelines.i3resnet import I3ResNet152
-from pipelines.models import PackageSource
+from pipelines.models import PackageSource, fold_batch_norms
 from pipelines.probe import fit_probe, save_probe
 from pipelines.registry import build_pipelines
 from pipelines.result import PipelineResult
@@ -89,6 +89,11 @@ def test_the_packaged_backbones_load_strictly(backbone: str) -> None:
     # a GPU worker runs waiting series as one batch: each gets what it gets alone
     for row, single in zip(together, alone, strict=True):
         torch.testing.assert_close(row[None], single, atol=1e-4, rtol=1e-4)
+    # a pipeline folds the BatchNorms into the convolutions: the same features
+    fold_batch_norms(network)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in network.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(network(inputs), together, atol=1e-4, rtol=1e-4)
 
 
 def test_the_pipeline_names_the_weights_and_reports_what_is_missing() -> None:
