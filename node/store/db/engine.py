@@ -16,8 +16,13 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection
 
 BUSY_TIMEOUT_SECONDS = 30.0
+
+_UNCLOSED: list[sqlite3.Connection] = []
+"""SQLite connections found unwritable at checkout, never closed: the node stops and exits
+without finalizers (`node.service.serve`)."""
 
 
 def make_engine(
@@ -93,12 +98,21 @@ def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout: float) -> 
     if database is not None:
 
         @event.listens_for(engine, "checkout")
-        def _on_checkout(*_: object) -> None:
+        def _on_checkout(
+            dbapi_connection: sqlite3.Connection, _record: object, proxy: PoolProxiedConnection
+        ) -> None:
             # SQLite reaches its shared memory through a map: once its files are immutable
             # or read-only, the next statement may fault (SIGBUS, mid-association). A
             # connection is handed out only while they can be written; else the caller
-            # gets DatabaseNotWritable, an error it can answer.
-            check_writable(engine.url)
+            # gets DatabaseNotWritable, an error it can answer, and the connection is kept
+            # out of the pool, unclosed: the pool would close it, and closing writes through
+            # that map too.
+            try:
+                check_writable(engine.url)
+            except DatabaseNotWritable:
+                _UNCLOSED.append(dbapi_connection)
+                proxy.detach()
+                raise
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
