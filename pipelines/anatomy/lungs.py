@@ -86,6 +86,7 @@ def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> L
     left, right = _split_lungs(candidates, grid, volume)
     # From here on, only the lungs' surroundings: every step is local (box radii, distances
     # within the lungs' reach, holes enclosed by them), so cropping changes no voxel.
+    working_shape = coarse.shape
     region = _lung_region(left | right, grid)
     left, right = np.ascontiguousarray(left[region]), np.ascontiguousarray(right[region])
     coarse, body = coarse[region].contiguous(), body[region].contiguous()
@@ -106,7 +107,7 @@ def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> L
         if nearer_left is not None:
             own_side = nearer_left if lung is left else ~nearer_left
             filled = with_pathology(filled, allowed & own_side & (coarse < BONE_HU), grid)
-        lungs.append(upsample(_placed(filled, region, airways.shape), grid.factor, full_shape))
+        lungs.append(upsample(_placed(filled, region, working_shape), grid.factor, full_shape))
     left_full, right_full = lungs
     overlap = left_full & right_full  # in place from here: a 600-slice mask is 160 MB
     left_full ^= overlap
@@ -115,7 +116,7 @@ def segment_lungs(hu: torch.Tensor, volume: Volume, pathology: bool = True) -> L
     both = left_full | right_full
     airway = upsample(airways, grid.factor, full_shape)
     airway &= ~both
-    aerated_both = _placed(aerated[0] | aerated[1], region, airways.shape)
+    aerated_both = _placed(aerated[0] | aerated[1], region, working_shape)
     aerated_full = upsample(aerated_both, grid.factor, full_shape)
     aerated_full &= both
     return Lungs(left_full, right_full, airway, aerated_full)
