@@ -4,6 +4,9 @@ empty result; printed per N: jobs done per second, claims per second, claim late
 and the CPU the node's HTTP process, its coordinator (main process) and PostgreSQL used.
 
     python bench/scale.py [--workers 1,2,4,8,16,32] [--seconds 15] [--work-seconds 0.2]
+                          [--http-processes 1,2]
+
+One table per `http.processes` value, each from a node started afresh on the same queue.
 
 The simulated workers share this machine's cores with the node: at large N the table shows
 where the machine, not only the node, saturates (the client threads' CPU is printed too).
@@ -145,7 +148,10 @@ def step(
     processes = {p["name"]: p["pid"] for p in node.status()["processes"]}
     stop = threading.Event()
     workers = [Simulated(url, f"sim-{count}-{i}", work, stop) for i in range(count)]
-    watched = {"http": [processes["http"]], "main": [processes["main"]]}
+    watched = {
+        "http": [pid for name, pid in processes.items() if name.startswith("http")],
+        "main": [processes["main"]],
+    }
     before = {name: cpu_seconds(pids) for name, pids in watched.items()}
     database_before = {pid: cpu_seconds([pid]) for pid in postgres_pids(postgres)}
     client_before = time.process_time()
@@ -175,12 +181,54 @@ def step(
     }
 
 
+def table(
+    home: Path,
+    url: str,
+    processes: int,
+    counts: list[int],
+    args: argparse.Namespace,
+    postgres: PostgresServer,
+) -> None:
+    """One node with `processes` HTTP processes; a row per number of simulated workers."""
+    home.mkdir()
+    http_port = free_port()
+    token = {
+        "name": "bench",
+        "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+        "roles": ["worker"],
+    }
+    http = {"host": "127.0.0.1", "port": http_port, "processes": processes,
+            "auth": {"tokens": [token]}}  # fmt: skip
+    settings = node_settings(
+        home, free_port(), url, workers={"count": 0, "lease_seconds": 60}, http=http,
+        logging={"level": "WARNING"},
+    )  # fmt: skip
+    node = NodeProcess(home, settings["node"]["port"], settings).start()
+    base = f"http://127.0.0.1:{http_port}"
+    print(f"http.processes: {processes}")
+    print(
+        f"{'N':>3} {'jobs/s':>8} {'claims/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'http CPU':>9} {'main CPU':>9} {'pg CPU':>7} {'client CPU':>11}"
+    )
+    for count in counts:
+        row = step(node, postgres, base, count, args.seconds, args.work_seconds)
+        print(
+            f"{count:>3} {row['jobs_s']:>8.1f} {row['claims_s']:>9.1f} {row['p50_ms']:>8.1f} "
+            f"{row['p99_ms']:>8.1f} {row['http_cpu']:>9.2f} {row['main_cpu']:>9.2f} "
+            f"{row['postgres_cpu']:>7.2f} "
+            f"{row['client_cpu']:>11.2f}",
+            flush=True,
+        )
+    node.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2,4,8,16,32")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--work-seconds", type=float, default=0.2)
     parser.add_argument("--jobs", type=int, default=8000)
+    parser.add_argument("--http-processes", default="1,2")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     postgres = PostgresServer().start()
@@ -189,33 +237,8 @@ def main() -> None:
         url = postgres.new_database("scale")
         print(f"queueing {args.jobs} jobs ...", flush=True)
         fill(url, args.jobs)
-        http_port = free_port()
-        token = {
-            "name": "bench",
-            "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
-            "roles": ["worker"],
-        }
-        settings = node_settings(
-            home, free_port(), url, workers={"count": 0, "lease_seconds": 60},
-            http={"host": "127.0.0.1", "port": http_port, "auth": {"tokens": [token]}},
-            logging={"level": "WARNING"},
-        )  # fmt: skip
-        node = NodeProcess(home, settings["node"]["port"], settings).start()
-        base = f"http://127.0.0.1:{http_port}"
-        print(
-            f"{'N':>3} {'jobs/s':>8} {'claims/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'http CPU':>9} {'main CPU':>9} {'pg CPU':>7} {'client CPU':>11}"
-        )
-        for count in counts:
-            row = step(node, postgres, base, count, args.seconds, args.work_seconds)
-            print(
-                f"{count:>3} {row['jobs_s']:>8.1f} {row['claims_s']:>9.1f} {row['p50_ms']:>8.1f} "
-                f"{row['p99_ms']:>8.1f} {row['http_cpu']:>9.2f} {row['main_cpu']:>9.2f} "
-                f"{row['postgres_cpu']:>7.2f} "
-                f"{row['client_cpu']:>11.2f}",
-                flush=True,
-            )
-        node.stop()
+        for index, processes in enumerate(int(n) for n in args.http_processes.split(",")):
+            table(home / f"node-{index}", url, processes, counts, args, postgres)
     finally:
         postgres.stop()
 

@@ -408,7 +408,17 @@ class HttpSettings(_Section):
         60.0, gt=0, description="a request body may pause this long (then the connection closes)"
     )
     max_connections: int = Field(
-        1000, ge=1, description="open connections at once (503 beyond; LimitNOFILE above it)"
+        1000,
+        ge=1,
+        description="open connections at once, per HTTP process (503 beyond; LimitNOFILE above it)",
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="HTTP server processes sharing the port: one serves about one core's "
+        "worth of requests; more serve more viewers and remote workers at once (and one "
+        "that dies leaves the others serving while it is restarted)",
     )
     nice: int = Field(
         0,

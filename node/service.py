@@ -120,7 +120,9 @@ class NodeService:
             self._catalog = Catalog(engine)
         if ServiceRole.HTTP in self.roles and settings.http is not None:
             http_socket = listen(settings.http)
-            self._start_child("http", run_http_process, (settings, http_socket))
+            for index in range(settings.http.processes):  # all accepting on one socket
+                name = f"http-{index}" if index else "http"
+                self._start_child(name, run_http_process, (settings, http_socket))
             log.info("HTTP server on %s:%d", settings.http.host, settings.http.port)
             _warn_if_anonymous_beyond_loopback(settings.http)
         if ServiceRole.EDGE in self.roles:
@@ -389,7 +391,7 @@ class NodeService:
             self._children.remove(child)
             self._start_child(child.name, child.target, child.args)
             self._record_processes()
-            if child.name.startswith("receiver") or child.name == "http":
+            if child.name.startswith(("receiver", "http")):
                 self._check_after_crash(child)
         self._announce_when_ready()
 

@@ -69,20 +69,22 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
-    """Start `ainode serve` processes; every one is stopped at teardown."""
-    started: list[NodeProcess] = []
+class NodeStarter:
+    """Starts `ainode serve` processes in folders under `root`; `stop_all` stops them."""
 
-    def start(
-        database_url: str | None = None, port: int | None = None, **overrides: Any
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[NodeProcess] = []
+
+    def __call__(
+        self, database_url: str | None = None, port: int | None = None, **overrides: Any
     ) -> NodeProcess:
-        home = tmp_path / f"node{len(started)}"
+        home = self.root / f"node{len(self.started)}"
         home.mkdir()
         url = database_url or f"sqlite:///{home / 'ainode.db'}"
         node = NodeProcess(home, port or free_port(), node_settings(home, 0, url, **overrides))
         node.settings["node"]["port"] = node.port
-        started.append(node)
+        self.started.append(node)
         for attempt in range(3):
             try:
                 return node.start()
@@ -94,10 +96,29 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
                     node.settings["http"]["port"] = free_port()
         raise AssertionError("unreachable")
 
-    yield start
-    for node in started:
-        if node.proc is not None and node.proc.poll() is None:
-            node.stop()
+    def stop_all(self) -> None:
+        for node in self.started:
+            if node.proc is not None and node.proc.poll() is None:
+                node.stop()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start `ainode serve` processes; every one is stopped at teardown."""
+    starter = NodeStarter(tmp_path)
+    yield starter
+    starter.stop_all()
+
+
+@pytest.fixture(scope="module")
+def start_module_node(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., NodeProcess]]:
+    """Start nodes that a module's tests share (each test then works on UIDs of its own, and
+    reads the log from its own start: `NodeProcess.mark_log`); stopped after the module."""
+    starter = NodeStarter(tmp_path_factory.mktemp("shared"))
+    yield starter
+    starter.stop_all()
 
 
 @pytest.fixture

@@ -169,6 +169,9 @@ class NodeProcess:
     """`serve --role` each (every role when empty)."""
     log_path: Path = field(init=False)
     proc: subprocess.Popen[bytes] | None = None
+    log_start: int = 0
+    """Where `log()` starts reading: `mark_log` moves it to the end (a shared node's next
+    test reads only its own lines)."""
 
     def __post_init__(self) -> None:
         self.log_path = self.home / f"node{''.join(f'-{r}' for r in self.roles)}.log"
@@ -243,7 +246,15 @@ class NodeProcess:
         return pids
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(self.log_start)
+            return log.read().decode(errors="replace")
+
+    def mark_log(self) -> None:
+        """From now on, `log()` reads only the lines logged after this call."""
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

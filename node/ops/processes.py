@@ -22,7 +22,8 @@ PROCESSES_FILE = ".processes.json"
 
 class RecordedProcess(BaseModel):
     name: str
-    """`main` (scheduler, dispatcher and the first receiver), `receiver-N`, `worker-N`, `http`."""
+    """`main` (scheduler, dispatcher and the first receiver), `receiver-N`, `worker-N`, `http`
+    and `http-N`."""
     pid: int
     ready: bool
     """The process serves (the main process's record, updated as its children report)."""

@@ -64,8 +64,10 @@ def http_settings(port: int, **auth: Any) -> dict[str, Any]:
     return {"host": "127.0.0.1", "port": port, "auth": {"tokens": tokens, **auth}}
 
 
-@pytest.fixture
-def start_web_node(start_node: Callable[..., NodeProcess]) -> Callable[..., WebNode]:
+def web_starter(start_node: Callable[..., NodeProcess]) -> Callable[..., WebNode]:
+    """`start_node` with the HTTP server on: `auth` adds to its auth section, `http_extra`
+    to the rest of it."""
+
     def start(**overrides: Any) -> WebNode:
         port = free_port()
         auth = overrides.pop("auth", {})
@@ -77,8 +79,26 @@ def start_web_node(start_node: Callable[..., NodeProcess]) -> Callable[..., WebN
 
 
 @pytest.fixture
+def start_web_node(start_node: Callable[..., NodeProcess]) -> Callable[..., WebNode]:
+    return web_starter(start_node)
+
+
+@pytest.fixture
 def web_node(start_web_node: Callable[..., WebNode]) -> WebNode:
     return start_web_node(workers={"count": 0})
+
+
+@pytest.fixture(scope="module")
+def module_web_node(start_module_node: Callable[..., NodeProcess]) -> WebNode:
+    return web_starter(start_module_node)(workers={"count": 0})
+
+
+@pytest.fixture
+def shared_web_node(module_web_node: WebNode) -> WebNode:
+    """A node with no workers that the module's tests share (for tests that store UIDs of
+    their own and look only at those), its log read from this test's start."""
+    module_web_node.node.mark_log()
+    return module_web_node
 
 
 @pytest.fixture

@@ -15,15 +15,15 @@ from pydicom.uid import generate_uid
 
 from node.ops.logs import escaped
 from tests.node.edge.test_scp import ct_dataset
-from tests.node.web.conftest import WebNode, trickled_until_closed
+from tests.node.web.conftest import WebNode, trickled_until_closed, web_starter
 from tests.node.web.test_stow import CONTENT_TYPE, body, part10, post
 from tests.peers import wait_until
 
 
 @pytest.fixture
-def stored(web_node: WebNode) -> pydicom.Dataset:
+def stored(shared_web_node: WebNode) -> pydicom.Dataset:
     ds = ct_dataset(generate_uid())
-    assert post(web_node, body(part10(ds))).status_code == 200
+    assert post(shared_web_node, body(part10(ds))).status_code == 200
     return ds
 
 
@@ -34,9 +34,9 @@ def instance_url(web: WebNode, ds: pydicom.Dataset) -> str:
     )
 
 
-def test_a_frame_list_is_bounded_and_deduplicated(web_node: WebNode, stored) -> None:
-    reader = web_node.auth("viewer")
-    url = instance_url(web_node, stored)
+def test_a_frame_list_is_bounded_and_deduplicated(shared_web_node: WebNode, stored) -> None:
+    reader = shared_web_node.auth("viewer")
+    url = instance_url(shared_web_node, stored)
     amplified = httpx.get(f"{url}/frames/{','.join(['1'] * 9000)}", headers=reader)
     assert amplified.status_code == 400
     assert "at most" in amplified.json()["detail"]
@@ -45,12 +45,12 @@ def test_a_frame_list_is_bounded_and_deduplicated(web_node: WebNode, stored) -> 
     assert repeated.content.count(b"Content-Type: application/octet-stream") == 1
     for bad in ("0", "2", "1,x", "-1", "9" * 40):
         assert httpx.get(f"{url}/frames/{bad}", headers=reader).status_code in (400, 404), bad
-    assert "Traceback" not in web_node.node.log()
+    assert "Traceback" not in shared_web_node.node.log()
 
 
-def test_qido_bounds_its_criteria_and_never_logs_their_values(web_node: WebNode) -> None:
-    reader = web_node.auth("viewer")
-    url = f"{web_node.dicomweb}/studies"
+def test_qido_bounds_its_criteria_and_never_logs_their_values(shared_web_node: WebNode) -> None:
+    reader = shared_web_node.auth("viewer")
+    url = f"{shared_web_node.dicomweb}/studies"
     many = "&".join(["PatientID=SECRET-PID-4711"] * 1000)
     flooded = httpx.get(f"{url}?{many}", headers=reader)
     assert flooded.status_code == 400
@@ -65,24 +65,24 @@ def test_qido_bounds_its_criteria_and_never_logs_their_values(web_node: WebNode)
         found = httpx.get(f"{url}?{query}", headers=reader)
         assert found.status_code == 400, (query, found.status_code, found.text)
     assert httpx.get(f"{url}?StudyDate=20240101-20241231", headers=reader).status_code == 200
-    huge = httpx.get(f"{web_node.dicomweb}/series?SeriesNumber={'9' * 20}", headers=reader)
+    huge = httpx.get(f"{shared_web_node.dicomweb}/series?SeriesNumber={'9' * 20}", headers=reader)
     assert huge.status_code == 400
-    log = web_node.node.log()
+    log = shared_web_node.node.log()
     assert "SECRET-PID-4711" not in log
     assert "Traceback" not in log
 
 
-def test_out_of_range_numbers_and_tags_are_4xx(web_node: WebNode, stored) -> None:
-    admin = web_node.auth("it-admin")
-    api = f"{web_node.url}/api/v1"
+def test_out_of_range_numbers_and_tags_are_4xx(shared_web_node: WebNode, stored) -> None:
+    admin = shared_web_node.auth("it-admin")
+    api = f"{shared_web_node.url}/api/v1"
     for path in ("jobs/99999999999999999999/retry", "jobs/0/cancel", "dispatches/-5/retry"):
         assert httpx.post(f"{api}/{path}", headers=admin).status_code == 422, path
     assert httpx.get(f"{api}/series?limit=99999999999999999999", headers=admin).status_code == 422
-    url = instance_url(web_node, stored)
-    reader = web_node.auth("viewer")
+    url = instance_url(shared_web_node, stored)
+    reader = shared_web_node.auth("viewer")
     for tag in ("ffffffffff", "zz", "7fe0001"):
         assert httpx.get(f"{url}/bulkdata/{tag}", headers=reader).status_code == 400, tag
-    assert "Traceback" not in web_node.node.log()
+    assert "Traceback" not in shared_web_node.node.log()
 
 
 def test_no_peer_string_forges_a_log_line(start_web_node, jwks_file, signing_key) -> None:
@@ -118,49 +118,51 @@ def test_log_messages_are_one_line() -> None:
     assert escaped("Müller^Jörg 1.2.3") == "Müller^Jörg 1.2.3"
 
 
-def test_a_stow_client_gone_mid_body_costs_one_line(web_node: WebNode) -> None:
+def test_a_stow_client_gone_mid_body_costs_one_line(shared_web_node: WebNode) -> None:
     """A sender that disconnects inside its body: what it sent whole is kept, the rest is
     not, and the log says so in one line, without a traceback."""
-    whole = part10(ct_dataset(generate_uid()))
-    content = body(whole, part10(ct_dataset(generate_uid())))
+    whole, cut_off = ct_dataset(generate_uid()), ct_dataset(generate_uid())
+    content = body(part10(whole), part10(cut_off))
     cut = content[: len(content) - 200]
-    host, port = web_node.url.removeprefix("http://").split(":")
+    storage = shared_web_node.node.storage
+    host, port = shared_web_node.url.removeprefix("http://").split(":")
     request = (
         f"POST /dicom-web/studies HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(content)}\r\n"
-        f"Authorization: {web_node.auth('modality-web')['Authorization']}\r\n\r\n"
+        f"Authorization: {shared_web_node.auth('modality-web')['Authorization']}\r\n\r\n"
     ).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(request + cut)
-        wait_until(lambda: list(web_node.node.storage.rglob("*.dcm")), 20)
-    wait_until(lambda: "went away mid-request" in web_node.node.log(), 20)
-    assert "Traceback" not in web_node.node.log()
-    assert len(list(web_node.node.storage.rglob("*.dcm"))) == 1
-    assert list((web_node.node.storage / ".incoming").iterdir()) == []
+        wait_until(lambda: list((storage / whole.StudyInstanceUID).rglob("*.dcm")), 20)
+    wait_until(lambda: "went away mid-request" in shared_web_node.node.log(), 20)
+    assert "Traceback" not in shared_web_node.node.log()
+    assert len(list((storage / whole.StudyInstanceUID).rglob("*.dcm"))) == 1
+    assert not (storage / cut_off.StudyInstanceUID).exists()
+    assert list((storage / ".incoming").iterdir()) == []
 
 
-def test_a_host_that_is_not_the_node_is_refused(web_node: WebNode, stored) -> None:
+def test_a_host_that_is_not_the_node_is_refused(shared_web_node: WebNode, stored) -> None:
     """DNS rebinding: a page of evil.example whose name resolves to the node reads nothing."""
-    url = f"{web_node.dicomweb}/studies"
-    reader = web_node.auth("viewer")
+    url = f"{shared_web_node.dicomweb}/studies"
+    reader = shared_web_node.auth("viewer")
     rebound = httpx.get(url, headers={**reader, "Host": "evil.example"})
     assert rebound.status_code == 400
     assert stored.StudyInstanceUID not in rebound.text
-    port = web_node.url.rsplit(":", 1)[1]
+    port = shared_web_node.url.rsplit(":", 1)[1]
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "127.0.0.1"):
         assert httpx.get(url, headers={**reader, "Host": host}).status_code == 200, host
-    assert "Host 'evil.example' is not this node" in web_node.node.log()
+    assert "Host 'evil.example' is not this node" in shared_web_node.node.log()
 
 
-def test_every_answer_carries_the_security_headers(web_node: WebNode, stored) -> None:
-    reader = web_node.auth("viewer")
+def test_every_answer_carries_the_security_headers(shared_web_node: WebNode, stored) -> None:
+    reader = shared_web_node.auth("viewer")
     answers = {
-        "qido": httpx.get(f"{web_node.dicomweb}/studies", headers=reader),
-        "wado": httpx.get(f"{instance_url(web_node, stored)}/metadata", headers=reader),
-        "api": httpx.get(f"{web_node.url}/api/v1/series", headers=reader),
-        "missing": httpx.get(f"{web_node.dicomweb}/studies/1.2.3/metadata", headers=reader),
-        "refused": httpx.get(f"{web_node.dicomweb}/studies"),
-        "health": httpx.get(f"{web_node.url}/healthz"),
+        "qido": httpx.get(f"{shared_web_node.dicomweb}/studies", headers=reader),
+        "wado": httpx.get(f"{instance_url(shared_web_node, stored)}/metadata", headers=reader),
+        "api": httpx.get(f"{shared_web_node.url}/api/v1/series", headers=reader),
+        "missing": httpx.get(f"{shared_web_node.dicomweb}/studies/1.2.3/metadata", headers=reader),
+        "refused": httpx.get(f"{shared_web_node.dicomweb}/studies"),
+        "health": httpx.get(f"{shared_web_node.url}/healthz"),
     }
     for name, answer in answers.items():
         assert answer.headers["X-Content-Type-Options"] == "nosniff", name
@@ -169,16 +171,16 @@ def test_every_answer_carries_the_security_headers(web_node: WebNode, stored) ->
         assert answers[name].headers["Cache-Control"] == "no-store", name
 
 
-def test_the_api_docs_work_offline_and_need_a_token(web_node: WebNode) -> None:
-    page = httpx.get(f"{web_node.url}/api/docs")
+def test_the_api_docs_work_offline_and_need_a_token(shared_web_node: WebNode) -> None:
+    page = httpx.get(f"{shared_web_node.url}/api/docs")
     assert page.status_code == 200
     assert "http://" not in page.text and "https://" not in page.text
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "docs.js"):
-        assert httpx.get(f"{web_node.url}/api/docs/assets/{asset}").status_code == 200, asset
-    assert httpx.get(f"{web_node.url}/api/docs/assets/../../config.yaml").status_code == 404
-    schema = f"{web_node.url}/api/openapi.json"
+        assert httpx.get(f"{shared_web_node.url}/api/docs/assets/{asset}").status_code == 200, asset
+    assert httpx.get(f"{shared_web_node.url}/api/docs/assets/../../config.yaml").status_code == 404
+    schema = f"{shared_web_node.url}/api/openapi.json"
     assert httpx.get(schema).status_code == 401
-    described = httpx.get(schema, headers=web_node.auth("viewer"))
+    described = httpx.get(schema, headers=shared_web_node.auth("viewer"))
     assert (
         described.status_code == 200 and "/api/v1/jobs/{job_id}/retry" in described.json()["paths"]
     )
@@ -214,16 +216,24 @@ def status_of(sock: socket.socket) -> int | None:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
 
 
-@pytest.fixture
-def strict_web(start_web_node) -> WebNode:
+@pytest.fixture(scope="module")
+def module_strict_web(start_module_node) -> WebNode:
     limits = {"max_header_kb": 16, "header_timeout_seconds": 1, "body_idle_seconds": 1,
               "max_connections": 20}  # fmt: skip
-    return start_web_node(
+    return web_starter(start_module_node)(
         http_extra=limits,
         node={"min_transfer_kbps": 1},
         completion={"quiet_seconds": 1, "release_grace_seconds": 0.5},
         workers={"count": 0},
     )
+
+
+@pytest.fixture
+def strict_web(module_strict_web: WebNode) -> WebNode:
+    """A node with tight HTTP limits, shared by the module's tests, its log read from this
+    test's start."""
+    module_strict_web.node.mark_log()
+    return module_strict_web
 
 
 def test_a_header_flood_gets_431_and_costs_no_memory(strict_web: WebNode) -> None:
@@ -286,9 +296,10 @@ def peak_rss_mb(pid: int) -> float:
 
 
 @pytest.mark.slow
-def test_stow_memory_does_not_grow_with_the_body(web_node: WebNode) -> None:
+def test_stow_memory_does_not_grow_with_the_body(start_web_node) -> None:
     """Finding 9: parts are spooled to disk and copied into place by the kernel: a 256 MiB
     body of two 128 MiB instances moves the HTTP process's peak RSS by far less than a part."""
+    web_node = start_web_node(workers={"count": 0})
     processes = wait_until(
         lambda: {p["name"]: p["pid"] for p in web_node.node.status()["processes"]}, 10
     )
@@ -328,11 +339,48 @@ def stow_a_study(web: WebNode, instances: int) -> None:
         )
 
 
+def http_processes(web: WebNode) -> dict[str, int]:
+    """The PID of each HTTP process the node's process table lists as ready."""
+    listed = web.node.status()["processes"]
+    return {p["name"]: p["pid"] for p in listed if p["name"].startswith("http") and p["ready"]}
+
+
+def test_http_processes_share_the_port_and_one_frozen_or_killed_stops_no_one(
+    start_web_node,
+) -> None:
+    """`http.processes: 2`: with one process frozen (SIGSTOP: it accepts nothing), the other
+    answers every request; one killed is restarted under its name."""
+    import os
+    import signal
+
+    web = start_web_node(workers={"count": 0}, http_extra={"processes": 2})
+    first = wait_until(lambda: len(found := http_processes(web)) == 2 and found, 30)
+    assert set(first) == {"http", "http-1"}
+    os.kill(first["http"], signal.SIGSTOP)
+    try:
+        with httpx.Client(timeout=20) as client:
+            answers = [client.get(f"{web.url}/healthz").status_code for _ in range(20)]
+    finally:
+        os.kill(first["http"], signal.SIGCONT)
+    assert answers == [200] * 20
+    os.kill(first["http-1"], signal.SIGKILL)
+    restarted = wait_until(
+        lambda: (
+            (found := http_processes(web)).get("http-1") not in (None, first["http-1"]) and found
+        ),
+        60,
+    )
+    assert restarted["http"] == first["http"]
+    assert f"http-1 process {first['http-1']} exited with -9" in web.node.log()
+    assert httpx.get(f"{web.dicomweb}/studies", headers=web.auth("viewer")).status_code == 200
+
+
 @pytest.mark.slow
-def test_an_http_process_killed_mid_stow_leaves_no_orphan(web_node: WebNode) -> None:
+def test_an_http_process_killed_mid_stow_leaves_no_orphan(start_web_node) -> None:
     """Finding 15: SIGKILL the HTTP process while a STOW-RS request streams in, then stop the
     node at once (before the crash check's delay): every file in the store has its row, and
     nothing is left in the spool folder."""
+    web_node = start_web_node(workers={"count": 0})
     import os
     import signal
     import sqlite3
@@ -396,15 +444,15 @@ def test_the_children_of_a_killed_main_process_stop_quietly(start_web_node, tmp_
     assert "Traceback" not in log and "Exception ignored" not in log, log[-3000:]
 
 
-def test_clients_get_what_they_ask_for_or_406(web_node: WebNode, tmp_path: Path) -> None:
+def test_clients_get_what_they_ask_for_or_406(shared_web_node: WebNode, tmp_path: Path) -> None:
     """Finding 17: frames as stored when the stored image type is asked for, decoded when
     octet-stream is, 406 for what cannot be served; QIDO answers DICOM JSON or 406."""
     from tests.node.web.test_qido_wado import jpeg_baseline_ct
 
     ds = jpeg_baseline_ct(tmp_path)
-    assert post(web_node, body(part10(ds))).status_code == 200
-    reader = web_node.auth("viewer")
-    url = f"{instance_url(web_node, ds)}/frames/1"
+    assert post(shared_web_node, body(part10(ds))).status_code == 200
+    reader = shared_web_node.auth("viewer")
+    url = f"{instance_url(shared_web_node, ds)}/frames/1"
     jpeg = httpx.get(url, headers={**reader, "Accept": 'multipart/related; type="image/jpeg"'})
     assert jpeg.status_code == 200
     assert 'type="image/jpeg"' in jpeg.headers["content-type"]
@@ -415,42 +463,46 @@ def test_clients_get_what_they_ask_for_or_406(web_node: WebNode, tmp_path: Path)
     )
     for refused in ('multipart/related; type="image/jls"', "image/png"):
         assert httpx.get(url, headers={**reader, "Accept": refused}).status_code == 406, refused
-    qido = f"{web_node.dicomweb}/studies"
+    qido = f"{shared_web_node.dicomweb}/studies"
     assert httpx.get(qido, headers={**reader, "Accept": "application/dicom+xml"}).status_code == 406
     assert httpx.get(qido, headers={**reader, "Accept": "application/json"}).status_code == 200
 
 
-def test_conditional_and_compressed_answers_and_capabilities(web_node: WebNode, stored) -> None:
+def test_conditional_and_compressed_answers_and_capabilities(
+    shared_web_node: WebNode, stored
+) -> None:
     """Finding 20: ETag and Last-Modified on retrievals (304 when unchanged), gzip for JSON,
     and OPTIONS /dicom-web describing the service."""
-    reader = web_node.auth("viewer")
-    url = f"{instance_url(web_node, stored)}/metadata"
+    reader = shared_web_node.auth("viewer")
+    url = f"{instance_url(shared_web_node, stored)}/metadata"
     first = httpx.get(url, headers=reader)
     etag = first.headers["ETag"]
     assert first.headers["Last-Modified"]
     again = httpx.get(url, headers={**reader, "If-None-Match": etag})
     assert again.status_code == 304 and again.content == b""
-    instance = httpx.get(instance_url(web_node, stored), headers=reader)
+    instance = httpx.get(instance_url(shared_web_node, stored), headers=reader)
     assert instance.headers["ETag"] != etag  # another representation, another tag
     for _ in range(40):
-        post(web_node, body(part10(ct_dataset(generate_uid(), stored.StudyInstanceUID))))
+        post(shared_web_node, body(part10(ct_dataset(generate_uid(), stored.StudyInstanceUID))))
     metadata = httpx.get(
-        f"{web_node.dicomweb}/studies/{stored.StudyInstanceUID}/metadata",
+        f"{shared_web_node.dicomweb}/studies/{stored.StudyInstanceUID}/metadata",
         headers={**reader, "Accept-Encoding": "gzip"},
     )
     assert metadata.headers["Content-Encoding"] == "gzip"
     assert len(metadata.json()) == 41
-    described = httpx.options(web_node.dicomweb)
+    described = httpx.options(shared_web_node.dicomweb)
     assert described.status_code == 200 and "GET" in described.headers["Allow"]
     assert "/studies/{study}/metadata" in described.json()["resources"]
 
 
-def test_qido_says_what_it_cannot_do_and_answers_the_image_size(web_node: WebNode, stored) -> None:
+def test_qido_says_what_it_cannot_do_and_answers_the_image_size(
+    shared_web_node: WebNode, stored
+) -> None:
     """Finding 18: instance level answers Rows, Columns, BitsAllocated, NumberOfFrames (when
     present) and InstanceAvailability; includefield beyond what the node keeps and
     fuzzymatching=true get a Warning instead of silence."""
-    reader = web_node.auth("viewer")
-    url = f"{web_node.dicomweb}/studies/{stored.StudyInstanceUID}/instances"
+    reader = shared_web_node.auth("viewer")
+    url = f"{shared_web_node.dicomweb}/studies/{stored.StudyInstanceUID}/instances"
     (found,) = httpx.get(url, headers=reader).json()
     instance = pydicom.Dataset.from_json(found)
     assert (instance.Rows, instance.Columns, instance.BitsAllocated) == (2, 2, 16)
@@ -466,7 +518,7 @@ def test_qido_says_what_it_cannot_do_and_answers_the_image_size(web_node: WebNod
     assert "Warning" not in httpx.get(f"{url}?includefield=all", headers=reader).headers
 
 
-def test_rendered_images_and_thumbnails(web_node: WebNode, real_series) -> None:
+def test_rendered_images_and_thumbnails(shared_web_node: WebNode, real_series) -> None:
     """Finding 20: a real CT slice rendered as JPEG in its own window, as PNG in a lung
     window, scaled into a viewport; thumbnails of the study, series and instance; bad
     parameters 400, unservable types 406."""
@@ -477,10 +529,10 @@ def test_rendered_images_and_thumbnails(web_node: WebNode, real_series) -> None:
     from tests.peers import storescu
 
     files = real_series["covid"][:3]
-    storescu(web_node.node.port, files)
+    storescu(shared_web_node.node.port, files)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    reader = web_node.auth("viewer")
-    url = instance_url(web_node, first)
+    reader = shared_web_node.auth("viewer")
+    url = instance_url(shared_web_node, first)
     jpeg = httpx.get(f"{url}/rendered", headers=reader)
     assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
     picture = Image.open(io.BytesIO(jpeg.content))
@@ -492,7 +544,7 @@ def test_rendered_images_and_thumbnails(web_node: WebNode, real_series) -> None:
     )
     assert lung.status_code == 200 and lung.headers["content-type"] == "image/png"
     assert max(Image.open(io.BytesIO(lung.content)).size) == 256
-    study = f"{web_node.dicomweb}/studies/{first.StudyInstanceUID}"
+    study = f"{shared_web_node.dicomweb}/studies/{first.StudyInstanceUID}"
     for thumb in (f"{study}/thumbnail", f"{study}/series/{first.SeriesInstanceUID}/thumbnail",
                   f"{url}/thumbnail"):  # fmt: skip
         answer = httpx.get(thumb, headers=reader)
