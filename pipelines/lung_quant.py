@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from pipelines import codes
-from pipelines.anatomy.grid import SLAB, WorkingGrid
+from pipelines.anatomy.grid import SLAB, WorkingGrid, bounding_box
 from pipelines.availability import LUNG_QUANT
 from pipelines.base import BadInput, DevicePreference, Requirements, Stage
 from pipelines.context import Context, Need, context_for
@@ -145,13 +146,21 @@ class LungQuantPipeline:
 
 def high_attenuation(hu: torch.Tensor, lungs: torch.Tensor, grid: WorkingGrid) -> torch.Tensor:
     """Lung from -700 to -100 HU that is not a vessel, a vessel's partial-volume rim or the
-    lung's own boundary voxels (partial volume with chest wall and diaphragm). Computed a slab
-    of slices at a time (with one slice of overlap) to bound memory."""
+    lung's own boundary voxels (partial volume with chest wall and diaphragm). Computed in
+    the lungs' box widened by one voxel (each step's box reaches past it only through that
+    rim of background, as over the whole volume), a slab of slices at a time (with one slice
+    of overlap) to bound memory."""
     out = torch.zeros_like(lungs)
+    box = bounding_box(lungs, (1, 1, 1))
+    if box is None:
+        return out
+    (z0, z1), (y0, y1), (x0, x1) = box
+    region = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+    hu, lungs, inside = hu[region], lungs[region], out[region]
     for start in range(0, hu.shape[0], SLAB):
         low, high = max(0, start - 1), min(hu.shape[0], start + SLAB + 1)
         slab = _high_attenuation_slab(hu[low:high], lungs[low:high], grid)
-        out[start : start + SLAB] = slab[start - low : start - low + SLAB]
+        inside[start : start + SLAB] = slab[start - low : start - low + SLAB]
     return out
 
 
@@ -232,13 +241,10 @@ def _histogram(hu: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _count_per_slice(mask: torch.Tensor) -> torch.Tensor:
-    """True voxels per slice (slab by slab: a reduction over a whole volume upcasts it)."""
-    return torch.cat(
-        [
-            torch.count_nonzero(mask[start : start + SLAB], dim=(1, 2))
-            for start in range(0, mask.shape[0], SLAB)
-        ]
-    ).double()
+    """True voxels per slice, counted by NumPy (torch's count over two of three axes of a
+    boolean volume is 20 times slower on the CPU)."""
+    flat = mask.cpu().numpy().reshape(mask.shape[0], -1)
+    return torch.from_numpy(np.count_nonzero(flat, axis=1)).double()
 
 
 def _slice_profiles(

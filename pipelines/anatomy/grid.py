@@ -54,7 +54,7 @@ def upsample(mask: torch.Tensor, factor: int, shape: torch.Size) -> torch.Tensor
     if factor == 1:
         return mask
     out = torch.zeros(shape, dtype=torch.bool, device=mask.device)
-    box = _bounding_box(mask, margin=1)
+    box = bounding_box(mask, (0, 1, 1))  # bilinear upsampling reads one neighbour
     if box is None:
         return out
     (z0, z1), (y0, y1), (x0, x1) = box
@@ -69,11 +69,13 @@ def upsample(mask: torch.Tensor, factor: int, shape: torch.Size) -> torch.Tensor
     return out
 
 
-def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[tuple[int, int], ...] | None:
-    """(start, stop) per axis of the voxels set in `mask`, widened by `margin` in-plane
-    (bilinear upsampling reads one neighbour) and kept inside the mask's shape."""
+def bounding_box(
+    mask: torch.Tensor, margins: tuple[int, int, int]
+) -> tuple[tuple[int, int], ...] | None:
+    """(start, stop) per axis of the voxels set in `mask`, widened by `margins` and kept
+    inside the mask's shape; None when none is set."""
     spans = []
-    for axis, widen in ((0, 0), (1, margin), (2, margin)):
+    for axis, widen in enumerate(margins):
         others = tuple(a for a in range(3) if a != axis)
         (present,) = torch.nonzero(mask.any(dim=others[1]).any(dim=others[0]), as_tuple=True)
         if present.numel() == 0:

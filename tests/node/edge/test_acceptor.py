@@ -99,6 +99,18 @@ def associate(port: int, calling: str = "TESTSCU"):  # type: ignore[no-untyped-d
     return ae.associate("127.0.0.1", port, ae_title="AINODE")
 
 
+def rejection(port: int, calling: str = "TESTSCU") -> tuple[int, int, int]:
+    """(result, source, reason) of the A-ASSOCIATE-RJ that a request on a raw socket gets.
+    Not pynetdicom's requestor: under load its connection thread can handle the rejection
+    before the thread that asked checks the connection, which then reports an abort."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        raw.sendall(wire.associate_rq(calling=calling))
+        answer = wire.read_pdu(raw)
+    assert answer is not None and answer[0] == 0x03, answer  # A-ASSOCIATE-RJ
+    result, source, reason = answer[1][1:4]
+    return result, source, reason
+
+
 def test_fragmented_dataset_arrives_whole_and_the_reply_goes_back(
     acceptor: Acceptor, recorder: Recorder
 ) -> None:
@@ -125,12 +137,7 @@ def test_fragmented_dataset_arrives_whole_and_the_reply_goes_back(
 def test_association_limit_rejects_then_frees_on_release(acceptor: Acceptor) -> None:
     first = associate(acceptor.port)
     assert first.is_established
-    second = associate(acceptor.port)
-    assert second.is_rejected
-    assert (second.acceptor.primitive.result_source, second.acceptor.primitive.diagnostic) == (
-        3,
-        2,
-    )
+    assert rejection(acceptor.port)[1:] == (3, 2)  # the provider's local limit
     first.release()
     third = associate(acceptor.port)
     assert third.is_established
@@ -138,9 +145,7 @@ def test_association_limit_rejects_then_frees_on_release(acceptor: Acceptor) -> 
 
 
 def test_unknown_calling_ae_is_rejected(acceptor: Acceptor) -> None:
-    assoc = associate(acceptor.port, calling="INTRUDER")
-    assert assoc.is_rejected
-    assert assoc.acceptor.primitive.diagnostic == 3
+    assert rejection(acceptor.port, calling="INTRUDER")[2] == 3  # calling AE not recognised
 
 
 def test_peer_abort_closes_as_not_released(acceptor: Acceptor, recorder: Recorder) -> None:
@@ -385,10 +390,7 @@ def test_one_address_cannot_take_every_slot(recorder: Recorder) -> None:
     try:
         held = [associate(server.port) for _ in range(2)]
         assert all(a.is_established for a in held)
-        third = associate(server.port)
-        assert third.is_rejected
-        rejection = third.acceptor.primitive
-        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
+        assert rejection(server.port) == (2, 3, 2)  # transient: the address's limit
         held[0].release()
         again = associate(server.port)
         assert again.is_established
