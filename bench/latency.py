@@ -79,12 +79,13 @@ def one_run(
     )
     node = NodeProcess(home, node_port, settings).start()
     try:
+        warm_up_study, study = study_of(warm_up), study_of(files)  # not a file read a poll
         storescu(node_port, warm_up)
-        wait_until(lambda: sr_stored(orthanc, study_of(warm_up)), timeout=300, interval=0.05)
+        wait_until(lambda: sr_stored(orthanc, warm_up_study), timeout=300, interval=0.05)
         storescu(node_port, files)
         sent = time.perf_counter()
-        wait_until(lambda: sr_written(node.storage, study_of(files)), timeout=300, interval=0.05)
-        wait_until(lambda: sr_stored(orthanc, study_of(files)), timeout=300, interval=0.05)
+        wait_until(lambda: sr_written(node.storage, study), timeout=300, interval=0.05)
+        wait_until(lambda: sr_stored(orthanc, study), timeout=300, interval=0.05)
         total = time.perf_counter() - sent
         status = node.status()
     finally:
