@@ -6,7 +6,6 @@ import getpass
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
@@ -102,8 +101,10 @@ def serve(config: ConfigOption, role: ServiceRoleOption = None) -> None:
         raise typer.Exit(2)
     metrics = None
     if settings.http is not None:  # every process counts in one place, /metrics sums them
-        metrics = tempfile.mkdtemp(prefix="ainode-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics  # before prometheus-client loads
+        from node.ops.metrics_dir import make_metrics_dir
+
+        metrics = make_metrics_dir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)  # before prometheus-client loads
 
     from node.ops.lifecycle import CannotListen
     from node.service import serve as run

@@ -3,6 +3,7 @@ whichever process counted it (receiver, HTTP, scheduler)."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -66,3 +67,25 @@ def test_counters_move_by_what_was_sent(start_web_node, tmp_path: Path) -> None:
     assert stowed == sum(len(p) - read_part10(p).dataset_offset for p in sent)  # datasets
     assert value(after, "ainode_open_associations") == 0
     assert value(after, "ainode_disk_free_bytes") > 0
+
+
+def metrics_dirs(pid: int) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"ainode-metrics-{pid}-*"))
+
+
+def test_a_killed_nodes_metrics_directory_is_removed_by_the_next_start(start_web_node) -> None:
+    """SIGKILL leaves no chance to clean up: the next node to start removes what it left."""
+    killed = start_web_node(workers={"count": 0}).node
+    assert killed.proc is not None
+    pid = killed.proc.pid
+    [left] = metrics_dirs(pid)
+    children = killed.children()
+    killed.kill()
+    wait_until(lambda: not any(Path(f"/proc/{child}").exists() for child in children), 30)
+    assert left.is_dir()
+
+    running = start_web_node(workers={"count": 0}).node
+    assert running.proc is not None
+    assert not left.exists()
+    assert len(metrics_dirs(running.proc.pid)) == 1
+    assert f"removed {left}" in running.log()
