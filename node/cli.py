@@ -6,11 +6,11 @@ import getpass
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -225,13 +225,16 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Studies, series with their state and counts, jobs, open associations, rules errors."""
-    from node.admin.report import node_status, render_text
-
     settings = _settings(config)
-    engine = _engine(settings)
-    report = node_status(settings, engine)
-    engine.dispose()
-    typer.echo(report.model_dump_json(indent=2) if as_json else render_text(report))
+    answer = _from_node(settings, "/api/v1/status", as_json)
+    if answer is None:
+        from node.admin.report import node_status, render_text
+
+        engine = _engine(settings)
+        report = node_status(settings, engine)
+        engine.dispose()
+        answer = _json(report.model_dump(mode="json")) if as_json else f"{render_text(report)}\n"
+    typer.echo(answer, nl=False)
 
 
 @app.command()
@@ -589,17 +592,14 @@ def jobs_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Jobs, newest first."""
-    import json
-    from dataclasses import asdict
-
-    engine = _engine(_settings(config))
-    jobs = _queue(engine).list(state)
-    engine.dispose()
-    if as_json:
-        typer.echo(json.dumps([asdict(job) for job in jobs], indent=2, default=str))
-        return
-    for job in jobs:
-        typer.echo(job.line())
+    settings = _settings(config)
+    answer = _from_node(settings, "/api/v1/jobs", as_json, {"state": state} if state else None)
+    if answer is None:
+        engine = _engine(settings)
+        jobs = _queue(engine).list(state)
+        engine.dispose()
+        answer = _json_rows(jobs) if as_json else "".join(f"{job.line()}\n" for job in jobs)
+    typer.echo(answer, nl=False)
 
 
 @jobs_app.command("retry")
@@ -901,21 +901,52 @@ def audit_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Audit events, newest first: received, job, sent, fetched, admin."""
-    import json
-    from dataclasses import asdict
     from datetime import UTC
 
-    from node.ops.audit import list_events
+    settings = _settings(config)
+    after = since.replace(tzinfo=UTC) if since else None
+    query = {"since": after.isoformat()} if after else None
+    answer = _from_node(settings, "/api/v1/audit", as_json, query)
+    if answer is None:
+        from node.ops.audit import list_events
 
-    engine = _engine(_settings(config))
-    events = list_events(engine, since.replace(tzinfo=UTC) if since else None)
-    engine.dispose()
-    if as_json:
-        typer.echo(json.dumps([asdict(e) for e in events], indent=2, default=str))
-        return
-    for e in events:
-        facts = ", ".join(f"{k}={v}" for k, v in sorted(e.detail.items()))
-        typer.echo(f"{e.at:%Y-%m-%d %H:%M:%S} {e.kind:<8} {e.actor:<16} {facts}")
+        engine = _engine(settings)
+        events = list_events(engine, after)
+        engine.dispose()
+        answer = _json_rows(events) if as_json else "".join(f"{e.line()}\n" for e in events)
+    typer.echo(answer, nl=False)
+
+
+def _from_node(
+    settings: Settings, route: str, as_json: bool, query: dict[str, str] | None = None
+) -> str | None:
+    """The running node's answer over its admin socket, as the command prints it; None when
+    no node answers on this host (the command reads the database itself)."""
+    from node.admin.local import ask_node
+    from node.config import admin_socket_path
+
+    answer = ask_node(admin_socket_path(settings), route, query, text=not as_json)
+    if answer is None or not as_json:
+        return answer
+    import json
+
+    return _json(json.loads(answer))
+
+
+def _json(value: object) -> str:
+    """JSON as every command prints it, whether the node or the database gave it."""
+    import json
+
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def _json_rows(rows: Sequence[Any]) -> str:
+    """Rows (dataclasses) serialised as the HTTP API serialises them."""
+    from dataclasses import asdict
+
+    from pydantic import TypeAdapter
+
+    return _json(TypeAdapter(list[Any]).dump_python([asdict(row) for row in rows], mode="json"))
 
 
 def _engine(settings: Settings) -> Engine:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,6 +440,12 @@ class HttpSettings(_Section):
         description="addresses of reverse proxies whose X-Forwarded-For and "
         "X-Forwarded-Proto are believed (none: those headers are ignored)",
     )
+    admin_socket: Path | None = Field(
+        None,
+        description="the Unix socket where the running node answers its own CLI on this host "
+        "(ainode status, jobs list, audit list), as an administrator, to the node's OS user "
+        "and root only; default: .admin-<host name>.sock in storage.path",
+    )
 
 
 class Settings(_Section):
@@ -532,6 +539,14 @@ class Settings(_Section):
         return self.peers.get(name_or_ae) or self.peer_by_ae_title(name_or_ae)
 
 
+def admin_socket_path(settings: Settings) -> Path | None:
+    """Where the node's HTTP server answers its CLI on this host; None without an HTTP server."""
+    if settings.http is None:
+        return None
+    default = settings.storage.path / f".admin-{socket.gethostname()}.sock"
+    return settings.http.admin_socket or default
+
+
 def api_link(settings: Settings) -> str | None:
     """Where the node's HTTP API is (for links in notifications), if it has one."""
     http = settings.http
@@ -550,7 +565,6 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
         raw = yaml.load(text, Loader=YAML_LOADER) or {}
-        root_node = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -558,8 +572,8 @@ def load_settings(path: Path | str, environ: Mapping[str, str] | None = None) ->
     _apply_env_overrides(raw, os.environ if environ is None else environ)
     try:
         settings = Settings.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_describe(path, exc, root_node)) from exc
+    except ValidationError as exc:  # the tree again, for the line of each problem
+        raise ConfigError(_describe(path, exc, yaml.compose(text, Loader=YAML_LOADER))) from exc
     return _resolve_paths(settings, path.resolve().parent)
 
 
@@ -661,6 +675,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
                         "key_file": _under(base, http.tls.key_file),
                     }
                 ),
+                "admin_socket": http.admin_socket and _under(base, http.admin_socket),
                 "auth": http.auth.model_copy(
                     update={
                         "jwt": http.auth.jwt

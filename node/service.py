@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.config import HttpSettings, Settings
+from node.config import HttpSettings, Settings, admin_socket_path
 from node.delivery.audit_export import AuditExporter
 from node.delivery.dispatch.dispatcher import Dispatcher
 from node.delivery.fetch.fetcher import Fetcher
@@ -70,6 +71,7 @@ from node.store.db.models import utcnow
 from node.store.leased import RetryPolicy
 from node.store.retention import RetentionSweeper
 from node.store.storage import InstanceStore
+from node.web.admin_socket import bind_admin_socket
 from node.web.server import listen, run_http_process
 from node.work.process import run_worker_process
 from pipelines.registry import pipeline_names
@@ -95,6 +97,8 @@ class NodeService:
         self._fetcher: Fetcher | None = None
         self._exporter: AuditExporter | None = None
         self._store: InstanceStore | None = None
+        self._admin_socket: Path | None = None
+        """The CLI's socket file, while this tree owns it."""
         self.stopping = threading.Event()
         self.fault: DatabaseNotWritable | None = None
         """Why the node stopped itself (its database file turned unwritable), if it did."""
@@ -120,9 +124,13 @@ class NodeService:
             self._catalog = Catalog(engine)
         if ServiceRole.HTTP in self.roles and settings.http is not None:
             http_socket = listen(settings.http)
+            admin_path = admin_socket_path(settings)
+            admin_socket = bind_admin_socket(admin_path) if admin_path else None
+            if admin_socket is not None:
+                self._admin_socket = admin_path
             for index in range(settings.http.processes):  # all accepting on one socket
                 name = f"http-{index}" if index else "http"
-                self._start_child(name, run_http_process, (settings, http_socket))
+                self._start_child(name, run_http_process, (settings, http_socket, admin_socket))
             log.info("HTTP server on %s:%d", settings.http.host, settings.http.port)
             _warn_if_anonymous_beyond_loopback(settings.http)
         if ServiceRole.EDGE in self.roles:
@@ -346,6 +354,8 @@ class NodeService:
                 log.error("process %d did not stop; killing it", process.pid)
                 process.kill()
                 process.join()
+        if self._admin_socket is not None:
+            self._admin_socket.unlink(missing_ok=True)
         if self.fault is not None:
             log.info("node stopped; its database is left as it is")
             return

@@ -217,6 +217,11 @@ class Event:
     detail: dict[str, Any]
     """The facts as JSON (`ainode audit list --json`, `GET /api/v1/audit`)."""
 
+    def line(self) -> str:
+        """One line for people (`ainode audit list`)."""
+        facts = ", ".join(f"{k}={v}" for k, v in sorted(self.detail.items()))
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.kind:<8} {self.actor:<16} {facts}"
+
     @cached_property
     def facts(self) -> Facts | None:
         """The typed facts; None for a row no model reads (written by another version)."""

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from node.admin import actions
@@ -24,6 +25,7 @@ from node.admin.report import (
     list_studies,
     node_status,
     pipeline_statuses,
+    render_text,
 )
 from node.delivery.dispatch.records import list_dispatches
 from node.delivery.fetch.query import FetchQuery
@@ -38,6 +40,7 @@ from node.store.leased import RetryPolicy
 from node.store.remote_workers import RemoteWorkerStatus, list_remote_workers
 from node.web.auth import Principal
 from node.web.context import Context, authenticated, requires
+from node.web.multipart import accepted
 
 router = APIRouter(prefix="/api/v1")
 MAX_ROW_ID = 2**63 - 1
@@ -62,12 +65,13 @@ def whoami(principal: Annotated[Principal, Depends(authenticated)]) -> Caller:
     return Caller(name=principal.name, roles=sorted(principal.roles))
 
 
-@router.get("/status")
-def status(context: Context, principal: Viewer) -> StatusReport:
-    """Everything `ainode status --json` shows (patient identifiers to the `phi` role)."""
+@router.get("/status", response_model=StatusReport)
+def status(request: Request, context: Context, principal: Viewer) -> Any:
+    """Everything `ainode status --json` shows (patient identifiers to the `phi` role); as
+    `ainode status` prints it for `Accept: text/plain`."""
     report = node_status(context.settings, context.engine)
     report.studies = shown(context, principal, "/api/v1/status", report.studies)
-    return report
+    return _as_text(render_text(report)) if _wants_text(request) else report
 
 
 Find = Annotated[
@@ -145,9 +149,11 @@ def disk(context: Context) -> DiskStatus:
     return disk_status(storage.path, storage.min_free_mb)
 
 
-@router.get("/jobs", dependencies=[Reader])
-def jobs(context: Context, state: WorkState | None = None) -> list[Any]:
-    return list_jobs(context.engine, state.value if state else None)
+@router.get("/jobs", dependencies=[Reader], response_model=list[Any])
+def jobs(request: Request, context: Context, state: WorkState | None = None) -> Any:
+    """Jobs, newest first; as `ainode jobs list` prints them for `Accept: text/plain`."""
+    listed = list_jobs(context.engine, state.value if state else None)
+    return _as_text(*(job.line() for job in listed)) if _wants_text(request) else listed
 
 
 @router.get("/dispatches", dependencies=[Reader])
@@ -200,10 +206,12 @@ def reroute(series_uid: str, context: Context, principal: Operator) -> Done:
     return _answer(lambda: actions.route_series(context.engine, principal.name, series_uid))
 
 
-@router.get("/audit", dependencies=[Depends(requires(Role.ADMIN))])
-def audit(context: Context, since: datetime | None = None) -> list[Any]:
-    """The audit trail, newest first (administrators only)."""
-    return list_events(context.engine, since)
+@router.get("/audit", dependencies=[Depends(requires(Role.ADMIN))], response_model=list[Any])
+def audit(request: Request, context: Context, since: datetime | None = None) -> Any:
+    """The audit trail, newest first (administrators only); as `ainode audit list` prints it
+    for `Accept: text/plain`."""
+    events = list_events(context.engine, since)
+    return _as_text(*(event.line() for event in events)) if _wants_text(request) else events
 
 
 class FetchRequest(BaseModel):
@@ -232,6 +240,16 @@ def fetch(request: FetchRequest, context: Context, principal: Operator) -> Done:
         context.engine, context.settings, principal.name, request.source, query
     )
     return Done(id=changed.id, state=changed.after, by=changed.by)
+
+
+def _wants_text(request: Request) -> bool:
+    """The caller prefers plain text (the CLI over the admin socket), JSON otherwise."""
+    [(first, _), *_] = accepted(request.headers.get("accept"), "application/json")
+    return first == "text/plain"
+
+
+def _as_text(*lines: str) -> PlainTextResponse:
+    return PlainTextResponse("".join(f"{line}\n" for line in lines))
 
 
 def _invalid(field: str, message: str) -> HTTPException:

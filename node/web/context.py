@@ -14,6 +14,7 @@ from node.ingest.intake import Intake
 from node.ops.logs import Throttle
 from node.roles import Role
 from node.store.storage import InstanceStore
+from node.web.admin_socket import PEER_UID, local_principal
 from node.web.auth import Authenticator, NotAuthenticated, Principal
 
 
@@ -55,6 +56,9 @@ def web_context(request: Request) -> WebContext:
 
 def authenticated(request: Request) -> Principal:
     """A dependency: the caller (401 without a usable credential)."""
+    local_uid = request.scope.get("state", {}).get(PEER_UID)
+    if local_uid is not None:  # the admin socket: the node's own user, checked on connecting
+        return local_principal(local_uid)
     try:
         client = request.client.host if request.client else None
         return web_context(request).auth.authenticate(request.headers.get("authorization"), client)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from node.ops.logs import Throttle
+from node.web.admin_socket import PEER_UID, may_administer, peer_uid
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._last_body = 0.0
         self._refused = False
         self._ticker: asyncio.TimerHandle | None = None
+        self._local_uid: int | None = None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:  # the admin socket
+            self._local_uid = peer_uid(sock)
+            if not may_administer(self._local_uid):
+                self._refuse(403, "Forbidden", f"admin socket: uid {self._local_uid} refused")
+                return
         if len(self.connections) > self.limits.max_connections:
             self._refuse(503, "Service Unavailable", "open connections at http.max_connections")
             return
@@ -81,6 +90,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._local_uid is not None:
+            self.scope["state"][PEER_UID] = self._local_uid
         if self._head_complete:  # the next request on a kept-alive connection
             self._head_complete = False
             self._head_bytes = 0

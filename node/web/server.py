@@ -5,11 +5,14 @@ start with a clear line) and hands the socket to the child, and to its successor
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import ssl
 import threading
+from functools import partial
+from typing import Any
 
 import uvicorn
 
@@ -42,7 +45,32 @@ def listen(http: HttpSettings) -> socket.socket:
     return sock
 
 
-def run_http_process(settings: Settings, sock: socket.socket, ready: Ready) -> None:
+class _Server(uvicorn.Server):
+    """uvicorn serving the node's port, and its admin socket without TLS (the CLI on this
+    host: `node.web.admin_socket`)."""
+
+    def __init__(self, config: uvicorn.Config, admin: socket.socket | None) -> None:
+        super().__init__(config)
+        self.admin = admin
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.admin is None or not self.started:
+            return
+        protocol_class: Any = self.config.http_protocol_class  # GuardedHttpProtocol
+        protocol = partial(
+            protocol_class,
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+        loop = asyncio.get_running_loop()
+        self.servers.append(await loop.create_server(protocol, sock=self.admin))
+
+
+def run_http_process(
+    settings: Settings, sock: socket.socket, admin: socket.socket | None, ready: Ready
+) -> None:
     """Entry point of the HTTP process: serve until SIGTERM or the parent is gone; `ready`
     is set once uvicorn serves."""
     from node.web.app import build_app
@@ -72,7 +100,7 @@ def run_http_process(settings: Settings, sock: socket.socket, ready: Ready) -> N
         proxy_headers=bool(http.trusted_proxies),
         forwarded_allow_ips=http.trusted_proxies or None,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, admin)
     stopping = threading.Event()
     stop_when_parent_exits(stopping)
 
