@@ -1,7 +1,7 @@
 """The container image `deploy/image/build.sh` builds: it runs the node as user 10001 on a
 read-only root filesystem with only its volumes writable, answers DCMTK's echoscu, reports
-healthy through its own healthcheck, and stops on SIGTERM. Skips where podman or the image is
-absent (the build takes minutes: `deploy/image/build.sh` makes it)."""
+healthy through its own healthcheck, and stops on SIGTERM. Skips where podman is absent or the
+image is not of this checkout's code (the build takes minutes: `deploy/image/build.sh`)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,19 @@ def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
 
 
 def _image_missing() -> str | None:
+    """Why the image cannot be tested here: podman missing, or no image of this checkout's code
+    (one built from other code would pass or fail for the wrong reasons)."""
     if shutil.which("podman") is None:
         return "podman is not installed"
-    if podman("image", "exists", IMAGE).returncode != 0:
+    label = '{{index .Labels "io.ainode.source"}}'
+    inspected = podman("image", "inspect", "--format", label, IMAGE)
+    if inspected.returncode != 0:
         return f"no image {IMAGE} (deploy/image/build.sh builds it)"
+    source = subprocess.run(
+        [REPO / "deploy" / "image" / "source-hash.sh"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if inspected.stdout.strip() != source:
+        return f"{IMAGE} holds other code than this checkout (deploy/image/build.sh rebuilds it)"
     return None
 
 

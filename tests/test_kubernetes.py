@@ -5,6 +5,7 @@ against it; the gpu overlay gives the workers, and only them, a GPU."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 
 from node.config import load_settings
 from node.flow.routing.admin import check
-from node.roles import ServiceRole
+from node.roles import Role, ServiceRole
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAYS = REPO / "deploy" / "kubernetes" / "overlays"
@@ -153,3 +154,45 @@ def test_the_remote_worker_overlay_needs_only_the_url_and_a_token() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     # a pod's name is its worker's name: at most 32 characters with the ReplicaSet's suffix
     assert len(deployment["metadata"]["name"]) + len("-5d8f7c9b4f-x2k7q") <= 32
+
+
+def test_the_podman_overlay_runs_each_role_once_on_the_host_network_over_sqlite(
+    tmp_path: Path,
+) -> None:
+    """What `podman kube play` gets (tests/test_kube_play.py runs it where the image is)."""
+    docs = rendered("podman")
+    deployments = of_kind(docs, "Deployment")
+    assert all(d["spec"]["replicas"] == 1 for d in deployments)  # podman runs one replica
+    assert all(d["spec"]["template"]["spec"]["hostNetwork"] is True for d in deployments)
+    local = {d["metadata"]["name"]: d for d in deployments if d["metadata"]["name"] != (
+        "ainode-remote-worker")}  # fmt: skip
+    containers = node_containers([*local.values()])
+    assert set(containers) == set(ServiceRole)
+    for container in containers.values():
+        (database,) = [e for e in container["env"] if e["name"] == "AINODE_DATABASE__URL"]
+        assert database["value"] == "sqlite:////var/lib/ainode/ainode.db"  # on the shared volume
+    (remote,) = [d for d in deployments if d["metadata"]["name"] == "ainode-remote-worker"]
+    pod = remote["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"][:3] == ["worker", "--node", "http://127.0.0.1:8088"]
+    assert not any("persistentVolumeClaim" in volume for volume in pod["volumes"])
+    (claim,) = of_kind(docs, "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["volume.podman.io/uid"] == "10001"
+    scratch = [  # podman makes each emptyDir a volume named as it is: one per pod
+        v["name"] for d in deployments for v in d["spec"]["template"]["spec"]["volumes"]
+        if "emptyDir" in v
+    ]  # fmt: skip
+    assert len(scratch) == len(deployments) == len(set(scratch))
+
+    (config_map,) = of_kind(docs, "ConfigMap")
+    for name, text in config_map["data"].items():
+        (tmp_path / name).write_text(text)
+    environ = {
+        "AINODE_ROUTING__RULES_FILE": str(tmp_path / "rules.yaml"),
+        "AINODE_STORAGE__PATH": str(tmp_path / "storage"),
+    }
+    settings = load_settings(tmp_path / "node.yaml", environ)
+    assert check(settings).valid
+    token = remote["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"]
+    (entry,) = settings.http.auth.tokens if settings.http else []
+    assert entry.sha256 == hashlib.sha256(token.encode()).hexdigest()
+    assert entry.roles == [Role.WORKER]

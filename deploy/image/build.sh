@@ -71,12 +71,13 @@ buildah add --quiet "$container" "$work/rootfs.tar" /
 buildah config \
   --user 10001:10001 \
   --workingdir /var/lib/ainode \
+  --env PATH=/opt/ainode/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   --env HOME=/tmp \
   --env PYTHONDONTWRITEBYTECODE=1 \
   --entrypoint '["ainode"]' \
   --cmd 'serve --config /etc/ainode/node.yaml' \
   --volume /var/lib/ainode --volume /tmp \
-  --port 11112 --port 8080 \
+  --port 11112 --port 8088 \
   --stop-signal SIGTERM \
   --healthcheck 'CMD ainode health --config /etc/ainode/node.yaml' \
   --healthcheck-interval 10s --healthcheck-start-period 60s --healthcheck-retries 3 \
@@ -85,6 +86,7 @@ buildah config \
   --label "org.opencontainers.image.version=$version" \
   --label org.opencontainers.image.licenses=Apache-2.0 \
   --label "org.opencontainers.image.revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  --label "io.ainode.source=$(deploy/image/source-hash.sh)" \
   --label "org.opencontainers.image.created=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
   "$container"
 buildah commit --quiet --format docker --rm "$container" "$tag" >/dev/null

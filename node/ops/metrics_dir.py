@@ -1,22 +1,31 @@
 """The directory where every process of one `ainode serve` counts its metrics.
 
-It is made under the system's temporary folder, named with the pid of the `ainode serve` that
-owns it, and removed when that process ends. A node killed outright cannot remove it: the next
-start removes the directories of this user's nodes whose process is gone, so crashes do not
-fill the temporary folder.
+It is made under the system's temporary folder and removed when the `ainode serve` that owns
+it ends. A node killed outright cannot remove it: the next start removes this user's
+directories whose owner is gone, so crashes do not fill the temporary folder. An owner holds an
+exclusive lock on the directory's lock file while it runs; the kernel drops the lock with the
+process, so a lock that can be taken means the owner is gone. Unlike a pid, this holds where
+several nodes share one temporary folder from different pid namespaces (pods).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 PREFIX = "ainode-metrics-"
+LOCK = ".owner.lock"
 
 log = logging.getLogger(__name__)
+
+_held: list[BinaryIO] = []
+"""The lock files of the directories this process owns, open (so locked) until it exits."""
 
 
 def make_metrics_dir() -> Path:
@@ -25,34 +34,30 @@ def make_metrics_dir() -> Path:
     for stale in _orphans(parent):
         shutil.rmtree(stale, ignore_errors=True)
         log.info("removed %s, left by a node that is no longer running", stale)
-    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
+    making = Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=parent))
+    lock = (making / LOCK).open("wb")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new: nobody else can hold it
+    _held.append(lock)
+    made = parent / making.name.removeprefix(".")
+    making.rename(made)  # found by other nodes only once locked
+    return made
 
 
 def _orphans(parent: Path) -> list[Path]:
-    """This user's metrics directories whose owning process no longer runs."""
+    """This user's metrics directories whose owner no longer runs (older ones, without a lock
+    file, are left alone)."""
     found = []
     for path in parent.glob(f"{PREFIX}*"):
-        owner = _owner_pid(path.name)
-        try:
-            mine = path.is_dir() and path.stat().st_uid == os.getuid()
-        except OSError:
-            continue
-        if mine and owner is not None and (owner == os.getpid() or not _running(owner)):
-            found.append(path)  # our own pid on it: a container's, reused after a restart
+        with contextlib.suppress(OSError):
+            if path.stat().st_uid == os.getuid() and _abandoned(path / LOCK):
+                found.append(path)
     return found
 
 
-def _owner_pid(name: str) -> int | None:
-    """The pid in `ainode-metrics-<pid>-<random>`; None for older names (left alone)."""
-    pid, separator, _ = name.removeprefix(PREFIX).partition("-")
-    return int(pid) if separator and pid.isdigit() else None
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        pass
-    return True
+def _abandoned(lock_path: Path) -> bool:
+    with lock_path.open("rb") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its owner runs
+        return True

@@ -63,12 +63,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._ticker: asyncio.TimerHandle | None = None
         self._local_uid: int | None = None
+        self._forbidden = False
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:  # the admin socket
             self._local_uid = peer_uid(sock)
-            if not may_administer(self._local_uid):
-                self._refuse(403, "Forbidden", f"admin socket: uid {self._local_uid} refused")
-                return
+            self._forbidden = not may_administer(self._local_uid)
         if len(self.connections) > self.limits.max_connections:
             self._refuse(503, "Service Unavailable", "open connections at http.max_connections")
             return
@@ -80,6 +79,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            return
+        if self._forbidden:  # answered once its request is in: closing on unread bytes resets
+            self._refuse(403, "Forbidden", f"admin socket: uid {self._local_uid} refused")
             return
         if not self._head_complete:
             self._head_bytes += len(data)

@@ -34,7 +34,6 @@ COMMANDS = [
     ("status",),
     ("status", "--json"),
     ("jobs", "list"),
-    ("jobs", "list", "--json"),
     ("jobs", "list", "--state", "queued", "--json"),
     ("audit", "list"),
     ("audit", "list", "--since", "2000-01-01", "--json"),

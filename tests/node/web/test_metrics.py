@@ -3,7 +3,6 @@ whichever process counted it (receiver, HTTP, scheduler)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ from node.ingest.part10 import read_part10
 from tests.node.edge.test_scp import ct_dataset
 from tests.node.web.conftest import WebNode
 from tests.node.web.test_stow import body, part10, post
-from tests.peers import storescu, wait_until
+from tests.peers import NodeProcess, storescu, wait_until
 
 
 def scrape(web: WebNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -69,23 +68,29 @@ def test_counters_move_by_what_was_sent(start_web_node, tmp_path: Path) -> None:
     assert value(after, "ainode_disk_free_bytes") > 0
 
 
-def metrics_dirs(pid: int) -> list[Path]:
-    return list(Path(tempfile.gettempdir()).glob(f"ainode-metrics-{pid}-*"))
+def metrics_dir(node: NodeProcess) -> Path:
+    """Where the node's processes count, as its children's environment says (the main process
+    sets it after it started)."""
+    for child in node.children():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        for entry in environ:
+            if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR="):
+                return Path(entry.split(b"=", 1)[1].decode())
+    raise AssertionError("no child of the node has PROMETHEUS_MULTIPROC_DIR")
 
 
 def test_a_killed_nodes_metrics_directory_is_removed_by_the_next_start(start_web_node) -> None:
-    """SIGKILL leaves no chance to clean up: the next node to start removes what it left."""
+    """SIGKILL leaves no chance to clean up: the next node to start removes what it left, and
+    not what a running node uses."""
+    running = start_web_node(workers={"count": 0}).node
     killed = start_web_node(workers={"count": 0}).node
-    assert killed.proc is not None
-    pid = killed.proc.pid
-    [left] = metrics_dirs(pid)
+    left = metrics_dir(killed)
     children = killed.children()
     killed.kill()
     wait_until(lambda: not any(Path(f"/proc/{child}").exists() for child in children), 30)
     assert left.is_dir()
 
-    running = start_web_node(workers={"count": 0}).node
-    assert running.proc is not None
+    started = start_web_node(workers={"count": 0}).node
     assert not left.exists()
-    assert len(metrics_dirs(running.proc.pid)) == 1
-    assert f"removed {left}" in running.log()
+    assert metrics_dir(running).is_dir() and metrics_dir(started).is_dir()
+    assert f"removed {left}" in started.log()
