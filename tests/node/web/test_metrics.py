@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
@@ -79,12 +80,18 @@ def metrics_dir(node: NodeProcess) -> Path:
     raise AssertionError("no child of the node has PROMETHEUS_MULTIPROC_DIR")
 
 
-def test_a_killed_nodes_metrics_directory_is_removed_by_the_next_start(start_web_node) -> None:
+def test_a_killed_nodes_metrics_directory_is_removed_by_the_next_start(
+    start_web_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGKILL leaves no chance to clean up: the next node to start removes what it left, and
-    not what a running node uses."""
+    not what a running node uses. These nodes have a temporary folder of their own: a node
+    another test starts meanwhile would clean up the shared one first."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the nodes' temporary folder
     running = start_web_node(workers={"count": 0}).node
     killed = start_web_node(workers={"count": 0}).node
     left = metrics_dir(killed)
+    assert left.parent == tmp_path / "tmp"
     children = killed.children()
     killed.kill()
     wait_until(lambda: not any(Path(f"/proc/{child}").exists() for child in children), 30)
